@@ -1,0 +1,1 @@
+"""Call legs and the Kallglot session lifecycle, shared by every carrier adapter."""

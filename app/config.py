@@ -1,0 +1,150 @@
+"""Settings read from the environment, validated once at start-up.
+
+The variable names are the product's public interface (README documents each one); keep them exactly.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+KALLGLOT_MODES = ("bidirectional_translation", "assistive_translation", "ai_agent", "help_chat_voice")
+DEFAULT_KALLGLOT_API_URL = "https://api.kallglot.com/v1"
+#: Kallglot keeps a disconnected session re-attachable for at most 5 minutes (kallglot-api.md §3).
+MAX_RECONNECT_WINDOW_SECONDS = 300
+#: Uplink chunk bounds: Kallglot asks for a chunk every 100–200 ms; 20 ms is one carrier frame.
+MIN_CHUNK_MS, MAX_CHUNK_MS = 20, 200
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
+
+# The demo token the simulator signs with when neither side was given a real Twilio auth token.
+DEMO_TWILIO_AUTH_TOKEN = "demo-twilio-auth-token"
+DEMO_SECRET_KEY = "demo-secret-key-not-for-production"
+
+
+class ConfigError(RuntimeError):
+    """Raised at start-up with every configuration problem, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service is configured with. Built by :meth:`from_env` or from a test's mapping."""
+
+    kallglot_api_url: str = DEFAULT_KALLGLOT_API_URL
+    kallglot_api_key: str = ""
+    kallglot_webhook_secret: str = ""
+    redis_url: str = ""
+    public_url: str = ""
+    secret_key: str = ""
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = ""
+    telnyx_api_key: str = ""
+    telnyx_public_key: str = ""
+    admin_password: str = ""
+    default_mode: str = "bidirectional_translation"
+    default_source_language: str = ""
+    default_target_language: str = ""
+    reconnect_window_seconds: int = MAX_RECONNECT_WINDOW_SECONDS
+    # Not part of the issue's list, but operators need them; documented in README.
+    uplink_chunk_ms: int = 100
+    redis_namespace: str = "kb"
+    #: Set by the demo launcher: the emulator and demo secrets are in use, and the log says so loudly.
+    demo_mode: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from ``environ`` (default ``os.environ``); variable names are the field names upper-cased."""
+        env = os.environ if environ is None else environ
+        return cls.from_mapping({f.name: env[f.name.upper()] for f in fields(cls) if f.name.upper() in env})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
+        """Build settings from a mapping whose keys are field names (any case); unknown keys go to ``extra``."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        problems: list[str] = []
+        for key, raw in values.items():
+            name = key.lower()
+            if name not in known or name == "extra":
+                extra[key] = raw
+                continue
+            if known[name].type in ("int", int):
+                try:
+                    kwargs[name] = int(raw)
+                except (TypeError, ValueError):
+                    problems.append(f"{name.upper()} must be a whole number, got {raw!r}")
+            elif known[name].type in ("bool", bool):
+                kwargs[name] = raw if isinstance(raw, bool) else str(raw).strip().lower() in ("1", "true", "yes", "on")
+            else:
+                kwargs[name] = str(raw).strip()
+        if problems:
+            raise ConfigError(problems)
+        return cls(**kwargs, extra=extra)
+
+    def problems(self) -> list[str]:
+        """Every reason this configuration cannot serve real calls, one clear sentence each."""
+        found: list[str] = []
+        if not self.kallglot_api_key:
+            found.append("KALLGLOT_API_KEY is not set (use an sk_live_ or sk_test_ key from the Kallglot portal)")
+        for name in ("kallglot_api_url", "public_url"):
+            value = getattr(self, name)
+            parts = urlsplit(value)
+            if not value:
+                found.append(f"{name.upper()} is not set (the public https:// base URL carriers reach this service at)")
+            elif parts.scheme not in ("http", "https") or not parts.netloc:
+                found.append(f"{name.upper()} must be an http(s) URL, got {value!r}")
+        if not self.redis_url:
+            found.append("REDIS_URL is not set (e.g. redis://localhost:6379/0)")
+        if not self.secret_key or len(self.secret_key) < 16:
+            found.append("SECRET_KEY must be set to a random string of at least 16 characters")
+        if self.default_mode not in KALLGLOT_MODES:
+            found.append(f"DEFAULT_MODE must be one of {', '.join(KALLGLOT_MODES)}, got {self.default_mode!r}")
+        for name in ("default_source_language", "default_target_language"):
+            value = getattr(self, name)
+            if value and not LANGUAGE_CODE.match(value):
+                found.append(f"{name.upper()} must be a language code like 'en' or 'es', got {value!r}")
+        if not 0 <= self.reconnect_window_seconds <= MAX_RECONNECT_WINDOW_SECONDS:
+            found.append(
+                f"RECONNECT_WINDOW_SECONDS must be between 0 and {MAX_RECONNECT_WINDOW_SECONDS} "
+                f"(Kallglot's own limit), got {self.reconnect_window_seconds}"
+            )
+        if not MIN_CHUNK_MS <= self.uplink_chunk_ms <= MAX_CHUNK_MS or self.uplink_chunk_ms % 20:
+            found.append(
+                f"UPLINK_CHUNK_MS must be a multiple of 20 between {MIN_CHUNK_MS} and {MAX_CHUNK_MS}, "
+                f"got {self.uplink_chunk_ms}"
+            )
+        if not self.twilio_auth_token and not self.telnyx_public_key:
+            found.append("neither TWILIO_AUTH_TOKEN nor TELNYX_PUBLIC_KEY is set: no carrier webhook could be verified")
+        return found
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` listing every problem, or return quietly."""
+        found = self.problems()
+        if found:
+            raise ConfigError(found)
+
+    @property
+    def public_ws_url(self) -> str:
+        """``PUBLIC_URL`` with its scheme swapped to the WebSocket one (http→ws, https→wss), no trailing slash."""
+        base = self.public_url.rstrip("/")
+        if base.startswith("https://"):
+            return "wss://" + base[len("https://"):]
+        if base.startswith("http://"):
+            return "ws://" + base[len("http://"):]
+        return base
+
+    def public(self, path: str) -> str:
+        """Absolute public http(s) URL for ``path`` (which starts with ``/``)."""
+        return self.public_url.rstrip("/") + path
+
+    def public_ws(self, path: str) -> str:
+        """Absolute public ws(s) URL for ``path`` (which starts with ``/``)."""
+        return self.public_ws_url + path

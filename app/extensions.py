@@ -1,0 +1,68 @@
+"""The per-app service objects (Redis, Kallglot client, profiles, lifecycle, relay tokens), built once by
+:func:`init_services` and reached through :func:`services`. No module-level mutable state: everything
+hangs off ``app.extensions``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from flask import Flask, current_app
+from flask_sock import Sock
+
+from app.calls.lifecycle import SessionLifecycle
+from app.config import Settings
+from app.kallglot.client import KallglotClient
+from app.profiles import NumberProfile, ProfileStore
+from app.redis_keys import RedisKeys
+from app.relay.tokens import RelayTokenSealer
+
+EXTENSION_KEY = "kallglot_bridge"
+#: The flask-sock extension object, the usual Flask-extension pattern (like ``db = SQLAlchemy()``): it holds
+#: no state of its own; WebSocket routes are declared with ``sock.route(path, bp=blueprint)``.
+sock = Sock()
+#: Redis calls sit on the webhook path, inside the carrier's 15 s budget: fail fast when Redis is gone.
+REDIS_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything request handlers and relays need, built from :class:`Settings`."""
+
+    settings: Settings
+    redis: redis.Redis
+    keys: RedisKeys
+    kallglot: KallglotClient
+    profiles: ProfileStore
+    lifecycle: SessionLifecycle
+    relay_tokens: RelayTokenSealer
+
+
+def init_services(app: Flask, settings: Settings) -> Services:
+    """Build the services for ``app`` and store them on ``app.extensions``."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS,
+                                  socket_connect_timeout=REDIS_TIMEOUT_SECONDS, health_check_interval=30)
+    keys = RedisKeys(settings.redis_namespace)
+    kallglot = KallglotClient(settings.kallglot_api_url, settings.kallglot_api_key)
+    default_profile = NumberProfile(mode=settings.default_mode, source_language=settings.default_source_language,
+                                    target_language=settings.default_target_language)
+    built = Services(
+        settings=settings, redis=client, keys=keys, kallglot=kallglot,
+        profiles=ProfileStore(client, keys, default_profile),
+        lifecycle=SessionLifecycle(client, keys, kallglot),
+        relay_tokens=RelayTokenSealer(settings.secret_key),
+    )
+    app.extensions[EXTENSION_KEY] = built
+    return built
+
+
+def services() -> Services:
+    """The current app's services (inside a request, a WebSocket handler or a CLI command)."""
+    return current_app.extensions[EXTENSION_KEY]
+
+
+def init_sock(app: Flask) -> None:
+    """Attach flask-sock to ``app`` with limits that suit carrier media sockets."""
+    # Carrier frames are small (a 20 ms frame is ~300 B of JSON); refuse anything absurd.
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": 256 * 1024})
+    sock.init_app(app)

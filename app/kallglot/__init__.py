@@ -1,0 +1,1 @@
+"""Everything that knows Kallglot: the REST client and the stream-protocol assumptions."""

@@ -1,0 +1,216 @@
+"""A small Kallglot REST client over ``requests`` (Kallglot ships no SDK).
+
+Timeouts and retries are sized for a carrier webhook: Twilio gives the whole voice webhook 15 s
+(error 31408), so every call here finishes, retries included, within ``total_budget_seconds``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import requests
+
+log = logging.getLogger(__name__)
+
+
+class KallglotError(Exception):
+    """A failed Kallglot call; ``code`` is the API's ``error.code`` (or ours for transport failures)."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str = "", error_type: str = "",
+                 request_id: str = "", retry_after: float | None = None) -> None:
+        self.status = status
+        self.code = code
+        self.error_type = error_type
+        self.request_id = request_id
+        self.retry_after = retry_after
+        super().__init__(f"Kallglot {status or 'unreachable'} {code}: {message}".replace("  ", " "))
+
+
+class KallglotUnavailable(KallglotError):
+    """Kallglot could not be reached, timed out, or answered 5xx after the retries."""
+
+
+class KallglotAuthenticationError(KallglotError):
+    """401: the API key is wrong, expired or revoked."""
+
+
+class KallglotInsufficientCredits(KallglotError):
+    """402: the organization has no API credits left."""
+
+
+class KallglotPermissionDenied(KallglotError):
+    """403: missing scope, or the organization is inactive or suspended."""
+
+
+class KallglotValidationError(KallglotError):
+    """400/422: the request was refused as invalid (``param`` names the field when Kallglot says)."""
+
+
+class KallglotNotFound(KallglotError):
+    """404: no such session."""
+
+
+class KallglotRateLimited(KallglotError):
+    """429 after the retries: too many requests."""
+
+
+class KallglotConflict(KallglotError):
+    """409: e.g. an idempotent request with the same key is still running."""
+
+
+_ERRORS_BY_STATUS: dict[int, type[KallglotError]] = {
+    400: KallglotValidationError, 401: KallglotAuthenticationError, 402: KallglotInsufficientCredits,
+    403: KallglotPermissionDenied, 404: KallglotNotFound, 409: KallglotConflict,
+    422: KallglotValidationError, 429: KallglotRateLimited,
+}
+_RETRYABLE = {409, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class StreamGrant:
+    """Where and how to open a session's stream socket. The token is a secret: never log or store it."""
+
+    url: str
+    token: str
+    expires_at: datetime | None
+
+    def expired(self, now: datetime | None = None, margin_seconds: float = 5.0) -> bool:
+        """True when the token is past (or within ``margin_seconds`` of) its ``expires_at``."""
+        if self.expires_at is None:
+            return False
+        now = now or datetime.now(timezone.utc)
+        return (self.expires_at - now).total_seconds() <= margin_seconds
+
+    def __repr__(self) -> str:  # keep the token out of logs and tracebacks
+        return f"StreamGrant(url={self.url!r}, token='***', expires_at={self.expires_at!r})"
+
+
+@dataclass(frozen=True)
+class KallglotSession:
+    """The fields of a Kallglot session this service uses."""
+
+    id: str
+    status: str
+    stream: StreamGrant | None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> KallglotSession:
+        """Parse a session object from the API."""
+        stream = body.get("stream") or None
+        grant = None
+        if isinstance(stream, dict) and stream.get("url") and stream.get("token"):
+            grant = StreamGrant(url=str(stream["url"]), token=str(stream["token"]),
+                                expires_at=_parse_time(stream.get("expires_at")))
+        return cls(id=str(body["id"]), status=str(body.get("status", "")), stream=grant)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+class KallglotClient:
+    """Create, get and end Kallglot sessions.
+
+    Every POST carries an ``Idempotency-Key`` chosen by the caller from the carrier's call ID, so a
+    retried carrier webhook can never create a second session.
+    """
+
+    def __init__(self, base_url: str, api_key: str, *, connect_timeout: float = 3.0, read_timeout: float = 5.0,
+                 total_budget_seconds: float = 10.0, max_attempts: int = 3,
+                 session: requests.Session | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.total_budget_seconds = total_budget_seconds
+        self.max_attempts = max_attempts
+        self._http = session or requests.Session()
+
+    def __repr__(self) -> str:
+        return f"KallglotClient(base_url={self.base_url!r})"
+
+    def create_session(self, *, mode: str, idempotency_key: str, phone_number: str | None = None,
+                       source_language: str | None = None, target_language: str | None = None,
+                       metadata: dict[str, str] | None = None) -> KallglotSession:
+        """``POST /v1/sessions`` with phone-number routing; returns the new (or idempotently replayed) session."""
+        body: dict[str, Any] = {"mode": mode}
+        if source_language:
+            body["source_language"] = source_language
+        if target_language:
+            body["target_language"] = target_language
+        if phone_number:
+            body["routing"] = {"phone_number": phone_number}
+        if metadata:
+            body["metadata"] = metadata
+        return KallglotSession.from_json(self._request("POST", "/sessions", json=body, idempotency_key=idempotency_key))
+
+    def get_session(self, session_id: str) -> KallglotSession:
+        """``GET /v1/sessions/{id}`` — also the way to a fresh stream token (assumption §9.4)."""
+        return KallglotSession.from_json(self._request("GET", f"/sessions/{session_id}"))
+
+    def end_session(self, session_id: str) -> dict[str, Any]:
+        """``POST /v1/sessions/{id}/end``; idempotent at Kallglot, and keyed so our own retries are too."""
+        return self._request("POST", f"/sessions/{session_id}/end", idempotency_key=f"end-{session_id}")
+
+    def _request(self, method: str, path: str, *, json: dict[str, Any] | None = None,
+                 idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        deadline = time.monotonic() + self.total_budget_seconds
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            timeout = (min(self.connect_timeout, max(remaining, 0.1)), min(self.read_timeout, max(remaining, 0.1)))
+            started = time.monotonic()
+            try:
+                response = self._http.request(method, self.base_url + path, json=json, headers=headers, timeout=timeout)
+            except requests.RequestException as exc:
+                error: KallglotError = KallglotUnavailable(type(exc).__name__, code="unreachable")
+            else:
+                log.debug("kallglot %s %s -> %s in %.0f ms", method, path, response.status_code,
+                          (time.monotonic() - started) * 1000)
+                if response.status_code < 400:
+                    try:
+                        return dict(response.json())
+                    except ValueError:
+                        error = KallglotUnavailable("response was not JSON", status=response.status_code,
+                                                    code="invalid_response")
+                else:
+                    error = _error_from_response(response)
+            retryable = isinstance(error, KallglotUnavailable) or error.status in _RETRYABLE
+            wait = error.retry_after if error.retry_after is not None else 0.25 * 2 ** (attempt - 1)
+            if not retryable or attempt >= self.max_attempts or time.monotonic() + wait >= deadline:
+                raise error
+            log.warning("kallglot %s %s failed (%s), retry %d in %.2fs", method, path, error, attempt, wait)
+            time.sleep(wait)
+
+
+def _error_from_response(response: requests.Response) -> KallglotError:
+    try:
+        payload = response.json().get("error") or {}
+    except (ValueError, AttributeError):
+        payload = {}
+    retry_after: float | None = None
+    header = response.headers.get("Retry-After")
+    if header:
+        try:
+            retry_after = max(0.0, float(header))
+        except ValueError:
+            retry_after = None
+    status = response.status_code
+    cls = _ERRORS_BY_STATUS.get(status, KallglotUnavailable if status >= 500 else KallglotError)
+    return cls(str(payload.get("message") or response.reason or "error"), status=status,
+               code=str(payload.get("code") or ""), error_type=str(payload.get("type") or ""),
+               request_id=str(payload.get("request_id") or response.headers.get("X-Request-ID") or ""),
+               retry_after=retry_after)

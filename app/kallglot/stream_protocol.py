@@ -1,0 +1,137 @@
+"""Kallglot's stream-socket messages, and — in one place — this project's assumptions where the docs are silent.
+
+Documented (kallglot-api.md §4): ``audio.input`` (μ-law 8 kHz only), ``ping``/``pong``, ``session.end``/
+``session.ended``, ``session.ready``, ``transcript.partial``/``transcript.final``, ``session.error``.
+
+Assumed (kallglot-api.md §9); each is a constant or one function here so it changes in one edit:
+
+1. Return audio is ``{"type": "audio.output", "audio": {"encoding", "sample_rate_hz", "payload"}}`` for the
+   participant on that connection (:func:`parse_server_message`, :data:`AUDIO_OUTPUT`).
+2. Barge-in is ``{"type": "audio.clear"}`` (:data:`AUDIO_CLEAR`).
+3. One stream connection per call leg, each naming its ``speaker`` (:data:`SPEAKER_CUSTOMER`, :data:`SPEAKER_AGENT`).
+4. Reconnect: a new connection to a session that is not ended is allowed; an expired stream token is
+   refreshed with ``GET /v1/sessions/{id}`` (see :mod:`app.kallglot.client`).
+5. Unknown message types are counted and logged once per type per call, never fatal (:class:`UnknownMessage`).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+AUDIO_INPUT = "audio.input"
+AUDIO_OUTPUT = "audio.output"  # assumption 1
+AUDIO_CLEAR = "audio.clear"  # assumption 2
+SPEAKER_CUSTOMER = "customer"  # assumption 3
+SPEAKER_AGENT = "agent"
+#: Kallglot's only accepted input format (§4): no transcoding is needed for G.711 μ-law carriers.
+INPUT_ENCODING = "mulaw"
+INPUT_SAMPLE_RATE_HZ = 8000
+#: The docs say "ping occasionally"; 20 s stays below common 30–60 s proxy idle timeouts.
+PING_INTERVAL_SECONDS = 20.0
+#: No end-of-utterance message is documented; a gap this long in ``audio.output`` ends an utterance
+#: (the relay then sends the carrier a ``mark``).
+UTTERANCE_GAP_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class AudioOutput:
+    """Return audio for this leg, still in Kallglot's encoding (see :mod:`app.audio` for transcoding)."""
+
+    payload: bytes
+    encoding: str
+    sample_rate_hz: int
+
+
+@dataclass(frozen=True)
+class ClearAudio:
+    """Barge-in: drop the audio still queued for the caller."""
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """Kallglot ended the session; the relay closes."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionError:
+    """Kallglot reported an error on the stream (e.g. ``invalid_audio_format``)."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """``transcript.partial`` or ``transcript.final`` (logged; the relay forwards nothing)."""
+
+    final: bool
+    speaker: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Informational:
+    """``session.ready`` and ``pong``: nothing to do but note them."""
+
+    type: str
+
+
+@dataclass(frozen=True)
+class UnknownMessage:
+    """Anything else, including unparsable frames; counted, never fatal."""
+
+    type: str
+
+
+ServerMessage = AudioOutput | ClearAudio | SessionEnded | SessionError | Transcript | Informational | UnknownMessage
+
+
+def audio_input(payload_b64: str, *, sequence: int, timestamp_ms: int, speaker: str) -> str:
+    """Serialize one ``audio.input`` message; ``payload_b64`` is base64 of raw μ-law 8 kHz mono bytes."""
+    return json.dumps({
+        "type": AUDIO_INPUT, "sequence": sequence, "timestamp_ms": timestamp_ms, "speaker": speaker,
+        "audio": {"encoding": INPUT_ENCODING, "sample_rate_hz": INPUT_SAMPLE_RATE_HZ, "payload": payload_b64},
+    }, separators=(",", ":"))
+
+
+PING = json.dumps({"type": "ping"})
+
+
+def parse_server_message(raw: str | bytes) -> ServerMessage:
+    """Turn one frame from Kallglot into a typed message; never raises."""
+    if isinstance(raw, bytes):
+        return UnknownMessage("binary-frame")
+    try:
+        message: Any = json.loads(raw)
+    except ValueError:
+        return UnknownMessage("invalid-json")
+    if not isinstance(message, dict):
+        return UnknownMessage("non-object")
+    kind = str(message.get("type", ""))
+    if kind == AUDIO_OUTPUT:
+        audio = message.get("audio") if isinstance(message.get("audio"), dict) else message
+        try:
+            payload = base64.b64decode(str(audio.get("payload", "")), validate=True)
+            rate = int(audio.get("sample_rate_hz") or INPUT_SAMPLE_RATE_HZ)
+        except (binascii.Error, ValueError, TypeError):
+            return UnknownMessage("audio.output-invalid")
+        return AudioOutput(payload=payload, encoding=str(audio.get("encoding") or INPUT_ENCODING).lower(),
+                           sample_rate_hz=rate)
+    if kind == AUDIO_CLEAR:
+        return ClearAudio()
+    if kind == "session.ended":
+        return SessionEnded(reason=str(message.get("reason", "")))
+    if kind == "session.error":
+        error = message.get("error") if isinstance(message.get("error"), dict) else message
+        return SessionError(code=str(error.get("code", "")), message=str(error.get("message", "")))
+    if kind in ("transcript.partial", "transcript.final"):
+        return Transcript(final=kind.endswith("final"), speaker=str(message.get("speaker", "")),
+                          text=str(message.get("text", "")))
+    if kind in ("session.ready", "pong"):
+        return Informational(kind)
+    return UnknownMessage(kind or "untyped")

@@ -1,0 +1,66 @@
+"""``flask numbers …``: set, list, show and delete number profiles from the command line."""
+from __future__ import annotations
+
+import click
+from flask import Flask
+from flask.cli import AppGroup
+
+from app.config import KALLGLOT_MODES
+from app.extensions import services
+from app.profiles.store import NumberProfile, ProfileError
+
+numbers_cli = AppGroup("numbers", help="Manage number profiles (mode and languages per called number).")
+
+
+@numbers_cli.command("set")
+@click.argument("number")
+@click.option("--mode", type=click.Choice(KALLGLOT_MODES), default=None, help="Kallglot session mode.")
+@click.option("--source", "source_language", default=None, help="Caller's language code, e.g. en.")
+@click.option("--target", "target_language", default=None, help="Agent's language code, e.g. es.")
+def set_profile(number: str, mode: str | None, source_language: str | None, target_language: str | None) -> None:
+    """Give NUMBER (E.164) its own profile; unset options keep the current values."""
+    store = services().profiles
+    current = store.for_number(number)
+    profile = NumberProfile(mode=mode or current.mode,
+                            source_language=current.source_language if source_language is None else source_language,
+                            target_language=current.target_language if target_language is None else target_language)
+    try:
+        store.set(number, profile)
+    except ProfileError as exc:
+        raise click.UsageError("\n".join(exc.problems)) from None
+    click.echo(f"{number}: {_describe(profile)}")
+
+
+@numbers_cli.command("list")
+def list_profiles() -> None:
+    """List numbers with their own profile, and the default profile."""
+    store = services().profiles
+    for number, profile in store.all().items():
+        click.echo(f"{number}: {_describe(profile)}")
+    click.echo(f"(default): {_describe(store.default)}")
+
+
+@numbers_cli.command("show")
+@click.argument("number")
+def show_profile(number: str) -> None:
+    """Show the profile calls to NUMBER get."""
+    profile = services().profiles.for_number(number)
+    click.echo(f"{number}: {_describe(profile)}{'' if profile.own else ' (default)'}")
+
+
+@numbers_cli.command("delete")
+@click.argument("number")
+def delete_profile(number: str) -> None:
+    """Remove NUMBER's own profile; it falls back to the default."""
+    removed = services().profiles.delete(number)
+    click.echo(f"{number}: {'deleted' if removed else 'had no profile of its own'}")
+
+
+def _describe(profile: NumberProfile) -> str:
+    return (f"mode={profile.mode} source={profile.source_language or 'auto'} "
+            f"target={profile.target_language or 'auto'}")
+
+
+def register_cli(app: Flask) -> None:
+    """Attach the ``numbers`` command group to ``app``."""
+    app.cli.add_command(numbers_cli)

@@ -1,0 +1,64 @@
+"""Every Redis key the service uses is built here, so the whole layout can be read (and changed) in one place.
+
+Layout (``{ns}`` is ``REDIS_NAMESPACE``, default ``kb``):
+
+=============================================  ======  =====================================================
+key                                            type    holds
+=============================================  ======  =====================================================
+``{ns}:profile:{e164}``                        string  JSON number profile
+``{ns}:profiles``                              set     E.164 numbers that have their own profile
+``{ns}:call:{carrier}:{call_id}``              hash    one carrier call leg: session id, numbers, states
+``{ns}:call:{carrier}:{call_id}:events``       list    recorded carrier callbacks (capped)
+``{ns}:session:{session_id}``                  hash    our view of a Kallglot session and its legs
+``{ns}:session:{session_id}:end-claim``        string  who claimed the one ``end`` call (SET NX)
+``{ns}:seen:{source}:{event_id}``              string  webhook de-duplication marker (SET NX, TTL)
+=============================================  ======  =====================================================
+
+No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
+(:mod:`app.relay.tokens`), never through Redis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: How long call and session records outlive the call, for the call log and late callbacks.
+RECORD_TTL_SECONDS = 7 * 24 * 3600
+#: Carriers retry webhooks for minutes (Twilio) to ~42 h (Kallglot): keep de-dup markers two days.
+SEEN_TTL_SECONDS = 48 * 3600
+#: Callbacks kept per call leg.
+MAX_EVENTS_PER_CALL = 50
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Builds namespaced key names; one instance per app (``app.extensions["redis_keys"]``)."""
+
+    namespace: str = "kb"
+
+    def profile(self, number: str) -> str:
+        """Key of the profile JSON for an E.164 ``number``."""
+        return f"{self.namespace}:profile:{number}"
+
+    def profiles_index(self) -> str:
+        """Key of the set of numbers that have their own profile."""
+        return f"{self.namespace}:profiles"
+
+    def call(self, carrier: str, call_id: str) -> str:
+        """Key of the hash describing one carrier call leg."""
+        return f"{self.namespace}:call:{carrier}:{call_id}"
+
+    def call_events(self, carrier: str, call_id: str) -> str:
+        """Key of the capped list of callbacks recorded for one call leg."""
+        return f"{self.namespace}:call:{carrier}:{call_id}:events"
+
+    def session(self, session_id: str) -> str:
+        """Key of the hash describing a Kallglot session as this service sees it."""
+        return f"{self.namespace}:session:{session_id}"
+
+    def session_end_claim(self, session_id: str) -> str:
+        """Key whose ``SET NX`` decides which worker calls Kallglot's ``end`` for a session."""
+        return f"{self.namespace}:session:{session_id}:end-claim"
+
+    def seen(self, source: str, event_id: str) -> str:
+        """Key marking a webhook delivery from ``source`` as already handled."""
+        return f"{self.namespace}:seen:{source}:{event_id}"

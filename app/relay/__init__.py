@@ -1,0 +1,1 @@
+"""The vendor-free media relay: carrier media socket ⇄ Kallglot stream socket."""

@@ -1,0 +1,69 @@
+"""Bridge one carrier media socket to its Kallglot session: verify, connect, relay, then hand the leg's end
+to the session lifecycle. Vendor-free; each carrier's WebSocket route calls :func:`bridge_leg` with its codec.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+
+from app.extensions import Services
+from app.kallglot.client import KallglotError
+from app.relay.carrier import CarrierCodec
+from app.relay.core import CarrierSocket, MediaRelay, RelayEnd, await_start, close_quietly
+from app.relay.kallglot_stream import KallglotStream, KallglotStreamError
+from app.relay.tokens import InvalidRelayToken
+
+log = logging.getLogger(__name__)
+
+#: Names of the stream parameters our TwiML/TeXML sets and the relay reads back from ``start``.
+SESSION_PARAMETER = "session_id"
+RELAY_TOKEN_PARAMETER = "relay_token"
+#: Refresh a Kallglot stream token this close to its expiry rather than risk a refused connect.
+TOKEN_REFRESH_MARGIN_SECONDS = 5.0
+
+
+def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEnd | None:
+    """Serve one carrier media socket from ``connected`` to close; never raises."""
+    started = await_start(ws, codec)
+    if started is None:
+        return None
+    try:
+        grant = svc.relay_tokens.open(started.parameters.get(RELAY_TOKEN_PARAMETER), carrier=codec.carrier,
+                                      call_id=started.call_id)
+    except InvalidRelayToken as exc:
+        log.warning("%s call=%s media socket refused: %s", codec.carrier, started.call_id, exc)
+        close_quietly(ws, 1008, "invalid relay token")
+        return None
+    context = f"{codec.carrier} call={grant.call_id} session={grant.session_id}"
+    try:
+        stream_url, stream_token = grant.stream_url, grant.stream_token
+        if grant.stream_expires_at and grant.stream_expires_at - time.time() < TOKEN_REFRESH_MARGIN_SECONDS:
+            fresh = svc.kallglot.get_session(grant.session_id).stream  # assumption §9.4
+            if fresh is None:
+                raise KallglotStreamError("Kallglot returned no stream for the session")
+            stream_url, stream_token = fresh.url, fresh.token
+        kallglot = KallglotStream.open(stream_url, stream_token)
+    except (KallglotStreamError, KallglotError) as exc:
+        log.error("%s could not reach the Kallglot stream: %s", context, exc)
+        close_quietly(ws, 1011, "translation service unavailable")
+        _leg_over(svc, codec.carrier, grant.call_id, "kallglot_unreachable", context)
+        return None
+    log.info("%s relay started (stream %s)", context, started.stream_id)
+    end = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
+                     context=context).run()
+    if end is RelayEnd.KALLGLOT_ENDED:
+        try:
+            svc.lifecycle.ended_by_kallglot(grant.session_id, "session.ended")
+        except redis.RedisError as exc:
+            log.error("%s could not record Kallglot's end: %s", context, exc)
+    _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context)
+    return end
+
+
+def _leg_over(svc: Services, carrier: str, call_id: str, reason: str, context: str) -> None:
+    try:
+        svc.lifecycle.leg_ended(carrier, call_id, reason)
+    except redis.RedisError as exc:  # the status callback will end the session once Redis is back
+        log.error("%s could not record the leg's end: %s", context, exc)

@@ -1,0 +1,86 @@
+"""The vendor-free view of a carrier's media socket: events in, messages out.
+
+Each carrier adapter (``app.twilio.media``, later ``app.telnyx.media``) implements :class:`CarrierCodec`;
+it is the only code that knows that carrier's wire format.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Connected:
+    """The carrier's hello (``connected``)."""
+
+
+@dataclass(frozen=True)
+class StreamStarted:
+    """The stream began: which call, which stream, and the custom parameters from our TwiML/TeXML."""
+
+    call_id: str
+    stream_id: str
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Media:
+    """One frame of the caller's audio as raw μ-law 8 kHz bytes (adapters transcode other codecs)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Dtmf:
+    """A key pressed by the caller."""
+
+    digit: str
+
+
+@dataclass(frozen=True)
+class MarkPlayed:
+    """The carrier finished playing everything sent before the mark called ``name``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The carrier ended the stream cleanly (call over or stream stopped)."""
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A well-formed event the relay does not act on."""
+
+    event: str
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A frame that breaks the protocol; ``fatal`` ones close the socket with ``close_code``."""
+
+    reason: str
+    fatal: bool = True
+    close_code: int = 1007
+
+
+CarrierEvent = Connected | StreamStarted | Media | Dtmf | MarkPlayed | Stopped | Ignored | Malformed
+
+
+class CarrierCodec(Protocol):
+    """Parses a carrier's media-socket frames and builds the frames the relay sends back."""
+
+    carrier: str
+
+    def parse(self, raw: str | bytes) -> CarrierEvent:
+        """Turn one frame into an event; never raises."""
+
+    def media(self, mulaw: bytes) -> str:
+        """A frame that plays ``mulaw`` (μ-law 8 kHz) to the caller."""
+
+    def mark(self, name: str) -> str:
+        """A frame asking the carrier to report when playback reaches this point."""
+
+    def clear(self) -> str:
+        """A frame that drops all audio queued for the caller (barge-in)."""

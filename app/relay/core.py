@@ -1,0 +1,319 @@
+"""The media relay core: one call leg's carrier socket bridged to its Kallglot stream socket.
+
+Vendor-free: a :class:`~app.relay.carrier.CarrierCodec` does the carrier's wire format. The uplink (carrier →
+Kallglot) runs in the handler's greenlet, the downlink (Kallglot → carrier) in a second one; when either side
+closes, both close. Nothing here touches Redis: the hot path does no I/O but the two sockets.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from simple_websocket import ConnectionClosed
+
+from app.audio import DownlinkTranscoder, UnsupportedAudio
+from app.kallglot import stream_protocol
+from app.kallglot.stream_protocol import (
+    AudioOutput, ClearAudio, Informational, SessionEnded, SessionError, Transcript, UnknownMessage,
+)
+from app.relay.carrier import (
+    CarrierCodec, Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted,
+)
+from app.relay.kallglot_stream import KallglotStream
+
+log = logging.getLogger(__name__)
+
+#: How long a carrier may take from socket open to ``start`` (Twilio sends it at once).
+START_TIMEOUT_SECONDS = 10.0
+#: The uplink wakes this often when the carrier is silent, to notice the downlink closing the relay.
+UPLINK_POLL_SECONDS = 1.0
+MULAW_BYTES_PER_MS = 8
+
+
+class CarrierSocket(Protocol):
+    """The subset of simple-websocket's API the relay uses (flask-sock hands us a ``Server``)."""
+
+    connected: bool
+
+    def receive(self, timeout: float | None = None) -> str | bytes | None: ...
+
+    def send(self, data: str | bytes) -> None: ...
+
+    def close(self, reason: int | None = None, message: str | None = None) -> None: ...
+
+
+class RelayEnd(str, Enum):
+    """Why a relay stopped; the session lifecycle decides what each means for the session."""
+
+    CARRIER_STOP = "carrier_stop"  # clean: the carrier said the stream or call is over
+    CARRIER_LOST = "carrier_lost"  # the carrier socket closed without ``stop``
+    KALLGLOT_ENDED = "kallglot_ended"  # Kallglot sent ``session.ended``
+    KALLGLOT_LOST = "kallglot_lost"  # the Kallglot socket closed without ``session.ended``
+    PROTOCOL_ERROR = "protocol_error"  # the carrier broke its protocol; we closed the socket
+
+
+@dataclass
+class RelayStats:
+    """Counters for one relayed leg (logged at the end, exported as metrics later)."""
+
+    frames_in: int = 0
+    bytes_in: int = 0
+    chunks_to_kallglot: int = 0
+    frames_to_carrier: int = 0
+    bytes_to_carrier: int = 0
+    marks_sent: int = 0
+    marks_played: int = 0
+    clears: int = 0
+    dtmf: int = 0
+    frames_dropped: int = 0
+    unknown_kallglot: Counter[str] = field(default_factory=Counter)
+
+
+def close_quietly(ws: CarrierSocket, code: int = 1000, message: str | None = None) -> None:
+    """Close a socket that may already be closed, without raising."""
+    try:
+        if ws.connected:
+            ws.close(reason=code, message=message)
+    except (ConnectionClosed, OSError):
+        pass
+
+
+def await_start(ws: CarrierSocket, codec: CarrierCodec, timeout: float = START_TIMEOUT_SECONDS) -> StreamStarted | None:
+    """Read frames until the carrier's ``start``; on anything else meaningful, close the socket and return None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        raw = ws.receive(timeout=max(remaining, 0.0)) if remaining > 0 else None
+        if raw is None:
+            close_quietly(ws, 1008, "no start event")
+            return None
+        event = codec.parse(raw)
+        if isinstance(event, StreamStarted):
+            return event
+        if isinstance(event, (Connected, Ignored)):
+            continue
+        if isinstance(event, Stopped):
+            close_quietly(ws, 1000)
+            return None
+        reason = event.reason if isinstance(event, Malformed) else f"{type(event).__name__.lower()} before start"
+        code = event.close_code if isinstance(event, Malformed) else 1008
+        log.warning("closing %s media socket: %s", codec.carrier, reason)
+        close_quietly(ws, code, reason)
+        return None
+
+
+class MediaRelay:
+    """Bridges one started carrier stream to one Kallglot stream socket until either side ends."""
+
+    def __init__(self, carrier_ws: CarrierSocket, codec: CarrierCodec, kallglot: KallglotStream, *,
+                 speaker: str, chunk_ms: int, context: str) -> None:
+        self.carrier_ws = carrier_ws
+        self.codec = codec
+        self.kallglot = kallglot
+        self.speaker = speaker
+        self.chunk_bytes = chunk_ms * MULAW_BYTES_PER_MS
+        self.context = context  # "call=… session=…" prefix for every log line of this leg
+        self.stats = RelayStats()
+        self._transcoder = DownlinkTranscoder()
+        self._ending = threading.Event()
+        self._end: RelayEnd | None = None
+        self._end_lock = threading.Lock()
+        # Both greenlets may write to the carrier socket (frames vs. a protocol-error close).
+        self._carrier_lock = threading.Lock()
+        # Uplink batching state.
+        self._pending = bytearray()
+        self._sequence = 0
+        self._bytes_sent = 0
+        self._origin_ms = int(time.time() * 1000)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def run(self) -> RelayEnd:
+        """Relay until one side ends; always closes both sockets and returns why it stopped."""
+        downlink = threading.Thread(target=self._downlink_guarded, name="relay-downlink", daemon=True)
+        downlink.start()
+        try:
+            self._uplink()
+        except Exception:  # a bug must end this call cleanly, never crash the worker
+            log.exception("%s uplink failed", self.context)
+            self._finish(RelayEnd.PROTOCOL_ERROR)
+        finally:
+            self.kallglot.close()
+            self._close_carrier()
+            downlink.join(timeout=5)
+        s = self.stats
+        log.info("%s relay ended (%s): in %d frames/%d B → %d chunks; out %d frames/%d B, %d marks, %d clears, "
+                 "%d dropped, unknown %s", self.context, self._end.value if self._end else "?", s.frames_in,
+                 s.bytes_in, s.chunks_to_kallglot, s.frames_to_carrier, s.bytes_to_carrier, s.marks_sent, s.clears,
+                 s.frames_dropped, dict(s.unknown_kallglot))
+        return self._end or RelayEnd.CARRIER_LOST
+
+    def _finish(self, why: RelayEnd) -> None:
+        """Record the first reason to stop; later ones (the other side noticing) are ignored."""
+        with self._end_lock:
+            if self._end is None:
+                self._end = why
+        self._ending.set()
+
+    # -- uplink: carrier → Kallglot ------------------------------------------------------------------------
+    def _uplink(self) -> None:
+        parse = self.codec.parse
+        while not self._ending.is_set():
+            try:
+                raw = self.carrier_ws.receive(timeout=UPLINK_POLL_SECONDS)
+            except ConnectionClosed:
+                self._finish(RelayEnd.CARRIER_LOST)
+                return
+            if raw is None:
+                if not self.carrier_ws.connected:
+                    self._finish(RelayEnd.CARRIER_LOST)
+                    return
+                continue
+            event = parse(raw)
+            if isinstance(event, Media):
+                self.stats.frames_in += 1
+                self.stats.bytes_in += len(event.payload)
+                self._pending += event.payload
+                if len(self._pending) >= self.chunk_bytes and not self._send_chunk(self.chunk_bytes):
+                    return
+            elif isinstance(event, Stopped):
+                self._flush()
+                self._finish(RelayEnd.CARRIER_STOP)
+                return
+            elif isinstance(event, MarkPlayed):
+                self.stats.marks_played += 1
+            elif isinstance(event, Dtmf):
+                self.stats.dtmf += 1
+                log.info("%s dtmf %s", self.context, event.digit)
+            elif isinstance(event, Malformed):
+                if event.fatal:
+                    log.warning("%s closing carrier socket: %s", self.context, event.reason)
+                    self._close_carrier(event.close_code, event.reason)
+                    self._finish(RelayEnd.PROTOCOL_ERROR)
+                    return
+                self.stats.frames_dropped += 1
+                if self.stats.frames_dropped == 1:
+                    log.warning("%s dropping carrier frame: %s", self.context, event.reason)
+            # Connected, a second StreamStarted and Ignored need nothing.
+
+    def _send_chunk(self, size: int) -> bool:
+        """Send the first ``size`` pending bytes as one ``audio.input``; False if Kallglot is gone."""
+        chunk = bytes(self._pending[:size])
+        del self._pending[:size]
+        self._sequence += 1
+        message = stream_protocol.audio_input(
+            base64.b64encode(chunk).decode("ascii"), sequence=self._sequence,
+            timestamp_ms=self._origin_ms + self._bytes_sent // MULAW_BYTES_PER_MS, speaker=self.speaker)
+        self._bytes_sent += len(chunk)
+        try:
+            self.kallglot.send(message)
+        except (ConnectionClosed, OSError):
+            self._finish(RelayEnd.KALLGLOT_LOST)
+            return False
+        self.stats.chunks_to_kallglot += 1
+        return True
+
+    def _flush(self) -> None:
+        """Send whatever is left (less than a chunk) so Kallglot gets every byte the caller said."""
+        while self._pending:
+            if not self._send_chunk(min(len(self._pending), self.chunk_bytes)):
+                return
+
+    # -- downlink: Kallglot → carrier ----------------------------------------------------------------------
+    def _downlink_guarded(self) -> None:
+        try:
+            self._downlink()
+        except Exception:
+            log.exception("%s downlink failed", self.context)
+            self._finish(RelayEnd.PROTOCOL_ERROR)
+        finally:
+            # Unblock the uplink promptly: closing the carrier socket makes its receive() raise.
+            if self._ending.is_set():
+                self._close_carrier()
+
+    def _downlink(self) -> None:
+        next_ping = time.monotonic() + stream_protocol.PING_INTERVAL_SECONDS
+        utterance_open = False
+        last_audio_at = 0.0
+        marks = 0
+        warned_formats: set[str] = set()
+        while not self._ending.is_set():
+            now = time.monotonic()
+            wait = next_ping - now
+            if utterance_open:
+                wait = min(wait, last_audio_at + stream_protocol.UTTERANCE_GAP_SECONDS - now)
+            try:
+                message = self.kallglot.receive(timeout=max(wait, 0.0))
+            except ConnectionClosed:
+                self._finish(RelayEnd.KALLGLOT_LOST)
+                return
+            now = time.monotonic()
+            if message is None:
+                if utterance_open and now - last_audio_at >= stream_protocol.UTTERANCE_GAP_SECONDS:
+                    marks += 1
+                    if not self._to_carrier(self.codec.mark(f"utt-{marks}")):
+                        return
+                    self.stats.marks_sent += 1
+                    utterance_open = False
+                if now >= next_ping:
+                    try:
+                        self.kallglot.ping()
+                    except (ConnectionClosed, OSError):
+                        self._finish(RelayEnd.KALLGLOT_LOST)
+                        return
+                    next_ping = now + stream_protocol.PING_INTERVAL_SECONDS
+                continue
+            if isinstance(message, AudioOutput):
+                try:
+                    mulaw = self._transcoder.to_mulaw_8k(message.payload, message.encoding, message.sample_rate_hz)
+                except UnsupportedAudio as exc:
+                    if str(exc) not in warned_formats:
+                        warned_formats.add(str(exc))
+                        log.warning("%s dropping return audio in unsupported format %s", self.context, exc)
+                    continue
+                if not mulaw:
+                    continue
+                if not self._to_carrier(self.codec.media(mulaw)):
+                    return
+                self.stats.frames_to_carrier += 1
+                self.stats.bytes_to_carrier += len(mulaw)
+                utterance_open, last_audio_at = True, now
+            elif isinstance(message, ClearAudio):
+                if not self._to_carrier(self.codec.clear()):
+                    return
+                self.stats.clears += 1
+                utterance_open = False
+            elif isinstance(message, SessionEnded):
+                log.info("%s kallglot ended the session (%s)", self.context, message.reason or "no reason")
+                self._finish(RelayEnd.KALLGLOT_ENDED)
+                return
+            elif isinstance(message, SessionError):
+                log.warning("%s kallglot session.error %s: %s", self.context, message.code, message.message)
+            elif isinstance(message, Transcript):
+                log.debug("%s transcript %s %s: %s", self.context, "final" if message.final else "partial",
+                          message.speaker, message.text)
+            elif isinstance(message, UnknownMessage):
+                self.stats.unknown_kallglot[message.type] += 1
+                if self.stats.unknown_kallglot[message.type] == 1:
+                    log.info("%s ignoring kallglot message type %r", self.context, message.type)
+            elif isinstance(message, Informational):
+                pass
+
+    def _to_carrier(self, frame: str) -> bool:
+        """Send one frame to the carrier; False (and the relay ends) when the carrier socket is gone."""
+        try:
+            with self._carrier_lock:
+                self.carrier_ws.send(frame)
+        except (ConnectionClosed, OSError):
+            self._finish(RelayEnd.CARRIER_LOST)
+            return False
+        return True
+
+    def _close_carrier(self, code: int = 1000, message: str | None = None) -> None:
+        with self._carrier_lock:
+            close_quietly(self.carrier_ws, code, message)

@@ -1,0 +1,37 @@
+"""TwiML answers, built with the twilio library's ``VoiceResponse``."""
+from __future__ import annotations
+
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+from app.config import Settings
+from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
+
+#: Said when Kallglot cannot take the call; the caller must never hear dead air.
+UNAVAILABLE_MESSAGE = ("We're sorry, the translation service is not available right now. "
+                       "Please try your call again later. Goodbye.")
+SESSION_OVER_MESSAGE = "The translation session has ended. Goodbye."
+
+
+def connect_stream(settings: Settings, *, session_id: str, relay_token: str) -> str:
+    """``<Connect><Stream>`` to our relay, carrying the session and the sealed relay token as parameters.
+
+    Twilio drops query strings from stream URLs, hence ``<Parameter>``. ``<Connect action>`` is requested
+    when the stream ends while the call is still up, so the call never sits in silence.
+    """
+    response = VoiceResponse()
+    connect = Connect(action=settings.public("/twilio/connect-action"), method="POST")
+    stream = connect.stream(url=settings.public_ws("/twilio/media"),
+                            status_callback=settings.public("/twilio/stream-status"),
+                            status_callback_method="POST")
+    stream.parameter(name=SESSION_PARAMETER, value=session_id)
+    stream.parameter(name=RELAY_TOKEN_PARAMETER, value=relay_token)
+    response.append(connect)
+    return str(response)
+
+
+def say_and_hang_up(message: str, language: str = "en-US") -> str:
+    """Tell the caller something useful, then hang up."""
+    response = VoiceResponse()
+    response.say(message, language=language)
+    response.hangup()
+    return str(response)
