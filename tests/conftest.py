@@ -1,0 +1,149 @@
+"""Shared fixtures: a real Redis, the Kallglot emulator and the bridge under gunicorn + gevent."""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis as redis_lib
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+from twilio.request_validator import RequestValidator
+
+from app import create_app
+from tests.support.servers import RunningServer, free_port, run_gunicorn, run_redis
+
+TWILIO_AUTH_TOKEN = "test-twilio-auth-token"
+TWILIO_ACCOUNT_SID = "AC" + "1" * 32
+EMULATOR_API_KEY = "sk_test_emulator"
+SECRET_KEY = "test-secret-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis: ``REDIS_URL`` if set, else a private redis-server for this test run."""
+    with run_redis() as url:
+        yield url
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A Redis key namespace of this test's own, so tests never see each other's keys."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
+    """A client on the test Redis."""
+    client = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def emulator_server() -> Iterator[RunningServer]:
+    """The Kallglot emulator under gunicorn + gevent (one worker: its state is in memory)."""
+    with run_gunicorn("app.emulator:create_emulator_app()", {"KALLGLOT_EMULATOR_API_KEY": EMULATOR_API_KEY},
+                      ready_path="/_emulator/stats") as server:
+        yield server
+
+
+@pytest.fixture
+def emulator(emulator_server: RunningServer) -> Iterator[EmulatorControl]:
+    """The emulator, reset before the test."""
+    control = EmulatorControl(emulator_server.url)
+    control.reset()
+    yield control
+
+
+class EmulatorControl:
+    """Test-side handle on the emulator's control API."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.api_url = url + "/v1"
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = requests.request(method, self.url + path, timeout=5, **kwargs)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def reset(self) -> None:
+        """Forget all sessions, idempotency keys and faults."""
+        self._call("POST", "/_emulator/reset")
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Every session the emulator knows, with what it received."""
+        return self._call("GET", "/_emulator/sessions")["sessions"]
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        """One session's record."""
+        return self._call("GET", f"/_emulator/sessions/{session_id}")
+
+    def stats(self) -> dict[str, Any]:
+        """Totals: created, ended, end_calls, double_end_calls, connections_live…"""
+        return self._call("GET", "/_emulator/stats")
+
+    def fault(self, **fault: Any) -> None:
+        """Queue one fault (endpoint, status, times, retry_after, delay_seconds)."""
+        self._call("POST", "/_emulator/faults", json={"faults": [fault]})
+
+    def behaviour(self, behaviour: str) -> None:
+        """``echo`` or ``silent``."""
+        self._call("POST", "/_emulator/behaviour", json={"behaviour": behaviour})
+
+    def send(self, session_id: str, *messages: dict[str, Any]) -> int:
+        """Push raw messages to the session's live stream connections; returns how many got them."""
+        return int(self._call("POST", f"/_emulator/sessions/{session_id}/send",
+                              json={"messages": list(messages)}).get("delivered", 0))
+
+
+def bridge_config(redis_url: str, kallglot_api_url: str, namespace: str, public_url: str) -> dict[str, str]:
+    """Settings for a bridge under test, as environment-variable names."""
+    return {
+        "KALLGLOT_API_URL": kallglot_api_url,
+        "KALLGLOT_API_KEY": EMULATOR_API_KEY,
+        "REDIS_URL": redis_url,
+        "REDIS_NAMESPACE": namespace,
+        "PUBLIC_URL": public_url,
+        "SECRET_KEY": SECRET_KEY,
+        "TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
+        "DEFAULT_MODE": "bidirectional_translation",
+        "DEFAULT_SOURCE_LANGUAGE": "en",
+        "DEFAULT_TARGET_LANGUAGE": "es",
+    }
+
+
+PUBLIC_URL = "https://bridge.example.com"
+
+
+@pytest.fixture
+def app(redis_url: str, emulator: EmulatorControl, namespace: str) -> Flask:
+    """The bridge app in-process (for request tests), talking to the emulator and the test Redis."""
+    app = create_app(bridge_config(redis_url, emulator.api_url, namespace, PUBLIC_URL))
+    app.testing = True
+    return app
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """Flask test client of :func:`app`."""
+    return app.test_client()
+
+
+def twilio_signature(url: str, params: dict[str, str], token: str = TWILIO_AUTH_TOKEN) -> str:
+    """The ``X-Twilio-Signature`` Twilio would send for a POST of ``params`` to ``url``."""
+    return RequestValidator(token).compute_signature(url, params)
+
+
+@pytest.fixture(scope="session")
+def bridge_server(redis_url: str, emulator_server: RunningServer) -> Iterator[RunningServer]:
+    """The bridge under gunicorn + gevent (two workers), reachable at its PUBLIC_URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = bridge_config(redis_url, emulator_server.url + "/v1", "e2e", url)
+    with run_gunicorn("app:create_app()", env, workers=2, port=port) as server:
+        yield server

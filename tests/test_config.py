@@ -1,0 +1,51 @@
+"""Configuration: names, defaults and one clear message per problem."""
+from __future__ import annotations
+
+import pytest
+
+from app import create_app
+from app.config import ConfigError, Settings
+
+GOOD = {
+    "KALLGLOT_API_KEY": "sk_test_abc", "REDIS_URL": "redis://localhost:6379/0",
+    "PUBLIC_URL": "https://bridge.example.com", "SECRET_KEY": "s" * 32, "TWILIO_AUTH_TOKEN": "tok",
+}
+
+
+def test_reads_the_documented_environment_names() -> None:
+    settings = Settings.from_env({**GOOD, "DEFAULT_MODE": "ai_agent", "DEFAULT_SOURCE_LANGUAGE": "de",
+                                  "RECONNECT_WINDOW_SECONDS": "120", "TELNYX_PUBLIC_KEY": "k"})
+    assert settings.kallglot_api_url == "https://api.kallglot.com/v1"
+    assert settings.default_mode == "ai_agent" and settings.default_source_language == "de"
+    assert settings.reconnect_window_seconds == 120
+    assert settings.problems() == []
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    settings = Settings.from_env({"PUBLIC_URL": "ftp://x", "RECONNECT_WINDOW_SECONDS": "600",
+                                  "DEFAULT_MODE": "karaoke", "UPLINK_CHUNK_MS": "30"})
+    with pytest.raises(ConfigError) as raised:
+        settings.validate()
+    text = str(raised.value)
+    for fragment in ("KALLGLOT_API_KEY", "REDIS_URL", "PUBLIC_URL must be an http(s) URL", "SECRET_KEY",
+                     "DEFAULT_MODE", "RECONNECT_WINDOW_SECONDS", "UPLINK_CHUNK_MS", "TWILIO_AUTH_TOKEN"):
+        assert fragment in text
+    assert len(raised.value.problems) == 8
+
+
+def test_non_numeric_values_are_named() -> None:
+    with pytest.raises(ConfigError, match="RECONNECT_WINDOW_SECONDS must be a whole number"):
+        Settings.from_env({**GOOD, "RECONNECT_WINDOW_SECONDS": "five"})
+
+
+def test_create_app_refuses_a_broken_configuration() -> None:
+    with pytest.raises(ConfigError):
+        create_app({"PUBLIC_URL": "https://x"})
+
+
+@pytest.mark.parametrize("public, expected", [
+    ("https://bridge.example.com/", "wss://bridge.example.com/twilio/media"),
+    ("http://127.0.0.1:5000", "ws://127.0.0.1:5000/twilio/media"),
+])
+def test_stream_urls_derive_from_public_url(public: str, expected: str) -> None:
+    assert Settings(public_url=public).public_ws("/twilio/media") == expected
