@@ -54,6 +54,8 @@ class Settings:
     # Not part of the list, but operators need them; documented in README.
     uplink_chunk_ms: int = 100
     redis_namespace: str = "kb"
+    #: Heroku Redis serves ``rediss://`` with a self-signed certificate, so verification is opt-in.
+    redis_tls_verify: bool = False
     #: Set by the demo launcher: the emulator and demo secrets are in use, and the log says so loudly.
     demo_mode: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

@@ -40,8 +40,10 @@ class Services:
 
 def init_services(app: Flask, settings: Settings) -> Services:
     """Build the services for ``app`` and store them on ``app.extensions``."""
+    tls = {"ssl_cert_reqs": "required" if settings.redis_tls_verify else "none"} \
+        if settings.redis_url.startswith("rediss://") else {}
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS,
-                                  socket_connect_timeout=REDIS_TIMEOUT_SECONDS, health_check_interval=30)
+                                  socket_connect_timeout=REDIS_TIMEOUT_SECONDS, health_check_interval=30, **tls)
     keys = RedisKeys(settings.redis_namespace)
     kallglot = KallglotClient(settings.kallglot_api_url, settings.kallglot_api_key)
     default_profile = NumberProfile(mode=settings.default_mode, source_language=settings.default_source_language,

@@ -1,0 +1,223 @@
+"""Twilio webhooks in-process (Flask test client) against the Kallglot emulator and a real Redis."""
+from __future__ import annotations
+
+import re
+import uuid
+import xml.etree.ElementTree as ET
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app.extensions import services
+from app.profiles import NumberProfile
+from tests.conftest import PUBLIC_URL, TWILIO_ACCOUNT_SID, EmulatorControl, twilio_signature
+
+TO, FROM = "+15005550006", "+15551230000"
+
+
+def new_call_sid() -> str:
+    return "CA" + uuid.uuid4().hex
+
+
+def call_params(call_sid: str, **extra: str) -> dict[str, str]:
+    return {"CallSid": call_sid, "AccountSid": TWILIO_ACCOUNT_SID, "From": FROM, "To": TO,
+            "CallStatus": "ringing", "Direction": "inbound", "ApiVersion": "2010-04-01", **extra}
+
+
+def post_signed(client: FlaskClient, path: str, params: dict[str, str], *, signature: str | None = None,
+                base: str = PUBLIC_URL):
+    sig = twilio_signature(base + path, params) if signature is None else signature
+    return client.post(path, data=params, headers={"X-Twilio-Signature": sig})
+
+
+def answer(client: FlaskClient, call_sid: str) -> ET.Element:
+    response = post_signed(client, "/twilio/voice", call_params(call_sid))
+    assert response.status_code == 200 and response.mimetype == "text/xml"
+    return ET.fromstring(response.data)
+
+
+def test_voice_creates_a_session_and_connects_the_stream(client: FlaskClient, app: Flask,
+                                                         emulator: EmulatorControl) -> None:
+    call_sid = new_call_sid()
+    root = answer(client, call_sid)
+    connect = root.find("Connect")
+    assert connect is not None and connect.get("action") == PUBLIC_URL + "/twilio/connect-action"
+    stream = connect.find("Stream")
+    assert stream.get("url") == "wss://bridge.example.com/twilio/media"
+    assert "?" not in stream.get("url")  # Twilio drops query strings from stream URLs
+    assert stream.get("statusCallback") == PUBLIC_URL + "/twilio/stream-status"
+    params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+    assert set(params) == {"session_id", "relay_token"}
+    (session,) = emulator.sessions()
+    assert session["id"] == params["session_id"]
+    assert session["mode"] == "bidirectional_translation"
+    assert session["source_language"] == "en" and session["target_language"] == "es"
+    assert session["routing"] == {"phone_number": TO}
+    assert session["metadata"] == {"twilio_call_sid": call_sid, "from_number": FROM, "to_number": TO}
+    assert session["idempotency_key"] == f"twilio-call-{call_sid}"
+    with app.app_context():
+        svc = services()
+        assert svc.lifecycle.session_for_call("twilio", call_sid) == session["id"]
+        # The Kallglot stream token travels sealed inside the relay token, never through Redis.
+        stored = b" ".join(v for key in svc.redis.keys(svc.keys.namespace + ":*") if svc.redis.type(key) == b"hash"
+                           for v in svc.redis.hgetall(key).values())
+        assert b"kst_" not in stored
+        grant = svc.relay_tokens.open(params["relay_token"], carrier="twilio", call_id=call_sid)
+        assert grant.session_id == session["id"] and grant.stream_token.startswith("kst_")
+
+
+def test_number_profile_chooses_mode_and_languages(client: FlaskClient, app: Flask, emulator: EmulatorControl) -> None:
+    with app.app_context():
+        services().profiles.set(TO, NumberProfile(mode="assistive_translation", source_language="de",
+                                                  target_language="fr"))
+    answer(client, new_call_sid())
+    (session,) = emulator.sessions()
+    assert (session["mode"], session["source_language"], session["target_language"]) == \
+        ("assistive_translation", "de", "fr")
+
+
+def test_retried_webhook_never_creates_a_second_session(client: FlaskClient, emulator: EmulatorControl) -> None:
+    call_sid = new_call_sid()
+    first = answer(client, call_sid)
+    second = answer(client, call_sid)
+    assert len(emulator.sessions()) == 1
+    ids = {root.find("Connect/Stream/Parameter[@name='session_id']").get("value") for root in (first, second)}
+    assert len(ids) == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong-token", "request-url", "tampered-param"])
+def test_bad_signature_is_refused_and_creates_nothing(client: FlaskClient, emulator: EmulatorControl,
+                                                      case: str) -> None:
+    params = call_params(new_call_sid())
+    if case == "missing":
+        response = client.post("/twilio/voice", data=params)
+    elif case == "wrong-token":
+        response = post_signed(client, "/twilio/voice", params,
+                               signature=twilio_signature(PUBLIC_URL + "/twilio/voice", params, token="nope"))
+    elif case == "request-url":
+        # Signed over the internal URL the proxy forwarded to, not the public one Twilio used.
+        response = post_signed(client, "/twilio/voice", params, base="http://localhost")
+    else:
+        signature = twilio_signature(PUBLIC_URL + "/twilio/voice", params)
+        response = post_signed(client, "/twilio/voice", {**params, "To": "+15550000000"}, signature=signature)
+    assert response.status_code == 403
+    assert emulator.sessions() == []
+
+
+def test_query_string_is_part_of_the_signed_url(client: FlaskClient, emulator: EmulatorControl) -> None:
+    params = call_params(new_call_sid())
+    signature = twilio_signature(PUBLIC_URL + "/twilio/voice?tenant=a", params)
+    ok = client.post("/twilio/voice?tenant=a", data=params, headers={"X-Twilio-Signature": signature})
+    assert ok.status_code == 200
+    assert client.post("/twilio/voice?tenant=b", data=params,
+                       headers={"X-Twilio-Signature": signature}).status_code == 403
+
+
+@pytest.mark.parametrize("body", [{"CallSid": ""}, {"CallSid": "nonsense"}, {"From": FROM}])
+def test_signed_but_malformed_webhook_is_a_400(client: FlaskClient, emulator: EmulatorControl,
+                                               body: dict[str, str]) -> None:
+    assert post_signed(client, "/twilio/voice", body).status_code == 400
+    assert emulator.sessions() == []
+
+
+def test_garbage_body_is_a_4xx(client: FlaskClient) -> None:
+    response = client.post("/twilio/voice", data=b"\x00\xff{{garbage", content_type="application/octet-stream",
+                           headers={"X-Twilio-Signature": "abc"})
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize("status, code", [(503, "service_unavailable"), (402, "insufficient_api_credits"),
+                                          (403, "organization_inactive"), (500, "internal_error")])
+def test_kallglot_failure_says_something_and_hangs_up(client: FlaskClient, emulator: EmulatorControl,
+                                                      status: int, code: str) -> None:
+    emulator.fault(endpoint="create", status=status, code=code, times=5)
+    root = answer(client, new_call_sid())
+    assert root.find("Connect") is None
+    assert "not available" in root.find("Say").text
+    assert root.find("Hangup") is not None
+
+
+def test_kallglot_5xx_is_retried_within_the_webhook(client: FlaskClient, emulator: EmulatorControl) -> None:
+    emulator.fault(endpoint="create", status=503, code="service_unavailable", times=1)
+    root = answer(client, new_call_sid())
+    assert root.find("Connect/Stream") is not None
+    assert len(emulator.sessions()) == 1
+
+
+def test_kallglot_unreachable_is_not_dead_air(redis_url: str, namespace: str) -> None:
+    from app import create_app
+    from tests.conftest import bridge_config
+    from tests.support.servers import free_port
+
+    app = create_app(bridge_config(redis_url, f"http://127.0.0.1:{free_port()}/v1", namespace, PUBLIC_URL))
+    root = answer(app.test_client(), new_call_sid())
+    assert root.find("Say") is not None and root.find("Hangup") is not None
+
+
+def complete(client: FlaskClient, call_sid: str, **extra: str):
+    return post_signed(client, "/twilio/status", call_params(call_sid, CallStatus="completed", CallDuration="12",
+                                                             **extra))
+
+
+def test_completed_call_ends_the_session_exactly_once(client: FlaskClient, app: Flask,
+                                                      emulator: EmulatorControl) -> None:
+    call_sid = new_call_sid()
+    answer(client, call_sid)
+    # Out of order and repeated: an in-progress callback after completion must not revive anything.
+    assert complete(client, call_sid).status_code == 204
+    assert complete(client, call_sid).status_code == 204
+    assert post_signed(client, "/twilio/status", call_params(call_sid, CallStatus="in-progress")).status_code == 204
+    assert post_signed(client, "/twilio/stream-status", {"CallSid": call_sid, "AccountSid": TWILIO_ACCOUNT_SID,
+                                                         "StreamSid": "MZ" + "0" * 32,
+                                                         "StreamEvent": "stream-stopped"}).status_code == 204
+    (session,) = emulator.sessions()
+    assert session["status"] == "ended" and session["end_calls"] == 1
+    with app.app_context():
+        lifecycle = services().lifecycle
+        record = lifecycle.session_record(session["id"])
+        assert record["status"] == "ended" and record["end_reason"] == "call_completed"
+        assert [e["status"] for e in lifecycle.events("twilio", call_sid) if e["source"] == "call-status"] == \
+            ["completed", "completed", "in-progress"]
+
+
+def test_failed_end_is_retried_by_the_next_trigger(client: FlaskClient, emulator: EmulatorControl) -> None:
+    call_sid = new_call_sid()
+    answer(client, call_sid)
+    emulator.fault(endpoint="end", status=503, code="service_unavailable", times=3)
+    complete(client, call_sid)
+    assert emulator.sessions()[0]["status"] != "ended"
+    complete(client, call_sid)
+    (session,) = emulator.sessions()
+    assert session["status"] == "ended"
+
+
+def test_connect_action_hangs_up_with_a_message(client: FlaskClient, emulator: EmulatorControl) -> None:
+    call_sid = new_call_sid()
+    answer(client, call_sid)
+    response = post_signed(client, "/twilio/connect-action", call_params(call_sid, CallStatus="in-progress"))
+    root = ET.fromstring(response.data)
+    assert root.find("Say") is not None and root.find("Hangup") is not None
+    assert emulator.sessions()[0]["end_calls"] == 1
+
+
+def test_status_for_an_unknown_call_is_recorded_quietly(client: FlaskClient, emulator: EmulatorControl) -> None:
+    assert complete(client, new_call_sid()).status_code == 204
+    assert emulator.stats()["end_calls"] == 0
+
+
+def test_fallback_answers_without_kallglot(client: FlaskClient, emulator: EmulatorControl) -> None:
+    response = post_signed(client, "/twilio/fallback", call_params(new_call_sid(), ErrorCode="11200"))
+    assert response.status_code == 200 and b"<Hangup" in response.data
+    assert emulator.sessions() == []
+
+
+def test_health_and_readiness(client: FlaskClient) -> None:
+    assert client.get("/healthz").json == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json["status"] == "ready"
+
+
+def test_landing_page_shows_where_to_point_the_number(client: FlaskClient) -> None:
+    page = client.get("/").get_data(as_text=True)
+    assert re.search(r"https://bridge\.example\.com/twilio/voice", page)
