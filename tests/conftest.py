@@ -97,7 +97,7 @@ class EmulatorControl:
     def send(self, session_id: str, *messages: dict[str, Any]) -> int:
         """Push raw messages to the session's live stream connections; returns how many got them."""
         return int(self._call("POST", f"/_emulator/sessions/{session_id}/send",
-                              json={"messages": list(messages)}).get("delivered", 0))
+                              json={"messages": list(messages)})["connections"])
 
 
 def bridge_config(redis_url: str, kallglot_api_url: str, namespace: str, public_url: str) -> dict[str, str]:

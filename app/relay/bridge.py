@@ -51,13 +51,15 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
         _leg_over(svc, codec.carrier, grant.call_id, "kallglot_unreachable", context)
         return None
     log.info("%s relay started (stream %s)", context, started.stream_id)
-    end = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
-                     context=context).run()
-    if end is RelayEnd.KALLGLOT_ENDED:
+
+    def record_kallglot_end(reason: str) -> None:
         try:
-            svc.lifecycle.ended_by_kallglot(grant.session_id, "session.ended")
+            svc.lifecycle.ended_by_kallglot(grant.session_id, reason or "session.ended")
         except redis.RedisError as exc:
             log.error("%s could not record Kallglot's end: %s", context, exc)
+
+    end = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
+                     context=context, on_session_ended=record_kallglot_end).run()
     _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context)
     return end
 

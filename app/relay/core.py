@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
+from collections.abc import Callable
 from typing import Protocol
 
 from simple_websocket import ConnectionClosed
@@ -112,8 +113,12 @@ class MediaRelay:
     """Bridges one started carrier stream to one Kallglot stream socket until either side ends."""
 
     def __init__(self, carrier_ws: CarrierSocket, codec: CarrierCodec, kallglot: KallglotStream, *,
-                 speaker: str, chunk_ms: int, context: str) -> None:
+                 speaker: str, chunk_ms: int, context: str,
+                 on_session_ended: Callable[[str], None] | None = None) -> None:
         self.carrier_ws = carrier_ws
+        # Called (with Kallglot's reason) before the carrier socket closes, so that the carrier's reaction to
+        # the close (Twilio's <Connect action>) already finds the session recorded as ended by Kallglot.
+        self.on_session_ended = on_session_ended
         self.codec = codec
         self.kallglot = kallglot
         self.speaker = speaker
@@ -139,6 +144,8 @@ class MediaRelay:
         downlink.start()
         try:
             self._uplink()
+            if self._end not in (RelayEnd.KALLGLOT_ENDED, RelayEnd.KALLGLOT_LOST):
+                self._flush()  # however the caller's side ended, Kallglot gets every byte the caller said
         except Exception:  # a bug must end this call cleanly, never crash the worker
             log.exception("%s uplink failed", self.context)
             self._finish(RelayEnd.PROTOCOL_ERROR)
@@ -182,7 +189,6 @@ class MediaRelay:
                 if len(self._pending) >= self.chunk_bytes and not self._send_chunk(self.chunk_bytes):
                     return
             elif isinstance(event, Stopped):
-                self._flush()
                 self._finish(RelayEnd.CARRIER_STOP)
                 return
             elif isinstance(event, MarkPlayed):
@@ -290,6 +296,8 @@ class MediaRelay:
                 utterance_open = False
             elif isinstance(message, SessionEnded):
                 log.info("%s kallglot ended the session (%s)", self.context, message.reason or "no reason")
+                if self.on_session_ended is not None:
+                    self.on_session_ended(message.reason)
                 self._finish(RelayEnd.KALLGLOT_ENDED)
                 return
             elif isinstance(message, SessionError):

@@ -1,0 +1,262 @@
+"""Whole Twilio calls over real sockets: the simulator (as Twilio) → the bridge under gunicorn + gevent
+(two workers) → the Kallglot emulator, with a real Redis."""
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import math
+import os
+import struct
+import time
+import uuid
+import warnings
+
+import pytest
+import requests
+from simple_websocket import Client, ConnectionClosed
+from twilio.request_validator import RequestValidator
+
+from app.simulator.twilio import SimulatedStream, TwilioCallSimulator
+from tests.conftest import EMULATOR_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl
+from tests.support.servers import RunningServer
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+pytestmark = pytest.mark.e2e
+TO, FROM = "+15005550006", "+15551230000"
+
+
+@pytest.fixture
+def simulator(bridge_server: RunningServer) -> TwilioCallSimulator:
+    return TwilioCallSimulator(bridge_server.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` (for effects that land after the call returns)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def live_session_id(emulator: EmulatorControl) -> str:
+    """The one session's id, once the relay's stream socket to Kallglot is up."""
+    assert wait_until(lambda: only_session(emulator)["connections_live"] == 1)
+    return only_session(emulator)["id"]
+
+
+def only_session(emulator: EmulatorControl) -> dict:
+    sessions = emulator.sessions()
+    assert len(sessions) == 1, sessions
+    return sessions[0]
+
+
+def test_audio_flows_both_ways_byte_exact_and_the_session_ends_once(
+        simulator: TwilioCallSimulator, emulator: EmulatorControl) -> None:
+    # 53 frames = 8480 bytes: ten 100 ms chunks plus a 480-byte remainder that must be flushed on stop.
+    audio = os.urandom(53 * 160)
+    result = simulator.place_call(TO, FROM, audio, pace=False, listen_seconds=1.5)
+    assert result.protocol_errors == [] and result.errors == []
+    session = only_session(emulator)
+    received = base64.b64decode(session["audio_received"]["customer"])
+    assert received == audio  # exactly the caller's bytes, in order
+    assert session["audio_input_messages"]["customer"] == 11
+    assert session["sequences_increasing"] is True
+    # The emulator echoes each chunk; the caller hears all ten full chunks unchanged (the remainder is only
+    # flushed at hang-up, so its echo has no caller left to reach).
+    assert result.heard_audio == audio[:8000]
+    assert result.marks_received and result.marks_echoed  # one mark per utterance
+    assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
+    time.sleep(0.3)  # let any late duplicate trigger land before counting
+    assert emulator.session(session["id"])["end_calls"] == 1
+
+
+def test_paced_call_in_real_time(simulator: TwilioCallSimulator, emulator: EmulatorControl) -> None:
+    tone = audioop.lin2ulaw(b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 300 * n / 8000)))
+                                     for n in range(8000)), 2)
+    result = simulator.place_call(TO, FROM, tone, pace=True, listen_seconds=0.5, dtmf="12")
+    assert result.protocol_errors == []
+    assert base64.b64decode(only_session(emulator)["audio_received"]["customer"]) == tone
+    assert result.heard_audio == tone
+
+
+def test_return_audio_in_pcm16_is_transcoded_and_clear_stops_playback(
+        simulator: TwilioCallSimulator, emulator: EmulatorControl) -> None:
+    emulator.behaviour("silent")
+    pcm16k = b"".join(struct.pack("<h", int(9000 * math.sin(2 * math.pi * 440 * n / 16000))) for n in range(16000))
+
+    def barge_in(stream: SimulatedStream) -> None:
+        session_id = live_session_id(emulator)
+        three_seconds = base64.b64encode(b"\xff" * 24000).decode()
+        assert 1 == emulator.send(session_id,
+                      {"type": "audio.output", "audio": {"encoding": "pcm16", "sample_rate_hz": 16000,
+                                                         "payload": base64.b64encode(pcm16k).decode()}},
+                      {"type": "audio.output", "audio": {"encoding": "mulaw", "sample_rate_hz": 8000,
+                                                         "payload": three_seconds}},
+                      {"type": "transcript.final", "speaker": "agent", "text": "hola"},
+                      {"type": "something.new", "x": 1},
+                      {"type": "audio.output", "audio": {"encoding": "opus", "sample_rate_hz": 48000,
+                                                         "payload": "AAAA"}},
+                      {"type": "audio.clear"})
+        assert stream.wait_for(lambda s: s.clears == 1, timeout=5)
+
+    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, listen_seconds=0.3, hold_open=barge_in)
+    assert result.protocol_errors == []
+    assert result.clears == 1
+    # One second of 16 kHz PCM became one second of 8 kHz μ-law, then the μ-law 3 s; opus was dropped.
+    assert abs(len(result.heard_audio) - (8000 + 24000)) <= 4
+    decoded = audioop.ulaw2lin(result.heard_audio[100:7900], 2)
+    assert 5000 < audioop.rms(decoded, 2) < 7500  # the tone survived (9000/√2 ≈ 6364)
+    assert len(result.played_audio) < len(result.heard_audio)  # clear dropped what had not played
+
+
+def media_socket(bridge: RunningServer, *, signed: bool = True) -> Client:
+    """Open /twilio/media as Twilio would (signature over the wss:// public URL, no params)."""
+    url = bridge.url.replace("http://", "ws://") + "/twilio/media"
+    headers = {"X-Twilio-Signature": RequestValidator(TWILIO_AUTH_TOKEN).compute_signature(url, {})} if signed else {}
+    return Client.connect(url, headers=headers)
+
+
+def start_frame(call_sid: str, token: str) -> str:
+    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": "MZ" + "1" * 32, "start": {
+        "accountSid": TWILIO_ACCOUNT_SID, "callSid": call_sid, "streamSid": "MZ" + "1" * 32, "tracks": ["inbound"],
+        "customParameters": {"relay_token": token},
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+
+
+def expect_close(ws: Client, timeout: float = 5.0) -> int | None:
+    """Read until the server closes the socket; return its close code."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ws.receive(timeout=0.2)
+    except ConnectionClosed:
+        pass
+    assert not ws.connected, "server did not close the socket"
+    return ws.close_reason
+
+
+@pytest.mark.parametrize("signature", [None, "bogus"])
+def test_unsigned_media_socket_upgrade_is_refused(bridge_server: RunningServer, signature: str | None) -> None:
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}
+    if signature:
+        headers["X-Twilio-Signature"] = signature
+    response = requests.get(bridge_server.url + "/twilio/media", headers=headers, timeout=5)
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize("case", ["forged", "other-call", "none"])
+def test_forged_relay_token_closes_and_opens_nothing(bridge_server: RunningServer, simulator: TwilioCallSimulator,
+                                                     emulator: EmulatorControl, case: str) -> None:
+    call_sid = "CA" + uuid.uuid4().hex
+    answer = simulator.post_voice_webhook(TO, FROM, call_sid=call_sid)
+    token = answer.text.split('name="relay_token" value="')[1].split('"')[0]
+    if case == "forged":
+        token = token[:10] + ("x" if token[10] != "x" else "y") + token[11:]
+    elif case == "none":
+        token = ""
+    ws = media_socket(bridge_server)
+    ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+    ws.send(start_frame(call_sid if case != "other-call" else "CA" + uuid.uuid4().hex, token))
+    assert expect_close(ws) == 1008
+    assert emulator.stats()["connections_live"] == 0
+    assert only_session(emulator)["connections_total"] == 0
+
+
+@pytest.mark.parametrize("frame, code", [
+    (b"\x00\x01binary", 1003),
+    ("{not json", 1007),
+    (json.dumps({"event": "media", "media": {"payload": "AAAA"}}), 1008),  # media before start
+])
+def test_malformed_frames_before_start_close_cleanly(bridge_server: RunningServer, frame: str | bytes,
+                                                     code: int) -> None:
+    ws = media_socket(bridge_server)
+    ws.send(frame)
+    assert expect_close(ws) == code
+    assert requests.get(bridge_server.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_malformed_frames_mid_call(simulator: TwilioCallSimulator, emulator: EmulatorControl,
+                                   bridge_server: RunningServer) -> None:
+    def misbehave(stream: SimulatedStream) -> None:
+        stream.send_raw(json.dumps({"event": "media", "streamSid": stream.stream_sid,
+                                    "media": {"track": "inbound", "payload": "***not base64***"}}))
+        stream.send_raw(json.dumps({"event": "media", "streamSid": stream.stream_sid,
+                                    "media": {"track": "inbound",
+                                              "payload": base64.b64encode(b"\x01" * 160).decode()}}))
+        stream.send_raw(b"\x00binary")
+        assert stream.wait_for(lambda s: s.server_closed, timeout=5)
+
+    result = simulator.place_call(TO, FROM, b"\x02" * 800, pace=False, hold_open=misbehave, listen_seconds=0)
+    assert result.close_code == 1003
+    session = only_session(emulator)
+    # The bad frame was dropped, the good one after it still arrived; then the call ended cleanly.
+    assert base64.b64decode(session["audio_received"]["customer"]) == b"\x02" * 800 + b"\x01" * 160
+    assert result.said and result.hung_up  # connect action: a message, then hang up — no dead air
+    assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
+    assert requests.get(bridge_server.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_kallglot_stream_unreachable_is_not_dead_air(simulator: TwilioCallSimulator,
+                                                     emulator: EmulatorControl) -> None:
+    emulator.fault(endpoint="connect", status=503, times=1)
+    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, listen_seconds=0.2)
+    assert result.server_closed_first
+    assert result.said and result.hung_up
+    session = only_session(emulator)
+    assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
+    assert emulator.session(session["id"])["end_calls"] == 1
+
+
+def test_kallglot_ending_the_session_closes_the_call_politely(simulator: TwilioCallSimulator,
+                                                              emulator: EmulatorControl) -> None:
+    def end_at_kallglot(stream: SimulatedStream) -> None:
+        session_id = live_session_id(emulator)
+        requests.post(f"{emulator.api_url}/sessions/{session_id}/end", timeout=5,
+                      headers={"Authorization": f"Bearer {EMULATOR_API_KEY}"}).raise_for_status()
+        assert stream.wait_for(lambda s: s.server_closed, timeout=5)
+
+    result = simulator.place_call(TO, FROM, b"\xff" * 800, pace=False, hold_open=end_at_kallglot, listen_seconds=0)
+    assert result.said and result.hung_up
+    time.sleep(0.3)
+    assert only_session(emulator)["end_calls"] == 1  # ours, from the test: the bridge did not end it again
+
+
+def test_caller_socket_lost_without_stop_still_ends_the_session(simulator: TwilioCallSimulator,
+                                                                emulator: EmulatorControl) -> None:
+    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, status_callbacks="none",
+                                  hold_open=lambda stream: stream.close_abruptly(), listen_seconds=0)
+    assert result.protocol_errors == []
+    session = only_session(emulator)
+    assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
+    assert emulator.session(session["id"])["end_calls"] == 1
+
+
+def test_exactly_one_end_under_concurrent_callbacks_on_two_workers(simulator: TwilioCallSimulator,
+                                                                   emulator: EmulatorControl) -> None:
+    result = simulator.place_call(TO, FROM, b"\xff" * 800, pace=False, status_callbacks="none", listen_seconds=0)
+    params = {**simulator.base_params(TO, FROM, result.call_sid, "completed"), "CallDuration": "3"}
+    stream_params = {"AccountSid": TWILIO_ACCOUNT_SID, "CallSid": result.call_sid, "StreamSid": result.stream_sid,
+                     "StreamEvent": "stream-stopped"}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        futures = [pool.submit(simulator.signed_post, "/twilio/status", params) for _ in range(12)]
+        futures += [pool.submit(simulator.signed_post, "/twilio/stream-status", stream_params) for _ in range(4)]
+        assert {f.result().status_code for f in futures} == {204}
+    session = only_session(emulator)
+    assert session["status"] == "ended" and session["end_calls"] == 1
+    assert emulator.stats()["double_end_calls"] == 0
+
+
+def test_retried_voice_webhook_creates_one_session(simulator: TwilioCallSimulator, emulator: EmulatorControl) -> None:
+    call_sid = "CA" + uuid.uuid4().hex
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(pool.map(lambda _: simulator.post_voice_webhook(TO, FROM, call_sid=call_sid), range(4)))
+    assert {r.status_code for r in responses} == {200}
+    assert all("<Connect" in r.text for r in responses)
+    assert len(emulator.sessions()) == 1
