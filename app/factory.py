@@ -1,0 +1,64 @@
+"""The application factory and its ``register_*`` helpers."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, jsonify
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
+
+from app.config import Settings
+from app.extensions import init_services, init_sock
+from app.logging_setup import configure_logging
+
+log = logging.getLogger(__name__)
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app from ``config`` (field names of :class:`Settings`) or, by default, the environment.
+
+    Raises :class:`app.config.ConfigError` listing every configuration problem at once.
+    """
+    settings = Settings.from_mapping(config) if config is not None else Settings.from_env()
+    settings.validate()
+    configure_logging()
+    app = Flask(__name__, template_folder=str(TEMPLATES))
+    app.config["SECRET_KEY"] = settings.secret_key
+    init_services(app, settings)
+    init_sock(app)
+    register_blueprints(app)
+    register_error_handlers(app)
+    register_cli(app)
+    if settings.demo_mode:
+        log.warning("DEMO MODE: Kallglot is the local emulator at %s and the secrets are demo values. "
+                    "Set KALLGLOT_API_KEY and REDIS_URL for real calls.", settings.kallglot_api_url)
+    return app
+
+
+def register_blueprints(app: Flask) -> None:
+    """One blueprint per entry point."""
+    from app import health, twilio
+    from app.web import bp as web_bp
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(twilio.bp)
+    app.register_blueprint(web_bp)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """HTTP errors answer short JSON (carriers log the body); nothing leaks a traceback."""
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> ResponseReturnValue:
+        return jsonify(error=exc.name, message=exc.description), exc.code or 500
+
+
+def register_cli(app: Flask) -> None:
+    """``flask numbers …``."""
+    from app.profiles.cli import register_cli as register_numbers
+
+    register_numbers(app)
