@@ -16,6 +16,19 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 1 << 20
 
 
+class _StreamClient(Client):
+    """simple-websocket's client, minus a handshake race.
+
+    ``Client.handshake`` consumes only the first event of its read; when Kallglot's first frame
+    (``session.ready``, or ``session.error`` + close on refusal) arrives in the same TCP read as the 101
+    response, it would sit unprocessed until more bytes came. Handle what is buffered before reading on.
+    """
+
+    def _thread(self) -> None:
+        self.connected = self._handle_events()
+        super()._thread()
+
+
 class KallglotStreamError(Exception):
     """The stream socket could not be opened."""
 
@@ -33,7 +46,7 @@ class KallglotStream:
         full_url = f"{url}{'&' if '?' in url else '?'}token={quote(token, safe='')}"
         try:
             with gevent.Timeout(timeout, KallglotStreamError("timed out connecting to the Kallglot stream")):
-                ws = Client.connect(full_url, max_message_size=MAX_MESSAGE_BYTES)
+                ws = _StreamClient.connect(full_url, max_message_size=MAX_MESSAGE_BYTES)
         except KallglotStreamError:
             raise
         except (OSError, ConnectionError, ConnectionClosed, ValueError) as exc:
