@@ -113,11 +113,13 @@ class SessionLifecycle:
         return [json.loads(e) for e in self._redis.lrange(self._keys.call_events(carrier, call_id), 0, -1)]
 
     # -- ending --------------------------------------------------------------------------------------------
-    def leg_ended(self, carrier: str, call_id: str, reason: str) -> EndOutcome | None:
+    def leg_ended(self, carrier: str, call_id: str, reason: str, *, clean: bool = True) -> EndOutcome | None:
         """A leg is over (hang-up, stream stop, relay lost): end the session when no live leg is left.
 
-        Safe to call any number of times, from any worker, in any order. Returns what happened to the
-        session, or None when the leg is unknown or other legs are still live.
+        ``clean`` is True for a normal end (the carrier said the call or stream is over) and False for a
+        loss (socket dropped without ``stop``, abnormal hang-up cause), which the lifecycle may hold for a
+        reconnect. Safe to call any number of times, from any worker, in any order. Returns what happened
+        to the session, or None when the leg is unknown or other legs are still live.
         """
         session_id = self.session_for_call(carrier, call_id)
         if not session_id:

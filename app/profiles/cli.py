@@ -1,6 +1,8 @@
 """``flask numbers …``: set, list, show and delete number profiles from the command line."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 from flask import Flask
 from flask.cli import AppGroup
@@ -21,13 +23,13 @@ def set_profile(number: str, mode: str | None, source_language: str | None, targ
     """Give NUMBER (E.164) its own profile; unset options keep the current values."""
     store = services().profiles
     current = store.for_number(number)
-    profile = NumberProfile(mode=mode or current.mode,
-                            source_language=current.source_language if source_language is None else source_language,
-                            target_language=current.target_language if target_language is None else target_language)
+    profile = replace(current, mode=mode or current.mode,
+                      source_language=current.source_language if source_language is None else source_language,
+                      target_language=current.target_language if target_language is None else target_language)
     try:
         store.set(number, profile)
     except ProfileError as exc:
-        raise click.UsageError("\n".join(exc.problems)) from None
+        raise click.UsageError("\n".join(f"{k}: {v}" for k, v in exc.problems.items())) from None
     click.echo(f"{number}: {_describe(profile)}")
 
 

@@ -3,58 +3,129 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import redis
 
-from app.config import KALLGLOT_MODES, LANGUAGE_CODE
+from app.config import KALLGLOT_MODES, LANGUAGE_CODE, MAX_RECONNECT_WINDOW_SECONDS
 from app.redis_keys import RedisKeys
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+CARRIERS = ("twilio", "telnyx")
+#: TwiML/TeXML ``<Say language>`` codes look like ``en-US``; plain ``en`` is accepted too.
+SAY_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Z]{2})?$")
+METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+MAX_TEXT = 500
+MAX_METADATA_ITEMS = 20
+MAX_HANGUP_GRACE_SECONDS = MAX_RECONNECT_WINDOW_SECONDS
 
 
 class ProfileError(ValueError):
-    """A profile value is invalid; ``problems`` lists each one."""
+    """A profile value is invalid; ``problems`` maps each field name to what is wrong with it."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: dict[str, str]) -> None:
         self.problems = problems
-        super().__init__("; ".join(problems))
+        super().__init__("; ".join(f"{k}: {v}" for k, v in problems.items()))
 
 
 @dataclass(frozen=True)
 class NumberProfile:
-    """How calls to one number are put on Kallglot (more fields arrive with the admin and lifecycle issues)."""
+    """How calls to one number are put on Kallglot, greeted, connected to an agent and rescued on failure."""
 
+    carrier: str = "twilio"
     mode: str = "bidirectional_translation"
     source_language: str = ""
     target_language: str = ""
+    #: Said to the caller before the stream connects (empty: no greeting).
+    greeting: str = ""
+    greeting_language: str = "en-US"
+    #: E.164 number dialled as the agent leg once the customer's stream starts (empty: no agent leg).
+    agent_number: str = ""
+    #: When the agent hangs up, hang up the customer too (else the customer stays with Kallglot).
+    agent_hangup_ends_call: bool = True
+    #: Said when Kallglot cannot take the call (empty: the built-in apology).
+    fallback_message: str = ""
+    fallback_language: str = "en-US"
+    #: Calls are forwarded here when Kallglot cannot take them (empty: hang up after the message).
+    fallback_number: str = ""
+    #: Seconds a session whose leg was lost abnormally is held for a reconnect (None: RECONNECT_WINDOW_SECONDS).
+    reconnect_window_seconds: int | None = None
+    #: Seconds a session is held after a clean hang-up too.
+    hangup_grace_seconds: int = 0
+    #: Extra key/values sent as Kallglot session metadata.
+    metadata: dict[str, str] = field(default_factory=dict)
     #: Whether this profile belongs to the number itself (False: the DEFAULT_* profile applied).
     own: bool = False
 
-    def problems(self) -> list[str]:
-        """Every invalid value, one sentence each."""
-        found = []
+    def problems(self) -> dict[str, str]:
+        """Every invalid value, keyed by field name, one sentence each."""
+        found: dict[str, str] = {}
+        if self.carrier not in CARRIERS:
+            found["carrier"] = f"must be one of {', '.join(CARRIERS)}"
         if self.mode not in KALLGLOT_MODES:
-            found.append(f"mode must be one of {', '.join(KALLGLOT_MODES)}, got {self.mode!r}")
+            found["mode"] = f"must be one of {', '.join(KALLGLOT_MODES)}"
         for name in ("source_language", "target_language"):
             value = getattr(self, name)
             if value and not LANGUAGE_CODE.match(value):
-                found.append(f"{name} must be a language code like 'en' or 'es', got {value!r}")
+                found[name] = f"must be a language code like 'en' or 'es', not {value!r}"
+        for name in ("greeting_language", "fallback_language"):
+            if not SAY_LANGUAGE.match(getattr(self, name)):
+                found[name] = "must be a language like en-US"
+        for name in ("greeting", "fallback_message"):
+            if len(getattr(self, name)) > MAX_TEXT:
+                found[name] = f"must be at most {MAX_TEXT} characters"
+        for name in ("agent_number", "fallback_number"):
+            value = getattr(self, name)
+            if value and not E164.match(value):
+                found[name] = f"must be an E.164 number like +14155551234, not {value!r}"
+        window = self.reconnect_window_seconds
+        if window is not None and not 0 <= window <= MAX_RECONNECT_WINDOW_SECONDS:
+            found["reconnect_window_seconds"] = f"must be between 0 and {MAX_RECONNECT_WINDOW_SECONDS} seconds"
+        if not 0 <= self.hangup_grace_seconds <= MAX_HANGUP_GRACE_SECONDS:
+            found["hangup_grace_seconds"] = f"must be between 0 and {MAX_HANGUP_GRACE_SECONDS} seconds"
+        if len(self.metadata) > MAX_METADATA_ITEMS:
+            found["metadata"] = f"must have at most {MAX_METADATA_ITEMS} entries"
+        elif any(not METADATA_KEY.match(k) or len(v) > 200 for k, v in self.metadata.items()):
+            found["metadata"] = "keys must be letters, digits, '_', '.', '-' (≤ 40) and values ≤ 200 characters"
         return found
 
-    def to_json(self) -> str:
-        """Serialized form stored in Redis (without ``own``, which is implied by where it is stored)."""
+    def effective_reconnect_window(self, default_seconds: int) -> int:
+        """The reconnect window for this number: its own, else the service default."""
+        return default_seconds if self.reconnect_window_seconds is None else self.reconnect_window_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for JSON export and storage), without ``own``."""
         data = asdict(self)
         data.pop("own")
-        return json.dumps(data, sort_keys=True)
+        return data
+
+    def to_json(self) -> str:
+        """Serialized form stored in Redis."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, own: bool = True) -> NumberProfile:
+        """Build a profile from plain data, coercing types and ignoring unknown keys; validate separately."""
+        known = {f.name: f for f in fields(cls) if f.name != "own"}
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            if name not in known or value is None and name != "reconnect_window_seconds":
+                continue
+            if name == "metadata":
+                values[name] = {str(k): str(v) for k, v in dict(value).items()}
+            elif name in ("reconnect_window_seconds", "hangup_grace_seconds"):
+                values[name] = None if value in (None, "") else int(value)
+            elif name == "agent_hangup_ends_call":
+                values[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            else:
+                values[name] = str(value).strip()
+        return cls(**values, own=own)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> NumberProfile:
-        """Parse a stored profile, ignoring fields this version does not know."""
-        data: dict[str, Any] = json.loads(raw)
-        known = {k: str(v) for k, v in data.items() if k in ("mode", "source_language", "target_language")}
-        return cls(**known, own=True)
+        """Parse a stored profile."""
+        return cls.from_dict(json.loads(raw))
 
 
 class ProfileStore:
@@ -72,9 +143,10 @@ class ProfileStore:
 
     def set(self, number: str, profile: NumberProfile) -> NumberProfile:
         """Validate and store ``profile`` as ``number``'s own; raises :class:`ProfileError`."""
-        problems = profile.problems()
+        problems = {}
         if not E164.match(number or ""):
-            problems.insert(0, f"number must be in E.164 form like +14155551234, got {number!r}")
+            problems["number"] = f"must be in E.164 form like +14155551234, not {number!r}"
+        problems.update(profile.problems())
         if problems:
             raise ProfileError(problems)
         with self._redis.pipeline(transaction=True) as pipe:
