@@ -12,6 +12,8 @@ key                                            type    holds
 ``{ns}:session:{session_id}``                  hash    our view of a Kallglot session and its legs
 ``{ns}:session:{session_id}:end-claim``        string  who claimed the one ``end`` call (SET NX)
 ``{ns}:seen:{source}:{event_id}``              string  webhook de-duplication marker (SET NX, TTL)
+``{ns}:sessions:live``                         zset    sessions not yet ended (score: created at)
+``{ns}:calls:recent``                          zset    ``carrier:call_id`` of recent legs (score: created at)
 =============================================  ======  =====================================================
 
 No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
@@ -27,6 +29,9 @@ RECORD_TTL_SECONDS = 7 * 24 * 3600
 SEEN_TTL_SECONDS = 48 * 3600
 #: Callbacks kept per call leg.
 MAX_EVENTS_PER_CALL = 50
+#: Call-log retention: legs older than this drop out of the index (their records expire with RECORD_TTL).
+CALL_LOG_RETENTION_SECONDS = RECORD_TTL_SECONDS
+CALL_LOG_MAX_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -62,3 +67,11 @@ class RedisKeys:
     def seen(self, source: str, event_id: str) -> str:
         """Key marking a webhook delivery from ``source`` as already handled."""
         return f"{self.namespace}:seen:{source}:{event_id}"
+
+    def live_sessions(self) -> str:
+        """Key of the sorted set of sessions not yet ended."""
+        return f"{self.namespace}:sessions:live"
+
+    def recent_calls(self) -> str:
+        """Key of the sorted set of recent call legs (the call log's index)."""
+        return f"{self.namespace}:calls:recent"

@@ -19,7 +19,9 @@ from typing import Any
 import redis
 
 from app.kallglot.client import KallglotClient, KallglotError, KallglotNotFound
-from app.redis_keys import MAX_EVENTS_PER_CALL, RECORD_TTL_SECONDS, RedisKeys
+from app.redis_keys import (
+    CALL_LOG_MAX_ENTRIES, CALL_LOG_RETENTION_SECONDS, MAX_EVENTS_PER_CALL, RECORD_TTL_SECONDS, RedisKeys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ class SessionLifecycle:
     def register_leg(self, *, session_id: str, carrier: str, call_id: str, speaker: str, from_number: str,
                      to_number: str, mode: str) -> None:
         """Record a live leg of ``session_id`` (idempotent: a retried webhook re-registers the same leg)."""
-        now = f"{time.time():.3f}"
+        started = time.time()
+        now = f"{started:.3f}"
         call_key, session_key = self._keys.call(carrier, call_id), self._keys.session(session_id)
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(call_key, mapping={"session_id": session_id, "carrier": carrier, "speaker": speaker,
@@ -83,6 +86,10 @@ class SessionLifecycle:
             pipe.hsetnx(session_key, f"leg:{carrier}:{call_id}", LEG_LIVE)
             pipe.expire(call_key, RECORD_TTL_SECONDS)
             pipe.expire(session_key, RECORD_TTL_SECONDS)
+            pipe.zadd(self._keys.live_sessions(), {session_id: started}, nx=True)
+            pipe.zadd(self._keys.recent_calls(), {f"{carrier}:{call_id}": started}, nx=True)
+            pipe.zremrangebyscore(self._keys.recent_calls(), 0, started - CALL_LOG_RETENTION_SECONDS)
+            pipe.zremrangebyrank(self._keys.recent_calls(), 0, -CALL_LOG_MAX_ENTRIES - 1)
             pipe.execute()
 
     def session_for_call(self, carrier: str, call_id: str) -> str | None:
@@ -163,8 +170,33 @@ class SessionLifecycle:
         self._mark_ended(session_id, f"kallglot:{reason}")
 
     def _mark_ended(self, session_id: str, reason: str) -> None:
-        self._redis.hset(self._keys.session(session_id),
-                         mapping={"status": SESSION_ENDED, "end_reason": reason, "ended_at": f"{time.time():.3f}"})
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._keys.session(session_id),
+                      mapping={"status": SESSION_ENDED, "end_reason": reason, "ended_at": f"{time.time():.3f}"})
+            pipe.zrem(self._keys.live_sessions(), session_id)
+            pipe.execute()
+
+    # -- views for the admin UI ----------------------------------------------------------------------------
+    def live_sessions(self, limit: int = 500) -> list[dict[str, str]]:
+        """Sessions not yet ended (newest first), each with ``id`` and its stored fields (legs as ``leg:*``)."""
+        ids = self._redis.zrevrange(self._keys.live_sessions(), 0, limit - 1)
+        return [{"id": sid.decode(), **self.session_record(sid.decode())} for sid in ids]
+
+    def recent_calls(self, limit: int = 100, *, number: str | None = None, since: float | None = None,
+                     until: float | None = None) -> list[dict[str, str]]:
+        """Recent call legs, newest first, optionally only those to/from ``number`` within [since, until]."""
+        members = self._redis.zrevrangebyscore(self._keys.recent_calls(), until if until is not None else "+inf",
+                                               since if since is not None else "-inf")
+        calls: list[dict[str, str]] = []
+        for member in members:
+            carrier, _, call_id = member.decode().partition(":")
+            record = self.call_record(carrier, call_id)
+            if not record or (number and number not in (record.get("to"), record.get("from"))):
+                continue
+            calls.append({"call_id": call_id, **record})
+            if len(calls) >= limit:
+                break
+        return calls
 
 
 def _decode(raw: dict[Any, Any]) -> dict[str, str]:
