@@ -26,7 +26,8 @@ class KallglotError(Exception):
         self.error_type = error_type
         self.request_id = request_id
         self.retry_after = retry_after
-        super().__init__(f"Kallglot {status or 'unreachable'} {code}: {message}".replace("  ", " "))
+        where = f"HTTP {status}" if status else "request failed"
+        super().__init__(f"Kallglot {where} ({code or 'no code'}): {message}")
 
 
 class KallglotUnavailable(KallglotError):
