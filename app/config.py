@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 KALLGLOT_MODES = ("bidirectional_translation", "assistive_translation", "ai_agent", "help_chat_voice")
 DEFAULT_KALLGLOT_API_URL = "https://api.kallglot.com/v1"
+DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
+DEFAULT_TELNYX_API_URL = "https://api.telnyx.com/v2"
 #: Kallglot keeps a disconnected session re-attachable for at most 5 minutes (kallglot-api.md §3).
 MAX_RECONNECT_WINDOW_SECONDS = 300
 #: Uplink chunk bounds: Kallglot asks for a chunk every 100–200 ms; 20 ms is one carrier frame.
@@ -47,6 +49,9 @@ class Settings:
     telnyx_api_key: str = ""
     telnyx_public_key: str = ""
     admin_password: str = ""
+    #: REST base URLs of the carriers (the admin's "connect a number" calls them); tests point them at fakes.
+    twilio_api_url: str = DEFAULT_TWILIO_API_URL
+    telnyx_api_url: str = DEFAULT_TELNYX_API_URL
     default_mode: str = "bidirectional_translation"
     default_source_language: str = ""
     default_target_language: str = ""
