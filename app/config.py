@@ -58,6 +58,8 @@ class Settings:
     reconnect_window_seconds: int = MAX_RECONNECT_WINDOW_SECONDS
     # Not part of the list, but operators need them; documented in README.
     uplink_chunk_ms: int = 100
+    #: A leg whose relay has not beaten its heartbeat for this long is treated as lost (worker died).
+    heartbeat_timeout_seconds: int = 15
     redis_namespace: str = "kb"
     #: Heroku Redis serves ``rediss://`` with a self-signed certificate, so verification is opt-in.
     redis_tls_verify: bool = False
@@ -128,6 +130,8 @@ class Settings:
                 f"UPLINK_CHUNK_MS must be a multiple of 20 between {MIN_CHUNK_MS} and {MAX_CHUNK_MS}, "
                 f"got {self.uplink_chunk_ms}"
             )
+        if not 3 <= self.heartbeat_timeout_seconds <= 120:
+            found.append(f"HEARTBEAT_TIMEOUT_SECONDS must be between 3 and 120, got {self.heartbeat_timeout_seconds}")
         if not self.twilio_auth_token and not self.telnyx_public_key:
             found.append("neither TWILIO_AUTH_TOKEN nor TELNYX_PUBLIC_KEY is set: no carrier webhook could be verified")
         return found

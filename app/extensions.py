@@ -51,7 +51,8 @@ def init_services(app: Flask, settings: Settings) -> Services:
     built = Services(
         settings=settings, redis=client, keys=keys, kallglot=kallglot,
         profiles=ProfileStore(client, keys, default_profile),
-        lifecycle=SessionLifecycle(client, keys, kallglot),
+        lifecycle=SessionLifecycle(client, keys, kallglot,
+                                   heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds),
         relay_tokens=RelayTokenSealer(settings.secret_key),
     )
     app.extensions[EXTENSION_KEY] = built

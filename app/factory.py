@@ -10,6 +10,7 @@ from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
+from app.calls.reaper import start_background_reaper
 from app.config import Settings
 from app.extensions import init_services, init_sock
 from app.logging_setup import configure_logging
@@ -28,11 +29,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     configure_logging()
     app = Flask(__name__, template_folder=str(TEMPLATES))
     app.config["SECRET_KEY"] = settings.secret_key
-    init_services(app, settings)
+    built = init_services(app, settings)
     init_sock(app)
     register_blueprints(app)
     register_error_handlers(app)
     register_cli(app)
+    app.extensions["reaper"] = start_background_reaper(built.lifecycle)
     if settings.demo_mode:
         log.warning("DEMO MODE: Kallglot is the local emulator at %s and the secrets are demo values. "
                     "Set KALLGLOT_API_KEY and REDIS_URL for real calls.", settings.kallglot_api_url)
@@ -41,12 +43,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 def register_blueprints(app: Flask) -> None:
     """One blueprint per entry point."""
-    from app import health, twilio
+    from app import health, telnyx, twilio
+    from app.admin import bp as admin_bp
     from app.web import bp as web_bp
 
     app.register_blueprint(health.bp)
     app.register_blueprint(twilio.bp)
+    app.register_blueprint(telnyx.bp)
     app.register_blueprint(web_bp)
+    app.register_blueprint(admin_bp)
 
 
 def register_error_handlers(app: Flask) -> None:

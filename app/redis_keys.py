@@ -14,6 +14,11 @@ key                                            type    holds
 ``{ns}:seen:{source}:{event_id}``              string  webhook de-duplication marker (SET NX, TTL)
 ``{ns}:sessions:live``                         zset    sessions not yet ended (score: created at)
 ``{ns}:calls:recent``                          zset    ``carrier:call_id`` of recent legs (score: created at)
+``{ns}:admin:audit``                           list    admin audit entries, newest first (capped)
+``{ns}:admin:signin-failures:{scope}``         string  failed admin sign-ins in the current window (TTL)
+``{ns}:deadlines``                             zset    sessions to end (held, or an ``end`` to retry) by when
+``{ns}:heartbeats``                            zset    ``carrier:call_id`` of live legs by when they expire
+``{ns}:held:{to}:{from}``                      string  session a returning caller re-attaches to (TTL)
 =============================================  ======  =====================================================
 
 No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
@@ -75,3 +80,23 @@ class RedisKeys:
     def recent_calls(self) -> str:
         """Key of the sorted set of recent call legs (the call log's index)."""
         return f"{self.namespace}:calls:recent"
+
+    def deadlines(self) -> str:
+        """Key of the sorted set of sessions due to be ended (score: when)."""
+        return f"{self.namespace}:deadlines"
+
+    def heartbeats(self) -> str:
+        """Key of the sorted set of live legs (member ``carrier:call_id``, score: when the leg counts as lost)."""
+        return f"{self.namespace}:heartbeats"
+
+    def held(self, to_number: str, from_number: str) -> str:
+        """Key naming the held session a new call from ``from_number`` to ``to_number`` re-attaches to."""
+        return f"{self.namespace}:held:{to_number}:{from_number}"
+
+    def admin_audit(self) -> str:
+        """Key of the capped list of admin audit entries (JSON, newest first)."""
+        return f"{self.namespace}:admin:audit"
+
+    def admin_signin_failures(self, scope: str) -> str:
+        """Key counting failed admin sign-ins for ``scope`` (a client address, or ``*`` for all) in a window."""
+        return f"{self.namespace}:admin:signin-failures:{scope}"

@@ -118,6 +118,8 @@ def bridge_config(redis_url: str, kallglot_api_url: str, namespace: str, public_
 
 
 PUBLIC_URL = "https://bridge.example.com"
+E2E_RECONNECT_WINDOW_SECONDS = 2
+E2E_HEARTBEAT_TIMEOUT_SECONDS = 3
 
 
 @pytest.fixture
@@ -144,6 +146,9 @@ def bridge_server(redis_url: str, emulator_server: RunningServer) -> Iterator[Ru
     """The bridge under gunicorn + gevent (two workers), reachable at its PUBLIC_URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = bridge_config(redis_url, emulator_server.url + "/v1", "e2e", url)
+    # Short windows so holds, heartbeat losses and their ends happen within a test.
+    env = {**bridge_config(redis_url, emulator_server.url + "/v1", "e2e", url),
+           "RECONNECT_WINDOW_SECONDS": str(E2E_RECONNECT_WINDOW_SECONDS),
+           "HEARTBEAT_TIMEOUT_SECONDS": str(E2E_HEARTBEAT_TIMEOUT_SECONDS)}
     with run_gunicorn("app:create_app()", env, workers=2, port=port) as server:
         yield server

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 import xml.etree.ElementTree as ET
 
@@ -181,24 +182,65 @@ def test_completed_call_ends_the_session_exactly_once(client: FlaskClient, app: 
             ["completed", "completed", "in-progress"]
 
 
-def test_failed_end_is_retried_by_the_next_trigger(client: FlaskClient, emulator: EmulatorControl) -> None:
+def test_failed_end_is_retried_from_the_deadlines(client: FlaskClient, app: Flask,
+                                                  emulator: EmulatorControl) -> None:
     call_sid = new_call_sid()
     answer(client, call_sid)
-    emulator.fault(endpoint="end", status=503, code="service_unavailable", times=3)
+    emulator.fault(endpoint="end", status=503, code="service_unavailable", times=3)  # the client's 3 attempts
     complete(client, call_sid)
     assert emulator.sessions()[0]["status"] != "ended"
-    complete(client, call_sid)
-    (session,) = emulator.sessions()
-    assert session["status"] == "ended"
+    with app.app_context():
+        lifecycle = services().lifecycle
+        session_id = emulator.sessions()[0]["id"]
+        assert lifecycle.session_record(session_id)["status"] == "end_failed"
+        assert lifecycle.end_due_sessions(now=time.time()) == 0  # backoff not over yet
+        assert lifecycle.end_due_sessions(now=time.time() + 5) == 1
+        assert lifecycle.session_record(session_id)["status"] == "ended"
+    assert emulator.sessions()[0]["status"] == "ended"
 
 
-def test_connect_action_hangs_up_with_a_message(client: FlaskClient, emulator: EmulatorControl) -> None:
+def restore(client: FlaskClient, call_sid: str) -> ET.Element:
+    response = post_signed(client, "/twilio/connect-action", call_params(call_sid, CallStatus="in-progress"))
+    assert response.status_code == 200
+    return ET.fromstring(response.data)
+
+
+def test_connect_action_restores_the_stream_then_gives_up(client: FlaskClient, app: Flask,
+                                                          emulator: EmulatorControl) -> None:
     call_sid = new_call_sid()
     answer(client, call_sid)
-    response = post_signed(client, "/twilio/connect-action", call_params(call_sid, CallStatus="in-progress"))
-    root = ET.fromstring(response.data)
-    assert root.find("Say") is not None and root.find("Hangup") is not None
-    assert emulator.sessions()[0]["end_calls"] == 1
+    session_id = emulator.sessions()[0]["id"]
+    for _ in range(3):  # the relay died or the socket dropped: a new stream to the same session
+        root = restore(client, call_sid)
+        assert root.find("Connect/Stream/Parameter[@name='session_id']").get("value") == session_id
+        assert root.find("Say") is None  # no second greeting
+    root = restore(client, call_sid)
+    assert root.find("Connect") is None and root.find("Say") is not None and root.find("Hangup") is not None
+    assert len(emulator.sessions()) == 1
+
+
+def test_connect_action_after_kallglot_ended_says_goodbye(client: FlaskClient, app: Flask,
+                                                          emulator: EmulatorControl) -> None:
+    call_sid = new_call_sid()
+    answer(client, call_sid)
+    with app.app_context():
+        services().lifecycle.leg_ended("twilio", call_sid, "relay_kallglot_ended")
+    root = restore(client, call_sid)
+    assert "ended" in root.find("Say").text and root.find("Hangup") is not None
+
+
+def test_connect_action_after_kallglot_failure_uses_the_profile_fallback(client: FlaskClient, app: Flask,
+                                                                         emulator: EmulatorControl) -> None:
+    with app.app_context():
+        services().profiles.set(TO, NumberProfile(fallback_message="Un momento", fallback_language="es-ES",
+                                                  fallback_number="+14155550199"))
+    call_sid = new_call_sid()
+    answer(client, call_sid)
+    with app.app_context():
+        services().lifecycle.leg_ended("twilio", call_sid, "relay_kallglot_unreachable", clean=False)
+    root = restore(client, call_sid)
+    assert root.find("Say").text == "Un momento" and root.find("Say").get("language") == "es-ES"
+    assert root.find("Dial").text == "+14155550199"
 
 
 def test_status_for_an_unknown_call_is_recorded_quietly(client: FlaskClient, emulator: EmulatorControl) -> None:

@@ -1,12 +1,19 @@
-"""Session lifecycle: correlate carrier call legs with Kallglot sessions in Redis and end each session once.
+"""Session lifecycle: correlate carrier call legs with Kallglot sessions in Redis, hold sessions for reconnects,
+and end each session exactly once — across workers and instances, and when a worker dies mid-call.
 
-Vendor-free: adapters pass a carrier name (``twilio``, ``telnyx``), the carrier's call ID and normalized leg
-states. Everything another worker or instance needs lives in Redis; nothing is kept in process memory.
+Vendor-free: adapters pass a carrier name (``twilio``, ``telnyx``), the carrier's call ID and whether a leg
+ended cleanly. Everything another worker or instance needs lives in Redis; nothing in process memory.
 
-Rules today (the reconnect window and agent legs of the lifecycle issue slot in at :meth:`leg_ended`):
-- a session ends when its last live leg ends, whether the carrier or the relay noticed first;
-- Kallglot's ``end`` is called by exactly one worker (``SET NX`` claim); if it fails the claim is released
-  so the next trigger retries, and the failure is recorded on the session.
+Rules:
+- A session ends when its last live leg ends: at once after a clean end (plus the profile's hang-up grace),
+  or after the reconnect window when the leg was lost abnormally (socket dropped, relay died, odd hang-up).
+- While held, a new call from the same caller to the same number, or a restored media stream, re-attaches.
+- Deadlines live in Redis (``deadlines`` zset). Any instance's :class:`~app.calls.reaper.Reaper` may take a
+  due one; a lease (the deadline pushed forward atomically) makes exactly one take it, and if that worker
+  dies the deadline comes due again.
+- Kallglot's ``end`` is called under an atomic claim, so at most one worker calls it per session; a failed
+  ``end`` is retried with backoff until it succeeds or Kallglot says the session is gone.
+- A relay beats a heartbeat; a leg whose heartbeat expires (worker killed, instance lost) counts as lost.
 """
 from __future__ import annotations
 
@@ -28,18 +35,28 @@ log = logging.getLogger(__name__)
 LEG_LIVE = "live"
 LEG_ENDED = "ended"
 SESSION_ACTIVE = "active"
+SESSION_HELD = "held"
+SESSION_ENDING = "ending"
 SESSION_ENDED = "ended"
 SESSION_END_FAILED = "end_failed"
 
-# Moves a leg to "ended" unless it already is; returns 1 when this call made the transition, and whether
-# any leg of the session is still live, atomically, so two workers can never both see "last leg".
+#: Before its media stream starts, a leg counts as lost after this long without a heartbeat.
+STREAM_START_GRACE_SECONDS = 60
+#: A reaper that took a due deadline has this long to finish before another may take it.
+DEADLINE_LEASE_SECONDS = 30
+END_RETRY_MAX_BACKOFF_SECONDS = 60
+
+# KEYS: call, session, heartbeats. ARGV: leg field, reason, now, heartbeat member, clean ("1"/"0").
+# Ends the leg unless it already ended; returns {changed, live legs left} atomically, so exactly one
+# caller sees "the last leg just ended".
 _END_LEG = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1, 0} end
 local changed = 0
 if state ~= 'ended' then
-  redis.call('HSET', KEYS[1], 'state', 'ended', 'end_reason', ARGV[2], 'ended_at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'state', 'ended', 'end_reason', ARGV[2], 'ended_at', ARGV[3], 'clean', ARGV[5])
   redis.call('HSET', KEYS[2], ARGV[1], 'ended')
+  redis.call('ZREM', KEYS[3], ARGV[4])
   changed = 1
 end
 local live = 0
@@ -50,40 +67,93 @@ end
 return {changed, live}
 """
 
+# KEYS: end claim, session. ARGV: reason, ttl, force ("1"/"0").
+# Returns 1 when this caller may call Kallglot's end, 0 when someone already claimed it, -1 when a leg is
+# live again (a reconnect won the race) and force is off.
+_CLAIM_END = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[3] ~= '1' then
+  local fields = redis.call('HGETALL', KEYS[2])
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 4) == 'leg:' and fields[i + 1] == 'live' then return -1 end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[2], 'status', 'ending')
+return 1
+"""
+
+# KEYS: end claim, session, call, deadlines, heartbeats, held key ('' when none).
+# ARGV: session id, leg field, heartbeat member, heartbeat expiry, now.
+# Attaches a (new or returning) leg to a session that is not ended or being ended; 1 on success, else 0.
+_ATTACH_LEG = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local status = redis.call('HGET', KEYS[2], 'status')
+if status == 'ended' or status == 'ending' then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], 'live', 'status', 'active')
+redis.call('HDEL', KEYS[2], 'held_until')
+redis.call('ZREM', KEYS[4], ARGV[1])
+if KEYS[6] ~= '' then redis.call('DEL', KEYS[6]) end
+redis.call('HSET', KEYS[3], 'state', 'live', 'attached_at', ARGV[5])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
+return 1
+"""
+
+# KEYS: zset. ARGV: member, now, lease. Takes a due member by pushing its score forward by the lease.
+_TAKE_DUE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+
 
 class EndOutcome(str, Enum):
-    """What :meth:`SessionLifecycle.end_session` did."""
+    """What happened to a session when a leg ended or an end was attempted."""
 
     ENDED = "ended"  # this call ended it at Kallglot
-    ALREADY = "already"  # ended (or being ended) by someone else
-    FAILED = "failed"  # Kallglot's end failed; the next trigger retries
+    HELD = "held"  # kept for a reconnect (or the hang-up grace) until its deadline
+    ALREADY = "already"  # ended, or being ended, by someone else
+    LEGS_LIVE = "legs_live"  # a leg re-attached meanwhile: nothing to end
+    FAILED = "failed"  # Kallglot's end failed; retried from the deadlines with backoff
 
 
 class SessionLifecycle:
-    """Correlates call legs with sessions and ends sessions exactly once, across workers and instances."""
+    """Correlates call legs with sessions, holds and ends sessions exactly once, across workers and instances."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, kallglot: KallglotClient) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, kallglot: KallglotClient, *,
+                 heartbeat_timeout_seconds: float = 15.0) -> None:
         self._redis = client
         self._keys = keys
         self._kallglot = kallglot
+        self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
         self._end_leg = client.register_script(_END_LEG)
+        self._claim_end = client.register_script(_CLAIM_END)
+        self._attach_leg = client.register_script(_ATTACH_LEG)
+        self._take_due = client.register_script(_TAKE_DUE)
 
     # -- correlation ---------------------------------------------------------------------------------------
     def register_leg(self, *, session_id: str, carrier: str, call_id: str, speaker: str, from_number: str,
-                     to_number: str, mode: str) -> None:
-        """Record a live leg of ``session_id`` (idempotent: a retried webhook re-registers the same leg)."""
+                     to_number: str, mode: str, reconnect_window_seconds: int, hangup_grace_seconds: int = 0,
+                     reattach_from: tuple[str, str] | None = None) -> bool:
+        """Attach a live leg to ``session_id``; False if the session is ended or being ended.
+
+        Idempotent: a retried webhook re-registers the same leg. ``reattach_from`` is the (to, from) pair of
+        a held session a returning caller re-attaches to, so that hold is released in the same step.
+        """
         started = time.time()
-        now = f"{started:.3f}"
         call_key, session_key = self._keys.call(carrier, call_id), self._keys.session(session_id)
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(call_key, mapping={"session_id": session_id, "carrier": carrier, "speaker": speaker,
                                          "from": from_number, "to": to_number})
-            pipe.hsetnx(call_key, "state", LEG_LIVE)
-            pipe.hsetnx(call_key, "created_at", now)
+            pipe.hsetnx(call_key, "created_at", f"{started:.3f}")
             pipe.hsetnx(session_key, "status", SESSION_ACTIVE)
-            pipe.hsetnx(session_key, "created_at", now)
-            pipe.hset(session_key, mapping={"carrier": carrier, "mode": mode, "to": to_number})
-            pipe.hsetnx(session_key, f"leg:{carrier}:{call_id}", LEG_LIVE)
+            pipe.hsetnx(session_key, "created_at", f"{started:.3f}")
+            pipe.hsetnx(session_key, "reconnect_window", str(reconnect_window_seconds))
+            pipe.hsetnx(session_key, "hangup_grace", str(hangup_grace_seconds))
+            pipe.hset(session_key, mapping={"carrier": carrier, "mode": mode})
+            if speaker == "customer":
+                pipe.hset(session_key, mapping={"to": to_number, "from": from_number})
             pipe.expire(call_key, RECORD_TTL_SECONDS)
             pipe.expire(session_key, RECORD_TTL_SECONDS)
             pipe.zadd(self._keys.live_sessions(), {session_id: started}, nx=True)
@@ -91,6 +161,34 @@ class SessionLifecycle:
             pipe.zremrangebyscore(self._keys.recent_calls(), 0, started - CALL_LOG_RETENTION_SECONDS)
             pipe.zremrangebyrank(self._keys.recent_calls(), 0, -CALL_LOG_MAX_ENTRIES - 1)
             pipe.execute()
+        held_key = self._keys.held(*reattach_from) if reattach_from else ""
+        attached = self._attach_leg(
+            keys=[self._keys.session_end_claim(session_id), session_key, call_key, self._keys.deadlines(),
+                  self._keys.heartbeats(), held_key],
+            args=[session_id, _leg_field(carrier, call_id), _member(carrier, call_id),
+                  started + STREAM_START_GRACE_SECONDS, f"{started:.3f}"])
+        return bool(attached)
+
+    def reattach_leg(self, carrier: str, call_id: str) -> str | None:
+        """Make an ended leg live again (its media stream is being restored); returns the session or None."""
+        record = self.call_record(carrier, call_id)
+        session_id = record.get("session_id")
+        if not session_id:
+            return None
+        now = time.time()
+        attached = self._attach_leg(
+            keys=[self._keys.session_end_claim(session_id), self._keys.session(session_id),
+                  self._keys.call(carrier, call_id), self._keys.deadlines(), self._keys.heartbeats(), ""],
+            args=[session_id, _leg_field(carrier, call_id), _member(carrier, call_id),
+                  now + STREAM_START_GRACE_SECONDS, f"{now:.3f}"])
+        if attached:
+            self._redis.hincrby(self._keys.call(carrier, call_id), "stream_restarts", 1)
+        return session_id if attached else None
+
+    def held_session_for(self, to_number: str, from_number: str) -> str | None:
+        """The held session a new call from ``from_number`` to ``to_number`` may re-attach to."""
+        value = self._redis.get(self._keys.held(to_number, from_number))
+        return value.decode() if isinstance(value, bytes) else value
 
     def session_for_call(self, carrier: str, call_id: str) -> str | None:
         """The Kallglot session a carrier call leg belongs to, if any."""
@@ -98,12 +196,21 @@ class SessionLifecycle:
         return value.decode() if isinstance(value, bytes) else value
 
     def session_record(self, session_id: str) -> dict[str, str]:
-        """Our stored view of a session (status, legs, end reason…)."""
+        """Our stored view of a session (status, legs as ``leg:carrier:id``, end reason…)."""
         return _decode(self._redis.hgetall(self._keys.session(session_id)))
 
     def call_record(self, carrier: str, call_id: str) -> dict[str, str]:
         """Our stored view of one call leg."""
         return _decode(self._redis.hgetall(self._keys.call(carrier, call_id)))
+
+    def session_legs(self, session_id: str) -> dict[tuple[str, str], str]:
+        """``{(carrier, call_id): state}`` for every leg of a session."""
+        legs = {}
+        for name, state in self.session_record(session_id).items():
+            if name.startswith("leg:"):
+                carrier, _, call_id = name[4:].partition(":")
+                legs[(carrier, call_id)] = state
+        return legs
 
     def record_event(self, carrier: str, call_id: str, source: str, fields: dict[str, Any]) -> None:
         """Append a carrier callback to the leg's capped event list. ``fields`` must hold no secrets."""
@@ -119,62 +226,127 @@ class SessionLifecycle:
         """The recorded callbacks of one leg, oldest first."""
         return [json.loads(e) for e in self._redis.lrange(self._keys.call_events(carrier, call_id), 0, -1)]
 
+    # -- relay heartbeats ----------------------------------------------------------------------------------
+    def heartbeat(self, carrier: str, call_id: str) -> None:
+        """A relay is alive for this leg; without a beat for ``heartbeat_timeout_seconds`` the leg is lost."""
+        # XX: a beat racing the leg's end must not bring the leg back.
+        self._redis.zadd(self._keys.heartbeats(),
+                         {_member(carrier, call_id): time.time() + self.heartbeat_timeout_seconds}, xx=True)
+
     # -- ending --------------------------------------------------------------------------------------------
     def leg_ended(self, carrier: str, call_id: str, reason: str, *, clean: bool = True) -> EndOutcome | None:
-        """A leg is over (hang-up, stream stop, relay lost): end the session when no live leg is left.
+        """A leg is over: when it was the last live one, end the session now or hold it until its deadline.
 
-        ``clean`` is True for a normal end (the carrier said the call or stream is over) and False for a
-        loss (socket dropped without ``stop``, abnormal hang-up cause), which the lifecycle may hold for a
-        reconnect. Safe to call any number of times, from any worker, in any order. Returns what happened
-        to the session, or None when the leg is unknown or other legs are still live.
+        ``clean`` is True for a normal end (the carrier said the call or stream is over) and False for a loss
+        (socket dropped without ``stop``, relay died, abnormal hang-up cause), which holds the session for the
+        reconnect window. Safe to call any number of times, from any worker, in any order: only the call that
+        ends the last live leg acts. Returns what happened, or None when nothing did.
         """
         session_id = self.session_for_call(carrier, call_id)
         if not session_id:
             return None
+        now = time.time()
         changed, live = self._end_leg(
-            keys=[self._keys.call(carrier, call_id), self._keys.session(session_id)],
-            args=[f"leg:{carrier}:{call_id}", reason, f"{time.time():.3f}"])
-        if changed == -1:
+            keys=[self._keys.call(carrier, call_id), self._keys.session(session_id), self._keys.heartbeats()],
+            args=[_leg_field(carrier, call_id), reason, f"{now:.3f}", _member(carrier, call_id),
+                  "1" if clean else "0"])
+        if changed != 1:
             return None
-        if changed:
-            log.info("session=%s %s call=%s leg ended (%s), %d live legs left", session_id, carrier, call_id,
-                     reason, live)
+        log.info("session=%s %s call=%s leg ended (%s, %s), %d live legs left", session_id, carrier, call_id,
+                 reason, "clean" if clean else "lost", live)
         if live:
             return None
-        return self.end_session(session_id, reason)
+        session = self.session_record(session_id)
+        window = int(session.get("hangup_grace" if clean else "reconnect_window") or 0)
+        if window <= 0:
+            return self.end_session(session_id, reason)
+        call = self.call_record(carrier, call_id)
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(self._keys.deadlines(), {session_id: now + window}, nx=True)
+            pipe.hset(self._keys.session(session_id),
+                      mapping={"status": SESSION_HELD, "held_until": f"{now + window:.3f}", "hold_reason": reason})
+            if call.get("speaker") == "customer" and call.get("to") and call.get("from"):
+                pipe.set(self._keys.held(call["to"], call["from"]), session_id, ex=max(1, int(window)))
+            pipe.execute()
+        log.info("session=%s held %ds for a reconnect (%s)", session_id, window, reason)
+        return EndOutcome.HELD
 
-    def end_session(self, session_id: str, reason: str) -> EndOutcome:
-        """End ``session_id`` at Kallglot unless it is ended or another worker is ending it."""
+    def end_session(self, session_id: str, reason: str, *, force: bool = False) -> EndOutcome:
+        """End ``session_id`` at Kallglot unless it is ended, being ended, or (without ``force``) live again."""
         claim = self._keys.session_end_claim(session_id)
-        if not self._redis.set(claim, reason, nx=True, ex=RECORD_TTL_SECONDS):
+        claimed = self._claim_end(keys=[claim, self._keys.session(session_id)],
+                                  args=[reason, RECORD_TTL_SECONDS, "1" if force else "0"])
+        if claimed == 0:
             return EndOutcome.ALREADY
+        if claimed == -1:
+            return EndOutcome.LEGS_LIVE
         try:
             self._kallglot.end_session(session_id)
         except KallglotNotFound:
             log.warning("session=%s unknown to Kallglot at end; treating as ended", session_id)
         except KallglotError as exc:
-            # Release the claim so the next trigger (another callback, the relay) retries.
-            self._redis.delete(claim)
-            self._redis.hset(self._keys.session(session_id),
-                             mapping={"status": SESSION_END_FAILED, "last_error": str(exc)[:200]})
-            log.error("session=%s end failed: %s", session_id, exc)
+            self._schedule_retry(session_id, claim, exc)
             return EndOutcome.FAILED
         self._mark_ended(session_id, reason)
         log.info("session=%s ended at Kallglot (%s)", session_id, reason)
         return EndOutcome.ENDED
 
-    def ended_by_kallglot(self, session_id: str, reason: str) -> None:
-        """Kallglot ended the session itself: record it and make sure nobody calls ``end`` afterwards."""
-        self._redis.set(self._keys.session_end_claim(session_id), f"kallglot:{reason}", nx=True,
-                        ex=RECORD_TTL_SECONDS)
+    def _schedule_retry(self, session_id: str, claim: str, error: Exception) -> None:
+        """Release the claim and put the session back on the deadlines with exponential backoff."""
+        key = self._keys.session(session_id)
+        attempts = int(self._redis.hincrby(key, "end_attempts", 1))
+        delay = min(END_RETRY_MAX_BACKOFF_SECONDS, 2 ** (attempts - 1))
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(claim)
+            pipe.hset(key, mapping={"status": SESSION_END_FAILED, "last_error": str(error)[:200]})
+            pipe.zadd(self._keys.deadlines(), {session_id: time.time() + delay})
+            pipe.execute()
+        log.error("session=%s end failed (attempt %d), retrying in %ds: %s", session_id, attempts, delay, error)
+
+    def ended_by_kallglot(self, session_id: str, reason: str) -> bool:
+        """Kallglot ended the session itself: record it so nobody calls ``end``; True the first time."""
+        first = bool(self._redis.set(self._keys.session_end_claim(session_id), f"kallglot:{reason}", nx=True,
+                                     ex=RECORD_TTL_SECONDS))
         self._mark_ended(session_id, f"kallglot:{reason}")
+        return first
 
     def _mark_ended(self, session_id: str, reason: str) -> None:
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._keys.session(session_id),
                       mapping={"status": SESSION_ENDED, "end_reason": reason, "ended_at": f"{time.time():.3f}"})
             pipe.zrem(self._keys.live_sessions(), session_id)
+            pipe.zrem(self._keys.deadlines(), session_id)
             pipe.execute()
+
+    # -- what the reaper does ------------------------------------------------------------------------------
+    def end_due_sessions(self, now: float | None = None, batch: int = 50) -> int:
+        """End (or retry ending) every session whose deadline passed; returns how many this call took."""
+        now = time.time() if now is None else now
+        taken = 0
+        for raw in self._redis.zrangebyscore(self._keys.deadlines(), "-inf", now, start=0, num=batch):
+            session_id = raw.decode()
+            if not self._take_due(keys=[self._keys.deadlines()], args=[session_id, now, DEADLINE_LEASE_SECONDS]):
+                continue  # another worker took it
+            taken += 1
+            outcome = self.end_session(session_id, "hold_expired")
+            if outcome in (EndOutcome.ALREADY, EndOutcome.LEGS_LIVE):
+                self._redis.zrem(self._keys.deadlines(), session_id)
+        return taken
+
+    def expire_lost_legs(self, now: float | None = None, batch: int = 50) -> int:
+        """Treat legs whose relay stopped beating as lost abnormally; returns how many this call took."""
+        now = time.time() if now is None else now
+        taken = 0
+        for raw in self._redis.zrangebyscore(self._keys.heartbeats(), "-inf", now, start=0, num=batch):
+            member = raw.decode()
+            if not self._take_due(keys=[self._keys.heartbeats()], args=[member, now, DEADLINE_LEASE_SECONDS]):
+                continue
+            taken += 1
+            carrier, _, call_id = member.partition(":")
+            log.warning("%s call=%s relay heartbeat lost", carrier, call_id)
+            self.leg_ended(carrier, call_id, "heartbeat_lost", clean=False)
+            self._redis.zrem(self._keys.heartbeats(), member)
+        return taken
 
     # -- views for the admin UI ----------------------------------------------------------------------------
     def live_sessions(self, limit: int = 500) -> list[dict[str, str]]:
@@ -197,6 +369,14 @@ class SessionLifecycle:
             if len(calls) >= limit:
                 break
         return calls
+
+
+def _leg_field(carrier: str, call_id: str) -> str:
+    return f"leg:{carrier}:{call_id}"
+
+
+def _member(carrier: str, call_id: str) -> str:
+    return f"{carrier}:{call_id}"
 
 
 def _decode(raw: dict[Any, Any]) -> dict[str, str]:

@@ -4,6 +4,7 @@ to the session lifecycle. Vendor-free; each carrier's WebSocket route calls :fun
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import redis
@@ -48,7 +49,7 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
     except (KallglotStreamError, KallglotError) as exc:
         log.error("%s could not reach the Kallglot stream: %s", context, exc)
         close_quietly(ws, 1011, "translation service unavailable")
-        _leg_over(svc, codec.carrier, grant.call_id, "kallglot_unreachable", context)
+        _leg_over(svc, codec.carrier, grant.call_id, "relay_kallglot_unreachable", context, clean=False)
         return None
     log.info("%s relay started (stream %s)", context, started.stream_id)
 
@@ -58,14 +59,48 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
         except redis.RedisError as exc:
             log.error("%s could not record Kallglot's end: %s", context, exc)
 
-    end = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
-                     context=context, on_session_ended=record_kallglot_end).run()
-    _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context)
+    heartbeat = _Heartbeat(svc, codec.carrier, grant.call_id, context)
+    heartbeat.start()
+    try:
+        end = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
+                         context=context, on_session_ended=record_kallglot_end).run()
+    finally:
+        heartbeat.stop()
+    # Only the carrier's own "stream over" is a clean end; any loss may be followed by a reconnect.
+    _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context,
+              clean=end in (RelayEnd.CARRIER_STOP, RelayEnd.KALLGLOT_ENDED))
     return end
 
 
-def _leg_over(svc: Services, carrier: str, call_id: str, reason: str, context: str) -> None:
+class _Heartbeat:
+    """Beats the leg's heartbeat in Redis while the relay runs, so a dead worker's legs are noticed."""
+
+    def __init__(self, svc: Services, carrier: str, call_id: str, context: str) -> None:
+        self._lifecycle = svc.lifecycle
+        self._interval = svc.settings.heartbeat_timeout_seconds / 3
+        self._carrier, self._call_id, self._context = carrier, call_id, context
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self._beat()
+        threading.Thread(target=self._run, name="relay-heartbeat", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            self._lifecycle.heartbeat(self._carrier, self._call_id)
+        except redis.RedisError as exc:  # Redis down: the call goes on; the beat resumes when it is back
+            log.warning("%s heartbeat not recorded: %s", self._context, exc)
+
+
+def _leg_over(svc: Services, carrier: str, call_id: str, reason: str, context: str, *, clean: bool) -> None:
     try:
-        svc.lifecycle.leg_ended(carrier, call_id, reason)
-    except redis.RedisError as exc:  # the status callback will end the session once Redis is back
+        svc.lifecycle.leg_ended(carrier, call_id, reason, clean=clean)
+    except redis.RedisError as exc:  # the heartbeat expiry or a status callback ends it once Redis is back
         log.error("%s could not record the leg's end: %s", context, exc)

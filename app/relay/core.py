@@ -90,7 +90,11 @@ def await_start(ws: CarrierSocket, codec: CarrierCodec, timeout: float = START_T
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
-        raw = ws.receive(timeout=max(remaining, 0.0)) if remaining > 0 else None
+        try:
+            raw = ws.receive(timeout=max(remaining, 0.0)) if remaining > 0 else None
+        except ConnectionClosed:
+            log.info("%s media socket closed before start", codec.carrier)
+            return None
         if raw is None:
             close_quietly(ws, 1008, "no start event")
             return None

@@ -4,21 +4,25 @@ from __future__ import annotations
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from app.config import Settings
+from app.profiles import NumberProfile
 from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 
-#: Said when Kallglot cannot take the call; the caller must never hear dead air.
+#: Said when Kallglot cannot take the call and the profile has no message of its own.
 UNAVAILABLE_MESSAGE = ("We're sorry, the translation service is not available right now. "
                        "Please try your call again later. Goodbye.")
 SESSION_OVER_MESSAGE = "The translation session has ended. Goodbye."
 
 
-def connect_stream(settings: Settings, *, session_id: str, relay_token: str) -> str:
-    """``<Connect><Stream>`` to our relay, carrying the session and the sealed relay token as parameters.
+def connect_stream(settings: Settings, *, session_id: str, relay_token: str, greeting: str = "",
+                   greeting_language: str = "en-US") -> str:
+    """(Greeting, then) ``<Connect><Stream>`` to our relay, carrying the session and the sealed relay token.
 
     Twilio drops query strings from stream URLs, hence ``<Parameter>``. ``<Connect action>`` is requested
     when the stream ends while the call is still up, so the call never sits in silence.
     """
     response = VoiceResponse()
+    if greeting:
+        response.say(greeting, language=greeting_language)
     connect = Connect(action=settings.public("/twilio/connect-action"), method="POST")
     stream = connect.stream(url=settings.public_ws("/twilio/media"),
                             status_callback=settings.public("/twilio/stream-status"),
@@ -26,6 +30,17 @@ def connect_stream(settings: Settings, *, session_id: str, relay_token: str) -> 
     stream.parameter(name=SESSION_PARAMETER, value=session_id)
     stream.parameter(name=RELAY_TOKEN_PARAMETER, value=relay_token)
     response.append(connect)
+    return str(response)
+
+
+def fallback(profile: NumberProfile) -> str:
+    """Kallglot cannot take the call: the profile's message, then its fallback number or a hang-up."""
+    response = VoiceResponse()
+    response.say(profile.fallback_message or UNAVAILABLE_MESSAGE, language=profile.fallback_language)
+    if profile.fallback_number:
+        response.dial(profile.fallback_number)
+    else:
+        response.hangup()
     return str(response)
 
 

@@ -7,9 +7,10 @@ import re
 import redis
 from flask import Response, abort, request
 
-from app.extensions import services
-from app.kallglot.client import KallglotError
+from app.extensions import Services, services
+from app.kallglot.client import KallglotError, KallglotNotFound, KallglotSession
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.profiles import NumberProfile
 from app.relay.tokens import RelayGrant
 from app.twilio import bp, twiml
 from app.twilio.signature import request_is_from_twilio
@@ -21,7 +22,10 @@ CARRIER = "twilio"
 CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 #: Final call states (A4): the leg is over.
 TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
-STREAM_OVER_EVENTS = frozenset({"stream-stopped", "stream-error", "stream-failed"})
+#: How often one call's media stream is restored after it dropped, before the caller gets the fallback.
+MAX_STREAM_RESTARTS = 3
+#: Leg end reasons (set by the relay) after which Kallglot, not the stream, is the problem.
+KALLGLOT_FAILURES = frozenset({"relay_kallglot_unreachable", "relay_kallglot_lost"})
 
 
 @bp.before_request
@@ -44,34 +48,64 @@ def _call_sid() -> str:
     return call_sid
 
 
+def _stream_twiml(svc: Services, session: KallglotSession, call_sid: str, profile: NumberProfile | None) -> str:
+    """``<Connect><Stream>`` for ``session`` with a fresh relay token (and the greeting on a first answer)."""
+    assert session.stream is not None
+    expires = session.stream.expires_at.timestamp() if session.stream.expires_at else None
+    token = svc.relay_tokens.seal(RelayGrant(
+        session_id=session.id, carrier=CARRIER, call_id=call_sid, speaker=SPEAKER_CUSTOMER,
+        stream_url=session.stream.url, stream_token=session.stream.token, stream_expires_at=expires))
+    return twiml.connect_stream(svc.settings, session_id=session.id, relay_token=token,
+                                greeting=profile.greeting if profile else "",
+                                greeting_language=profile.greeting_language if profile else "en-US")
+
+
+def _live_session(svc: Services, session_id: str) -> KallglotSession | None:
+    """The session with a current stream grant (§9.4: GET refreshes it), or None if it is over."""
+    try:
+        session = svc.kallglot.get_session(session_id)
+    except KallglotNotFound:
+        return None
+    return session if session.status != "ended" and session.stream else None
+
+
 @bp.post("/voice")
 def voice() -> Response:
-    """A call came in: create (or idempotently re-find) its Kallglot session and connect the media stream."""
+    """A call came in: re-attach to the caller's held session, or create one, and connect the media stream."""
     call_sid = _call_sid()
     to_number, from_number = request.form.get("To", ""), request.form.get("From", "")
     svc = services()
     try:
         profile = svc.profiles.for_number(to_number)
+    except redis.RedisError as exc:
+        log.error("twilio call=%s to=%s: Redis unreachable, fallback: %s", call_sid, to_number, exc)
+        return _xml(twiml.fallback(svc.profiles.default))
+    window = profile.effective_reconnect_window(svc.settings.reconnect_window_seconds)
+    leg = dict(carrier=CARRIER, call_id=call_sid, speaker=SPEAKER_CUSTOMER, from_number=from_number,
+               to_number=to_number, mode=profile.mode, reconnect_window_seconds=window,
+               hangup_grace_seconds=profile.hangup_grace_seconds)
+    try:
+        held_id = svc.lifecycle.held_session_for(to_number, from_number)
+        held = _live_session(svc, held_id) if held_id else None
+        if held and svc.lifecycle.register_leg(session_id=held.id, reattach_from=(to_number, from_number), **leg):
+            log.info("twilio call=%s session=%s re-attached a returning caller", call_sid, held.id)
+            return _xml(_stream_twiml(svc, held, call_sid, None))
         session = svc.kallglot.create_session(
             mode=profile.mode, source_language=profile.source_language or None,
             target_language=profile.target_language or None, phone_number=to_number or None,
             # Derived from the CallSid: a retried webhook replays the same session instead of creating one.
             idempotency_key=f"twilio-call-{call_sid}",
-            metadata={"twilio_call_sid": call_sid, "from_number": from_number, "to_number": to_number})
+            metadata={**profile.metadata, "twilio_call_sid": call_sid, "from_number": from_number,
+                      "to_number": to_number})
         if session.stream is None:
             raise KallglotError("session has no stream", code="no_stream")
-        svc.lifecycle.register_leg(session_id=session.id, carrier=CARRIER, call_id=call_sid,
-                                   speaker=SPEAKER_CUSTOMER, from_number=from_number, to_number=to_number,
-                                   mode=profile.mode)
+        if not svc.lifecycle.register_leg(session_id=session.id, **leg):
+            raise KallglotError("the call's session has already ended", code="session_ended")
     except (KallglotError, redis.RedisError) as exc:
-        log.error("twilio call=%s to=%s could not start a session: %s", call_sid, to_number, exc)
-        return _xml(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
-    expires = session.stream.expires_at.timestamp() if session.stream.expires_at else None
-    token = svc.relay_tokens.seal(RelayGrant(
-        session_id=session.id, carrier=CARRIER, call_id=call_sid, speaker=SPEAKER_CUSTOMER,
-        stream_url=session.stream.url, stream_token=session.stream.token, stream_expires_at=expires))
+        log.error("twilio call=%s to=%s could not start a session, fallback: %s", call_sid, to_number, exc)
+        return _xml(twiml.fallback(profile))
     log.info("twilio call=%s session=%s to=%s mode=%s answered", call_sid, session.id, to_number, profile.mode)
-    return _xml(twiml.connect_stream(svc.settings, session_id=session.id, relay_token=token))
+    return _xml(_stream_twiml(svc, session, call_sid, profile))
 
 
 @bp.post("/status")
@@ -85,7 +119,7 @@ def call_status() -> tuple[str, int]:
             "status": status, "sequence": request.form.get("SequenceNumber", ""),
             "duration": request.form.get("CallDuration", "")})
         if status in TERMINAL_CALL_STATUSES:
-            lifecycle.leg_ended(CARRIER, call_sid, f"call_{status}")
+            lifecycle.leg_ended(CARRIER, call_sid, f"call_{status}", clean=True)
     except redis.RedisError as exc:
         log.error("twilio call=%s status %s not recorded: %s", call_sid, status, exc)
         return "state store unavailable", 503
@@ -94,16 +128,13 @@ def call_status() -> tuple[str, int]:
 
 @bp.post("/stream-status")
 def stream_status() -> tuple[str, int]:
-    """``<Stream statusCallback>``: record it; a stopped or failed stream ends the leg."""
+    """``<Stream statusCallback>``: recorded. The relay and the call status decide what a stop means."""
     call_sid = _call_sid()
     event = request.form.get("StreamEvent", "")
-    lifecycle = services().lifecycle
     try:
-        lifecycle.record_event(CARRIER, call_sid, "stream-status", {
+        services().lifecycle.record_event(CARRIER, call_sid, "stream-status", {
             "event": event, "stream_sid": request.form.get("StreamSid", ""),
             "error": request.form.get("StreamError", "")[:200]})
-        if event in STREAM_OVER_EVENTS:
-            lifecycle.leg_ended(CARRIER, call_sid, event.replace("-", "_"))
     except redis.RedisError as exc:
         log.error("twilio call=%s stream status %s not recorded: %s", call_sid, event, exc)
         return "state store unavailable", 503
@@ -112,13 +143,30 @@ def stream_status() -> tuple[str, int]:
 
 @bp.post("/connect-action")
 def connect_action() -> Response:
-    """The stream ended while the call is up (Kallglot ended or failed): say so and hang up, never silence."""
+    """The media stream ended while the call is up: restore it, or say why not — never leave silence."""
     call_sid = _call_sid()
+    svc = services()
     try:
-        services().lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
-    except redis.RedisError as exc:
-        log.error("twilio call=%s connect action not recorded: %s", call_sid, exc)
-    return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+        call = svc.lifecycle.call_record(CARRIER, call_sid)
+        profile = svc.profiles.for_number(call.get("to", request.form.get("To", "")))
+        session_id = call.get("session_id")
+        reason = call.get("end_reason", "") if call.get("state") == "ended" else ""
+        if not session_id or reason == "relay_kallglot_ended":
+            svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
+            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+        if reason in KALLGLOT_FAILURES or int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
+            svc.lifecycle.leg_ended(CARRIER, call_sid, reason or "stream_restarts_exhausted", clean=False)
+            return _xml(twiml.fallback(profile))
+        session = _live_session(svc, session_id)
+        if session is None or not svc.lifecycle.reattach_leg(CARRIER, call_sid):
+            svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
+            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+    except (KallglotError, redis.RedisError) as exc:
+        log.error("twilio call=%s stream could not be restored, fallback: %s", call_sid, exc)
+        return _xml(twiml.fallback(NumberProfile()))
+    log.info("twilio call=%s session=%s restoring the media stream (%s)", call_sid, session_id,
+             reason or "relay gone")
+    return _xml(_stream_twiml(svc, session, call_sid, None))
 
 
 @bp.post("/fallback")

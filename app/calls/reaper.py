@@ -1,0 +1,62 @@
+"""The reaper: each worker runs one; together they end held sessions when due, retry failed ends, and treat
+legs whose relay stopped beating as lost. Every step is atomic in Redis, so any number may run at once."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from app.calls.lifecycle import SessionLifecycle
+
+log = logging.getLogger(__name__)
+
+REAPER_INTERVAL_SECONDS = 1.0
+
+
+class Reaper:
+    """Polls the lifecycle's deadlines and heartbeats."""
+
+    def __init__(self, lifecycle: SessionLifecycle, interval_seconds: float = REAPER_INTERVAL_SECONDS) -> None:
+        self.lifecycle = lifecycle
+        self.interval_seconds = interval_seconds
+        self._stop = threading.Event()
+
+    def run_once(self) -> tuple[int, int]:
+        """One pass: (lost legs handled, due sessions handled)."""
+        return self.lifecycle.expire_lost_legs(), self.lifecycle.end_due_sessions()
+
+    def run_forever(self) -> None:
+        """Poll until :meth:`stop`; Redis outages are logged and waited out, never fatal."""
+        failures = 0
+        while not self._stop.wait(self.interval_seconds * (1 + min(failures, 10))):
+            try:
+                self.run_once()
+                failures = 0
+            except redis.RedisError as exc:
+                failures += 1
+                if failures in (1, 10) or failures % 60 == 0:
+                    log.error("reaper cannot reach Redis (%d failures): %s", failures, exc)
+            except Exception:  # a bug must not stop the reaper for the worker's lifetime
+                failures += 1
+                log.exception("reaper pass failed")
+
+    def stop(self) -> None:
+        """Ask :meth:`run_forever` to return."""
+        self._stop.set()
+
+
+def start_background_reaper(lifecycle: SessionLifecycle) -> Reaper | None:
+    """Start a reaper greenlet when running under gevent (gunicorn's gevent worker); else return None.
+
+    Under the plain test client nothing is started; tests call :meth:`Reaper.run_once` themselves.
+    """
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return None
+    if not monkey.is_module_patched("threading"):
+        return None
+    reaper = Reaper(lifecycle)
+    threading.Thread(target=reaper.run_forever, name="session-reaper", daemon=True).start()
+    return reaper
