@@ -17,6 +17,7 @@ import requests
 from simple_websocket import Client, ConnectionClosed
 from twilio.request_validator import RequestValidator
 
+from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
 from app.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.conftest import E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl
 from tests.support.servers import RunningServer
@@ -207,8 +208,11 @@ def test_malformed_frames_mid_call(simulator: TwilioCallSimulator, emulator: Emu
 
 def test_kallglot_stream_unreachable_is_not_dead_air(simulator: TwilioCallSimulator,
                                                      emulator: EmulatorControl) -> None:
-    emulator.fault(endpoint="connect", status=503, times=1)
-    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, listen_seconds=0.2)
+    # Every attempt fails: the first connect and each reopen (a single failure would just be retried).
+    emulator.fault(endpoint="connect", status=503, times=1 + len(KALLGLOT_RECONNECT_BACKOFF_SECONDS))
+    give_up_after = sum(KALLGLOT_RECONNECT_BACKOFF_SECONDS) + 5
+    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, listen_seconds=0.2,
+                                  hold_open=lambda s: s.wait_for(lambda st: st.server_closed, give_up_after))
     assert result.server_closed_first
     assert result.said and result.hung_up  # the fallback message, then hang up
     session = only_session(emulator)
@@ -267,3 +271,26 @@ def test_retried_voice_webhook_creates_one_session(simulator: TwilioCallSimulato
     assert {r.status_code for r in responses} == {200}
     assert all("<Connect" in r.text for r in responses)
     assert len(emulator.sessions()) == 1
+
+
+def test_kallglot_stream_drop_is_reopened_and_the_call_goes_on(simulator: TwilioCallSimulator,
+                                                               emulator: EmulatorControl) -> None:
+    def drop_kallglot(stream: SimulatedStream) -> None:
+        session_id = live_session_id(emulator)
+        requests.post(f"{emulator.url}/_emulator/sessions/{session_id}/drop", timeout=5).raise_for_status()
+        assert wait_until(lambda: only_session(emulator)["connections_total"] == 2
+                          and only_session(emulator)["connections_live"] == 1)
+        heard_before = len(stream.heard)
+        # Audio sent after the reconnect flows both ways again.
+        for n in range(10):
+            stream.send_event("media", {"streamSid": stream.stream_sid, "media": {
+                "track": "inbound", "chunk": str(100 + n), "timestamp": str(2000 + 20 * n),
+                "payload": base64.b64encode(b"\x05" * 160).decode()}})
+        assert stream.wait_for(lambda s: len(s.heard) >= heard_before + 1600, timeout=5)
+
+    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, hold_open=drop_kallglot, listen_seconds=0.3)
+    assert result.protocol_errors == [] and not result.server_closed_first
+    session = only_session(emulator)
+    assert base64.b64decode(session["audio_received"]["customer"]).endswith(b"\x05" * 1600)
+    assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
+    assert emulator.session(session["id"])["end_calls"] == 1

@@ -259,7 +259,7 @@ class SessionLifecycle:
         session = self.session_record(session_id)
         window = int(session.get("hangup_grace" if clean else "reconnect_window") or 0)
         if window <= 0:
-            return self.end_session(session_id, reason)
+            return self.end_session(session_id, reason, force=False)
         call = self.call_record(carrier, call_id)
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.zadd(self._keys.deadlines(), {session_id: now + window}, nx=True)
@@ -271,8 +271,12 @@ class SessionLifecycle:
         log.info("session=%s held %ds for a reconnect (%s)", session_id, window, reason)
         return EndOutcome.HELD
 
-    def end_session(self, session_id: str, reason: str, *, force: bool = False) -> EndOutcome:
-        """End ``session_id`` at Kallglot unless it is ended, being ended, or (without ``force``) live again."""
+    def end_session(self, session_id: str, reason: str, *, force: bool = True) -> EndOutcome:
+        """End ``session_id`` at Kallglot unless it is ended or being ended.
+
+        ``force=False`` (the lifecycle's own automatic ends) also leaves it alone when a leg went live again
+        meanwhile; an explicit end (admin, API) uses the default and ends it regardless.
+        """
         claim = self._keys.session_end_claim(session_id)
         claimed = self._claim_end(keys=[claim, self._keys.session(session_id)],
                                   args=[reason, RECORD_TTL_SECONDS, "1" if force else "0"])
@@ -328,7 +332,7 @@ class SessionLifecycle:
             if not self._take_due(keys=[self._keys.deadlines()], args=[session_id, now, DEADLINE_LEASE_SECONDS]):
                 continue  # another worker took it
             taken += 1
-            outcome = self.end_session(session_id, "hold_expired")
+            outcome = self.end_session(session_id, "hold_expired", force=False)
             if outcome in (EndOutcome.ALREADY, EndOutcome.LEGS_LIVE):
                 self._redis.zrem(self._keys.deadlines(), session_id)
         return taken

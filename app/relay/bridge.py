@@ -38,38 +38,44 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
         close_quietly(ws, 1008, "invalid relay token")
         return None
     context = f"{codec.carrier} call={grant.call_id} session={grant.session_id}"
-    try:
+
+    def open_kallglot() -> KallglotStream:
+        """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption §9.4)."""
         stream_url, stream_token = grant.stream_url, grant.stream_token
         if grant.stream_expires_at and grant.stream_expires_at - time.time() < TOKEN_REFRESH_MARGIN_SECONDS:
-            fresh = svc.kallglot.get_session(grant.session_id).stream  # assumption §9.4
-            if fresh is None:
-                raise KallglotStreamError("Kallglot returned no stream for the session")
-            stream_url, stream_token = fresh.url, fresh.token
-        kallglot = KallglotStream.open(stream_url, stream_token)
+            session = svc.kallglot.get_session(grant.session_id)
+            if session.stream is None or session.status == "ended":
+                raise KallglotStreamError("the Kallglot session has no stream (ended?)")
+            stream_url, stream_token = session.stream.url, session.stream.token
+        return KallglotStream.open(stream_url, stream_token)
+
+    try:
+        kallglot = open_kallglot()
     except (KallglotStreamError, KallglotError) as exc:
         log.error("%s could not reach the Kallglot stream: %s", context, exc)
-        close_quietly(ws, 1011, "translation service unavailable")
+        # Record first: the carrier reacts to the close at once (<Connect action>) and must find the reason.
         _leg_over(svc, codec.carrier, grant.call_id, "relay_kallglot_unreachable", context, clean=False)
+        close_quietly(ws, 1011, "translation service unavailable")
         return None
     log.info("%s relay started (stream %s)", context, started.stream_id)
 
-    def record_kallglot_end(reason: str) -> None:
-        try:
-            svc.lifecycle.ended_by_kallglot(grant.session_id, reason or "session.ended")
-        except redis.RedisError as exc:
-            log.error("%s could not record Kallglot's end: %s", context, exc)
+    def record_end(end: RelayEnd, kallglot_reason: str) -> None:
+        if end is RelayEnd.KALLGLOT_ENDED:
+            try:
+                svc.lifecycle.ended_by_kallglot(grant.session_id, kallglot_reason or "session.ended")
+            except redis.RedisError as exc:
+                log.error("%s could not record Kallglot's end: %s", context, exc)
+        # Only the carrier's own "stream over" (or Kallglot's end) is clean; any loss may be reconnected.
+        _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context,
+                  clean=end in (RelayEnd.CARRIER_STOP, RelayEnd.KALLGLOT_ENDED))
 
     heartbeat = _Heartbeat(svc, codec.carrier, grant.call_id, context)
     heartbeat.start()
     try:
-        end = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
-                         context=context, on_session_ended=record_kallglot_end).run()
+        return MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
+                          context=context, on_end=record_end, reopen_kallglot=open_kallglot).run()
     finally:
         heartbeat.stop()
-    # Only the carrier's own "stream over" is a clean end; any loss may be followed by a reconnect.
-    _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context,
-              clean=end in (RelayEnd.CARRIER_STOP, RelayEnd.KALLGLOT_ENDED))
-    return end
 
 
 class _Heartbeat:

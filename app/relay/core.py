@@ -10,7 +10,7 @@ import base64
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from collections.abc import Callable
@@ -32,9 +32,13 @@ log = logging.getLogger(__name__)
 
 #: How long a carrier may take from socket open to ``start`` (Twilio sends it at once).
 START_TIMEOUT_SECONDS = 10.0
-#: The uplink wakes this often when the carrier is silent, to notice the downlink closing the relay.
-UPLINK_POLL_SECONDS = 1.0
+#: The uplink wakes this often when the carrier is silent, to notice that the downlink ended the relay.
+UPLINK_POLL_SECONDS = 0.25
 MULAW_BYTES_PER_MS = 8
+#: Waits between attempts to reopen a dropped Kallglot stream (about 8 s in all, then the leg is lost).
+KALLGLOT_RECONNECT_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 4.0)
+#: Caller audio kept while the Kallglot stream is being reopened; older audio is dropped (and counted).
+KALLGLOT_RECONNECT_BUFFER_MS = 5000
 
 
 class CarrierSocket(Protocol):
@@ -73,6 +77,8 @@ class RelayStats:
     clears: int = 0
     dtmf: int = 0
     frames_dropped: int = 0
+    kallglot_reconnects: int = 0
+    chunks_dropped_while_reconnecting: int = 0
     unknown_kallglot: Counter[str] = field(default_factory=Counter)
 
 
@@ -118,11 +124,16 @@ class MediaRelay:
 
     def __init__(self, carrier_ws: CarrierSocket, codec: CarrierCodec, kallglot: KallglotStream, *,
                  speaker: str, chunk_ms: int, context: str,
-                 on_session_ended: Callable[[str], None] | None = None) -> None:
+                 on_end: Callable[[RelayEnd, str], None] | None = None,
+                 reopen_kallglot: Callable[[], KallglotStream] | None = None) -> None:
         self.carrier_ws = carrier_ws
-        # Called (with Kallglot's reason) before the carrier socket closes, so that the carrier's reaction to
-        # the close (Twilio's <Connect action>) already finds the session recorded as ended by Kallglot.
-        self.on_session_ended = on_session_ended
+        # Reopens the Kallglot stream to the same session after it dropped (None: a drop ends the relay).
+        self.reopen_kallglot = reopen_kallglot
+        # Called with why the relay ended (and Kallglot's reason, if it ended the session) after the last
+        # audio went to Kallglot but *before* the carrier socket closes: the carrier reacts to that close at
+        # once (Twilio requests <Connect action>), and must find the leg's end already recorded.
+        self.on_end = on_end
+        self.kallglot_end_reason = ""
         self.codec = codec
         self.kallglot = kallglot
         self.speaker = speaker
@@ -135,6 +146,11 @@ class MediaRelay:
         self._end_lock = threading.Lock()
         # Both greenlets may write to the carrier socket (frames vs. a protocol-error close).
         self._carrier_lock = threading.Lock()
+        # While the Kallglot stream is being reopened the uplink queues its messages here (bounded).
+        self._kallglot_lock = threading.Lock()
+        self._reconnecting = False
+        self._reopen_attempts = 0
+        self._backlog: deque[str] = deque(maxlen=max(1, KALLGLOT_RECONNECT_BUFFER_MS // chunk_ms))
         # Uplink batching state.
         self._pending = bytearray()
         self._sequence = 0
@@ -154,15 +170,23 @@ class MediaRelay:
             log.exception("%s uplink failed", self.context)
             self._finish(RelayEnd.PROTOCOL_ERROR)
         finally:
-            self.kallglot.close()
-            self._close_carrier()
+            self._finish(RelayEnd.CARRIER_LOST)  # no-op unless the uplink left without a reason
+            self.kallglot.close()  # unblocks the downlink's receive
             downlink.join(timeout=5)
+            end = self._end or RelayEnd.CARRIER_LOST
+            if self.on_end is not None:
+                try:
+                    self.on_end(end, self.kallglot_end_reason)
+                except Exception:
+                    log.exception("%s recording the relay's end failed", self.context)
+            self._close_carrier()
         s = self.stats
         log.info("%s relay ended (%s): in %d frames/%d B → %d chunks; out %d frames/%d B, %d marks, %d clears, "
-                 "%d dropped, unknown %s", self.context, self._end.value if self._end else "?", s.frames_in,
-                 s.bytes_in, s.chunks_to_kallglot, s.frames_to_carrier, s.bytes_to_carrier, s.marks_sent, s.clears,
-                 s.frames_dropped, dict(s.unknown_kallglot))
-        return self._end or RelayEnd.CARRIER_LOST
+                 "%d dropped, %d kallglot reconnects (%d chunks lost), unknown %s", self.context, end.value,
+                 s.frames_in, s.bytes_in, s.chunks_to_kallglot, s.frames_to_carrier, s.bytes_to_carrier,
+                 s.marks_sent, s.clears, s.frames_dropped, s.kallglot_reconnects,
+                 s.chunks_dropped_while_reconnecting, dict(s.unknown_kallglot))
+        return end
 
     def _finish(self, why: RelayEnd) -> None:
         """Record the first reason to stop; later ones (the other side noticing) are ignored."""
@@ -220,12 +244,21 @@ class MediaRelay:
             base64.b64encode(chunk).decode("ascii"), sequence=self._sequence,
             timestamp_ms=self._origin_ms + self._bytes_sent // MULAW_BYTES_PER_MS, speaker=self.speaker)
         self._bytes_sent += len(chunk)
-        try:
-            self.kallglot.send(message)
-        except (ConnectionClosed, OSError):
-            self._finish(RelayEnd.KALLGLOT_LOST)
-            return False
-        self.stats.chunks_to_kallglot += 1
+        with self._kallglot_lock:
+            if not self._reconnecting:
+                try:
+                    self.kallglot.send(message)
+                    self.stats.chunks_to_kallglot += 1
+                    return True
+                except (ConnectionClosed, OSError):
+                    if self.reopen_kallglot is None:
+                        self._finish(RelayEnd.KALLGLOT_LOST)
+                        return False
+                    # The downlink notices the same drop and reopens the stream; keep the audio until then.
+                    self._reconnecting = True
+            if len(self._backlog) == self._backlog.maxlen:
+                self.stats.chunks_dropped_while_reconnecting += 1
+            self._backlog.append(message)
         return True
 
     def _flush(self) -> None:
@@ -236,15 +269,13 @@ class MediaRelay:
 
     # -- downlink: Kallglot → carrier ----------------------------------------------------------------------
     def _downlink_guarded(self) -> None:
+        # The downlink never closes the carrier socket itself: the uplink notices ``_ending`` within one
+        # poll, and run() closes the carrier only after the leg's end is recorded.
         try:
             self._downlink()
         except Exception:
             log.exception("%s downlink failed", self.context)
             self._finish(RelayEnd.PROTOCOL_ERROR)
-        finally:
-            # Unblock the uplink promptly: closing the carrier socket makes its receive() raise.
-            if self._ending.is_set():
-                self._close_carrier()
 
     def _downlink(self) -> None:
         next_ping = time.monotonic() + stream_protocol.PING_INTERVAL_SECONDS
@@ -260,8 +291,10 @@ class MediaRelay:
             try:
                 message = self.kallglot.receive(timeout=max(wait, 0.0))
             except ConnectionClosed:
-                self._finish(RelayEnd.KALLGLOT_LOST)
-                return
+                if self._ending.is_set() or not self._reopen():
+                    self._finish(RelayEnd.KALLGLOT_LOST)
+                    return
+                continue
             now = time.monotonic()
             if message is None:
                 if utterance_open and now - last_audio_at >= stream_protocol.UTTERANCE_GAP_SECONDS:
@@ -274,10 +307,13 @@ class MediaRelay:
                     try:
                         self.kallglot.ping()
                     except (ConnectionClosed, OSError):
-                        self._finish(RelayEnd.KALLGLOT_LOST)
-                        return
+                        if not self._reopen():
+                            self._finish(RelayEnd.KALLGLOT_LOST)
+                            return
                     next_ping = now + stream_protocol.PING_INTERVAL_SECONDS
                 continue
+            if not isinstance(message, (SessionError, UnknownMessage)):
+                self._reopen_attempts = 0  # the stream is healthy again
             if isinstance(message, AudioOutput):
                 try:
                     mulaw = self._transcoder.to_mulaw_8k(message.payload, message.encoding, message.sample_rate_hz)
@@ -300,8 +336,7 @@ class MediaRelay:
                 utterance_open = False
             elif isinstance(message, SessionEnded):
                 log.info("%s kallglot ended the session (%s)", self.context, message.reason or "no reason")
-                if self.on_session_ended is not None:
-                    self.on_session_ended(message.reason)
+                self.kallglot_end_reason = message.reason
                 self._finish(RelayEnd.KALLGLOT_ENDED)
                 return
             elif isinstance(message, SessionError):
@@ -315,6 +350,41 @@ class MediaRelay:
                     log.info("%s ignoring kallglot message type %r", self.context, message.type)
             elif isinstance(message, Informational):
                 pass
+
+    def _reopen(self) -> bool:
+        """Reopen the dropped Kallglot stream with backoff, then send the audio queued meanwhile."""
+        if self.reopen_kallglot is None:
+            return False
+        with self._kallglot_lock:
+            self._reconnecting = True
+        # Attempts count across quick successive drops (a stream that opens and is refused at once is no
+        # recovery); a healthy message from Kallglot resets the count (see _downlink).
+        while self._reopen_attempts < len(KALLGLOT_RECONNECT_BACKOFF_SECONDS):
+            delay = KALLGLOT_RECONNECT_BACKOFF_SECONDS[self._reopen_attempts]
+            self._reopen_attempts += 1
+            if self._ending.wait(delay):
+                return False
+            try:
+                stream = self.reopen_kallglot()
+            except Exception as exc:  # any failure to reopen is retried, then the leg is lost
+                log.warning("%s kallglot stream reopen failed: %s", self.context, exc)
+                continue
+            with self._kallglot_lock:
+                self.kallglot.close()
+                self.kallglot = stream
+                try:
+                    while self._backlog:
+                        stream.send(self._backlog[0])
+                        self._backlog.popleft()
+                        self.stats.chunks_to_kallglot += 1
+                except (ConnectionClosed, OSError):
+                    continue  # dropped again at once: try the next attempt, the backlog is intact
+                self._reconnecting = False
+            self.stats.kallglot_reconnects += 1
+            log.info("%s kallglot stream reopened (%d chunks dropped meanwhile)", self.context,
+                     self.stats.chunks_dropped_while_reconnecting)
+            return True
+        return False
 
     def _to_carrier(self, frame: str) -> bool:
         """Send one frame to the carrier; False (and the relay ends) when the carrier socket is gone."""
