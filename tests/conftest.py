@@ -152,3 +152,97 @@ def bridge_server(redis_url: str, emulator_server: RunningServer) -> Iterator[Ru
            "HEARTBEAT_TIMEOUT_SECONDS": str(E2E_HEARTBEAT_TIMEOUT_SECONDS)}
     with run_gunicorn("app:create_app()", env, workers=2, port=port) as server:
         yield server
+
+
+# -- Telnyx ------------------------------------------------------------------------------------------------------
+TELNYX_TEST_API_KEY = "KEY-test-telnyx-call-control"
+
+
+@pytest.fixture(scope="session")
+def telnyx_signer():
+    """A real Ed25519 key pair generated for this run; the bridge trusts its public key (TELNYX_PUBLIC_KEY)."""
+    import nacl.signing
+
+    from app.simulator.telnyx import TelnyxSigner
+
+    return TelnyxSigner(nacl.signing.SigningKey.generate())
+
+
+def telnyx_config(base: dict[str, str], public_key: str, api_url: str) -> dict[str, str]:
+    """``base`` (see :func:`bridge_config`) plus the Telnyx settings."""
+    return {**base, "TELNYX_PUBLIC_KEY": public_key, "TELNYX_API_KEY": TELNYX_TEST_API_KEY, "TELNYX_API_URL": api_url}
+
+
+@pytest.fixture
+def telnyx_app(redis_url: str, emulator: EmulatorControl, namespace: str, telnyx_signer,
+               fake_call_control: FakeCallControl) -> Flask:
+    """The bridge in-process with Telnyx enabled; its Telnyx REST API is the fake (which records commands)."""
+    app = create_app(telnyx_config(bridge_config(redis_url, emulator.api_url, namespace, PUBLIC_URL),
+                                   telnyx_signer.public_key, fake_call_control.api_url))
+    app.testing = True
+    return app
+
+
+@pytest.fixture(scope="session")
+def telnyx_bridge_port() -> int:
+    """The Telnyx-enabled bridge's port, chosen before the fake Telnyx starts (it posts webhooks there)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def fake_call_control_server(telnyx_signer, telnyx_bridge_port: int) -> Iterator[RunningServer]:
+    """The fake Telnyx (REST API + call side; one worker, state in memory) under gunicorn + gevent."""
+    env = {"FAKE_TELNYX_WEBHOOK_URL": f"http://127.0.0.1:{telnyx_bridge_port}/telnyx/call-control",
+           "FAKE_TELNYX_SIGNING_SEED": telnyx_signer.seed_b64, "FAKE_TELNYX_API_KEY": TELNYX_TEST_API_KEY}
+    with run_gunicorn("app.simulator.telnyx_api:create_fake_call_control_app()", env, ready_path="/_fake/health") as server:
+        yield server
+
+
+class FakeCallControl:
+    """Test-side handle on the fake Telnyx's control API."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.api_url = url + "/v2"
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = requests.request(method, self.url + path, timeout=10, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    def reset(self) -> None:
+        """Forget all calls and commands."""
+        self._call("POST", "/_fake/reset")
+
+    def commands(self, action: str | None = None) -> list[dict[str, Any]]:
+        """Commands received (optionally only ``action``), oldest first."""
+        return [c for c in self._call("GET", "/_fake/commands")["commands"] if action in (None, c["action"])]
+
+    def place_call(self, **scenario: Any) -> str:
+        """Place an inbound Call Control call; returns its call_control_id."""
+        return str(self._call("POST", "/_fake/calls", json=scenario)["call_control_id"])
+
+    def call(self, call_control_id: str) -> dict[str, Any]:
+        """What the fake saw of one call."""
+        return self._call("GET", f"/_fake/calls/{call_control_id}")
+
+
+@pytest.fixture
+def fake_call_control(fake_call_control_server: RunningServer) -> FakeCallControl:
+    """The fake Telnyx, reset before the test."""
+    control = FakeCallControl(fake_call_control_server.url)
+    control.reset()
+    return control
+
+
+@pytest.fixture(scope="session")
+def telnyx_bridge_server(redis_url: str, emulator_server: RunningServer, telnyx_signer, telnyx_bridge_port: int,
+                         fake_call_control_server: RunningServer) -> Iterator[RunningServer]:
+    """A Telnyx-enabled bridge under gunicorn + gevent (two workers), its Telnyx API being the fake."""
+    url = f"http://127.0.0.1:{telnyx_bridge_port}"
+    env = {**telnyx_config(bridge_config(redis_url, emulator_server.url + "/v1", "e2e-telnyx", url),
+                           telnyx_signer.public_key, fake_call_control_server.url + "/v2"),
+           "RECONNECT_WINDOW_SECONDS": str(E2E_RECONNECT_WINDOW_SECONDS),
+           "HEARTBEAT_TIMEOUT_SECONDS": str(E2E_HEARTBEAT_TIMEOUT_SECONDS)}
+    with run_gunicorn("app:create_app()", env, workers=2, port=telnyx_bridge_port) as server:
+        yield server

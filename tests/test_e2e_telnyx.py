@@ -1,0 +1,212 @@
+"""Whole Telnyx calls over real sockets: TeXML through the simulator, Call Control through the fake Telnyx
+(REST API + call side) → the bridge under gunicorn + gevent (two workers) → the Kallglot emulator, real Redis."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+
+from app.simulator.telnyx import TelnyxMediaLeg, TexmlCallSimulator, new_call_control_id
+from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
+from tests.conftest import EMULATOR_API_KEY, E2E_RECONNECT_WINDOW_SECONDS, EmulatorControl, FakeCallControl
+from tests.support.servers import RunningServer
+from tests.test_telnyx_codec import pcm, samples, snr_db, voiced
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+pytestmark = pytest.mark.e2e
+TO, FROM = "+15005550006", "+15551230000"
+#: Long enough for a lost leg's hold to expire and the reaper to end the session.
+HOLD_SETTLE_SECONDS = E2E_RECONNECT_WINDOW_SECONDS + 6
+
+
+@pytest.fixture
+def texml(telnyx_bridge_server: RunningServer, telnyx_signer) -> TexmlCallSimulator:
+    return TexmlCallSimulator(telnyx_bridge_server.url, telnyx_signer)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 8.0) -> Any:
+    """Poll ``predicate`` until truthy or ``timeout``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return predicate()
+
+
+def only_session(emulator: EmulatorControl) -> dict[str, Any]:
+    sessions = emulator.sessions()
+    assert len(sessions) == 1, sessions
+    return sessions[0]
+
+
+def ended_once(emulator: EmulatorControl, timeout: float = 8.0) -> None:
+    """The one session ends, and is ended exactly once."""
+    session_id = only_session(emulator)["id"]
+    assert wait_until(lambda: emulator.session(session_id)["status"] == "ended", timeout)
+    time.sleep(0.3)  # let a late duplicate trigger land before counting
+    assert emulator.session(session_id)["end_calls"] <= 1
+    assert emulator.stats()["double_end_calls"] == 0
+
+
+def received_audio(emulator: EmulatorControl) -> bytes:
+    return base64.b64decode(only_session(emulator)["audio_received"].get("customer", ""))
+
+
+# ----- TeXML -----------------------------------------------------------------------------------------------------
+def test_texml_call_bridges_audio_both_ways_and_ends_once(texml: TexmlCallSimulator,
+                                                          emulator: EmulatorControl) -> None:
+    audio = os.urandom(53 * 160)
+    result = texml.place_call(TO, FROM, audio, listen_seconds=1.5)
+    assert result.errors == [] and result.leg is not None and result.leg.protocol_errors == []
+    assert result.stream_attributes["bidirectionalMode"] == "rtp"
+    assert result.stream_attributes["bidirectionalCodec"] == "PCMU"
+    assert set(result.custom_parameters) == {"session_id", "relay_token", "telnyx_flow"}
+    session = only_session(emulator)
+    assert received_audio(emulator) == audio  # PCMU passes through byte-exact, in order
+    assert session["routing"] == {"phone_number": TO}
+    assert session["metadata"]["telnyx_call_control_id"] == result.call_sid
+    assert session["idempotency_key"] == f"telnyx-call-{result.call_sid}"
+    assert bytes(result.leg.heard) == audio[:8000]  # Kallglot's echo of the ten full chunks
+    assert result.leg.marks_received
+    assert all(status == 204 for _, status in result.callbacks)
+    ended_once(emulator)
+
+
+def test_texml_pcma_leg_out_of_order_reaches_kallglot_as_the_same_speech(texml: TexmlCallSimulator,
+                                                                           emulator: EmulatorControl) -> None:
+    speech = pcm(voiced(8000, 1.5))
+    alaw = audioop.lin2alaw(speech, 2)
+    result = texml.place_call(TO, FROM, alaw, encoding="PCMA", reorder=True, duplicate=True, listen_seconds=0.3)
+    assert result.errors == [] and result.leg.protocol_errors == []
+    got = received_audio(emulator)
+    assert len(got) == len(alaw)  # reordered, de-duplicated, nothing lost
+    assert snr_db(samples(audioop.alaw2lin(alaw, 2)), samples(audioop.ulaw2lin(got, 2))) > 30
+    ended_once(emulator)
+
+
+def test_texml_kallglot_down_says_something_and_hangs_up(texml: TexmlCallSimulator,
+                                                         emulator: EmulatorControl) -> None:
+    emulator.fault(endpoint="create", status=503, code="service_unavailable", times=5)
+    result = texml.place_call(TO, FROM, b"\xff" * 800)
+    assert result.webhook_status == 200 and result.leg is None
+    assert result.said and "not available" in result.said[0] and result.hung_up
+    assert emulator.sessions() == []
+
+
+def test_texml_kallglot_ending_the_session_runs_the_goodbye(texml: TexmlCallSimulator,
+                                                           emulator: EmulatorControl) -> None:
+    def end_at_kallglot() -> None:
+        session = wait_until(lambda: [s for s in emulator.sessions() if s["connections_live"] == 1])
+        requests.post(f"{emulator.api_url}/sessions/{session[0]['id']}/end", timeout=5,
+                      headers={"Authorization": f"Bearer {EMULATOR_API_KEY}"}).raise_for_status()
+
+    ender = threading.Thread(target=end_at_kallglot, daemon=True)
+    ender.start()
+    result = texml.place_call(TO, FROM, b"\xff" * 800, listen_seconds=5)
+    ender.join(timeout=5)
+    assert result.leg is not None and result.leg.server_closed_first
+    assert result.said and result.hung_up  # the verbs after <Connect>: never dead air
+    time.sleep(0.3)
+    assert only_session(emulator)["end_calls"] == 1  # the test's own: the bridge did not end it again
+
+
+def test_media_socket_refuses_a_forged_relay_token(telnyx_bridge_server: RunningServer, texml: TexmlCallSimulator,
+                                                   emulator: EmulatorControl) -> None:
+    call_sid = new_call_control_id()
+    answer = texml.post_form(texml.public_url + "/telnyx/texml", texml.call_params(call_sid, TO, FROM, "ringing"))
+    token = answer.text.split('name="relay_token" value="')[1].split('"')[0]
+    url = telnyx_bridge_server.url.replace("http://", "ws://") + "/telnyx/media"
+    for forged in (token[:10] + ("x" if token[10] != "x" else "y") + token[11:], ""):
+        leg = TelnyxMediaLeg(url, call_control_id=call_sid, custom_parameters={"relay_token": forged}, timeout=5)
+        leg.begin()
+        assert leg.wait_for(lambda r: r.server_closed_first, 5) and leg.result.close_code == 1008
+    assert only_session(emulator)["connections_total"] == 0
+
+
+# ----- Call Control ----------------------------------------------------------------------------------------------
+def finished_call(fake: FakeCallControl, call_control_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The fake's view of the call once it hung up and every webhook was delivered."""
+    def done() -> dict[str, Any] | None:
+        call = fake.call(call_control_id)
+        return call if call["hung_up"] and any(w["event"] == "call.hangup" for w in call["webhooks"]) else None
+    call = wait_until(done, timeout)
+    assert call, fake.call(call_control_id)
+    return call
+
+
+def test_call_control_l16_leg_with_duplicate_webhooks(fake_call_control: FakeCallControl,
+                                                      emulator: EmulatorControl,
+                                                      telnyx_bridge_server: RunningServer) -> None:
+    wide = voiced(16000, 1.5)
+    call_id = fake_call_control.place_call(
+        to=TO, encoding="L16", sample_rate=16000, payload=base64.b64encode(pcm(wide, ">")).decode(),
+        listen_seconds=1.0, duplicate_webhooks=True, reorder_media=True)
+    call = finished_call(fake_call_control, call_id)
+    assert call["protocol_errors"] == []
+    answers = [c for c in call["commands"] if c["action"] == "answer"]
+    assert len(answers) == 1  # call.initiated arrived twice, concurrently: handled once
+    body = answers[0]["body"]
+    assert body["stream_url"].endswith("/telnyx/media")
+    assert (body["stream_bidirectional_mode"], body["stream_bidirectional_codec"]) == ("rtp", "PCMU")
+    assert body["stream_track"] == "inbound_track" and body["command_id"] and body["client_state"]
+    assert body["stream_auth_token"] and "kst_" not in json.dumps(call["webhooks"])
+    got = received_audio(emulator)
+    assert len(got) == 12000  # 1.5 s at 8 kHz
+    assert snr_db(voiced(8000, 1.5), samples(audioop.ulaw2lin(got, 2)), lag=16) > 30
+    assert len(base64.b64decode(call["heard"])) >= 8000  # Kallglot's echo came back as PCMU
+    assert all(w["status"] == 200 for w in call["webhooks"])
+    ended_once(emulator)
+    session = only_session(emulator)
+    assert session["metadata"]["telnyx_call_control_id"] == call_id
+
+
+def test_call_control_kallglot_down_answers_speaks_and_hangs_up(fake_call_control: FakeCallControl,
+                                                                emulator: EmulatorControl,
+                                                                telnyx_bridge_server: RunningServer) -> None:
+    emulator.fault(endpoint="create", status=503, code="service_unavailable", times=5)
+    call_id = fake_call_control.place_call(to=TO)
+    call = finished_call(fake_call_control, call_id)
+    assert [c["action"] for c in call["commands"]] == ["answer", "speak", "hangup"]
+    assert "stream_url" not in call["commands"][0]["body"]
+    assert call["spoken"] and "not available" in call["spoken"][0]
+    assert emulator.sessions() == []
+
+
+def test_call_control_streaming_failed_is_retried_once(fake_call_control: FakeCallControl,
+                                                       emulator: EmulatorControl,
+                                                       telnyx_bridge_server: RunningServer) -> None:
+    audio = os.urandom(1600)
+    call_id = fake_call_control.place_call(to=TO, payload=base64.b64encode(audio).decode(), fail_first_stream=True,
+                                           listen_seconds=0.5)
+    call = finished_call(fake_call_control, call_id)
+    assert [c["action"] for c in call["commands"]] == ["answer", "streaming_start"]
+    assert call["commands"][1]["body"]["stream_auth_token"] and call["streams"] == 2
+    assert only_session(emulator)["connections_total"] == 1
+    ended_once(emulator)
+
+
+def test_call_control_kallglot_stream_unreachable_is_not_dead_air(fake_call_control: FakeCallControl,
+                                                                  emulator: EmulatorControl,
+                                                                  telnyx_bridge_server: RunningServer) -> None:
+    # Every attempt fails, the first open and the relay's reopen attempts alike.
+    emulator.fault(endpoint="connect", status=503, times=1 + len(KALLGLOT_RECONNECT_BACKOFF_SECONDS))
+    call_id = fake_call_control.place_call(to=TO, payload=base64.b64encode(b"\xff" * 800).decode(),
+                                           listen_seconds=sum(KALLGLOT_RECONNECT_BACKOFF_SECONDS) + 5)
+    call = finished_call(fake_call_control, call_id, timeout=sum(KALLGLOT_RECONNECT_BACKOFF_SECONDS) + 10)
+    assert [c["action"] for c in call["commands"]] == ["answer", "speak", "hangup"]
+    assert call["close_codes"] in ([1011], [1000]) and call["spoken"]
+    assert wait_until(lambda: emulator.session(only_session(emulator)["id"])["status"] == "ended",
+                      HOLD_SETTLE_SECONDS)

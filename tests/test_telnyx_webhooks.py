@@ -1,0 +1,215 @@
+"""Telnyx webhooks in-process (Flask test client): Ed25519 signatures, TeXML answers, status callbacks and
+Call Control events (commands go to the fake Telnyx API, which records them), against the Kallglot emulator
+and a real Redis."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from typing import Any
+from urllib.parse import urlencode
+
+import nacl.signing
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app.extensions import services
+from app.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
+from app.telnyx.control import decode_client_state
+from tests.conftest import EmulatorControl, FakeCallControl
+
+TO, FROM = "+15005550006", "+15551230000"
+
+
+@pytest.fixture
+def client(telnyx_app: Flask) -> FlaskClient:
+    return telnyx_app.test_client()
+
+
+def post(client: FlaskClient, path: str, body: str, signer: TelnyxSigner | None, *, timestamp: int | None = None,
+         content_type: str = "application/x-www-form-urlencoded", headers: dict[str, str] | None = None) -> Any:
+    signed = signer.headers(body, timestamp) if signer else {}
+    return client.post(path, data=body.encode(), content_type=content_type, headers={**signed, **(headers or {})})
+
+
+def texml_body(call_id: str, **extra: str) -> str:
+    return urlencode({**TexmlCallSimulator.call_params(call_id, TO, FROM, "ringing"), **extra})
+
+
+def event(event_type: str, call_id: str, event_id: str | None = None, **payload: Any) -> str:
+    return json.dumps({"data": {"record_type": "event", "event_type": event_type, "id": event_id or str(uuid.uuid4()),
+                                "occurred_at": "2026-01-01T00:00:00.000000Z",
+                                "payload": {"call_control_id": call_id, "call_leg_id": str(uuid.uuid4()),
+                                            "call_session_id": str(uuid.uuid4()), "from": FROM, "to": TO,
+                                            **payload}},
+                       "meta": {"attempt": 1}})
+
+
+def cc(client: FlaskClient, signer: TelnyxSigner, body: str) -> Any:
+    return post(client, "/telnyx/call-control", body, signer, content_type="application/json")
+
+
+# ----- signatures ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["missing", "other-key", "expired", "future", "tampered", "replayed-new-timestamp",
+                                  "not-base64", "short-signature"])
+def test_bad_signatures_are_refused_and_create_nothing(client: FlaskClient, telnyx_signer: TelnyxSigner,
+                                                       emulator: EmulatorControl, case: str) -> None:
+    body = texml_body(new_call_control_id())
+    now = int(time.time())
+    if case == "missing":
+        response = post(client, "/telnyx/texml", body, None)
+    elif case == "other-key":
+        response = post(client, "/telnyx/texml", body, TelnyxSigner(nacl.signing.SigningKey.generate()))
+    elif case in ("expired", "future"):  # outside the SDK's 300 s window
+        response = post(client, "/telnyx/texml", body, telnyx_signer, timestamp=now + (-301 if case == "expired" else 301))
+    elif case == "tampered":
+        signed = telnyx_signer.headers(body)
+        response = post(client, "/telnyx/texml", body.replace("%2B15005550006", "%2B15550000000"), None, headers=signed)
+    elif case == "replayed-new-timestamp":  # an old capture with its timestamp refreshed to pass the window
+        signed = telnyx_signer.headers(body, now - 600)
+        response = post(client, "/telnyx/texml", body, None, headers={**signed, "telnyx-timestamp": str(now)})
+    elif case == "not-base64":
+        response = post(client, "/telnyx/texml", body, None,
+                        headers={"telnyx-signature-ed25519": "***", "telnyx-timestamp": str(now)})
+    else:
+        response = post(client, "/telnyx/texml", body, None,
+                        headers={"telnyx-signature-ed25519": "AAAA", "telnyx-timestamp": str(now)})
+    assert response.status_code == 403
+    assert emulator.sessions() == []
+
+
+def test_without_a_public_key_everything_is_refused(redis_url: str, emulator: EmulatorControl, namespace: str,
+                                                    telnyx_signer: TelnyxSigner) -> None:
+    from app import create_app
+    from tests.conftest import PUBLIC_URL, bridge_config
+
+    app = create_app(bridge_config(redis_url, emulator.api_url, namespace, PUBLIC_URL))  # Twilio only
+    response = post(app.test_client(), "/telnyx/texml", texml_body(new_call_control_id()), telnyx_signer)
+    assert response.status_code == 403
+    assert emulator.sessions() == []
+
+
+def test_non_utf8_body_is_refused(client: FlaskClient, telnyx_signer: TelnyxSigner) -> None:
+    response = client.post("/telnyx/call-control", data=b"\xff\xfe{{", content_type="application/json",
+                           headers=telnyx_signer.headers("x"))
+    assert response.status_code == 403
+
+
+# ----- TeXML -----------------------------------------------------------------------------------------------------
+def test_texml_answer_connects_a_bidirectional_rtp_stream(client: FlaskClient, telnyx_app: Flask,
+                                                          telnyx_signer: TelnyxSigner,
+                                                          emulator: EmulatorControl) -> None:
+    call_id = new_call_control_id()
+    response = post(client, "/telnyx/texml", texml_body(call_id), telnyx_signer)
+    assert response.status_code == 200 and response.mimetype == "text/xml"
+    root = ET.fromstring(response.data)
+    stream = root.find("Connect/Stream")
+    assert stream.get("url") == "wss://bridge.example.com/telnyx/media"
+    assert (stream.get("bidirectionalMode"), stream.get("bidirectionalCodec")) == ("rtp", "PCMU")
+    assert stream.get("statusCallback") == "https://bridge.example.com/telnyx/texml/status"
+    params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+    assert [child.tag for child in root] == ["Connect", "Say", "Hangup"]  # goodbye if our side ends the stream
+    (session,) = emulator.sessions()
+    assert params["session_id"] == session["id"] and session["routing"] == {"phone_number": TO}
+    assert session["metadata"]["telnyx_call_control_id"] == call_id
+    with telnyx_app.app_context():
+        svc = services()
+        assert svc.lifecycle.session_for_call("telnyx", call_id) == session["id"]
+        grant = svc.relay_tokens.open(params["relay_token"], carrier="telnyx", call_id=call_id)
+        assert grant.session_id == session["id"]
+        stored = b" ".join(v for key in svc.redis.keys(svc.keys.namespace + ":*") if svc.redis.type(key) == b"hash"
+                           for v in svc.redis.hgetall(key).values())
+        assert b"kst_" not in stored  # the Kallglot stream token never reaches Redis
+    # A retried webhook replays the same session.
+    post(client, "/telnyx/texml", texml_body(call_id), telnyx_signer)
+    assert len(emulator.sessions()) == 1
+
+
+@pytest.mark.parametrize("body", ["CallSid=", "CallSid=has%20spaces", "From=%2B1555", ""])
+def test_signed_but_malformed_texml_is_a_400(client: FlaskClient, telnyx_signer: TelnyxSigner,
+                                             emulator: EmulatorControl, body: str) -> None:
+    assert post(client, "/telnyx/texml", body, telnyx_signer).status_code == 400
+    assert emulator.sessions() == []
+
+
+def test_texml_status_callbacks_end_the_session_once(client: FlaskClient, telnyx_app: Flask,
+                                                     telnyx_signer: TelnyxSigner, emulator: EmulatorControl) -> None:
+    call_id = new_call_control_id()
+    post(client, "/telnyx/texml", texml_body(call_id), telnyx_signer)
+    completed = texml_body(call_id, CallStatus="completed", HangupCause="normal_clearing", CallDuration="9")
+    stream_stopped = texml_body(call_id, StreamEvent="stream-stopped", StreamSid=str(uuid.uuid4()))
+    for body in (completed, completed, stream_stopped, texml_body(call_id, CallStatus="in-progress")):
+        assert post(client, "/telnyx/texml/status", body, telnyx_signer).status_code == 204
+    (session,) = emulator.sessions()
+    assert session["status"] == "ended" and session["end_calls"] == 1
+    with telnyx_app.app_context():
+        events = services().lifecycle.events("telnyx", call_id)
+    assert [e.get("status") or e.get("event") for e in events] == \
+        ["completed", "completed", "stream-stopped", "in-progress"]
+
+
+# ----- Call Control ----------------------------------------------------------------------------------------------
+def test_call_initiated_answers_with_streaming_once(client: FlaskClient, telnyx_signer: TelnyxSigner,
+                                                    emulator: EmulatorControl,
+                                                    fake_call_control: FakeCallControl) -> None:
+    call_id = new_call_control_id()
+    body = event("call.initiated", call_id, direction="incoming", state="parked")
+    first, again = cc(client, telnyx_signer, body), cc(client, telnyx_signer, body)
+    assert first.json == {"status": "ok"} and again.json == {"status": "duplicate"}
+    (answer,) = fake_call_control.commands("answer")
+    assert answer["call_control_id"] == call_id
+    sent = answer["body"]
+    (session,) = emulator.sessions()
+    assert decode_client_state(sent["client_state"]) == {"s": session["id"]}
+    assert sent["command_id"] == f"{json.loads(body)['data']['id']}:answer"
+    assert {p["name"] for p in sent["custom_parameters"]} == {"session_id", "relay_token"}
+    assert sent["stream_auth_token"] == next(p["value"] for p in sent["custom_parameters"]
+                                             if p["name"] == "relay_token")
+
+
+def test_out_of_order_hangup_before_initiated_creates_nothing(client: FlaskClient, telnyx_signer: TelnyxSigner,
+                                                              emulator: EmulatorControl,
+                                                              fake_call_control: FakeCallControl) -> None:
+    call_id = new_call_control_id()
+    assert cc(client, telnyx_signer, event("call.hangup", call_id, hangup_cause="originator_cancel")).status_code == 200
+    assert cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming")).status_code == 200
+    assert fake_call_control.commands() == [] and emulator.sessions() == []
+
+
+def test_hangup_ends_the_session_exactly_once(client: FlaskClient, telnyx_signer: TelnyxSigner,
+                                              emulator: EmulatorControl, fake_call_control: FakeCallControl) -> None:
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming"))
+    for _ in range(2):  # two distinct deliveries (different data.id) of the same fact
+        cc(client, telnyx_signer, event("call.hangup", call_id, hangup_cause="normal_clearing", hangup_source="caller"))
+    (session,) = emulator.sessions()
+    assert session["status"] == "ended" and session["end_calls"] == 1
+
+
+def test_streaming_failed_on_an_ended_call_does_nothing(client: FlaskClient, telnyx_signer: TelnyxSigner,
+                                                        emulator: EmulatorControl,
+                                                        fake_call_control: FakeCallControl) -> None:
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming"))
+    cc(client, telnyx_signer, event("call.hangup", call_id, hangup_cause="normal_clearing"))
+    cc(client, telnyx_signer, event("streaming.failed", call_id, failure_reason="x"))
+    assert [c["action"] for c in fake_call_control.commands()] == ["answer"]
+
+
+@pytest.mark.parametrize("body", [
+    "not json", "[]", json.dumps({"data": {}}), json.dumps({"data": {"id": "x", "event_type": "call.answered"}}),
+    json.dumps({"data": {"id": "x", "event_type": "call.answered", "payload": {"call_control_id": "bad id!"}}}),
+])
+def test_signed_but_malformed_call_control_is_a_400(client: FlaskClient, telnyx_signer: TelnyxSigner,
+                                                    body: str) -> None:
+    assert cc(client, telnyx_signer, body).status_code == 400
+
+
+def test_unknown_events_are_recorded_and_acknowledged(client: FlaskClient, telnyx_app: Flask,
+                                                      telnyx_signer: TelnyxSigner) -> None:
+    call_id = new_call_control_id()
+    assert cc(client, telnyx_signer, event("call.dtmf.received", call_id, digit="1")).status_code == 200
+    with telnyx_app.app_context():
+        assert [e["event"] for e in services().lifecycle.events("telnyx", call_id)] == ["call.dtmf.received"]
