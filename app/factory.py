@@ -44,12 +44,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 def register_blueprints(app: Flask) -> None:
     """One blueprint per entry point."""
     from app import health, telnyx, twilio
+    from app.admin import bp as admin_bp
     from app.web import bp as web_bp
 
     app.register_blueprint(health.bp)
     app.register_blueprint(twilio.bp)
     app.register_blueprint(telnyx.bp)
     app.register_blueprint(web_bp)
+    app.register_blueprint(admin_bp)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -1,8 +1,9 @@
 """Shared fixtures: a real Redis, the Kallglot emulator and the bridge under gunicorn + gevent."""
 from __future__ import annotations
 
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -151,6 +152,71 @@ def bridge_server(redis_url: str, emulator_server: RunningServer) -> Iterator[Ru
            "RECONNECT_WINDOW_SECONDS": str(E2E_RECONNECT_WINDOW_SECONDS),
            "HEARTBEAT_TIMEOUT_SECONDS": str(E2E_HEARTBEAT_TIMEOUT_SECONDS)}
     with run_gunicorn("app:create_app()", env, workers=2, port=port) as server:
+        yield server
+
+
+# -- admin UI --------------------------------------------------------------------------------------------------
+
+ADMIN_PASSWORD = "test-admin-password"
+TELNYX_API_KEY = "KEY_test_telnyx"
+
+
+@pytest.fixture
+def make_admin_app(redis_url: str, emulator: EmulatorControl, namespace: str) -> Callable[..., Flask]:
+    """Build the bridge app with the admin enabled; keyword arguments override settings (env-var names)."""
+    def build(**overrides: str) -> Flask:
+        config = {**bridge_config(redis_url, emulator.api_url, namespace, PUBLIC_URL),
+                  "ADMIN_PASSWORD": ADMIN_PASSWORD, **overrides}
+        admin_app = create_app(config)
+        admin_app.testing = True
+        return admin_app
+    return build
+
+
+@pytest.fixture
+def admin_app(make_admin_app: Callable[..., Flask]) -> Flask:
+    """The bridge app with ``ADMIN_PASSWORD`` set."""
+    return make_admin_app()
+
+
+def csrf_token_in(html: str) -> str:
+    """The CSRF token of the first form on an admin page."""
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "no CSRF token on the page"
+    return match.group(1)
+
+
+def admin_sign_in(client: FlaskClient, password: str = ADMIN_PASSWORD, name: str = "Ada") -> Any:
+    """Sign ``client`` in to the admin; returns the sign-in POST's response."""
+    token = csrf_token_in(client.get("/admin/sign-in").get_data(as_text=True))
+    return client.post("/admin/sign-in", data={"csrf_token": token, "password": password, "name": name})
+
+
+@pytest.fixture
+def admin_client(admin_app: Flask) -> FlaskClient:
+    """A test client signed in to the admin as "Ada"."""
+    test_client = admin_app.test_client()
+    assert admin_sign_in(test_client).status_code == 302
+    return test_client
+
+
+def admin_post(client: FlaskClient, path: str, data: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """POST an admin form with the session's CSRF token."""
+    token = csrf_token_in(client.get("/admin/numbers").get_data(as_text=True))
+    return client.post(path, data={"csrf_token": token, **(data or {})}, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def fake_twilio_server() -> Iterator[RunningServer]:
+    """A local fake of Twilio's number API (records requests)."""
+    with run_gunicorn("tests.support.fake_carriers:create_fake_twilio_app()") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def fake_telnyx_server() -> Iterator[RunningServer]:
+    """A local fake of Telnyx's number and application API (records requests)."""
+    with run_gunicorn("tests.support.fake_carriers:create_fake_telnyx_app()") as server:
         yield server
 
 

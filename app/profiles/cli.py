@@ -1,15 +1,22 @@
-"""``flask numbers …``: set, list, show and delete number profiles from the command line."""
+"""``flask numbers …``: set, list, show, delete, export and import number profiles from the command line.
+
+Changes are recorded in the audit log (who: ``cli``) like the admin UI's.
+"""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from typing import IO
 
 import click
 from flask import Flask
 from flask.cli import AppGroup
 
+from app.audit import AuditLog, diff
 from app.config import KALLGLOT_MODES
 from app.extensions import services
 from app.profiles.store import NumberProfile, ProfileError
+from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 
 numbers_cli = AppGroup("numbers", help="Manage number profiles (mode and languages per called number).")
 
@@ -30,6 +37,7 @@ def set_profile(number: str, mode: str | None, source_language: str | None, targ
         store.set(number, profile)
     except ProfileError as exc:
         raise click.UsageError("\n".join(f"{k}: {v}" for k, v in exc.problems.items())) from None
+    _audit("set profile", number, diff(current.to_dict() if current.own else None, profile.to_dict()))
     click.echo(f"{number}: {_describe(profile)}")
 
 
@@ -54,8 +62,43 @@ def show_profile(number: str) -> None:
 @click.argument("number")
 def delete_profile(number: str) -> None:
     """Remove NUMBER's own profile; it falls back to the default."""
+    before = services().profiles.for_number(number)
     removed = services().profiles.delete(number)
+    if removed:
+        _audit("delete profile", number, diff(before.to_dict(), None))
     click.echo(f"{number}: {'deleted' if removed else 'had no profile of its own'}")
+
+
+@numbers_cli.command("export")
+@click.argument("output", type=click.File("w"), default="-")
+def export_command(output: IO[str]) -> None:
+    """Write every number's own profile as JSON to OUTPUT (default: stdout)."""
+    document = export_profiles(services().profiles)
+    json.dump(document, output, indent=2, sort_keys=True)
+    output.write("\n")
+    click.echo(f"exported {len(document['profiles'])} profile(s)", err=True)
+
+
+@numbers_cli.command("import")
+@click.argument("source", type=click.File("r"))
+def import_command(source: IO[str]) -> None:
+    """Create or update the profiles in SOURCE (a JSON export; - for stdin): all valid, or none are written."""
+    try:
+        result = import_profiles(services().profiles, json.load(source))
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"not valid JSON: {exc}") from None
+    except ProfileImportError as exc:
+        raise click.ClickException("nothing imported:\n" + "\n".join(
+            f"  {number}: {name} {message}" for number, found in exc.problems.items()
+            for name, message in found.items())) from None
+    for number, (before, after) in result.applied.items():
+        _audit("import profile", number, diff(before.to_dict() if before else None, after.to_dict()))
+    click.echo(f"imported {len(result.applied)} profile(s)")
+
+
+def _audit(action: str, number: str, changes: dict[str, list[object]]) -> None:
+    svc = services()
+    AuditLog(svc.redis, svc.keys).record("cli", action, number, changes)
 
 
 def _describe(profile: NumberProfile) -> str:

@@ -1,0 +1,11 @@
+"""The contact-center admin UI under ``/admin``: number profiles, connecting numbers, live calls, call log.
+
+Server-rendered Jinja pages (``templates/admin/``) that work without JavaScript; CSS is served from this
+package's ``static/`` folder (no CDN). Every page needs a signed-in session (:mod:`app.admin.auth`); with no
+``ADMIN_PASSWORD`` configured the whole UI answers 404.
+"""
+from flask import Blueprint
+
+bp = Blueprint("admin", __name__, url_prefix="/admin", static_folder="static", static_url_path="/static")
+
+from app.admin import auth, views  # noqa: E402,F401  (routes and hooks register themselves on bp)
