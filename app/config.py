@@ -49,6 +49,8 @@ class Settings:
     telnyx_api_key: str = ""
     telnyx_public_key: str = ""
     admin_password: str = ""
+    #: Bearer token of the outbound-call API (``POST /api/calls``); the API is off without one.
+    api_token: str = ""
     #: REST base URLs of the carriers (the admin's "connect a number" calls them); tests point them at fakes.
     twilio_api_url: str = DEFAULT_TWILIO_API_URL
     telnyx_api_url: str = DEFAULT_TELNYX_API_URL

@@ -4,12 +4,14 @@ hangs off ``app.extensions``.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis
 from flask import Flask, current_app
 from flask_sock import Sock
 
+from app.calls.carriers import CarrierControl
 from app.calls.lifecycle import SessionLifecycle
 from app.config import Settings
 from app.kallglot.client import KallglotClient
@@ -36,6 +38,8 @@ class Services:
     profiles: ProfileStore
     lifecycle: SessionLifecycle
     relay_tokens: RelayTokenSealer
+    #: Call control per carrier name (hang up, dial), for the vendor-free lifecycle.
+    carrier_controls: Mapping[str, CarrierControl]
 
 
 def init_services(app: Flask, settings: Settings) -> Services:
@@ -46,13 +50,20 @@ def init_services(app: Flask, settings: Settings) -> Services:
                                   socket_connect_timeout=REDIS_TIMEOUT_SECONDS, health_check_interval=30, **tls)
     keys = RedisKeys(settings.redis_namespace)
     kallglot = KallglotClient(settings.kallglot_api_url, settings.kallglot_api_key)
+    # The composition root is the one place that knows every carrier adapter's call control.
+    from app.telnyx.control import TelnyxControl
+    from app.twilio.control import TwilioControl
+
+    controls: dict[str, CarrierControl] = {"twilio": TwilioControl(settings), "telnyx": TelnyxControl(settings)}
     default_profile = NumberProfile(mode=settings.default_mode, source_language=settings.default_source_language,
                                     target_language=settings.default_target_language)
     built = Services(
         settings=settings, redis=client, keys=keys, kallglot=kallglot,
         profiles=ProfileStore(client, keys, default_profile),
         lifecycle=SessionLifecycle(client, keys, kallglot,
-                                   heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds),
+                                   heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds,
+                                   hang_up=lambda carrier, call_id: controls[carrier].hang_up(call_id)),
+        carrier_controls=controls,
         relay_tokens=RelayTokenSealer(settings.secret_key),
     )
     app.extensions[EXTENSION_KEY] = built

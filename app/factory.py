@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 from app.calls.reaper import start_background_reaper
 from app.config import Settings
 from app.extensions import init_services, init_sock
-from app.logging_setup import configure_logging
+from app.logging_setup import configure_logging, register_request_log_context
 
 log = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -31,6 +31,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["SECRET_KEY"] = settings.secret_key
     built = init_services(app, settings)
     init_sock(app)
+    register_request_log_context(app)
     register_blueprints(app)
     register_error_handlers(app)
     register_cli(app)
@@ -43,13 +44,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 def register_blueprints(app: Flask) -> None:
     """One blueprint per entry point."""
-    from app import health, telnyx, twilio
+    from app import health, metrics, telnyx, twilio
+    from app.api import bp as api_bp
+    from app.kallglot.webhooks import bp as kallglot_bp
     from app.admin import bp as admin_bp
     from app.web import bp as web_bp
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(twilio.bp)
     app.register_blueprint(telnyx.bp)
+    app.register_blueprint(kallglot_bp)
+    app.register_blueprint(api_bp)
     app.register_blueprint(web_bp)
     app.register_blueprint(admin_bp)
 

@@ -1,18 +1,152 @@
-"""Log configuration: one line per event, to stderr (Heroku and Render collect it)."""
+"""Log configuration: one JSON object per line, to stderr (Heroku and Render collect it).
+
+Every line of a call carries what is known of it — ``request_id``, ``carrier``, ``call_id``, ``session_id``,
+``number`` — from a context variable: under gunicorn's gevent worker each greenlet has its own context, so
+concurrent calls never mix their fields. Secrets are kept out twice over: the code never formats them, and
+:func:`redact` scrubs the shapes they come in (``token=…`` query parameters, ``Bearer …``, Kallglot keys)
+from every rendered line as a safety net.
+
+``LOG_FORMAT=text`` switches to one human-readable line per event (local debugging); JSON is the default.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import time
+from collections.abc import Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
+from typing import Any
+
+#: The fields a call's log lines carry, in the order they are written.
+LOG_CONTEXT_FIELDS = ("request_id", "carrier", "call_id", "session_id", "number")
+#: Python's docs ask for context variables to be created once, at module level (they are keys into each
+#: greenlet's or task's own context, not state). Values are read-only mappings, replaced never mutated.
+_LOG_CONTEXT: ContextVar[Mapping[str, str]] = ContextVar("kallglot_bridge_log_context",
+                                                         default=MappingProxyType({}))
+
+_SECRET_PATTERNS = (
+    # key=value pairs that carry credentials (Kallglot stream URLs end in ?token=…).
+    (re.compile(r"(?i)(\b[a-z_]*(?:token|key|secret|password|signature)=)[^&\s'\"]+"), r"\1***"),
+    (re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1***"),
+    (re.compile(r"\bsk_(?:live|test)_[A-Za-z0-9_-]+"), "sk_***"),
+    (re.compile(r"(?i)(\brelay_token[\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9._~+/=-]+"), r"\1***"),
+)
 
 
-def configure_logging(level: str | None = None) -> None:
-    """Configure the ``app`` logger once per process; ``LOG_LEVEL`` (default INFO) sets the level."""
+def redact(text: str) -> str:
+    """``text`` with anything shaped like a credential replaced by ``***``."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def bind_log_context(**fields: str | None) -> None:
+    """Add ``fields`` (empty values are skipped) to every later log line of the current greenlet."""
+    current = _LOG_CONTEXT.get()
+    merged = {**current, **{k: str(v) for k, v in fields.items() if v}}
+    _LOG_CONTEXT.set(MappingProxyType(merged))
+
+
+def reset_log_context(**fields: str | None) -> None:
+    """Replace the current greenlet's log context with exactly ``fields`` (empty values skipped).
+
+    A keep-alive connection serves many requests in one greenlet, so each request starts from scratch.
+    """
+    _LOG_CONTEXT.set(MappingProxyType({k: str(v) for k, v in fields.items() if v}))
+
+
+def log_context() -> dict[str, str]:
+    """The current greenlet's log context (a copy)."""
+    return dict(_LOG_CONTEXT.get())
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``ts``, ``level``, ``logger``, ``message``, ``pid``, the call's context
+    fields, and ``exc`` (the traceback) when there is one. Every string is passed through :func:`redact`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as a single line of JSON."""
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+            "pid": record.process,
+        }
+        entry.update(_LOG_CONTEXT.get())
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    """The human-readable alternative (``LOG_FORMAT=text``): context fields appended as ``key=value``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [pid %(process)d] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as one line (plus a traceback), secrets redacted."""
+        context = " ".join(f"{k}={v}" for k, v in _LOG_CONTEXT.get().items())
+        return redact(super().format(record) + (f" [{context}]" if context else ""))
+
+
+def make_formatter(log_format: str | None = None) -> logging.Formatter:
+    """The formatter for ``log_format`` (default ``LOG_FORMAT``, else JSON)."""
+    chosen = (log_format or os.environ.get("LOG_FORMAT") or "json").strip().lower()
+    return TextFormatter() if chosen == "text" else JsonFormatter()
+
+
+def configure_logging(level: str | None = None, log_format: str | None = None) -> None:
+    """Configure the ``app`` logger once per process; ``LOG_LEVEL`` (default INFO) and ``LOG_FORMAT``
+    (``json``, the default, or ``text``) choose the level and the line format."""
     logger = logging.getLogger("app")
     if getattr(logger, "_kallglot_bridge_configured", False):
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [pid %(process)d] %(message)s"))
+    handler.setFormatter(make_formatter(log_format))
     logger.addHandler(handler)
     logger.setLevel((level or os.environ.get("LOG_LEVEL") or "INFO").upper())
     logger.propagate = False
     logger._kallglot_bridge_configured = True  # type: ignore[attr-defined]
+
+
+#: Headers that carry a request ID set upstream: Heroku's router, Render's proxy, Twilio's webhook token.
+REQUEST_ID_HEADERS = ("X-Request-ID", "Rndr-Id", "I-Twilio-Idempotency-Token")
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def request_log_fields(blueprint: str | None, headers: Mapping[str, str], form: Mapping[str, str],
+                       json_body: Any = None) -> dict[str, str]:
+    """The log context of one HTTP request: a request ID (upstream's, or a new one) and, on carrier routes,
+    the carrier, its call ID and the called number as the carrier sent them (form fields or Telnyx JSON)."""
+    request_id = next((headers[h] for h in REQUEST_ID_HEADERS if headers.get(h)), "") or os.urandom(8).hex()
+    fields = {"request_id": _SAFE_ID.sub("", request_id)[:64]}
+    if blueprint in ("twilio", "telnyx"):
+        fields["carrier"] = blueprint
+        call_id, number = form.get("CallSid", ""), form.get("To", "")
+        payload = json_body.get("data", {}).get("payload", {}) if isinstance(json_body, dict) else {}
+        if isinstance(payload, dict):
+            call_id = call_id or str(payload.get("call_control_id") or "")
+            number = number or str(payload.get("to") or "")
+        fields.update(call_id=call_id[:80], number=number[:32])
+    return fields
+
+
+def register_request_log_context(app: Any) -> None:
+    """Give every request's log lines its request ID and, on carrier routes, the call's fields."""
+    from flask import request
+
+    @app.before_request
+    def _bind_request_context() -> None:
+        # Read (and cache) the raw body first: signature checks (Telnyx) need it after the form is parsed.
+        request.get_data(cache=True)
+        json_body = request.get_json(silent=True) if request.is_json else None
+        reset_log_context(**request_log_fields(request.blueprint, request.headers, request.values, json_body))
+
+    @app.teardown_request
+    def _clear_request_context(_exc: BaseException | None) -> None:
+        reset_log_context()

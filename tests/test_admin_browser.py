@@ -200,9 +200,11 @@ def test_admin_configures_a_number_and_watches_its_call(
         assert (session["mode"], session["source_language"], session["target_language"]) == \
             ("assistive_translation", "de", "fr")
         find(browser, By.LINK_TEXT, "Live calls").click()
-        wait_for(browser, lambda: session["id"] in browser.page_source, "the call on the live page", reload=True)
+        wait_for(browser, lambda: session["id"] in browser.page_source and "relay ok" in browser.page_source,
+                 "the call on the live page with its relay beating", reload=True)
         row = browser.find_element(By.XPATH, f"//table[@id='live-sessions']//tr[.//code[text()='{session['id']}']]")
         assert f"{CALLER} → {NUMBER}" in row.text and "twilio" in row.text and "live" in row.text
+        assert "relay ok" in row.text  # the media socket is up and its relay beats
         screenshot(browser, "live")
     finally:
         release.set()

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from flask.testing import FlaskClient
 
-from app.admin.presenters import duration, outcome
+from app.admin.presenters import duration, outcome, relay_health
 from tests.conftest import EmulatorControl, admin_post
 from tests.test_twilio_webhooks import FROM, TO, answer, call_params, new_call_sid, post_signed
 
@@ -35,7 +35,7 @@ def test_live_page_shows_calls_in_progress(admin_client: FlaskClient, emulator: 
     assert session_id in page and call_sid in page
     assert f"{FROM} → {TO}" in page and "twilio" in page and "bidirectional_translation" in page
     assert re.search(r"<td>0:0\d</td>", page)  # duration
-    assert "<strong>live</strong>" in page
+    assert "<strong>live</strong>, stream starting" in page  # no media socket in this test: no beat yet
     assert f'aria-label="End session {session_id}"' in page
     assert '<meta http-equiv="refresh"' in page
 
@@ -105,3 +105,10 @@ def test_outcomes_and_durations() -> None:
     assert outcome({"state": "ended", "clean": "0"}, {}, []) == "ended abnormally"
     assert outcome({"state": "ended", "clean": "1"}, {}, []) == "ended cleanly"
     assert duration("100", "165") == "1:05" and duration("0", "3725") == "1:02:05" and duration(None) == ""
+
+
+def test_relay_health_from_the_heartbeat_deadline() -> None:
+    assert relay_health(None, 15, 1000) == "no relay"
+    assert relay_health(999, 15, 1000) == "relay silent"
+    assert relay_health(1050, 15, 1000) == "stream starting"
+    assert relay_health(1012, 15, 1000) == "relay ok (beat 3s ago)"

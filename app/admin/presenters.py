@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.calls.lifecycle import SessionLifecycle
+from app.extensions import Services
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class LegRow:
     call_id: str
     state: str
     record: dict[str, str]
+    relay: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,15 +62,30 @@ def duration(start: str | None, end: str | None = None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-def live_sessions(lifecycle: SessionLifecycle) -> list[SessionRow]:
-    """Every session not yet ended, with its legs' records."""
+def relay_health(deadline: float | None, timeout: float, now: float) -> str:
+    """How a leg's relay is doing, from its heartbeat deadline (the time it will count as lost)."""
+    if deadline is None:
+        return "no relay"
+    left = deadline - now
+    if left < 0:
+        return "relay silent"  # overdue: the reaper is about to treat the leg as lost
+    if left > timeout:
+        return "stream starting"  # registered with the longer start grace, no beat yet
+    return f"relay ok (beat {timeout - left:.0f}s ago)"
+
+
+def live_sessions(svc: Services) -> list[SessionRow]:
+    """Every session not yet ended, with its legs' records and relay health."""
+    now, timeout = time.time(), float(svc.settings.heartbeat_timeout_seconds)
     rows = []
-    for session in lifecycle.live_sessions():
+    for session in svc.lifecycle.live_sessions():
         legs = []
         for name, state in sorted(session.items()):
             if name.startswith("leg:"):
                 _, carrier, call_id = name.split(":", 2)
-                legs.append(LegRow(carrier, call_id, state, lifecycle.call_record(carrier, call_id)))
+                deadline = svc.redis.zscore(svc.keys.heartbeats(), f"{carrier}:{call_id}")
+                legs.append(LegRow(carrier, call_id, state, svc.lifecycle.call_record(carrier, call_id),
+                                   relay_health(deadline, timeout, now) if state == "live" else ""))
         rows.append(SessionRow(session["id"], session, legs, duration(session.get("created_at"))))
     return rows
 

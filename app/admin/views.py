@@ -206,7 +206,7 @@ def _connect(carrier: str, target: str, action: Any) -> ResponseReturnValue:
 @bp.get("/live")
 def live() -> ResponseReturnValue:
     """Sessions in progress across all instances, with their legs."""
-    return render_template("admin/live.html", sessions=presenters.live_sessions(services().lifecycle))
+    return render_template("admin/live.html", sessions=presenters.live_sessions(services()))
 
 
 @bp.post("/live/<session_id>/end")

@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
 import redis
 
+from app import metrics
 from app.kallglot.client import KallglotClient, KallglotError, KallglotNotFound
 from app.redis_keys import (
     CALL_LOG_MAX_ENTRIES, CALL_LOG_RETENTION_SECONDS, MAX_EVENTS_PER_CALL, RECORD_TTL_SECONDS, RedisKeys,
@@ -122,8 +124,11 @@ class SessionLifecycle:
     """Correlates call legs with sessions, holds and ends sessions exactly once, across workers and instances."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, kallglot: KallglotClient, *,
-                 heartbeat_timeout_seconds: float = 15.0) -> None:
+                 heartbeat_timeout_seconds: float = 15.0,
+                 hang_up: Callable[[str, str], None] | None = None) -> None:
         self._redis = client
+        # Hangs up a carrier leg (carrier, call_id): used when one participant's hang-up ends the call.
+        self._hang_up = hang_up
         self._keys = keys
         self._kallglot = kallglot
         self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
@@ -135,7 +140,7 @@ class SessionLifecycle:
     # -- correlation ---------------------------------------------------------------------------------------
     def register_leg(self, *, session_id: str, carrier: str, call_id: str, speaker: str, from_number: str,
                      to_number: str, mode: str, reconnect_window_seconds: int, hangup_grace_seconds: int = 0,
-                     reattach_from: tuple[str, str] | None = None) -> bool:
+                     agent_hangup_ends_call: bool = True, reattach_from: tuple[str, str] | None = None) -> bool:
         """Attach a live leg to ``session_id``; False if the session is ended or being ended.
 
         Idempotent: a retried webhook re-registers the same leg. ``reattach_from`` is the (to, from) pair of
@@ -151,6 +156,7 @@ class SessionLifecycle:
             pipe.hsetnx(session_key, "created_at", f"{started:.3f}")
             pipe.hsetnx(session_key, "reconnect_window", str(reconnect_window_seconds))
             pipe.hsetnx(session_key, "hangup_grace", str(hangup_grace_seconds))
+            pipe.hsetnx(session_key, "agent_hangup_ends_call", "1" if agent_hangup_ends_call else "0")
             pipe.hset(session_key, mapping={"carrier": carrier, "mode": mode})
             if speaker == "customer":
                 pipe.hset(session_key, mapping={"to": to_number, "from": from_number})
@@ -167,6 +173,8 @@ class SessionLifecycle:
                   self._keys.heartbeats(), held_key],
             args=[session_id, _leg_field(carrier, call_id), _member(carrier, call_id),
                   started + STREAM_START_GRACE_SECONDS, f"{started:.3f}"])
+        if attached and reattach_from:
+            metrics.SESSIONS_REATTACHED.labels("returning_caller").inc()
         return bool(attached)
 
     def reattach_leg(self, carrier: str, call_id: str) -> str | None:
@@ -183,7 +191,12 @@ class SessionLifecycle:
                   now + STREAM_START_GRACE_SECONDS, f"{now:.3f}"])
         if attached:
             self._redis.hincrby(self._keys.call(carrier, call_id), "stream_restarts", 1)
+            metrics.SESSIONS_REATTACHED.labels("stream_restored").inc()
         return session_id if attached else None
+
+    def claim_agent_dial(self, session_id: str) -> bool:
+        """True for exactly one caller per session: the one that dials the agent leg."""
+        return bool(self._redis.hsetnx(self._keys.session(session_id), "agent_dial", f"{time.time():.3f}"))
 
     def held_session_for(self, to_number: str, from_number: str) -> str | None:
         """The held session a new call from ``from_number`` to ``to_number`` may re-attach to."""
@@ -254,9 +267,11 @@ class SessionLifecycle:
             return None
         log.info("session=%s %s call=%s leg ended (%s, %s), %d live legs left", session_id, carrier, call_id,
                  reason, "clean" if clean else "lost", live)
-        if live:
-            return None
         session = self.session_record(session_id)
+        if live:
+            if clean:
+                self._hang_up_other_legs(session_id, session, carrier, call_id)
+            return None
         window = int(session.get("hangup_grace" if clean else "reconnect_window") or 0)
         if window <= 0:
             return self.end_session(session_id, reason, force=False)
@@ -269,7 +284,25 @@ class SessionLifecycle:
                 pipe.set(self._keys.held(call["to"], call["from"]), session_id, ex=max(1, int(window)))
             pipe.execute()
         log.info("session=%s held %ds for a reconnect (%s)", session_id, window, reason)
+        metrics.SESSIONS_HELD.inc()
         return EndOutcome.HELD
+
+    def _hang_up_other_legs(self, session_id: str, session: dict[str, str], carrier: str, call_id: str) -> None:
+        """The customer hung up (or the agent did, where the profile says so): hang up the other live legs."""
+        speaker = self._redis.hget(self._keys.call(carrier, call_id), "speaker")
+        speaker = speaker.decode() if isinstance(speaker, bytes) else speaker
+        if speaker != "customer" and not (speaker == "agent" and session.get("agent_hangup_ends_call") == "1"):
+            return
+        for (other_carrier, other_id), state in self.session_legs(session_id).items():
+            if state != LEG_LIVE:
+                continue
+            if self._hang_up is not None:
+                try:
+                    self._hang_up(other_carrier, other_id)
+                except Exception as exc:  # the leg's own status callback or heartbeat will still end it
+                    log.error("session=%s could not hang up %s call=%s: %s", session_id, other_carrier,
+                              other_id, exc)
+            self.leg_ended(other_carrier, other_id, f"{speaker}_hung_up", clean=True)
 
     def end_session(self, session_id: str, reason: str, *, force: bool = True) -> EndOutcome:
         """End ``session_id`` at Kallglot unless it is ended or being ended.
@@ -293,12 +326,14 @@ class SessionLifecycle:
             return EndOutcome.FAILED
         self._mark_ended(session_id, reason)
         log.info("session=%s ended at Kallglot (%s)", session_id, reason)
+        metrics.SESSIONS_ENDED.labels("bridge").inc()
         return EndOutcome.ENDED
 
     def _schedule_retry(self, session_id: str, claim: str, error: Exception) -> None:
         """Release the claim and put the session back on the deadlines with exponential backoff."""
         key = self._keys.session(session_id)
         attempts = int(self._redis.hincrby(key, "end_attempts", 1))
+        metrics.SESSION_END_RETRIES.inc()
         delay = min(END_RETRY_MAX_BACKOFF_SECONDS, 2 ** (attempts - 1))
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(claim)
@@ -307,11 +342,28 @@ class SessionLifecycle:
             pipe.execute()
         log.error("session=%s end failed (attempt %d), retrying in %ds: %s", session_id, attempts, delay, error)
 
+    def hang_up_live_legs(self, session_id: str, reason: str) -> int:
+        """Hang up every live leg of a session at its carrier and record their end; returns how many."""
+        count = 0
+        for (carrier, call_id), state in self.session_legs(session_id).items():
+            if state != LEG_LIVE:
+                continue
+            if self._hang_up is not None:
+                try:
+                    self._hang_up(carrier, call_id)
+                except Exception as exc:
+                    log.error("session=%s could not hang up %s call=%s: %s", session_id, carrier, call_id, exc)
+            self.leg_ended(carrier, call_id, reason, clean=True)
+            count += 1
+        return count
+
     def ended_by_kallglot(self, session_id: str, reason: str) -> bool:
         """Kallglot ended the session itself: record it so nobody calls ``end``; True the first time."""
         first = bool(self._redis.set(self._keys.session_end_claim(session_id), f"kallglot:{reason}", nx=True,
                                      ex=RECORD_TTL_SECONDS))
         self._mark_ended(session_id, f"kallglot:{reason}")
+        if first:
+            metrics.SESSIONS_ENDED.labels("kallglot").inc()
         return first
 
     def _mark_ended(self, session_id: str, reason: str) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import requests
 
+from app import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -178,9 +180,11 @@ class KallglotClient:
                 response = self._http.request(method, self.base_url + path, json=json, headers=headers, timeout=timeout)
             except requests.RequestException as exc:
                 error: KallglotError = KallglotUnavailable(type(exc).__name__, code="unreachable")
+                metrics.observe_kallglot_api(method, path, time.monotonic() - started, "unreachable")
             else:
                 log.debug("kallglot %s %s -> %s in %.0f ms", method, path, response.status_code,
                           (time.monotonic() - started) * 1000)
+                metrics.observe_kallglot_api(method, path, time.monotonic() - started, None)
                 if response.status_code < 400:
                     try:
                         return dict(response.json())
@@ -189,6 +193,7 @@ class KallglotClient:
                                                     code="invalid_response")
                 else:
                     error = _error_from_response(response)
+                metrics.count_kallglot_api_error(method, path, error.code or f"http_{error.status}")
             retryable = isinstance(error, KallglotUnavailable) or error.status in _RETRYABLE
             wait = error.retry_after if error.retry_after is not None else 0.25 * 2 ** (attempt - 1)
             if not retryable or attempt >= self.max_attempts or time.monotonic() + wait >= deadline:

@@ -9,8 +9,12 @@ import time
 
 import redis
 
+from app.calls.agent import dial_agent_if_configured
+from app.draining import current_drain
 from app.extensions import Services
+from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.kallglot.client import KallglotError
+from app.logging_setup import bind_log_context
 from app.relay.carrier import CarrierCodec
 from app.relay.core import CarrierSocket, MediaRelay, RelayEnd, await_start, close_quietly
 from app.relay.kallglot_stream import KallglotStream, KallglotStreamError
@@ -21,6 +25,8 @@ log = logging.getLogger(__name__)
 #: Names of the stream parameters our TwiML/TeXML sets and the relay reads back from ``start``.
 SESSION_PARAMETER = "session_id"
 RELAY_TOKEN_PARAMETER = "relay_token"
+#: The leg end reason recorded when the Kallglot stream could not be opened at all.
+KALLGLOT_UNREACHABLE = "relay_kallglot_unreachable"
 #: Refresh a Kallglot stream token this close to its expiry rather than risk a refused connect.
 TOKEN_REFRESH_MARGIN_SECONDS = 5.0
 
@@ -38,6 +44,7 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
         close_quietly(ws, 1008, "invalid relay token")
         return None
     context = f"{codec.carrier} call={grant.call_id} session={grant.session_id}"
+    bind_log_context(carrier=codec.carrier, call_id=grant.call_id, session_id=grant.session_id)
 
     def open_kallglot() -> KallglotStream:
         """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption §9.4)."""
@@ -54,7 +61,7 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
     except (KallglotStreamError, KallglotError) as exc:
         log.error("%s could not reach the Kallglot stream: %s", context, exc)
         # Record first: the carrier reacts to the close at once (<Connect action>) and must find the reason.
-        _leg_over(svc, codec.carrier, grant.call_id, "relay_kallglot_unreachable", context, clean=False)
+        _leg_over(svc, codec.carrier, grant.call_id, KALLGLOT_UNREACHABLE, context, clean=False)
         close_quietly(ws, 1011, "translation service unavailable")
         return None
     log.info("%s relay started (stream %s)", context, started.stream_id)
@@ -71,9 +78,15 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
 
     heartbeat = _Heartbeat(svc, codec.carrier, grant.call_id, context)
     heartbeat.start()
+    if grant.speaker == SPEAKER_CUSTOMER:
+        # Off the hot path: a REST call to the carrier, once per session (re-attached streams find it done).
+        threading.Thread(target=dial_agent_if_configured, args=(svc, grant.session_id, codec.carrier),
+                         name="dial-agent", daemon=True).start()
     try:
-        return MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
-                          context=context, on_end=record_end, reopen_kallglot=open_kallglot).run()
+        relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
+                           context=context, on_end=record_end, reopen_kallglot=open_kallglot)
+        with current_drain().track(relay):  # a deploy's SIGTERM hands the leg over as lost (app/draining.py)
+            return relay.run()
     finally:
         heartbeat.stop()
 

@@ -7,6 +7,7 @@ closes, both close. Nothing here touches Redis: the hot path does no I/O but the
 from __future__ import annotations
 
 import base64
+import contextvars
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Protocol
 
 from simple_websocket import ConnectionClosed
 
+from app import metrics
 from app.audio import DownlinkTranscoder, UnsupportedAudio
 from app.kallglot import stream_protocol
 from app.kallglot.stream_protocol import (
@@ -39,6 +41,11 @@ MULAW_BYTES_PER_MS = 8
 KALLGLOT_RECONNECT_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 4.0)
 #: Caller audio kept while the Kallglot stream is being reopened; older audio is dropped (and counted).
 KALLGLOT_RECONNECT_BUFFER_MS = 5000
+#: The relay's counters reach Prometheus every this many carrier frames (5 s of audio) and at its end:
+#: a prometheus-client ``inc()`` takes a lock, too dear per frame.
+METRICS_FLUSH_FRAMES = 250
+#: One in this many uplink chunks / downlink frames has its time inside the relay observed.
+HOP_SAMPLE_EVERY = 10
 
 
 class CarrierSocket(Protocol):
@@ -61,11 +68,13 @@ class RelayEnd(str, Enum):
     KALLGLOT_ENDED = "kallglot_ended"  # Kallglot sent ``session.ended``
     KALLGLOT_LOST = "kallglot_lost"  # the Kallglot socket closed without ``session.ended``
     PROTOCOL_ERROR = "protocol_error"  # the carrier broke its protocol; we closed the socket
+    WORKER_DRAINING = "worker_draining"  # the worker is shutting down (deploy); the leg is handed over as lost
 
 
 @dataclass
 class RelayStats:
-    """Counters for one relayed leg (logged at the end, exported as metrics later)."""
+    """Counters for one relayed leg: plain ints on the hot path, logged at the end and added to the
+    Prometheus counters in batches (:meth:`take_deltas`)."""
 
     frames_in: int = 0
     bytes_in: int = 0
@@ -80,6 +89,16 @@ class RelayStats:
     kallglot_reconnects: int = 0
     chunks_dropped_while_reconnecting: int = 0
     unknown_kallglot: Counter[str] = field(default_factory=Counter)
+    _reported: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def take_deltas(self) -> dict[str, int]:
+        """How much each int counter grew since the last call (for :func:`app.metrics.add_relay_counts`)."""
+        deltas: dict[str, int] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, int) and not name.startswith("_"):
+                deltas[name] = value - self._reported.get(name, 0)
+                self._reported[name] = value
+        return deltas
 
 
 def close_quietly(ws: CarrierSocket, code: int = 1000, message: str | None = None) -> None:
@@ -160,7 +179,10 @@ class MediaRelay:
     # -- lifecycle -----------------------------------------------------------------------------------------
     def run(self) -> RelayEnd:
         """Relay until one side ends; always closes both sockets and returns why it stopped."""
-        downlink = threading.Thread(target=self._downlink_guarded, name="relay-downlink", daemon=True)
+        # The downlink logs with this leg's context (call, session): greenlets do not inherit it by themselves.
+        downlink = threading.Thread(target=contextvars.copy_context().run, args=(self._downlink_guarded,),
+                                    name="relay-downlink", daemon=True)
+        metrics.RELAYS_LIVE.labels(self.codec.carrier).inc()
         downlink.start()
         try:
             self._uplink()
@@ -180,6 +202,9 @@ class MediaRelay:
                 except Exception:
                     log.exception("%s recording the relay's end failed", self.context)
             self._close_carrier()
+            metrics.RELAYS_LIVE.labels(self.codec.carrier).dec()
+            metrics.RELAYS_ENDED.labels(self.codec.carrier, end.value).inc()
+            metrics.add_relay_counts(self.codec.carrier, self.stats.take_deltas())
         s = self.stats
         log.info("%s relay ended (%s): in %d frames/%d B → %d chunks; out %d frames/%d B, %d marks, %d clears, "
                  "%d dropped, %d kallglot reconnects (%d chunks lost), unknown %s", self.context, end.value,
@@ -187,6 +212,10 @@ class MediaRelay:
                  s.marks_sent, s.clears, s.frames_dropped, s.kallglot_reconnects,
                  s.chunks_dropped_while_reconnecting, dict(s.unknown_kallglot))
         return end
+
+    def stop(self, why: RelayEnd = RelayEnd.WORKER_DRAINING) -> None:
+        """Ask the relay to end (from another greenlet) as if ``why`` happened; it does within one poll."""
+        self._finish(why)
 
     def _finish(self, why: RelayEnd) -> None:
         """Record the first reason to stop; later ones (the other side noticing) are ignored."""
@@ -198,9 +227,12 @@ class MediaRelay:
     # -- uplink: carrier → Kallglot ------------------------------------------------------------------------
     def _uplink(self) -> None:
         parse = self.codec.parse
+        clock = time.perf_counter
+        stats = self.stats
         while not self._ending.is_set():
             try:
                 raw = self.carrier_ws.receive(timeout=UPLINK_POLL_SECONDS)
+                received_at = clock()
             except ConnectionClosed:
                 self._finish(RelayEnd.CARRIER_LOST)
                 return
@@ -211,11 +243,16 @@ class MediaRelay:
                 continue
             event = parse(raw)
             if isinstance(event, Media):
-                self.stats.frames_in += 1
-                self.stats.bytes_in += len(event.payload)
+                stats.frames_in += 1
+                stats.bytes_in += len(event.payload)
                 self._pending += event.payload
-                if len(self._pending) >= self.chunk_bytes and not self._send_chunk(self.chunk_bytes):
-                    return
+                if len(self._pending) >= self.chunk_bytes:
+                    if not self._send_chunk(self.chunk_bytes):
+                        return
+                    if self._sequence % HOP_SAMPLE_EVERY == 0:
+                        metrics.RELAY_HOP_SECONDS.labels("uplink").observe(clock() - received_at)
+                if stats.frames_in % METRICS_FLUSH_FRAMES == 0:
+                    metrics.add_relay_counts(self.codec.carrier, stats.take_deltas())
             elif isinstance(event, Stopped):
                 self._finish(RelayEnd.CARRIER_STOP)
                 return
@@ -290,6 +327,7 @@ class MediaRelay:
                 wait = min(wait, last_audio_at + stream_protocol.UTTERANCE_GAP_SECONDS - now)
             try:
                 message = self.kallglot.receive(timeout=max(wait, 0.0))
+                received_at = time.perf_counter()
             except ConnectionClosed:
                 if self._ending.is_set() or not self._reopen():
                     self._finish(RelayEnd.KALLGLOT_LOST)
@@ -328,6 +366,8 @@ class MediaRelay:
                     return
                 self.stats.frames_to_carrier += 1
                 self.stats.bytes_to_carrier += len(mulaw)
+                if self.stats.frames_to_carrier % HOP_SAMPLE_EVERY == 0:
+                    metrics.RELAY_HOP_SECONDS.labels("downlink").observe(time.perf_counter() - received_at)
                 utterance_open, last_audio_at = True, now
             elif isinstance(message, ClearAudio):
                 if not self._to_carrier(self.codec.clear()):

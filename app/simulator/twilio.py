@@ -387,6 +387,20 @@ class TwilioCallSimulator:
         run.execute(status_callbacks)
         return run.result
 
+    def answer_outbound_call(self, answer_url: str, *, to: str, from_: str, call_sid: str, audio: bytes = b"",
+                             pace: bool = False, listen_seconds: float = 0.5, status_callback: str | None = None,
+                             hold_open: Callable[[SimulatedStream], None] | None = None) -> CallResult:
+        """Simulate the far end answering a call the service placed through Twilio's REST API.
+
+        Twilio requests ``answer_url`` (``Direction=outbound-api``, ``CallStatus=in-progress``), follows the
+        TwiML exactly as for an inbound call, and finally posts the call's ``completed`` status to
+        ``status_callback`` (the one given to ``calls.create``), if any.
+        """
+        run = _CallRun(self, to, from_, call_sid, audio, pace=pace, listen_seconds=listen_seconds, dtmf="",
+                       sign=True, hold_open=hold_open, answer_url=answer_url, status_callback=status_callback)
+        run.execute("normal" if status_callback else "none")
+        return run.result
+
 
 def _ws_scheme(url: str) -> str:
     """http -> ws, https -> wss (other schemes unchanged)."""
@@ -402,8 +416,12 @@ class _CallRun:
 
     def __init__(self, sim: TwilioCallSimulator, to: str, from_: str, call_sid: str, audio: bytes, *,
                  pace: bool, listen_seconds: float, dtmf: str, sign: bool,
-                 hold_open: Callable[[SimulatedStream], None] | None) -> None:
+                 hold_open: Callable[[SimulatedStream], None] | None, answer_url: str | None = None,
+                 status_callback: str | None = None) -> None:
         self.sim, self.to, self.from_, self.audio = sim, to, from_, audio
+        # Outbound calls (placed through the REST API) start at their answer URL and report to their own
+        # status callback; inbound ones start at /twilio/voice and report to /twilio/status.
+        self.answer_url, self.status_callback = answer_url, status_callback
         self.pace, self.listen_seconds, self.dtmf, self.sign = pace, listen_seconds, dtmf, sign
         self.hold_open = hold_open
         self.result = CallResult(call_sid=call_sid)
@@ -422,7 +440,10 @@ class _CallRun:
                 tl.append((round(time.monotonic() - self.t0, 3), event))
 
     def params(self, status: str) -> dict[str, str]:
-        return self.sim.base_params(self.to, self.from_, self.result.call_sid, status)
+        params = self.sim.base_params(self.to, self.from_, self.result.call_sid, status)
+        if self.answer_url:
+            params["Direction"] = "outbound-api"
+        return params
 
     def post(self, url: str, params: dict[str, str], method: str = "POST") -> requests.Response | None:
         """Signed webhook to a public URL; records it in callbacks; None on network failure."""
@@ -440,13 +461,17 @@ class _CallRun:
     def execute(self, status_callbacks: StatusCallbackMode) -> None:
         r = self.result
         try:
-            resp = self.sim.post_voice_webhook(self.to, self.from_, r.call_sid, sign=self.sign)
+            if self.answer_url:
+                resp = self.sim._signed_request(self.answer_url, self.params("in-progress"), sign=self.sign)
+            else:
+                resp = self.sim.post_voice_webhook(self.to, self.from_, r.call_sid, sign=self.sign)
         except requests.RequestException as exc:
             r.errors.append(f"11200: voice webhook failed: {exc}")
             self.log(f"POST /twilio/voice failed: {exc}")
         else:
             r.webhook_status = resp.status_code
-            self.log(f"POST /twilio/voice (ringing) -> HTTP {resp.status_code}")
+            first = urlsplit(self.answer_url).path if self.answer_url else "/twilio/voice (ringing)"
+            self.log(f"POST {first} -> HTTP {resp.status_code}")
             if resp.ok:
                 self.run_twiml(resp.text, depth=0)
             else:  # Twilio would try the fallback URL, else play "an application error has occurred"
@@ -592,7 +617,7 @@ class _CallRun:
         duration = math.ceil(time.monotonic() - self.t0)
         status = {**self.params("completed"), "CallDuration": str(duration), "Timestamp": _rfc2822_now(),
                   "CallbackSource": "call-progress-events", "SequenceNumber": "0"}
-        status_cb = (self.sim.public_url + "/twilio/status", "POST", status)
+        status_cb = (self.status_callback or self.sim.public_url + "/twilio/status", "POST", status)
         order = {"normal": [*self.stream_callbacks, status_cb], "none": [],
                  "twice": [*self.stream_callbacks, status_cb, status_cb],
                  "reversed": [status_cb, *self.stream_callbacks]}[mode]

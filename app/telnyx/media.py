@@ -19,7 +19,7 @@ from flask import request
 
 from app.audio import UnsupportedAudio, UplinkDecoder
 from app.extensions import Services, services, sock
-from app.relay.bridge import RELAY_TOKEN_PARAMETER, bridge_leg
+from app.relay.bridge import KALLGLOT_UNREACHABLE, RELAY_TOKEN_PARAMETER, bridge_leg
 from app.relay.carrier import (
     CarrierEvent, Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted,
 )
@@ -191,7 +191,7 @@ def _say_goodbye_if_left_up(svc: Services, call_id: str, end: RelayEnd | None) -
     try:
         if end is None:
             # No relay ran: a refused token (nothing to do for an unverified call) or Kallglot unreachable.
-            if svc.lifecycle.call_record(CARRIER, call_id).get("end_reason") != "kallglot_unreachable":
+            if svc.lifecycle.call_record(CARRIER, call_id).get("end_reason") != KALLGLOT_UNREACHABLE:
                 return
             goodbye = GOODBYE_UNAVAILABLE
         elif end in ENDS_LEAVING_CALL_UP:

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import redis
 from flask import Response, abort, request
 
+from app import metrics
 from app.extensions import Services, services
 from app.kallglot.client import KallglotError, KallglotNotFound, KallglotSession
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.logging_setup import bind_log_context
 from app.profiles import NumberProfile
+from app.relay.bridge import KALLGLOT_UNREACHABLE
+from app.relay.core import RelayEnd
 from app.relay.tokens import RelayGrant
 from app.twilio import bp, twiml
 from app.twilio.signature import request_is_from_twilio
@@ -25,7 +30,7 @@ TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", 
 #: How often one call's media stream is restored after it dropped, before the caller gets the fallback.
 MAX_STREAM_RESTARTS = 3
 #: Leg end reasons (set by the relay) after which Kallglot, not the stream, is the problem.
-KALLGLOT_FAILURES = frozenset({"relay_kallglot_unreachable", "relay_kallglot_lost"})
+KALLGLOT_FAILURES = frozenset({KALLGLOT_UNREACHABLE, f"relay_{RelayEnd.KALLGLOT_LOST.value}"})
 
 
 @bp.before_request
@@ -48,12 +53,13 @@ def _call_sid() -> str:
     return call_sid
 
 
-def _stream_twiml(svc: Services, session: KallglotSession, call_sid: str, profile: NumberProfile | None) -> str:
+def _stream_twiml(svc: Services, session: KallglotSession, call_sid: str, profile: NumberProfile | None,
+                  speaker: str = SPEAKER_CUSTOMER) -> str:
     """``<Connect><Stream>`` for ``session`` with a fresh relay token (and the greeting on a first answer)."""
     assert session.stream is not None
     expires = session.stream.expires_at.timestamp() if session.stream.expires_at else None
     token = svc.relay_tokens.seal(RelayGrant(
-        session_id=session.id, carrier=CARRIER, call_id=call_sid, speaker=SPEAKER_CUSTOMER,
+        session_id=session.id, carrier=CARRIER, call_id=call_sid, speaker=speaker,
         stream_url=session.stream.url, stream_token=session.stream.token, stream_expires_at=expires))
     return twiml.connect_stream(svc.settings, session_id=session.id, relay_token=token,
                                 greeting=profile.greeting if profile else "",
@@ -79,16 +85,20 @@ def voice() -> Response:
         profile = svc.profiles.for_number(to_number)
     except redis.RedisError as exc:
         log.error("twilio call=%s to=%s: Redis unreachable, fallback: %s", call_sid, to_number, exc)
+        metrics.count_fallback(CARRIER, "redis_unavailable")
         return _xml(twiml.fallback(svc.profiles.default))
     window = profile.effective_reconnect_window(svc.settings.reconnect_window_seconds)
     leg = dict(carrier=CARRIER, call_id=call_sid, speaker=SPEAKER_CUSTOMER, from_number=from_number,
                to_number=to_number, mode=profile.mode, reconnect_window_seconds=window,
-               hangup_grace_seconds=profile.hangup_grace_seconds)
+               hangup_grace_seconds=profile.hangup_grace_seconds,
+               agent_hangup_ends_call=profile.agent_hangup_ends_call)
     try:
         held_id = svc.lifecycle.held_session_for(to_number, from_number)
         held = _live_session(svc, held_id) if held_id else None
         if held and svc.lifecycle.register_leg(session_id=held.id, reattach_from=(to_number, from_number), **leg):
+            bind_log_context(session_id=held.id)
             log.info("twilio call=%s session=%s re-attached a returning caller", call_sid, held.id)
+            metrics.count_call(CARRIER, "reattached")
             return _xml(_stream_twiml(svc, held, call_sid, None))
         session = svc.kallglot.create_session(
             mode=profile.mode, source_language=profile.source_language or None,
@@ -103,8 +113,11 @@ def voice() -> Response:
             raise KallglotError("the call's session has already ended", code="session_ended")
     except (KallglotError, redis.RedisError) as exc:
         log.error("twilio call=%s to=%s could not start a session, fallback: %s", call_sid, to_number, exc)
+        metrics.count_fallback(CARRIER, "kallglot_unavailable" if isinstance(exc, KallglotError) else "redis_unavailable")
         return _xml(twiml.fallback(profile))
+    bind_log_context(session_id=session.id)
     log.info("twilio call=%s session=%s to=%s mode=%s answered", call_sid, session.id, to_number, profile.mode)
+    metrics.count_call(CARRIER, "answered")
     return _xml(_stream_twiml(svc, session, call_sid, profile))
 
 
@@ -169,9 +182,42 @@ def connect_action() -> Response:
     return _xml(_stream_twiml(svc, session, call_sid, None))
 
 
+@bp.post("/outbound-answer")
+def outbound_answer() -> Response:
+    """A call we dialled (agent leg, or a callback to a customer) was answered: stream it into its session."""
+    call_sid = _call_sid()
+    svc = services()
+    try:
+        call = _wait_for_leg(svc, call_sid)
+        session = _live_session(svc, call["session_id"]) if call else None
+        if call is None or session is None:
+            log.warning("twilio call=%s answered but has no live session", call_sid)
+            if call:
+                svc.lifecycle.leg_ended(CARRIER, call_sid, "session_gone")
+            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+    except (KallglotError, redis.RedisError) as exc:
+        log.error("twilio call=%s outbound answer failed, fallback: %s", call_sid, exc)
+        return _xml(twiml.fallback(NumberProfile()))
+    log.info("twilio call=%s session=%s outbound leg answered (%s)", call_sid, session.id, call["speaker"])
+    return _xml(_stream_twiml(svc, session, call_sid, None, speaker=call["speaker"]))
+
+
+def _wait_for_leg(svc: Services, call_sid: str, timeout: float = 2.0) -> dict[str, str] | None:
+    """The leg's record; Twilio may request the answer URL a moment before ``dial`` returned and registered it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        call = svc.lifecycle.call_record(CARRIER, call_sid)
+        if call.get("session_id"):
+            return call
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
 @bp.post("/fallback")
 def fallback() -> Response:
     """The number's ``VoiceFallbackUrl``: answers without touching Kallglot or Redis."""
+    metrics.count_fallback(CARRIER, "voice_fallback_url")
     log.error("twilio call=%s fallback used (ErrorCode=%s)", request.form.get("CallSid", "?"),
               request.form.get("ErrorCode", "?"))
     return _xml(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))

@@ -1,0 +1,75 @@
+"""``POST /kallglot/webhooks``: Kallglot's signed events, each handled once however often it is delivered."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+from flask import Blueprint, abort, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from app.extensions import services
+from app.kallglot.signature import verify
+from app.redis_keys import SEEN_TTL_SECONDS
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("kallglot", __name__, url_prefix="/kallglot")
+
+#: Events recorded on the call log of the session's legs (besides session.ended, which also acts).
+RECORDED_EVENTS = frozenset({
+    "session.created", "session.started", "session.ended", "transcript.ready", "transcript.segment",
+    "recording.ready", "recording.failed", "analysis.complete", "analysis.failed",
+    "session.provider.connected", "session.provider.disconnected",
+})
+MAX_BODY_BYTES = 256 * 1024
+
+
+@bp.post("/webhooks")
+def kallglot_webhook() -> ResponseReturnValue:
+    """Verify, de-duplicate on the event ``id``, record, and act on ``session.ended``."""
+    svc = services()
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        abort(413, description="webhook body too large")
+    raw = request.get_data(cache=False)
+    if not verify(svc.settings.kallglot_webhook_secret, request.headers.get("Kallglot-Signature"), raw):
+        log.warning("kallglot webhook refused: missing, stale or invalid Kallglot-Signature")
+        abort(403, description="invalid Kallglot signature")
+    try:
+        event: Any = json.loads(raw)
+    except ValueError:
+        abort(400, description="body is not JSON")
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
+        abort(400, description="event needs a string id and type")
+    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    session_id = str(data.get("session_id") or (data.get("id") if data.get("object", "session") == "session" else ""))
+    seen = svc.keys.seen("kallglot", event["id"])
+    try:
+        if not svc.redis.set(seen, "1", nx=True, ex=SEEN_TTL_SECONDS):
+            return jsonify(status="duplicate"), 200
+        try:
+            _handle(event["type"], session_id, data, event)
+        except Exception:
+            svc.redis.delete(seen)  # not handled: let Kallglot's retry try again
+            raise
+    except redis.RedisError as exc:
+        log.error("kallglot webhook %s not handled, Kallglot will retry: %s", event["id"], exc)
+        return jsonify(status="retry later"), 503
+    return jsonify(status="ok"), 200
+
+
+def _handle(kind: str, session_id: str, data: dict[str, Any], event: dict[str, Any]) -> None:
+    lifecycle = services().lifecycle
+    if not session_id or not lifecycle.session_record(session_id):
+        log.info("kallglot webhook %s for unknown session %r ignored", kind, session_id)
+        return
+    if kind in RECORDED_EVENTS:
+        summary = {"event": kind, "event_id": event["id"],
+                   **{k: str(data[k])[:200] for k in ("status", "duration", "reason", "channel") if k in data}}
+        for (carrier, call_id) in lifecycle.session_legs(session_id):
+            lifecycle.record_event(carrier, call_id, "kallglot", summary)
+    if kind == "session.ended":
+        lifecycle.ended_by_kallglot(session_id, "webhook")
+        hung_up = lifecycle.hang_up_live_legs(session_id, "kallglot_session_ended")
+        log.info("session=%s ended by Kallglot (webhook); %d live legs hung up", session_id, hung_up)
