@@ -1,0 +1,148 @@
+"""Failures of the parts around the bridge: Redis restarted mid-call or down at call time, and two bridge
+instances sharing one Redis (webhooks on one, media on the other)."""
+from __future__ import annotations
+
+import base64
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+
+import pytest
+
+from app.simulator.twilio import SimulatedStream, TwilioCallSimulator
+from tests.conftest import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config
+from tests.support.servers import RunningServer, free_port, run_gunicorn
+
+pytestmark = pytest.mark.e2e
+TO, FROM = "+15005550006", "+15551230000"
+
+
+class PersistentRedis:
+    """A private redis-server with an append-only file, so a restart keeps its data (like a managed Redis)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="kb-redis-")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is needed"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--appendonly", "yes",
+             "--appendfsync", "always", "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[PersistentRedis]:
+    redis = PersistentRedis()
+    redis.start()
+    yield redis
+    redis.stop()
+    shutil.rmtree(redis.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bridge_on_private_redis(private_redis: PersistentRedis, emulator_server: RunningServer) -> Iterator[RunningServer]:
+    port = free_port()
+    env = bridge_config(private_redis.url, emulator_server.url + "/v1", "e2e-resilience", f"http://127.0.0.1:{port}")
+    with run_gunicorn("app:create_app()", env, workers=1, port=port) as server:
+        yield server
+
+
+def wait_until(predicate, timeout: float = 8.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def test_redis_restarted_mid_call_the_call_goes_on_and_the_session_ends_once(
+        private_redis: PersistentRedis, bridge_on_private_redis: RunningServer, emulator: EmulatorControl) -> None:
+    def restart_redis(stream: SimulatedStream) -> None:
+        assert wait_until(lambda: emulator.sessions()[0]["connections_live"] == 1)
+        private_redis.stop()
+        heard_before = len(stream.heard)
+        for n in range(50):  # one second of the caller talking while Redis is down
+            stream.send_event("media", {"streamSid": stream.stream_sid, "media": {
+                "track": "inbound", "chunk": str(1000 + n), "timestamp": str(20 * n),
+                "payload": base64.b64encode(b"\x03" * 160).decode()}})
+        # No Redis on the media path: Kallglot's audio still reaches the caller during the outage.
+        assert stream.wait_for(lambda s: len(s.heard) > heard_before, timeout=5)
+        private_redis.start()
+
+    sim = TwilioCallSimulator(bridge_on_private_redis.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
+    result = sim.place_call(TO, FROM, b"\xff" * 800, pace=False, hold_open=restart_redis, listen_seconds=0.3)
+    assert result.protocol_errors == [] and not result.server_closed_first
+    (session,) = emulator.sessions()
+    assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
+    time.sleep(0.3)
+    assert emulator.session(session["id"])["end_calls"] == 1
+
+
+def test_redis_down_at_call_time_the_caller_hears_the_fallback(
+        private_redis: PersistentRedis, bridge_on_private_redis: RunningServer, emulator: EmulatorControl) -> None:
+    private_redis.stop()
+    try:
+        sim = TwilioCallSimulator(bridge_on_private_redis.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
+        response = sim.post_voice_webhook(TO, FROM)
+        assert response.status_code == 200
+        root = ET.fromstring(response.text)
+        assert root.find("Say") is not None and root.find("Hangup") is not None
+        assert emulator.sessions() == []  # nothing created that could not be tracked
+    finally:
+        private_redis.start()
+
+
+class SplitSimulator(TwilioCallSimulator):
+    """Twilio behind a load balancer: webhooks reach one bridge instance, the media socket another."""
+
+    def __init__(self, public_url: str, webhooks: RunningServer, media: RunningServer) -> None:
+        super().__init__(webhooks.url, TWILIO_AUTH_TOKEN, public_url=public_url, account_sid=TWILIO_ACCOUNT_SID)
+        self.media_url = media.url
+
+    def _real_url(self, url: str) -> str:
+        real = super()._real_url(url)
+        if real.startswith("ws://") and real.endswith("/twilio/media"):
+            return self.media_url.replace("http://", "ws://") + "/twilio/media"
+        return real
+
+
+def test_two_instances_share_the_state(redis_url: str, emulator_server: RunningServer,
+                                       emulator: EmulatorControl) -> None:
+    public = "https://bridge.example.test"
+    env = bridge_config(redis_url, emulator_server.url + "/v1", "e2e-two-instances", public)
+    with run_gunicorn("app:create_app()", env, workers=1) as first, run_gunicorn("app:create_app()", env,
+                                                                                   workers=1) as second:
+        audio = bytes(range(256)) * 5
+        result = SplitSimulator(public, webhooks=first, media=second).place_call(TO, FROM, audio, pace=False,
+                                                                                listen_seconds=0.8)
+        assert result.protocol_errors == [] and result.errors == []
+        assert "relay started" in second.log() and "relay started" not in first.log()
+        assert result.heard_audio == audio[:800]  # the full 100 ms chunk, echoed
+        (session,) = emulator.sessions()
+        assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
+        time.sleep(0.3)
+        assert emulator.session(session["id"])["end_calls"] == 1
