@@ -12,58 +12,34 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 
 from app.config import DEMO_SECRET_KEY, DEMO_TWILIO_AUTH_TOKEN
+from app.localstack import free_port, run_redis, wait_for_http
 
 BANNER = "=" * 78
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"a demo component exited early with code {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"nothing listened on port {port} within {timeout}s")
-
-
 @contextlib.contextmanager
 def _local_redis() -> Iterator[str]:
-    port = _free_port()
-    binary = shutil.which("redis-server")
-    if binary:
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        try:
-            _wait_for_port(port, proc)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
+    """A private redis-server when one is installed, else an embedded fakeredis server (``.[demo]`` extra)."""
+    if shutil.which("redis-server"):
+        with run_redis() as url:
+            yield url
         return
     try:
         import fakeredis
     except ImportError:
         raise SystemExit("No REDIS_URL, no redis-server and no fakeredis: install redis-server or "
                          "`pip install -e '.[demo]'`.") from None
-    server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
+    server = fakeredis.TcpFakeServer(("127.0.0.1", free_port()), server_type="redis")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"redis://127.0.0.1:{port}/0"
+        yield "redis://{}:{}/0".format(*server.server_address)
     finally:
         server.shutdown()
 
@@ -78,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
         if not env.get("KALLGLOT_API_KEY"):
-            emulator_port = _free_port()
+            emulator_port = free_port()
             emulator = subprocess.Popen([sys.executable, "-m", "app.emulator", "--host", "127.0.0.1",
                                          "--port", str(emulator_port)])
             stack.callback(emulator.terminate)
-            _wait_for_port(emulator_port, emulator)
+            wait_for_http(f"http://127.0.0.1:{emulator_port}/_emulator/stats", proc=emulator)
             env.update(KALLGLOT_API_URL=f"http://127.0.0.1:{emulator_port}/v1", KALLGLOT_API_KEY="sk_test_emulator",
                        DEMO_MODE="1")
             notes.append(f"KALLGLOT_API_KEY not set: using the bundled Kallglot EMULATOR on port {emulator_port}")
