@@ -12,6 +12,7 @@ WORKDIR /srv
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY templates ./templates
+# Installs the dependencies; gunicorn imports the app from /srv (its working directory), next to templates/.
 RUN pip install . && useradd --system --no-create-home bridge && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" \
     && chown bridge "$PROMETHEUS_MULTIPROC_DIR"
 COPY gunicorn.conf.py ./

@@ -55,6 +55,8 @@ logconfig_dict = {
 _METRICS_DIR_CREATED = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _METRICS_DIR_CREATED:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kallglot-bridge-metrics-")
+else:  # an operator's directory (the Dockerfile sets one) may not exist yet
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 _BRIDGE_APP = "app:create_app"
 
 
