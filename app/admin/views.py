@@ -6,6 +6,7 @@ post/redirect/get; invalid input re-renders the form with the user's values and 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,9 +20,9 @@ from app.admin.auth import admin_name
 from app.admin.forms import ProfileForm
 from app.audit import AuditLog, diff
 from app.calls.lifecycle import EndOutcome
-from app.config import KALLGLOT_MODES
+from app.config import KALLGLOT_MODES, Settings
 from app.extensions import services
-from app.profiles.store import CARRIERS, E164, ProfileError
+from app.profiles.store import CARRIERS, E164, NumberProfile, ProfileError
 from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 
 #: Largest import accepted (a few thousand profiles).
@@ -88,7 +89,7 @@ def number_edit(number: str) -> ResponseReturnValue:
     return _save(form, form.validate(), creating=False)
 
 
-def _save(form: ProfileForm, profile: Any, *, creating: bool) -> ResponseReturnValue:
+def _save(form: ProfileForm, profile: NumberProfile | None, *, creating: bool) -> ResponseReturnValue:
     store = services().profiles
     if profile is None:
         return _render_form(form, creating=creating, status=422)
@@ -189,7 +190,7 @@ def connect_telnyx(kind: str, app_id: str) -> ResponseReturnValue:
     return _connect("telnyx", f"{kind} {app_id}", lambda s: carriers.connect_telnyx(s, kind, app_id))
 
 
-def _connect(carrier: str, target: str, action: Any) -> ResponseReturnValue:
+def _connect(carrier: str, target: str, action: Callable[[Settings], dict[str, str]]) -> ResponseReturnValue:
     label = request.form.get("number", target)
     try:
         written = action(services().settings)
