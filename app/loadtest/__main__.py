@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
           f"bridge: 1 gevent worker on cpu {args.bridge_cpu}; Redis, emulator, generator on cpu {args.other_cpu}",
           flush=True)
     with stack(args.bridge_cpu, args.other_cpu, args.chunk_ms) as (bridge, emulator, worker):
-        run_step(10, args, bridge, emulator, worker)  # warm-up: imports, caches, connection pools
+        # Warm-up (imports, caches, connection pools), short and unreported.
+        run_step(10, argparse.Namespace(**{**vars(args), "steady": 2.0, "settle": 1.0}), bridge, emulator, worker)
         for calls in steps:
             result = {**run_step(calls, args, bridge, emulator, worker), "rate": args.rate}
             results.append(result)
