@@ -19,6 +19,8 @@ key                                            type    holds
 ``{ns}:deadlines``                             zset    sessions to end (held, or an ``end`` to retry) by when
 ``{ns}:heartbeats``                            zset    ``carrier:call_id`` of live legs by when they expire
 ``{ns}:held:{to}:{from}``                      string  session a returning caller re-attaches to (TTL)
+``{ns}:pending-creates``                       zset    ``carrier:call_id`` whose session create is unconfirmed
+``{ns}:pending-creates:data``                  hash    ``carrier:call_id`` → the create's idempotency key and args
 =============================================  ======  =====================================================
 
 No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
@@ -100,3 +102,11 @@ class RedisKeys:
     def admin_signin_failures(self, scope: str) -> str:
         """Key counting failed admin sign-ins for ``scope`` (a client address, or ``*`` for all) in a window."""
         return f"{self.namespace}:admin:signin-failures:{scope}"
+
+    def pending_creates(self) -> str:
+        """Key of the sorted set of legs whose Kallglot create is not yet matched by a registered leg."""
+        return f"{self.namespace}:pending-creates"
+
+    def pending_create_data(self) -> str:
+        """Key of the hash holding each pending create's idempotency key and arguments (no secrets)."""
+        return f"{self.namespace}:pending-creates:data"

@@ -55,8 +55,8 @@ def create_call() -> ResponseReturnValue:
     key = request.headers.get("Idempotency-Key") or str(uuid.uuid4())
     try:
         profile = svc.profiles.for_number(from_number)
-        session = svc.kallglot.create_session(
-            mode=profile.mode, source_language=profile.source_language or None,
+        session = svc.lifecycle.create_session(
+            carrier=carrier, call_id=f"api-{key}", mode=profile.mode, source_language=profile.source_language or None,
             target_language=profile.target_language or None, phone_number=from_number,
             idempotency_key=f"api-call-{key}"[:200],
             metadata={**profile.metadata, "direction": "outbound", "from_number": from_number,
@@ -64,6 +64,7 @@ def create_call() -> ResponseReturnValue:
         dialled = svc.keys.seen("api-call", key)
         if not svc.redis.set(dialled, "", nx=True, ex=IDEMPOTENCY_TTL_SECONDS):  # a retry: dial only once
             existing = (svc.redis.get(dialled) or b"").decode() or None
+            svc.lifecycle.confirm_create(carrier, f"api-{key}")
             return jsonify(session_id=session.id, call_id=existing, replayed=True), 200
         try:
             call_id = svc.carrier_controls[carrier].dial(to=to_number, from_=from_number, session_id=session.id,
@@ -78,6 +79,7 @@ def create_call() -> ResponseReturnValue:
             reconnect_window_seconds=profile.effective_reconnect_window(svc.settings.reconnect_window_seconds),
             hangup_grace_seconds=profile.hangup_grace_seconds,
             agent_hangup_ends_call=profile.agent_hangup_ends_call)
+        svc.lifecycle.confirm_create(carrier, f"api-{key}")
     except KallglotError as exc:
         log.error("api call to=%s: Kallglot refused the session: %s", to_number, exc)
         return jsonify(error="translation service unavailable", code=exc.code), 502
@@ -86,6 +88,7 @@ def create_call() -> ResponseReturnValue:
         return jsonify(error="state store unavailable"), 503
     except Exception as exc:  # the carrier refused the dial
         log.error("api call to=%s: dialling through %s failed: %s", to_number, carrier, exc)
+        svc.lifecycle.confirm_create(carrier, f"api-{key}")
         svc.lifecycle.end_session(session.id, "dial_failed")
         return jsonify(error="the carrier refused the call", detail=str(exc)[:200]), 502
     log.info("api call %s call=%s session=%s dialled %s", carrier, call_id, session.id, to_number)

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 
 from app import metrics
-from app.kallglot.client import KallglotClient, KallglotError, KallglotNotFound
+from app.kallglot.client import KallglotClient, KallglotError, KallglotNotFound, KallglotSession, KallglotUnavailable
 from app.redis_keys import (
     CALL_LOG_MAX_ENTRIES, CALL_LOG_RETENTION_SECONDS, MAX_EVENTS_PER_CALL, RECORD_TTL_SECONDS, RedisKeys,
 )
@@ -44,13 +44,20 @@ SESSION_END_FAILED = "end_failed"
 
 #: Before its media stream starts, a leg counts as lost after this long without a heartbeat.
 STREAM_START_GRACE_SECONDS = 60
+#: A create whose leg is not registered this long after it started is presumed orphaned (worker died).
+PENDING_CREATE_GRACE_SECONDS = 30
+PENDING_CREATE_MAX_ATTEMPTS = 5
 #: A reaper that took a due deadline has this long to finish before another may take it.
 DEADLINE_LEASE_SECONDS = 30
+#: A worker that claimed a session's end has this long (Kallglot client retries included) before the claim lapses.
+END_CLAIM_LEASE_SECONDS = 30
 END_RETRY_MAX_BACKOFF_SECONDS = 60
 
-# KEYS: call, session, heartbeats. ARGV: leg field, reason, now, heartbeat member, clean ("1"/"0").
-# Ends the leg unless it already ended; returns {changed, live legs left} atomically, so exactly one
-# caller sees "the last leg just ended".
+# KEYS: call, session, heartbeats, deadlines. ARGV: leg field, reason, now, heartbeat member, clean ("1"/"0"),
+# session id, lease seconds.
+# Ends the leg unless it already ended; returns {changed, live legs left} atomically, so exactly one caller
+# sees "the last leg just ended". That caller then ends or holds the session; should it die first, the
+# safety deadline set here (a lease) makes a reaper finish the job.
 _END_LEG = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1, 0} end
@@ -66,13 +73,18 @@ local fields = redis.call('HGETALL', KEYS[2])
 for i = 1, #fields, 2 do
   if string.sub(fields[i], 1, 4) == 'leg:' and fields[i + 1] == 'live' then live = live + 1 end
 end
+if changed == 1 and live == 0 then
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[3]) + tonumber(ARGV[7]), ARGV[6])
+end
 return {changed, live}
 """
 
-# KEYS: end claim, session. ARGV: reason, ttl, force ("1"/"0").
-# Returns 1 when this caller may call Kallglot's end, 0 when someone already claimed it, -1 when a leg is
-# live again (a reconnect won the race) and force is off.
+# KEYS: end claim, session, deadlines. ARGV: reason, lease seconds, force ("1"/"0"), session id, now.
+# Returns 1 when this caller may call Kallglot's end, 0 when the session is ended or another caller holds the
+# claim, -1 when a leg is live again (a reconnect won the race) and force is off. The claim is a lease: if its
+# holder dies mid-end the claim expires and the safety deadline set here lets a reaper end the session.
 _CLAIM_END = """
+if redis.call('HGET', KEYS[2], 'status') == 'ended' then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if ARGV[3] ~= '1' then
   local fields = redis.call('HGETALL', KEYS[2])
@@ -82,6 +94,7 @@ if ARGV[3] ~= '1' then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('HSET', KEYS[2], 'status', 'ending')
+redis.call('ZADD', KEYS[3], tonumber(ARGV[5]) + tonumber(ARGV[2]) + 1, ARGV[4])
 return 1
 """
 
@@ -137,6 +150,73 @@ class SessionLifecycle:
         self._attach_leg = client.register_script(_ATTACH_LEG)
         self._take_due = client.register_script(_TAKE_DUE)
 
+    # -- creating sessions --------------------------------------------------------------------------------
+    def create_session(self, *, carrier: str, call_id: str, idempotency_key: str,
+                       **create_args: Any) -> KallglotSession:
+        """Create the Kallglot session for a new leg, leaving a recoverable intent in Redis until it is registered.
+
+        If this worker dies between Kallglot's create and :meth:`register_leg` (or the create timed out after
+        Kallglot processed it), a reaper later replays the create with the same idempotency key — Kallglot
+        answers with the same session — and ends it, so no session is left running unseen.
+        """
+        member = _member(carrier, call_id)
+        intent = json.dumps({"key": idempotency_key, "args": create_args, "attempts": 0})
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._keys.pending_create_data(), member, intent)
+            pipe.zadd(self._keys.pending_creates(), {member: time.time() + PENDING_CREATE_GRACE_SECONDS})
+            pipe.execute()
+        try:
+            return self._kallglot.create_session(idempotency_key=idempotency_key, **create_args)
+        except KallglotError as exc:
+            # Only a transport failure is ambiguous (Kallglot may have created it); any answer is definitive.
+            if not (isinstance(exc, KallglotUnavailable) and exc.status is None):
+                self._forget_pending_create(member)
+            raise
+
+    def confirm_create(self, carrier: str, call_id: str) -> None:
+        """The session created under ``call_id`` is tracked by a registered leg of another ID (outbound calls)."""
+        self._forget_pending_create(_member(carrier, call_id))
+
+    def _forget_pending_create(self, member: str) -> None:
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._keys.pending_creates(), member)
+            pipe.hdel(self._keys.pending_create_data(), member)
+            pipe.execute()
+
+    def end_orphaned_creates(self, now: float | None = None, batch: int = 20) -> int:
+        """End sessions whose create was never followed by a registered leg; returns how many were taken."""
+        now = time.time() if now is None else now
+        taken = 0
+        for raw in self._redis.zrangebyscore(self._keys.pending_creates(), "-inf", now, start=0, num=batch):
+            member = raw.decode()
+            if not self._take_due(keys=[self._keys.pending_creates()], args=[member, now, DEADLINE_LEASE_SECONDS]):
+                continue
+            taken += 1
+            carrier, _, call_id = member.partition(":")
+            raw_intent = self._redis.hget(self._keys.pending_create_data(), member)
+            if self.session_for_call(carrier, call_id) or not raw_intent:
+                self._forget_pending_create(member)  # registered after all
+                continue
+            intent = json.loads(raw_intent)
+            try:
+                session = self._kallglot.create_session(idempotency_key=intent["key"], **intent["args"])
+                self._kallglot.end_session(session.id)
+            except KallglotError as exc:
+                intent["attempts"] += 1
+                if intent["attempts"] >= PENDING_CREATE_MAX_ATTEMPTS or not isinstance(exc, KallglotUnavailable):
+                    log.error("%s call=%s orphaned create given up: %s", carrier, call_id, exc)
+                    self._forget_pending_create(member)
+                else:
+                    with self._redis.pipeline(transaction=True) as pipe:
+                        pipe.hset(self._keys.pending_create_data(), member, json.dumps(intent))
+                        pipe.zadd(self._keys.pending_creates(), {member: now + 2 ** intent["attempts"]})
+                        pipe.execute()
+                continue
+            self._forget_pending_create(member)
+            log.warning("%s call=%s session=%s was created but never registered (worker lost?): ended", carrier,
+                        call_id, session.id)
+        return taken
+
     # -- correlation ---------------------------------------------------------------------------------------
     def register_leg(self, *, session_id: str, carrier: str, call_id: str, speaker: str, from_number: str,
                      to_number: str, mode: str, reconnect_window_seconds: int, hangup_grace_seconds: int = 0,
@@ -166,6 +246,8 @@ class SessionLifecycle:
             pipe.zadd(self._keys.recent_calls(), {f"{carrier}:{call_id}": started}, nx=True)
             pipe.zremrangebyscore(self._keys.recent_calls(), 0, started - CALL_LOG_RETENTION_SECONDS)
             pipe.zremrangebyrank(self._keys.recent_calls(), 0, -CALL_LOG_MAX_ENTRIES - 1)
+            pipe.zrem(self._keys.pending_creates(), _member(carrier, call_id))
+            pipe.hdel(self._keys.pending_create_data(), _member(carrier, call_id))
             pipe.execute()
         held_key = self._keys.held(*reattach_from) if reattach_from else ""
         attached = self._attach_leg(
@@ -260,9 +342,10 @@ class SessionLifecycle:
             return None
         now = time.time()
         changed, live = self._end_leg(
-            keys=[self._keys.call(carrier, call_id), self._keys.session(session_id), self._keys.heartbeats()],
+            keys=[self._keys.call(carrier, call_id), self._keys.session(session_id), self._keys.heartbeats(),
+                  self._keys.deadlines()],
             args=[_leg_field(carrier, call_id), reason, f"{now:.3f}", _member(carrier, call_id),
-                  "1" if clean else "0"])
+                  "1" if clean else "0", session_id, DEADLINE_LEASE_SECONDS])
         if changed != 1:
             return None
         log.info("session=%s %s call=%s leg ended (%s, %s), %d live legs left", session_id, carrier, call_id,
@@ -277,7 +360,7 @@ class SessionLifecycle:
             return self.end_session(session_id, reason, force=False)
         call = self.call_record(carrier, call_id)
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(self._keys.deadlines(), {session_id: now + window}, nx=True)
+            pipe.zadd(self._keys.deadlines(), {session_id: now + window})  # replaces the safety deadline
             pipe.hset(self._keys.session(session_id),
                       mapping={"status": SESSION_HELD, "held_until": f"{now + window:.3f}", "hold_reason": reason})
             if call.get("speaker") == "customer" and call.get("to") and call.get("from"):
@@ -311,8 +394,9 @@ class SessionLifecycle:
         meanwhile; an explicit end (admin, API) uses the default and ends it regardless.
         """
         claim = self._keys.session_end_claim(session_id)
-        claimed = self._claim_end(keys=[claim, self._keys.session(session_id)],
-                                  args=[reason, RECORD_TTL_SECONDS, "1" if force else "0"])
+        claimed = self._claim_end(keys=[claim, self._keys.session(session_id), self._keys.deadlines()],
+                                  args=[reason, END_CLAIM_LEASE_SECONDS, "1" if force else "0", session_id,
+                                        f"{time.time():.3f}"])
         if claimed == 0:
             return EndOutcome.ALREADY
         if claimed == -1:
@@ -359,6 +443,8 @@ class SessionLifecycle:
 
     def ended_by_kallglot(self, session_id: str, reason: str) -> bool:
         """Kallglot ended the session itself: record it so nobody calls ``end``; True the first time."""
+        if self._redis.hget(self._keys.session(session_id), "status") in (SESSION_ENDED, SESSION_ENDED.encode()):
+            return False
         first = bool(self._redis.set(self._keys.session_end_claim(session_id), f"kallglot:{reason}", nx=True,
                                      ex=RECORD_TTL_SECONDS))
         self._mark_ended(session_id, f"kallglot:{reason}")
@@ -368,6 +454,8 @@ class SessionLifecycle:
 
     def _mark_ended(self, session_id: str, reason: str) -> None:
         with self._redis.pipeline(transaction=True) as pipe:
+            # The claim now records the end for good (attaches and ends check it), not a short lease.
+            pipe.set(self._keys.session_end_claim(session_id), f"ended:{reason}", ex=RECORD_TTL_SECONDS)
             pipe.hset(self._keys.session(session_id),
                       mapping={"status": SESSION_ENDED, "end_reason": reason, "ended_at": f"{time.time():.3f}"})
             pipe.zrem(self._keys.live_sessions(), session_id)
@@ -385,7 +473,10 @@ class SessionLifecycle:
                 continue  # another worker took it
             taken += 1
             outcome = self.end_session(session_id, "hold_expired", force=False)
-            if outcome in (EndOutcome.ALREADY, EndOutcome.LEGS_LIVE):
+            # ALREADY with the session not ended means another worker's end is in flight: its lease deadline
+            # stays, so the session is looked at again if that worker dies.
+            if outcome is EndOutcome.LEGS_LIVE or (
+                    outcome is EndOutcome.ALREADY and self.session_record(session_id).get("status") == SESSION_ENDED):
                 self._redis.zrem(self._keys.deadlines(), session_id)
         return taken
 

@@ -22,9 +22,10 @@ class Reaper:
         self.interval_seconds = interval_seconds
         self._stop = threading.Event()
 
-    def run_once(self) -> tuple[int, int]:
-        """One pass: (lost legs handled, due sessions handled)."""
-        return self.lifecycle.expire_lost_legs(), self.lifecycle.end_due_sessions()
+    def run_once(self) -> tuple[int, int, int]:
+        """One pass: (lost legs handled, due sessions handled, orphaned creates handled)."""
+        return (self.lifecycle.expire_lost_legs(), self.lifecycle.end_due_sessions(),
+                self.lifecycle.end_orphaned_creates())
 
     def run_forever(self) -> None:
         """Poll until :meth:`stop`; Redis outages are logged and waited out, never fatal."""

@@ -374,16 +374,21 @@ class TwilioCallSimulator:
     def place_call(self, to: str, from_: str, audio: bytes = b"", *, pace: bool = True,
                    call_sid: str | None = None, listen_seconds: float = 0.5, dtmf: str = "",
                    status_callbacks: StatusCallbackMode = "normal", sign: bool = True,
-                   hold_open: Callable[[SimulatedStream], None] | None = None) -> CallResult:
+                   hold_open: Callable[[SimulatedStream], None] | None = None, fallback_url: str | None = None,
+                   restore_audio: bytes = b"") -> CallResult:
         """Simulate a complete inbound call and return what happened.
 
         ``audio`` (μ-law 8 kHz) is streamed as 20 ms frames, paced in real time unless ``pace`` is
         False; after it (and ``dtmf`` digits) ``hold_open`` is called, then we listen for
         ``listen_seconds`` before sending ``stop``. ``status_callbacks`` picks how the final callbacks
         are delivered: normal (stream-status, then status), none, twice (status sent twice), reversed.
+        ``fallback_url`` is the number's VoiceFallbackUrl, requested (with ``ErrorCode=11200``) when the
+        voice webhook fails, as Twilio does. ``restore_audio`` is what the caller says on a restored stream
+        (a caller whose line went quiet says "hello?").
         """
         run = _CallRun(self, to, from_, call_sid or new_sid("CA"), audio, pace=pace,
                        listen_seconds=listen_seconds, dtmf=dtmf, sign=sign, hold_open=hold_open)
+        run.fallback_url, run.restore_audio = fallback_url, restore_audio
         run.execute(status_callbacks)
         return run.result
 
@@ -424,6 +429,8 @@ class _CallRun:
         self.answer_url, self.status_callback = answer_url, status_callback
         self.pace, self.listen_seconds, self.dtmf, self.sign = pace, listen_seconds, dtmf, sign
         self.hold_open = hold_open
+        self.fallback_url: str | None = None
+        self.restore_audio = b""
         self.result = CallResult(call_sid=call_sid)
         self.t0 = time.monotonic()
         self._log_lock = threading.Lock()
@@ -468,16 +475,27 @@ class _CallRun:
         except requests.RequestException as exc:
             r.errors.append(f"11200: voice webhook failed: {exc}")
             self.log(f"POST /twilio/voice failed: {exc}")
+            self.use_fallback_url()
         else:
             r.webhook_status = resp.status_code
             first = urlsplit(self.answer_url).path if self.answer_url else "/twilio/voice (ringing)"
             self.log(f"POST {first} -> HTTP {resp.status_code}")
             if resp.ok:
                 self.run_twiml(resp.text, depth=0)
-            else:  # Twilio would try the fallback URL, else play "an application error has occurred"
+            else:  # Twilio tries the fallback URL, else plays "an application error has occurred"
                 r.errors.append(f"11200: voice webhook returned HTTP {resp.status_code}")
+                self.use_fallback_url()
         self.log("call ended")
         self.final_callbacks(status_callbacks)
+
+    def use_fallback_url(self) -> None:
+        """Request the number's VoiceFallbackUrl after the voice webhook failed, and follow its TwiML."""
+        if not self.fallback_url:
+            return
+        resp = self.post(self.fallback_url, {**self.params("ringing"), "ErrorCode": "11200",
+                                             "ErrorUrl": self.sim.public_url + "/twilio/voice"})
+        if resp is not None and resp.ok:
+            self.run_twiml(resp.text, depth=0)
 
     def run_twiml(self, text: str, depth: int) -> None:
         """Execute TwiML verbs in order, as Twilio does, until the document ends or the call does."""
@@ -555,7 +573,7 @@ class _CallRun:
             "tracks": ["inbound"], "customParameters": params,
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
         self.log(f"-> connected, start (streamSid {stream_sid}, customParameters {params})")
-        sent = self.send_audio(stream, self.audio if first else b"")
+        sent = self.send_audio(stream, self.audio if first else self.restore_audio)
         if first:
             r.sent_audio = sent
         for digit in self.dtmf if first else "":

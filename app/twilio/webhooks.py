@@ -10,7 +10,8 @@ from flask import Response, abort, request
 
 from app import metrics
 from app.extensions import Services, services
-from app.kallglot.client import KallglotError, KallglotNotFound, KallglotSession
+from app.calls.legs import live_session, start_inbound_leg
+from app.kallglot.client import KallglotError, KallglotSession
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.logging_setup import bind_log_context
 from app.profiles import NumberProfile
@@ -66,15 +67,6 @@ def _stream_twiml(svc: Services, session: KallglotSession, call_sid: str, profil
                                 greeting_language=profile.greeting_language if profile else "en-US")
 
 
-def _live_session(svc: Services, session_id: str) -> KallglotSession | None:
-    """The session with a current stream grant (§9.4: GET refreshes it), or None if it is over."""
-    try:
-        session = svc.kallglot.get_session(session_id)
-    except KallglotNotFound:
-        return None
-    return session if session.status != "ended" and session.stream else None
-
-
 @bp.post("/voice")
 def voice() -> Response:
     """A call came in: re-attach to the caller's held session, or create one, and connect the media stream."""
@@ -87,38 +79,20 @@ def voice() -> Response:
         log.error("twilio call=%s to=%s: Redis unreachable, fallback: %s", call_sid, to_number, exc)
         metrics.count_fallback(CARRIER, "redis_unavailable")
         return _xml(twiml.fallback(svc.profiles.default))
-    window = profile.effective_reconnect_window(svc.settings.reconnect_window_seconds)
-    leg = dict(carrier=CARRIER, call_id=call_sid, speaker=SPEAKER_CUSTOMER, from_number=from_number,
-               to_number=to_number, mode=profile.mode, reconnect_window_seconds=window,
-               hangup_grace_seconds=profile.hangup_grace_seconds,
-               agent_hangup_ends_call=profile.agent_hangup_ends_call)
     try:
-        held_id = svc.lifecycle.held_session_for(to_number, from_number)
-        held = _live_session(svc, held_id) if held_id else None
-        if held and svc.lifecycle.register_leg(session_id=held.id, reattach_from=(to_number, from_number), **leg):
-            bind_log_context(session_id=held.id)
-            log.info("twilio call=%s session=%s re-attached a returning caller", call_sid, held.id)
-            metrics.count_call(CARRIER, "reattached")
-            return _xml(_stream_twiml(svc, held, call_sid, None))
-        session = svc.kallglot.create_session(
-            mode=profile.mode, source_language=profile.source_language or None,
-            target_language=profile.target_language or None, phone_number=to_number or None,
-            # Derived from the CallSid: a retried webhook replays the same session instead of creating one.
-            idempotency_key=f"twilio-call-{call_sid}",
-            metadata={**profile.metadata, "twilio_call_sid": call_sid, "from_number": from_number,
-                      "to_number": to_number})
-        if session.stream is None:
-            raise KallglotError("session has no stream", code="no_stream")
-        if not svc.lifecycle.register_leg(session_id=session.id, **leg):
-            raise KallglotError("the call's session has already ended", code="session_ended")
+        started = start_inbound_leg(svc, carrier=CARRIER, call_id=call_sid, to_number=to_number,
+                                    from_number=from_number, metadata={"twilio_call_sid": call_sid})
     except (KallglotError, redis.RedisError) as exc:
         log.error("twilio call=%s to=%s could not start a session, fallback: %s", call_sid, to_number, exc)
         metrics.count_fallback(CARRIER, "kallglot_unavailable" if isinstance(exc, KallglotError) else "redis_unavailable")
         return _xml(twiml.fallback(profile))
+    session = started.session
     bind_log_context(session_id=session.id)
-    log.info("twilio call=%s session=%s to=%s mode=%s answered", call_sid, session.id, to_number, profile.mode)
-    metrics.count_call(CARRIER, "answered")
-    return _xml(_stream_twiml(svc, session, call_sid, profile))
+    metrics.count_call(CARRIER, "reattached" if started.reattached else "answered")
+    log.info("twilio call=%s session=%s to=%s mode=%s answered%s", call_sid, session.id, to_number, profile.mode,
+             " (re-attached)" if started.reattached else "")
+    # A returning caller is not greeted twice.
+    return _xml(_stream_twiml(svc, session, call_sid, None if started.reattached else profile))
 
 
 @bp.post("/status")
@@ -170,7 +144,7 @@ def connect_action() -> Response:
         if reason in KALLGLOT_FAILURES or int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
             svc.lifecycle.leg_ended(CARRIER, call_sid, reason or "stream_restarts_exhausted", clean=False)
             return _xml(twiml.fallback(profile))
-        session = _live_session(svc, session_id)
+        session = live_session(svc, session_id)
         if session is None or not svc.lifecycle.reattach_leg(CARRIER, call_sid):
             svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
             return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
@@ -189,7 +163,7 @@ def outbound_answer() -> Response:
     svc = services()
     try:
         call = _wait_for_leg(svc, call_sid)
-        session = _live_session(svc, call["session_id"]) if call else None
+        session = live_session(svc, call["session_id"]) if call else None
         if call is None or session is None:
             log.warning("twilio call=%s answered but has no live session", call_sid)
             if call:

@@ -1,0 +1,57 @@
+"""Starting an inbound customer leg, the same for every carrier: re-attach a returning caller to their held
+session, or create the session (recoverably, see :meth:`SessionLifecycle.create_session`) and register the leg."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from app.extensions import Services
+from app.kallglot.client import KallglotError, KallglotNotFound, KallglotSession
+from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.profiles import NumberProfile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StartedLeg:
+    """The session a new leg streams into (with a current stream grant) and the profile that applies."""
+
+    session: KallglotSession
+    profile: NumberProfile
+    reattached: bool
+
+
+def live_session(svc: Services, session_id: str) -> KallglotSession | None:
+    """The session with a current stream grant (§9.4: GET refreshes it), or None if it is over."""
+    try:
+        session = svc.kallglot.get_session(session_id)
+    except KallglotNotFound:
+        return None
+    return session if session.status != "ended" and session.stream else None
+
+
+def start_inbound_leg(svc: Services, *, carrier: str, call_id: str, to_number: str, from_number: str,
+                      metadata: dict[str, str]) -> StartedLeg:
+    """Bridge an incoming call; raises :class:`KallglotError` or ``redis.RedisError`` (the caller then plays
+    the fallback). Idempotent per call: a retried webhook replays the same session (the key is the call ID)."""
+    profile = svc.profiles.for_number(to_number)
+    leg = dict(carrier=carrier, call_id=call_id, speaker=SPEAKER_CUSTOMER, from_number=from_number,
+               to_number=to_number, mode=profile.mode, hangup_grace_seconds=profile.hangup_grace_seconds,
+               reconnect_window_seconds=profile.effective_reconnect_window(svc.settings.reconnect_window_seconds),
+               agent_hangup_ends_call=profile.agent_hangup_ends_call)
+    held_id = svc.lifecycle.held_session_for(to_number, from_number)
+    held = live_session(svc, held_id) if held_id else None
+    if held and svc.lifecycle.register_leg(session_id=held.id, reattach_from=(to_number, from_number), **leg):
+        log.info("%s call=%s session=%s re-attached a returning caller", carrier, call_id, held.id)
+        return StartedLeg(held, profile, reattached=True)
+    session = svc.lifecycle.create_session(
+        carrier=carrier, call_id=call_id, idempotency_key=f"{carrier}-call-{call_id}",
+        mode=profile.mode, source_language=profile.source_language or None,
+        target_language=profile.target_language or None, phone_number=to_number or None,
+        metadata={**profile.metadata, **metadata, "from_number": from_number, "to_number": to_number})
+    if session.stream is None:
+        raise KallglotError("session has no stream", code="no_stream")
+    if not svc.lifecycle.register_leg(session_id=session.id, **leg):
+        raise KallglotError("the call's session has already ended", code="session_ended")
+    return StartedLeg(session, profile, reattached=False)

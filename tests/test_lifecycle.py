@@ -1,0 +1,112 @@
+"""Lifecycle rules that need no call: orphaned creates, holds, deadlines and heartbeats (real Redis, emulator)."""
+from __future__ import annotations
+
+import time
+
+from flask import Flask
+
+from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome
+from app.extensions import services
+from tests.conftest import EmulatorControl
+
+TO, FROM = "+15005550006", "+15551230000"
+
+
+def leg(call_id: str, **extra: object) -> dict:
+    return dict(carrier="twilio", call_id=call_id, speaker="customer", from_number=FROM, to_number=TO,
+                mode="ai_agent", reconnect_window_seconds=60, **extra)
+
+
+def test_a_session_created_but_never_registered_is_ended_by_the_reaper(app: Flask, emulator: EmulatorControl) -> None:
+    with app.app_context():
+        lifecycle = services().lifecycle
+        session = lifecycle.create_session(carrier="twilio", call_id="CAorphan", idempotency_key="twilio-call-CAorphan",
+                                           mode="ai_agent")
+        # The worker died here: no register_leg. Nothing is due before the grace period…
+        assert lifecycle.end_orphaned_creates(now=time.time()) == 0
+        assert lifecycle.end_orphaned_creates(now=time.time() + PENDING_CREATE_GRACE_SECONDS + 1) == 1
+    ended = emulator.session(session.id)
+    assert ended["status"] == "ended" and ended["end_calls"] == 1
+    assert len(emulator.sessions()) == 1  # the replayed create found the same session
+
+
+def test_a_registered_create_is_left_alone(app: Flask, emulator: EmulatorControl) -> None:
+    with app.app_context():
+        lifecycle = services().lifecycle
+        session = lifecycle.create_session(carrier="twilio", call_id="CAok", idempotency_key="k-ok", mode="ai_agent")
+        assert lifecycle.register_leg(session_id=session.id, **leg("CAok"))
+        assert lifecycle.end_orphaned_creates(now=time.time() + 3600) == 0
+    assert emulator.session(session.id)["status"] != "ended"
+
+
+def test_lost_leg_is_held_then_ended_at_its_deadline(app: Flask, emulator: EmulatorControl) -> None:
+    with app.app_context():
+        lifecycle = services().lifecycle
+        session = lifecycle.create_session(carrier="twilio", call_id="CAheld", idempotency_key="k-held", mode="ai_agent")
+        lifecycle.register_leg(session_id=session.id, **leg("CAheld"))
+        assert lifecycle.leg_ended("twilio", "CAheld", "relay_carrier_lost", clean=False) is EndOutcome.HELD
+        assert lifecycle.held_session_for(TO, FROM) == session.id
+        assert lifecycle.leg_ended("twilio", "CAheld", "call_completed") is None  # a repeat does nothing
+        assert lifecycle.end_due_sessions(now=time.time() + 30) == 0
+        assert lifecycle.end_due_sessions(now=time.time() + 61) == 1
+        assert lifecycle.session_record(session.id)["status"] == "ended"
+    assert emulator.session(session.id)["end_calls"] == 1
+
+
+def test_reattach_cancels_the_hold(app: Flask, emulator: EmulatorControl) -> None:
+    with app.app_context():
+        lifecycle = services().lifecycle
+        session = lifecycle.create_session(carrier="twilio", call_id="CAa", idempotency_key="k-a", mode="ai_agent")
+        lifecycle.register_leg(session_id=session.id, **leg("CAa"))
+        lifecycle.leg_ended("twilio", "CAa", "relay_carrier_lost", clean=False)
+        assert lifecycle.register_leg(session_id=session.id, reattach_from=(TO, FROM), **leg("CAb"))
+        assert lifecycle.held_session_for(TO, FROM) is None
+        assert lifecycle.end_due_sessions(now=time.time() + 3600) == 0
+        assert lifecycle.session_record(session.id)["status"] == "active"
+    assert emulator.session(session.id)["status"] != "ended"
+
+
+def test_a_silent_relay_is_a_lost_leg(app: Flask, emulator: EmulatorControl) -> None:
+    with app.app_context():
+        lifecycle = services().lifecycle
+        session = lifecycle.create_session(carrier="twilio", call_id="CAhb", idempotency_key="k-hb", mode="ai_agent")
+        lifecycle.register_leg(session_id=session.id, **leg("CAhb", hangup_grace_seconds=0))
+        lifecycle.heartbeat("twilio", "CAhb")
+        assert lifecycle.expire_lost_legs(now=time.time() + 1) == 0
+        assert lifecycle.expire_lost_legs(now=time.time() + 3600) == 1
+        assert lifecycle.session_record(session.id)["status"] == "held"
+        assert lifecycle.end_due_sessions(now=time.time() + 3600) == 1
+    assert emulator.session(session.id)["status"] == "ended"
+
+
+def test_a_leg_ended_by_kallglot_is_never_ended_again(app: Flask, emulator: EmulatorControl) -> None:
+    with app.app_context():
+        lifecycle = services().lifecycle
+        session = lifecycle.create_session(carrier="twilio", call_id="CAk", idempotency_key="k-k", mode="ai_agent")
+        lifecycle.register_leg(session_id=session.id, **leg("CAk"))
+        assert lifecycle.ended_by_kallglot(session.id, "explicit_end")
+        assert lifecycle.leg_ended("twilio", "CAk", "call_completed") is EndOutcome.ALREADY
+        assert lifecycle.end_session(session.id, "admin") is EndOutcome.ALREADY
+    assert emulator.session(session.id)["end_calls"] == 0
+
+
+def test_a_worker_dying_mid_end_leaves_a_deadline_that_finishes_it(app: Flask, emulator: EmulatorControl) -> None:
+    from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS
+
+    with app.app_context():
+        svc = services()
+        lifecycle = svc.lifecycle
+        session = lifecycle.create_session(carrier="twilio", call_id="CAd", idempotency_key="k-d", mode="ai_agent")
+        lifecycle.register_leg(session_id=session.id, **leg("CAd"))
+        # The last leg ends and this worker takes the end claim… then dies before calling Kallglot.
+        lifecycle._end_leg(keys=[svc.keys.call("twilio", "CAd"), svc.keys.session(session.id), svc.keys.heartbeats(),
+                                 svc.keys.deadlines()],
+                           args=["leg:twilio:CAd", "call_completed", f"{time.time():.3f}", "twilio:CAd", "1",
+                                 session.id, 30])
+        assert lifecycle._claim_end(keys=[svc.keys.session_end_claim(session.id), svc.keys.session(session.id),
+                                          svc.keys.deadlines()],
+                                    args=["x", END_CLAIM_LEASE_SECONDS, "0", session.id, f"{time.time():.3f}"]) == 1
+        svc.redis.delete(svc.keys.session_end_claim(session.id))  # the claim's lease lapsed
+        assert lifecycle.end_due_sessions(now=time.time() + END_CLAIM_LEASE_SECONDS + 2) == 1
+        assert lifecycle.session_record(session.id)["status"] == "ended"
+    assert emulator.session(session.id)["end_calls"] == 1
