@@ -24,6 +24,7 @@ from tests.conftest import (
     E2E_HEARTBEAT_TIMEOUT_SECONDS, E2E_RECONNECT_WINDOW_SECONDS, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN,
     EmulatorControl, bridge_config,
 )
+from tests.support.waiting import only_session, wait_until
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 
 pytestmark = pytest.mark.e2e
@@ -72,19 +73,8 @@ def simulator(stack: Stack) -> TwilioCallSimulator:
     return TwilioCallSimulator(stack.bridge.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
 
 
-def wait_until(predicate, timeout: float = 8.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
-def only_session(emulator: EmulatorControl) -> dict:
-    sessions = emulator.sessions()
-    assert len(sessions) == 1, sessions
-    return sessions[0]
 
 
 def test_agent_leg_joins_the_session_and_is_hung_up_with_the_customer(clean_stack: Stack,

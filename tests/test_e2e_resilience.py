@@ -15,6 +15,7 @@ import pytest
 
 from app.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.conftest import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config
+from tests.support.waiting import wait_until
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 
 pytestmark = pytest.mark.e2e
@@ -70,13 +71,6 @@ def bridge_on_private_redis(private_redis: PersistentRedis, emulator_server: Run
         yield server
 
 
-def wait_until(predicate, timeout: float = 8.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def test_redis_restarted_mid_call_the_call_goes_on_and_the_session_ends_once(

@@ -8,7 +8,6 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ import requests
 
 from app.simulator.telnyx import TelnyxMediaLeg, TexmlCallSimulator, new_call_control_id
 from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
+from tests.support.waiting import only_session, wait_until
 from tests.conftest import EMULATOR_API_KEY, E2E_RECONNECT_WINDOW_SECONDS, EmulatorControl, FakeCallControl
 from tests.support.servers import RunningServer
 from tests.test_telnyx_codec import pcm, samples, snr_db, voiced
@@ -33,23 +33,6 @@ HOLD_SETTLE_SECONDS = E2E_RECONNECT_WINDOW_SECONDS + 6
 @pytest.fixture
 def texml(telnyx_bridge_server: RunningServer, telnyx_signer) -> TexmlCallSimulator:
     return TexmlCallSimulator(telnyx_bridge_server.url, telnyx_signer)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 8.0) -> Any:
-    """Poll ``predicate`` until truthy or ``timeout``; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
-
-
-def only_session(emulator: EmulatorControl) -> dict[str, Any]:
-    sessions = emulator.sessions()
-    assert len(sessions) == 1, sessions
-    return sessions[0]
 
 
 def ended_once(emulator: EmulatorControl, timeout: float = 8.0) -> None:

@@ -20,6 +20,7 @@ from twilio.request_validator import RequestValidator
 from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
 from app.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.conftest import E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl
+from tests.support.waiting import only_session, wait_until
 from tests.support.servers import RunningServer
 
 with warnings.catch_warnings():
@@ -35,14 +36,6 @@ def simulator(bridge_server: RunningServer) -> TwilioCallSimulator:
     return TwilioCallSimulator(bridge_server.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
 
 
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` (for effects that land after the call returns)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def live_session_id(emulator: EmulatorControl) -> str:
@@ -51,10 +44,6 @@ def live_session_id(emulator: EmulatorControl) -> str:
     return only_session(emulator)["id"]
 
 
-def only_session(emulator: EmulatorControl) -> dict:
-    sessions = emulator.sessions()
-    assert len(sessions) == 1, sessions
-    return sessions[0]
 
 
 def test_audio_flows_both_ways_byte_exact_and_the_session_ends_once(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any
 
@@ -187,10 +187,7 @@ class SessionLifecycle:
         """End sessions whose create was never followed by a registered leg; returns how many were taken."""
         now = time.time() if now is None else now
         taken = 0
-        for raw in self._redis.zrangebyscore(self._keys.pending_creates(), "-inf", now, start=0, num=batch):
-            member = raw.decode()
-            if not self._take_due(keys=[self._keys.pending_creates()], args=[member, now, DEADLINE_LEASE_SECONDS]):
-                continue
+        for member in self._take_due_members(self._keys.pending_creates(), now, batch):
             taken += 1
             carrier, _, call_id = member.partition(":")
             raw_intent = self._redis.hget(self._keys.pending_create_data(), member)
@@ -376,16 +373,7 @@ class SessionLifecycle:
         speaker = speaker.decode() if isinstance(speaker, bytes) else speaker
         if speaker != "customer" and not (speaker == "agent" and session.get("agent_hangup_ends_call") == "1"):
             return
-        for (other_carrier, other_id), state in self.session_legs(session_id).items():
-            if state != LEG_LIVE:
-                continue
-            if self._hang_up is not None:
-                try:
-                    self._hang_up(other_carrier, other_id)
-                except Exception as exc:  # the leg's own status callback or heartbeat will still end it
-                    log.error("session=%s could not hang up %s call=%s: %s", session_id, other_carrier,
-                              other_id, exc)
-            self.leg_ended(other_carrier, other_id, f"{speaker}_hung_up", clean=True)
+        self.hang_up_live_legs(session_id, f"{speaker}_hung_up")
 
     def end_session(self, session_id: str, reason: str, *, force: bool = True) -> EndOutcome:
         """End ``session_id`` at Kallglot unless it is ended or being ended.
@@ -435,7 +423,7 @@ class SessionLifecycle:
             if self._hang_up is not None:
                 try:
                     self._hang_up(carrier, call_id)
-                except Exception as exc:
+                except Exception as exc:  # the leg's own status callback or heartbeat will still end it
                     log.error("session=%s could not hang up %s call=%s: %s", session_id, carrier, call_id, exc)
             self.leg_ended(carrier, call_id, reason, clean=True)
             count += 1
@@ -467,10 +455,7 @@ class SessionLifecycle:
         """End (or retry ending) every session whose deadline passed; returns how many this call took."""
         now = time.time() if now is None else now
         taken = 0
-        for raw in self._redis.zrangebyscore(self._keys.deadlines(), "-inf", now, start=0, num=batch):
-            session_id = raw.decode()
-            if not self._take_due(keys=[self._keys.deadlines()], args=[session_id, now, DEADLINE_LEASE_SECONDS]):
-                continue  # another worker took it
+        for session_id in self._take_due_members(self._keys.deadlines(), now, batch):
             taken += 1
             outcome = self.end_session(session_id, "hold_expired", force=False)
             # ALREADY with the session not ended means another worker's end is in flight: its lease deadline
@@ -484,16 +469,21 @@ class SessionLifecycle:
         """Treat legs whose relay stopped beating as lost abnormally; returns how many this call took."""
         now = time.time() if now is None else now
         taken = 0
-        for raw in self._redis.zrangebyscore(self._keys.heartbeats(), "-inf", now, start=0, num=batch):
-            member = raw.decode()
-            if not self._take_due(keys=[self._keys.heartbeats()], args=[member, now, DEADLINE_LEASE_SECONDS]):
-                continue
+        for member in self._take_due_members(self._keys.heartbeats(), now, batch):
             taken += 1
             carrier, _, call_id = member.partition(":")
             log.warning("%s call=%s relay heartbeat lost", carrier, call_id)
             self.leg_ended(carrier, call_id, "heartbeat_lost", clean=False)
             self._redis.zrem(self._keys.heartbeats(), member)
         return taken
+
+    def _take_due_members(self, zset: str, now: float, batch: int) -> Iterator[str]:
+        """Members of ``zset`` due by ``now`` that this caller took (their score pushed forward by a lease, so
+        no other worker takes them meanwhile, and they come due again if this one dies before finishing)."""
+        for raw in self._redis.zrangebyscore(zset, "-inf", now, start=0, num=batch):
+            member = raw.decode()
+            if self._take_due(keys=[zset], args=[member, now, DEADLINE_LEASE_SECONDS]):
+                yield member
 
     # -- views for the admin UI ----------------------------------------------------------------------------
     def live_sessions(self, limit: int = 500) -> list[dict[str, str]]:

@@ -5,8 +5,9 @@ it is the only code that knows that carrier's wire format.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,20 @@ class Malformed:
 
 
 CarrierEvent = Connected | StreamStarted | Media | Dtmf | MarkPlayed | Stopped | Ignored | Malformed
+
+
+def decode_json_frame(raw: str | bytes, carrier: str) -> dict[str, Any] | Malformed:
+    """The JSON object in a carrier's text frame, or why the frame breaks the protocol (both carriers send JSON
+    text frames only: a binary frame closes with 1003, anything else unparsable with 1007)."""
+    if isinstance(raw, bytes):
+        return Malformed(f"binary frame ({carrier} sends JSON text frames only)", close_code=1003)
+    try:
+        message: Any = json.loads(raw)
+    except ValueError:
+        return Malformed("frame is not JSON")
+    if not isinstance(message, dict):
+        return Malformed("frame is not a JSON object")
+    return message
 
 
 class CarrierCodec(Protocol):

@@ -21,7 +21,7 @@ from app.audio import UnsupportedAudio, UplinkDecoder
 from app.extensions import Services, services, sock
 from app.relay.bridge import KALLGLOT_UNREACHABLE, RELAY_TOKEN_PARAMETER, bridge_leg
 from app.relay.carrier import (
-    CarrierEvent, Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted,
+    CarrierEvent, Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted, decode_json_frame,
 )
 from app.relay.core import CarrierSocket, RelayEnd
 from app.telnyx import CARRIER, bp
@@ -69,14 +69,9 @@ class TelnyxMediaCodec:
 
     def parse(self, raw: str | bytes) -> CarrierEvent:
         """Turn one Telnyx frame into a relay event; never raises."""
-        if isinstance(raw, bytes):
-            return Malformed("binary frame (Telnyx sends JSON text frames only)", close_code=1003)
-        try:
-            message: Any = json.loads(raw)
-        except ValueError:
-            return Malformed("frame is not JSON")
-        if not isinstance(message, dict):
-            return Malformed("frame is not a JSON object")
+        message = decode_json_frame(raw, "Telnyx")
+        if isinstance(message, Malformed):
+            return message
         event = message.get("event")
         if event == "media":
             return self._media(message)

@@ -4,12 +4,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
 
 from app.extensions import services, sock
 from app.relay.bridge import bridge_leg
 from app.relay.carrier import (
-    CarrierEvent, Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted,
+    CarrierEvent, Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted, decode_json_frame,
 )
 from app.relay.core import CarrierSocket
 from app.twilio import bp
@@ -25,14 +24,9 @@ class TwilioMediaCodec:
 
     def parse(self, raw: str | bytes) -> CarrierEvent:
         """Turn one Twilio frame into a relay event; never raises."""
-        if isinstance(raw, bytes):
-            return Malformed("binary frame (Twilio sends text frames only)", close_code=1003)
-        try:
-            message: Any = json.loads(raw)
-        except ValueError:
-            return Malformed("frame is not JSON")
-        if not isinstance(message, dict):
-            return Malformed("frame is not a JSON object")
+        message = decode_json_frame(raw, "Twilio")
+        if isinstance(message, Malformed):
+            return message
         event = message.get("event")
         if event == "media":
             if self.stream_sid is None:
