@@ -185,13 +185,13 @@ def test_completed_call_ends_the_session_exactly_once(client: FlaskClient, app: 
 def test_failed_end_is_retried_from_the_deadlines(client: FlaskClient, app: Flask,
                                                   emulator: EmulatorControl) -> None:
     call_sid = new_call_sid()
-    answer(client, call_sid)
-    emulator.fault(endpoint="end", status=503, code="service_unavailable", times=3)  # the client's 3 attempts
+    session_id = answer(client, call_sid).find("Connect/Stream/Parameter[@name='session_id']").get("value")
+    emulator.fault(endpoint="end", status=503, code="service_unavailable", times=3,  # the client's 3 attempts
+                   session_id=session_id)
     complete(client, call_sid)
     assert emulator.sessions()[0]["status"] != "ended"
     with app.app_context():
         lifecycle = services().lifecycle
-        session_id = emulator.sessions()[0]["id"]
         assert lifecycle.session_record(session_id)["status"] == "end_failed"
         assert lifecycle.end_due_sessions(now=time.time()) == 0  # backoff not over yet
         assert lifecycle.end_due_sessions(now=time.time() + 5) == 1

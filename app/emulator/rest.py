@@ -112,7 +112,10 @@ def normalise_fault(raw: Any) -> dict[str, Any]:
     return {"endpoint": raw["endpoint"], "status": raw.get("status"),
             "code": raw.get("code") or "service_unavailable", "type": raw.get("type") or "api_error",
             "message": raw.get("message") or "Injected fault.", "times": int(raw.get("times") or 1),
-            "retry_after": raw.get("retry_after"), "delay_seconds": float(raw.get("delay_seconds") or 0)}
+            "retry_after": raw.get("retry_after"), "delay_seconds": float(raw.get("delay_seconds") or 0),
+            # Optional: only requests about this session (get, end, connect) take the fault, so one test's
+            # fault is not consumed by another server's background work against the same emulator.
+            "session_id": raw.get("session_id")}
 
 
 def register_rest_routes(app: Flask, state: EmulatorState) -> None:
@@ -142,7 +145,7 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
         return key
 
     def apply_fault(endpoint: str) -> Response | None:
-        fault = state.take_fault(endpoint)
+        fault = state.take_fault(endpoint, (request.view_args or {}).get("session_id"))
         if fault is None:
             return None
         time.sleep(fault["delay_seconds"])  # cooperative under gevent's monkey patching

@@ -300,11 +300,11 @@ class EmulatorState:
         with self.lock:
             self.faults.extend(faults)
 
-    def take_fault(self, endpoint: str) -> dict[str, Any] | None:
-        """Consume one use of the first queued fault for ``endpoint``."""
+    def take_fault(self, endpoint: str, session_id: str | None = None) -> dict[str, Any] | None:
+        """Consume one use of the first queued fault for ``endpoint`` (and ``session_id``, if the fault names one)."""
         with self.lock:
             for fault in self.faults:
-                if fault["endpoint"] == endpoint:
+                if fault["endpoint"] == endpoint and fault.get("session_id") in (None, session_id):
                     fault["times"] -= 1
                     if fault["times"] <= 0:
                         self.faults.remove(fault)

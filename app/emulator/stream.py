@@ -56,7 +56,7 @@ class StreamHandler:
 
     def serve(self, token: str) -> None:
         """Validate the connect, then answer client messages until the socket closes."""
-        fault = self.state.take_fault("connect")
+        fault = self.state.take_fault("connect", self.session_id)
         if fault is not None:
             time.sleep(fault["delay_seconds"])
             if fault["status"] is not None:
