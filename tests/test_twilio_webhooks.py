@@ -178,8 +178,9 @@ def test_completed_call_ends_the_session_exactly_once(client: FlaskClient, app: 
         lifecycle = services().lifecycle
         record = lifecycle.session_record(session["id"])
         assert record["status"] == "ended" and record["end_reason"] == "call_completed"
+        # The repeated delivery was recognised and recorded once; the late in-progress is recorded, not acted on.
         assert [e["status"] for e in lifecycle.events("twilio", call_sid) if e["source"] == "call-status"] == \
-            ["completed", "completed", "in-progress"]
+            ["completed", "in-progress"]
 
 
 def test_failed_end_is_retried_from_the_deadlines(client: FlaskClient, app: Flask,
@@ -263,3 +264,17 @@ def test_health_and_readiness(client: FlaskClient) -> None:
 def test_landing_page_shows_where_to_point_the_number(client: FlaskClient) -> None:
     page = client.get("/").get_data(as_text=True)
     assert re.search(r"https://bridge\.example\.com/twilio/voice", page)
+
+
+def test_retried_callbacks_are_handled_once(client: FlaskClient, app: Flask, emulator: EmulatorControl) -> None:
+    call_sid = new_call_sid()
+    answer(client, call_sid)
+    params = call_params(call_sid, CallStatus="ringing", SequenceNumber="1")
+    signature = twilio_signature(PUBLIC_URL + "/twilio/status", params)
+    headers = {"X-Twilio-Signature": signature, "I-Twilio-Idempotency-Token": "token-1"}
+    for _ in range(3):
+        assert client.post("/twilio/status", data=params, headers=headers).status_code == 204
+    other = {**headers, "I-Twilio-Idempotency-Token": "token-2"}
+    assert client.post("/twilio/status", data=params, headers=other).status_code == 204
+    with app.app_context():
+        assert len(services().lifecycle.events("twilio", call_sid)) == 2

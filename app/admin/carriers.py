@@ -14,10 +14,10 @@ from typing import Any
 import requests
 import telnyx
 from twilio.base.exceptions import TwilioException
-from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client as TwilioClient
 
 from app.config import Settings
+from app.twilio.control import rest_client
 
 #: Carrier REST calls run inside a page request: fail rather than hang.
 CARRIER_TIMEOUT_SECONDS = 10.0
@@ -58,10 +58,7 @@ def twilio_configured(settings: Settings) -> bool:
 
 
 def _twilio_client(settings: Settings) -> TwilioClient:
-    client = TwilioClient(settings.twilio_account_sid, settings.twilio_auth_token,
-                          http_client=TwilioHttpClient(timeout=CARRIER_TIMEOUT_SECONDS))
-    client.api.base_url = settings.twilio_api_url.rstrip("/")
-    return client
+    return rest_client(settings, timeout=CARRIER_TIMEOUT_SECONDS)
 
 
 def twilio_wanted(settings: Settings) -> dict[str, str]:

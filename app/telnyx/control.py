@@ -16,7 +16,6 @@ import uuid
 from typing import Any
 
 import telnyx
-from flask import current_app
 
 from app.config import Settings
 from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
@@ -24,7 +23,6 @@ from app.telnyx import CARRIER
 
 log = logging.getLogger(__name__)
 
-EXTENSION_KEY = "telnyx_control"
 #: Telnyx's streaming WebSocket header carrying ``stream_auth_token`` (also echoed in ``connected``).
 STREAM_AUTH_HEADER = "x-telnyx-streaming-auth-token"
 #: Return audio as raw μ-law frames: without ``rtp`` Telnyx expects MP3 and silently drops what we send.
@@ -133,10 +131,9 @@ class TelnyxControl:
 
 
 def telnyx_control() -> TelnyxControl:
-    """The current app's :class:`TelnyxControl` (built on first use and kept on ``app.extensions``)."""
+    """The current app's :class:`TelnyxControl` (the one in ``services().carrier_controls``)."""
     from app.extensions import services
 
-    control = current_app.extensions.get(EXTENSION_KEY)
-    if control is None:
-        control = current_app.extensions.setdefault(EXTENSION_KEY, TelnyxControl(services().settings))
+    control = services().carrier_controls[CARRIER]
+    assert isinstance(control, TelnyxControl)
     return control

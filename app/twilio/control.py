@@ -22,10 +22,10 @@ API_TIMEOUT_SECONDS = 5.0
 CALL_GONE_CODES = frozenset({20404, 21220})
 
 
-def rest_client(settings: Settings) -> Client:
+def rest_client(settings: Settings, timeout: float = API_TIMEOUT_SECONDS) -> Client:
     """A twilio REST client for the configured account, honouring ``TWILIO_API_URL``."""
     client = Client(settings.twilio_account_sid, settings.twilio_auth_token,
-                    http_client=TwilioHttpClient(timeout=API_TIMEOUT_SECONDS))
+                    http_client=TwilioHttpClient(timeout=timeout))
     client.api.base_url = settings.twilio_api_url.rstrip("/")
     return client
 

@@ -1,6 +1,7 @@
 """Twilio's HTTP webhooks: voice (answer the call), call status, stream status, connect action, fallback."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -17,6 +18,7 @@ from app.logging_setup import bind_log_context
 from app.profiles import NumberProfile
 from app.relay.bridge import KALLGLOT_UNREACHABLE
 from app.relay.core import RelayEnd
+from app.redis_keys import SEEN_TTL_SECONDS
 from app.relay.tokens import RelayGrant
 from app.twilio import bp, twiml
 from app.twilio.signature import request_is_from_twilio
@@ -95,13 +97,29 @@ def voice() -> Response:
     return _xml(_stream_twiml(svc, session, call_sid, None if started.reattached else profile))
 
 
+def _first_delivery(svc: Services) -> bool:
+    """False for a retried delivery of a callback already handled.
+
+    Twilio marks each webhook with ``I-Twilio-Idempotency-Token`` (the same on its retries); without it the
+    signed parameters themselves identify the delivery (a retry repeats them exactly, ``Timestamp`` included).
+    """
+    token = request.headers.get("I-Twilio-Idempotency-Token", "")[:200]
+    if not token:
+        params = "&".join(f"{k}={v}" for k, v in sorted(request.form.items(multi=True)))
+        token = hashlib.sha256(f"{request.path}?{params}".encode()).hexdigest()
+    return bool(svc.redis.set(svc.keys.seen(CARRIER, token), "1", nx=True, ex=SEEN_TTL_SECONDS))
+
+
 @bp.post("/status")
 def call_status() -> tuple[str, int]:
     """Call status callback: record it; a final status ends the leg (and the session, exactly once)."""
     call_sid = _call_sid()
     status = request.form.get("CallStatus", "")
-    lifecycle = services().lifecycle
+    svc = services()
+    lifecycle = svc.lifecycle
     try:
+        if not _first_delivery(svc):
+            return "", 204
         lifecycle.record_event(CARRIER, call_sid, "call-status", {
             "status": status, "sequence": request.form.get("SequenceNumber", ""),
             "duration": request.form.get("CallDuration", "")})
@@ -118,8 +136,11 @@ def stream_status() -> tuple[str, int]:
     """``<Stream statusCallback>``: recorded. The relay and the call status decide what a stop means."""
     call_sid = _call_sid()
     event = request.form.get("StreamEvent", "")
+    svc = services()
     try:
-        services().lifecycle.record_event(CARRIER, call_sid, "stream-status", {
+        if not _first_delivery(svc):
+            return "", 204
+        svc.lifecycle.record_event(CARRIER, call_sid, "stream-status", {
             "event": event, "stream_sid": request.form.get("StreamSid", ""),
             "error": request.form.get("StreamError", "")[:200]})
     except redis.RedisError as exc:
