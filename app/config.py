@@ -48,6 +48,8 @@ class Settings:
     twilio_auth_token: str = ""
     telnyx_api_key: str = ""
     telnyx_public_key: str = ""
+    #: The Call Control application id outbound Telnyx legs (agent, callbacks) are dialled through.
+    telnyx_connection_id: str = ""
     admin_password: str = ""
     #: Bearer token of the outbound-call API (``POST /api/calls``); the API is off without one.
     api_token: str = ""

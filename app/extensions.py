@@ -54,7 +54,7 @@ def init_services(app: Flask, settings: Settings) -> Services:
     from app.telnyx.control import TelnyxControl
     from app.twilio.control import TwilioControl
 
-    controls: dict[str, CarrierControl] = {"twilio": TwilioControl(settings), "telnyx": TelnyxControl(settings)}
+    controls: dict[str, CarrierControl] = {"twilio": TwilioControl(settings), "telnyx": TelnyxControl(settings, connection_id=settings.telnyx_connection_id)}
     default_profile = NumberProfile(mode=settings.default_mode, source_language=settings.default_source_language,
                                     target_language=settings.default_target_language)
     built = Services(

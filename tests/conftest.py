@@ -222,6 +222,7 @@ def fake_telnyx_server() -> Iterator[RunningServer]:
 
 # -- Telnyx ------------------------------------------------------------------------------------------------------
 TELNYX_TEST_API_KEY = "KEY-test-telnyx-call-control"
+TELNYX_CONNECTION_ID = "1494404757140276705"
 
 
 @pytest.fixture(scope="session")
@@ -309,6 +310,7 @@ def telnyx_bridge_server(redis_url: str, emulator_server: RunningServer, telnyx_
     env = {**telnyx_config(bridge_config(redis_url, emulator_server.url + "/v1", "e2e-telnyx", url),
                            telnyx_signer.public_key, fake_call_control_server.url + "/v2"),
            "RECONNECT_WINDOW_SECONDS": str(E2E_RECONNECT_WINDOW_SECONDS),
-           "HEARTBEAT_TIMEOUT_SECONDS": str(E2E_HEARTBEAT_TIMEOUT_SECONDS)}
+           "HEARTBEAT_TIMEOUT_SECONDS": str(E2E_HEARTBEAT_TIMEOUT_SECONDS),
+           "TELNYX_CONNECTION_ID": TELNYX_CONNECTION_ID}
     with run_gunicorn("app:create_app()", env, workers=2, port=telnyx_bridge_port) as server:
         yield server

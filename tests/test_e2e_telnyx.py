@@ -193,3 +193,41 @@ def test_call_control_kallglot_stream_unreachable_is_not_dead_air(fake_call_cont
     assert call["close_codes"] in ([1011], [1000]) and call["spoken"]
     assert wait_until(lambda: emulator.session(only_session(emulator)["id"])["status"] == "ended",
                       HOLD_SETTLE_SECONDS)
+
+
+def test_call_control_agent_leg_is_dialled_streams_and_is_hung_up_with_the_customer(
+        fake_call_control: FakeCallControl, emulator: EmulatorControl, telnyx_bridge_server: RunningServer,
+        redis_url: str) -> None:
+    import redis as redis_lib
+
+    from app.profiles import NumberProfile, ProfileStore
+    from app.redis_keys import RedisKeys
+
+    agent = "+15557770000"
+    client = redis_lib.Redis.from_url(redis_url)
+    store = ProfileStore(client, RedisKeys("e2e-telnyx"), NumberProfile())
+    store.set(TO, NumberProfile(carrier="telnyx", agent_number=agent))
+    try:
+        # The customer talks, then listens long enough for the agent to be dialled, answer and talk.
+        call_id = fake_call_control.place_call(to=TO, payload=base64.b64encode(b"\xff" * 1600).decode(),
+                                               listen_seconds=3.0)
+        session = wait_until(lambda: emulator.sessions() and emulator.sessions()[0], timeout=5)
+        assert wait_until(lambda: emulator.session(session["id"])["audio_input_messages"].get("agent", 0) >= 10)
+        customer = finished_call(fake_call_control, call_id)
+        assert customer["protocol_errors"] == []
+        dials = [c for c in fake_call_control.commands() if c["action"] == "dial"]
+        assert len(dials) == 1
+        dial = dials[0]
+        assert (dial["body"]["to"], dial["body"]["from"]) == (agent, TO)
+        assert dial["body"]["connection_id"] == "1494404757140276705"
+        # The customer hung up (normal_clearing): the bridge hung the agent up, and the session ended once.
+        agent_call = wait_until(lambda: (c := fake_call_control.call(dial["call_control_id"]))["hung_up"] and c)
+        assert agent_call and any(c["action"] == "hangup" for c in agent_call["commands"])
+        # The agent heard Kallglot on its own leg (its media socket's result lands just after the hang-up).
+        assert wait_until(lambda: len(base64.b64decode(fake_call_control.call(dial["call_control_id"])["heard"]))
+                          >= 1600), fake_call_control.call(dial["call_control_id"])
+        ended_once(emulator)
+        assert set(only_session(emulator)["audio_received"]) == {"customer", "agent"}
+    finally:
+        store.delete(TO)
+        client.close()

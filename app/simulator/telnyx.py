@@ -182,9 +182,10 @@ class TelnyxMediaLeg:
         self._reader.join(timeout=2.0)
 
     def finish(self, listen_seconds: float) -> LegResult:
-        """Listen for up to ``listen_seconds`` (less if the server closes), then hang up unless it closed."""
-        self.wait_for(lambda r: r.server_closed_first, listen_seconds)
-        if not self.result.server_closed_first:
+        """Listen for up to ``listen_seconds`` (less if the server closes or the call is hung up meanwhile),
+        then hang up unless it closed or already hung up."""
+        self.wait_for(lambda r: r.server_closed_first or self._closing, listen_seconds)
+        if not self.result.server_closed_first and not self._closing:
             self.hang_up()
         self._reader.join(timeout=2.0)
         return self.result

@@ -29,6 +29,7 @@ from app.simulator.telnyx import TelnyxMediaLeg, TelnyxSigner, new_call_control_
 
 EXTENSION_KEY = "fake_telnyx"
 WEBHOOK_TIMEOUT_SECONDS = 10.0
+DIAL_RING_SECONDS = 0.3
 
 
 @dataclass
@@ -100,6 +101,12 @@ class FakeTelnyx:
         """An inbound call arrives: ``call.initiated`` (parked) and wait for commands."""
         self.webhook(call, "call.initiated", direction="incoming", state="parked", client_state=None,
                      offered_codecs="PCMA,PCMU", start_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def answer_dialled(self, call: FakeCall, client_state: Any) -> None:
+        """A call the bridge dialled rings, then is answered: ``call.initiated`` and ``call.answered`` (outgoing)."""
+        self.webhook(call, "call.initiated", direction="outgoing", state="bridging", client_state=client_state)
+        time.sleep(DIAL_RING_SECONDS)
+        self.webhook(call, "call.answered", direction="outgoing", state="answered", client_state=client_state)
 
     def command(self, call: FakeCall, action: str, body: dict[str, Any]) -> None:
         """React to a command as Telnyx would (runs after the HTTP response, in its own thread)."""
@@ -176,6 +183,7 @@ def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
     signer = TelnyxSigner.from_seed_b64(settings["FAKE_TELNYX_SIGNING_SEED"]) \
         if settings["FAKE_TELNYX_SIGNING_SEED"] else TelnyxSigner()
     fake = FakeTelnyx(settings["FAKE_TELNYX_WEBHOOK_URL"], signer, settings["FAKE_TELNYX_API_KEY"])
+    dialled_seconds = float(settings.get("FAKE_TELNYX_DIALLED_AUDIO_SECONDS") or 1)
     app = Flask(__name__)
     app.extensions[EXTENSION_KEY] = fake
 
@@ -204,8 +212,15 @@ def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
         authorised()
         body = request.get_json(silent=True) or {}
         call_control_id = new_call_control_id()
+        # The far end answers after a short ring and talks (dialled_audio_seconds of 0x07), then stays on
+        # until hung up: like an agent picking up.
+        call = FakeCall(call_control_id=call_control_id, to=str(body.get("to", "")), from_=str(body.get("from", "")),
+                        scenario={"payload": base64.b64encode(b"\x07" * int(8000 * dialled_seconds)).decode(),
+                                  "listen_seconds": 30})
         with fake.lock:
             fake.commands.append({"call_control_id": call_control_id, "action": "dial", "body": body})
+            fake.calls[call_control_id] = call
+        _spawn(fake.answer_dialled, call, body.get("client_state"))
         return jsonify(data={"call_control_id": call_control_id, "call_leg_id": str(uuid.uuid4()),
                              "call_session_id": str(uuid.uuid4()), "is_alive": False, "record_type": "call"})
 
