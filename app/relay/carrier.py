@@ -99,3 +99,15 @@ class CarrierCodec(Protocol):
 
     def clear(self) -> str:
         """A frame that drops all audio queued for the caller (barge-in)."""
+
+
+def parse_shared_event(event: object, message: dict[str, Any]) -> CarrierEvent | None:
+    """``stop``, ``dtmf`` and ``mark``, which Twilio and Telnyx frame alike; None for any other event."""
+    if event == "stop":
+        return Stopped()
+    if event in ("dtmf", "mark"):
+        body = message.get(event)
+        if not isinstance(body, dict):
+            return Ignored(str(event))
+        return Dtmf(str(body.get("digit", ""))) if event == "dtmf" else MarkPlayed(str(body.get("name", "")))
+    return None

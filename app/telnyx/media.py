@@ -21,7 +21,7 @@ from app.audio import UnsupportedAudio, UplinkDecoder
 from app.extensions import Services, services, sock
 from app.relay.bridge import KALLGLOT_UNREACHABLE, RELAY_TOKEN_PARAMETER, bridge_leg
 from app.relay.carrier import (
-    CarrierEvent, Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted, decode_json_frame,
+    CarrierEvent, Connected, Ignored, Malformed, Media, StreamStarted, decode_json_frame, parse_shared_event,
 )
 from app.relay.core import CarrierSocket, RelayEnd
 from app.telnyx import CARRIER, bp
@@ -82,14 +82,9 @@ class TelnyxMediaCodec:
             if isinstance(token, str) and token and not self.auth_token:
                 self.auth_token = token
             return Connected()
-        if event == "stop":
-            return Stopped()
-        if event == "dtmf":
-            dtmf = message.get("dtmf")
-            return Dtmf(str(dtmf.get("digit", ""))) if isinstance(dtmf, dict) else Ignored("dtmf")
-        if event == "mark":
-            mark = message.get("mark")
-            return MarkPlayed(str(mark.get("name", ""))) if isinstance(mark, dict) else Ignored("mark")
+        shared = parse_shared_event(event, message)
+        if shared is not None:
+            return shared
         if event == "error":
             # Telnyx reports our mistakes here (100003 malformed frame, 100005 rate limit…); layout unverified.
             log.warning("telnyx stream=%s error frame: %.200s", self.stream_id, json.dumps(message.get("payload")

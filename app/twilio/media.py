@@ -8,7 +8,7 @@ import json
 from app.extensions import services, sock
 from app.relay.bridge import bridge_leg
 from app.relay.carrier import (
-    CarrierEvent, Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted, decode_json_frame,
+    CarrierEvent, Connected, Ignored, Malformed, Media, StreamStarted, decode_json_frame, parse_shared_event,
 )
 from app.relay.core import CarrierSocket
 from app.twilio import bp
@@ -52,14 +52,9 @@ class TwilioMediaCodec:
                                  if isinstance(params, dict) else {})
         if event == "connected":
             return Connected()
-        if event == "stop":
-            return Stopped()
-        if event == "dtmf":
-            dtmf = message.get("dtmf")
-            return Dtmf(str(dtmf.get("digit", ""))) if isinstance(dtmf, dict) else Ignored("dtmf")
-        if event == "mark":
-            mark = message.get("mark")
-            return MarkPlayed(str(mark.get("name", ""))) if isinstance(mark, dict) else Ignored("mark")
+        shared = parse_shared_event(event, message)
+        if shared is not None:
+            return shared
         return Ignored(str(event))
 
     def media(self, mulaw: bytes) -> str:
