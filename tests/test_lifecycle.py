@@ -110,3 +110,15 @@ def test_a_worker_dying_mid_end_leaves_a_deadline_that_finishes_it(app: Flask, e
         assert lifecycle.end_due_sessions(now=time.time() + END_CLAIM_LEASE_SECONDS + 2) == 1
         assert lifecycle.session_record(session.id)["status"] == "ended"
     assert emulator.session(session.id)["end_calls"] == 1
+
+
+def test_a_create_registered_under_another_call_id_is_not_an_orphan(app: Flask, emulator: EmulatorControl) -> None:
+    with app.app_context():
+        lifecycle = services().lifecycle
+        # The outbound API creates under its request key, then registers the dialled call's own ID.
+        session = lifecycle.create_session(carrier="twilio", call_id="api-k1", idempotency_key="api-call-k1",
+                                           mode="ai_agent")
+        assert lifecycle.register_leg(session_id=session.id, **leg("CAdialled"))
+        # (the worker died before confirming the create)
+        assert lifecycle.end_orphaned_creates(now=time.time() + PENDING_CREATE_GRACE_SECONDS + 1) == 1
+    assert emulator.session(session.id)["status"] != "ended"

@@ -197,6 +197,10 @@ class SessionLifecycle:
             intent = json.loads(raw_intent)
             try:
                 session = self._kallglot.create_session(idempotency_key=intent["key"], **intent["args"])
+                if self.session_record(session.id):
+                    # Registered after all, under another call ID (an outbound leg): not an orphan.
+                    self._forget_pending_create(member)
+                    continue
                 self._kallglot.end_session(session.id)
             except KallglotError as exc:
                 intent["attempts"] += 1
