@@ -27,11 +27,16 @@ def dial_agent_if_configured(svc: Services, session_id: str, carrier: str) -> st
         control = svc.carrier_controls[carrier]
         call_id = control.dial(to=profile.agent_number, from_=to_number, session_id=session_id,
                                speaker=SPEAKER_AGENT)
-        lifecycle.register_leg(
-            session_id=session_id, carrier=carrier, call_id=call_id, speaker=SPEAKER_AGENT, from_number=to_number,
-            to_number=profile.agent_number, mode=session.get("mode", profile.mode),
-            reconnect_window_seconds=int(session.get("reconnect_window") or 0),
-            hangup_grace_seconds=int(session.get("hangup_grace") or 0))
+        if not lifecycle.register_leg(
+                session_id=session_id, carrier=carrier, call_id=call_id, speaker=SPEAKER_AGENT,
+                from_number=to_number, to_number=profile.agent_number, mode=session.get("mode", profile.mode),
+                reconnect_window_seconds=int(session.get("reconnect_window") or 0),
+                hangup_grace_seconds=int(session.get("hangup_grace") or 0)):
+            # The customer hung up (and the session ended) while the agent's phone was ringing.
+            log.info("session=%s ended before the agent answered: hanging up %s call=%s", session_id, carrier,
+                     call_id)
+            control.hang_up(call_id)
+            return None
     except (redis.RedisError, KeyError) as exc:
         log.error("session=%s agent leg not dialled: %s", session_id, exc)
         return None
