@@ -104,27 +104,25 @@ def count_kallglot_api_error(method: str, path: str, error_code: str) -> None:
     KALLGLOT_API_ERRORS.labels(kallglot_operation(method, path), error_code or "unknown").inc()
 
 
+#: Which Prometheus series each :class:`~app.relay.core.RelayStats` counter feeds: (metric, labels after carrier).
+_RELAY_COUNTERS: dict[str, tuple[Counter, tuple[str, ...]]] = {
+    "frames_in": (MEDIA_FRAMES, ("uplink",)),
+    "bytes_in": (MEDIA_BYTES, ("uplink",)),
+    "frames_to_carrier": (MEDIA_FRAMES, ("downlink",)),
+    "bytes_to_carrier": (MEDIA_BYTES, ("downlink",)),
+    "chunks_to_kallglot": (KALLGLOT_AUDIO_MESSAGES, ()),
+    "frames_dropped": (MEDIA_DROPPED, ("malformed_frame",)),
+    "chunks_dropped_while_reconnecting": (MEDIA_DROPPED, ("kallglot_reconnecting",)),
+    "kallglot_reconnects": (KALLGLOT_STREAM_RECONNECTS, ()),
+}
+
+
 def add_relay_counts(carrier: str, counts: dict[str, int]) -> None:
     """Add one relay's counter deltas (see :meth:`app.relay.core.RelayStats.take_deltas`)."""
     for name, value in counts.items():
-        if not value:
-            continue
-        if name == "frames_in":
-            MEDIA_FRAMES.labels(carrier, "uplink").inc(value)
-        elif name == "bytes_in":
-            MEDIA_BYTES.labels(carrier, "uplink").inc(value)
-        elif name == "frames_to_carrier":
-            MEDIA_FRAMES.labels(carrier, "downlink").inc(value)
-        elif name == "bytes_to_carrier":
-            MEDIA_BYTES.labels(carrier, "downlink").inc(value)
-        elif name == "chunks_to_kallglot":
-            KALLGLOT_AUDIO_MESSAGES.labels(carrier).inc(value)
-        elif name == "frames_dropped":
-            MEDIA_DROPPED.labels(carrier, "malformed_frame").inc(value)
-        elif name == "chunks_dropped_while_reconnecting":
-            MEDIA_DROPPED.labels(carrier, "kallglot_reconnecting").inc(value)
-        elif name == "kallglot_reconnects":
-            KALLGLOT_STREAM_RECONNECTS.labels(carrier).inc(value)
+        if value and name in _RELAY_COUNTERS:
+            metric, labels = _RELAY_COUNTERS[name]
+            metric.labels(carrier, *labels).inc(value)
 
 
 #: HTTP statuses of carrier routes that mean "refused", and the reason they are counted under.
