@@ -5,7 +5,7 @@ the Dockerfile; gunicorn also reads this file by default when started from the r
   per-request limit, so it does not cut calls.
 - SIGTERM (every Heroku/Render deploy): the worker stops accepting, ``/readyz`` answers 503, live calls go on
   for most of ``graceful_timeout``, then each remaining call's leg is handed to the session lifecycle as lost
-  — held for a reconnect, not leaked (``app/draining.py``).
+  — held for a reconnect, not leaked (``app/ops/draining.py``).
 - Prometheus metrics of all workers are aggregated through ``PROMETHEUS_MULTIPROC_DIR`` (``app/metrics.py``).
 - A broken configuration stops the master at once with one clear message and exit status 1.
 """
@@ -76,7 +76,7 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Worker booted: make SIGTERM drain calls (see app/draining.py) on top of gunicorn's own handling."""
+    """Worker booted: make SIGTERM drain calls (see app/ops/draining.py) on top of gunicorn's own handling."""
     import signal
 
     import gevent
@@ -85,7 +85,7 @@ def post_worker_init(worker):
 
     def handle_term(sig, frame):
         stop_accepting(sig, frame)  # gunicorn: close the listener, wait up to graceful_timeout for connections
-        from app.draining import begin_worker_drain
+        from app.ops.draining import begin_worker_drain
 
         # Off the signal handler: the drain logs and starts a greenlet.
         gevent.spawn(begin_worker_drain, worker.wsgi, worker.cfg.graceful_timeout)

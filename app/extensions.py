@@ -11,7 +11,7 @@ import redis
 from flask import Flask, current_app
 from flask_sock import Sock
 
-from app.calls.carriers import CarrierControl
+from app.carriers.contract import CarrierControl
 from app.calls.lifecycle import SessionLifecycle
 from app.config import Settings
 from app.kallglot.client import KallglotClient
@@ -51,8 +51,8 @@ def init_services(app: Flask, settings: Settings) -> Services:
     keys = RedisKeys(settings.redis_namespace)
     kallglot = KallglotClient(settings.kallglot_api_url, settings.kallglot_api_key)
     # The composition root is the one place that knows every carrier adapter's call control.
-    from app.telnyx.control import TelnyxControl
-    from app.twilio.control import TwilioControl
+    from app.carriers.telnyx.control import TelnyxControl
+    from app.carriers.twilio.control import TwilioControl
 
     controls: dict[str, CarrierControl] = {"twilio": TwilioControl(settings), "telnyx": TelnyxControl(settings, connection_id=settings.telnyx_connection_id)}
     default_profile = NumberProfile(mode=settings.default_mode, source_language=settings.default_source_language,

@@ -44,11 +44,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 def register_blueprints(app: Flask) -> None:
     """One blueprint per entry point."""
-    from app import health, metrics, telnyx, twilio
-    from app.api import bp as api_bp
-    from app.kallglot.webhooks import bp as kallglot_bp
+    from app import metrics
     from app.admin import bp as admin_bp
-    from app.web import bp as web_bp
+    from app.api import bp as api_bp
+    from app.carriers import telnyx, twilio
+    from app.kallglot.webhooks import bp as kallglot_bp
+    from app.ops import health
+    from app.ops.landing import bp as web_bp
 
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)

@@ -46,7 +46,7 @@ def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
 @pytest.fixture(scope="session")
 def emulator_server() -> Iterator[RunningServer]:
     """The Kallglot emulator under gunicorn + gevent (one worker: its state is in memory)."""
-    with run_gunicorn("app.emulator:create_emulator_app()", {"KALLGLOT_EMULATOR_API_KEY": EMULATOR_API_KEY},
+    with run_gunicorn("app.devtools.emulator:create_emulator_app()", {"KALLGLOT_EMULATOR_API_KEY": EMULATOR_API_KEY},
                       ready_path="/_emulator/stats") as server:
         yield server
 
@@ -209,14 +209,14 @@ def admin_post(client: FlaskClient, path: str, data: dict[str, Any] | None = Non
 @pytest.fixture(scope="session")
 def fake_twilio_server() -> Iterator[RunningServer]:
     """A local fake of Twilio's number API (records requests)."""
-    with run_gunicorn("tests.support.fake_carriers:create_fake_twilio_app()") as server:
+    with run_gunicorn("app.devtools.simulator.number_apis:create_fake_twilio_app()") as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def fake_telnyx_server() -> Iterator[RunningServer]:
     """A local fake of Telnyx's number and application API (records requests)."""
-    with run_gunicorn("tests.support.fake_carriers:create_fake_telnyx_app()") as server:
+    with run_gunicorn("app.devtools.simulator.number_apis:create_fake_telnyx_app()") as server:
         yield server
 
 
@@ -230,7 +230,7 @@ def telnyx_signer():
     """A real Ed25519 key pair generated for this run; the bridge trusts its public key (TELNYX_PUBLIC_KEY)."""
     import nacl.signing
 
-    from app.simulator.telnyx import TelnyxSigner
+    from app.devtools.simulator.telnyx import TelnyxSigner
 
     return TelnyxSigner(nacl.signing.SigningKey.generate())
 
@@ -261,7 +261,7 @@ def fake_call_control_server(telnyx_signer, telnyx_bridge_port: int) -> Iterator
     """The fake Telnyx (REST API + call side; one worker, state in memory) under gunicorn + gevent."""
     env = {"FAKE_TELNYX_WEBHOOK_URL": f"http://127.0.0.1:{telnyx_bridge_port}/telnyx/call-control",
            "FAKE_TELNYX_SIGNING_SEED": telnyx_signer.seed_b64, "FAKE_TELNYX_API_KEY": TELNYX_TEST_API_KEY}
-    with run_gunicorn("app.simulator.telnyx_api:create_fake_call_control_app()", env, ready_path="/_fake/health") as server:
+    with run_gunicorn("app.devtools.simulator.telnyx_api:create_fake_call_control_app()", env, ready_path="/_fake/health") as server:
         yield server
 
 

@@ -26,7 +26,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.wait import WebDriverWait
 
-from app.simulator.twilio import SimulatedStream, TwilioCallSimulator
+from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.conftest import (
     ADMIN_PASSWORD, TELNYX_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config,
 )

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from app.audio import DownlinkTranscoder, UnsupportedAudio
+from app.relay.audio import DownlinkTranscoder, UnsupportedAudio
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -19,7 +19,7 @@ import requests
 from app.kallglot.signature import sign
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
-from app.simulator.twilio import SimulatedStream, TwilioCallSimulator
+from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.conftest import (
     E2E_HEARTBEAT_TIMEOUT_SECONDS, E2E_RECONNECT_WINDOW_SECONDS, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN,
     EmulatorControl, bridge_config,
@@ -51,7 +51,7 @@ def stack(redis_url: str, emulator_server: RunningServer) -> Iterator[Stack]:
     bridge_url = f"http://127.0.0.1:{bridge_port}"
     fake_env = {"TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT_SID, "TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
                 "FAKE_TWILIO_BRIDGE_URL": bridge_url, "FAKE_TWILIO_MAX_CALL_SECONDS": "20"}
-    with run_gunicorn("app.simulator.twilio_rest:create_fake_twilio_rest()", fake_env) as fake:
+    with run_gunicorn("app.devtools.simulator.twilio_rest:create_fake_twilio_rest()", fake_env) as fake:
         env = {**bridge_config(redis_url, emulator_server.url + "/v1", NAMESPACE, bridge_url),
                "TWILIO_API_URL": fake.url, "KALLGLOT_WEBHOOK_SECRET": WEBHOOK_SECRET, "API_TOKEN": API_TOKEN,
                "RECONNECT_WINDOW_SECONDS": str(E2E_RECONNECT_WINDOW_SECONDS),

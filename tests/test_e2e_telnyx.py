@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.simulator.telnyx import TelnyxMediaLeg, TexmlCallSimulator, new_call_control_id
+from app.devtools.simulator.telnyx import TelnyxMediaLeg, TexmlCallSimulator, new_call_control_id
 from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
 from tests.support.waiting import only_session, wait_until
 from tests.conftest import EMULATOR_API_KEY, E2E_RECONNECT_WINDOW_SECONDS, EmulatorControl, FakeCallControl

@@ -18,7 +18,7 @@ from simple_websocket import Client, ConnectionClosed
 from twilio.request_validator import RequestValidator
 
 from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
-from app.simulator.twilio import SimulatedStream, TwilioCallSimulator
+from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.conftest import E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl
 from tests.support.waiting import only_session, wait_until
 from tests.support.servers import RunningServer

@@ -19,8 +19,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from simple_websocket import Client, ConnectionClosed
 
-from app.emulator import create_emulator_app
-from app.emulator.state import EmulatorState, StreamConnection
+from app.devtools.emulator import create_emulator_app
+from app.devtools.emulator.state import EmulatorState, StreamConnection
 from tests.support.servers import REPO_ROOT, free_port, run_gunicorn, wait_for_http
 
 API_KEY = "sk_test_unit"
@@ -290,7 +290,7 @@ def test_control_api(client: FlaskClient) -> None:
 @pytest.fixture(scope="module")
 def emulator_server() -> Iterator[str]:
     env = {"KALLGLOT_EMULATOR_API_KEY": API_KEY, "KALLGLOT_EMULATOR_PUBLIC_URL": ""}
-    with run_gunicorn("app.emulator:create_emulator_app()", env=env, ready_path="/_emulator/stats") as server:
+    with run_gunicorn("app.devtools.emulator:create_emulator_app()", env=env, ready_path="/_emulator/stats") as server:
         yield server.url
 
 
@@ -513,7 +513,7 @@ def test_connect_fault_closes_with_1011(base_url: str) -> None:
 
 def test_python_dash_m_runs_under_gevent() -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.emulator", "--port", str(port), "--api-key", API_KEY],
+    proc = subprocess.Popen([sys.executable, "-m", "app.devtools.emulator", "--port", str(port), "--api-key", API_KEY],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"

@@ -9,7 +9,7 @@ import pytest
 from app.kallglot import stream_protocol
 from app.kallglot.client import KallglotClient
 from app.kallglot.stream_protocol import AudioOutput, Informational, SessionEnded
-from app.relay.kallglot_stream import KallglotStream, KallglotStreamError
+from app.kallglot.stream import KallglotStream, KallglotStreamError
 from tests.conftest import EMULATOR_API_KEY, EmulatorControl
 
 

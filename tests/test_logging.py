@@ -14,7 +14,7 @@ import requests
 from app.logging_setup import (
     JsonFormatter, TextFormatter, bind_log_context, log_context, redact, request_log_fields, reset_log_context,
 )
-from app.simulator.twilio import TwilioCallSimulator
+from app.devtools.simulator.twilio import TwilioCallSimulator
 from tests.conftest import (
     EMULATOR_API_KEY, SECRET_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config,
 )
@@ -105,7 +105,7 @@ def test_a_whole_call_logs_json_with_its_fields_and_no_secret(logging_bridge: Ru
         assert entry["carrier"] == "twilio" and entry.get("request_id"), entry
     relay_lines = [e for e in call_lines if e["logger"].startswith("app.relay")]
     assert relay_lines and all(e["session_id"] == session_id for e in relay_lines)
-    assert all(e.get("number") == TO for e in call_lines if e["logger"] == "app.twilio.webhooks")
+    assert all(e.get("number") == TO for e in call_lines if e["logger"] == "app.carriers.twilio.webhooks")
     log_text = logging_bridge.log()
     for secret in (TWILIO_AUTH_TOKEN, EMULATOR_API_KEY, SECRET_KEY, relay_token):
         assert secret not in log_text

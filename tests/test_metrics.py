@@ -14,10 +14,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-from app.draining import Drain, begin_worker_drain, drain_for
+from app.ops.draining import Drain, begin_worker_drain, drain_for
 from app.redis_keys import RedisKeys
 from app.relay.core import RelayStats
-from app.simulator.twilio import SimulatedStream, TwilioCallSimulator
+from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.conftest import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 from tests.test_twilio_webhooks import answer, call_params, new_call_sid, post_signed

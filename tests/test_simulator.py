@@ -24,9 +24,9 @@ from flask_sock import Sock
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from app.simulator import SimulatedStream, TwilioCallSimulator, speech_like_tone
-from app.simulator.__main__ import main as cli_main
-from app.simulator.audio import read_wav_as_ulaw, ulaw_to_wav_bytes, wav_bytes_to_ulaw
+from app.devtools.simulator import SimulatedStream, TwilioCallSimulator, speech_like_tone
+from app.devtools.simulator.__main__ import main as cli_main
+from app.devtools.simulator.audio import read_wav_as_ulaw, ulaw_to_wav_bytes, wav_bytes_to_ulaw
 from tests.support.servers import RunningServer, run_gunicorn
 
 TOKEN = "sim-test-auth-token"

@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 
-from app.audio import UnsupportedAudio, UplinkDecoder
-from app.relay.carrier import Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted
-from app.telnyx.media import TelnyxMediaCodec
+from app.relay.audio import UnsupportedAudio, UplinkDecoder
+from app.carriers.contract import Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted
+from app.carriers.telnyx.media import TelnyxMediaCodec
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

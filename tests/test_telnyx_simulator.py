@@ -6,9 +6,9 @@ import base64
 import pytest
 from telnyx.lib.webhook_verification import verify_webhook_signature
 
-from app.simulator.audio import speech_like_tone
-from app.simulator.telnyx import TelnyxSigner
-from app.simulator.telnyx_cli import caller_audio, main
+from app.devtools.simulator.audio import speech_like_tone
+from app.devtools.simulator.telnyx import TelnyxSigner
+from app.devtools.simulator.telnyx_cli import caller_audio, main
 
 
 def test_public_key_command_prints_the_demo_key(capsys: pytest.CaptureFixture[str]) -> None:

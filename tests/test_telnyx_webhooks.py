@@ -16,8 +16,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app.extensions import services
-from app.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
-from app.telnyx.control import decode_client_state
+from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
+from app.carriers.telnyx.control import decode_client_state
 from tests.conftest import EmulatorControl, FakeCallControl
 
 TO, FROM = "+15005550006", "+15551230000"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import base64
 import json
 
-from app.relay.carrier import Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted
-from app.twilio.media import TwilioMediaCodec
+from app.carriers.contract import Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted
+from app.carriers.twilio.media import TwilioMediaCodec
 
 
 def started_codec() -> TwilioMediaCodec:

@@ -17,7 +17,7 @@ from twilio.base.exceptions import TwilioException
 from twilio.rest import Client as TwilioClient
 
 from app.config import Settings
-from app.twilio.control import rest_client
+from app.carriers.twilio.control import rest_client
 
 #: Carrier REST calls run inside a page request: fail rather than hang.
 CARRIER_TIMEOUT_SECONDS = 10.0

@@ -38,7 +38,7 @@ UTTERANCE_GAP_SECONDS = 0.25
 
 @dataclass(frozen=True)
 class AudioOutput:
-    """Return audio for this leg, still in Kallglot's encoding (see :mod:`app.audio` for transcoding)."""
+    """Return audio for this leg, still in Kallglot's encoding (see :mod:`app.relay.audio` for transcoding)."""
 
     payload: bytes
     encoding: str

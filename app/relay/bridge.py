@@ -10,14 +10,14 @@ import time
 import redis
 
 from app.calls.agent import dial_agent_if_configured
-from app.draining import current_drain
+from app.ops.draining import current_drain
 from app.extensions import Services
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.kallglot.client import KallglotError
 from app.logging_setup import bind_log_context
-from app.relay.carrier import CarrierCodec
+from app.carriers.contract import CarrierCodec
 from app.relay.core import CarrierSocket, MediaRelay, RelayEnd, await_start, close_quietly
-from app.relay.kallglot_stream import KallglotStream, KallglotStreamError
+from app.kallglot.stream import KallglotStream, KallglotStreamError
 from app.relay.tokens import InvalidRelayToken
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
     try:
         relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
                            context=context, on_end=record_end, reopen_kallglot=open_kallglot)
-        with current_drain().track(relay):  # a deploy's SIGTERM hands the leg over as lost (app/draining.py)
+        with current_drain().track(relay):  # a deploy's SIGTERM hands the leg over as lost (app/ops/draining.py)
             return relay.run()
     finally:
         heartbeat.stop()

@@ -1,6 +1,6 @@
 """The media relay core: one call leg's carrier socket bridged to its Kallglot stream socket.
 
-Vendor-free: a :class:`~app.relay.carrier.CarrierCodec` does the carrier's wire format. The uplink (carrier →
+Vendor-free: a :class:`~app.carriers.contract.CarrierCodec` does the carrier's wire format. The uplink (carrier →
 Kallglot) runs in the handler's greenlet, the downlink (Kallglot → carrier) in a second one; when either side
 closes, both close. Nothing here touches Redis: the hot path does no I/O but the two sockets.
 """
@@ -20,15 +20,15 @@ from typing import Protocol
 from simple_websocket import ConnectionClosed
 
 from app import metrics
-from app.audio import DownlinkTranscoder, UnsupportedAudio
+from app.relay.audio import DownlinkTranscoder, UnsupportedAudio
 from app.kallglot import stream_protocol
 from app.kallglot.stream_protocol import (
     AudioOutput, ClearAudio, Informational, SessionEnded, SessionError, Transcript, UnknownMessage,
 )
-from app.relay.carrier import (
+from app.carriers.contract import (
     CarrierCodec, Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted,
 )
-from app.relay.kallglot_stream import KallglotStream
+from app.kallglot.stream import KallglotStream
 
 log = logging.getLogger(__name__)
 

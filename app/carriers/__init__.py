@@ -1,0 +1,1 @@
+"""Carrier adapters: the only code that knows Twilio's or Telnyx's wire formats."""

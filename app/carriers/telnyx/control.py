@@ -1,0 +1,139 @@
+"""Call Control commands through the telnyx SDK: answer with streaming, start streaming, say-then-hang-up,
+hang up and dial. Also :class:`TelnyxControl`, this carrier's :class:`app.carriers.contract.CarrierControl`.
+
+Every command carries a ``command_id`` derived from the webhook that caused it, so a webhook Telnyx delivers
+twice yields the same command_id and Telnyx ignores the repeat (within 60 s) even if Redis de-duplication is
+unavailable. ``client_state`` (base64 JSON, echoed in later webhooks) carries only correlation: a session id,
+a speaker, or which goodbye to say — never a token.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import uuid
+from typing import Any
+
+import telnyx
+
+from app.config import Settings
+from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
+from app.carriers.telnyx import CARRIER
+
+log = logging.getLogger(__name__)
+
+#: Telnyx's streaming WebSocket header carrying ``stream_auth_token`` (also echoed in ``connected``).
+STREAM_AUTH_HEADER = "x-telnyx-streaming-auth-token"
+#: Return audio as raw μ-law frames: without ``rtp`` Telnyx expects MP3 and silently drops what we send.
+STREAM_PARAMS: dict[str, Any] = {"stream_track": "inbound_track", "stream_bidirectional_mode": "rtp",
+                                 "stream_bidirectional_codec": "PCMU"}
+#: Webhooks sit inside Telnyx's webhook timeout: fail fast rather than hold the webhook.
+API_TIMEOUT_SECONDS = 5.0
+#: HTTP statuses meaning "that call is already gone" for hang-up purposes.
+CALL_GONE_STATUSES = frozenset({404, 410, 422})
+#: Goodbyes said through ``speak`` (keys travel in client_state, the text stays here).
+GOODBYE_UNAVAILABLE = "unavailable"
+GOODBYE_SESSION_OVER = "session_over"
+GOODBYE_KEY = "bye"
+
+
+def encode_client_state(state: dict[str, str]) -> str:
+    """``client_state`` must be base64; we put a small JSON object in it."""
+    return base64.b64encode(json.dumps(state, separators=(",", ":")).encode()).decode("ascii")
+
+
+def decode_client_state(value: Any) -> dict[str, str]:
+    """The JSON object we put in ``client_state``, or ``{}`` for anything else (it is echoed back untrusted)."""
+    if not isinstance(value, str) or not value or len(value) > 4096:
+        return {}
+    try:
+        decoded = json.loads(base64.b64decode(value, validate=True))
+    except (binascii.Error, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in decoded.items()} if isinstance(decoded, dict) else {}
+
+
+class TelnyxControl:
+    """Call Control commands for one app (one SDK client, built from settings)."""
+
+    carrier = CARRIER
+
+    def __init__(self, settings: Settings, client: telnyx.Telnyx | None = None, *, connection_id: str = "") -> None:
+        self.settings = settings
+        self.connection_id = connection_id  # the Call Control application id; only dial() needs it
+        self.client = client or telnyx.Telnyx(api_key=settings.telnyx_api_key or "unset",
+                                              base_url=settings.telnyx_api_url, timeout=API_TIMEOUT_SECONDS,
+                                              max_retries=1)
+
+    def answer_and_stream(self, call_id: str, *, session_id: str, relay_token: str, command_id: str) -> None:
+        """Answer an incoming call with bidirectional RTP streaming to ``/telnyx/media``.
+
+        ``answer()`` in SDK 4.189 has no ``stream_auth_token``/``custom_parameters`` arguments, so they go in
+        ``extra_body``; the relay reads the token from either (header or ``start.custom_parameters``).
+        """
+        self.client.calls.actions.answer(
+            call_id, stream_url=self.settings.public_ws("/telnyx/media"), **STREAM_PARAMS,
+            client_state=encode_client_state({"s": session_id}), command_id=command_id,
+            extra_body={"stream_auth_token": relay_token,
+                        "custom_parameters": self._parameters(session_id, relay_token)})
+
+    def start_streaming(self, call_id: str, *, session_id: str, relay_token: str, command_id: str) -> None:
+        """(Re)start streaming on an answered call (after ``streaming.failed``, or on a dialled leg)."""
+        self.client.calls.actions.start_streaming(
+            call_id, stream_url=self.settings.public_ws("/telnyx/media"), **STREAM_PARAMS,
+            stream_auth_token=relay_token, custom_parameters=self._parameters(session_id, relay_token),
+            client_state=encode_client_state({"s": session_id}), command_id=command_id)
+
+    def answer_to_say_goodbye(self, call_id: str, goodbye: str, *, command_id: str) -> None:
+        """Answer without streaming; ``call.answered`` then says ``goodbye`` (see :meth:`say_goodbye`)."""
+        self.client.calls.actions.answer(call_id, client_state=encode_client_state({GOODBYE_KEY: goodbye}),
+                                         command_id=command_id)
+
+    def say_goodbye(self, call_id: str, goodbye: str, *, command_id: str) -> None:
+        """Speak a goodbye; its ``call.speak.ended`` (carrying the same client_state) hangs up."""
+        from app.carriers.twilio.twiml import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE  # the caller-facing wording
+
+        text = SESSION_OVER_MESSAGE if goodbye == GOODBYE_SESSION_OVER else UNAVAILABLE_MESSAGE
+        self.client.calls.actions.speak(call_id, payload=text, voice="female", language="en-US",
+                                        client_state=encode_client_state({GOODBYE_KEY: goodbye}),
+                                        command_id=command_id)
+
+    def hang_up(self, call_id: str, command_id: str | None = None) -> None:
+        """End a live call leg; a leg that already ended is not an error."""
+        try:
+            self.client.calls.actions.hangup(call_id, command_id=command_id or str(uuid.uuid4()))
+        except telnyx.APIStatusError as exc:
+            if exc.status_code not in CALL_GONE_STATUSES:
+                raise
+            log.info("telnyx call=%s already gone at hang-up (HTTP %s)", call_id, exc.status_code)
+
+    def dial(self, *, to: str, from_: str, session_id: str, speaker: str) -> str:
+        """Place an outbound leg that will stream into ``session_id`` as ``speaker``; returns its call_control_id.
+
+        The relay token is bound to the call_control_id, which only exists once the dial returns, so
+        streaming starts on ``call.answered`` (``client_state`` carries the session and speaker there).
+        Needs ``connection_id`` (the Call Control application id).
+        """
+        if not self.connection_id:
+            raise ValueError("a Call Control application id (connection_id) is needed to dial")
+        response = self.client.calls.dial(
+            connection_id=self.connection_id, from_=from_, to=to, command_id=str(uuid.uuid4()),
+            webhook_url=self.settings.public("/telnyx/call-control"),
+            client_state=encode_client_state({"s": session_id, "p": speaker}))
+        if response.data is None or not response.data.call_control_id:
+            raise ValueError("Telnyx's dial response carries no call_control_id")
+        return str(response.data.call_control_id)
+
+    @staticmethod
+    def _parameters(session_id: str, relay_token: str) -> list[dict[str, str]]:
+        return [{"name": SESSION_PARAMETER, "value": session_id}, {"name": RELAY_TOKEN_PARAMETER, "value": relay_token}]
+
+
+def telnyx_control() -> TelnyxControl:
+    """The current app's :class:`TelnyxControl` (the one in ``services().carrier_controls``)."""
+    from app.extensions import services
+
+    control = services().carrier_controls[CARRIER]
+    assert isinstance(control, TelnyxControl)
+    return control

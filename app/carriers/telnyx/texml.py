@@ -1,0 +1,128 @@
+"""TeXML: the voice webhook (answer with ``<Connect><Stream>``) and the call/stream status callback.
+
+Bodies are form-encoded like Twilio's, signed with Ed25519 over the raw body (checked before any parsing,
+see :mod:`app.carriers.telnyx.signature`); fields are read with ``urllib.parse`` from that same raw body.
+
+TeXML is built with the standard library's ElementTree rather than the twilio library's ``VoiceResponse``:
+there is no Telnyx TeXML builder, and Telnyx-only attributes (``bidirectionalMode``, ``bidirectionalCodec``)
+are clearer spelled out than smuggled through Twilio's keyword conversion.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import xml.etree.ElementTree as ET
+from urllib.parse import parse_qs
+
+import redis
+from flask import Response, abort, request
+
+from app.config import Settings
+from app.extensions import services
+from app.kallglot.client import KallglotError
+from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
+from app.carriers.telnyx import CARRIER, bp
+from app.carriers.telnyx.media import FLOW_PARAMETER, FLOW_TEXML
+from app.carriers.telnyx.session import start_leg
+from app.carriers.twilio.twiml import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
+
+log = logging.getLogger(__name__)
+
+#: call_control_ids look like ``v3:T02llQxIy…``; accept that alphabet, bounded, and nothing else.
+CALL_CONTROL_ID = re.compile(r"^[A-Za-z0-9:_\-]{8,256}$")
+TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+#: Hang-up causes of an ordinary end; any other cause is a loss the lifecycle may hold for a reconnect.
+CLEAN_HANGUP_CAUSES = frozenset({"normal_clearing", "originator_cancel"})
+#: Telnyx's docs name the stream failure both ways; accept both.
+STREAM_OVER_EVENTS = frozenset({"stream-stopped", "stream-error", "stream-failed"})
+
+
+def _xml(root: ET.Element) -> Response:
+    return Response(ET.tostring(root, encoding="unicode", xml_declaration=True), mimetype="text/xml")
+
+
+def connect_stream(settings: Settings, *, session_id: str, relay_token: str) -> ET.Element:
+    """``<Connect><Stream>`` to our relay (bidirectional RTP, PCMU back), then a goodbye and ``<Hangup/>``.
+
+    ``bidirectionalMode="rtp"``: in the default ``mp3`` mode Telnyx silently drops raw return audio.
+    ``<Connect>`` waits until the stream stops, so the verbs after it run only when our relay closed the
+    stream with the caller still on the line (Kallglot ended or failed): never dead air.
+    """
+    root = ET.Element("Response")
+    connect = ET.SubElement(root, "Connect")
+    stream = ET.SubElement(connect, "Stream", {
+        "url": settings.public_ws("/telnyx/media"), "track": "inbound_track",
+        "bidirectionalMode": "rtp", "bidirectionalCodec": "PCMU",
+        "statusCallback": settings.public("/telnyx/texml/status"), "statusCallbackMethod": "POST"})
+    for name, value in ((SESSION_PARAMETER, session_id), (RELAY_TOKEN_PARAMETER, relay_token),
+                        (FLOW_PARAMETER, FLOW_TEXML)):
+        ET.SubElement(stream, "Parameter", {"name": name, "value": value})
+    _say_and_hang_up(root, SESSION_OVER_MESSAGE)
+    return root
+
+
+def _say_and_hang_up(root: ET.Element, message: str) -> ET.Element:
+    ET.SubElement(root, "Say", {"language": "en-US"}).text = message
+    ET.SubElement(root, "Hangup")
+    return root
+
+
+def _form() -> dict[str, str]:
+    """The verified raw body as form fields (first value of each)."""
+    fields = parse_qs(request.get_data(as_text=True), keep_blank_values=True, max_num_fields=200)
+    return {name: values[0] for name, values in fields.items()}
+
+
+def _call_id(form: dict[str, str]) -> str:
+    call_id = form.get("CallSid", "")
+    if not CALL_CONTROL_ID.match(call_id):
+        abort(400, description="CallSid missing or not a Telnyx call_control_id")
+    return call_id
+
+
+@bp.post("/texml")
+def texml_voice() -> Response:
+    """A call came in on the TeXML application: create its session and connect the media stream."""
+    form = _form()
+    call_id = _call_id(form)
+    to_number, from_number = form.get("To", ""), form.get("From", "")
+    svc = services()
+    metadata = {"telnyx_call_control_id": call_id, "telnyx_call_session_id": form.get("CallSessionId", ""),
+                "telnyx_connection_id": form.get("ConnectionId", "")}
+    try:
+        leg = start_leg(svc, call_id=call_id, to_number=to_number, from_number=from_number,
+                        metadata={k: v for k, v in metadata.items() if v})
+    except (KallglotError, redis.RedisError) as exc:
+        log.error("telnyx texml call=%s to=%s could not start a session: %s", call_id, to_number, exc)
+        return _xml(_say_and_hang_up(ET.Element("Response"), UNAVAILABLE_MESSAGE))
+    log.info("telnyx texml call=%s session=%s to=%s mode=%s answered", call_id, leg.session_id, to_number, leg.mode)
+    return _xml(connect_stream(svc.settings, session_id=leg.session_id, relay_token=leg.relay_token))
+
+
+@bp.post("/texml/status")
+def texml_status() -> tuple[str, int]:
+    """Call status and ``<Stream statusCallback>`` callbacks: record them; a final one ends the leg."""
+    form = _form()
+    call_id = _call_id(form)
+    lifecycle = services().lifecycle
+    stream_event = form.get("StreamEvent", "")
+    try:
+        if stream_event:
+            lifecycle.record_event(CARRIER, call_id, "stream-status", {
+                "event": stream_event, "stream_sid": form.get("StreamSid", ""),
+                "error": form.get("StreamError", "")[:200]})
+            if stream_event in STREAM_OVER_EVENTS:
+                lifecycle.leg_ended(CARRIER, call_id, stream_event.replace("-", "_"),
+                                    clean=stream_event == "stream-stopped")
+            return "", 204
+        status, cause = form.get("CallStatus", ""), form.get("HangupCause", "")
+        lifecycle.record_event(CARRIER, call_id, "call-status", {
+            "status": status, "sequence": form.get("SequenceNumber", ""), "duration": form.get("CallDuration", ""),
+            "hangup_cause": cause, "hangup_source": form.get("HangupSource", "")})
+        if status in TERMINAL_CALL_STATUSES:
+            lifecycle.leg_ended(CARRIER, call_id, f"call_{status}" + (f"_{cause}" if cause else ""),
+                                clean=cause in CLEAN_HANGUP_CAUSES or (not cause and status == "completed"))
+    except redis.RedisError as exc:
+        log.error("telnyx texml call=%s status %s not recorded: %s", call_id, stream_event or "call", exc)
+        return "state store unavailable", 503
+    return "", 204

@@ -1,0 +1,218 @@
+"""Twilio's HTTP webhooks: voice (answer the call), call status, stream status, connect action, fallback."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+
+import redis
+from flask import Response, abort, request
+
+from app import metrics
+from app.extensions import Services, services
+from app.calls.legs import live_session, start_inbound_leg
+from app.kallglot.client import KallglotError, KallglotSession
+from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.logging_setup import bind_log_context
+from app.profiles import NumberProfile
+from app.relay.bridge import KALLGLOT_UNREACHABLE
+from app.relay.core import RelayEnd
+from app.redis_keys import SEEN_TTL_SECONDS
+from app.relay.tokens import RelayGrant
+from app.carriers.twilio import bp, twiml
+from app.carriers.twilio.signature import request_is_from_twilio
+
+log = logging.getLogger(__name__)
+
+CARRIER = "twilio"
+#: Twilio call SIDs are "CA" + 32 hex digits; anything else is not a Twilio call.
+CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
+#: Final call states (A4): the leg is over.
+TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+#: How often one call's media stream is restored after it dropped, before the caller gets the fallback.
+MAX_STREAM_RESTARTS = 3
+#: Leg end reasons (set by the relay) after which Kallglot, not the stream, is the problem.
+KALLGLOT_FAILURES = frozenset({KALLGLOT_UNREACHABLE, f"relay_{RelayEnd.KALLGLOT_LOST.value}"})
+
+
+@bp.before_request
+def require_twilio_signature() -> None:
+    """Every Twilio route, the media socket upgrade included, must carry a valid signature (else 403)."""
+    settings = services().settings
+    if not request_is_from_twilio(settings, websocket=request.endpoint == "twilio.media_socket"):
+        log.warning("twilio %s refused: missing or invalid X-Twilio-Signature", request.path)
+        abort(403, description="invalid Twilio signature")
+
+
+def _xml(body: str) -> Response:
+    return Response(body, mimetype="text/xml")
+
+
+def _call_sid() -> str:
+    call_sid = request.values.get("CallSid", "")
+    if not CALL_SID.match(call_sid):
+        abort(400, description="CallSid missing or not a Twilio call SID")
+    return call_sid
+
+
+def _stream_twiml(svc: Services, session: KallglotSession, call_sid: str, profile: NumberProfile | None,
+                  speaker: str = SPEAKER_CUSTOMER) -> str:
+    """``<Connect><Stream>`` for ``session`` with a fresh relay token (and the greeting on a first answer)."""
+    assert session.stream is not None
+    expires = session.stream.expires_at.timestamp() if session.stream.expires_at else None
+    token = svc.relay_tokens.seal(RelayGrant(
+        session_id=session.id, carrier=CARRIER, call_id=call_sid, speaker=speaker,
+        stream_url=session.stream.url, stream_token=session.stream.token, stream_expires_at=expires))
+    return twiml.connect_stream(svc.settings, session_id=session.id, relay_token=token,
+                                greeting=profile.greeting if profile else "",
+                                greeting_language=profile.greeting_language if profile else "en-US")
+
+
+@bp.post("/voice")
+def voice() -> Response:
+    """A call came in: re-attach to the caller's held session, or create one, and connect the media stream."""
+    call_sid = _call_sid()
+    to_number, from_number = request.form.get("To", ""), request.form.get("From", "")
+    svc = services()
+    try:
+        profile = svc.profiles.for_number(to_number)
+    except redis.RedisError as exc:
+        log.error("twilio call=%s to=%s: Redis unreachable, fallback: %s", call_sid, to_number, exc)
+        metrics.count_fallback(CARRIER, "redis_unavailable")
+        return _xml(twiml.fallback(svc.profiles.default))
+    try:
+        started = start_inbound_leg(svc, carrier=CARRIER, call_id=call_sid, to_number=to_number,
+                                    from_number=from_number, metadata={"twilio_call_sid": call_sid})
+    except (KallglotError, redis.RedisError) as exc:
+        log.error("twilio call=%s to=%s could not start a session, fallback: %s", call_sid, to_number, exc)
+        metrics.count_fallback(CARRIER, "kallglot_unavailable" if isinstance(exc, KallglotError) else "redis_unavailable")
+        return _xml(twiml.fallback(profile))
+    session = started.session
+    bind_log_context(session_id=session.id)
+    metrics.count_call(CARRIER, "reattached" if started.reattached else "answered")
+    log.info("twilio call=%s session=%s to=%s mode=%s answered%s", call_sid, session.id, to_number, profile.mode,
+             " (re-attached)" if started.reattached else "")
+    # A returning caller is not greeted twice.
+    return _xml(_stream_twiml(svc, session, call_sid, None if started.reattached else profile))
+
+
+def _first_delivery(svc: Services) -> bool:
+    """False for a retried delivery of a callback already handled.
+
+    Twilio marks each webhook with ``I-Twilio-Idempotency-Token`` (the same on its retries); without it the
+    signed parameters themselves identify the delivery (a retry repeats them exactly, ``Timestamp`` included).
+    """
+    token = request.headers.get("I-Twilio-Idempotency-Token", "")[:200]
+    if not token:
+        params = "&".join(f"{k}={v}" for k, v in sorted(request.form.items(multi=True)))
+        token = hashlib.sha256(f"{request.path}?{params}".encode()).hexdigest()
+    return bool(svc.redis.set(svc.keys.seen(CARRIER, token), "1", nx=True, ex=SEEN_TTL_SECONDS))
+
+
+@bp.post("/status")
+def call_status() -> tuple[str, int]:
+    """Call status callback: record it; a final status ends the leg (and the session, exactly once)."""
+    call_sid = _call_sid()
+    status = request.form.get("CallStatus", "")
+    svc = services()
+    lifecycle = svc.lifecycle
+    try:
+        if not _first_delivery(svc):
+            return "", 204
+        lifecycle.record_event(CARRIER, call_sid, "call-status", {
+            "status": status, "sequence": request.form.get("SequenceNumber", ""),
+            "duration": request.form.get("CallDuration", "")})
+        if status in TERMINAL_CALL_STATUSES:
+            lifecycle.leg_ended(CARRIER, call_sid, f"call_{status}", clean=True)
+    except redis.RedisError as exc:
+        log.error("twilio call=%s status %s not recorded: %s", call_sid, status, exc)
+        return "state store unavailable", 503
+    return "", 204
+
+
+@bp.post("/stream-status")
+def stream_status() -> tuple[str, int]:
+    """``<Stream statusCallback>``: recorded. The relay and the call status decide what a stop means."""
+    call_sid = _call_sid()
+    event = request.form.get("StreamEvent", "")
+    svc = services()
+    try:
+        if not _first_delivery(svc):
+            return "", 204
+        svc.lifecycle.record_event(CARRIER, call_sid, "stream-status", {
+            "event": event, "stream_sid": request.form.get("StreamSid", ""),
+            "error": request.form.get("StreamError", "")[:200]})
+    except redis.RedisError as exc:
+        log.error("twilio call=%s stream status %s not recorded: %s", call_sid, event, exc)
+        return "state store unavailable", 503
+    return "", 204
+
+
+@bp.post("/connect-action")
+def connect_action() -> Response:
+    """The media stream ended while the call is up: restore it, or say why not — never leave silence."""
+    call_sid = _call_sid()
+    svc = services()
+    try:
+        call = svc.lifecycle.call_record(CARRIER, call_sid)
+        profile = svc.profiles.for_number(call.get("to", request.form.get("To", "")))
+        session_id = call.get("session_id")
+        reason = call.get("end_reason", "") if call.get("state") == "ended" else ""
+        if not session_id or reason == "relay_kallglot_ended":
+            svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
+            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+        if reason in KALLGLOT_FAILURES or int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
+            svc.lifecycle.leg_ended(CARRIER, call_sid, reason or "stream_restarts_exhausted", clean=False)
+            return _xml(twiml.fallback(profile))
+        session = live_session(svc, session_id)
+        if session is None or not svc.lifecycle.reattach_leg(CARRIER, call_sid):
+            svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
+            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+    except (KallglotError, redis.RedisError) as exc:
+        log.error("twilio call=%s stream could not be restored, fallback: %s", call_sid, exc)
+        return _xml(twiml.fallback(NumberProfile()))
+    log.info("twilio call=%s session=%s restoring the media stream (%s)", call_sid, session_id,
+             reason or "relay gone")
+    return _xml(_stream_twiml(svc, session, call_sid, None))
+
+
+@bp.post("/outbound-answer")
+def outbound_answer() -> Response:
+    """A call we dialled (agent leg, or a callback to a customer) was answered: stream it into its session."""
+    call_sid = _call_sid()
+    svc = services()
+    try:
+        call = _wait_for_leg(svc, call_sid)
+        session = live_session(svc, call["session_id"]) if call else None
+        if call is None or session is None:
+            log.warning("twilio call=%s answered but has no live session", call_sid)
+            if call:
+                svc.lifecycle.leg_ended(CARRIER, call_sid, "session_gone")
+            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+    except (KallglotError, redis.RedisError) as exc:
+        log.error("twilio call=%s outbound answer failed, fallback: %s", call_sid, exc)
+        return _xml(twiml.fallback(NumberProfile()))
+    log.info("twilio call=%s session=%s outbound leg answered (%s)", call_sid, session.id, call["speaker"])
+    return _xml(_stream_twiml(svc, session, call_sid, None, speaker=call["speaker"]))
+
+
+def _wait_for_leg(svc: Services, call_sid: str, timeout: float = 2.0) -> dict[str, str] | None:
+    """The leg's record; Twilio may request the answer URL a moment before ``dial`` returned and registered it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        call = svc.lifecycle.call_record(CARRIER, call_sid)
+        if call.get("session_id"):
+            return call
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+@bp.post("/fallback")
+def fallback() -> Response:
+    """The number's ``VoiceFallbackUrl``: answers without touching Kallglot or Redis."""
+    metrics.count_fallback(CARRIER, "voice_fallback_url")
+    log.error("twilio call=%s fallback used (ErrorCode=%s)", request.form.get("CallSid", "?"),
+              request.form.get("ErrorCode", "?"))
+    return _xml(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))

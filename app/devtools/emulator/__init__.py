@@ -1,0 +1,46 @@
+"""A faithful local emulator of the Kallglot REST API and stream WebSocket, for tests and the demo.
+
+It implements the newer Kallglot docs plus the project's §9 working assumptions (shared/kallglot-api.md).
+Run it as ONE process: ``python -m app.devtools.emulator`` or one gunicorn gevent worker
+(``gunicorn -k gevent -w 1 'app.devtools.emulator:create_emulator_app()'``), since all state is in memory.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+# Config names and defaults; values come from the environment unless the factory's config overrides them.
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "KALLGLOT_EMULATOR_API_KEY": "sk_test_emulator",
+    "KALLGLOT_EMULATOR_STREAM_TOKEN_TTL": 300,
+    "KALLGLOT_EMULATOR_PUBLIC_URL": None,
+}
+
+
+def create_emulator_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the emulator's Flask app; its state is ``app.extensions["kallglot_emulator"]``."""
+    # Imported here so that ``python -m app.devtools.emulator`` can monkey-patch with gevent before flask loads.
+    from flask import Flask
+    from flask_sock import Sock
+
+    from .rest import register_rest_routes
+    from .state import EmulatorState
+    from .stream import register_stream_route
+
+    settings = {name: os.environ.get(name) or default for name, default in CONFIG_DEFAULTS.items()}
+    settings.update(config or {})
+    app = Flask(__name__)
+    app.config.update(settings)
+    app.json.sort_keys = False  # keep the documented field order
+    state = EmulatorState(
+        api_key=str(settings["KALLGLOT_EMULATOR_API_KEY"]),
+        token_ttl_seconds=float(settings["KALLGLOT_EMULATOR_STREAM_TOKEN_TTL"]),
+        public_url=settings["KALLGLOT_EMULATOR_PUBLIC_URL"] or None,
+    )
+    app.extensions["kallglot_emulator"] = state
+    register_rest_routes(app, state)
+    register_stream_route(Sock(app), state)
+    return app

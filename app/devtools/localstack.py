@@ -1,0 +1,137 @@
+"""Start real local servers (gunicorn + gevent, redis-server) on free loopback ports.
+
+Used by the test-suite, the chaos run (``python -m app.devtools.chaos``) and the load benchmark: the same real parts
+users run, never mocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException as exc:  # not up yet
+            last_error = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s: {last_error}")
+
+
+@dataclass
+class RunningServer:
+    """A server process started by a test, with its base URL and captured log file."""
+
+    url: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the server wrote so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def run_gunicorn(
+    app_spec: str,
+    env: dict[str, str] | None = None,
+    *,
+    workers: int = 1,
+    ready_path: str = "/healthz",
+    port: int | None = None,
+    print_log_on_error: bool = True,
+) -> Iterator[RunningServer]:
+    """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits.
+
+    Each server gets its own ``HOME`` so gunicorn 27's control socket under ``$HOME/.gunicorn``
+    never collides between servers started by parallel tests.
+    """
+    port = port or free_port()
+    home = tempfile.mkdtemp(prefix="kb-gunicorn-home-")
+    log_path = Path(home) / "server.log"
+    full_env = {**os.environ, **(env or {}), "HOME": home, "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable, "-m", "gunicorn",
+        "-k", "gevent",
+        "-w", str(workers),
+        "-b", f"127.0.0.1:{port}",
+        "--timeout", "0",
+        "--graceful-timeout", "5",
+        app_spec,
+    ]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = RunningServer(url=f"http://127.0.0.1:{port}", port=port, process=proc, log_path=log_path)
+    try:
+        wait_for_http(server.url + ready_path, proc=proc)
+        yield server
+    except BaseException:
+        if print_log_on_error:
+            print(server.log(), file=sys.stderr)
+        raise
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_redis() -> Iterator[str]:
+    """Yield a Redis URL: ``REDIS_URL`` when set, else a private ``redis-server`` on a free port."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed and REDIS_URL is not set (.ci/run installs it)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("private redis-server did not start")
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

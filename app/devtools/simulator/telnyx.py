@@ -1,0 +1,362 @@
+"""Telnyx call simulator: behaves towards our service as Telnyx does (telephony-protocols.md section B).
+
+- :class:`TelnyxSigner` signs webhooks exactly as Telnyx does: Ed25519 over ``f"{timestamp}|{raw body}"``.
+- :class:`TelnyxMediaLeg` is Telnyx's side of one media-streaming WebSocket: ``connected``/``start`` with a
+  ``media_format``, the caller's frames in that codec (PCMU, PCMA or L16 big-endian 16 kHz) as 20 ms
+  ``media`` messages with ``chunk`` counters (optionally out of order or duplicated), and a reader that checks
+  what the server sends back (JSON text frames, ``media`` ≥ 20 ms, ``mark``, ``clear``) and echoes marks.
+- :class:`TexmlCallSimulator` places a TeXML call: signed form webhook, follows the TeXML, runs the stream,
+  then the stream and call status callbacks.
+- Call Control is simulated by a fake Telnyx REST API (:mod:`app.devtools.simulator.telnyx_api`) that uses the leg.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import nacl.signing
+import requests
+from simple_websocket import ConnectionClosed
+
+from app.devtools.simulator.twilio import _TimedClient, _ws_scheme
+
+#: Bytes in one 20 ms frame per inbound codec (B3).
+FRAME_BYTES = {("PCMU", 8000): 160, ("PCMA", 8000): 160, ("L16", 16000): 640, ("L16", 8000): 320}
+SILENCE = {"PCMU": b"\xff", "PCMA": b"\xd5", "L16": b"\x00"}
+MIN_RETURN_BYTES = 160  # Telnyx wants ≥ 20 ms of PCMU per media message
+#: The demo's signing key: deterministic so the demo bridge can be given its public key up front.
+DEMO_SIGNING_SEED = hashlib.sha256(b"kallglot-bridge demo Telnyx webhook signing key").digest()
+
+
+def new_call_control_id() -> str:
+    """A call_control_id shaped like Telnyx's (``v3:`` + URL-safe characters)."""
+    return "v3:" + base64.urlsafe_b64encode(uuid.uuid4().bytes + uuid.uuid4().bytes).decode().rstrip("=")
+
+
+class TelnyxSigner:
+    """Signs webhook bodies as Telnyx does; ``public_key`` is what ``TELNYX_PUBLIC_KEY`` must be set to."""
+
+    def __init__(self, signing_key: nacl.signing.SigningKey | None = None) -> None:
+        self.signing_key = signing_key or nacl.signing.SigningKey(DEMO_SIGNING_SEED)
+
+    @classmethod
+    def from_seed_b64(cls, seed: str) -> TelnyxSigner:
+        """A signer from a base64 32-byte seed (how the fake API is configured)."""
+        return cls(nacl.signing.SigningKey(base64.b64decode(seed)))
+
+    @property
+    def public_key(self) -> str:
+        """The base64 Ed25519 public key (Mission Control → Keys & Credentials → Public Key)."""
+        return base64.b64encode(bytes(self.signing_key.verify_key)).decode("ascii")
+
+    @property
+    def seed_b64(self) -> str:
+        """The private seed, base64 (to hand the fake API the same key)."""
+        return base64.b64encode(bytes(self.signing_key)).decode("ascii")
+
+    def headers(self, body: str, timestamp: int | None = None) -> dict[str, str]:
+        """``telnyx-signature-ed25519`` and ``telnyx-timestamp`` for ``body`` (the exact bytes sent)."""
+        stamp = str(int(time.time()) if timestamp is None else timestamp)
+        signature = self.signing_key.sign(f"{stamp}|{body}".encode()).signature
+        return {"telnyx-signature-ed25519": base64.b64encode(signature).decode("ascii"), "telnyx-timestamp": stamp}
+
+
+def frames_of(payload: bytes, encoding: str, sample_rate: int) -> list[bytes]:
+    """Cut raw codec bytes into 20 ms frames, padding the last one with the codec's silence."""
+    size = FRAME_BYTES[(encoding, sample_rate)]
+    if len(payload) % size:
+        payload += SILENCE[encoding] * (size - len(payload) % size)
+    return [payload[i:i + size] for i in range(0, len(payload), size)]
+
+
+@dataclass
+class LegResult:
+    """What one media leg saw."""
+
+    stream_id: str
+    heard: bytearray = field(default_factory=bytearray)
+    marks_received: list[str] = field(default_factory=list)
+    clears: int = 0
+    protocol_errors: list[str] = field(default_factory=list)
+    server_closed_first: bool = False
+    close_code: int | None = None
+    frames_sent: int = 0
+
+
+class TelnyxMediaLeg:
+    """Telnyx's side of one media-streaming socket (see the module docstring)."""
+
+    def __init__(self, url: str, *, call_control_id: str, custom_parameters: dict[str, str] | None = None,
+                 auth_token: str | None = None, encoding: str = "PCMU", sample_rate: int = 8000,
+                 timeout: float = 10.0) -> None:
+        headers = {"x-telnyx-streaming-auth-token": auth_token} if auth_token else {}
+        self.ws = _TimedClient(url, headers, timeout)
+        self.call_control_id, self.encoding, self.sample_rate = call_control_id, encoding, sample_rate
+        self.custom_parameters, self.auth_token = custom_parameters or {}, auth_token
+        self.result = LegResult(stream_id=str(uuid.uuid4()))
+        self._seq = 0
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._reader = threading.Thread(target=self._read_loop, daemon=True, name="telnyx-sim-reader")
+        self._reader.start()
+
+    # ----- Telnyx -> server -----
+    def send(self, event: str, body: dict[str, Any] | None = None) -> bool:
+        """Send one event with the next ``sequence_number`` and top-level ``stream_id``; False if closed."""
+        with self._send_lock:
+            self._seq += 1
+            message = {"event": event, "sequence_number": str(self._seq), "stream_id": self.result.stream_id,
+                       **(body or {})}
+            try:
+                self.ws.send(json.dumps(message))
+                return True
+            except (ConnectionClosed, OSError):
+                return False
+
+    def send_raw(self, data: str | bytes) -> None:
+        """Send a frame verbatim."""
+        with self._send_lock:
+            self.ws.send(data)
+
+    def begin(self, from_: str = "+15551230000", to: str = "+15005550006") -> None:
+        """``connected`` then ``start`` (with the media format and our custom parameters)."""
+        connected: dict[str, Any] = {"event": "connected", "version": "1.0.0"}
+        if self.auth_token:
+            connected["x-telnyx-streaming-auth-token"] = self.auth_token
+        with self._send_lock:
+            self.ws.send(json.dumps(connected))
+        self.send("start", {"start": {
+            "user_id": str(uuid.uuid4()), "call_control_id": self.call_control_id,
+            "call_session_id": str(uuid.uuid4()), "from": from_, "to": to, "tags": [],
+            "custom_parameters": self.custom_parameters,
+            "media_format": {"encoding": self.encoding, "sample_rate": self.sample_rate, "channels": 1}}})
+
+    def stream(self, payload: bytes, *, pace: bool = False, reorder: bool = False, duplicate: bool = False) -> None:
+        """Send ``payload`` (raw bytes in this leg's codec) as 20 ms ``media`` frames.
+
+        ``reorder`` swaps every pair of neighbouring frames; ``duplicate`` sends every fifth frame twice.
+        """
+        frames = list(enumerate(frames_of(payload, self.encoding, self.sample_rate), start=1))
+        if reorder:
+            for i in range(0, len(frames) - 1, 2):
+                frames[i], frames[i + 1] = frames[i + 1], frames[i]
+        start = time.monotonic()
+        for n, (chunk, frame) in enumerate(frames):
+            if pace and (delay := start + n * 0.02 - time.monotonic()) > 0:
+                time.sleep(delay)
+            for _ in range(2 if duplicate and chunk % 5 == 0 else 1):
+                if self.result.server_closed_first or not self.send("media", {"media": {
+                        "track": "inbound", "chunk": str(chunk), "timestamp": str((chunk - 1) * 20),
+                        "payload": base64.b64encode(frame).decode("ascii")}}):
+                    return
+                self.result.frames_sent += 1
+
+    def wait_for(self, predicate: Any, timeout: float) -> bool:
+        """Block until ``predicate(self.result)`` holds or ``timeout``; return it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.result):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.05))
+            return True
+
+    def hang_up(self) -> None:
+        """The call ends: ``stop``, then close the socket."""
+        self._closing = True
+        self.send("stop", {"stop": {"user_id": str(uuid.uuid4()), "call_control_id": self.call_control_id}})
+        try:
+            self.ws.close()
+        except (ConnectionClosed, OSError):
+            pass
+        self._reader.join(timeout=2.0)
+
+    def finish(self, listen_seconds: float) -> LegResult:
+        """Listen for up to ``listen_seconds`` (less if the server closes or the call is hung up meanwhile),
+        then hang up unless it closed or already hung up."""
+        self.wait_for(lambda r: r.server_closed_first or self._closing, listen_seconds)
+        if not self.result.server_closed_first and not self._closing:
+            self.hang_up()
+        self._reader.join(timeout=2.0)
+        return self.result
+
+    # ----- server -> Telnyx -----
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                frame = self.ws.receive(timeout=0.05)
+            except (ConnectionClosed, OSError):
+                frame = None
+            if frame is None and not self.ws.connected:
+                with self._cond:
+                    if not self._closing:
+                        self.result.server_closed_first = True
+                        code = self.ws.close_reason
+                        self.result.close_code = int(code) if code is not None else None
+                    self._cond.notify_all()
+                return
+            if frame is not None:
+                with self._cond:
+                    self._handle(frame)
+                    self._cond.notify_all()
+
+    def _handle(self, frame: str | bytes) -> None:
+        errors = self.result.protocol_errors
+        if isinstance(frame, bytes):
+            errors.append("binary frame (Telnyx accepts JSON text frames)")
+            return
+        try:
+            message = json.loads(frame)
+        except ValueError:
+            errors.append(f"100003 malformed frame: {frame[:60]!r}")
+            return
+        event = message.get("event") if isinstance(message, dict) else None
+        if event == "media":
+            try:
+                audio = base64.b64decode(message["media"]["payload"], validate=True)
+            except (KeyError, TypeError, ValueError):
+                errors.append("100004 invalid media")
+                return
+            if len(audio) < MIN_RETURN_BYTES:
+                errors.append(f"media message of {len(audio)} bytes is shorter than 20 ms")
+            self.result.heard += audio
+        elif event == "mark" and isinstance(message.get("mark"), dict):
+            name = str(message["mark"].get("name"))
+            self.result.marks_received.append(name)
+            self.send("mark", {"mark": {"name": name}})  # nothing queued here: echoed at once
+        elif event == "clear":
+            self.result.clears += 1
+        else:
+            errors.append(f"100002 unknown event {event!r}")
+
+
+@dataclass
+class TexmlCallResult:
+    """Everything observed during one simulated TeXML call."""
+
+    call_sid: str
+    webhook_status: int | None = None
+    texml: list[str] = field(default_factory=list)
+    said: list[str] = field(default_factory=list)
+    hung_up: bool = False
+    stream_attributes: dict[str, str] = field(default_factory=dict)
+    custom_parameters: dict[str, str] = field(default_factory=dict)
+    leg: LegResult | None = None
+    callbacks: list[tuple[str, int]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class TexmlCallSimulator:
+    """Places simulated inbound calls on a TeXML application pointed at ``{public}/telnyx/texml``.
+
+    ``base_url`` is where the simulator connects; ``public_url`` what the service believes it is reachable at.
+    """
+
+    def __init__(self, base_url: str, signer: TelnyxSigner, *, public_url: str | None = None,
+                 timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.public_url = (public_url or base_url).rstrip("/")
+        self.signer, self.timeout = signer, timeout
+
+    def real_url(self, url: str) -> str:
+        """Map a public http(s)/ws(s) URL onto the address we really connect to."""
+        for public, real in ((self.public_url, self.base_url), (_ws_scheme(self.public_url), _ws_scheme(self.base_url))):
+            if url == public or url.startswith(public + "/"):
+                return real + url[len(public):]
+        return url
+
+    def post_form(self, url: str, params: dict[str, str], *, sign: bool = True,
+                  timestamp: int | None = None) -> requests.Response:
+        """POST ``params`` form-encoded to ``url`` (public), signed over the exact body sent."""
+        body = urlencode(params)
+        headers = {"Content-Type": "application/x-www-form-urlencoded",
+                   **(self.signer.headers(body, timestamp) if sign else {})}
+        return requests.post(self.real_url(url), data=body.encode(), headers=headers, timeout=self.timeout)
+
+    @staticmethod
+    def call_params(call_sid: str, to: str, from_: str, status: str) -> dict[str, str]:
+        """The fields Telnyx sends with TeXML requests (B1)."""
+        return {"AccountSid": str(uuid.UUID(int=1)), "CallSid": call_sid, "CallSidLegacy": "v2:" + uuid.uuid4().hex,
+                "CallSessionId": str(uuid.uuid4()), "ConnectionId": "1494404757140276705", "From": from_, "To": to,
+                "CallerId": from_, "CallStatus": status, "Direction": "inbound",
+                "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def place_call(self, to: str, from_: str, payload: bytes = b"", *, encoding: str = "PCMU",
+                   sample_rate: int = 8000, listen_seconds: float = 0.5, reorder: bool = False,
+                   duplicate: bool = False, pace: bool = False, hangup_cause: str = "normal_clearing",
+                   call_sid: str | None = None) -> TexmlCallResult:
+        """Simulate a whole inbound TeXML call; ``payload`` is the caller's audio in ``encoding``."""
+        result = TexmlCallResult(call_sid=call_sid or new_call_control_id())
+        status_url = self.public_url + "/telnyx/texml/status"
+        try:
+            response = self.post_form(self.public_url + "/telnyx/texml",
+                                      self.call_params(result.call_sid, to, from_, "ringing"))
+        except requests.RequestException as exc:
+            result.errors.append(f"voice webhook failed: {exc}")
+            return result
+        result.webhook_status = response.status_code
+        if response.ok:
+            stream_callback = self._run_texml(result, response.text, payload, encoding, sample_rate,
+                                              listen_seconds, reorder, duplicate, pace)
+            if stream_callback:
+                self._callback(result, stream_callback, {
+                    **self.call_params(result.call_sid, to, from_, "in-progress"),
+                    "StreamEvent": "stream-stopped", "StreamSid": result.leg.stream_id if result.leg else ""})
+        else:
+            result.errors.append(f"voice webhook returned HTTP {response.status_code}")
+        self._callback(result, status_url, {**self.call_params(result.call_sid, to, from_, "completed"),
+                                            "CallDuration": "3", "HangupCause": hangup_cause,
+                                            "HangupSource": "caller", "CallbackSource": "call-progress-events"})
+        return result
+
+    def _callback(self, result: TexmlCallResult, url: str, params: dict[str, str]) -> None:
+        try:
+            result.callbacks.append((url, self.post_form(url, params).status_code))
+        except requests.RequestException as exc:
+            result.errors.append(f"callback {url} failed: {exc}")
+
+    def _run_texml(self, result: TexmlCallResult, text: str, payload: bytes, encoding: str, sample_rate: int,
+                   listen_seconds: float, reorder: bool, duplicate: bool, pace: bool) -> str | None:
+        """Run the TeXML verbs in order; returns the stream's status callback URL, if a stream ran."""
+        result.texml.append(text)
+        stream_callback = None
+        try:
+            root = ET.fromstring(text)
+        except ET.ParseError as exc:
+            result.errors.append(f"TeXML parse error: {exc}")
+            return None
+        for verb in root:
+            if verb.tag == "Say":
+                result.said.append((verb.text or "").strip())
+            elif verb.tag == "Hangup":
+                result.hung_up = True
+                break
+            elif verb.tag == "Connect" and (stream := verb.find("Stream")) is not None:
+                result.stream_attributes = dict(stream.attrib)
+                result.custom_parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+                if stream.get("bidirectionalMode") != "rtp":
+                    result.errors.append("bidirectionalMode is not rtp: Telnyx would drop the return audio")
+                try:
+                    leg = TelnyxMediaLeg(self.real_url(stream.get("url", "")), call_control_id=result.call_sid,
+                                         custom_parameters=result.custom_parameters, encoding=encoding,
+                                         sample_rate=sample_rate, timeout=self.timeout)
+                except Exception as exc:  # noqa: BLE001 — any handshake failure is a stream failure
+                    result.errors.append(f"media WebSocket handshake failed: {exc!r}")
+                    continue
+                leg.begin()
+                leg.stream(payload, pace=pace, reorder=reorder, duplicate=duplicate)
+                result.leg = leg.finish(listen_seconds)
+                stream_callback = stream.get("statusCallback")
+                if not result.leg.server_closed_first:
+                    break  # the caller hung up: the rest of the document never runs
+        return stream_callback

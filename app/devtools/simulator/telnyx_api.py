@@ -1,0 +1,257 @@
+"""A fake Telnyx (Call Control) for tests and the demo: the REST API our SDK client talks to, plus Telnyx's
+side of the call — signed webhooks to the bridge and the media-streaming socket the ``answer`` asks for.
+
+Run as ONE process (state is in memory): ``gunicorn -k gevent -w 1 'app.devtools.simulator.telnyx_api:create_fake_call_control_app()'``
+with ``FAKE_TELNYX_WEBHOOK_URL`` (where the bridge's ``/telnyx/call-control`` really listens),
+``FAKE_TELNYX_SIGNING_SEED`` (base64 Ed25519 seed; the bridge gets its public key) and ``FAKE_TELNYX_API_KEY``.
+
+Control API (tests and the CLI): ``POST /_fake/calls`` places an inbound call (``to``, ``from``, ``encoding``,
+``sample_rate``, ``payload`` base64 in that codec, ``listen_seconds``, ``reorder_media``, ``duplicate_webhooks``,
+``fail_first_stream``), ``GET /_fake/calls/<id>`` reports it (commands, webhooks, what the caller heard),
+``GET /_fake/commands``, ``POST /_fake/reset``.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from flask import Flask, abort, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from app.devtools.simulator.telnyx import TelnyxMediaLeg, TelnyxSigner, new_call_control_id
+
+EXTENSION_KEY = "fake_telnyx"
+WEBHOOK_TIMEOUT_SECONDS = 10.0
+DIAL_RING_SECONDS = 0.3
+
+
+@dataclass
+class FakeCall:
+    """One call as the fake Telnyx sees it."""
+
+    call_control_id: str
+    to: str
+    from_: str
+    scenario: dict[str, Any]
+    call_session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    call_leg_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    webhooks: list[dict[str, Any]] = field(default_factory=list)  # {"event", "status"}
+    spoken: list[str] = field(default_factory=list)
+    heard: bytearray = field(default_factory=bytearray)
+    protocol_errors: list[str] = field(default_factory=list)
+    streams: int = 0
+    close_codes: list[int | None] = field(default_factory=list)
+    hung_up: bool = False
+    leg: TelnyxMediaLeg | None = None
+
+    def view(self) -> dict[str, Any]:
+        """JSON for the control API (command bodies included: they hold no real secrets here)."""
+        return {"call_control_id": self.call_control_id, "commands": self.commands, "webhooks": self.webhooks,
+                "spoken": self.spoken, "heard": base64.b64encode(bytes(self.heard)).decode(),
+                "protocol_errors": self.protocol_errors, "streams": self.streams, "close_codes": self.close_codes,
+                "hung_up": self.hung_up}
+
+
+class FakeTelnyx:
+    """The fake's state and behaviour; one per app."""
+
+    def __init__(self, webhook_url: str, signer: TelnyxSigner, api_key: str) -> None:
+        self.webhook_url, self.signer, self.api_key = webhook_url, signer, api_key
+        self.lock = threading.Lock()
+        self.calls: dict[str, FakeCall] = {}
+        self.commands: list[dict[str, Any]] = []
+
+    # ----- webhooks to the bridge -----
+    def webhook(self, call: FakeCall, event_type: str, **payload: Any) -> None:
+        """Deliver one signed Call Control event (twice, concurrently, when the scenario says so)."""
+        body = json.dumps({"data": {
+            "record_type": "event", "event_type": event_type, "id": str(uuid.uuid4()),
+            "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+            "payload": {"call_control_id": call.call_control_id, "call_leg_id": call.call_leg_id,
+                        "call_session_id": call.call_session_id, "connection_id": "1494404757140276705",
+                        "from": call.from_, "to": call.to, **payload}},
+            "meta": {"attempt": 1, "delivered_to": self.webhook_url}})
+        copies = 2 if call.scenario.get("duplicate_webhooks") else 1
+        threads = [threading.Thread(target=self._deliver, args=(call, event_type, body), daemon=True)
+                   for _ in range(copies)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WEBHOOK_TIMEOUT_SECONDS + 1)
+
+    def _deliver(self, call: FakeCall, event_type: str, body: str) -> None:
+        try:
+            status = requests.post(self.webhook_url, data=body.encode(), timeout=WEBHOOK_TIMEOUT_SECONDS, headers={
+                "Content-Type": "application/json", **self.signer.headers(body)}).status_code
+        except requests.RequestException as exc:
+            status = f"failed: {exc}"
+        with self.lock:
+            call.webhooks.append({"event": event_type, "status": status})
+
+    # ----- Telnyx's side of a call -----
+    def place(self, call: FakeCall) -> None:
+        """An inbound call arrives: ``call.initiated`` (parked) and wait for commands."""
+        self.webhook(call, "call.initiated", direction="incoming", state="parked", client_state=None,
+                     offered_codecs="PCMA,PCMU", start_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def answer_dialled(self, call: FakeCall, client_state: Any) -> None:
+        """A call the bridge dialled rings, then is answered: ``call.initiated`` and ``call.answered`` (outgoing)."""
+        self.webhook(call, "call.initiated", direction="outgoing", state="bridging", client_state=client_state)
+        time.sleep(DIAL_RING_SECONDS)
+        self.webhook(call, "call.answered", direction="outgoing", state="answered", client_state=client_state)
+
+    def command(self, call: FakeCall, action: str, body: dict[str, Any]) -> None:
+        """React to a command as Telnyx would (runs after the HTTP response, in its own thread)."""
+        state = body.get("client_state")
+        if action == "answer":
+            self.webhook(call, "call.answered", direction="incoming", state="answered", client_state=state)
+            if body.get("stream_url"):
+                self.stream(call, body, state)
+        elif action == "streaming_start":
+            self.stream(call, body, state)
+        elif action == "speak":
+            call.spoken.append(str(body.get("payload", "")))
+            self.webhook(call, "call.speak.started", client_state=state)
+            self.webhook(call, "call.speak.ended", client_state=state, status="completed")
+        elif action == "hangup":
+            self.hang_up(call, "normal_clearing", source="callee")
+
+    def stream(self, call: FakeCall, body: dict[str, Any], state: Any) -> None:
+        """Open the media socket like Telnyx, stream the caller's audio, listen, then the caller hangs up."""
+        scenario, first = call.scenario, call.streams == 0
+        call.streams += 1
+        if first and scenario.get("fail_first_stream"):
+            self.webhook(call, "streaming.failed", client_state=state, failure_reason="connection_failed",
+                         stream_id=str(uuid.uuid4()), stream_type="websocket",
+                         stream_params={"stream_url": body.get("stream_url"), "track": body.get("stream_track")})
+            return
+        params = {p["name"]: p["value"] for p in body.get("custom_parameters") or []
+                  if isinstance(p, dict) and "name" in p and "value" in p}
+        try:
+            leg = TelnyxMediaLeg(str(body.get("stream_url")), call_control_id=call.call_control_id,
+                                 custom_parameters=params, auth_token=body.get("stream_auth_token"),
+                                 encoding=scenario.get("encoding", "PCMU"),
+                                 sample_rate=int(scenario.get("sample_rate", 8000)))
+        except Exception as exc:  # noqa: BLE001 — a failed handshake is what streaming.failed reports
+            call.protocol_errors.append(f"media handshake failed: {exc!r}")
+            self.webhook(call, "streaming.failed", client_state=state, failure_reason=repr(exc)[:100])
+            return
+        call.leg = leg
+        self.webhook(call, "streaming.started", client_state=state, stream_url=body.get("stream_url"))
+        leg.begin(call.from_, call.to)
+        leg.stream(base64.b64decode(scenario.get("payload", "")) if first else b"",
+                   reorder=bool(scenario.get("reorder_media")), duplicate=bool(scenario.get("reorder_media")))
+        result = leg.finish(float(scenario.get("listen_seconds", 0.5)))
+        call.leg = None
+        call.heard += result.heard
+        call.protocol_errors += result.protocol_errors
+        call.close_codes.append(result.close_code)
+        self.webhook(call, "streaming.stopped", client_state=state, stream_url=body.get("stream_url"))
+        if not result.server_closed_first:
+            self.hang_up(call, "normal_clearing", source="caller")
+        # Otherwise our side closed the stream while the caller is still on: wait for speak/hangup commands.
+
+    def hang_up(self, call: FakeCall, cause: str, *, source: str) -> None:
+        """The call ends (once): ``call.hangup`` with a cause."""
+        with self.lock:
+            if call.hung_up:
+                return
+            call.hung_up = True
+        if call.leg is not None:
+            call.leg.hang_up()
+        self.webhook(call, "call.hangup", hangup_cause=cause, hangup_source=source, sip_hangup_cause="200",
+                     state="hangup", client_state=None)
+
+
+def _spawn(target: Any, *args: Any) -> None:
+    threading.Thread(target=target, args=args, daemon=True).start()  # a greenlet under gunicorn's gevent worker
+
+
+def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
+    """Build the fake Telnyx app from ``config`` or the ``FAKE_TELNYX_*`` environment variables."""
+    settings = {name: os.environ.get(name, "") for name in
+                ("FAKE_TELNYX_WEBHOOK_URL", "FAKE_TELNYX_SIGNING_SEED", "FAKE_TELNYX_API_KEY")}
+    settings.update(config or {})
+    signer = TelnyxSigner.from_seed_b64(settings["FAKE_TELNYX_SIGNING_SEED"]) \
+        if settings["FAKE_TELNYX_SIGNING_SEED"] else TelnyxSigner()
+    fake = FakeTelnyx(settings["FAKE_TELNYX_WEBHOOK_URL"], signer, settings["FAKE_TELNYX_API_KEY"])
+    dialled_seconds = float(settings.get("FAKE_TELNYX_DIALLED_AUDIO_SECONDS") or 1)
+    app = Flask(__name__)
+    app.extensions[EXTENSION_KEY] = fake
+
+    def authorised() -> None:
+        if fake.api_key and request.headers.get("Authorization") != f"Bearer {fake.api_key}":
+            abort(401)
+
+    @app.post("/v2/calls/<call_control_id>/actions/<action>")
+    def call_action(call_control_id: str, action: str) -> ResponseReturnValue:
+        authorised()
+        body = request.get_json(silent=True) or {}
+        entry = {"call_control_id": call_control_id, "action": action, "body": body}
+        with fake.lock:
+            fake.commands.append(entry)
+            call = fake.calls.get(call_control_id)
+            if call is not None:
+                call.commands.append(entry)
+        if call is not None and call.hung_up:
+            return jsonify(errors=[{"code": "90018", "title": "Call has already ended"}]), 422
+        if call is not None:  # a call placed through /_fake/calls: Telnyx's side reacts; others are only recorded
+            _spawn(fake.command, call, action, body)
+        return jsonify(data={"result": "ok"})
+
+    @app.post("/v2/calls")
+    def dial() -> ResponseReturnValue:
+        authorised()
+        body = request.get_json(silent=True) or {}
+        call_control_id = new_call_control_id()
+        # The far end answers after a short ring and talks (dialled_audio_seconds of 0x07), then stays on
+        # until hung up: like an agent picking up.
+        call = FakeCall(call_control_id=call_control_id, to=str(body.get("to", "")), from_=str(body.get("from", "")),
+                        scenario={"payload": base64.b64encode(b"\x07" * int(8000 * dialled_seconds)).decode(),
+                                  "listen_seconds": 30})
+        with fake.lock:
+            fake.commands.append({"call_control_id": call_control_id, "action": "dial", "body": body})
+            fake.calls[call_control_id] = call
+        _spawn(fake.answer_dialled, call, body.get("client_state"))
+        return jsonify(data={"call_control_id": call_control_id, "call_leg_id": str(uuid.uuid4()),
+                             "call_session_id": str(uuid.uuid4()), "is_alive": False, "record_type": "call"})
+
+    @app.post("/_fake/calls")
+    def place_call() -> ResponseReturnValue:
+        scenario = request.get_json(force=True)
+        call = FakeCall(call_control_id=new_call_control_id(), to=scenario.get("to", "+15005550006"),
+                        from_=scenario.get("from", "+15551230000"), scenario=scenario)
+        with fake.lock:
+            fake.calls[call.call_control_id] = call
+        _spawn(fake.place, call)
+        return jsonify(call_control_id=call.call_control_id)
+
+    @app.get("/_fake/calls/<call_control_id>")
+    def call_view(call_control_id: str) -> ResponseReturnValue:
+        call = fake.calls.get(call_control_id) or abort(404)
+        return jsonify(call.view())
+
+    @app.get("/_fake/commands")
+    def commands() -> ResponseReturnValue:
+        return jsonify(commands=fake.commands)
+
+    @app.post("/_fake/reset")
+    def reset() -> ResponseReturnValue:
+        with fake.lock:
+            fake.calls.clear()
+            fake.commands.clear()
+        return jsonify(status="reset")
+
+    @app.get("/_fake/health")
+    def health() -> ResponseReturnValue:
+        return jsonify(status="ok", public_key=signer.public_key)
+
+    return app

@@ -1,0 +1,105 @@
+"""``python -m app.devtools.simulator.telnyx_cli``: place one simulated Telnyx call against a running service.
+
+- ``texml``: Telnyx fetches TeXML from ``/telnyx/texml`` (signed with the demo key) and streams the call.
+- ``call-control``: runs a fake Telnyx REST API on ``--api-port`` (point the service's ``TELNYX_API_URL`` at
+  ``http://127.0.0.1:<port>/v2``), sends ``call.initiated`` to ``/telnyx/call-control`` and follows the
+  service's commands (answer → media stream, speak, hangup) as Telnyx would.
+- ``public-key``: print the demo public key to give the service as ``TELNYX_PUBLIC_KEY``.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+import threading
+import time
+import warnings
+
+from werkzeug.serving import make_server
+
+from app.devtools.simulator.audio import read_wav_as_ulaw, speech_like_tone, write_ulaw_as_wav
+from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
+from app.devtools.simulator.telnyx_api import EXTENSION_KEY, FakeCall, FakeTelnyx, create_fake_call_control_app
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+
+def caller_audio(mulaw: bytes, codec: str) -> tuple[bytes, int]:
+    """The caller's audio in the leg's codec: PCMU and PCMA at 8 kHz, L16 big-endian at 16 kHz."""
+    if codec == "PCMU":
+        return mulaw, 8000
+    pcm = audioop.ulaw2lin(mulaw, 2)
+    if codec == "PCMA":
+        return audioop.lin2alaw(pcm, 2), 8000
+    wide, _ = audioop.ratecv(pcm, 2, 1, 8000, 16000, None)
+    return (audioop.byteswap(wide, 2) if sys.byteorder == "little" else wide), 16000
+
+
+def run_call_control(args: argparse.Namespace, payload: bytes, rate: int) -> tuple[bytes, list[str], list[str]]:
+    """Serve the fake Telnyx API, place one call through it and wait until it hangs up."""
+    app = create_fake_call_control_app({"FAKE_TELNYX_WEBHOOK_URL": args.base_url.rstrip("/") + "/telnyx/call-control"})
+    fake: FakeTelnyx = app.extensions[EXTENSION_KEY]
+    server = make_server("127.0.0.1", args.api_port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    call = FakeCall(call_control_id=new_call_control_id(), to=args.to, from_=args.from_, scenario={
+        "encoding": args.codec, "sample_rate": rate, "payload": base64.b64encode(payload).decode(),
+        "listen_seconds": args.listen})
+    fake.calls[call.call_control_id] = call
+    print(f"fake Telnyx API on http://127.0.0.1:{args.api_port}/v2; call {call.call_control_id}")
+    try:
+        fake.place(call)
+        deadline = time.monotonic() + args.timeout + len(payload) / rate + args.listen
+        while not call.hung_up and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the last webhooks
+    finally:
+        server.shutdown()
+    for command in call.commands:
+        print(f"command {command['action']}")
+    for hook in call.webhooks:
+        print(f"webhook {hook['event']} -> {hook['status']}")
+    return bytes(call.heard), call.spoken, call.protocol_errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; exit status 0 when the call was bridged and audio came back, else 1."""
+    p = argparse.ArgumentParser(prog="python -m app.devtools.simulator.telnyx_cli", description=__doc__.splitlines()[0])
+    p.add_argument("flow", choices=("texml", "call-control", "public-key"))
+    p.add_argument("--base-url", default="http://127.0.0.1:5000", help="where the service listens")
+    p.add_argument("--public-url", default=None, help="the service's PUBLIC_URL (default: --base-url)")
+    p.add_argument("--api-port", type=int, default=8075, help="call-control: the fake Telnyx API's port")
+    p.add_argument("--codec", choices=("PCMU", "PCMA", "L16"), default="PCMU", help="the caller leg's codec")
+    p.add_argument("--to", default="+15005550006")
+    p.add_argument("--from", dest="from_", default="+15551230000")
+    p.add_argument("--wav", default=None, help="caller audio (default: 3 s of a speech-like tone)")
+    p.add_argument("--out", default="heard.wav", help="write what the caller heard here as WAV")
+    p.add_argument("--listen", type=float, default=3.0, help="seconds to keep listening after the audio")
+    p.add_argument("--timeout", type=float, default=10.0, help="per network operation, seconds")
+    args = p.parse_args(argv)
+    signer = TelnyxSigner()  # the demo key
+    if args.flow == "public-key":
+        print(signer.public_key)
+        return 0
+    payload, rate = caller_audio(read_wav_as_ulaw(args.wav) if args.wav else speech_like_tone(3.0), args.codec)
+    if args.flow == "texml":
+        sim = TexmlCallSimulator(args.base_url, signer, public_url=args.public_url, timeout=args.timeout)
+        result = sim.place_call(args.to, args.from_, payload, encoding=args.codec, sample_rate=rate, pace=True,
+                                listen_seconds=args.listen)
+        heard = bytes(result.leg.heard) if result.leg else b""
+        spoken, errors = result.said, result.errors + (result.leg.protocol_errors if result.leg else [])
+        print(f"call {result.call_sid}  TeXML HTTP {result.webhook_status}  callbacks {result.callbacks}")
+    else:
+        heard, spoken, errors = run_call_control(args, payload, rate)
+    if heard:
+        write_ulaw_as_wav(args.out, heard)
+    print(f"sent {len(payload)} bytes of {args.codec}, heard {len(heard) / 8000:.2f} s"
+          + (f" -> {args.out}" if heard else "") + (f"; said: {spoken}" if spoken else ""))
+    for problem in errors:
+        print(f"ERROR {problem}", file=sys.stderr)
+    return 0 if heard and not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""A fake of Twilio's REST ``Calls`` resource that really "places" the calls it is asked for.
+
+``calls.create`` (POST …/Calls.json) answers like Twilio and, after a short ring, has the
+:class:`~app.devtools.simulator.twilio.TwilioCallSimulator` answer the call: it requests the ``Url`` given, follows
+the TwiML, streams audio as the far end and posts the ``StatusCallback``. ``calls(sid).update(
+status="completed")`` hangs such a call up. Tests and the demo point ``TWILIO_API_URL`` here.
+
+Run it as ONE process (state is in memory): ``gunicorn -k gevent -w 1 'app.devtools.simulator.twilio_rest:create_fake_twilio_rest()'``.
+Settings (env, or the ``config`` mapping): ``FAKE_TWILIO_BRIDGE_URL`` (where the service really listens),
+``FAKE_TWILIO_PUBLIC_URL`` (its PUBLIC_URL; default the same), ``TWILIO_ACCOUNT_SID``, ``TWILIO_AUTH_TOKEN``,
+``FAKE_TWILIO_ANSWER_AUDIO`` (bytes value repeated as the far end's speech, default 0x07),
+``FAKE_TWILIO_ANSWER_SECONDS`` (how long the far end talks, default 1), ``FAKE_TWILIO_MAX_CALL_SECONDS`` (60).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, abort, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCallSimulator, new_sid
+
+RING_SECONDS = 0.3
+
+
+@dataclass
+class PlacedCall:
+    """One outbound call the fake placed, and what happened on it."""
+
+    sid: str
+    to: str
+    from_: str
+    url: str
+    status_callback: str | None
+    status: str = "queued"
+    hang_up: threading.Event = field(default_factory=threading.Event)
+    hung_up_by_api: bool = False
+    result: CallResult | None = None
+
+    def view(self) -> dict[str, Any]:
+        """JSON for the control endpoint."""
+        r = self.result
+        return {"sid": self.sid, "to": self.to, "from": self.from_, "status": self.status,
+                "hung_up_by_api": self.hung_up_by_api,
+                "sent_bytes": len(r.sent_audio) if r else 0, "heard_bytes": len(r.heard_audio) if r else 0,
+                "streams": r.streams if r else 0, "said": r.said if r else [],
+                "protocol_errors": r.protocol_errors if r else [], "errors": r.errors if r else []}
+
+
+def create_fake_twilio_rest(config: dict[str, str] | None = None) -> Flask:
+    """The fake's Flask app (state in ``app.extensions["fake_twilio_calls"]``)."""
+    env = {**os.environ, **(config or {})}
+    account_sid, auth_token = env.get("TWILIO_ACCOUNT_SID", ""), env.get("TWILIO_AUTH_TOKEN", "")
+    bridge_url = env.get("FAKE_TWILIO_BRIDGE_URL", "http://127.0.0.1:5000")
+    simulator = TwilioCallSimulator(bridge_url, auth_token, public_url=env.get("FAKE_TWILIO_PUBLIC_URL") or None,
+                                    account_sid=account_sid)
+    answer_audio = bytes([int(env.get("FAKE_TWILIO_ANSWER_AUDIO", "7"))]) * int(
+        8000 * float(env.get("FAKE_TWILIO_ANSWER_SECONDS", "1")))
+    max_call = float(env.get("FAKE_TWILIO_MAX_CALL_SECONDS", "60"))
+    app = Flask(__name__)
+    calls: dict[str, PlacedCall] = {}
+    app.extensions["fake_twilio_calls"] = calls
+    lock = threading.Lock()
+
+    def require_auth(account: str) -> None:
+        auth = request.authorization
+        if account != account_sid or not auth or (auth.username, auth.password) != (account_sid, auth_token):
+            abort(401)
+
+    def run_call(call: PlacedCall) -> None:
+        time.sleep(RING_SECONDS)  # ringing: the service registers the leg meanwhile, as with real Twilio
+        call.status = "in-progress"
+
+        def until_hung_up(stream: SimulatedStream) -> None:
+            # The far end stays on until the service hangs it up, the service closes the stream, or time runs out.
+            deadline = time.monotonic() + max_call
+            while time.monotonic() < deadline and not call.hang_up.is_set() and not stream.server_closed:
+                stream.wait_for(lambda s: s.server_closed, 0.1)
+
+        call.result = simulator.answer_outbound_call(call.url, to=call.to, from_=call.from_, call_sid=call.sid,
+                                                     audio=answer_audio, status_callback=call.status_callback,
+                                                     hold_open=until_hung_up, listen_seconds=0)
+        call.status = "completed"
+
+    @app.post("/2010-04-01/Accounts/<account>/Calls.json")
+    def create_call(account: str) -> ResponseReturnValue:
+        require_auth(account)
+        form = request.form
+        if not form.get("To") or not form.get("From") or not form.get("Url"):
+            return jsonify(code=21205, message="To, From and Url are required", status=400), 400
+        call = PlacedCall(sid=new_sid("CA"), to=form["To"], from_=form["From"], url=form["Url"],
+                          status_callback=form.get("StatusCallback"))
+        with lock:
+            calls[call.sid] = call
+        threading.Thread(target=run_call, args=(call,), daemon=True).start()
+        return jsonify(_call_json(account, call)), 201
+
+    @app.post("/2010-04-01/Accounts/<account>/Calls/<sid>.json")
+    def update_call(account: str, sid: str) -> ResponseReturnValue:
+        require_auth(account)
+        call = calls.get(sid)
+        if call is None:
+            return jsonify(code=20404, message="The requested resource was not found", status=404), 404
+        if request.form.get("Status") in ("completed", "canceled"):
+            if call.status == "completed":
+                return jsonify(code=21220, message="Call is not in-progress. Cannot redirect.", status=400), 400
+            call.hung_up_by_api = True
+            call.hang_up.set()
+        return jsonify(_call_json(account, call)), 200
+
+    @app.get("/_fake/calls")
+    def list_calls() -> ResponseReturnValue:
+        return jsonify(calls=[c.view() for c in calls.values()])
+
+    @app.post("/_fake/reset")
+    def reset() -> ResponseReturnValue:
+        with lock:
+            for call in calls.values():
+                call.hang_up.set()
+            calls.clear()
+        return jsonify(status="ok")
+
+    @app.get("/healthz")
+    def healthz() -> ResponseReturnValue:
+        return jsonify(status="ok")
+
+    return app
+
+
+def _call_json(account: str, call: PlacedCall) -> dict[str, Any]:
+    return {"sid": call.sid, "account_sid": account, "to": call.to, "from": call.from_, "status": call.status,
+            "direction": "outbound-api", "api_version": "2010-04-01",
+            "uri": f"/2010-04-01/Accounts/{account}/Calls/{call.sid}.json"}

@@ -1,0 +1,1 @@
+"""Operations: health and readiness, the landing page, graceful draining."""

@@ -1,0 +1,60 @@
+"""``/healthz`` (the process answers) and ``/readyz`` (it can take calls)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+import requests
+from flask import Blueprint, current_app, jsonify
+from flask.typing import ResponseReturnValue
+
+from app.ops.draining import drain_for
+from app.extensions import services
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> ResponseReturnValue:
+    """Liveness: the process is up and serving requests."""
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz() -> ResponseReturnValue:
+    """Readiness: Redis and Kallglot answer, the configuration is complete and the worker is not shutting
+    down (503 with the reasons otherwise)."""
+    svc = services()
+    problems = list(svc.settings.problems())
+    try:
+        svc.redis.ping()
+    except redis.RedisError as exc:
+        problems.append(f"Redis unreachable: {type(exc).__name__}")
+    kallglot_problem = kallglot_reachability(current_app, svc.settings.kallglot_api_url)
+    if kallglot_problem:
+        problems.append(kallglot_problem)
+    if drain_for(current_app).draining:
+        problems.append("shutting down (draining): live calls are being handed over")
+    return jsonify(status="ready" if not problems else "not ready", problems=problems), 200 if not problems else 503
+
+
+#: A Kallglot probe's answer is reused this long: the platform polls /readyz every few seconds per instance.
+KALLGLOT_PROBE_TTL_SECONDS = 10.0
+KALLGLOT_PROBE_TIMEOUT_SECONDS = 2.0
+
+
+def kallglot_reachability(app: Any, api_url: str) -> str:
+    """Why Kallglot's API cannot be reached ("" when it answers any HTTP status), cached per app."""
+    cached = app.extensions.get("kallglot_probe")
+    now = time.monotonic()
+    if cached and now - cached[0] < KALLGLOT_PROBE_TTL_SECONDS:
+        return str(cached[1])
+    try:
+        # Unauthenticated on purpose: reachability only, and the API key never travels for a probe.
+        requests.head(api_url, timeout=KALLGLOT_PROBE_TIMEOUT_SECONDS, allow_redirects=False)
+        problem = ""
+    except requests.RequestException as exc:
+        problem = f"Kallglot API unreachable: {type(exc).__name__}"
+    app.extensions["kallglot_probe"] = (now, problem)
+    return problem
