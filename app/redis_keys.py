@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis
+
 #: How long call and session records outlive the call, for the call log and late callbacks.
 RECORD_TTL_SECONDS = 7 * 24 * 3600
 #: Carriers retry webhooks for minutes (Twilio) to ~42 h (Kallglot): keep de-dup markers two days.
@@ -110,3 +112,12 @@ class RedisKeys:
     def pending_create_data(self) -> str:
         """Key of the hash holding each pending create's idempotency key and arguments (no secrets)."""
         return f"{self.namespace}:pending-creates:data"
+
+
+def first_seen(client: redis.Redis, key: str, value: str = "1", ttl_seconds: int = SEEN_TTL_SECONDS) -> bool:
+    """True the first time ``key`` (a :meth:`RedisKeys.seen` marker) is claimed, False for every repeat.
+
+    The one de-duplication primitive (``SET NX EX``) for webhook deliveries and retried requests, so every
+    "have we handled this already?" question is answered the same way and expires the same way.
+    """
+    return bool(client.set(key, value, nx=True, ex=ttl_seconds))

@@ -11,7 +11,7 @@ from flask.typing import ResponseReturnValue
 
 from app.extensions import services
 from app.kallglot.signature import verify
-from app.redis_keys import SEEN_TTL_SECONDS
+from app.redis_keys import first_seen
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def kallglot_webhook() -> ResponseReturnValue:
     session_id = str(data.get("session_id") or (data.get("id") if data.get("object", "session") == "session" else ""))
     seen = svc.keys.seen("kallglot", event["id"])
     try:
-        if not svc.redis.set(seen, "1", nx=True, ex=SEEN_TTL_SECONDS):
+        if not first_seen(svc.redis, seen):
             return jsonify(status="duplicate"), 200
         try:
             _handle(event["type"], session_id, data, event)

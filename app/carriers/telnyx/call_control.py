@@ -24,7 +24,7 @@ from flask.typing import ResponseReturnValue
 from app.extensions import Services, services
 from app.kallglot.client import KallglotError
 from app.calls.lifecycle import LEG_LIVE
-from app.redis_keys import SEEN_TTL_SECONDS
+from app.redis_keys import first_seen
 from app.carriers.telnyx import CARRIER, bp
 from app.carriers.telnyx.control import (
     GOODBYE_KEY, GOODBYE_SESSION_OVER, GOODBYE_UNAVAILABLE, TelnyxControl, decode_client_state, telnyx_control,
@@ -84,7 +84,7 @@ def call_control_webhook() -> ResponseReturnValue:
     svc = services()
     seen = svc.keys.seen(CARRIER, event.id)
     try:
-        first = bool(svc.redis.set(seen, event.event_type, nx=True, ex=SEEN_TTL_SECONDS))
+        first = first_seen(svc.redis, seen, event.event_type)
     except redis.RedisError as exc:
         # Without de-duplication, still act: command_ids derived from the event id make Telnyx drop repeats.
         log.error("telnyx event %s not de-duplicated: %s", event.id, exc)
@@ -197,8 +197,7 @@ def _streaming_failed(svc: Services, control: TelnyxControl, event: CallEvent) -
         return
     log.warning("telnyx call=%s streaming failed: %s", event.call_id, str(event.payload.get("failure_reason"))[:200])
     # One retry per call, whichever worker sees the failure first.
-    if svc.redis.set(svc.keys.seen(CARRIER, f"stream-retry:{event.call_id}"), event.id, nx=True,
-                     ex=SEEN_TTL_SECONDS):
+    if first_seen(svc.redis, svc.keys.seen(CARRIER, f"stream-retry:{event.call_id}"), event.id):
         try:
             stream = svc.kallglot.get_session(session_id).stream
         except KallglotError as exc:

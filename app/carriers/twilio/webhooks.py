@@ -18,7 +18,7 @@ from app.logging_setup import bind_log_context
 from app.profiles import NumberProfile
 from app.relay.bridge import KALLGLOT_UNREACHABLE
 from app.relay.core import RelayEnd
-from app.redis_keys import SEEN_TTL_SECONDS
+from app.redis_keys import first_seen
 from app.relay.tokens import RelayGrant
 from app.carriers.twilio import bp, twiml
 from app.carriers.twilio.signature import request_is_from_twilio
@@ -107,7 +107,7 @@ def _first_delivery(svc: Services) -> bool:
     if not token:
         params = "&".join(f"{k}={v}" for k, v in sorted(request.form.items(multi=True)))
         token = hashlib.sha256(f"{request.path}?{params}".encode()).hexdigest()
-    return bool(svc.redis.set(svc.keys.seen(CARRIER, token), "1", nx=True, ex=SEEN_TTL_SECONDS))
+    return first_seen(svc.redis, svc.keys.seen(CARRIER, token))
 
 
 @bp.post("/status")
