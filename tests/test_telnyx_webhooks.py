@@ -151,9 +151,9 @@ def test_texml_status_callbacks_end_the_session_once(client: FlaskClient, telnyx
 
 
 # ----- Call Control ----------------------------------------------------------------------------------------------
-def test_call_initiated_answers_with_streaming_once(client: FlaskClient, telnyx_signer: TelnyxSigner,
-                                                    emulator: EmulatorControl,
-                                                    fake_call_control: FakeCallControl) -> None:
+def test_call_initiated_answers_then_call_answered_streams_once(client: FlaskClient, telnyx_signer: TelnyxSigner,
+                                                                emulator: EmulatorControl,
+                                                                fake_call_control: FakeCallControl) -> None:
     call_id = new_call_control_id()
     body = event("call.initiated", call_id, direction="incoming", state="parked")
     first, again = cc(client, telnyx_signer, body), cc(client, telnyx_signer, body)
@@ -162,11 +162,19 @@ def test_call_initiated_answers_with_streaming_once(client: FlaskClient, telnyx_
     assert answer["call_control_id"] == call_id
     sent = answer["body"]
     (session,) = emulator.sessions()
-    assert decode_client_state(sent["client_state"]) == {"s": session["id"]}
+    assert decode_client_state(sent["client_state"]) == {"s": session["id"], "p": "customer"}
     assert sent["command_id"] == f"{json.loads(body)['data']['id']}:answer"
+    # answer defines neither stream_auth_token nor custom_parameters: no stream is requested there.
+    assert not {"stream_url", "stream_auth_token", "custom_parameters"} & set(sent)
+    # call.answered (no direction: Telnyx's type has none) starts streaming with the relay token.
+    answered = event("call.answered", call_id, state="answered", client_state=sent["client_state"])
+    assert cc(client, telnyx_signer, answered).json == {"status": "ok"}
+    (start,) = fake_call_control.commands("streaming_start")
+    sent = start["body"]
     assert {p["name"] for p in sent["custom_parameters"]} == {"session_id", "relay_token"}
     assert sent["stream_auth_token"] == next(p["value"] for p in sent["custom_parameters"]
                                              if p["name"] == "relay_token")
+    assert (sent["stream_codec"], sent["stream_bidirectional_mode"]) == ("PCMU", "rtp")
 
 
 def test_out_of_order_hangup_before_initiated_creates_nothing(client: FlaskClient, telnyx_signer: TelnyxSigner,

@@ -23,7 +23,8 @@ from flask.typing import ResponseReturnValue
 
 from app.extensions import Services, services
 from app.kallglot.client import KallglotError
-from app.calls.lifecycle import LEG_LIVE
+from app.calls.lifecycle import LEG_ENDED, LEG_LIVE
+from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.redis_keys import first_seen
 from app.carriers.telnyx import CARRIER, bp
 from app.carriers.telnyx.control import (
@@ -144,8 +145,8 @@ def _call_initiated(svc: Services, control: TelnyxControl, event: CallEvent) -> 
         _command(event, "answer (to apologise)", lambda: control.answer_to_say_goodbye(
             event.call_id, GOODBYE_UNAVAILABLE, command_id=event.command_id("answer")))
         return
-    answered = _command(event, "answer", lambda: control.answer_and_stream(
-        event.call_id, session_id=leg.session_id, relay_token=leg.relay_token, command_id=event.command_id("answer")))
+    answered = _command(event, "answer", lambda: control.answer_for_session(
+        event.call_id, session_id=leg.session_id, speaker=SPEAKER_CUSTOMER, command_id=event.command_id("answer")))
     if answered:
         log.info("telnyx call=%s session=%s to=%s mode=%s answered", event.call_id, leg.session_id, to_number,
                  leg.mode)
@@ -154,30 +155,49 @@ def _call_initiated(svc: Services, control: TelnyxControl, event: CallEvent) -> 
 
 
 def _call_answered(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
+    """Say a pending goodbye, or stream the leg into the session named in ``client_state``.
+
+    ``call.answered`` carries no ``direction`` (the SDK's ``CallAnswered`` payload has none), so our own
+    ``client_state`` decides: the inbound ``answer`` and the agent ``dial`` both put the session id (``s``) and
+    speaker (``p``) there.
+    """
     state = event.state
     if GOODBYE_KEY in state:
         _command(event, "speak", lambda: control.say_goodbye(event.call_id, state[GOODBYE_KEY],
                                                              command_id=event.command_id("speak")))
-    elif event.payload.get("direction") == "outgoing" and state.get("s"):
-        _stream_dialled_leg(svc, control, event, state["s"], state.get("p", ""))
+    elif state.get("s"):
+        _stream_leg(svc, control, event, state["s"], state.get("p") or SPEAKER_CUSTOMER)
 
 
-def _stream_dialled_leg(svc: Services, control: TelnyxControl, event: CallEvent, session_id: str,
-                        speaker: str) -> None:
-    """A leg we dialled (``TelnyxControl.dial``) answered: stream it into its session as ``speaker``."""
+def _stream_leg(svc: Services, control: TelnyxControl, event: CallEvent, session_id: str, speaker: str) -> None:
+    """An answered leg (ours inbound, or one we dialled) streams into ``session_id`` as ``speaker``.
+
+    An inbound leg was registered on ``call.initiated``; a dialled one is registered here if ``dial``'s caller
+    has not done so yet (Telnyx may report the answer before ``dial`` returned).
+    """
     try:
+        call = svc.lifecycle.call_record(CARRIER, event.call_id)
+        if call.get("state") == LEG_ENDED:
+            log.info("telnyx call=%s answered after its leg ended; not streaming", event.call_id)
+            return
         stream = svc.kallglot.get_session(session_id).stream
         if stream is None:
             raise KallglotError("session has no stream", code="no_stream")
-        record = svc.lifecycle.session_record(session_id)
-        if not svc.lifecycle.register_leg(
-                session_id=session_id, carrier=CARRIER, call_id=event.call_id, speaker=speaker,
-                from_number=str(event.payload.get("from") or ""), to_number=str(event.payload.get("to") or ""),
-                mode=record.get("mode", ""), reconnect_window_seconds=int(record.get("reconnect_window") or 0)):
-            raise KallglotError("the session has already ended", code="session_ended")
+        if call.get("session_id") != session_id:
+            record = svc.lifecycle.session_record(session_id)
+            if not svc.lifecycle.register_leg(
+                    session_id=session_id, carrier=CARRIER, call_id=event.call_id, speaker=speaker,
+                    from_number=str(event.payload.get("from") or ""), to_number=str(event.payload.get("to") or ""),
+                    mode=record.get("mode", ""), reconnect_window_seconds=int(record.get("reconnect_window") or 0)):
+                raise KallglotError("the session has already ended", code="session_ended")
     except KallglotError as exc:
-        log.error("telnyx call=%s dialled leg cannot join session=%s: %s", event.call_id, session_id, exc)
-        _command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
+        log.error("telnyx call=%s leg cannot stream into session=%s: %s", event.call_id, session_id, exc)
+        if speaker == SPEAKER_CUSTOMER:  # the caller hears why, never silence
+            svc.lifecycle.leg_ended(CARRIER, event.call_id, "session_unavailable", clean=False)
+            _command(event, "speak", lambda: control.say_goodbye(event.call_id, GOODBYE_UNAVAILABLE,
+                                                                 command_id=event.command_id("speak")))
+        else:
+            _command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
         return
     token = seal_relay_token(svc, session_id, event.call_id, stream, speaker=speaker)
     _command(event, "streaming_start", lambda: control.start_streaming(

@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 #: Telnyx's streaming WebSocket header carrying ``stream_auth_token`` (also echoed in ``connected``).
 STREAM_AUTH_HEADER = "x-telnyx-streaming-auth-token"
 #: Return audio as raw μ-law frames: without ``rtp`` Telnyx expects MP3 and silently drops what we send.
+#: ``stream_codec`` PCMU asks Telnyx to transcode the caller's leg to μ-law where it can (PCMU↔PCMA only);
+#: other codecs still arrive as negotiated and the media codec decodes or refuses them (see assumptions.py).
 STREAM_PARAMS: dict[str, Any] = {"stream_track": "inbound_track", "stream_bidirectional_mode": "rtp",
-                                 "stream_bidirectional_codec": "PCMU"}
+                                 "stream_bidirectional_codec": "PCMU", "stream_codec": "PCMU"}
 #: Webhooks sit inside Telnyx's webhook timeout: fail fast rather than hold the webhook.
 API_TIMEOUT_SECONDS = 5.0
 #: HTTP statuses meaning "that call is already gone" for hang-up purposes.
@@ -66,20 +68,19 @@ class TelnyxControl:
                                               base_url=settings.telnyx_api_url, timeout=API_TIMEOUT_SECONDS,
                                               max_retries=1)
 
-    def answer_and_stream(self, call_id: str, *, session_id: str, relay_token: str, command_id: str) -> None:
-        """Answer an incoming call with bidirectional RTP streaming to ``/telnyx/media``.
+    def answer_for_session(self, call_id: str, *, session_id: str, speaker: str, command_id: str) -> None:
+        """Answer an incoming call for ``session_id``; its ``call.answered`` then starts streaming.
 
-        ``answer()`` in SDK 4.189 has no ``stream_auth_token``/``custom_parameters`` arguments, so they go in
-        ``extra_body``; the relay reads the token from either (header or ``start.custom_parameters``).
+        ``answer`` does not define ``stream_auth_token`` or ``custom_parameters`` (only ``start_streaming`` and
+        ``dial`` do, in the SDK's types), so the stream is not requested here: ``client_state`` carries the
+        session and speaker to ``call.answered``, which calls :meth:`start_streaming` with both fields.
         """
-        self.client.calls.actions.answer(
-            call_id, stream_url=self.settings.public_ws("/telnyx/media"), **STREAM_PARAMS,
-            client_state=encode_client_state({"s": session_id}), command_id=command_id,
-            extra_body={"stream_auth_token": relay_token,
-                        "custom_parameters": self._parameters(session_id, relay_token)})
+        self.client.calls.actions.answer(call_id, client_state=encode_client_state({"s": session_id, "p": speaker}),
+                                         command_id=command_id)
 
     def start_streaming(self, call_id: str, *, session_id: str, relay_token: str, command_id: str) -> None:
-        """(Re)start streaming on an answered call (after ``streaming.failed``, or on a dialled leg)."""
+        """Start (or restore) streaming on an answered call into ``session_id``: the relay token goes both in
+        ``stream_auth_token`` and in ``custom_parameters`` (the relay reads whichever arrives)."""
         self.client.calls.actions.start_streaming(
             call_id, stream_url=self.settings.public_ws("/telnyx/media"), **STREAM_PARAMS,
             stream_auth_token=relay_token, custom_parameters=self._parameters(session_id, relay_token),
