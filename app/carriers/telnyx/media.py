@@ -31,9 +31,15 @@ from app.carriers.telnyx.control import (
 
 log = logging.getLogger(__name__)
 
-#: Outbound media messages must hold at least 20 ms (160 μ-law bytes); shorter ones are padded with silence.
-MIN_OUTBOUND_BYTES = 160
+#: Return audio goes out in whole 20 ms frames (160 μ-law bytes): the AsyncAPI page allows 20 ms to 30 s per
+#: message, so a remainder is carried into the next chunk rather than padded (padding mid-speech is a gap).
+FRAME_BYTES = 160
+#: At most 30 s of μ-law 8 kHz per message (the AsyncAPI page's upper bound).
+MAX_OUTBOUND_BYTES = 30 * 8000
 MULAW_SILENCE = b"\xff"
+#: The codec may build several Telnyx messages for one relay call (a split 30 s chunk, the carry flushed before
+#: a mark); they travel to :class:`FramedSocket` joined by this separator, which JSON never contains unescaped.
+FRAME_SEPARATOR = "\n"
 #: Frames held while waiting for a missing earlier one (5 × 20 ms): past that the missing frame counts as lost.
 REORDER_WINDOW_FRAMES = 5
 #: Our TeXML marks its streams with this parameter: a TeXML document says goodbye itself after ``<Connect>``,
@@ -66,6 +72,7 @@ class TelnyxMediaCodec:
         self._decoder: UplinkDecoder | None = None
         self._next_chunk: int | None = None
         self._held: dict[int, bytes] = {}
+        self._carry = b""  # return audio short of a whole 20 ms frame, waiting for the next chunk
 
     def parse(self, raw: str | bytes) -> CarrierEvent:
         """Turn one Telnyx frame into a relay event; never raises."""
@@ -152,18 +159,63 @@ class TelnyxMediaCodec:
         return bytes(released)
 
     def media(self, mulaw: bytes) -> str:
-        """Play μ-law 8 kHz to the caller (PCMU, our bidirectional codec), at least 20 ms per message."""
-        if len(mulaw) < MIN_OUTBOUND_BYTES:
-            mulaw += MULAW_SILENCE * (MIN_OUTBOUND_BYTES - len(mulaw))
-        return json.dumps({"event": "media", "media": {"payload": base64.b64encode(mulaw).decode("ascii")}})
+        """Play μ-law 8 kHz (PCMU, our bidirectional codec): whole 20 ms frames now, the remainder carried.
+
+        Returns ``""`` when less than 20 ms is available yet (nothing to send), and several messages joined by
+        :data:`FRAME_SEPARATOR` for more than 30 s; send through :class:`FramedSocket`.
+        """
+        audio = self._carry + mulaw
+        whole = len(audio) - len(audio) % FRAME_BYTES
+        self._carry = audio[whole:]
+        return FRAME_SEPARATOR.join(_media_message(audio[i:min(i + MAX_OUTBOUND_BYTES, whole)])
+                                    for i in range(0, whole, MAX_OUTBOUND_BYTES))
 
     def mark(self, name: str) -> str:
-        """Ask Telnyx to echo ``name`` once playback reaches this point."""
-        return json.dumps({"event": "mark", "mark": {"name": name}})
+        """The utterance ended: the carried remainder, padded to 20 ms, then ask Telnyx to echo ``name``."""
+        mark = json.dumps({"event": "mark", "mark": {"name": name}})
+        if not self._carry:
+            return mark
+        tail, self._carry = self._carry + MULAW_SILENCE * (FRAME_BYTES - len(self._carry)), b""
+        return _media_message(tail) + FRAME_SEPARATOR + mark
 
     def clear(self) -> str:
-        """Drop all audio Telnyx still has queued for the caller (barge-in)."""
+        """Drop all audio Telnyx still has queued for the caller (barge-in), and our carried remainder."""
+        self._carry = b""
         return json.dumps({"event": "clear"})
+
+
+def _media_message(mulaw: bytes) -> str:
+    return json.dumps({"event": "media", "media": {"payload": base64.b64encode(mulaw).decode("ascii")}})
+
+
+class FramedSocket:
+    """The media socket as the relay sees it: sends each message of a :data:`FRAME_SEPARATOR`-joined string
+    as its own text frame, and nothing for ``""`` (the codec carrying less than 20 ms)."""
+
+    def __init__(self, ws: CarrierSocket) -> None:
+        self.ws = ws
+
+    @property
+    def connected(self) -> bool:
+        """Whether the underlying WebSocket is still open."""
+        return bool(self.ws.connected)
+
+    def receive(self, timeout: float | None = None) -> str | bytes | None:
+        """The next frame from Telnyx (None on timeout)."""
+        return self.ws.receive(timeout=timeout)
+
+    def send(self, data: str | bytes) -> None:
+        """Send each message in ``data`` as one frame."""
+        if isinstance(data, bytes):
+            self.ws.send(data)
+            return
+        for message in data.split(FRAME_SEPARATOR):
+            if message:
+                self.ws.send(message)
+
+    def close(self, reason: int | None = None, message: str | None = None) -> None:
+        """Close the underlying WebSocket."""
+        self.ws.close(reason=reason, message=message)
 
 
 @sock.route("/media", bp=bp)
@@ -171,7 +223,7 @@ def media_socket(ws: CarrierSocket) -> None:
     """``wss://…/telnyx/media``: Telnyx signs no upgrade; the relay token is checked on ``start``."""
     svc = services()
     codec = TelnyxMediaCodec(auth_token=request.headers.get(STREAM_AUTH_HEADER))
-    end = bridge_leg(ws, codec, svc)
+    end = bridge_leg(FramedSocket(ws), codec, svc)
     if codec.call_id and codec.parameters.get(FLOW_PARAMETER) != FLOW_TEXML:
         _say_goodbye_if_left_up(svc, codec.call_id, end)
 

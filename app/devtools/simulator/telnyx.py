@@ -31,7 +31,9 @@ from app.devtools.simulator.twilio import _TimedClient, _ws_scheme
 #: Bytes in one 20 ms frame per inbound codec (B3).
 FRAME_BYTES = {("PCMU", 8000): 160, ("PCMA", 8000): 160, ("L16", 16000): 640, ("L16", 8000): 320}
 SILENCE = {"PCMU": b"\xff", "PCMA": b"\xd5", "L16": b"\x00"}
-MIN_RETURN_BYTES = 160  # Telnyx wants ≥ 20 ms of PCMU per media message
+#: RTP-mode media messages back to Telnyx hold 20 ms to 30 s of audio (AsyncAPI page), here PCMU 8 kHz.
+MIN_RETURN_BYTES = 160
+MAX_RETURN_BYTES = 30 * 8000
 #: The demo's signing key: deterministic so the demo bridge can be given its public key up front.
 DEMO_SIGNING_SEED = hashlib.sha256(b"kallglot-bridge demo Telnyx webhook signing key").digest()
 
@@ -89,6 +91,7 @@ class LegResult:
     server_closed_first: bool = False
     close_code: int | None = None
     frames_sent: int = 0
+    media_messages: int = 0
 
 
 class TelnyxMediaLeg:
@@ -229,6 +232,9 @@ class TelnyxMediaLeg:
                 return
             if len(audio) < MIN_RETURN_BYTES:
                 errors.append(f"media message of {len(audio)} bytes is shorter than 20 ms")
+            elif len(audio) > MAX_RETURN_BYTES:
+                errors.append(f"media message of {len(audio)} bytes is longer than 30 s")
+            self.result.media_messages += 1
             self.result.heard += audio
         elif event == "mark" and isinstance(message.get("mark"), dict):
             name = str(message["mark"].get("name"))
