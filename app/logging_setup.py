@@ -128,7 +128,8 @@ def request_log_fields(blueprint: str | None, headers: Mapping[str, str], form: 
     if blueprint in ("twilio", "telnyx"):
         fields["carrier"] = blueprint
         call_id, number = form.get("CallSid", ""), form.get("To", "")
-        payload = json_body.get("data", {}).get("payload", {}) if isinstance(json_body, dict) else {}
+        data = json_body.get("data") if isinstance(json_body, dict) else None  # signed but maybe malformed
+        payload = data.get("payload") if isinstance(data, dict) else None
         if isinstance(payload, dict):
             call_id = call_id or str(payload.get("call_control_id") or "")
             number = number or str(payload.get("to") or "")

@@ -64,7 +64,7 @@ def test_texml_call_bridges_audio_both_ways_and_ends_once(texml: TexmlCallSimula
     assert session["idempotency_key"] == f"telnyx-call-{result.call_sid}"
     assert bytes(result.leg.heard) == audio[:8000]  # Kallglot's echo of the ten full chunks
     assert result.leg.marks_received
-    assert all(status == 204 for _, status in result.callbacks)
+    assert all(status == 200 for _, status in result.callbacks)  # Telnyx retries anything else at the failover URL
     ended_once(emulator)
 
 

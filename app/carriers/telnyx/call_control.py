@@ -60,8 +60,17 @@ class CallEvent:
         return f"{self.id}:{action}"
 
 
+#: ``data`` fields we read and their JSON types (the SDK's event models type them all as optional strings).
+DATA_STRING_FIELDS = ("id", "event_type", "occurred_at", "record_type")
+#: ``data.payload`` fields we read or record: each must be a string or null when present (SDK: ``Optional[str]``).
+PAYLOAD_STRING_FIELDS = ("call_control_id", "call_leg_id", "call_session_id", "connection_id", "client_state",
+                         "direction", "state", "from", "to", "hangup_cause", "hangup_source", "sip_hangup_cause",
+                         "failure_reason", "stream_id")
+
+
 def _parse_event() -> CallEvent:
-    """The verified JSON body as a :class:`CallEvent`, or 400."""
+    """The verified JSON body as a :class:`CallEvent`, or 400 — for any field we read having the wrong JSON type,
+    before anything is recorded or de-duplicated, so a malformed event changes nothing."""
     try:
         body = json.loads(request.get_data(as_text=True))
     except ValueError:
@@ -71,10 +80,15 @@ def _parse_event() -> CallEvent:
     if not isinstance(payload, dict) or not isinstance(data.get("id"), str) or not data["id"] \
             or len(data["id"]) > 128 or not isinstance(data.get("event_type"), str):
         abort(400, description="not a Call Control event (data.id, data.event_type, data.payload)")
+    wrong = [f"data.{name}" for name in DATA_STRING_FIELDS if not isinstance(data.get(name), (str, type(None)))]
+    wrong += [f"data.payload.{name}" for name in PAYLOAD_STRING_FIELDS
+              if not isinstance(payload.get(name), (str, type(None)))]
+    if wrong:
+        abort(400, description=f"wrong JSON type (string expected): {', '.join(wrong)}")
     call_id = payload.get("call_control_id")
     if not isinstance(call_id, str) or not CALL_CONTROL_ID.match(call_id):
         abort(400, description="payload.call_control_id missing or malformed")
-    return CallEvent(id=data["id"], event_type=data["event_type"][:64], occurred_at=str(data.get("occurred_at", "")),
+    return CallEvent(id=data["id"], event_type=data["event_type"][:64], occurred_at=str(data.get("occurred_at") or ""),
                      call_id=call_id, payload=payload)
 
 

@@ -58,6 +58,17 @@ def _counter(value: Any) -> int | None:
         return None
 
 
+def custom_parameters(value: Any) -> dict[str, str]:
+    """``start.custom_parameters`` as a dict, whichever shape arrives: an object ``{name: value}`` (the AsyncAPI
+    example) or a list of ``{"name", "value"}`` (the shape ``start_streaming`` takes); anything else is ``{}``."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items() if isinstance(v, (str, int, float))}
+    if isinstance(value, list):
+        return {str(p["name"]): str(p["value"]) for p in value
+                if isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("value"), str)}
+    return {}
+
+
 class TelnyxMediaCodec:
     """Parses Telnyx's media-streaming frames and builds ``media``/``mark``/``clear`` frames back."""
 
@@ -111,8 +122,11 @@ class TelnyxMediaCodec:
             self._decoder = UplinkDecoder.for_format(encoding, rate)
         except UnsupportedAudio as exc:
             return Malformed(f"unsupported inbound codec {exc}", close_code=1003)
-        params = start.get("custom_parameters")
-        self.parameters = {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}
+        self.parameters = custom_parameters(start.get("custom_parameters"))
+        for where in (start, message):  # the auth token echoed in the frame itself (see assumptions.py)
+            token = where.get(STREAM_AUTH_HEADER)
+            if isinstance(token, str) and token and not self.auth_token:
+                self.auth_token = token
         if RELAY_TOKEN_PARAMETER not in self.parameters and self.auth_token:
             self.parameters[RELAY_TOKEN_PARAMETER] = self.auth_token
         self.stream_id, self.call_id = stream_id, start["call_control_id"]
@@ -222,7 +236,10 @@ class FramedSocket:
 def media_socket(ws: CarrierSocket) -> None:
     """``wss://…/telnyx/media``: Telnyx signs no upgrade; the relay token is checked on ``start``."""
     svc = services()
-    codec = TelnyxMediaCodec(auth_token=request.headers.get(STREAM_AUTH_HEADER))
+    # The token may come as Telnyx's auth header (Call Control's stream_auth_token) or in our stream URL's query
+    # (TeXML, whose <Stream> documents no token attribute); the start frame's parameters are read too.
+    codec = TelnyxMediaCodec(auth_token=request.headers.get(STREAM_AUTH_HEADER)
+                             or request.args.get(RELAY_TOKEN_PARAMETER))
     end = bridge_leg(FramedSocket(ws), codec, svc)
     if codec.call_id and codec.parameters.get(FLOW_PARAMETER) != FLOW_TEXML:
         _say_goodbye_if_left_up(svc, codec.call_id, end)
