@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app.carriers.telnyx.call_control import PAYLOAD_STRING_FIELDS
+from app.carriers.telnyx.events import PAYLOAD_STRING_FIELDS
 from app.carriers.telnyx.control import encode_client_state
 from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
 from app.extensions import services

@@ -18,6 +18,7 @@ from typing import Any
 import telnyx
 
 from app.config import Settings
+from app.profiles import NumberProfile
 from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 from app.carriers.telnyx import CARRIER
 
@@ -38,6 +39,10 @@ CALL_GONE_STATUSES = frozenset({404, 410, 422})
 GOODBYE_UNAVAILABLE = "unavailable"
 GOODBYE_SESSION_OVER = "session_over"
 GOODBYE_KEY = "bye"
+#: client_state key: the number called (the profile to apply when the goodbye has been said).
+TO_KEY = "to"
+#: client_state key: a greeting is due before streaming starts.
+GREETING_KEY = "g"
 
 
 def encode_client_state(state: dict[str, str]) -> str:
@@ -68,15 +73,16 @@ class TelnyxControl:
                                               base_url=settings.telnyx_api_url, timeout=API_TIMEOUT_SECONDS,
                                               max_retries=1)
 
-    def answer_for_session(self, call_id: str, *, session_id: str, speaker: str, command_id: str) -> None:
+    def answer_for_session(self, call_id: str, *, session_id: str, speaker: str, greeting: bool = False,
+                           command_id: str) -> None:
         """Answer an incoming call for ``session_id``; its ``call.answered`` then starts streaming.
 
         ``answer`` does not define ``stream_auth_token`` or ``custom_parameters`` (only ``start_streaming`` and
         ``dial`` do, in the SDK's types), so the stream is not requested here: ``client_state`` carries the
         session and speaker to ``call.answered``, which calls :meth:`start_streaming` with both fields.
         """
-        self.client.calls.actions.answer(call_id, client_state=encode_client_state({"s": session_id, "p": speaker}),
-                                         command_id=command_id)
+        state = {"s": session_id, "p": speaker, **({GREETING_KEY: "1"} if greeting else {})}
+        self.client.calls.actions.answer(call_id, client_state=encode_client_state(state), command_id=command_id)
 
     def start_streaming(self, call_id: str, *, session_id: str, relay_token: str, command_id: str) -> None:
         """Start (or restore) streaming on an answered call into ``session_id``: the relay token goes both in
@@ -86,19 +92,33 @@ class TelnyxControl:
             stream_auth_token=relay_token, custom_parameters=self._parameters(session_id, relay_token),
             client_state=encode_client_state({"s": session_id}), command_id=command_id)
 
-    def answer_to_say_goodbye(self, call_id: str, goodbye: str, *, command_id: str) -> None:
+    def answer_to_say_goodbye(self, call_id: str, goodbye: str, *, to_number: str, command_id: str) -> None:
         """Answer without streaming; ``call.answered`` then says ``goodbye`` (see :meth:`say_goodbye`)."""
-        self.client.calls.actions.answer(call_id, client_state=encode_client_state({GOODBYE_KEY: goodbye}),
-                                         command_id=command_id)
+        self.client.calls.actions.answer(
+            call_id, client_state=encode_client_state({GOODBYE_KEY: goodbye, TO_KEY: to_number}),
+            command_id=command_id)
 
-    def say_goodbye(self, call_id: str, goodbye: str, *, command_id: str) -> None:
-        """Speak a goodbye; its ``call.speak.ended`` (carrying the same client_state) hangs up."""
+    def say(self, call_id: str, text: str, language: str, *, state: dict[str, str], command_id: str) -> None:
+        """Speak ``text``; its ``call.speak.ended`` carries ``state`` back (what to do next)."""
+        self.client.calls.actions.speak(call_id, payload=text, voice="female", language=language,  # type: ignore[arg-type]
+                                        client_state=encode_client_state(state), command_id=command_id)
+
+    def say_goodbye(self, call_id: str, goodbye: str, profile: NumberProfile, *, to_number: str,
+                    command_id: str) -> None:
+        """Speak a goodbye in the profile's words and language; its ``call.speak.ended`` (carrying the same
+        client_state) forwards the call to the profile's ``fallback_number`` or hangs up."""
         from app.carriers.twilio.twiml import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE  # the caller-facing wording
 
-        text = SESSION_OVER_MESSAGE if goodbye == GOODBYE_SESSION_OVER else UNAVAILABLE_MESSAGE
-        self.client.calls.actions.speak(call_id, payload=text, voice="female", language="en-US",
-                                        client_state=encode_client_state({GOODBYE_KEY: goodbye}),
-                                        command_id=command_id)
+        if goodbye == GOODBYE_SESSION_OVER:
+            text, language = SESSION_OVER_MESSAGE, "en-US"
+        else:
+            text, language = profile.fallback_message or UNAVAILABLE_MESSAGE, profile.fallback_language or "en-US"
+        self.say(call_id, text, language, state={GOODBYE_KEY: goodbye, TO_KEY: to_number}, command_id=command_id)
+
+    def transfer(self, call_id: str, to: str, *, from_: str, command_id: str) -> None:
+        """Forward the call to ``to`` (the profile's fallback number)."""
+        extra: dict[str, Any] = {"from_": from_} if from_ else {}
+        self.client.calls.actions.transfer(call_id, to=to, command_id=command_id, **extra)
 
     def hang_up(self, call_id: str, command_id: str | None = None) -> None:
         """End a live call leg; a leg that already ended is not an error."""

@@ -24,6 +24,7 @@ from app.carriers.contract import (
     CarrierEvent, Connected, Ignored, Malformed, Media, StreamStarted, decode_json_frame, parse_shared_event,
 )
 from app.relay.core import CarrierSocket, RelayEnd
+from app.relay.tokens import InvalidRelayToken
 from app.carriers.telnyx import CARRIER, bp
 from app.carriers.telnyx.control import (
     GOODBYE_SESSION_OVER, GOODBYE_UNAVAILABLE, STREAM_AUTH_HEADER, telnyx_control,
@@ -46,6 +47,8 @@ REORDER_WINDOW_FRAMES = 5
 #: a Call Control call needs a ``speak`` command.
 FLOW_PARAMETER = "telnyx_flow"
 FLOW_TEXML = "texml"
+#: The leg's end reason when its codec could not be decoded (not a loss to restore: see streams.py).
+UNSUPPORTED_CODEC = "unsupported_codec"
 #: Relay ends after which the call is still up with nobody on the other side of the stream.
 ENDS_LEAVING_CALL_UP = frozenset({RelayEnd.KALLGLOT_ENDED, RelayEnd.KALLGLOT_LOST, RelayEnd.PROTOCOL_ERROR})
 
@@ -84,6 +87,7 @@ class TelnyxMediaCodec:
         self._next_chunk: int | None = None
         self._held: dict[int, bytes] = {}
         self._carry = b""  # return audio short of a whole 20 ms frame, waiting for the next chunk
+        self.refused_encoding = ""  # the caller's codec, when we could not decode it
 
     def parse(self, raw: str | bytes) -> CarrierEvent:
         """Turn one Telnyx frame into a relay event; never raises."""
@@ -115,13 +119,6 @@ class TelnyxMediaCodec:
         if not isinstance(start, dict) or not isinstance(start.get("call_control_id"), str) \
                 or not isinstance(stream_id, str):
             return Malformed("start without call_control_id and stream_id", close_code=1008)
-        media_format = start.get("media_format") if isinstance(start.get("media_format"), dict) else {}
-        encoding = str(media_format.get("encoding") or "PCMU")
-        rate = _counter(media_format.get("sample_rate")) or 8000
-        try:
-            self._decoder = UplinkDecoder.for_format(encoding, rate)
-        except UnsupportedAudio as exc:
-            return Malformed(f"unsupported inbound codec {exc}", close_code=1003)
         self.parameters = custom_parameters(start.get("custom_parameters"))
         for where in (start, message):  # the auth token echoed in the frame itself (see assumptions.py)
             token = where.get(STREAM_AUTH_HEADER)
@@ -130,6 +127,15 @@ class TelnyxMediaCodec:
         if RELAY_TOKEN_PARAMETER not in self.parameters and self.auth_token:
             self.parameters[RELAY_TOKEN_PARAMETER] = self.auth_token
         self.stream_id, self.call_id = stream_id, start["call_control_id"]
+        media_format = start.get("media_format") if isinstance(start.get("media_format"), dict) else {}
+        encoding = str(media_format.get("encoding") or "PCMU")
+        rate = _counter(media_format.get("sample_rate")) or 8000
+        try:
+            self._decoder = UplinkDecoder.for_format(encoding, rate)
+        except UnsupportedAudio as exc:
+            # G722, OPUS, AMR-WB: Telnyx transcodes PCMU<->PCMA only. The route gives the caller the fallback.
+            self.refused_encoding = f"{encoding[:20]}/{rate}"
+            return Malformed(f"unsupported inbound codec {exc}", close_code=1003)
         return StreamStarted(call_id=self.call_id, stream_id=stream_id, parameters=dict(self.parameters))
 
     def _media(self, message: dict[str, Any]) -> CarrierEvent:
@@ -242,21 +248,36 @@ def media_socket(ws: CarrierSocket) -> None:
                              or request.args.get(RELAY_TOKEN_PARAMETER))
     end = bridge_leg(FramedSocket(ws), codec, svc)
     if codec.call_id and codec.parameters.get(FLOW_PARAMETER) != FLOW_TEXML:
-        _say_goodbye_if_left_up(svc, codec.call_id, end)
+        _say_goodbye_if_left_up(svc, codec, end)
 
 
-def _say_goodbye_if_left_up(svc: Services, call_id: str, end: RelayEnd | None) -> None:
-    """A Call Control call whose stream ended on our side is still up: say so and hang up, never dead air."""
+def _say_goodbye_if_left_up(svc: Services, codec: TelnyxMediaCodec, end: RelayEnd | None) -> None:
+    """A Call Control call whose stream ended on our side is still up: the profile's fallback (unavailable:
+    message, then forward or hang up) or the session-over goodbye — never dead air."""
+    call_id = str(codec.call_id)
     try:
-        if end is None:
+        call = svc.lifecycle.call_record(CARRIER, call_id)
+        if end is None and codec.refused_encoding:
+            try:  # only for a stream that proved it is ours: an unverified socket gets no say over a call
+                svc.relay_tokens.open(codec.parameters.get(RELAY_TOKEN_PARAMETER), carrier=CARRIER, call_id=call_id)
+            except InvalidRelayToken:
+                return
+            log.error("telnyx call=%s arrived in %s, which the bridge cannot decode: fallback", call_id,
+                      codec.refused_encoding)
+            svc.lifecycle.leg_ended(CARRIER, call_id, UNSUPPORTED_CODEC, clean=False)
+            goodbye = GOODBYE_UNAVAILABLE
+        elif end is None:
             # No relay ran: a refused token (nothing to do for an unverified call) or Kallglot unreachable.
-            if svc.lifecycle.call_record(CARRIER, call_id).get("end_reason") != KALLGLOT_UNREACHABLE:
+            if call.get("end_reason") != KALLGLOT_UNREACHABLE:
                 return
             goodbye = GOODBYE_UNAVAILABLE
         elif end in ENDS_LEAVING_CALL_UP:
             goodbye = GOODBYE_SESSION_OVER
         else:
             return
-        telnyx_control().say_goodbye(call_id, goodbye, command_id=f"{call_id}:stream-over")
+        to_number = call.get("to", "")
+        profile = svc.profiles.for_number(to_number)
+        telnyx_control().say_goodbye(call_id, goodbye, profile, to_number=to_number,
+                                     command_id=f"{call_id}:stream-over")
     except (telnyx.APIError, redis.RedisError) as exc:
         log.error("telnyx call=%s could not say goodbye after the stream ended: %s", call_id, exc)

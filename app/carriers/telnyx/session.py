@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from app.extensions import Services
 from app.calls.legs import start_inbound_leg
 from app.kallglot.client import StreamGrant
+from app.profiles import NumberProfile
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.relay.tokens import RelayGrant
 from app.carriers.telnyx import CARRIER
@@ -18,6 +19,7 @@ class StartedLeg:
     session_id: str
     relay_token: str
     mode: str
+    profile: NumberProfile
 
     def __repr__(self) -> str:  # the relay token carries the sealed Kallglot stream token
         return f"StartedLeg(session_id={self.session_id!r}, mode={self.mode!r})"
@@ -35,7 +37,8 @@ def start_leg(svc: Services, *, call_id: str, to_number: str, from_number: str,
                                 from_number=from_number, metadata=metadata)
     session = started.session
     assert session.stream is not None
-    return StartedLeg(session.id, seal_relay_token(svc, session.id, call_id, session.stream), started.profile.mode)
+    return StartedLeg(session.id, seal_relay_token(svc, session.id, call_id, session.stream), started.profile.mode,
+                      started.profile)
 
 
 def seal_relay_token(svc: Services, session_id: str, call_id: str, stream: StreamGrant,

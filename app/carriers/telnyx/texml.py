@@ -20,6 +20,7 @@ from flask import Response, abort, request
 from app.config import Settings
 from app.extensions import services
 from app.kallglot.client import KallglotError
+from app.profiles import NumberProfile
 from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 from app.carriers.telnyx import CARRIER, bp
 from app.carriers.telnyx.media import FLOW_PARAMETER, FLOW_TEXML
@@ -41,7 +42,8 @@ def _xml(root: ET.Element) -> Response:
     return Response(ET.tostring(root, encoding="unicode", xml_declaration=True), mimetype="text/xml")
 
 
-def connect_stream(settings: Settings, *, session_id: str, relay_token: str) -> ET.Element:
+def connect_stream(settings: Settings, *, session_id: str, relay_token: str,
+                   profile: NumberProfile | None = None) -> ET.Element:
     """``<Connect><Stream>`` to our relay (bidirectional RTP, PCMU back), then a goodbye and ``<Hangup/>``.
 
     ``bidirectionalMode="rtp"``: in the default ``mp3`` mode Telnyx silently drops raw return audio.
@@ -52,6 +54,8 @@ def connect_stream(settings: Settings, *, session_id: str, relay_token: str) -> 
     stream with the caller still on the line (Kallglot ended or failed): never dead air.
     """
     root = ET.Element("Response")
+    if profile is not None and profile.greeting:  # said before the stream connects, as on Twilio
+        ET.SubElement(root, "Say", {"language": profile.greeting_language or "en-US"}).text = profile.greeting
     connect = ET.SubElement(root, "Connect")
     stream = ET.SubElement(connect, "Stream", {
         "url": settings.public_ws("/telnyx/media") + "?" + urlencode({RELAY_TOKEN_PARAMETER: relay_token}),
@@ -61,6 +65,19 @@ def connect_stream(settings: Settings, *, session_id: str, relay_token: str) -> 
                         (FLOW_PARAMETER, FLOW_TEXML)):
         ET.SubElement(stream, "Parameter", {"name": name, "value": value})
     _say_and_hang_up(root, SESSION_OVER_MESSAGE)
+    return root
+
+
+def fallback(profile: NumberProfile) -> ET.Element:
+    """Kallglot cannot take the call: the profile's message in its language, then ``<Dial>`` its fallback
+    number or hang up (as Twilio's :func:`app.carriers.twilio.twiml.fallback`)."""
+    root = ET.Element("Response")
+    ET.SubElement(root, "Say", {"language": profile.fallback_language or "en-US"}).text = \
+        profile.fallback_message or UNAVAILABLE_MESSAGE
+    if profile.fallback_number:
+        ET.SubElement(root, "Dial").text = profile.fallback_number
+    else:
+        ET.SubElement(root, "Hangup")
     return root
 
 
@@ -103,9 +120,14 @@ def texml_voice() -> Response:
                         metadata={k: v for k, v in metadata.items() if v})
     except (KallglotError, redis.RedisError) as exc:
         log.error("telnyx texml call=%s to=%s could not start a session: %s", call_id, to_number, exc)
-        return _xml(_say_and_hang_up(ET.Element("Response"), UNAVAILABLE_MESSAGE))
+        try:
+            profile = svc.profiles.for_number(to_number)
+        except redis.RedisError:
+            profile = NumberProfile()  # Redis down too: the built-in apology, still an answer
+        return _xml(fallback(profile))
     log.info("telnyx texml call=%s session=%s to=%s mode=%s answered", call_id, leg.session_id, to_number, leg.mode)
-    return _xml(connect_stream(svc.settings, session_id=leg.session_id, relay_token=leg.relay_token))
+    return _xml(connect_stream(svc.settings, session_id=leg.session_id, relay_token=leg.relay_token,
+                               profile=leg.profile))
 
 
 @bp.post("/texml/status")
