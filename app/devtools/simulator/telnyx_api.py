@@ -51,6 +51,7 @@ class FakeCall:
     streams: int = 0
     close_codes: list[int | None] = field(default_factory=list)
     hung_up: bool = False
+    transferred_to: str = ""
     leg: TelnyxMediaLeg | None = None
 
     def view(self) -> dict[str, Any]:
@@ -58,7 +59,7 @@ class FakeCall:
         return {"call_control_id": self.call_control_id, "commands": self.commands, "webhooks": self.webhooks,
                 "spoken": self.spoken, "heard": base64.b64encode(bytes(self.heard)).decode(),
                 "protocol_errors": self.protocol_errors, "streams": self.streams, "close_codes": self.close_codes,
-                "hung_up": self.hung_up}
+                "hung_up": self.hung_up, "transferred_to": self.transferred_to}
 
 
 class FakeTelnyx:
@@ -134,6 +135,9 @@ class FakeTelnyx:
             self.webhook(call, "call.speak.started", client_state=state)
             self.webhook(call, "call.speak.ended", client_state=state, status="completed")
         elif action == "hangup":
+            self.hang_up(call, "normal_clearing", source="callee")
+        elif action == "transfer":  # the caller now talks to the transfer target; our leg's part is over
+            call.transferred_to = str(body.get("to", ""))
             self.hang_up(call, "normal_clearing", source="callee")
 
     def stream(self, call: FakeCall, body: dict[str, Any], state: Any) -> None:
