@@ -125,3 +125,15 @@ class CarrierControl(Protocol):
 
     def dial(self, *, to: str, from_: str, session_id: str, speaker: str) -> str:
         """Place an outbound leg that will stream into ``session_id`` as ``speaker``; returns its call ID."""
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """One point a carrier adapter depends on where the vendor's definitions are silent (see each carrier's
+    ``assumptions.py``): what it assumes, where that comes from, and how sure it is."""
+
+    topic: str
+    assumption: str
+    source: str
+    documented: bool
+    handling: str
