@@ -1,4 +1,9 @@
-"""The application factory and its ``register_*`` helpers."""
+"""The composition root: the application factory and its ``register_*`` helpers.
+
+The one place that wires the rooms together: settings → services (:mod:`app.extensions`), each carrier of
+:mod:`app.carriers.registry` (its call control into the services, its blueprint into the app), every other
+blueprint, the CLI and the background reaper.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,8 +16,9 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from app.calls.reaper import start_background_reaper
+from app.carriers.registry import CARRIERS
 from app.config import Settings
-from app.extensions import init_services, init_sock
+from app.extensions import Services, init_services, init_sock
 from app.logging_setup import configure_logging, register_request_log_context
 
 log = logging.getLogger(__name__)
@@ -29,9 +35,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     configure_logging()
     app = Flask(__name__, template_folder=str(TEMPLATES))
     app.config["SECRET_KEY"] = settings.secret_key
-    built = init_services(app, settings)
-    init_sock(app)
+    built = register_services(app, settings)
     register_request_log_context(app)
+    register_carriers(app)
     register_blueprints(app)
     register_error_handlers(app)
     register_cli(app)
@@ -42,20 +48,31 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
+def register_services(app: Flask, settings: Settings) -> Services:
+    """Build the app's services, with every registered carrier's call control, and attach flask-sock."""
+    controls = {carrier.name: carrier.control(settings) for carrier in CARRIERS}
+    built = init_services(app, settings, controls)
+    init_sock(app)
+    return built
+
+
+def register_carriers(app: Flask) -> None:
+    """Every registered carrier's webhooks and media socket."""
+    for carrier in CARRIERS:
+        app.register_blueprint(carrier.blueprint)
+
+
 def register_blueprints(app: Flask) -> None:
-    """One blueprint per entry point."""
+    """One blueprint per other entry point."""
     from app import metrics
     from app.admin import bp as admin_bp
     from app.api import bp as api_bp
-    from app.carriers import telnyx, twilio
     from app.kallglot.webhooks import bp as kallglot_bp
     from app.ops import health
     from app.ops.landing import bp as web_bp
 
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
-    app.register_blueprint(twilio.bp)
-    app.register_blueprint(telnyx.bp)
     app.register_blueprint(kallglot_bp)
     app.register_blueprint(api_bp)
     app.register_blueprint(web_bp)

@@ -18,13 +18,10 @@ from app.logging_setup import bind_log_context
 from app.carriers.contract import CarrierCodec
 from app.relay.core import CarrierSocket, MediaRelay, RelayEnd, await_start, close_quietly
 from app.kallglot.stream import KallglotStream, KallglotStreamError
-from app.relay.tokens import InvalidRelayToken
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, InvalidRelayToken
 
 log = logging.getLogger(__name__)
 
-#: Names of the stream parameters our TwiML/TeXML sets and the relay reads back from ``start``.
-SESSION_PARAMETER = "session_id"
-RELAY_TOKEN_PARAMETER = "relay_token"
 #: The leg end reason recorded when the Kallglot stream could not be opened at all.
 KALLGLOT_UNREACHABLE = "relay_kallglot_unreachable"
 #: Refresh a Kallglot stream token this close to its expiry rather than risk a refused connect.

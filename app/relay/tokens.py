@@ -18,6 +18,9 @@ import nacl.exceptions
 import nacl.secret
 import nacl.utils
 
+#: Names of the stream parameters the carriers' answers set and the relay reads back from ``start``.
+SESSION_PARAMETER = "session_id"
+RELAY_TOKEN_PARAMETER = "relay_token"
 #: Long enough for a greeting before ``<Connect>``; Kallglot's stream token lives 5 minutes anyway.
 RELAY_TOKEN_TTL_SECONDS = 300
 

@@ -25,7 +25,8 @@ from app.extensions import Services, services
 from app.kallglot.client import KallglotError
 from app.calls.lifecycle import LEG_LIVE
 from app.redis_keys import first_seen
-from app.carriers.telnyx import CARRIER, bp
+from app.carriers.telnyx import CARRIER
+from app.carriers.telnyx.blueprint import bp
 from app.carriers.telnyx.control import (
     GOODBYE_KEY, GOODBYE_SESSION_OVER, GOODBYE_UNAVAILABLE, TelnyxControl, decode_client_state, telnyx_control,
 )

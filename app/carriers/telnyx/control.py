@@ -18,13 +18,12 @@ from typing import Any
 import telnyx
 
 from app.config import Settings
-from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 from app.carriers.telnyx import CARRIER
 
 log = logging.getLogger(__name__)
 
-#: Telnyx's streaming WebSocket header carrying ``stream_auth_token`` (also echoed in ``connected``).
-STREAM_AUTH_HEADER = "x-telnyx-streaming-auth-token"
 #: Return audio as raw μ-law frames: without ``rtp`` Telnyx expects MP3 and silently drops what we send.
 STREAM_PARAMS: dict[str, Any] = {"stream_track": "inbound_track", "stream_bidirectional_mode": "rtp",
                                  "stream_bidirectional_codec": "PCMU"}
@@ -54,6 +53,12 @@ def decode_client_state(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in decoded.items()} if isinstance(decoded, dict) else {}
 
 
+def sdk_client(settings: Settings, timeout: float = API_TIMEOUT_SECONDS) -> telnyx.Telnyx:
+    """A telnyx SDK client for the configured account, honouring ``TELNYX_API_URL``."""
+    return telnyx.Telnyx(api_key=settings.telnyx_api_key or "unset", base_url=settings.telnyx_api_url,
+                         timeout=timeout, max_retries=1)
+
+
 class TelnyxControl:
     """Call Control commands for one app (one SDK client, built from settings)."""
 
@@ -62,9 +67,12 @@ class TelnyxControl:
     def __init__(self, settings: Settings, client: telnyx.Telnyx | None = None, *, connection_id: str = "") -> None:
         self.settings = settings
         self.connection_id = connection_id  # the Call Control application id; only dial() needs it
-        self.client = client or telnyx.Telnyx(api_key=settings.telnyx_api_key or "unset",
-                                              base_url=settings.telnyx_api_url, timeout=API_TIMEOUT_SECONDS,
-                                              max_retries=1)
+        self.client = client or sdk_client(settings)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TelnyxControl:
+        """The app's control: the configured Call Control application id (``TELNYX_CONNECTION_ID``) dials."""
+        return cls(settings, connection_id=settings.telnyx_connection_id)
 
     def answer_and_stream(self, call_id: str, *, session_id: str, relay_token: str, command_id: str) -> None:
         """Answer an incoming call with bidirectional RTP streaming to ``/telnyx/media``.
@@ -92,8 +100,6 @@ class TelnyxControl:
 
     def say_goodbye(self, call_id: str, goodbye: str, *, command_id: str) -> None:
         """Speak a goodbye; its ``call.speak.ended`` (carrying the same client_state) hangs up."""
-        from app.carriers.twilio.twiml import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE  # the caller-facing wording
-
         text = SESSION_OVER_MESSAGE if goodbye == GOODBYE_SESSION_OVER else UNAVAILABLE_MESSAGE
         self.client.calls.actions.speak(call_id, payload=text, voice="female", language="en-US",
                                         client_state=encode_client_state({GOODBYE_KEY: goodbye}),

@@ -19,12 +19,13 @@ from flask import Response, abort, request
 
 from app.config import Settings
 from app.extensions import services
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.kallglot.client import KallglotError
-from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
-from app.carriers.telnyx import CARRIER, bp
-from app.carriers.telnyx.media import FLOW_PARAMETER, FLOW_TEXML
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
+from app.carriers.telnyx import CARRIER
+from app.carriers.telnyx.blueprint import bp
+from app.carriers.telnyx.codec import FLOW_PARAMETER, FLOW_TEXML
 from app.carriers.telnyx.session import start_leg
-from app.carriers.twilio.twiml import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 
 log = logging.getLogger(__name__)
 

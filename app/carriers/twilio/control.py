@@ -11,11 +11,11 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
+from app.carriers.twilio import CARRIER
 from app.config import Settings
 
 log = logging.getLogger(__name__)
 
-CARRIER = "twilio"
 #: REST calls sit on webhook and relay paths: fail fast.
 API_TIMEOUT_SECONDS = 5.0
 #: Twilio's answers for "that call is not there / not in progress any more".
