@@ -10,6 +10,7 @@ import redis
 from flask import Blueprint, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.carriers.contract import CarrierError
 from app.extensions import services
 from app.kallglot.client import KallglotError
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
@@ -69,7 +70,7 @@ def create_call() -> ResponseReturnValue:
         try:
             call_id = svc.carrier_controls[carrier].dial(to=to_number, from_=from_number, session_id=session.id,
                                                          speaker=SPEAKER_CUSTOMER)
-        except Exception:
+        except CarrierError:
             svc.redis.delete(dialled)
             raise
         svc.redis.set(dialled, call_id, ex=IDEMPOTENCY_TTL_SECONDS)
@@ -86,7 +87,7 @@ def create_call() -> ResponseReturnValue:
     except redis.RedisError as exc:
         log.error("api call to=%s: Redis unavailable: %s", to_number, exc)
         return jsonify(error="state store unavailable"), 503
-    except Exception as exc:  # the carrier refused the dial
+    except CarrierError as exc:  # the carrier refused the dial
         log.error("api call to=%s: dialling through %s failed: %s", to_number, carrier, exc)
         svc.lifecycle.confirm_create(carrier, f"api-{key}")
         svc.lifecycle.end_session(session.id, "dial_failed")

@@ -5,6 +5,7 @@ import logging
 
 import redis
 
+from app.carriers.contract import CarrierError
 from app.extensions import Services
 from app.kallglot.stream_protocol import SPEAKER_AGENT
 
@@ -40,7 +41,7 @@ def dial_agent_if_configured(svc: Services, session_id: str, carrier: str) -> st
     except (redis.RedisError, KeyError) as exc:
         log.error("session=%s agent leg not dialled: %s", session_id, exc)
         return None
-    except Exception as exc:  # the carrier's REST API failed: record it, keep the customer's call going
+    except CarrierError as exc:  # the carrier's REST API failed: record it, keep the customer's call going
         log.error("session=%s dialling the agent through %s failed: %s", session_id, carrier, exc)
         return None
     log.info("session=%s agent leg %s call=%s dialled", session_id, carrier, call_id)

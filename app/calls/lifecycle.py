@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 from app import metrics
+from app.carriers.contract import CarrierError
 from app.kallglot.client import KallglotClient, KallglotError, KallglotNotFound, KallglotSession, KallglotUnavailable
 from app.redis_keys import (
     CALL_LOG_MAX_ENTRIES, CALL_LOG_RETENTION_SECONDS, MAX_EVENTS_PER_CALL, RECORD_TTL_SECONDS, RedisKeys,
@@ -427,7 +428,7 @@ class SessionLifecycle:
             if self._hang_up is not None:
                 try:
                     self._hang_up(carrier, call_id)
-                except Exception as exc:  # the leg's own status callback or heartbeat will still end it
+                except CarrierError as exc:  # the leg's own status callback or heartbeat will still end it
                     log.error("session=%s could not hang up %s call=%s: %s", session_id, carrier, call_id, exc)
             self.leg_ended(carrier, call_id, reason, clean=True)
             count += 1

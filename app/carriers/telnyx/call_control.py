@@ -21,6 +21,7 @@ import telnyx
 from flask import abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.carriers.contract import CarrierError
 from app.extensions import Services, services
 from app.kallglot.client import KallglotError
 from app.calls.lifecycle import LEG_LIVE
@@ -119,6 +120,9 @@ def _command(event: CallEvent, what: str, send: Callable[[], None]) -> bool:
     except telnyx.APIError as exc:
         status = getattr(exc, "status_code", None)
         log.error("telnyx call=%s %s failed (%s): %s", event.call_id, what, status or "no response", exc.message)
+        return False
+    except CarrierError as exc:  # hang_up, the contract's own command, translates its SDK errors
+        log.error("telnyx call=%s %s failed: %s", event.call_id, what, exc)
         return False
     return True
 

@@ -18,11 +18,14 @@ from typing import Any
 import telnyx
 
 from app.config import Settings
+from app.carriers.contract import CarrierError
 from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 from app.carriers.telnyx import CARRIER
 
 log = logging.getLogger(__name__)
+
+LABEL = "Telnyx"
 
 #: Return audio as raw μ-law frames: without ``rtp`` Telnyx expects MP3 and silently drops what we send.
 STREAM_PARAMS: dict[str, Any] = {"stream_track": "inbound_track", "stream_bidirectional_mode": "rtp",
@@ -106,29 +109,34 @@ class TelnyxControl:
                                         command_id=command_id)
 
     def hang_up(self, call_id: str, command_id: str | None = None) -> None:
-        """End a live call leg; a leg that already ended is not an error."""
+        """End a live call leg; a leg that already ended is not an error. Raises :class:`CarrierError`."""
         try:
             self.client.calls.actions.hangup(call_id, command_id=command_id or str(uuid.uuid4()))
         except telnyx.APIStatusError as exc:
             if exc.status_code not in CALL_GONE_STATUSES:
-                raise
+                raise CarrierError.of(LABEL, exc) from exc
             log.info("telnyx call=%s already gone at hang-up (HTTP %s)", call_id, exc.status_code)
+        except telnyx.APIError as exc:
+            raise CarrierError.of(LABEL, exc) from exc
 
     def dial(self, *, to: str, from_: str, session_id: str, speaker: str) -> str:
         """Place an outbound leg that will stream into ``session_id`` as ``speaker``; returns its call_control_id.
 
         The relay token is bound to the call_control_id, which only exists once the dial returns, so
         streaming starts on ``call.answered`` (``client_state`` carries the session and speaker there).
-        Needs ``connection_id`` (the Call Control application id).
+        Needs ``connection_id`` (the Call Control application id). Raises :class:`CarrierError`.
         """
         if not self.connection_id:
-            raise ValueError("a Call Control application id (connection_id) is needed to dial")
-        response = self.client.calls.dial(
-            connection_id=self.connection_id, from_=from_, to=to, command_id=str(uuid.uuid4()),
-            webhook_url=self.settings.public("/telnyx/call-control"),
-            client_state=encode_client_state({"s": session_id, "p": speaker}))
+            raise CarrierError(f"{LABEL}: a Call Control application id (connection_id) is needed to dial")
+        try:
+            response = self.client.calls.dial(
+                connection_id=self.connection_id, from_=from_, to=to, command_id=str(uuid.uuid4()),
+                webhook_url=self.settings.public("/telnyx/call-control"),
+                client_state=encode_client_state({"s": session_id, "p": speaker}))
+        except telnyx.APIError as exc:
+            raise CarrierError.of(LABEL, exc) from exc
         if response.data is None or not response.data.call_control_id:
-            raise ValueError("Telnyx's dial response carries no call_control_id")
+            raise CarrierError(f"{LABEL}: the dial response carries no call_control_id")
         return str(response.data.call_control_id)
 
     @staticmethod

@@ -14,14 +14,13 @@ from flask import url_for
 
 from app.carriers.contract import CarrierError, CarrierNumber
 from app.carriers.telnyx import CARRIER
-from app.carriers.telnyx.control import sdk_client
+from app.carriers.telnyx.control import LABEL, sdk_client
 from app.config import Settings
 
 #: Carrier REST calls run inside a page request: fail rather than hang.
 API_TIMEOUT_SECONDS = 10.0
 #: Numbers listed per account (a contact center has tens, not thousands).
 MAX_NUMBERS = 500
-LABEL = "Telnyx"
 TEXML, CALL_CONTROL = "texml", "call-control"
 
 

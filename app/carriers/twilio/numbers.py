@@ -11,14 +11,13 @@ from twilio.rest import Client
 
 from app.carriers.contract import CarrierError, CarrierNumber
 from app.carriers.twilio import CARRIER
-from app.carriers.twilio.control import rest_client
+from app.carriers.twilio.control import LABEL, rest_client
 from app.config import Settings
 
 #: Carrier REST calls run inside a page request: fail rather than hang.
 API_TIMEOUT_SECONDS = 10.0
 #: Numbers listed per account (a contact center has tens, not thousands).
 MAX_NUMBERS = 500
-LABEL = "Twilio"
 
 
 class TwilioNumbers:
