@@ -10,8 +10,10 @@ import redis
 from flask import Blueprint, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.calls.leg_spec import LegSpec
 from app.carriers.contract import CarrierError
 from app.extensions import services
+from app.redis_keys import as_text
 from app.kallglot.client import KallglotError
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.profiles import E164
@@ -64,7 +66,7 @@ def create_call() -> ResponseReturnValue:
                       "to_number": to_number})
         dialled = svc.keys.seen("api-call", key)
         if not svc.redis.set(dialled, "", nx=True, ex=IDEMPOTENCY_TTL_SECONDS):  # a retry: dial only once
-            existing = (svc.redis.get(dialled) or b"").decode() or None
+            existing = as_text(svc.redis.get(dialled)) or None
             svc.lifecycle.confirm_create(carrier, f"api-{key}")
             return jsonify(session_id=session.id, call_id=existing, replayed=True), 200
         try:
@@ -74,12 +76,10 @@ def create_call() -> ResponseReturnValue:
             svc.redis.delete(dialled)
             raise
         svc.redis.set(dialled, call_id, ex=IDEMPOTENCY_TTL_SECONDS)
-        svc.lifecycle.register_leg(
-            session_id=session.id, carrier=carrier, call_id=call_id, speaker=SPEAKER_CUSTOMER,
-            from_number=from_number, to_number=to_number, mode=profile.mode,
-            reconnect_window_seconds=profile.effective_reconnect_window(svc.settings.reconnect_window_seconds),
-            hangup_grace_seconds=profile.hangup_grace_seconds,
-            agent_hangup_ends_call=profile.agent_hangup_ends_call)
+        svc.lifecycle.register_leg(LegSpec.from_profile(
+            profile, carrier=carrier, call_id=call_id, speaker=SPEAKER_CUSTOMER, from_number=from_number,
+            to_number=to_number, default_reconnect_window_seconds=svc.settings.reconnect_window_seconds),
+            session_id=session.id)
         svc.lifecycle.confirm_create(carrier, f"api-{key}")
     except KallglotError as exc:
         log.error("api call to=%s: Kallglot refused the session: %s", to_number, exc)

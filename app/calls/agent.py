@@ -5,6 +5,7 @@ import logging
 
 import redis
 
+from app.calls.leg_spec import LegSpec
 from app.carriers.contract import CarrierError
 from app.extensions import Services
 from app.kallglot.stream_protocol import SPEAKER_AGENT
@@ -28,11 +29,9 @@ def dial_agent_if_configured(svc: Services, session_id: str, carrier: str) -> st
         control = svc.carrier_controls[carrier]
         call_id = control.dial(to=profile.agent_number, from_=to_number, session_id=session_id,
                                speaker=SPEAKER_AGENT)
-        if not lifecycle.register_leg(
-                session_id=session_id, carrier=carrier, call_id=call_id, speaker=SPEAKER_AGENT,
-                from_number=to_number, to_number=profile.agent_number, mode=session.get("mode", profile.mode),
-                reconnect_window_seconds=int(session.get("reconnect_window") or 0),
-                hangup_grace_seconds=int(session.get("hangup_grace") or 0)):
+        leg = LegSpec.joining(session, carrier=carrier, call_id=call_id, speaker=SPEAKER_AGENT,
+                              from_number=to_number, to_number=profile.agent_number, default_mode=profile.mode)
+        if not lifecycle.register_leg(leg, session_id=session_id):
             # The customer hung up (and the session ended) while the agent's phone was ringing.
             log.info("session=%s ended before the agent answered: hanging up %s call=%s", session_id, carrier,
                      call_id)

@@ -91,6 +91,9 @@ class Malformed:
     close_code: int = 1007
 
 
+#: The final ``CallStatus`` values of TwiML-style status callbacks (Twilio's and Telnyx TeXML's alike): the leg is over.
+TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+
 CarrierEvent = Connected | StreamStarted | Media | Dtmf | MarkPlayed | Stopped | Ignored | Malformed
 
 

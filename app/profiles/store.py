@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from app.config import KALLGLOT_MODES, LANGUAGE_CODE, MAX_RECONNECT_WINDOW_SECONDS
-from app.redis_keys import RedisKeys
+from app.redis_keys import RedisKeys, as_text
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 #: TwiML/TeXML ``<Say language>`` codes look like ``en-US``; plain ``en`` is accepted too.
@@ -168,6 +168,5 @@ class ProfileStore:
 
     def all(self) -> dict[str, NumberProfile]:
         """Every number with its own profile, sorted by number."""
-        numbers = sorted(n.decode() if isinstance(n, bytes) else n
-                         for n in self._redis.smembers(self._keys.profiles_index()))
+        numbers = sorted(as_text(n) for n in self._redis.smembers(self._keys.profiles_index()))
         return {n: p for n in numbers if (p := self.for_number(n)).own}

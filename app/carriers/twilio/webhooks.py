@@ -12,6 +12,7 @@ from flask import Response, abort, request
 from app import metrics
 from app.extensions import Services, services
 from app.calls.legs import live_session, start_inbound_leg
+from app.carriers.contract import TERMINAL_CALL_STATUSES
 from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.kallglot.client import KallglotError, KallglotSession
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
@@ -20,7 +21,6 @@ from app.profiles import NumberProfile
 from app.relay.bridge import KALLGLOT_UNREACHABLE
 from app.relay.core import RelayEnd
 from app.redis_keys import first_seen
-from app.relay.tokens import RelayGrant
 from app.carriers.twilio import CARRIER, twiml
 from app.carriers.twilio.blueprint import bp
 from app.carriers.twilio.signature import request_is_from_twilio
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 #: Twilio call SIDs are "CA" + 32 hex digits; anything else is not a Twilio call.
 CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
-#: Final call states (A4): the leg is over.
-TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 #: How often one call's media stream is restored after it dropped, before the caller gets the fallback.
 MAX_STREAM_RESTARTS = 3
 #: Leg end reasons (set by the relay) after which Kallglot, not the stream, is the problem.
@@ -61,10 +59,8 @@ def _stream_twiml(svc: Services, session: KallglotSession, call_sid: str, profil
                   speaker: str = SPEAKER_CUSTOMER) -> str:
     """``<Connect><Stream>`` for ``session`` with a fresh relay token (and the greeting on a first answer)."""
     assert session.stream is not None
-    expires = session.stream.expires_at.timestamp() if session.stream.expires_at else None
-    token = svc.relay_tokens.seal(RelayGrant(
-        session_id=session.id, carrier=CARRIER, call_id=call_sid, speaker=speaker,
-        stream_url=session.stream.url, stream_token=session.stream.token, stream_expires_at=expires))
+    token = svc.relay_tokens.seal_stream(session.stream, session_id=session.id, carrier=CARRIER, call_id=call_sid,
+                                         speaker=speaker)
     return twiml.connect_stream(svc.settings, session_id=session.id, relay_token=token,
                                 greeting=profile.greeting if profile else "",
                                 greeting_language=profile.greeting_language if profile else "en-US")
