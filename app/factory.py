@@ -22,7 +22,6 @@ from app.extensions import Services, init_services, init_sock
 from app.logging_setup import configure_logging, register_request_log_context
 
 log = logging.getLogger(__name__)
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -33,7 +32,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = Settings.from_mapping(config) if config is not None else Settings.from_env()
     settings.validate()
     configure_logging()
-    app = Flask(__name__, template_folder=str(TEMPLATES))
+    app = Flask(__name__, template_folder=str(template_folder()))
     app.config["SECRET_KEY"] = settings.secret_key
     built = register_services(app, settings)
     register_request_log_context(app)
@@ -46,6 +45,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         log.warning("DEMO MODE: Kallglot is the local emulator at %s and the secrets are demo values. "
                     "Set KALLGLOT_API_KEY and REDIS_URL for real calls.", settings.kallglot_api_url)
     return app
+
+
+def template_folder() -> Path:
+    """The Jinja templates: inside the package in a wheel (``setup.py`` copies them there), else the source
+    tree's top-level ``templates/`` (an editable install or a checkout)."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "templates"
+    return packaged if packaged.is_dir() else package.parent / "templates"
 
 
 def register_services(app: Flask, settings: Settings) -> Services:

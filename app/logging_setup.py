@@ -1,7 +1,7 @@
 """Log configuration: one JSON object per line, to stderr (Heroku and Render collect it).
 
 Every line of a call carries what is known of it — ``request_id``, ``carrier``, ``call_id``, ``session_id``,
-``number`` — from a context variable: under gunicorn's gevent worker each greenlet has its own context, so
+``number`` — from a context variable: each thread (a greenlet under gevent, see :mod:`app.background`) has its own, so
 concurrent calls never mix their fields. Secrets are kept out twice over: the code never formats them, and
 :func:`redact` scrubs the shapes they come in (``token=…`` query parameters, ``Bearer …``, Kallglot keys)
 from every rendered line as a safety net.
@@ -23,7 +23,7 @@ from typing import Any
 #: The fields a call's log lines carry, in the order they are written.
 LOG_CONTEXT_FIELDS = ("request_id", "carrier", "call_id", "session_id", "number")
 #: Python's docs ask for context variables to be created once, at module level (they are keys into each
-#: greenlet's or task's own context, not state). Values are read-only mappings, replaced never mutated.
+#: thread's or task's own context, not state). Values are read-only mappings, replaced never mutated.
 _LOG_CONTEXT: ContextVar[Mapping[str, str]] = ContextVar("kallglot_bridge_log_context",
                                                          default=MappingProxyType({}))
 
@@ -44,22 +44,22 @@ def redact(text: str) -> str:
 
 
 def bind_log_context(**fields: str | None) -> None:
-    """Add ``fields`` (empty values are skipped) to every later log line of the current greenlet."""
+    """Add ``fields`` (empty values are skipped) to every later log line of the current thread."""
     current = _LOG_CONTEXT.get()
     merged = {**current, **{k: str(v) for k, v in fields.items() if v}}
     _LOG_CONTEXT.set(MappingProxyType(merged))
 
 
 def reset_log_context(**fields: str | None) -> None:
-    """Replace the current greenlet's log context with exactly ``fields`` (empty values skipped).
+    """Replace the current thread's log context with exactly ``fields`` (empty values skipped).
 
-    A keep-alive connection serves many requests in one greenlet, so each request starts from scratch.
+    A keep-alive connection serves many requests in one thread, so each request starts from scratch.
     """
     _LOG_CONTEXT.set(MappingProxyType({k: str(v) for k, v in fields.items() if v}))
 
 
 def log_context() -> dict[str, str]:
-    """The current greenlet's log context (a copy)."""
+    """The current thread's log context (a copy)."""
     return dict(_LOG_CONTEXT.get())
 
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 def dial_agent_if_configured(svc: Services, session_id: str, carrier: str) -> str | None:
     """Dial the profile's agent number through ``carrier`` once per session; returns the agent's call ID.
 
-    Runs off the relay's hot path (a background greenlet). Failures are logged and recorded; the customer
+    Runs off the relay's hot path (a background thread). Failures are logged and recorded; the customer
     stays on the session (an ``ai_agent`` profile needs no human agent anyway).
     """
     lifecycle = svc.lifecycle

@@ -24,7 +24,7 @@ class StartedLeg:
 
 
 def live_session(svc: Services, session_id: str) -> KallglotSession | None:
-    """The session with a current stream grant (§9.4: GET refreshes it), or None if it is over."""
+    """The session with a current stream grant (a GET refreshes it: assumption 4 in :mod:`app.kallglot.stream_protocol`), or None if it is over."""
     try:
         session = svc.kallglot.get_session(session_id)
     except KallglotNotFound:

@@ -1,4 +1,4 @@
-"""Audio conversions for return audio that is not already μ-law 8 kHz (kallglot-api.md §9.1).
+"""Audio conversions for return audio that is not already μ-law 8 kHz (assumption 1 in :mod:`app.kallglot.stream_protocol`).
 
 G.711 and rate conversion use ``audioop`` (stdlib up to 3.12; the ``audioop-lts`` backport on ≥ 3.13).
 """

@@ -9,6 +9,7 @@ import time
 
 import redis
 
+from app.background import spawn
 from app.calls.agent import dial_agent_if_configured
 from app.ops.draining import current_drain
 from app.extensions import Services
@@ -44,7 +45,7 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
     bind_log_context(carrier=codec.carrier, call_id=grant.call_id, session_id=grant.session_id)
 
     def open_kallglot() -> KallglotStream:
-        """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption §9.4)."""
+        """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption 4 in :mod:`app.kallglot.stream_protocol`)."""
         stream_url, stream_token = grant.stream_url, grant.stream_token
         if grant.stream_expires_at and grant.stream_expires_at - time.time() < TOKEN_REFRESH_MARGIN_SECONDS:
             session = svc.kallglot.get_session(grant.session_id)
@@ -77,8 +78,7 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
     heartbeat.start()
     if grant.speaker == SPEAKER_CUSTOMER:
         # Off the hot path: a REST call to the carrier, once per session (re-attached streams find it done).
-        threading.Thread(target=dial_agent_if_configured, args=(svc, grant.session_id, codec.carrier),
-                         name="dial-agent", daemon=True).start()
+        spawn(dial_agent_if_configured, svc, grant.session_id, codec.carrier, name="dial-agent")
     try:
         relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
                            context=context, on_end=record_end, reopen_kallglot=open_kallglot)
@@ -99,7 +99,7 @@ class _Heartbeat:
 
     def start(self) -> None:
         self._beat()
-        threading.Thread(target=self._run, name="relay-heartbeat", daemon=True).start()
+        spawn(self._run, name="relay-heartbeat")
 
     def stop(self) -> None:
         self._stopped.set()

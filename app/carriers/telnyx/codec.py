@@ -1,4 +1,4 @@
-"""Telnyx media streaming: the codec for Telnyx's JSON frames (telephony-protocols.md, "Telnyx media streaming").
+"""Telnyx media streaming: the codec for Telnyx's JSON frames (Telnyx's media streaming docs).
 
 The caller's leg arrives in the call's codec (``start.media_format``): PCMU, PCMA (common on European and
 Indian legs) or L16 (big-endian, 16 kHz). The codec decodes everything to μ-law 8 kHz inside :meth:`parse`,

@@ -1,4 +1,4 @@
-"""Telnyx call simulator: behaves towards our service as Telnyx does (telephony-protocols.md section B).
+"""Telnyx call simulator: behaves towards our service as Telnyx does (Telnyx's TeXML, Call Control and media-streaming docs).
 
 - :class:`TelnyxSigner` signs webhooks exactly as Telnyx does: Ed25519 over ``f"{timestamp}|{raw body}"``.
 - :class:`TelnyxMediaLeg` is Telnyx's side of one media-streaming WebSocket: ``connected``/``start`` with a
@@ -28,7 +28,7 @@ from simple_websocket import ConnectionClosed
 
 from app.devtools.simulator.twilio import _TimedClient, _ws_scheme
 
-#: Bytes in one 20 ms frame per inbound codec (B3).
+#: Bytes in one 20 ms frame per inbound codec (Telnyx media streaming: PCMU/PCMA 8 kHz, L16 16 kHz).
 FRAME_BYTES = {("PCMU", 8000): 160, ("PCMA", 8000): 160, ("L16", 16000): 640, ("L16", 8000): 320}
 SILENCE = {"PCMU": b"\xff", "PCMA": b"\xd5", "L16": b"\x00"}
 MIN_RETURN_BYTES = 160  # Telnyx wants ≥ 20 ms of PCMU per media message
@@ -285,7 +285,7 @@ class TexmlCallSimulator:
 
     @staticmethod
     def call_params(call_sid: str, to: str, from_: str, status: str) -> dict[str, str]:
-        """The fields Telnyx sends with TeXML requests (B1)."""
+        """The fields Telnyx sends with TeXML requests (TwiML-compatible form fields)."""
         return {"AccountSid": str(uuid.UUID(int=1)), "CallSid": call_sid, "CallSidLegacy": "v2:" + uuid.uuid4().hex,
                 "CallSessionId": str(uuid.uuid4()), "ConnectionId": "1494404757140276705", "From": from_, "To": to,
                 "CallerId": from_, "CallStatus": status, "Direction": "inbound",

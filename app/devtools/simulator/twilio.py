@@ -1,6 +1,6 @@
 """Twilio call simulator: drives our service exactly as Twilio would during an inbound call.
 
-Flow (protocol notes: /work/shared/telephony-protocols.md, sections A and D):
+Flow (as Twilio's voice webhook, TwiML and Media Streams docs describe it):
 voice webhook (signed form POST) -> TwiML -> ``<Connect><Stream>`` media WebSocket (signed upgrade,
 Media Streams JSON frames, playback model for returned audio, marks and clears) -> ``<Connect action>``
 when the server hangs up the stream first -> stream-status and call-status callbacks.
