@@ -26,7 +26,7 @@ import nacl.signing
 import requests
 from simple_websocket import ConnectionClosed
 
-from app.devtools.simulator.twilio import _TimedClient, _ws_scheme
+from app.devtools.simulator.websocket import TimedClient, ws_scheme
 
 #: Bytes in one 20 ms frame per inbound codec (Telnyx media streaming: PCMU/PCMA 8 kHz, L16 16 kHz).
 FRAME_BYTES = {("PCMU", 8000): 160, ("PCMA", 8000): 160, ("L16", 16000): 640, ("L16", 8000): 320}
@@ -98,7 +98,7 @@ class TelnyxMediaLeg:
                  auth_token: str | None = None, encoding: str = "PCMU", sample_rate: int = 8000,
                  timeout: float = 10.0) -> None:
         headers = {"x-telnyx-streaming-auth-token": auth_token} if auth_token else {}
-        self.ws = _TimedClient(url, headers, timeout)
+        self.ws = TimedClient(url, headers, timeout)
         self.call_control_id, self.encoding, self.sample_rate = call_control_id, encoding, sample_rate
         self.custom_parameters, self.auth_token = custom_parameters or {}, auth_token
         self.result = LegResult(stream_id=str(uuid.uuid4()))
@@ -270,7 +270,7 @@ class TexmlCallSimulator:
 
     def real_url(self, url: str) -> str:
         """Map a public http(s)/ws(s) URL onto the address we really connect to."""
-        for public, real in ((self.public_url, self.base_url), (_ws_scheme(self.public_url), _ws_scheme(self.base_url))):
+        for public, real in ((self.public_url, self.base_url), (ws_scheme(self.public_url), ws_scheme(self.base_url))):
             if url == public or url.startswith(public + "/"):
                 return real + url[len(public):]
         return url
