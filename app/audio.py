@@ -3,10 +3,10 @@
 G.711 encode/decode uses ``audioop`` (stdlib up to 3.12; the ``audioop-lts`` backport on ≥ 3.13). Rate
 conversion (16/24 kHz → 8 kHz) is a stateful FIR low-pass + decimator in numpy (:class:`FirDecimator`).
 
-Why not ``soxr``'s streaming resampler: measured here (soxr 1.1), ``ResampleStream`` holds back 25–150 ms of
-audio while streaming in 20 ms chunks (far over the 5 ms budget for a live call), and with ``dtype=int16`` its
-output depends on how the input is chunked (TPDF dither: ±2 LSB differences). soxr stays the quality reference
-in :mod:`app.devtools.audio_quality`.
+Why not ``soxr``'s streaming resampler: measured with soxr 1.1 (``python -m app.devtools.audio_quality``),
+``ResampleStream`` at quality HQ/VHQ holds back up to 73–152 ms of audio when fed 20 ms chunks (the budget for
+a live call is 5 ms), and with ``dtype=int16`` its output changes by up to 2 LSB with the chunking (float32
+was chunk-independent). soxr stays the quality reference in that script.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class FirDecimator:
     def process(self, samples: NDArray[np.int16]) -> NDArray[np.int16]:
         """Filter and decimate the next ``samples``; returns the outputs they complete (possibly none)."""
         taps = len(self._reversed)
-        buffer = np.concatenate((self._history, samples))  # float64: exact for int16 × quantised taps
+        buffer = np.concatenate((self._history, samples), dtype=np.float64)  # exact for int16 × quantised taps
         count = -(-(len(buffer) - taps + 1) // self.factor)  # outputs whose window ends inside the buffer
         if count <= 0:
             self._history = buffer
