@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.audio import UPLINK_16K_TAPS, DownlinkTranscoder, UnsupportedAudio, UplinkDecoder, windowed_sinc_lowpass
+from app.audio import (DOWNLINK_16K_TAPS, DOWNLINK_24K_TAPS, UPLINK_16K_TAPS, DownlinkTranscoder, UnsupportedAudio,
+                       UplinkDecoder, windowed_sinc_lowpass)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -166,6 +167,16 @@ def test_output_bytes_do_not_depend_on_how_the_audio_is_chunked(rate: int) -> No
         transcoder = DownlinkTranscoder()
         out = b"".join(transcoder.to_mulaw_8k(piece, "pcm16", rate) for piece in random_splits(pcm, seed))
         assert out + transcoder.end_utterance() == whole
+
+
+@pytest.mark.parametrize("rate, taps", [(16000, DOWNLINK_16K_TAPS), (24000, DOWNLINK_24K_TAPS)])
+def test_utterance_equals_a_delay_compensated_reference_convolution(rate: int, taps: NDArray[np.float64]) -> None:
+    # Output m is the filter's value at input sample m·factor + delay: the ramp-up dropped, the tail flushed.
+    x = np.clip(np.rint(np.random.default_rng(2).normal(0, 6000, 1001)), -32768, 32767)  # odd length
+    factor, delay = rate // 8000, (len(taps) - 1) // 2
+    reference = np.convolve(x, taps)[delay::factor][:math.ceil(len(x) / factor)]
+    expected = audioop.lin2ulaw(np.clip(np.rint(reference), -32768, 32767).astype(np.int16).tobytes(), 2)
+    assert utterance(pcm16(x), rate) == expected
 
 
 def test_reset_drops_what_is_pending_and_the_next_utterance_starts_fresh() -> None:
