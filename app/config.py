@@ -15,7 +15,7 @@ KALLGLOT_MODES = ("bidirectional_translation", "assistive_translation", "ai_agen
 DEFAULT_KALLGLOT_API_URL = "https://api.kallglot.com/v1"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
 DEFAULT_TELNYX_API_URL = "https://api.telnyx.com/v2"
-#: Kallglot keeps a disconnected session re-attachable for at most 5 minutes (Kallglot's sessions-vs-calls guide: reconnect within 5 minutes).
+#: Kallglot keeps a disconnected session re-attachable for at most 5 minutes (Kallglot's sessions-vs-calls guide).
 MAX_RECONNECT_WINDOW_SECONDS = 300
 #: Uplink chunk bounds: Kallglot asks for a chunk every 100–200 ms; 20 ms is one carrier frame.
 MIN_CHUNK_MS, MAX_CHUNK_MS = 20, 200

@@ -1,8 +1,8 @@
 """Log configuration: one JSON object per line, to stderr (Heroku and Render collect it).
 
 Every line of a call carries what is known of it — ``request_id``, ``carrier``, ``call_id``, ``session_id``,
-``number`` — from a context variable: each thread (a greenlet under gevent, see :mod:`app.background`) has its own, so
-concurrent calls never mix their fields. Secrets are kept out twice over: the code never formats them, and
+``number`` — from a context variable: each thread (a greenlet under gevent, see :mod:`app.background`) has
+its own, so concurrent calls never mix their fields. Secrets are kept out twice over: the code never formats them, and
 :func:`redact` scrubs the shapes they come in (``token=…`` query parameters, ``Bearer …``, Kallglot keys)
 from every rendered line as a safety net.
 

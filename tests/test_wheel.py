@@ -62,8 +62,8 @@ def wheel_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_wheel_carries_the_package_its_templates_and_py_typed(wheel_python: Path) -> None:
-    where = run(wheel_python, "-c", "import app, app.factory; print(app.__file__); print(app.factory.template_folder())",
-                cwd=wheel_python.parent)
+    script = "import app, app.factory; print(app.__file__); print(app.factory.template_folder())"
+    where = run(wheel_python, "-c", script, cwd=wheel_python.parent)
     package_file, templates = where.split()
     venv = wheel_python.parent.parent
     assert Path(package_file).is_relative_to(venv) and Path(templates).is_relative_to(venv)

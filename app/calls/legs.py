@@ -24,7 +24,8 @@ class StartedLeg:
 
 
 def live_session(svc: Services, session_id: str) -> KallglotSession | None:
-    """The session with a current stream grant (a GET refreshes it: assumption 4 in :mod:`app.kallglot.stream_protocol`), or None if it is over."""
+    """The session with a current stream grant, or None if it is over (a GET refreshes the grant: assumption 4
+    in :mod:`app.kallglot.stream_protocol`)."""
     try:
         session = svc.kallglot.get_session(session_id)
     except KallglotNotFound:

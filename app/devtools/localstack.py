@@ -29,8 +29,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds."""
+#: How long a freshly started server may take to answer. Importing the telnyx SDK alone took 22 s on a 2-core
+#: machine at load average 16, so the default is generous; ``KB_SERVER_START_TIMEOUT`` overrides it.
+DEFAULT_START_TIMEOUT_SECONDS = 90.0
+
+
+def wait_for_http(url: str, timeout: float | None = None, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds (default:
+    ``KB_SERVER_START_TIMEOUT`` or :data:`DEFAULT_START_TIMEOUT_SECONDS`)."""
+    if timeout is None:
+        timeout = float(os.environ.get("KB_SERVER_START_TIMEOUT", DEFAULT_START_TIMEOUT_SECONDS))
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:

@@ -150,7 +150,8 @@ class KallglotClient:
         return KallglotSession.from_json(self._request("POST", "/sessions", json=body, idempotency_key=idempotency_key))
 
     def get_session(self, session_id: str) -> KallglotSession:
-        """``GET /v1/sessions/{id}`` — also the way to a fresh stream token (assumption 4 in :mod:`app.kallglot.stream_protocol`)."""
+        """``GET /v1/sessions/{id}`` — also the way to a fresh stream token (assumption 4 in
+        :mod:`app.kallglot.stream_protocol`)."""
         return KallglotSession.from_json(self._request("GET", f"/sessions/{session_id}"))
 
     def end_session(self, session_id: str) -> dict[str, Any]:

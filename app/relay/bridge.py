@@ -45,7 +45,8 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
     bind_log_context(carrier=codec.carrier, call_id=grant.call_id, session_id=grant.session_id)
 
     def open_kallglot() -> KallglotStream:
-        """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption 4 in :mod:`app.kallglot.stream_protocol`)."""
+        """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption 4 in
+        :mod:`app.kallglot.stream_protocol`)."""
         stream_url, stream_token = grant.stream_url, grant.stream_token
         if grant.stream_expires_at and grant.stream_expires_at - time.time() < TOKEN_REFRESH_MARGIN_SECONDS:
             session = svc.kallglot.get_session(grant.session_id)

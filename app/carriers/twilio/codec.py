@@ -12,7 +12,8 @@ from app.carriers.twilio import CARRIER
 
 
 class TwilioMediaCodec:
-    """Parses Twilio's Media Streams frames (``connected``, ``start``, ``media``, ``dtmf``, ``mark``, ``stop``) and builds ``media``/``mark``/``clear`` frames back."""
+    """Parses Twilio's Media Streams frames (``connected``, ``start``, ``media``, ``dtmf``, ``mark``, ``stop``)
+    and builds ``media``/``mark``/``clear`` frames back."""
 
     carrier = CARRIER
 

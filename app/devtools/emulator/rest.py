@@ -18,7 +18,8 @@ E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
 
 class ApiError(Exception):
-    """An error answered with the Kallglot error envelope (``{"error": {"type", "code", "message", …}}``, https://developer.kallglot.com/errors)."""
+    """An error answered with the Kallglot error envelope (``{"error": {"type", "code", "message", …}}``, see
+    https://developer.kallglot.com/errors)."""
 
     def __init__(self, status: int, type_: str, code: str, message: str, *, param: str | None = None,
                  retry_after: int | float | None = None) -> None:
@@ -226,7 +227,7 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
         if fault is not None:
             return fault
         session = find_session(session_id)
-        # Our assumption 4 (app.kallglot.stream_protocol): while the session is not ended, a GET mints a fresh stream token.
+        # Assumption 4 (app.kallglot.stream_protocol): while the session is not ended, a GET mints a fresh token.
         return jsonify(session.public_view(stream=stream_view(session) if session.status != "ended" else None))
 
     @app.post("/v1/sessions/<session_id>/end")

@@ -218,7 +218,7 @@ class EmulatorState:
                 return "session_not_found"
             if session.status == "ended":
                 return "session_ended"
-            # The token is checked only here, at connect; an open socket outlives its expiry (Kallglot's stream reference).
+            # The token is checked only here, at connect; an open socket outlives its expiry (stream reference).
             expires_at = session.tokens.get(token)
             if expires_at is None or time.time() >= expires_at:
                 return "invalid_token"

@@ -1,4 +1,5 @@
-"""The emulated stream WebSocket ``/v1/sessions/<id>/connect?token=…`` (Kallglot's stream reference plus the assumptions in :mod:`app.kallglot.stream_protocol`)."""
+"""The emulated stream WebSocket ``/v1/sessions/<id>/connect?token=…`` (Kallglot's stream reference, plus the
+assumptions in :mod:`app.kallglot.stream_protocol`)."""
 from __future__ import annotations
 
 import base64
