@@ -1,10 +1,17 @@
-"""The number-profile form: what the user typed (kept verbatim to re-render) and what is wrong with it."""
+"""The admin's forms (Flask-WTF): sign-in, and the number profile (what the user typed, kept verbatim to re-render,
+and what is wrong with it).
+
+CSRF is not checked per form: :func:`app.admin.auth.guard` runs Flask-WTF's ``CSRFProtect`` on every admin POST,
+the button-only forms (delete, end, sign out) included, before any view sees the request.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from flask_wtf import FlaskForm
 from werkzeug.datastructures import MultiDict
+from wtforms import HiddenField, PasswordField, StringField
 
 from app.profiles.store import CARRIERS, E164, NumberProfile
 from app.profiles.transfer import profile_from_data
@@ -14,6 +21,27 @@ TEXT_FIELDS = ("carrier", "mode", "source_language", "target_language", "greetin
                "reconnect_window_seconds", "hangup_grace_seconds")
 #: Blank metadata rows offered for new entries (no JavaScript needed to add one).
 BLANK_METADATA_ROWS = 2
+#: Sign-in names are labels for the audit log, not identities: kept short.
+MAX_NAME_LENGTH = 60
+
+
+class AdminForm(FlaskForm):
+    """Base of the admin's forms: CSRF is checked once for every admin POST (see the module docstring)."""
+
+    class Meta:
+        csrf = False
+
+
+def _clean_name(value: str | None) -> str:
+    return (value or "").strip()[:MAX_NAME_LENGTH]
+
+
+class SignInForm(AdminForm):
+    """The sign-in form: a name for the audit log, the shared password, and where to go afterwards."""
+
+    name = StringField("Your name", filters=[_clean_name])
+    password = PasswordField("Admin password", filters=[lambda value: value or ""])
+    next = HiddenField(filters=[lambda value: value or ""])
 
 
 @dataclass
