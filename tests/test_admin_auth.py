@@ -226,3 +226,43 @@ def test_redis_holds_no_session_nonce(admin_client: FlaskClient, admin_app: Flas
         svc = services()
         stored = [k.decode() for k in svc.redis.scan_iter(svc.keys.admin_session("*"))]
     assert len(stored) == 1 and nonce not in stored[0]
+
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin", "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+@pytest.mark.parametrize("path", ["/admin/sign-in", *ADMIN_PAGES])
+def test_admin_pages_carry_security_headers(admin_client: FlaskClient, path: str) -> None:
+    response = admin_client.get(path)
+    assert response.status_code in (200, 302)
+    assert {name: response.headers.get(name) for name in SECURITY_HEADERS} == SECURITY_HEADERS
+    policy = {part.split()[0]: part.split()[1:] for part in response.headers["Content-Security-Policy"].split("; ")}
+    assert policy["default-src"] == ["'none'"] and policy["frame-ancestors"] == ["'none'"]
+    assert policy["style-src"] == ["'self'"] and "'unsafe-inline'" not in response.headers["Content-Security-Policy"]
+
+
+def test_refusals_and_the_disabled_admin_carry_them_too(admin_app: Flask, client: FlaskClient) -> None:
+    anonymous = admin_app.test_client()
+    for response in (anonymous.get("/admin/numbers"), anonymous.post("/admin/sign-in", data={}),
+                     client.get("/admin/numbers")):
+        assert response.status_code in (302, 400, 404)
+        assert response.headers["Cache-Control"] == "no-store"
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+
+
+def test_the_export_is_never_cached(admin_client: FlaskClient) -> None:
+    response = admin_client.get("/admin/numbers/export")
+    assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_admin_templates_need_no_inline_script_or_style() -> None:
+    from pathlib import Path
+    templates = Path(__file__).resolve().parent.parent / "templates" / "admin"
+    for template in templates.glob("*.html"):
+        text = template.read_text()
+        for forbidden in ("<script", "<style", " style=", " onclick=", " onsubmit=", "javascript:"):
+            assert forbidden not in text, f"{template.name} has {forbidden!r}: the CSP would block it"
