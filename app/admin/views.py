@@ -17,7 +17,7 @@ from werkzeug.exceptions import NotFound
 from app.admin import bp, carriers, presenters
 from app.admin.actions import end_session_now
 from app.admin.auth import admin_name
-from app.admin.forms import ProfileForm
+from app.admin.forms import ImportForm, ProfileForm
 from app.audit import AuditLog, diff
 from app.calls.lifecycle import EndOutcome
 from app.config import KALLGLOT_MODES, Settings
@@ -68,11 +68,11 @@ def number_new() -> ResponseReturnValue:
     if request.method == "GET":
         form = ProfileForm.from_profile(request.args.get("number", ""), store.default)
         if request.args.get("carrier") in CARRIERS:
-            form.values["carrier"] = request.args["carrier"]
+            form.carrier.data = request.args["carrier"]
         return _render_form(form, creating=True)
     form = ProfileForm.from_request(request.form)
-    if (profile := form.validate()) is not None and store.for_number(form.number).own:
-        form.errors["number"] = "already has a profile: edit it instead"
+    if (profile := form.validated_profile()) is not None and store.for_number(form.number.data).own:
+        form.problems["number"] = "already has a profile: edit it instead"
         profile = None
     return _save(form, profile, creating=True)
 
@@ -86,22 +86,23 @@ def number_edit(number: str) -> ResponseReturnValue:
     if request.method == "GET":
         return _render_form(ProfileForm.from_profile(number, profile), creating=False)
     form = ProfileForm.from_request(request.form, number=number)
-    return _save(form, form.validate(), creating=False)
+    return _save(form, form.validated_profile(), creating=False)
 
 
 def _save(form: ProfileForm, profile: NumberProfile | None, *, creating: bool) -> ResponseReturnValue:
     store = services().profiles
     if profile is None:
         return _render_form(form, creating=creating, status=422)
-    before = store.for_number(form.number)
+    number = form.number.data
+    before = store.for_number(number)
     try:
-        saved = store.set(form.number, profile)
+        saved = store.set(number, profile)
     except ProfileError as exc:  # the store's own checks (kept in case they grow beyond the form's)
-        form.errors.update(exc.problems)
+        form.problems.update(exc.problems)
         return _render_form(form, creating=creating, status=422)
-    audit("create profile" if creating else "update profile", form.number,
+    audit("create profile" if creating else "update profile", number,
           diff(before.to_dict() if before.own else None, saved.to_dict()))
-    flash(f"Saved {form.number}. The next call to it uses this profile.")
+    flash(f"Saved {number}. The next call to it uses this profile.")
     return redirect(url_for("admin.numbers"))
 
 
@@ -127,8 +128,7 @@ def numbers_export() -> ResponseReturnValue:
 @bp.post("/numbers/import")
 def numbers_import() -> ResponseReturnValue:
     """Import profiles from an uploaded file or pasted JSON: all valid, or nothing is written."""
-    upload = request.files.get("file")
-    raw = upload.read(MAX_IMPORT_BYTES + 1) if upload and upload.filename else request.form.get("json", "").encode()
+    raw = ImportForm().raw_document(MAX_IMPORT_BYTES)
     text = raw.decode("utf-8", errors="replace")
     store = services().profiles
     try:
