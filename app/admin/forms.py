@@ -7,12 +7,14 @@ the button-only forms (delete, end, sign out) included, before any view sees the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField
 from werkzeug.datastructures import FileStorage, MultiDict
-from wtforms import BooleanField, HiddenField, PasswordField, StringField, TextAreaField
+from wtforms import BooleanField, Field, Form, HiddenField, PasswordField, StringField, TextAreaField
+from wtforms.validators import Optional, Regexp, ValidationError
 
 from app.profiles.store import CARRIERS, E164, NumberProfile
 from app.profiles.transfer import profile_from_data
@@ -145,3 +147,48 @@ class ImportForm(AdminForm):
         if isinstance(upload, FileStorage) and upload.filename:
             return upload.read(max_bytes + 1)
         return str(self.json.data).encode()
+
+
+def _utc_day(value: str, *, end: bool) -> float:
+    # A date input's YYYY-MM-DD, as the first (or, for an end date, last) second of that UTC day.
+    day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+    return (day + timedelta(days=1) if end else day).timestamp() - (0.001 if end else 0)
+
+
+def _is_day(_form: Form, field: Field) -> None:
+    try:
+        _utc_day(field.data, end=False)
+    except ValueError:
+        raise ValidationError("must be a date like 2025-01-31") from None
+
+
+class CallFilterForm(AdminForm):
+    """The call log's filters (a GET form): a number and a date range in UTC, each optional."""
+
+    number = StringField("Number", filters=[_strip],
+                         validators=[Optional(), Regexp(E164, message="must be in E.164 form like +14155551234")])
+    since = StringField("From date (UTC)", name="from", filters=[_strip], validators=[Optional(), _is_day])
+    until = StringField("To date (UTC)", name="to", filters=[_strip], validators=[Optional(), _is_day])
+
+    def validate(self, extra_validators: Mapping[str, Sequence[Any]] | None = None) -> bool:
+        """Each field's rules, then: the range must not end before it starts."""
+        if super().validate(extra_validators):
+            since, until = self.bounds()
+            if since is not None and until is not None and since > until:
+                self.until.errors = ["must not be before the start date"]
+        return not self.problems
+
+    @property
+    def values(self) -> dict[str, str]:
+        """The filters as typed, by their query-parameter names."""
+        return {field.name: field.data or "" for field in (self.number, self.since, self.until)}
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """One message per query parameter that is wrong."""
+        return {field.name: field.errors[0] for field in (self.number, self.since, self.until) if field.errors}
+
+    def bounds(self) -> tuple[float | None, float | None]:
+        """The range as epoch seconds (first second of the start day, last of the end day); call after validate."""
+        return (_utc_day(self.since.data, end=False) if self.since.data else None,
+                _utc_day(self.until.data, end=True) if self.until.data else None)

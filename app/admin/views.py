@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Response, flash, redirect, render_template, request, url_for
@@ -17,12 +16,12 @@ from werkzeug.exceptions import NotFound
 from app.admin import bp, carriers, presenters
 from app.admin.actions import end_session_now
 from app.admin.auth import admin_name
-from app.admin.forms import ImportForm, ProfileForm
+from app.admin.forms import CallFilterForm, ImportForm, ProfileForm
 from app.audit import AuditLog, diff
 from app.calls.lifecycle import EndOutcome
 from app.config import KALLGLOT_MODES, Settings
 from app.extensions import services
-from app.profiles.store import CARRIERS, E164, NumberProfile, ProfileError
+from app.profiles.store import CARRIERS, NumberProfile, ProfileError
 from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 
 #: Largest import accepted (a few thousand profiles).
@@ -223,28 +222,12 @@ def live_end(session_id: str) -> ResponseReturnValue:
     return redirect(url_for("admin.live"))
 
 
-def _day(value: str, *, end: bool) -> float | None:
-    # A date input's YYYY-MM-DD, as the first (or, for an end date, last) second of that UTC day.
-    day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
-    return (day + timedelta(days=1) if end else day).timestamp() - (0.001 if end else 0)
-
-
 @bp.get("/calls")
 def calls() -> ResponseReturnValue:
     """Recent calls, filterable by number and by a date range (UTC)."""
-    filters = {name: request.args.get(name, "").strip() for name in ("number", "from", "to")}
-    errors: dict[str, str] = {}
-    if filters["number"] and not E164.match(filters["number"]):
-        errors["number"] = "must be in E.164 form like +14155551234"
-    bounds: dict[str, float | None] = {"from": None, "to": None}
-    for name in ("from", "to"):
-        if filters[name]:
-            try:
-                bounds[name] = _day(filters[name], end=name == "to")
-            except ValueError:
-                errors[name] = "must be a date like 2025-01-31"
-    if not errors and bounds["from"] and bounds["to"] and bounds["from"] > bounds["to"]:
-        errors["to"] = "must not be before the start date"
-    rows = [] if errors else presenters.call_log(services().lifecycle, number=filters["number"],
-                                                 since=bounds["from"], until=bounds["to"])
-    return render_template("admin/calls.html", rows=rows, filters=filters, errors=errors), 422 if errors else 200
+    form = CallFilterForm(request.args)
+    if not form.validate():
+        return render_template("admin/calls.html", rows=[], filters=form.values, errors=form.problems), 422
+    since, until = form.bounds()
+    rows = presenters.call_log(services().lifecycle, number=form.number.data, since=since, until=until)
+    return render_template("admin/calls.html", rows=rows, filters=form.values, errors={})
