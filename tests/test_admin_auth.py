@@ -5,12 +5,16 @@ import time
 from collections.abc import Callable
 
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
 from app.admin.throttle import MAX_DELAY_SECONDS, MAX_FAILURES_PER_CLIENT, SignInDelay
 from app.extensions import services
-from tests.conftest import ADMIN_PASSWORD, admin_post, admin_sign_in, csrf_token_in
+from tests.conftest import (
+    ADMIN_PASSWORD, EmulatorControl, admin_post, admin_sign_in, bridge_config, csrf_token_in,
+)
+from tests.support.servers import free_port, run_gunicorn
 
 ADMIN_PAGES = ["/admin/", "/admin/numbers", "/admin/numbers/new", "/admin/numbers/export", "/admin/audit",
                "/admin/connect", "/admin/live", "/admin/calls"]
@@ -266,3 +270,31 @@ def test_admin_templates_need_no_inline_script_or_style() -> None:
         text = template.read_text()
         for forbidden in ("<script", "<style", " style=", " onclick=", " onsubmit=", "javascript:"):
             assert forbidden not in text, f"{template.name} has {forbidden!r}: the CSP would block it"
+
+
+@pytest.mark.e2e
+def test_throttle_and_sign_out_hold_across_gunicorn_workers(redis_url: str, emulator: EmulatorControl) -> None:
+    """Two gevent workers behind one (pretend) router: limits and revoked sessions live in Redis, not a worker."""
+    port = free_port()
+    env = {**bridge_config(redis_url, emulator.api_url, "admin-e2e", f"http://127.0.0.1:{port}"),
+           "ADMIN_PASSWORD": ADMIN_PASSWORD, "TRUSTED_PROXY_HOPS": "1"}
+    with run_gunicorn("app:create_app()", env, workers=2, port=port) as server:
+        def attempt(browser: requests.Session, forwarded_for: str, password: str, name: str) -> requests.Response:
+            page = browser.get(server.url + "/admin/sign-in", timeout=5, headers={"Connection": "close"})
+            return browser.post(server.url + "/admin/sign-in", timeout=5, allow_redirects=False,
+                                headers={"X-Forwarded-For": forwarded_for, "Connection": "close"},
+                                data={"csrf_token": csrf_token_in(page.text), "password": password, "name": name})
+
+        attacker = requests.Session()
+        statuses = [attempt(attacker, f"10.0.{i}.1, 203.0.113.9", "guess", f"guesser {i}").status_code
+                    for i in range(MAX_FAILURES_PER_CLIENT + 3)]
+        assert statuses == [401] * MAX_FAILURES_PER_CLIENT + [429] * 3
+        admin = requests.Session()
+        assert attempt(admin, "198.51.100.7", ADMIN_PASSWORD, "Ada").status_code == 302
+        assert admin.get(server.url + "/admin/numbers", timeout=5, allow_redirects=False).status_code == 200
+        stolen = dict(admin.cookies)
+        page = admin.get(server.url + "/admin/numbers", timeout=5)
+        assert admin.post(server.url + "/admin/sign-out", data={"csrf_token": csrf_token_in(page.text)},
+                          timeout=5, allow_redirects=False).status_code == 302
+        replayed = requests.get(server.url + "/admin/numbers", cookies=stolen, timeout=5, allow_redirects=False)
+        assert replayed.status_code == 302 and "/admin/sign-in" in replayed.headers["Location"]
