@@ -9,7 +9,7 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app.admin.throttle import MAX_DELAY_SECONDS, MAX_FAILURES_PER_CLIENT, SignInDelay
+from app.admin.throttle import MAX_ATTEMPTS_PER_MINUTE, MAX_DELAY_SECONDS, MAX_FAILURES_PER_CLIENT, SignInDelay
 from app.extensions import services
 from tests.conftest import (
     ADMIN_PASSWORD, EmulatorControl, admin_post, admin_sign_in, bridge_config, csrf_token_in,
@@ -298,3 +298,13 @@ def test_throttle_and_sign_out_hold_across_gunicorn_workers(redis_url: str, emul
                           timeout=5, allow_redirects=False).status_code == 302
         replayed = requests.get(server.url + "/admin/numbers", cookies=stolen, timeout=5, allow_redirects=False)
         assert replayed.status_code == 302 and "/admin/sign-in" in replayed.headers["Location"]
+
+
+def test_every_sign_in_post_counts_on_arrival_so_bursts_cannot_outrun_the_failure_count(admin_app: Flask) -> None:
+    client = admin_app.test_client()
+    client.get("/admin/sign-in")
+    # Refused before any password check (no CSRF token), so no failure is ever counted: only the arrival limit.
+    statuses = [client.post("/admin/sign-in", data={"password": "guess"}).status_code
+                for _ in range(MAX_ATTEMPTS_PER_MINUTE + 2)]
+    assert statuses == [400] * MAX_ATTEMPTS_PER_MINUTE + [429, 429]
+    assert 0 < int(client.post("/admin/sign-in", data={}).headers["Retry-After"]) <= 60

@@ -4,8 +4,10 @@ address. There is no global limit: nothing an attacker does from other addresses
 - The client address is the socket peer, or the entry ``TRUSTED_PROXY_HOPS`` proxies up the
   ``X-Forwarded-For`` chain (werkzeug's ``ProxyFix``, installed by the app factory): a client cannot choose it
   by sending its own header.
-- Per address, failed sign-ins (answered 401) count against :data:`ADDRESS_LIMITS`; once one is reached, the
-  address gets 429 with ``Retry-After`` until its window ends, without the password being checked. The counters
+- Per address, failed sign-ins (answered 401) count against :data:`ADDRESS_LIMITS`, and every sign-in POST
+  against :data:`MAX_ATTEMPTS_PER_MINUTE` (counted on arrival, so a parallel burst cannot slip past the
+  failure count); once a limit is reached, the address gets 429 with ``Retry-After`` until its window ends,
+  without the password being checked. The counters
   live in Redis under ``{REDIS_NAMESPACE}:admin:limiter`` (see :mod:`app.redis_keys`), shared by every worker.
 - Per (name, address) pair, each consecutive failure doubles the wait before the next try
   (1 s, 2 s, 4 s … up to :data:`MAX_DELAY_SECONDS`); a successful sign-in clears it. Keyed by the pair, never by
@@ -30,6 +32,9 @@ FAILURE_WINDOW_SECONDS = 15 * 60
 MAX_FAILURES_PER_CLIENT_PER_DAY = 20
 ADDRESS_LIMITS = (f"{MAX_FAILURES_PER_CLIENT} per {FAILURE_WINDOW_SECONDS // 60} minutes",
                   f"{MAX_FAILURES_PER_CLIENT_PER_DAY} per day")
+#: Every sign-in POST of one address, counted when it arrives: failures are only known (and counted) after
+#: the password check, so without this a burst of parallel guesses would all pass the check before any counted.
+MAX_ATTEMPTS_PER_MINUTE = 10
 #: The exponential delay per (name, address) stops doubling here.
 MAX_DELAY_SECONDS = 15 * 60
 #: A pair's failure streak is forgotten after a day without failures.
@@ -61,6 +66,8 @@ def init_sign_in_limiter(app: Flask, settings: Settings, keys: RedisKeys,
         client_address, app=app, storage_uri=settings.redis_url, strategy="fixed-window",
         storage_options=_storage_options(settings, keys), default_limits=list(ADDRESS_LIMITS),
         default_limits_exempt_when=_not_a_sign_in_attempt, default_limits_deduct_when=_failed,
+        application_limits=[f"{MAX_ATTEMPTS_PER_MINUTE} per minute"],
+        application_limits_exempt_when=_not_a_sign_in_attempt,
         on_breach=on_breach, headers_enabled=False,
         # Redis unreachable: sign-in fails closed with the service's usual Redis error, never unthrottled.
         swallow_errors=False)
