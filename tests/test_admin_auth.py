@@ -308,3 +308,17 @@ def test_every_sign_in_post_counts_on_arrival_so_bursts_cannot_outrun_the_failur
                 for _ in range(MAX_ATTEMPTS_PER_MINUTE + 2)]
     assert statuses == [400] * MAX_ATTEMPTS_PER_MINUTE + [429, 429]
     assert 0 < int(client.post("/admin/sign-in", data={}).headers["Retry-After"]) <= 60
+
+
+def test_over_https_a_form_must_come_from_this_site(admin_app: Flask) -> None:
+    client = admin_app.test_client()
+    base = "https://bridge.example.com"
+    token = csrf_token_in(client.get("/admin/sign-in", base_url=base).get_data(as_text=True))
+    data = {"csrf_token": token, "password": ADMIN_PASSWORD, "name": "Ada"}
+    for referer in (None, "https://evil.example/admin/sign-in"):
+        headers = {"Referer": referer} if referer else {}
+        response = client.post("/admin/sign-in", base_url=base, data=data, headers=headers)
+        assert response.status_code == 400 and "Form expired" in response.get_data(as_text=True), referer
+    response = client.post("/admin/sign-in", base_url=base, data=data,
+                           headers={"Referer": f"{base}/admin/sign-in"})
+    assert response.status_code == 302
