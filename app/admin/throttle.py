@@ -16,8 +16,10 @@ address. There is no global limit: nothing an attacker does from other addresses
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
+from typing import cast
 
 import redis
 from flask import Flask, Response, request
@@ -100,13 +102,12 @@ class SignInDelay:
 
     def wait_seconds(self, name: str, address: str, now: float | None = None) -> int:
         """Seconds before this pair may try again (0: now)."""
-        record = self._redis.hgetall(self._key(name, address))
-        if not record:
+        record = cast(dict[bytes, bytes], self._redis.hgetall(self._key(name, address)))
+        if b"failures" not in record or b"last" not in record:
             return 0
         failures, last = int(record[b"failures"]), float(record[b"last"])
         until = last + min(2 ** (failures - 1), MAX_DELAY_SECONDS)
-        remaining = until - (time.time() if now is None else now)
-        return int(remaining) + 1 if remaining > 0 else 0
+        return max(math.ceil(until - (time.time() if now is None else now)), 0)
 
     def failed(self, name: str, address: str) -> None:
         """Record one more consecutive failure of this pair."""
