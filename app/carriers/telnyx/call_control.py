@@ -23,7 +23,8 @@ from app.extensions import Services, services
 from app.kallglot.client import KallglotError
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.redis_keys import first_seen
-from app.carriers.telnyx import CARRIER, bp
+from app.carriers.telnyx import CARRIER
+from app.carriers.telnyx.blueprint import bp
 from app.carriers.telnyx.control import (
     GOODBYE_KEY, GOODBYE_UNAVAILABLE, GREETING_KEY, TO_KEY, TelnyxControl, telnyx_control,
 )
@@ -90,19 +91,19 @@ def _call_initiated(svc: Services, control: TelnyxControl, event: CallEvent) -> 
     metadata = {"telnyx_call_control_id": event.call_id, "telnyx_call_session_id": payload.get("call_session_id"),
                 "telnyx_call_leg_id": payload.get("call_leg_id"), "telnyx_connection_id": payload.get("connection_id")}
     try:
-        leg = start_leg(svc, call_id=event.call_id, to_number=to_number, from_number=from_number,
-                        metadata={k: str(v) for k, v in metadata.items() if v})
+        leg, _ = start_leg(svc, call_id=event.call_id, to_number=to_number, from_number=from_number,
+                           metadata={k: str(v) for k, v in metadata.items() if v})  # the token is sealed later
     except (KallglotError, redis.RedisError) as exc:
         log.error("telnyx call=%s to=%s could not start a session: %s", event.call_id, to_number, exc)
         command(event, "answer (to apologise)", lambda: control.answer_to_say_goodbye(
             event.call_id, GOODBYE_UNAVAILABLE, to_number=to_number, command_id=event.command_id("answer")))
         return
     answered = command(event, "answer", lambda: control.answer_for_session(
-        event.call_id, session_id=leg.session_id, speaker=SPEAKER_CUSTOMER, greeting=bool(leg.profile.greeting),
+        event.call_id, session_id=leg.session.id, speaker=SPEAKER_CUSTOMER, greeting=bool(leg.profile.greeting),
         command_id=event.command_id("answer")))
     if answered:
-        log.info("telnyx call=%s session=%s to=%s mode=%s answered", event.call_id, leg.session_id, to_number,
-                 leg.mode)
+        log.info("telnyx call=%s session=%s to=%s mode=%s answered", event.call_id, leg.session.id, to_number,
+                 leg.profile.mode)
     else:  # the call is gone (or Telnyx refuses it): nothing will stream
         svc.lifecycle.leg_ended(CARRIER, event.call_id, "answer_failed", clean=False)
 

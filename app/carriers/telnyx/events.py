@@ -12,6 +12,7 @@ import redis
 import telnyx
 from flask import abort, request
 
+from app.carriers.contract import CarrierError
 from app.extensions import Services
 from app.profiles import NumberProfile
 from app.carriers.telnyx import CARRIER
@@ -93,6 +94,9 @@ def command(event: CallEvent, what: str, send: Callable[[], None]) -> bool:
     except telnyx.APIError as exc:
         status = getattr(exc, "status_code", None)
         log.error("telnyx call=%s %s failed (%s): %s", event.call_id, what, status or "no response", exc.message)
+        return False
+    except CarrierError as exc:  # hang_up, the contract's own command, translates its SDK errors
+        log.error("telnyx call=%s %s failed: %s", event.call_id, what, exc)
         return False
     return True
 

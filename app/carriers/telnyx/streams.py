@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from app.calls.leg_spec import LegSpec
 from app.calls.lifecycle import LEG_ENDED
 from app.extensions import Services
 from app.kallglot.client import KallglotError
@@ -53,10 +54,10 @@ def stream_leg(svc: Services, control: TelnyxControl, event: CallEvent, session_
             raise KallglotError("session has no stream", code="no_stream")
         if call.get("session_id") != session_id:
             record = svc.lifecycle.session_record(session_id)
-            if not svc.lifecycle.register_leg(
-                    session_id=session_id, carrier=CARRIER, call_id=event.call_id, speaker=speaker,
-                    from_number=str(event.payload.get("from") or ""), to_number=str(event.payload.get("to") or ""),
-                    mode=record.get("mode", ""), reconnect_window_seconds=int(record.get("reconnect_window") or 0)):
+            leg = LegSpec.joining(record, carrier=CARRIER, call_id=event.call_id, speaker=speaker,
+                                  from_number=str(event.payload.get("from") or ""),
+                                  to_number=str(event.payload.get("to") or ""))
+            if not svc.lifecycle.register_leg(leg, session_id=session_id):
                 raise KallglotError("the session has already ended", code="session_ended")
     except KallglotError as exc:
         log.error("telnyx call=%s leg cannot stream into session=%s: %s", event.call_id, session_id, exc)
