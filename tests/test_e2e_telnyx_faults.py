@@ -66,7 +66,7 @@ def test_texml_relay_token_arrives_whatever_telnyx_does_with_parameters(texml: T
                                                                         parameters_as: str) -> None:
     """Fault 3: Telnyx's <Stream> page documents no <Parameter>; the token also travels in the documented url,
     and custom parameters are read as an object or as a list of name/value."""
-    audio = bytes(range(1, 128)) * 20
+    audio = bytes(range(1, 129)) * 10  # whole 20 ms frames
     result = texml.place_call(TO, FROM, audio, listen_seconds=1.0, parameters_as=parameters_as)
     assert result.errors == [] and result.leg is not None and result.leg.protocol_errors == []
     assert result.leg.close_code is None and not result.leg.server_closed_first  # not refused: the caller hung up
@@ -122,7 +122,8 @@ def test_call_control_worker_killed_mid_call_the_stream_is_restored(
     assert wait_until(lambda: fake_call_control.call(call_id)["streams"] == 2, 20), fake_call_control.call(call_id)
     call = finished_call(fake_call_control, call_id, timeout=30)
     actions = [c["action"] for c in call["commands"]]
-    assert actions == ["answer", "streaming_start", "streaming_start"], actions
+    log = [line for line in telnyx_bridge_server.log().splitlines() if call_id in line]
+    assert actions == ["answer", "streaming_start", "streaming_start"], (actions, call["webhooks"], log[-30:])
     assert call["spoken"] == []
     session = only_session(emulator)
     assert session["connections_total"] == 2

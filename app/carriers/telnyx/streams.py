@@ -27,7 +27,7 @@ from app.carriers.telnyx.session import seal_relay_token
 log = logging.getLogger(__name__)
 
 #: How long a stop's handler waits for the relay to record why the stream ended (normally milliseconds).
-RELAY_SETTLE_SECONDS = 1.5
+RELAY_SETTLE_SECONDS = 3.0
 
 #: Streams restored per call before the fallback (as Twilio's ``<Connect action>``).
 MAX_STREAM_RESTARTS = 3

@@ -30,8 +30,10 @@ from app.devtools.simulator.telnyx_contract import media_frame_errors
 from app.devtools.simulator.websocket import TimedClient, ws_scheme
 
 #: Bytes in one 20 ms frame per inbound codec (Telnyx media streaming: PCMU/PCMA 8 kHz, L16 16 kHz).
-FRAME_BYTES = {("PCMU", 8000): 160, ("PCMA", 8000): 160, ("L16", 16000): 640, ("L16", 8000): 320}
-SILENCE = {"PCMU": b"\xff", "PCMA": b"\xd5", "L16": b"\x00"}
+#: G722 (64 kbit/s) is here so a leg the bridge cannot decode can be simulated: 160 bytes per 20 ms.
+FRAME_BYTES = {("PCMU", 8000): 160, ("PCMA", 8000): 160, ("L16", 16000): 640, ("L16", 8000): 320,
+               ("G722", 16000): 160}
+SILENCE = {"PCMU": b"\xff", "PCMA": b"\xd5", "L16": b"\x00", "G722": b"\x00"}
 #: ``<Stream>`` attributes on Telnyx's TeXML Stream page
 #: (https://developers.telnyx.com/docs/voice/programmable-voice/texml-verbs/stream).
 TEXML_STREAM_ATTRIBUTES = frozenset({"url", "track", "name", "codec", "bidirectionalMode", "bidirectionalCodec",
