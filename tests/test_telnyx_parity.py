@@ -173,3 +173,75 @@ def test_texml_greeting_comes_before_the_stream(telnyx_app: Flask, client: Flask
 
 def test_client_state_round_trips() -> None:
     assert decode_client_state(encode_client_state({"s": "x", "p": "agent"})) == {"s": "x", "p": "agent"}
+
+
+def start_customer_with_agent(telnyx_app: Flask, client: FlaskClient, signer: TelnyxSigner,
+                              fake: FakeCallControl, profile: NumberProfile) -> tuple[str, str, str]:
+    """A customer call streaming into its session, plus an agent leg dialled into it (as agent.py does)."""
+    from app.calls.leg_spec import LegSpec
+
+    with telnyx_app.app_context():
+        services().profiles.set(TO, profile)
+    customer = new_call_control_id()
+    cc(client, signer, event("call.initiated", customer, direction="incoming", state="parked"))
+    state = last(fake, "answer")["client_state"]
+    cc(client, signer, event("call.answered", customer, state="answered", client_state=state))
+    session_id = decode_client_state(state)["s"]
+    agent = new_call_control_id()
+    with telnyx_app.app_context():
+        lifecycle = services().lifecycle
+        record = lifecycle.session_record(session_id)
+        assert lifecycle.register_leg(LegSpec.joining(record, carrier="telnyx", call_id=agent, speaker="agent",
+                                                      from_number=TO, to_number=profile.agent_number),
+                                      session_id=session_id)
+    return customer, agent, session_id
+
+
+@pytest.mark.parametrize("cause", ["no_answer", "user_busy", "call_rejected", "timeout"])
+def test_agent_who_never_answers_leaves_the_customer_on_and_told(telnyx_app: Flask, client: FlaskClient,
+                                                                 telnyx_signer: TelnyxSigner,
+                                                                 emulator: EmulatorControl,
+                                                                 fake_call_control: FakeCallControl,
+                                                                 cause: str) -> None:
+    """Item 10: the agent's failure does not hang up the customer; the customer hears why; the session goes on."""
+    customer, agent, session_id = start_customer_with_agent(
+        telnyx_app, client, telnyx_signer, fake_call_control, NumberProfile(agent_number="+15557770000"))
+    cc(client, telnyx_signer, event("call.hangup", agent, hangup_cause=cause, hangup_source="callee"))
+    assert fake_call_control.commands("hangup") == []  # nobody hung up the customer
+    (speak,) = [c for c in fake_call_control.commands("speak") if c["call_control_id"] == customer]
+    assert "agent is not available" in speak["body"]["payload"]
+    cc(client, telnyx_signer, event("call.speak.ended", customer, status="completed",
+                                    client_state=speak["body"]["client_state"]))
+    assert fake_call_control.commands("hangup") == [] and fake_call_control.commands("transfer") == []
+    with telnyx_app.app_context():
+        assert services().lifecycle.call_record("telnyx", customer)["state"] == "live"
+    assert emulator.session(session_id)["status"] != "ended"
+
+
+def test_agent_unavailable_forwards_to_the_fallback_number(telnyx_app: Flask, client: FlaskClient,
+                                                           telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+                                                           fake_call_control: FakeCallControl) -> None:
+    customer, agent, _ = start_customer_with_agent(
+        telnyx_app, client, telnyx_signer, fake_call_control,
+        NumberProfile(agent_number="+15557770000", fallback_number="+14155550199"))
+    cc(client, telnyx_signer, event("call.hangup", agent, hangup_cause="user_busy"))
+    speak = last(fake_call_control, "speak")
+    cc(client, telnyx_signer, event("call.speak.ended", customer, status="completed",
+                                    client_state=speak["client_state"]))
+    transfer = fake_call_control.commands("transfer")
+    assert [(t["call_control_id"], t["body"]["to"]) for t in transfer] == [(customer, "+14155550199")]
+
+
+@pytest.mark.parametrize("ends_call", [True, False])
+def test_agent_hangup_ends_call_both_ways(telnyx_app: Flask, client: FlaskClient, telnyx_signer: TelnyxSigner,
+                                          emulator: EmulatorControl, fake_call_control: FakeCallControl,
+                                          ends_call: bool) -> None:
+    """An agent who answered and then hung up ends the customer's call only if the profile says so."""
+    customer, agent, _ = start_customer_with_agent(
+        telnyx_app, client, telnyx_signer, fake_call_control,
+        NumberProfile(agent_number="+15557770000", agent_hangup_ends_call=ends_call))
+    cc(client, telnyx_signer, event("call.answered", agent, state="answered"))
+    cc(client, telnyx_signer, event("call.hangup", agent, hangup_cause="normal_clearing", hangup_source="callee"))
+    hung_up = [c["call_control_id"] for c in fake_call_control.commands("hangup")]
+    assert hung_up == ([customer] if ends_call else [])
+    assert [c for c in fake_call_control.commands("speak") if c["call_control_id"] == customer] == []

@@ -298,3 +298,25 @@ def test_retried_callbacks_are_handled_once(client: FlaskClient, app: Flask, emu
     assert client.post("/twilio/status", data=params, headers=other).status_code == 204
     with app.app_context():
         assert len(services().lifecycle.events("twilio", call_sid)) == 2
+
+
+@pytest.mark.parametrize("status", ["no-answer", "busy", "failed", "canceled"])
+def test_agent_who_never_answers_does_not_hang_up_the_customer(client: FlaskClient, app: Flask,
+                                                               emulator: EmulatorControl, status: str) -> None:
+    """Issue 12 item 10 on Twilio: the agent leg's final status is not an agent hang-up."""
+    from app.calls.leg_spec import LegSpec
+
+    with app.app_context():
+        services().profiles.set(TO, NumberProfile(agent_number="+15557770000", agent_hangup_ends_call=True))
+    customer, agent = new_call_sid(), new_call_sid()
+    answer(client, customer)
+    session_id = emulator.sessions()[0]["id"]
+    with app.app_context():
+        lifecycle = services().lifecycle
+        assert lifecycle.register_leg(LegSpec.joining(lifecycle.session_record(session_id), carrier="twilio",
+                                                      call_id=agent, speaker="agent", from_number=TO,
+                                                      to_number="+15557770000"), session_id=session_id)
+    assert post_signed(client, "/twilio/status", call_params(agent, CallStatus=status)).status_code == 204
+    with app.app_context():
+        assert services().lifecycle.call_record("twilio", customer).get("state") != "ended"
+    assert emulator.sessions()[0]["status"] != "ended"

@@ -21,12 +21,14 @@ from flask.typing import ResponseReturnValue
 
 from app.extensions import Services, services
 from app.kallglot.client import KallglotError
-from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.calls.lifecycle import LEG_LIVE
+from app.kallglot.stream_protocol import SPEAKER_AGENT, SPEAKER_CUSTOMER
 from app.redis_keys import first_seen
 from app.carriers.telnyx import CARRIER
 from app.carriers.telnyx.blueprint import bp
 from app.carriers.telnyx.control import (
-    GOODBYE_KEY, GOODBYE_UNAVAILABLE, GREETING_KEY, TO_KEY, TelnyxControl, telnyx_control,
+    GOODBYE_AGENT_UNAVAILABLE, GOODBYE_KEY, GOODBYE_UNAVAILABLE, GREETING_KEY, TO_KEY, TelnyxControl,
+    telnyx_control,
 )
 from app.carriers.telnyx.events import CallEvent, command, parse_event, profile_for, record, say_goodbye
 from app.carriers.telnyx.session import start_leg
@@ -130,23 +132,49 @@ def _call_answered(svc: Services, control: TelnyxControl, event: CallEvent) -> N
 
 
 def _speak_ended(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
-    """A goodbye was said: forward to the profile's fallback number, or hang up. A greeting: start streaming."""
+    """A goodbye was said: forward to the profile's fallback number, or hang up (the agent-unavailable notice:
+    forward, or let the session go on). A greeting: start streaming."""
     state = event.state
     if GOODBYE_KEY in state:
-        to_number = state.get(TO_KEY, "")
-        fallback_number = profile_for(svc, to_number).fallback_number if state[GOODBYE_KEY] == GOODBYE_UNAVAILABLE \
-            else ""
+        to_number, goodbye = state.get(TO_KEY, ""), state[GOODBYE_KEY]
+        forwards = goodbye in (GOODBYE_UNAVAILABLE, GOODBYE_AGENT_UNAVAILABLE)
+        fallback_number = profile_for(svc, to_number).fallback_number if forwards else ""
         if fallback_number and command(event, "transfer (fallback)", lambda: control.transfer(
                 event.call_id, fallback_number, from_=to_number, command_id=event.command_id("transfer"))):
             return
-        command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
+        if goodbye != GOODBYE_AGENT_UNAVAILABLE:
+            command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
     elif state.get("s"):
         stream_leg(svc, control, event, state["s"], state.get("p") or SPEAKER_CUSTOMER)
 
 
 def _call_hangup(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
+    """The leg is over. An agent leg that never answered (no answer, busy, failed) hung up on nobody: it ends as
+    a loss — so the lifecycle does not hang up the customer — and the customer is told (then forwarded to the
+    profile's ``fallback_number``, if any, or stays with the session)."""
     cause = str(event.payload.get("hangup_cause") or "unspecified")
-    svc.lifecycle.leg_ended(CARRIER, event.call_id, f"hangup_{cause}", clean=cause in CLEAN_HANGUP_CAUSES)
+    call = svc.lifecycle.call_record(CARRIER, event.call_id)
+    never_answered = call.get("speaker") == SPEAKER_AGENT and not any(
+        e.get("event") == "call.answered" for e in svc.lifecycle.events(CARRIER, event.call_id))
+    svc.lifecycle.leg_ended(CARRIER, event.call_id, f"hangup_{cause}",
+                            clean=cause in CLEAN_HANGUP_CAUSES and not never_answered)
+    if never_answered and call.get("session_id"):
+        _tell_customer_agent_unavailable(svc, control, event, call["session_id"])
+
+
+def _tell_customer_agent_unavailable(svc: Services, control: TelnyxControl, event: CallEvent,
+                                     session_id: str) -> None:
+    to_number = svc.lifecycle.session_record(session_id).get("to", "")
+    profile = profile_for(svc, to_number)
+    for (carrier, call_id), state in svc.lifecycle.session_legs(session_id).items():
+        if carrier != CARRIER or state != LEG_LIVE or \
+                svc.lifecycle.call_record(CARRIER, call_id).get("speaker") != SPEAKER_CUSTOMER:
+            continue
+        log.info("telnyx session=%s agent call=%s unavailable (%s): telling customer call=%s", session_id,
+                 event.call_id, event.payload.get("hangup_cause"), call_id)
+        command(event, "speak (agent unavailable)", lambda: control.say_goodbye(
+            call_id, GOODBYE_AGENT_UNAVAILABLE, profile, to_number=to_number,
+            command_id=event.command_id(f"agent-unavailable:{call_id}")))
 
 
 HANDLERS: dict[str, Callable[[Services, TelnyxControl, CallEvent], None]] = {

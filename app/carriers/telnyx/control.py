@@ -40,6 +40,9 @@ CALL_GONE_STATUSES = frozenset({404, 410, 422})
 #: Goodbyes said through ``speak`` (keys travel in client_state, the text stays here).
 GOODBYE_UNAVAILABLE = "unavailable"
 GOODBYE_SESSION_OVER = "session_over"
+#: Told to the customer when the agent leg we dialled did not answer, was busy or failed (the call goes on).
+GOODBYE_AGENT_UNAVAILABLE = "agent_unavailable"
+AGENT_UNAVAILABLE_MESSAGE = "The agent is not available right now."
 GOODBYE_KEY = "bye"
 #: client_state key: the number called (the profile to apply when the goodbye has been said).
 TO_KEY = "to"
@@ -121,6 +124,8 @@ class TelnyxControl:
         client_state) forwards the call to the profile's ``fallback_number`` or hangs up."""
         if goodbye == GOODBYE_SESSION_OVER:
             text, language = SESSION_OVER_MESSAGE, "en-US"
+        elif goodbye == GOODBYE_AGENT_UNAVAILABLE:
+            text, language = AGENT_UNAVAILABLE_MESSAGE, profile.fallback_language or "en-US"
         else:
             text, language = profile.fallback_message or UNAVAILABLE_MESSAGE, profile.fallback_language or "en-US"
         self.say(call_id, text, language, state={GOODBYE_KEY: goodbye, TO_KEY: to_number}, command_id=command_id)

@@ -15,7 +15,7 @@ from app.calls.legs import live_session, start_inbound_leg
 from app.carriers.contract import TERMINAL_CALL_STATUSES
 from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.kallglot.client import KallglotError, KallglotSession
-from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.kallglot.stream_protocol import SPEAKER_AGENT, SPEAKER_CUSTOMER
 from app.logging_setup import bind_log_context
 from app.profiles import NumberProfile
 from app.relay.bridge import KALLGLOT_UNREACHABLE
@@ -122,7 +122,11 @@ def call_status() -> tuple[str, int]:
             "status": status, "sequence": request.form.get("SequenceNumber", ""),
             "duration": request.form.get("CallDuration", "")})
         if status in TERMINAL_CALL_STATUSES:
-            lifecycle.leg_ended(CARRIER, call_sid, f"call_{status}", clean=True)
+            # An agent leg that was busy, not answered or failed hung up on nobody: not a clean end, so the
+            # lifecycle does not hang up the customer with it (issue 12 item 10).
+            agent_never_answered = status != "completed" and \
+                lifecycle.call_record(CARRIER, call_sid).get("speaker") == SPEAKER_AGENT
+            lifecycle.leg_ended(CARRIER, call_sid, f"call_{status}", clean=not agent_never_answered)
     except redis.RedisError as exc:
         log.error("twilio call=%s status %s not recorded: %s", call_sid, status, exc)
         return "state store unavailable", 503
