@@ -23,9 +23,11 @@ from flask.typing import ResponseReturnValue
 from flask_limiter import RateLimitExceeded, RequestLimit
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
-from app.admin import bp
+from app.admin.blueprint import bp
 from app.admin.forms import SignInForm
-from app.admin.throttle import SIGN_IN_ENDPOINT, SignInDelay, client_address, init_sign_in_limiter, retry_after_seconds
+from app.admin.throttle import (
+    SIGN_IN_ENDPOINT, SignInDelay, client_address, init_sign_in_limiter, retry_after_seconds,
+)
 from app.extensions import EXTENSION_KEY, services
 
 log = logging.getLogger(__name__)

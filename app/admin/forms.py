@@ -6,7 +6,7 @@ the button-only forms (delete, end, sign out) included, before any view sees the
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +16,7 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from wtforms import BooleanField, Field, Form, HiddenField, PasswordField, StringField, TextAreaField
 from wtforms.validators import Optional, Regexp, ValidationError
 
-from app.profiles.store import CARRIERS, E164, NumberProfile
+from app.profiles.store import E164, NumberProfile
 from app.profiles.transfer import profile_from_data
 
 TEXT_FIELDS = ("carrier", "mode", "source_language", "target_language", "greeting", "greeting_language",
@@ -71,9 +71,11 @@ class ProfileForm(AdminForm):
     reconnect_window_seconds = StringField("Reconnect window (seconds)", filters=[_strip])
     hangup_grace_seconds = StringField("Hang-up grace (seconds)", filters=[_strip])
 
-    def __init__(self, formdata: MultiDict[str, str] | None = None, *,
+    def __init__(self, formdata: MultiDict[str, str] | None = None, *, carriers: Collection[str],
                  metadata: list[tuple[str, str]] | None = None, **data: Any) -> None:
         super().__init__(formdata=formdata, data=data)
+        #: The carrier names known (:attr:`ProfileStore.carriers`): the one the form names must be among them.
+        self.carriers = carriers
         if formdata is not None:
             # Metadata rows repeat the same two names (no JavaScript needed to add a row): read them as lists.
             rows = zip(formdata.getlist("metadata_key"), formdata.getlist("metadata_value"), strict=False)
@@ -83,17 +85,18 @@ class ProfileForm(AdminForm):
         self._profile: NumberProfile | None = None
 
     @classmethod
-    def from_profile(cls, number: str, profile: NumberProfile) -> ProfileForm:
+    def from_profile(cls, number: str, profile: NumberProfile, carriers: Collection[str]) -> ProfileForm:
         """The form showing ``profile`` (an existing one, or the defaults for a new number)."""
         data = profile.to_dict()
         values = {name: "" if data[name] is None else str(data[name]) for name in TEXT_FIELDS}
-        return cls(None, metadata=list(profile.metadata.items()), number=number,
+        return cls(None, carriers=carriers, metadata=list(profile.metadata.items()), number=number,
                    agent_hangup_ends_call=profile.agent_hangup_ends_call, **values)
 
     @classmethod
-    def from_request(cls, formdata: MultiDict[str, str], number: str | None = None) -> ProfileForm:
+    def from_request(cls, formdata: MultiDict[str, str], carriers: Collection[str],
+                     number: str | None = None) -> ProfileForm:
         """The form as submitted; ``number`` is fixed when editing (a posted ``number`` is ignored)."""
-        form = cls(formdata)
+        form = cls(formdata, carriers=carriers)
         if number is not None:
             form.number.data = number.strip()
         return form
@@ -127,10 +130,8 @@ class ProfileForm(AdminForm):
             metadata[key] = value
         data: dict[str, Any] = {**self.values, "metadata": metadata,
                                 "agent_hangup_ends_call": bool(self.agent_hangup_ends_call.data)}
-        self._profile, found = profile_from_data(data)
+        self._profile, found = profile_from_data(data, self.carriers)
         self.problems = {**found, **problems}
-        if self.values["carrier"] not in CARRIERS:
-            self.problems["carrier"] = f"must be one of {', '.join(CARRIERS)}"
         return not self.problems
 
 
