@@ -25,9 +25,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 
 from app.admin.blueprint import bp
 from app.admin.forms import SignInForm
-from app.admin.throttle import (
-    SIGN_IN_ENDPOINT, SignInDelay, client_address, init_sign_in_limiter, retry_after_seconds,
-)
+from app.admin.throttle import SIGN_IN_ENDPOINT, SignInDelay, client_address, init_sign_in_limiter, retry_after_seconds
 from app.extensions import EXTENSION_KEY, services
 
 log = logging.getLogger(__name__)

@@ -71,11 +71,9 @@ class ProfileForm(AdminForm):
     reconnect_window_seconds = StringField("Reconnect window (seconds)", filters=[_strip])
     hangup_grace_seconds = StringField("Hang-up grace (seconds)", filters=[_strip])
 
-    def __init__(self, formdata: MultiDict[str, str] | None = None, *, carriers: Collection[str],
+    def __init__(self, formdata: MultiDict[str, str] | None = None, *,
                  metadata: list[tuple[str, str]] | None = None, **data: Any) -> None:
         super().__init__(formdata=formdata, data=data)
-        #: The carrier names known (:attr:`ProfileStore.carriers`): the one the form names must be among them.
-        self.carriers = carriers
         if formdata is not None:
             # Metadata rows repeat the same two names (no JavaScript needed to add a row): read them as lists.
             rows = zip(formdata.getlist("metadata_key"), formdata.getlist("metadata_value"), strict=False)
@@ -83,20 +81,20 @@ class ProfileForm(AdminForm):
         self.metadata: list[tuple[str, str]] = list(metadata or [])
         self.problems: dict[str, str] = {}
         self._profile: NumberProfile | None = None
+        self._carriers: tuple[str, ...] = ()
 
     @classmethod
-    def from_profile(cls, number: str, profile: NumberProfile, carriers: Collection[str]) -> ProfileForm:
+    def from_profile(cls, number: str, profile: NumberProfile) -> ProfileForm:
         """The form showing ``profile`` (an existing one, or the defaults for a new number)."""
         data = profile.to_dict()
         values = {name: "" if data[name] is None else str(data[name]) for name in TEXT_FIELDS}
-        return cls(None, carriers=carriers, metadata=list(profile.metadata.items()), number=number,
+        return cls(None, metadata=list(profile.metadata.items()), number=number,
                    agent_hangup_ends_call=profile.agent_hangup_ends_call, **values)
 
     @classmethod
-    def from_request(cls, formdata: MultiDict[str, str], carriers: Collection[str],
-                     number: str | None = None) -> ProfileForm:
+    def from_request(cls, formdata: MultiDict[str, str], number: str | None = None) -> ProfileForm:
         """The form as submitted; ``number`` is fixed when editing (a posted ``number`` is ignored)."""
-        form = cls(formdata, carriers=carriers)
+        form = cls(formdata)
         if number is not None:
             form.number.data = number.strip()
         return form
@@ -110,8 +108,10 @@ class ProfileForm(AdminForm):
         """Rows to render: the entered ones plus blanks for new entries."""
         return self.metadata + [("", "")] * BLANK_METADATA_ROWS
 
-    def validated_profile(self) -> NumberProfile | None:
-        """The profile the form describes, or None with :attr:`problems` filled in."""
+    def validated_profile(self, carriers: Collection[str]) -> NumberProfile | None:
+        """The profile the form describes, or None with :attr:`problems` filled in (``carriers``: the names
+        known, :attr:`ProfileStore.carriers`)."""
+        self._carriers = tuple(carriers)
         self.validate()
         return None if self.problems else self._profile
 
@@ -130,7 +130,7 @@ class ProfileForm(AdminForm):
             metadata[key] = value
         data: dict[str, Any] = {**self.values, "metadata": metadata,
                                 "agent_hangup_ends_call": bool(self.agent_hangup_ends_call.data)}
-        self._profile, found = profile_from_data(data, self.carriers)
+        self._profile, found = profile_from_data(data, self._carriers)
         self.problems = {**found, **problems}
         return not self.problems
 

@@ -6,6 +6,7 @@ post/redirect/get; invalid input re-renders the form with the user's values and 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from flask import Response, flash, redirect, render_template, request, url_for
@@ -67,12 +68,12 @@ def number_new() -> ResponseReturnValue:
     """Create a profile for a number (``?number=`` and ``?carrier=`` prefill it, e.g. from the connect page)."""
     store = services().profiles
     if request.method == "GET":
-        form = ProfileForm.from_profile(request.args.get("number", ""), store.default, store.carriers)
+        form = ProfileForm.from_profile(request.args.get("number", ""), store.default)
         if request.args.get("carrier") in carrier_names():
             form.carrier.data = request.args["carrier"]
         return _render_form(form, creating=True)
-    form = ProfileForm.from_request(request.form, store.carriers)
-    if (profile := form.validated_profile()) is not None and store.for_number(form.number.data).own:
+    form = ProfileForm.from_request(request.form)
+    if (profile := form.validated_profile(services().profiles.carriers)) is not None and store.for_number(form.number.data).own:
         form.problems["number"] = "already has a profile: edit it instead"
         profile = None
     return _save(form, profile, creating=True)
@@ -81,14 +82,13 @@ def number_new() -> ResponseReturnValue:
 @bp.route("/numbers/<number>", methods=["GET", "POST"])
 def number_edit(number: str) -> ResponseReturnValue:
     """Edit a number's own profile."""
-    store = services().profiles
-    profile = store.for_number(number)
+    profile = services().profiles.for_number(number)
     if not profile.own:
         raise NotFound(f"{number} has no profile of its own")
     if request.method == "GET":
-        return _render_form(ProfileForm.from_profile(number, profile, store.carriers), creating=False)
-    form = ProfileForm.from_request(request.form, store.carriers, number=number)
-    return _save(form, form.validated_profile(), creating=False)
+        return _render_form(ProfileForm.from_profile(number, profile), creating=False)
+    form = ProfileForm.from_request(request.form, number=number)
+    return _save(form, form.validated_profile(services().profiles.carriers), creating=False)
 
 
 def _save(form: ProfileForm, profile: NumberProfile | None, *, creating: bool) -> ResponseReturnValue:
