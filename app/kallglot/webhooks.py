@@ -42,7 +42,10 @@ def kallglot_webhook() -> ResponseReturnValue:
         abort(400, description="body is not JSON")
     if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
         abort(400, description="event needs a string id and type")
-    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    data = event.get("data", {})
+    wrong = _wrong_types(data)
+    if wrong:
+        abort(400, description=f"wrong JSON type: {wrong}")
     session_id = str(data.get("session_id") or (data.get("id") if data.get("object", "session") == "session" else ""))
     seen = svc.keys.seen("kallglot", event["id"])
     try:
@@ -57,6 +60,19 @@ def kallglot_webhook() -> ResponseReturnValue:
         log.error("kallglot webhook %s not handled, Kallglot will retry: %s", event["id"], exc)
         return jsonify(status="retry later"), 503
     return jsonify(status="ok"), 200
+
+
+#: ``data`` fields we read: each a string (or a number, for ``duration``) or null when present.
+SCALAR_DATA_FIELDS = ("session_id", "id", "object", "status", "duration", "reason", "channel")
+
+
+def _wrong_types(data: Any) -> str:
+    """Which part of ``data`` has the wrong JSON type ("" when none): a signed but malformed event changes nothing."""
+    if not isinstance(data, dict):
+        return "data must be an object"
+    wrong = [name for name in SCALAR_DATA_FIELDS
+             if name in data and (isinstance(data[name], bool) or not isinstance(data[name], (str, int, float, type(None))))]
+    return ", ".join(f"data.{name}" for name in wrong)
 
 
 def _handle(kind: str, session_id: str, data: dict[str, Any], event: dict[str, Any]) -> None:
