@@ -29,6 +29,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     configure_logging()
     app = Flask(__name__, template_folder=str(TEMPLATES))
     app.config["SECRET_KEY"] = settings.secret_key
+    # Werkzeug refuses larger bodies with 413 before anything reads them, chunked ones included (gunicorn
+    # sets wsgi.input_terminated, so the limit wraps the stream itself rather than trusting Content-Length).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     built = init_services(app, settings)
     init_sock(app)
     register_request_log_context(app)
@@ -68,6 +71,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> ResponseReturnValue:
         return jsonify(error=exc.name, message=exc.description), exc.code or 500
+
+    @app.errorhandler(RecursionError)
+    def nested_too_deeply(_exc: RecursionError) -> ResponseReturnValue:
+        # json.loads recurses per nesting level: 200 000 "[" in a (size-limited) body is the client's fault.
+        return jsonify(error="Bad Request", message="body is nested too deeply"), 400
 
 
 def register_cli(app: Flask) -> None:

@@ -142,10 +142,20 @@ def register_request_log_context(app: Any) -> None:
 
     @app.before_request
     def _bind_request_context() -> None:
-        # Read (and cache) the raw body first: signature checks (Telnyx) need it after the form is parsed.
-        request.get_data(cache=True)
-        json_body = request.get_json(silent=True) if request.is_json else None
-        reset_log_context(**request_log_fields(request.blueprint, request.headers, request.values, json_body))
+        # Only carrier routes have call fields in their bodies; every other route's body is left to its handler
+        # (a hook reading every body was a memory hole). MAX_CONTENT_LENGTH bounds what is read here.
+        form: Mapping[str, str] = {}
+        json_body = None
+        if request.blueprint in ("twilio", "telnyx"):
+            # Read (and cache) the raw body first: signature checks (Telnyx) need it after the form is parsed.
+            request.get_data(cache=True)
+            form = request.values
+            if request.is_json:
+                try:
+                    json_body = request.get_json(silent=True)
+                except RecursionError:  # absurdly nested: the handler refuses it; the log keeps no fields
+                    json_body = None
+        reset_log_context(**request_log_fields(request.blueprint, request.headers, form, json_body))
 
     @app.teardown_request
     def _clear_request_context(_exc: BaseException | None) -> None:

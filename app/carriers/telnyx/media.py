@@ -15,15 +15,16 @@ from typing import Any
 
 import redis
 import telnyx
-from flask import request
+from flask import abort, request
 
 from app.relay.audio import UnsupportedAudio, UplinkDecoder
 from app.extensions import Services, services, sock
-from app.relay.bridge import KALLGLOT_UNREACHABLE, RELAY_TOKEN_PARAMETER, bridge_leg
+from app.relay.bridge import KALLGLOT_UNREACHABLE, MEDIA_START_TIMEOUT_SECONDS, RELAY_TOKEN_PARAMETER, bridge_leg
 from app.carriers.contract import (
     CarrierEvent, Connected, Ignored, Malformed, Media, StreamStarted, decode_json_frame, parse_shared_event,
 )
 from app.relay.core import CarrierSocket, RelayEnd
+from app.relay.tokens import InvalidRelayToken
 from app.carriers.telnyx import CARRIER, bp
 from app.carriers.telnyx.control import (
     GOODBYE_SESSION_OVER, GOODBYE_UNAVAILABLE, STREAM_AUTH_HEADER, telnyx_control,
@@ -166,14 +167,37 @@ class TelnyxMediaCodec:
         return json.dumps({"event": "clear"})
 
 
+@bp.before_request
+def refuse_forged_stream_auth_token() -> None:
+    """Telnyx signs no upgrade, but sends our ``stream_auth_token`` (a relay token) as a header when we set one
+    (Call Control): a header that is not a live relay token is refused with 403 before the socket opens.
+    TeXML streams send no header; their token arrives in ``start`` and is checked there."""
+    if request.endpoint != "telnyx.media_socket":
+        return
+    token = request.headers.get(STREAM_AUTH_HEADER)
+    if token is not None and not services().relay_tokens.verifies(token, carrier=CARRIER):
+        log.warning("telnyx media upgrade refused: invalid %s header", STREAM_AUTH_HEADER)
+        abort(403, description="invalid streaming auth token")
+
+
 @sock.route("/media", bp=bp)
 def media_socket(ws: CarrierSocket) -> None:
-    """``wss://…/telnyx/media``: Telnyx signs no upgrade; the relay token is checked on ``start``."""
+    """``wss://…/telnyx/media``: the auth-token header was checked on upgrade; the relay token on ``start``."""
     svc = services()
     codec = TelnyxMediaCodec(auth_token=request.headers.get(STREAM_AUTH_HEADER))
-    end = bridge_leg(ws, codec, svc)
-    if codec.call_id and codec.parameters.get(FLOW_PARAMETER) != FLOW_TEXML:
+    end = bridge_leg(ws, codec, svc, start_timeout=MEDIA_START_TIMEOUT_SECONDS)
+    if codec.call_id and codec.parameters.get(FLOW_PARAMETER) != FLOW_TEXML and _verified(svc, codec):
         _say_goodbye_if_left_up(svc, codec.call_id, end)
+
+
+def _verified(svc: Services, codec: TelnyxMediaCodec) -> bool:
+    """Whether the socket's ``start`` carried a relay token for its call: an unauthenticated ``start`` naming
+    some real call must never make the bridge send that call a command."""
+    try:
+        svc.relay_tokens.open(codec.parameters.get(RELAY_TOKEN_PARAMETER), carrier=CARRIER, call_id=codec.call_id)
+    except InvalidRelayToken:
+        return False
+    return True
 
 
 def _say_goodbye_if_left_up(svc: Services, call_id: str, end: RelayEnd | None) -> None:

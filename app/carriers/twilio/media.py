@@ -6,7 +6,7 @@ import binascii
 import json
 
 from app.extensions import services, sock
-from app.relay.bridge import bridge_leg
+from app.relay.bridge import MEDIA_START_TIMEOUT_SECONDS, bridge_leg
 from app.carriers.contract import (
     CarrierEvent, Connected, Ignored, Malformed, Media, StreamStarted, decode_json_frame, parse_shared_event,
 )
@@ -74,4 +74,4 @@ class TwilioMediaCodec:
 @sock.route("/media", bp=bp)
 def media_socket(ws: CarrierSocket) -> None:
     """``wss://…/twilio/media``: the signature was checked on upgrade; the relay token is checked on ``start``."""
-    bridge_leg(ws, TwilioMediaCodec(), services())
+    bridge_leg(ws, TwilioMediaCodec(), services(), start_timeout=MEDIA_START_TIMEOUT_SECONDS)
