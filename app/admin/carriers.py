@@ -8,6 +8,7 @@ The REST base URLs come from ``TWILIO_API_URL`` / ``TELNYX_API_URL`` so tests ca
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,9 @@ from twilio.rest import Client as TwilioClient
 from app.config import Settings
 from app.carriers.twilio.control import rest_client
 
+#: Ids that go into carrier REST URL paths (an admin-typed ``x%3FFriendlyName=1`` must never become a query).
+TWILIO_NUMBER_SID = re.compile(r"^PN[0-9a-fA-F]{32}$")
+TELNYX_APPLICATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Carrier REST calls run inside a page request: fail rather than hang.
 CARRIER_TIMEOUT_SECONDS = 10.0
 #: Numbers listed per account (a contact center has tens, not thousands).
@@ -87,6 +91,8 @@ def twilio_numbers(settings: Settings) -> list[CarrierNumber]:
 
 def connect_twilio(settings: Settings, number_sid: str) -> dict[str, str]:
     """Point Twilio number ``number_sid`` at this service; returns the settings written."""
+    if not TWILIO_NUMBER_SID.match(number_sid or ""):  # it becomes a REST URL path segment
+        raise CarrierError("Twilio: not a phone number SID (PN followed by 32 hex digits)")
     wanted = twilio_wanted(settings)
     try:
         # An empty voice_application_sid detaches a TwiML app, which would otherwise override the URLs.
@@ -146,6 +152,8 @@ def telnyx_numbers(settings: Settings) -> list[CarrierNumber]:
 
 def connect_telnyx(settings: Settings, kind: str, app_id: str) -> dict[str, str]:
     """Point Telnyx application ``app_id`` (``texml`` or ``call-control``) at this service; returns what was set."""
+    if not TELNYX_APPLICATION_ID.match(app_id or ""):  # it becomes a REST URL path segment
+        raise CarrierError("Telnyx: not an application id")
     wanted = telnyx_wanted(settings, kind)
     try:
         client = _telnyx_client(settings)
