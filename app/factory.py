@@ -34,6 +34,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     built = init_services(app, settings)
     init_sock(app)
+    register_body_limit(app)
     register_request_log_context(app)
     register_blueprints(app)
     register_error_handlers(app)
@@ -43,6 +44,24 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         log.warning("DEMO MODE: Kallglot is the local emulator at %s and the secrets are demo values. "
                     "Set KALLGLOT_API_KEY and REDIS_URL for real calls.", settings.kallglot_api_url)
     return app
+
+
+def register_body_limit(app: Flask) -> None:
+    """A chunked body (no ``Content-Length``) over ``MAX_CONTENT_LENGTH`` is refused with 413 up front.
+
+    Werkzeug stops reading such a body at the limit but then hands handlers the truncated prefix, which
+    would fail later as a bad signature or bad JSON; reading at most the limit here (carriers always send
+    ``Content-Length``, so this is rare) turns it into a clear 413 and keeps memory bounded.
+    """
+    from flask import abort, request
+
+    @app.before_request
+    def _refuse_oversized_chunked_body() -> None:
+        if request.content_length is not None or "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+            return
+        limit = request.max_content_length
+        if limit and len(request.get_data(cache=True)) >= limit:
+            abort(413, description=f"request body larger than {limit} bytes")
 
 
 def register_blueprints(app: Flask) -> None:

@@ -33,6 +33,8 @@ def kallglot_webhook() -> ResponseReturnValue:
     # Enforced by Werkzeug while reading (413), for chunked bodies too: Content-Length alone is not trusted.
     request.max_content_length = min(MAX_BODY_BYTES, current_app.config.get("MAX_CONTENT_LENGTH") or MAX_BODY_BYTES)
     raw = request.get_data(cache=False)
+    if len(raw) >= request.max_content_length:  # a chunked body is cut at the limit rather than refused
+        abort(413, description="webhook body too large")
     if not verify(svc.settings.kallglot_webhook_secret, request.headers.get("Kallglot-Signature"), raw):
         log.warning("kallglot webhook refused: missing, stale or invalid Kallglot-Signature")
         abort(403, description="invalid Kallglot signature")
