@@ -56,6 +56,8 @@ def create_call() -> ResponseReturnValue:
     to_number, from_number = str(body.get("to", ""))[:32], str(body.get("from", ""))[:32]
     problems = {name: "must be an E.164 number like +14155551234" for name, value in
                 (("to", to_number), ("from", from_number)) if not E164.match(value)}
+    if body.get("carrier") and str(body["carrier"]) not in svc.carrier_controls:
+        problems["carrier"] = f"must be one of {', '.join(sorted(svc.carrier_controls))}"
     raw_key = request.headers.get("Idempotency-Key", "")
     if len(raw_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
         problems["Idempotency-Key"] = f"must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
@@ -65,8 +67,6 @@ def create_call() -> ResponseReturnValue:
     try:
         profile = svc.profiles.for_number(from_number)
         carrier = str(body.get("carrier") or profile.carrier)
-        if carrier not in svc.carrier_controls:
-            problems["carrier"] = f"must be one of {', '.join(sorted(svc.carrier_controls))}"
         if not profile.own:
             problems["from"] = "must be one of this service's configured numbers"
         try:

@@ -182,8 +182,8 @@ class ProfileStore:
         raw = self._redis.get(self._keys.profile(number)) if number else None
         return NumberProfile.from_json(raw) if raw else self.default
 
-    def set(self, number: str, profile: NumberProfile) -> NumberProfile:
-        """Validate and store ``profile`` as ``number``'s own; raises :class:`ProfileError`."""
+    def problems(self, number: str, profile: NumberProfile) -> dict[str, str]:
+        """Every reason ``profile`` cannot be stored as ``number``'s, the deployment's dialling rules included."""
         problems = {}
         if not E164.match(number or ""):
             problems["number"] = f"must be in E.164 form like +14155551234, not {number!r}"
@@ -193,6 +193,11 @@ class ProfileStore:
                 value = getattr(profile, name)
                 if value and name not in problems and (why := self.destination_problem(value)):
                     problems[name] = why
+        return problems
+
+    def set(self, number: str, profile: NumberProfile) -> NumberProfile:
+        """Validate and store ``profile`` as ``number``'s own; raises :class:`ProfileError`."""
+        problems = self.problems(number, profile)
         if problems:
             raise ProfileError(problems)
         with self._redis.pipeline(transaction=True) as pipe:
