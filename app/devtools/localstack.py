@@ -68,6 +68,7 @@ def run_gunicorn(
     ready_path: str = "/healthz",
     port: int | None = None,
     print_log_on_error: bool = True,
+    ready_timeout: float = 20.0,
 ) -> Iterator[RunningServer]:
     """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits.
 
@@ -91,7 +92,7 @@ def run_gunicorn(
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     server = RunningServer(url=f"http://127.0.0.1:{port}", port=port, process=proc, log_path=log_path)
     try:
-        wait_for_http(server.url + ready_path, proc=proc)
+        wait_for_http(server.url + ready_path, timeout=ready_timeout, proc=proc)
         yield server
     except BaseException:
         if print_log_on_error:
