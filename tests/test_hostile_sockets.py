@@ -3,10 +3,13 @@ forged Telnyx ``start`` frames, replayed relay tokens."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 
 import pytest
 import redis as redis_lib
@@ -16,7 +19,7 @@ from simple_websocket import Client, ConnectionClosed
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from app.redis_keys import RedisKeys
 from tests.conftest import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl
-from tests.support.servers import RunningServer
+from tests.support.servers import REPO_ROOT, RunningServer, free_port, wait_for_http
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -138,3 +141,40 @@ def test_relay_token_replayed_on_a_second_socket_is_refused(bridge_server: Runni
             if not stream.server_closed:
                 stream.hang_up()
             stream.finish()
+
+
+@pytest.fixture
+def nginx_in_front(bridge_server: RunningServer, tmp_path) -> Iterator[str]:
+    """docs/deploy/nginx.conf (as shipped, upstream pointed at the test bridge) on a free loopback port."""
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        pytest.skip("nginx is not installed (.ci/run installs nginx-light)")
+    port = free_port()
+    site = (REPO_ROOT / "docs/deploy/nginx.conf").read_text()
+    site = site.replace("server app:5000;", f"server 127.0.0.1:{bridge_server.port};")
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    (tmp_path / "site.conf").write_text(site)
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\ndaemon off;\nevents {{}}\n"
+        f"http {{\n access_log off;\n client_body_temp_path {tmp_path};\n proxy_temp_path {tmp_path};\n"
+        f" include {tmp_path}/site.conf;\n}}\n")
+    proc = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_nginx_config_proxies_media_and_refuses_big_bodies(nginx_in_front: str) -> None:
+    assert requests.get(nginx_in_front + "/healthz", timeout=5).status_code == 200
+    assert requests.post(nginx_in_front + "/kallglot/webhooks", data=b"x" * (2 * 1024 * 1024),
+                         timeout=10).status_code == 413  # refused by the proxy, never read by the app
+    ws = Client.connect(nginx_in_front.replace("http", "ws") + "/telnyx/media")  # the upgrade goes through
+    started = time.monotonic()
+    with pytest.raises(ConnectionClosed):
+        while time.monotonic() - started < 8:
+            ws.receive(timeout=0.5)
+    assert time.monotonic() - started < 4  # the app's start timeout, through the proxy
