@@ -12,10 +12,10 @@ WORKDIR /srv
 # Dependencies first, from the hashed lock (pip refuses any file whose hash differs; README › Security).
 COPY .ci/requirements-runtime.lock ./requirements-runtime.lock
 RUN pip install --require-hashes -r requirements-runtime.lock
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY app ./app
 COPY templates ./templates
-# The project itself, without resolving again; gunicorn imports the app from /srv, next to templates/.
+# The project itself without resolving again (the templates go inside the package: setup.py).
 RUN pip install --no-deps . && useradd --system --no-create-home bridge && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" \
     && chown bridge "$PROMETHEUS_MULTIPROC_DIR"
 COPY gunicorn.conf.py ./

@@ -29,8 +29,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds."""
+#: How long a freshly started server may take to answer. Importing the telnyx SDK alone took 22 s on a 2-core
+#: machine at load average 16, so the default is generous; ``KB_SERVER_START_TIMEOUT`` overrides it.
+DEFAULT_START_TIMEOUT_SECONDS = 90.0
+
+
+def wait_for_http(url: str, timeout: float | None = None, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds (default:
+    ``KB_SERVER_START_TIMEOUT`` or :data:`DEFAULT_START_TIMEOUT_SECONDS`)."""
+    if timeout is None:
+        timeout = float(os.environ.get("KB_SERVER_START_TIMEOUT", DEFAULT_START_TIMEOUT_SECONDS))
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -68,9 +76,12 @@ def run_gunicorn(
     ready_path: str = "/healthz",
     port: int | None = None,
     print_log_on_error: bool = True,
+    python: str = sys.executable,
+    cwd: Path = REPO_ROOT,
     ready_timeout: float = 20.0,
 ) -> Iterator[RunningServer]:
-    """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits.
+    """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits: with this interpreter from
+    the repo root by default, or with another ``python`` (an installed wheel's venv) from another ``cwd``.
 
     Each server gets its own ``HOME`` so gunicorn 27's control socket under ``$HOME/.gunicorn``
     never collides between servers started by parallel tests.
@@ -80,7 +91,7 @@ def run_gunicorn(
     log_path = Path(home) / "server.log"
     full_env = {**os.environ, **(env or {}), "HOME": home, "PYTHONUNBUFFERED": "1"}
     cmd = [
-        sys.executable, "-m", "gunicorn",
+        python, "-m", "gunicorn",
         "-k", "gevent",
         "-w", str(workers),
         "-b", f"127.0.0.1:{port}",
@@ -89,7 +100,7 @@ def run_gunicorn(
         app_spec,
     ]
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     server = RunningServer(url=f"http://127.0.0.1:{port}", port=port, process=proc, log_path=log_path)
     try:
         wait_for_http(server.url + ready_path, timeout=ready_timeout, proc=proc)

@@ -7,16 +7,15 @@ import json
 import re
 import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import redis
 
 from app.config import KALLGLOT_MODES, LANGUAGE_CODE, MAX_RECONNECT_WINDOW_SECONDS
-from app.redis_keys import RedisKeys
+from app.redis_keys import RedisKeys, as_text
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-CARRIERS = ("twilio", "telnyx")
 #: TwiML/TeXML ``<Say language>`` codes look like ``en-US``; plain ``en`` is accepted too.
 SAY_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Z]{2})?$")
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
@@ -73,11 +72,11 @@ class NumberProfile:
     #: Whether this profile belongs to the number itself (False: the DEFAULT_* profile applied).
     own: bool = False
 
-    def problems(self) -> dict[str, str]:
-        """Every invalid value, keyed by field name, one sentence each."""
+    def problems(self, carriers: Collection[str]) -> dict[str, str]:
+        """Every invalid value, keyed by field name, one sentence each; ``carriers``: the carrier names known."""
         found: dict[str, str] = {}
-        if self.carrier not in CARRIERS:
-            found["carrier"] = f"must be one of {', '.join(CARRIERS)}"
+        if self.carrier not in carriers:
+            found["carrier"] = f"must be one of {', '.join(carriers)}"
         if self.mode not in KALLGLOT_MODES:
             found["mode"] = f"must be one of {', '.join(KALLGLOT_MODES)}"
         for name in ("source_language", "target_language"):
@@ -168,11 +167,13 @@ class NumberProfile:
 class ProfileStore:
     """Reads and writes number profiles; any number without its own gets ``default``."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, default: NumberProfile,
-                 destination_problem: Callable[[str], str] | None = None) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, default: NumberProfile, *,
+                 carriers: Collection[str], destination_problem: Callable[[str], str] | None = None) -> None:
         self._redis = client
         self._keys = keys
         self.default = default
+        #: The carrier names a profile may name (the composition root passes the registry's).
+        self.carriers = tuple(carriers)
         #: Why a number a profile makes the bridge dial is refused ("" when allowed; None: E.164 form only):
         #: the toll-fraud rules of :mod:`app.calls.destinations`, passed in so profiles do not import calls.
         self.destination_problem = destination_problem
@@ -187,7 +188,7 @@ class ProfileStore:
         problems = {}
         if not E164.match(number or ""):
             problems["number"] = f"must be in E.164 form like +14155551234, not {number!r}"
-        problems.update(profile.problems())
+        problems.update(profile.problems(self.carriers))
         if self.destination_problem is not None:
             for name in DIALLED_FIELDS:
                 value = getattr(profile, name)
@@ -216,6 +217,5 @@ class ProfileStore:
 
     def all(self) -> dict[str, NumberProfile]:
         """Every number with its own profile, sorted by number."""
-        numbers = sorted(n.decode() if isinstance(n, bytes) else n
-                         for n in self._redis.smembers(self._keys.profiles_index()))
+        numbers = sorted(as_text(n) for n in self._redis.smembers(self._keys.profiles_index()))
         return {n: p for n in numbers if (p := self.for_number(n)).own}

@@ -1,13 +1,12 @@
 """The media relay core: one call leg's carrier socket bridged to its Kallglot stream socket.
 
 Vendor-free: a :class:`~app.carriers.contract.CarrierCodec` does the carrier's wire format. The uplink (carrier →
-Kallglot) runs in the handler's greenlet, the downlink (Kallglot → carrier) in a second one; when either side
+Kallglot) runs in the handler's thread, the downlink (Kallglot → carrier) in a second one; when either side
 closes, both close. Nothing here touches Redis: the hot path does no I/O but the two sockets.
 """
 from __future__ import annotations
 
 import base64
-import contextvars
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ from typing import Protocol
 from simple_websocket import ConnectionClosed
 
 from app import metrics
+from app.background import spawn
 from app.relay.audio import DownlinkTranscoder, UnsupportedAudio
 from app.kallglot import stream_protocol
 from app.kallglot.stream_protocol import (
@@ -163,7 +163,7 @@ class MediaRelay:
         self._ending = threading.Event()
         self._end: RelayEnd | None = None
         self._end_lock = threading.Lock()
-        # Both greenlets may write to the carrier socket (frames vs. a protocol-error close).
+        # Both threads may write to the carrier socket (frames vs. a protocol-error close).
         self._carrier_lock = threading.Lock()
         # While the Kallglot stream is being reopened the uplink queues its messages here (bounded).
         self._kallglot_lock = threading.Lock()
@@ -179,11 +179,9 @@ class MediaRelay:
     # -- lifecycle -----------------------------------------------------------------------------------------
     def run(self) -> RelayEnd:
         """Relay until one side ends; always closes both sockets and returns why it stopped."""
-        # The downlink logs with this leg's context (call, session): greenlets do not inherit it by themselves.
-        downlink = threading.Thread(target=contextvars.copy_context().run, args=(self._downlink_guarded,),
-                                    name="relay-downlink", daemon=True)
         metrics.RELAYS_LIVE.labels(self.codec.carrier).inc()
-        downlink.start()
+        # The downlink logs with this leg's context (call, session).
+        downlink = spawn(self._downlink_guarded, name="relay-downlink", inherit_context=True)
         try:
             self._uplink()
             if self._end not in (RelayEnd.KALLGLOT_ENDED, RelayEnd.KALLGLOT_LOST):
@@ -214,7 +212,7 @@ class MediaRelay:
         return end
 
     def stop(self, why: RelayEnd = RelayEnd.WORKER_DRAINING) -> None:
-        """Ask the relay to end (from another greenlet) as if ``why`` happened; it does within one poll."""
+        """Ask the relay to end (from another thread) as if ``why`` happened; it does within one poll."""
         self._finish(why)
 
     def _finish(self, why: RelayEnd) -> None:
@@ -336,6 +334,13 @@ class MediaRelay:
             now = time.monotonic()
             if message is None:
                 if utterance_open and now - last_audio_at >= stream_protocol.UTTERANCE_GAP_SECONDS:
+                    # The resampler's last 2 ms (pcm16 return audio) play before the utterance's mark.
+                    tail = self._transcoder.end_utterance()
+                    if tail:
+                        if not self._to_carrier(self.codec.media(tail)):
+                            return
+                        self.stats.frames_to_carrier += 1
+                        self.stats.bytes_to_carrier += len(tail)
                     marks += 1
                     if not self._to_carrier(self.codec.mark(f"utt-{marks}")):
                         return
@@ -370,6 +375,7 @@ class MediaRelay:
                     metrics.RELAY_HOP_SECONDS.labels("downlink").observe(time.perf_counter() - received_at)
                 utterance_open, last_audio_at = True, now
             elif isinstance(message, ClearAudio):
+                self._transcoder.reset()  # the barged-in utterance's resampler tail must not play either
                 if not self._to_carrier(self.codec.clear()):
                     return
                 self.stats.clears += 1
