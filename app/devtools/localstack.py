@@ -78,6 +78,7 @@ def run_gunicorn(
     print_log_on_error: bool = True,
     python: str = sys.executable,
     cwd: Path = REPO_ROOT,
+    ready_timeout: float = 20.0,
 ) -> Iterator[RunningServer]:
     """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits: with this interpreter from
     the repo root by default, or with another ``python`` (an installed wheel's venv) from another ``cwd``.
@@ -102,7 +103,7 @@ def run_gunicorn(
         proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     server = RunningServer(url=f"http://127.0.0.1:{port}", port=port, process=proc, log_path=log_path)
     try:
-        wait_for_http(server.url + ready_path, proc=proc)
+        wait_for_http(server.url + ready_path, timeout=ready_timeout, proc=proc)
         yield server
     except BaseException:
         if print_log_on_error:

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import redis
-from flask import Blueprint, abort, jsonify, request
+from flask import Blueprint, abort, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from app.extensions import services
@@ -30,9 +30,11 @@ MAX_BODY_BYTES = 256 * 1024
 def kallglot_webhook() -> ResponseReturnValue:
     """Verify, de-duplicate on the event ``id``, record, and act on ``session.ended``."""
     svc = services()
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        abort(413, description="webhook body too large")
+    # Enforced by Werkzeug while reading (413), for chunked bodies too: Content-Length alone is not trusted.
+    request.max_content_length = min(MAX_BODY_BYTES, current_app.config.get("MAX_CONTENT_LENGTH") or MAX_BODY_BYTES)
     raw = request.get_data(cache=False)
+    if len(raw) >= request.max_content_length:  # a chunked body is cut at the limit rather than refused
+        abort(413, description="webhook body too large")
     if not verify(svc.settings.kallglot_webhook_secret, request.headers.get("Kallglot-Signature"), raw):
         log.warning("kallglot webhook refused: missing, stale or invalid Kallglot-Signature")
         abort(403, description="invalid Kallglot signature")
