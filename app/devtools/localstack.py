@@ -29,8 +29,39 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds."""
+#: Start-up budget of one server on an idle machine; :func:`startup_timeout` scales it with the load.
+BASE_STARTUP_SECONDS = 20.0
+MAX_STARTUP_SECONDS = 180.0
+
+
+def startup_timeout() -> float:
+    """How long to wait for a local server to come up: ``STARTUP_TIMEOUT_SECONDS`` when set, else 20 s
+    scaled by the run queue per core (a loaded 2-core machine took over 20 s to start a stack), ≤ 180 s."""
+    configured = os.environ.get("STARTUP_TIMEOUT_SECONDS")
+    if configured:
+        return float(configured)
+    try:
+        load_per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        load_per_core = 1.0
+    return min(MAX_STARTUP_SECONDS, BASE_STARTUP_SECONDS * max(1.0, load_per_core * 2))
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for_http(url: str, timeout: float | None = None, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds
+    (default :func:`startup_timeout`)."""
+    timeout = startup_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -68,15 +99,19 @@ def run_gunicorn(
     ready_path: str = "/healthz",
     port: int | None = None,
     print_log_on_error: bool = True,
+    log_path: Path | None = None,
+    own_session: bool = False,
 ) -> Iterator[RunningServer]:
     """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits.
 
     Each server gets its own ``HOME`` so gunicorn 27's control socket under ``$HOME/.gunicorn``
-    never collides between servers started by parallel tests.
+    never collides between servers started by parallel tests. ``log_path``: where its output goes (default a
+    file in that temporary home). ``own_session``: start it in its own session, so a Ctrl-C in the terminal
+    reaches only the caller, which then stops it in order (the demo).
     """
     port = port or free_port()
     home = tempfile.mkdtemp(prefix="kb-gunicorn-home-")
-    log_path = Path(home) / "server.log"
+    log_path = log_path or Path(home) / "server.log"
     full_env = {**os.environ, **(env or {}), "HOME": home, "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable, "-m", "gunicorn",
@@ -88,7 +123,8 @@ def run_gunicorn(
         app_spec,
     ]
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=own_session)
     server = RunningServer(url=f"http://127.0.0.1:{port}", port=port, process=proc, log_path=log_path)
     try:
         wait_for_http(server.url + ready_path, proc=proc)
@@ -108,8 +144,9 @@ def run_gunicorn(
 
 
 @contextlib.contextmanager
-def run_redis() -> Iterator[str]:
-    """Yield a Redis URL: ``REDIS_URL`` when set, else a private ``redis-server`` on a free port."""
+def run_redis(*, own_session: bool = False) -> Iterator[str]:
+    """Yield a Redis URL: ``REDIS_URL`` when set, else a private ``redis-server`` on a free port
+    (``own_session``: see :func:`run_gunicorn`)."""
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
@@ -119,7 +156,7 @@ def run_redis() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=own_session,
     )
     try:
         deadline = time.monotonic() + 10
