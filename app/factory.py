@@ -42,7 +42,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_cli(app)
     if command_line is None:
         app.extensions["reaper"] = start_background_reaper(built.lifecycle)
-    if settings.demo_mode:
+    if settings.demo_mode and command_line is None:
         log.warning("DEMO MODE: Kallglot is the local emulator at %s and the secrets are demo values. "
                     "Set KALLGLOT_API_KEY and REDIS_URL for real calls.", settings.kallglot_api_url)
     return app
