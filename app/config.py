@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,7 +15,7 @@ KALLGLOT_MODES = ("bidirectional_translation", "assistive_translation", "ai_agen
 DEFAULT_KALLGLOT_API_URL = "https://api.kallglot.com/v1"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
 DEFAULT_TELNYX_API_URL = "https://api.telnyx.com/v2"
-#: Kallglot keeps a disconnected session re-attachable for at most 5 minutes (kallglot-api.md §3).
+#: Kallglot keeps a disconnected session re-attachable for at most 5 minutes (Kallglot's sessions-vs-calls guide).
 MAX_RECONNECT_WINDOW_SECONDS = 300
 #: Uplink chunk bounds: Kallglot asks for a chunk every 100–200 ms; 20 ms is one carrier frame.
 MIN_CHUNK_MS, MAX_CHUNK_MS = 20, 200
@@ -60,7 +60,7 @@ class Settings:
     default_source_language: str = ""
     default_target_language: str = ""
     reconnect_window_seconds: int = MAX_RECONNECT_WINDOW_SECONDS
-    # Not part of the issue's list, but operators need them; documented in README.
+    #: Milliseconds of caller audio batched into one Kallglot ``audio.input`` (README, Configuration).
     uplink_chunk_ms: int = 100
     #: A leg whose relay has not beaten its heartbeat for this long is treated as lost (worker died).
     heartbeat_timeout_seconds: int = 15
@@ -69,7 +69,6 @@ class Settings:
     redis_tls_verify: bool = False
     #: Set by the demo launcher: the emulator and demo secrets are in use, and the log says so loudly.
     demo_mode: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -79,15 +78,13 @@ class Settings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
-        """Build settings from a mapping whose keys are field names (any case); unknown keys go to ``extra``."""
+        """Build settings from a mapping whose keys are field names (any case); unknown keys are ignored."""
         known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
         problems: list[str] = []
         for key, raw in values.items():
             name = key.lower()
-            if name not in known or name == "extra":
-                extra[key] = raw
+            if name not in known:
                 continue
             if known[name].type in ("int", int):
                 try:
@@ -100,7 +97,7 @@ class Settings:
                 kwargs[name] = str(raw).strip()
         if problems:
             raise ConfigError(problems)
-        return cls(**kwargs, extra=extra)
+        return cls(**kwargs)
 
     def problems(self) -> list[str]:
         """Every reason this configuration cannot serve real calls, one clear sentence each."""

@@ -1,8 +1,8 @@
 """Log configuration: one JSON object per line, to stderr (Heroku and Render collect it).
 
 Every line of a call carries what is known of it — ``request_id``, ``carrier``, ``call_id``, ``session_id``,
-``number`` — from a context variable: under gunicorn's gevent worker each greenlet has its own context, so
-concurrent calls never mix their fields. Secrets are kept out twice over: the code never formats them, and
+``number`` — from a context variable: each thread (a greenlet under gevent, see :mod:`app.background`) has
+its own, so concurrent calls never mix their fields. Secrets are kept out twice over: the code never formats them, and
 :func:`redact` scrubs the shapes they come in (``token=…`` query parameters, ``Bearer …``, Kallglot keys)
 from every rendered line as a safety net.
 
@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 #: The fields a call's log lines carry, in the order they are written.
 LOG_CONTEXT_FIELDS = ("request_id", "carrier", "call_id", "session_id", "number")
 #: Python's docs ask for context variables to be created once, at module level (they are keys into each
-#: greenlet's or task's own context, not state). Values are read-only mappings, replaced never mutated.
+#: thread's or task's own context, not state). Values are read-only mappings, replaced never mutated.
 _LOG_CONTEXT: ContextVar[Mapping[str, str]] = ContextVar("kallglot_bridge_log_context",
                                                          default=MappingProxyType({}))
 
@@ -44,22 +44,22 @@ def redact(text: str) -> str:
 
 
 def bind_log_context(**fields: str | None) -> None:
-    """Add ``fields`` (empty values are skipped) to every later log line of the current greenlet."""
+    """Add ``fields`` (empty values are skipped) to every later log line of the current thread."""
     current = _LOG_CONTEXT.get()
     merged = {**current, **{k: str(v) for k, v in fields.items() if v}}
     _LOG_CONTEXT.set(MappingProxyType(merged))
 
 
 def reset_log_context(**fields: str | None) -> None:
-    """Replace the current greenlet's log context with exactly ``fields`` (empty values skipped).
+    """Replace the current thread's log context with exactly ``fields`` (empty values skipped).
 
-    A keep-alive connection serves many requests in one greenlet, so each request starts from scratch.
+    A keep-alive connection serves many requests in one thread, so each request starts from scratch.
     """
     _LOG_CONTEXT.set(MappingProxyType({k: str(v) for k, v in fields.items() if v}))
 
 
 def log_context() -> dict[str, str]:
-    """The current greenlet's log context (a copy)."""
+    """The current thread's log context (a copy)."""
     return dict(_LOG_CONTEXT.get())
 
 
@@ -114,38 +114,30 @@ def configure_logging(level: str | None = None, log_format: str | None = None) -
     logger._kallglot_bridge_configured = True  # type: ignore[attr-defined]
 
 
-#: Headers that carry a request ID set upstream: Heroku's router, Render's proxy, Twilio's webhook token.
-REQUEST_ID_HEADERS = ("X-Request-ID", "Rndr-Id", "I-Twilio-Idempotency-Token")
+#: Headers that carry a request ID set upstream: Heroku's router, Render's proxy (a carrier's blueprint may
+#: name its own, after these: see :func:`request_log_fields`).
+REQUEST_ID_HEADERS = ("X-Request-ID", "Rndr-Id")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._:-]")
 
 
-def request_log_fields(blueprint: str | None, headers: Mapping[str, str], form: Mapping[str, str],
-                       json_body: Any = None) -> dict[str, str]:
-    """The log context of one HTTP request: a request ID (upstream's, or a new one) and, on carrier routes,
-    the carrier, its call ID and the called number as the carrier sent them (form fields or Telnyx JSON)."""
-    request_id = next((headers[h] for h in REQUEST_ID_HEADERS if headers.get(h)), "") or os.urandom(8).hex()
-    fields = {"request_id": _SAFE_ID.sub("", request_id)[:64]}
-    if blueprint in ("twilio", "telnyx"):
-        fields["carrier"] = blueprint
-        call_id, number = form.get("CallSid", ""), form.get("To", "")
-        payload = json_body.get("data", {}).get("payload", {}) if isinstance(json_body, dict) else {}
-        if isinstance(payload, dict):
-            call_id = call_id or str(payload.get("call_control_id") or "")
-            number = number or str(payload.get("to") or "")
-        fields.update(call_id=call_id[:80], number=number[:32])
-    return fields
+def request_log_fields(headers: Mapping[str, str], extra_id_headers: Sequence[str] = ()) -> dict[str, str]:
+    """The log context every HTTP request starts with: a request ID (upstream's from :data:`REQUEST_ID_HEADERS`
+    or ``extra_id_headers``, or a new one). Carrier routes add the carrier, its call ID and the called number
+    themselves (each carrier's ``blueprint.py``)."""
+    names = (*REQUEST_ID_HEADERS, *extra_id_headers)
+    request_id = next((headers[h] for h in names if headers.get(h)), "") or os.urandom(8).hex()
+    return {"request_id": _SAFE_ID.sub("", request_id)[:64]}
 
 
 def register_request_log_context(app: Any) -> None:
-    """Give every request's log lines its request ID and, on carrier routes, the call's fields."""
+    """Give every request's log lines its request ID (carrier blueprints then bind the call's fields)."""
     from flask import request
 
     @app.before_request
     def _bind_request_context() -> None:
         # Read (and cache) the raw body first: signature checks (Telnyx) need it after the form is parsed.
         request.get_data(cache=True)
-        json_body = request.get_json(silent=True) if request.is_json else None
-        reset_log_context(**request_log_fields(request.blueprint, request.headers, request.values, json_body))
+        reset_log_context(**request_log_fields(request.headers))
 
     @app.teardown_request
     def _clear_request_context(_exc: BaseException | None) -> None:

@@ -28,7 +28,9 @@ No value stored under these keys is a secret: Kallglot stream tokens travel seal
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, overload
 
 import redis
 
@@ -121,3 +123,22 @@ def first_seen(client: redis.Redis, key: str, value: str = "1", ttl_seconds: int
     "have we handled this already?" question is answered the same way and expires the same way.
     """
     return bool(client.set(key, value, nx=True, ex=ttl_seconds))
+
+
+@overload
+def as_text(value: bytes | str) -> str: ...
+
+
+@overload
+def as_text(value: None) -> None: ...
+
+
+def as_text(value: bytes | str | None) -> str | None:
+    """A Redis reply as text: the clients here return bytes (``decode_responses`` is off, so binary-safe),
+    everything we store is UTF-8 text; ``None`` (no such key) stays ``None``."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def as_text_map(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """A Redis hash reply (``HGETALL``) as text keys and values."""
+    return {as_text(k): as_text(v) for k, v in raw.items()}

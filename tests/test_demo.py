@@ -170,7 +170,7 @@ def test_landing_page_lists_both_carriers_and_links_admin_and_metrics(make_admin
     for url in ("/twilio/voice", "/twilio/status", "/twilio/fallback", "/telnyx/texml", "/telnyx/texml/status",
                 "/telnyx/call-control"):
         assert f"{PUBLIC_URL}{url}" in page
-    assert 'href="/admin"' in page and 'href="/metrics"' in page
+    assert 'href="/admin/"' in page and 'href="/metrics"' in page
 
 
 @pytest.fixture

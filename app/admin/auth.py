@@ -20,7 +20,7 @@ from flask import Flask, current_app, redirect, render_template, request, sessio
 from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 
-from app.admin import bp
+from app.admin.blueprint import bp
 from app.extensions import EXTENSION_KEY, services
 
 log = logging.getLogger(__name__)

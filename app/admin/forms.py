@@ -1,12 +1,13 @@
 """The number-profile form: what the user typed (kept verbatim to re-render) and what is wrong with it."""
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from werkzeug.datastructures import MultiDict
 
-from app.profiles.store import CARRIERS, E164, NumberProfile
+from app.profiles.store import E164, NumberProfile
 from app.profiles.transfer import profile_from_data
 
 TEXT_FIELDS = ("carrier", "mode", "source_language", "target_language", "greeting", "greeting_language",
@@ -47,8 +48,8 @@ class ProfileForm:
         """Rows to render: the entered ones plus blanks for new entries."""
         return self.metadata + [("", "")] * BLANK_METADATA_ROWS
 
-    def validate(self) -> NumberProfile | None:
-        """The profile the form describes, or None with :attr:`errors` filled in."""
+    def validate(self, carriers: Collection[str]) -> NumberProfile | None:
+        """The profile the form describes, or None with :attr:`errors` filled in (``carriers``: the names known)."""
         self.errors = {}
         if not E164.match(self.number):
             self.errors["number"] = "must be in E.164 form like +14155551234 (a +, the country code, no spaces)"
@@ -61,8 +62,6 @@ class ProfileForm:
             metadata[key] = value
         data: dict[str, Any] = {**self.values, "metadata": metadata,
                                 "agent_hangup_ends_call": self.agent_hangup_ends_call}
-        profile, problems = profile_from_data(data)
+        profile, problems = profile_from_data(data, carriers)
         self.errors = {**problems, **self.errors}
-        if self.values["carrier"] not in CARRIERS:
-            self.errors["carrier"] = f"must be one of {', '.join(CARRIERS)}"
         return None if self.errors else profile

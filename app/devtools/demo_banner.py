@@ -15,7 +15,7 @@ def banner(settings: Mapping[str, str], notes: list[str], problems: list[str], e
     lines += [f"  * {note}" for note in notes]
     lines += ["", "Open:",
               f"  Landing page        {base}/",
-              f"  Admin               {base}/admin    password: {settings['ADMIN_PASSWORD']}",
+              f"  Admin               {base}/admin/   password: {settings['ADMIN_PASSWORD']}",
               f"  Metrics             {base}/metrics",
               f"  Readiness           {base}/readyz" + ("" if not problems else "   NOT READY: " + "; ".join(problems)),
               "", "Carrier webhooks (what a real number would point at):",
