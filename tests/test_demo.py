@@ -93,6 +93,25 @@ def test_demo_telnyx_outbound_call_and_profile_cli_use_the_demo_settings_and_sig
             settings["DEMO_FAKE_TELNYX_URL"] + "/_fake/commands", timeout=5).json()["commands"]]
         assert _wait_until(lambda: "streaming_start" in commands()), commands()
 
+        # The admin's "Connect a number" against the demo's fake carrier APIs, with the banner's password.
+        admin = requests.Session()
+        csrf = lambda page: re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # noqa: E731
+        signed_in = admin.post(demo.base_url + "/admin/sign-in", timeout=20, data={
+            "csrf_token": csrf(admin.get(demo.base_url + "/admin/sign-in", timeout=20).text),
+            "password": settings["ADMIN_PASSWORD"], "name": "Ada"})
+        assert signed_in.status_code == 200 and "/sign-in" not in signed_in.url
+        page = admin.get(demo.base_url + "/admin/connect", timeout=30).text
+        for number in ("+15005550006", "+15005550106", "+15005550107"):
+            assert number in page
+        connected = admin.post(demo.base_url + "/admin/connect/twilio/PN" + "1" * 32, data={"csrf_token": csrf(page)},
+                               timeout=30)
+        assert connected.status_code == 200
+        listed = requests.get(f"{settings['DEMO_FAKE_TWILIO_URL']}/2010-04-01/Accounts/{settings['TWILIO_ACCOUNT_SID']}"
+                              "/IncomingPhoneNumbers.json", auth=(settings["TWILIO_ACCOUNT_SID"],
+                                                                  settings["TWILIO_AUTH_TOKEN"]), timeout=5).json()
+        first = next(n for n in listed["incoming_phone_numbers"] if n["phone_number"] == "+15005550006")
+        assert first["voice_url"] == demo.base_url + "/twilio/voice"
+
         # `flask numbers …` from the demo's directory, with no variables set: only .demo/env.
         flask = [str(tmp_path / ".venv" / "bin" / "flask"), "--app", "app:create_app()", "numbers"]
         env = demo_environment()
