@@ -257,3 +257,15 @@ def test_emulator_access_log_is_json_without_query_strings(tmp_path: Path) -> No
     assert "very-secret" not in text and "token=" not in text
     access = [json.loads(line) for line in text.splitlines() if line.startswith("{") and "/_emulator/stats" in line]
     assert access and all(entry["logger"].endswith("access") for entry in access)
+
+
+def test_an_outbound_call_refused_by_local_configuration_says_so(make_admin_app: Callable[..., Flask],
+                                                                  emulator: EmulatorControl) -> None:
+    app = make_admin_app(API_TOKEN="t" * 20, TELNYX_API_KEY="KEY_x", TELNYX_PUBLIC_KEY="x" * 44)  # no connection id
+    response = app.test_client().post("/api/calls", headers={"Authorization": "Bearer " + "t" * 20}, json={
+        "to": "+14155550100", "from": "+15005550107", "carrier": "telnyx"})
+    assert response.status_code == 503
+    assert "not configured" in response.json["error"] and "TELNYX_CONNECTION_ID" in response.json["detail"]
+    assert "carrier refused" not in response.get_data(as_text=True)
+    sessions = emulator.sessions()
+    assert sessions and all(session["status"] == "ended" for session in sessions)

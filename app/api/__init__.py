@@ -11,7 +11,7 @@ from flask import Blueprint, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from app.calls.leg_spec import LegSpec
-from app.carriers.contract import CarrierError
+from app.carriers.contract import CarrierError, CarrierNotConfigured
 from app.extensions import services
 from app.redis_keys import as_text
 from app.kallglot.client import KallglotError
@@ -87,6 +87,12 @@ def create_call() -> ResponseReturnValue:
     except redis.RedisError as exc:
         log.error("api call to=%s: Redis unavailable: %s", to_number, exc)
         return jsonify(error="state store unavailable"), 503
+    except CarrierNotConfigured as exc:  # our own configuration, not the carrier, stopped the dial
+        log.error("api call to=%s: %s is not configured for outbound calls: %s", to_number, carrier, exc)
+        svc.lifecycle.confirm_create(carrier, f"api-{key}")
+        svc.lifecycle.end_session(session.id, "dial_failed")
+        return jsonify(error=f"outbound calls through {carrier} are not configured on this service",
+                       detail=str(exc)[:200]), 503
     except CarrierError as exc:  # the carrier refused the dial
         log.error("api call to=%s: dialling through %s failed: %s", to_number, carrier, exc)
         svc.lifecycle.confirm_create(carrier, f"api-{key}")
