@@ -20,6 +20,10 @@ MAX_RECONNECT_WINDOW_SECONDS = 300
 #: Uplink chunk bounds: Kallglot asks for a chunk every 100–200 ms; 20 ms is one carrier frame.
 MIN_CHUNK_MS, MAX_CHUNK_MS = 20, 200
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
+#: The admin password is the only thing between the internet and the admin UI: refuse short ones at start-up.
+MIN_ADMIN_PASSWORD_LENGTH = 12
+#: More proxies than this in front of one service is a misconfiguration, not a deployment.
+MAX_TRUSTED_PROXY_HOPS = 5
 
 # The demo token the simulator signs with when neither side was given a real Twilio auth token.
 DEMO_TWILIO_AUTH_TOKEN = "demo-twilio-auth-token"
@@ -51,6 +55,9 @@ class Settings:
     #: The Call Control application id outbound Telnyx legs (agent, callbacks) are dialled through.
     telnyx_connection_id: str = ""
     admin_password: str = ""
+    #: Proxies in front of the service whose ``X-Forwarded-For`` entry is trusted (0: the socket peer is the
+    #: client; Heroku's and Render's routers are 1). More than the real count lets clients pick their address.
+    trusted_proxy_hops: int = 0
     #: Bearer token of the outbound-call API (``POST /api/calls``); the API is off without one.
     api_token: str = ""
     #: REST base URLs of the carriers (the admin's "connect a number" calls them); tests point them at fakes.
@@ -133,6 +140,12 @@ class Settings:
             )
         if not 3 <= self.heartbeat_timeout_seconds <= 120:
             found.append(f"HEARTBEAT_TIMEOUT_SECONDS must be between 3 and 120, got {self.heartbeat_timeout_seconds}")
+        if self.admin_password and len(self.admin_password) < MIN_ADMIN_PASSWORD_LENGTH:
+            found.append(f"ADMIN_PASSWORD must be at least {MIN_ADMIN_PASSWORD_LENGTH} characters "
+                         f"(got {len(self.admin_password)}); unset it to disable the admin UI")
+        if not 0 <= self.trusted_proxy_hops <= MAX_TRUSTED_PROXY_HOPS:
+            found.append(f"TRUSTED_PROXY_HOPS must be between 0 (nothing in front) and {MAX_TRUSTED_PROXY_HOPS}, "
+                         f"got {self.trusted_proxy_hops}")
         if not self.twilio_auth_token and not self.telnyx_public_key:
             found.append("neither TWILIO_AUTH_TOKEN nor TELNYX_PUBLIC_KEY is set: no carrier webhook could be verified")
         return found

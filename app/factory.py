@@ -14,6 +14,7 @@ from typing import Any
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.calls.reaper import start_background_reaper
 from app.carriers.registry import CARRIERS
@@ -39,6 +40,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     configure_logging()
     app = Flask(__name__, template_folder=str(template_folder()))
     app.config["SECRET_KEY"] = settings.secret_key
+    if settings.trusted_proxy_hops:
+        # Exactly that many X-Forwarded-For entries, counted from the right, were written by our own proxies;
+        # anything left of them is the client's to forge. With 0 the socket peer is the client address.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)  # type: ignore[method-assign]
     built = register_services(app, settings)
     register_request_log_context(app)
     register_carriers(app)

@@ -10,7 +10,6 @@ from every rendered line as a safety net.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
+
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 #: The fields a call's log lines carry, in the order they are written.
 LOG_CONTEXT_FIELDS = ("request_id", "carrier", "call_id", "session_id", "number")
@@ -63,23 +64,28 @@ def log_context() -> dict[str, str]:
     return dict(_LOG_CONTEXT.get())
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(OrjsonFormatter):
     """One JSON object per record: ``ts``, ``level``, ``logger``, ``message``, ``pid``, the call's context
-    fields, and ``exc`` (the traceback) when there is one. Every string is passed through :func:`redact`."""
+    fields, any ``extra=`` fields, and ``exc`` (the traceback) when there is one. Every string is passed
+    through :func:`redact`.
 
-    def format(self, record: logging.LogRecord) -> str:
-        """Render ``record`` as a single line of JSON."""
-        entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": redact(record.getMessage()),
-            "pid": record.process,
-        }
-        entry.update(_LOG_CONTEXT.get())
-        if record.exc_info:
-            entry["exc"] = redact(self.formatException(record.exc_info))
-        return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+    The rendering is python-json-logger's (with orjson, already a dependency); this class only chooses the
+    field names, adds the timestamp and the context, and scrubs the result.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(["levelname", "name", "message", "process"],
+                         rename_fields={"levelname": "level", "name": "logger", "process": "pid", "exc_info": "exc"})
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        """The library's fields, preceded by a UTC millisecond timestamp and followed by the call's context."""
+        log_data["ts"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        super().add_fields(log_data, record, message_dict)
+        log_data.update(_LOG_CONTEXT.get())
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        """Scrub every string value (message, traceback, extras) of credential shapes."""
+        return {key: redact(value) if isinstance(value, str) else value for key, value in log_data.items()}
 
 
 class TextFormatter(logging.Formatter):

@@ -62,6 +62,15 @@ def test_tracebacks_stay_on_one_line_and_are_redacted() -> None:
     assert "RuntimeError" in entry["exc"] and "abc123" not in entry["exc"]
 
 
+def test_extra_fields_are_written_and_scrubbed_too() -> None:
+    entry_record = record("stream connecting")
+    entry_record.url = "wss://k.example/v1/sessions/s/connect?token=kst_live_abcdef"
+    entry_record.attempt = 2
+    entry = json.loads(JsonFormatter().format(entry_record))
+    assert entry["attempt"] == 2 and entry["url"].endswith("token=***") and "kst_live_abcdef" not in str(entry)
+    assert list(entry)[:5] == ["ts", "level", "logger", "message", "pid"]
+
+
 @pytest.mark.parametrize("text, secret", [
     ("connecting to wss://k.example/v1/sessions/s/connect?token=kst_live_abcdef", "kst_live_abcdef"),
     ("Authorization: Bearer sk_live_0123456789", "0123456789"),

@@ -6,7 +6,7 @@ post/redirect/get; invalid input re-renders the form with the user's values and 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from typing import Any
 
 from flask import Response, flash, redirect, render_template, request, url_for
@@ -17,14 +17,14 @@ from app.admin import presenters
 from app.admin.actions import end_session_now
 from app.admin.auth import admin_name
 from app.admin.blueprint import bp
-from app.admin.forms import ProfileForm
+from app.admin.forms import CallFilterForm, ImportForm, ProfileForm
 from app.audit import AuditLog, diff
 from app.calls.lifecycle import EndOutcome
 from app.carriers.contract import CarrierError
 from app.carriers.registry import CARRIERS, carrier, carrier_names
 from app.config import KALLGLOT_MODES
 from app.extensions import services
-from app.profiles.store import E164, NumberProfile, ProfileError
+from app.profiles.store import NumberProfile, ProfileError
 from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 
 #: Largest import accepted (a few thousand profiles).
@@ -70,11 +70,11 @@ def number_new() -> ResponseReturnValue:
     if request.method == "GET":
         form = ProfileForm.from_profile(request.args.get("number", ""), store.default)
         if request.args.get("carrier") in carrier_names():
-            form.values["carrier"] = request.args["carrier"]
+            form.carrier.data = request.args["carrier"]
         return _render_form(form, creating=True)
     form = ProfileForm.from_request(request.form)
-    if (profile := form.validate(services().profiles.carriers)) is not None and store.for_number(form.number).own:
-        form.errors["number"] = "already has a profile: edit it instead"
+    if (profile := form.validated_profile(services().profiles.carriers)) is not None and store.for_number(form.number.data).own:
+        form.problems["number"] = "already has a profile: edit it instead"
         profile = None
     return _save(form, profile, creating=True)
 
@@ -88,22 +88,23 @@ def number_edit(number: str) -> ResponseReturnValue:
     if request.method == "GET":
         return _render_form(ProfileForm.from_profile(number, profile), creating=False)
     form = ProfileForm.from_request(request.form, number=number)
-    return _save(form, form.validate(services().profiles.carriers), creating=False)
+    return _save(form, form.validated_profile(services().profiles.carriers), creating=False)
 
 
 def _save(form: ProfileForm, profile: NumberProfile | None, *, creating: bool) -> ResponseReturnValue:
     store = services().profiles
     if profile is None:
         return _render_form(form, creating=creating, status=422)
-    before = store.for_number(form.number)
+    number = form.number.data
+    before = store.for_number(number)
     try:
-        saved = store.set(form.number, profile)
+        saved = store.set(number, profile)
     except ProfileError as exc:  # the store's own checks (kept in case they grow beyond the form's)
-        form.errors.update(exc.problems)
+        form.problems.update(exc.problems)
         return _render_form(form, creating=creating, status=422)
-    audit("create profile" if creating else "update profile", form.number,
+    audit("create profile" if creating else "update profile", number,
           diff(before.to_dict() if before.own else None, saved.to_dict()))
-    flash(f"Saved {form.number}. The next call to it uses this profile.")
+    flash(f"Saved {number}. The next call to it uses this profile.")
     return redirect(url_for("admin.numbers"))
 
 
@@ -129,8 +130,7 @@ def numbers_export() -> ResponseReturnValue:
 @bp.post("/numbers/import")
 def numbers_import() -> ResponseReturnValue:
     """Import profiles from an uploaded file or pasted JSON: all valid, or nothing is written."""
-    upload = request.files.get("file")
-    raw = upload.read(MAX_IMPORT_BYTES + 1) if upload and upload.filename else request.form.get("json", "").encode()
+    raw = ImportForm().raw_document(MAX_IMPORT_BYTES)
     text = raw.decode("utf-8", errors="replace")
     store = services().profiles
     try:
@@ -218,28 +218,12 @@ def live_end(session_id: str) -> ResponseReturnValue:
     return redirect(url_for("admin.live"))
 
 
-def _day(value: str, *, end: bool) -> float | None:
-    # A date input's YYYY-MM-DD, as the first (or, for an end date, last) second of that UTC day.
-    day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
-    return (day + timedelta(days=1) if end else day).timestamp() - (0.001 if end else 0)
-
-
 @bp.get("/calls")
 def calls() -> ResponseReturnValue:
     """Recent calls, filterable by number and by a date range (UTC)."""
-    filters = {name: request.args.get(name, "").strip() for name in ("number", "from", "to")}
-    errors: dict[str, str] = {}
-    if filters["number"] and not E164.match(filters["number"]):
-        errors["number"] = "must be in E.164 form like +14155551234"
-    bounds: dict[str, float | None] = {"from": None, "to": None}
-    for name in ("from", "to"):
-        if filters[name]:
-            try:
-                bounds[name] = _day(filters[name], end=name == "to")
-            except ValueError:
-                errors[name] = "must be a date like 2025-01-31"
-    if not errors and bounds["from"] and bounds["to"] and bounds["from"] > bounds["to"]:
-        errors["to"] = "must not be before the start date"
-    rows = [] if errors else presenters.call_log(services().lifecycle, number=filters["number"],
-                                                 since=bounds["from"], until=bounds["to"])
-    return render_template("admin/calls.html", rows=rows, filters=filters, errors=errors), 422 if errors else 200
+    form = CallFilterForm(request.args)
+    if not form.validate():
+        return render_template("admin/calls.html", rows=[], filters=form.values, errors=form.problems), 422
+    since, until = form.bounds()
+    rows = presenters.call_log(services().lifecycle, number=form.number.data, since=since, until=until)
+    return render_template("admin/calls.html", rows=rows, filters=form.values, errors={})
