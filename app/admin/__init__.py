@@ -8,4 +8,4 @@ from flask import Blueprint
 
 bp = Blueprint("admin", __name__, url_prefix="/admin", static_folder="static", static_url_path="/static")
 
-from app.admin import auth, views  # noqa: E402,F401  (routes and hooks register themselves on bp)
+from app.admin import after_call, auth, live, views  # noqa: E402,F401  (routes and hooks register themselves on bp)
