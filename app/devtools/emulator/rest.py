@@ -11,6 +11,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .artifacts import notify_ended
 from .state import (BEHAVIOURS, FAULT_ENDPOINTS, LANGUAGES, MODES, EmulatorState, Session, iso_utc,
                     random_id)
 
@@ -239,6 +240,7 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
             if outcome is None:
                 raise ApiError(404, "invalid_request_error", "not_found", f"No session {session_id}.")
             summary, connections = outcome
+            notify_ended(app, state, session_id)
             for conn in connections:
                 conn.send({"type": "session.ended", "session_id": session_id, "reason": "api_end"})
                 conn.close(1000, "session ended")
@@ -300,6 +302,9 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
         with state.lock:
             connections = session.live_connections()
         # A string message is sent verbatim, so tests can also push invalid JSON.
+        for message in messages:
+            if isinstance(message, dict) and message.get("type") == "transcript.final":
+                state.add_turn(session_id, message)
         delivered = sum(all([conn.send(message) for message in messages]) for conn in connections)
         return jsonify({"connections": delivered})
 
