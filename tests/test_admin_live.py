@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis as redis_lib
@@ -15,9 +15,12 @@ from flask.testing import FlaskClient
 from app.admin.live import PAGE_EVENTS
 from app.calls.events import LEG, TRANSCRIPT, EventForwarder, SessionEventLog, leg_event, transcript_event
 from app.calls.usage import record_billed_seconds
+from app.kallglot.signature import sign
 from app.redis_keys import RedisKeys
-from tests.conftest import EMULATOR_API_KEY, EmulatorControl
+from tests.conftest import EMULATOR_API_KEY, EmulatorControl, admin_sign_in
 from tests.test_admin_calls import hang_up, start_call
+
+WEBHOOK_SECRET = "whsec_test_console"
 
 
 class SseReader:
@@ -151,7 +154,7 @@ def test_after_call_transcript_recording_and_billed_minutes(admin_app: Flask, ad
     hang_up(admin_client, call_sid)
     page = admin_client.get(f"/admin/sessions/{session_id}/transcript").get_data(as_text=True)
     assert "Where is my parcel?" in page and "¿Dónde está mi paquete?" in page
-    assert "billed" in page
+    assert 'id="billed-minutes">not known yet' not in page  # from the end response's duration_seconds
     calls = admin_client.get("/admin/calls").get_data(as_text=True)
     assert f"/admin/sessions/{session_id}/transcript" in calls
 
@@ -202,13 +205,39 @@ def test_usage_page_and_csv_exports(admin_app: Flask, admin_client: FlaskClient,
     record_billed_seconds(redis_client, keys, "sess_u1", 245.3, ended_at=time.time())
     record_billed_seconds(redis_client, keys, "sess_u2", 60.0, ended_at=time.time())
     page = admin_client.get("/admin/usage").get_data(as_text=True)
-    assert "+14155550100" in page and "4.1" in page and "5.1 min" in page
+    assert "+14155550100" in page and "4.09" in page and "4:06" in page and "5:06 (5.09 min)" in page
     csv_text = admin_client.get("/admin/usage.csv").get_data(as_text=True)
     assert csv_text.splitlines()[0] == "day_utc,number,sessions,billed_seconds,billed_minutes"
-    assert ",+14155550100,1,245.3,4.1" in csv_text
-    assert ",'=HYPERLINK(1),1,60.0,1.0" in csv_text  # a formula is neutralised; E.164 kept as is
+    assert ",+14155550100,1,245.3,4.09" in csv_text
+    assert ",'=HYPERLINK(1),1,60.0,1.00" in csv_text  # a formula is neutralised; E.164 kept as is
     filtered = admin_client.get("/admin/usage.csv?number=%2B14155550100").get_data(as_text=True)
     assert "HYPERLINK" not in filtered
     calls_csv = admin_client.get("/admin/calls.csv")
     assert calls_csv.status_code == 200 and calls_csv.mimetype == "text/csv"
     assert calls_csv.get_data(as_text=True).startswith("started_utc,carrier,call_id")
+
+
+def test_kallglot_webhooks_record_billed_time_and_mark_artifacts_ready(
+        make_admin_app: Callable[..., Flask], emulator: EmulatorControl, redis_client: redis_lib.Redis,
+        namespace: str) -> None:
+    app = make_admin_app(KALLGLOT_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    client = app.test_client()
+    assert admin_sign_in(client).status_code == 302
+    call_sid, session_id = start_call(client, emulator)
+
+    def deliver(kind: str, data: dict[str, Any]) -> int:
+        body = json.dumps({"id": f"evt_{kind}_{session_id}", "type": kind, "api_version": "v1",
+                           "created_at": "2026-03-26T11:04:20Z", "data": data}).encode()
+        return client.post("/kallglot/webhooks", data=body, content_type="application/json",
+                           headers={"Kallglot-Signature": sign(WEBHOOK_SECRET, body, int(time.time()))}).status_code
+
+    hang_up(client, call_sid)  # the end response recorded the emulator's figure; the webhook's replaces it
+    assert deliver("session.ended", {"id": session_id, "object": "session", "status": "ended",
+                                     "duration": 245.3}) == 200
+    assert deliver("transcript.ready", {"session_id": session_id, "object": "transcript"}) == 200
+    record = {k.decode(): v.decode() for k, v in redis_client.hgetall(RedisKeys(namespace).session(session_id)).items()}
+    assert record["billed_seconds"] == "245.3" and record["transcript_ready"] and record["status"] == "ended"
+    events = event_log(app).latest(session_id, 5)
+    assert [(e.kind, e.data.get("state")) for e in events] == [("session", "ended")]
+    page = client.get(f"/admin/sessions/{session_id}/transcript").get_data(as_text=True)
+    assert "4:06 (4.09 min)" in page

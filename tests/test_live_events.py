@@ -72,4 +72,4 @@ def test_billed_minutes_per_number_and_day(redis_client: redis_lib.Redis, namesp
         assert record_billed_seconds(redis_client, keys, session_id, seconds, ended_at=time.time())
     assert not record_billed_seconds(redis_client, keys, "unknown", 5.0)
     rows = {(r.number, r.sessions, r.minutes) for r in usage(redis_client, keys)}
-    assert rows == {("+15550001", 2, "2.0"), ("+15550002", 1, "10.0")}
+    assert rows == {("+15550001", 2, "2.00"), ("+15550002", 1, "10.00")}

@@ -16,7 +16,7 @@ from flask.typing import ResponseReturnValue
 
 from app.admin import bp, presenters
 from app.admin.live import _valid_session
-from app.calls.usage import minutes, usage
+from app.calls.usage import clock, minutes, usage
 from app.extensions import services
 from app.kallglot.client import KallglotError, KallglotNotFound
 from app.profiles.store import E164
@@ -63,7 +63,9 @@ def session_transcript(session_id: str) -> ResponseReturnValue:
     turns = [t for t in (transcript or {}).get("turns", []) if isinstance(t, dict)]
     return render_template("admin/transcript.html", session_id=session_id, record=record, transcript=transcript,
                            turns=turns, transcript_error=transcript_error, recordings=recordings,
-                           recordings_error=recordings_error, billed=minutes(record.get("billed_seconds")))
+                           recordings_error=recordings_error,
+                           billed=(f"{clock(record['billed_seconds'])} ({minutes(record['billed_seconds'])} min)"
+                                   if record.get("billed_seconds") else ""))
 
 
 @bp.get("/sessions/<session_id>/recordings/<recording_id>/audio")
@@ -123,8 +125,8 @@ def usage_page() -> ResponseReturnValue:
     for row in rows:
         per_day[row.day] = per_day.get(row.day, 0.0) + row.seconds
     return render_template("admin/usage.html", rows=rows, number=number,
-                           per_day=[(day, f"{s / 60:.1f}") for day, s in sorted(per_day.items(), reverse=True)],
-                           total=f"{sum(r.seconds for r in rows) / 60:.1f}")
+                           per_day=[(day, clock(s), f"{s / 60:.2f}") for day, s in sorted(per_day.items(), reverse=True)],
+                           total=f"{clock(sum(r.seconds for r in rows)) or '0:00'} ({sum(r.seconds for r in rows) / 60:.2f} min)")
 
 
 @bp.get("/usage.csv")

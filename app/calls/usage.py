@@ -45,9 +45,18 @@ def record_billed_seconds(client: redis.Redis, keys: RedisKeys, session_id: str,
 
 
 def minutes(seconds: float | str | None) -> str:
-    """``12.5`` minutes, one decimal, from seconds (empty when unknown)."""
+    """``12.25`` minutes, two decimals, from seconds (empty when unknown)."""
     value = parse_seconds(seconds)
-    return "" if value is None else f"{value / 60:.1f}"
+    return "" if value is None else f"{value / 60:.2f}"
+
+
+def clock(seconds: float | str | None) -> str:
+    """``1:02:03`` / ``4:05`` from seconds, rounded up as a bill would be (empty when unknown)."""
+    value = parse_seconds(seconds)
+    if value is None:
+        return ""
+    hours, rest = divmod(math.ceil(value), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 @dataclass(frozen=True)
@@ -61,8 +70,13 @@ class UsageRow:
 
     @property
     def minutes(self) -> str:
-        """Billed minutes, one decimal."""
-        return f"{self.seconds / 60:.1f}"
+        """Billed minutes, two decimals."""
+        return f"{self.seconds / 60:.2f}"
+
+    @property
+    def clock(self) -> str:
+        """Billed time as ``m:ss``."""
+        return clock(self.seconds)
 
 
 def usage(client: redis.Redis, keys: RedisKeys, *, since: float | None = None,
