@@ -9,10 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/kallglot-bridge-metrics
 
 WORKDIR /srv
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY app ./app
 COPY templates ./templates
-# Installs the dependencies; gunicorn imports the app from /srv (its working directory), next to templates/.
+# Installs the app with its dependencies (the templates go inside the package: setup.py).
 RUN pip install . && useradd --system --no-create-home bridge && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" \
     && chown bridge "$PROMETHEUS_MULTIPROC_DIR"
 COPY gunicorn.conf.py ./

@@ -1,6 +1,9 @@
-"""The per-app service objects (Redis, Kallglot client, profiles, lifecycle, relay tokens), built once by
-:func:`init_services` and reached through :func:`services`. No module-level mutable state: everything
-hangs off ``app.extensions``.
+"""The per-app service objects (Redis, Kallglot client, profiles, lifecycle, relay tokens, carrier controls),
+built once by :func:`init_services` and reached through :func:`services`. No module-level mutable state:
+everything hangs off ``app.extensions``.
+
+This module knows no carrier: the composition root (:mod:`app.factory`) builds each carrier's control from
+:mod:`app.carriers.registry` and hands them in.
 """
 from __future__ import annotations
 
@@ -42,24 +45,20 @@ class Services:
     carrier_controls: Mapping[str, CarrierControl]
 
 
-def init_services(app: Flask, settings: Settings) -> Services:
-    """Build the services for ``app`` and store them on ``app.extensions``."""
+def init_services(app: Flask, settings: Settings, controls: Mapping[str, CarrierControl]) -> Services:
+    """Build the services for ``app`` (``controls``: each carrier's call control by name) and store them on
+    ``app.extensions``."""
     tls = {"ssl_cert_reqs": "required" if settings.redis_tls_verify else "none"} \
         if settings.redis_url.startswith("rediss://") else {}
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS,
                                   socket_connect_timeout=REDIS_TIMEOUT_SECONDS, health_check_interval=30, **tls)
     keys = RedisKeys(settings.redis_namespace)
     kallglot = KallglotClient(settings.kallglot_api_url, settings.kallglot_api_key)
-    # The composition root is the one place that knows every carrier adapter's call control.
-    from app.carriers.telnyx.control import TelnyxControl
-    from app.carriers.twilio.control import TwilioControl
-
-    controls: dict[str, CarrierControl] = {"twilio": TwilioControl(settings), "telnyx": TelnyxControl(settings, connection_id=settings.telnyx_connection_id)}
     default_profile = NumberProfile(mode=settings.default_mode, source_language=settings.default_source_language,
                                     target_language=settings.default_target_language)
     built = Services(
         settings=settings, redis=client, keys=keys, kallglot=kallglot,
-        profiles=ProfileStore(client, keys, default_profile),
+        profiles=ProfileStore(client, keys, default_profile, carriers=tuple(controls)),
         lifecycle=SessionLifecycle(client, keys, kallglot,
                                    heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds,
                                    hang_up=lambda carrier, call_id: controls[carrier].hang_up(call_id)),

@@ -1,4 +1,9 @@
-"""The application factory and its ``register_*`` helpers."""
+"""The composition root: the application factory and its ``register_*`` helpers.
+
+The one place that wires the rooms together: settings → services (:mod:`app.extensions`), each carrier of
+:mod:`app.carriers.registry` (its call control into the services, its blueprint into the app), every other
+blueprint, the CLI and the background reaper.
+"""
 from __future__ import annotations
 
 import logging
@@ -9,14 +14,15 @@ from typing import Any
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.calls.reaper import start_background_reaper
+from app.carriers.registry import CARRIERS
 from app.config import Settings
-from app.extensions import init_services, init_sock
+from app.extensions import Services, init_services, init_sock
 from app.logging_setup import configure_logging, register_request_log_context
 
 log = logging.getLogger(__name__)
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -27,11 +33,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = Settings.from_mapping(config) if config is not None else Settings.from_env()
     settings.validate()
     configure_logging()
-    app = Flask(__name__, template_folder=str(TEMPLATES))
+    app = Flask(__name__, template_folder=str(template_folder()))
     app.config["SECRET_KEY"] = settings.secret_key
-    built = init_services(app, settings)
-    init_sock(app)
+    if settings.trusted_proxy_hops:
+        # Exactly that many X-Forwarded-For entries, counted from the right, were written by our own proxies;
+        # anything left of them is the client's to forge. With 0 the socket peer is the client address.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)  # type: ignore[method-assign]
+    built = register_services(app, settings)
     register_request_log_context(app)
+    register_carriers(app)
     register_blueprints(app)
     register_error_handlers(app)
     register_cli(app)
@@ -42,20 +52,39 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
+def template_folder() -> Path:
+    """The Jinja templates: inside the package in a wheel (``setup.py`` copies them there), else the source
+    tree's top-level ``templates/`` (an editable install or a checkout)."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "templates"
+    return packaged if packaged.is_dir() else package.parent / "templates"
+
+
+def register_services(app: Flask, settings: Settings) -> Services:
+    """Build the app's services, with every registered carrier's call control, and attach flask-sock."""
+    controls = {carrier.name: carrier.control(settings) for carrier in CARRIERS}
+    built = init_services(app, settings, controls)
+    init_sock(app)
+    return built
+
+
+def register_carriers(app: Flask) -> None:
+    """Every registered carrier's webhooks and media socket."""
+    for carrier in CARRIERS:
+        app.register_blueprint(carrier.blueprint)
+
+
 def register_blueprints(app: Flask) -> None:
-    """One blueprint per entry point."""
+    """One blueprint per other entry point."""
     from app import metrics
     from app.admin import bp as admin_bp
     from app.api import bp as api_bp
-    from app.carriers import telnyx, twilio
     from app.kallglot.webhooks import bp as kallglot_bp
     from app.ops import health
     from app.ops.landing import bp as web_bp
 
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
-    app.register_blueprint(twilio.bp)
-    app.register_blueprint(telnyx.bp)
     app.register_blueprint(kallglot_bp)
     app.register_blueprint(api_bp)
     app.register_blueprint(web_bp)

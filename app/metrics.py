@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 import redis
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
 from prometheus_client import (
     CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
 )
@@ -129,12 +129,15 @@ def add_relay_counts(carrier: str, counts: dict[str, int]) -> None:
 REJECTION_REASONS = {400: "malformed", 403: "signature", 404: "not_found", 405: "method", 503: "unavailable"}
 
 
-@bp.after_app_request
-def _count_rejections(response: Response) -> Response:
-    """Count refused carrier requests once, whatever refused them (signature check, validation, state)."""
-    if request.blueprint in ("twilio", "telnyx") and response.status_code in REJECTION_REASONS:
-        WEBHOOK_REJECTIONS.labels(request.blueprint, REJECTION_REASONS[response.status_code]).inc()
-    return response
+def count_rejections(blueprint: Blueprint, carrier: str) -> None:
+    """Count ``blueprint``'s refused requests once, whatever refused them (signature check, validation, state),
+    under the label ``carrier``: each carrier's blueprint declares its own label."""
+
+    @blueprint.after_request
+    def _count_rejection(response: Response) -> Response:
+        if response.status_code in REJECTION_REASONS:
+            WEBHOOK_REJECTIONS.labels(carrier, REJECTION_REASONS[response.status_code]).inc()
+        return response
 
 
 def _live_sessions_exposition() -> bytes:

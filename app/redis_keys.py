@@ -15,7 +15,9 @@ key                                            type    holds
 ``{ns}:sessions:live``                         zset    sessions not yet ended (score: created at)
 ``{ns}:calls:recent``                          zset    ``carrier:call_id`` of recent legs (score: created at)
 ``{ns}:admin:audit``                           list    admin audit entries, newest first (capped)
-``{ns}:admin:signin-failures:{scope}``         string  failed admin sign-ins in the current window (TTL)
+``{ns}:admin:session:{digest}``                string  a live admin session (SHA-256 of its nonce; TTL 12 h)
+``{ns}:admin:signin-delay:{digest}``           hash    failure streak of one (name, address) pair (TTL 24 h)
+``{ns}:admin:limiter:LIMITER/{address}/…``     string  Flask-Limiter's failed-sign-in window counters (TTL)
 ``{ns}:deadlines``                             zset    sessions to end (held, or an ``end`` to retry) by when
 ``{ns}:heartbeats``                            zset    ``carrier:call_id`` of live legs by when they expire
 ``{ns}:held:{to}:{from}``                      string  session a returning caller re-attaches to (TTL)
@@ -32,7 +34,9 @@ No value stored under these keys is a secret: Kallglot stream tokens travel seal
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, overload
 
 import redis
 
@@ -105,9 +109,17 @@ class RedisKeys:
         """Key of the capped list of admin audit entries (JSON, newest first)."""
         return f"{self.namespace}:admin:audit"
 
-    def admin_signin_failures(self, scope: str) -> str:
-        """Key counting failed admin sign-ins for ``scope`` (a client address, or ``*`` for all) in a window."""
-        return f"{self.namespace}:admin:signin-failures:{scope}"
+    def admin_session(self, nonce_digest: str) -> str:
+        """Key whose presence keeps the admin session with this nonce digest valid (deleted at sign-out)."""
+        return f"{self.namespace}:admin:session:{nonce_digest}"
+
+    def admin_signin_delay(self, pair_digest: str) -> str:
+        """Key of the failure streak of one (name, client address) pair, digested."""
+        return f"{self.namespace}:admin:signin-delay:{pair_digest}"
+
+    def admin_limiter_prefix(self) -> str:
+        """Prefix Flask-Limiter's storage puts before its own ``LIMITER/{address}/{endpoint}/…`` keys."""
+        return f"{self.namespace}:admin:limiter"
 
     def pending_creates(self) -> str:
         """Key of the sorted set of legs whose Kallglot create is not yet matched by a registered leg."""
@@ -141,3 +153,22 @@ def first_seen(client: redis.Redis, key: str, value: str = "1", ttl_seconds: int
     "have we handled this already?" question is answered the same way and expires the same way.
     """
     return bool(client.set(key, value, nx=True, ex=ttl_seconds))
+
+
+@overload
+def as_text(value: bytes | str) -> str: ...
+
+
+@overload
+def as_text(value: None) -> None: ...
+
+
+def as_text(value: bytes | str | None) -> str | None:
+    """A Redis reply as text: the clients here return bytes (``decode_responses`` is off, so binary-safe),
+    everything we store is UTF-8 text; ``None`` (no such key) stays ``None``."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def as_text_map(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """A Redis hash reply (``HGETALL``) as text keys and values."""
+    return {as_text(k): as_text(v) for k, v in raw.items()}

@@ -16,6 +16,7 @@ import pytest
 import redis as redis_lib
 import requests
 
+from app.carriers.registry import carrier_names
 from app.kallglot.signature import sign
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
@@ -58,7 +59,8 @@ def stack(redis_url: str, emulator_server: RunningServer) -> Iterator[Stack]:
                "HEARTBEAT_TIMEOUT_SECONDS": str(E2E_HEARTBEAT_TIMEOUT_SECONDS)}
         with run_gunicorn("app:create_app()", env, workers=2, port=bridge_port) as bridge:
             client = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
-            yield Stack(bridge, fake, ProfileStore(client, RedisKeys(NAMESPACE), NumberProfile()), client)
+            store = ProfileStore(client, RedisKeys(NAMESPACE), NumberProfile(), carriers=carrier_names())
+            yield Stack(bridge, fake, store, client)
             client.close()
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import requests
 
+from app.carriers.registry import carrier_names
 from app.devtools.simulator.telnyx import TelnyxMediaLeg, TexmlCallSimulator, new_call_control_id
 from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
 from tests.support.waiting import only_session, wait_until
@@ -205,7 +206,7 @@ def test_call_control_agent_leg_is_dialled_streams_and_is_hung_up_with_the_custo
 
     agent = "+15557770000"
     client = redis_lib.Redis.from_url(redis_url)
-    store = ProfileStore(client, RedisKeys("e2e-telnyx"), NumberProfile())
+    store = ProfileStore(client, RedisKeys("e2e-telnyx"), NumberProfile(), carriers=carrier_names())
     store.set(TO, NumberProfile(carrier="telnyx", agent_number=agent))
     try:
         # The customer talks, then listens long enough for the agent to be dialled, answer and talk.

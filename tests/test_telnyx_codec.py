@@ -11,7 +11,7 @@ import pytest
 
 from app.relay.audio import UnsupportedAudio, UplinkDecoder
 from app.carriers.contract import Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted
-from app.carriers.telnyx.media import TelnyxMediaCodec
+from app.carriers.telnyx.codec import TelnyxMediaCodec
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -14,7 +14,8 @@ from typing import Any
 from flask import Response, abort, render_template, request, stream_with_context
 from flask.typing import ResponseReturnValue
 
-from app.admin import bp, presenters
+from app.admin import presenters
+from app.admin.blueprint import bp
 from app.admin.live import _valid_session
 from app.calls.usage import clock, minutes, usage
 from app.extensions import services

@@ -23,7 +23,7 @@ from typing import Any
 from flask import Response, abort, current_app, render_template, request, stream_with_context
 from flask.typing import ResponseReturnValue
 
-from app.admin import bp
+from app.admin.blueprint import bp
 from app.calls.events import (
     LEG, RELAY_HEALTH, SESSION, TRANSCRIPT, LiveEvent, SessionEventLog, event_log_for, valid_stream_id,
 )

@@ -10,7 +10,10 @@ import redis
 from flask import Blueprint, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.calls.leg_spec import LegSpec
+from app.carriers.contract import CarrierError
 from app.extensions import services
+from app.redis_keys import as_text
 from app.kallglot.client import KallglotError
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.profiles import E164
@@ -63,22 +66,20 @@ def create_call() -> ResponseReturnValue:
                       "to_number": to_number})
         dialled = svc.keys.seen("api-call", key)
         if not svc.redis.set(dialled, "", nx=True, ex=IDEMPOTENCY_TTL_SECONDS):  # a retry: dial only once
-            existing = (svc.redis.get(dialled) or b"").decode() or None
+            existing = as_text(svc.redis.get(dialled)) or None
             svc.lifecycle.confirm_create(carrier, f"api-{key}")
             return jsonify(session_id=session.id, call_id=existing, replayed=True), 200
         try:
             call_id = svc.carrier_controls[carrier].dial(to=to_number, from_=from_number, session_id=session.id,
                                                          speaker=SPEAKER_CUSTOMER)
-        except Exception:
+        except CarrierError:
             svc.redis.delete(dialled)
             raise
         svc.redis.set(dialled, call_id, ex=IDEMPOTENCY_TTL_SECONDS)
-        svc.lifecycle.register_leg(
-            session_id=session.id, carrier=carrier, call_id=call_id, speaker=SPEAKER_CUSTOMER,
-            from_number=from_number, to_number=to_number, mode=profile.mode,
-            reconnect_window_seconds=profile.effective_reconnect_window(svc.settings.reconnect_window_seconds),
-            hangup_grace_seconds=profile.hangup_grace_seconds,
-            agent_hangup_ends_call=profile.agent_hangup_ends_call)
+        svc.lifecycle.register_leg(LegSpec.from_profile(
+            profile, carrier=carrier, call_id=call_id, speaker=SPEAKER_CUSTOMER, from_number=from_number,
+            to_number=to_number, default_reconnect_window_seconds=svc.settings.reconnect_window_seconds),
+            session_id=session.id)
         svc.lifecycle.confirm_create(carrier, f"api-{key}")
     except KallglotError as exc:
         log.error("api call to=%s: Kallglot refused the session: %s", to_number, exc)
@@ -86,7 +87,7 @@ def create_call() -> ResponseReturnValue:
     except redis.RedisError as exc:
         log.error("api call to=%s: Redis unavailable: %s", to_number, exc)
         return jsonify(error="state store unavailable"), 503
-    except Exception as exc:  # the carrier refused the dial
+    except CarrierError as exc:  # the carrier refused the dial
         log.error("api call to=%s: dialling through %s failed: %s", to_number, carrier, exc)
         svc.lifecycle.confirm_create(carrier, f"api-{key}")
         svc.lifecycle.end_session(session.id, "dial_failed")

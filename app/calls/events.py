@@ -28,6 +28,7 @@ from typing import Any
 
 import redis
 
+from app.background import spawn
 from app.redis_keys import RedisKeys
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,7 @@ class EventForwarder:
     def _start(self) -> None:
         with self._started:
             if self._writer is None:
-                self._writer = threading.Thread(target=self._run, name="live-events-writer", daemon=True)
-                self._writer.start()
+                self._writer = spawn(self._run, name="live-events-writer")
 
     def _run(self) -> None:
         while True:

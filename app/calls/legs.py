@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from app.calls.leg_spec import LegSpec
 from app.extensions import Services
 from app.kallglot.client import KallglotError, KallglotNotFound, KallglotSession
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
@@ -23,7 +24,8 @@ class StartedLeg:
 
 
 def live_session(svc: Services, session_id: str) -> KallglotSession | None:
-    """The session with a current stream grant (§9.4: GET refreshes it), or None if it is over."""
+    """The session with a current stream grant, or None if it is over (a GET refreshes the grant: assumption 4
+    in :mod:`app.kallglot.stream_protocol`)."""
     try:
         session = svc.kallglot.get_session(session_id)
     except KallglotNotFound:
@@ -36,13 +38,12 @@ def start_inbound_leg(svc: Services, *, carrier: str, call_id: str, to_number: s
     """Bridge an incoming call; raises :class:`KallglotError` or ``redis.RedisError`` (the caller then plays
     the fallback). Idempotent per call: a retried webhook replays the same session (the key is the call ID)."""
     profile = svc.profiles.for_number(to_number)
-    leg = dict(carrier=carrier, call_id=call_id, speaker=SPEAKER_CUSTOMER, from_number=from_number,
-               to_number=to_number, mode=profile.mode, hangup_grace_seconds=profile.hangup_grace_seconds,
-               reconnect_window_seconds=profile.effective_reconnect_window(svc.settings.reconnect_window_seconds),
-               agent_hangup_ends_call=profile.agent_hangup_ends_call)
+    leg = LegSpec.from_profile(profile, carrier=carrier, call_id=call_id, speaker=SPEAKER_CUSTOMER,
+                               from_number=from_number, to_number=to_number,
+                               default_reconnect_window_seconds=svc.settings.reconnect_window_seconds)
     held_id = svc.lifecycle.held_session_for(to_number, from_number)
     held = live_session(svc, held_id) if held_id else None
-    if held and svc.lifecycle.register_leg(session_id=held.id, reattach_from=(to_number, from_number), **leg):
+    if held and svc.lifecycle.register_leg(leg, session_id=held.id, reattach_from=(to_number, from_number)):
         log.info("%s call=%s session=%s re-attached a returning caller", carrier, call_id, held.id)
         return StartedLeg(held, profile, reattached=True)
     session = svc.lifecycle.create_session(
@@ -52,6 +53,6 @@ def start_inbound_leg(svc: Services, *, carrier: str, call_id: str, to_number: s
         metadata={**profile.metadata, **metadata, "from_number": from_number, "to_number": to_number})
     if session.stream is None:
         raise KallglotError("session has no stream", code="no_stream")
-    if not svc.lifecycle.register_leg(session_id=session.id, **leg):
+    if not svc.lifecycle.register_leg(leg, session_id=session.id):
         raise KallglotError("the call's session has already ended", code="session_ended")
     return StartedLeg(session, profile, reattached=False)

@@ -76,8 +76,11 @@ def run_gunicorn(
     ready_path: str = "/healthz",
     port: int | None = None,
     print_log_on_error: bool = True,
+    python: str = sys.executable,
+    cwd: Path = REPO_ROOT,
 ) -> Iterator[RunningServer]:
-    """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits.
+    """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits: with this interpreter from
+    the repo root by default, or with another ``python`` (an installed wheel's venv) from another ``cwd``.
 
     Each server gets its own ``HOME`` so gunicorn 27's control socket under ``$HOME/.gunicorn``
     never collides between servers started by parallel tests.
@@ -87,7 +90,7 @@ def run_gunicorn(
     log_path = Path(home) / "server.log"
     full_env = {**os.environ, **(env or {}), "HOME": home, "PYTHONUNBUFFERED": "1"}
     cmd = [
-        sys.executable, "-m", "gunicorn",
+        python, "-m", "gunicorn",
         "-k", "gevent",
         "-w", str(workers),
         "-b", f"127.0.0.1:{port}",
@@ -96,7 +99,7 @@ def run_gunicorn(
         app_spec,
     ]
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     server = RunningServer(url=f"http://127.0.0.1:{port}", port=port, process=proc, log_path=log_path)
     try:
         wait_for_http(server.url + ready_path, proc=proc)

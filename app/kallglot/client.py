@@ -80,13 +80,6 @@ class StreamGrant:
     token: str
     expires_at: datetime | None
 
-    def expired(self, now: datetime | None = None, margin_seconds: float = 5.0) -> bool:
-        """True when the token is past (or within ``margin_seconds`` of) its ``expires_at``."""
-        if self.expires_at is None:
-            return False
-        now = now or datetime.now(timezone.utc)
-        return (self.expires_at - now).total_seconds() <= margin_seconds
-
     def __repr__(self) -> str:  # keep the token out of logs and tracebacks
         return f"StreamGrant(url={self.url!r}, token='***', expires_at={self.expires_at!r})"
 
@@ -157,7 +150,8 @@ class KallglotClient:
         return KallglotSession.from_json(self._request("POST", "/sessions", json=body, idempotency_key=idempotency_key))
 
     def get_session(self, session_id: str) -> KallglotSession:
-        """``GET /v1/sessions/{id}`` — also the way to a fresh stream token (assumption §9.4)."""
+        """``GET /v1/sessions/{id}`` — also the way to a fresh stream token (assumption 4 in
+        :mod:`app.kallglot.stream_protocol`)."""
         return KallglotSession.from_json(self._request("GET", f"/sessions/{session_id}"))
 
     def end_session(self, session_id: str) -> dict[str, Any]:

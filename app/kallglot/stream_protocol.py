@@ -1,9 +1,10 @@
 """Kallglot's stream-socket messages, and — in one place — this project's assumptions where the docs are silent.
 
-Documented (kallglot-api.md §4): ``audio.input`` (μ-law 8 kHz only), ``ping``/``pong``, ``session.end``/
+Documented (Kallglot's stream reference): ``audio.input`` (μ-law 8 kHz only), ``ping``/``pong``, ``session.end``/
 ``session.ended``, ``session.ready``, ``transcript.partial``/``transcript.final``, ``session.error``.
 
-Assumed (kallglot-api.md §9); each is a constant or one function here so it changes in one edit:
+Assumed where Kallglot's docs are silent (the project's working assumptions, numbered here and cited as
+"assumption N" elsewhere); each is a constant or one function here so it changes in one edit:
 
 1. Return audio is ``{"type": "audio.output", "audio": {"encoding", "sample_rate_hz", "payload"}}`` for the
    participant on that connection (:func:`parse_server_message`, :data:`AUDIO_OUTPUT`).
@@ -34,7 +35,7 @@ AUDIO_OUTPUT = "audio.output"  # assumption 1
 AUDIO_CLEAR = "audio.clear"  # assumption 2
 SPEAKER_CUSTOMER = "customer"  # assumption 3
 SPEAKER_AGENT = "agent"
-#: Kallglot's only accepted input format (§4): no transcoding is needed for G.711 μ-law carriers.
+#: Kallglot's only accepted input format (stream reference): no transcoding is needed for G.711 μ-law carriers.
 INPUT_ENCODING = "mulaw"
 INPUT_SAMPLE_RATE_HZ = 8000
 #: The docs say "ping occasionally"; 20 s stays below common 30–60 s proxy idle timeouts.

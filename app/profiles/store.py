@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import redis
 
 from app.config import KALLGLOT_MODES, LANGUAGE_CODE, MAX_RECONNECT_WINDOW_SECONDS
-from app.redis_keys import RedisKeys
+from app.redis_keys import RedisKeys, as_text
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-CARRIERS = ("twilio", "telnyx")
 #: TwiML/TeXML ``<Say language>`` codes look like ``en-US``; plain ``en`` is accepted too.
 SAY_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Z]{2})?$")
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
@@ -58,11 +58,11 @@ class NumberProfile:
     #: Whether this profile belongs to the number itself (False: the DEFAULT_* profile applied).
     own: bool = False
 
-    def problems(self) -> dict[str, str]:
-        """Every invalid value, keyed by field name, one sentence each."""
+    def problems(self, carriers: Collection[str]) -> dict[str, str]:
+        """Every invalid value, keyed by field name, one sentence each; ``carriers``: the carrier names known."""
         found: dict[str, str] = {}
-        if self.carrier not in CARRIERS:
-            found["carrier"] = f"must be one of {', '.join(CARRIERS)}"
+        if self.carrier not in carriers:
+            found["carrier"] = f"must be one of {', '.join(carriers)}"
         if self.mode not in KALLGLOT_MODES:
             found["mode"] = f"must be one of {', '.join(KALLGLOT_MODES)}"
         for name in ("source_language", "target_language"):
@@ -131,10 +131,13 @@ class NumberProfile:
 class ProfileStore:
     """Reads and writes number profiles; any number without its own gets ``default``."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, default: NumberProfile) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, default: NumberProfile, *,
+                 carriers: Collection[str]) -> None:
         self._redis = client
         self._keys = keys
         self.default = default
+        #: The carrier names a profile may name (the composition root passes the registry's).
+        self.carriers = tuple(carriers)
 
     def for_number(self, number: str) -> NumberProfile:
         """The profile that applies to calls to ``number`` (its own, else the default)."""
@@ -146,7 +149,7 @@ class ProfileStore:
         problems = {}
         if not E164.match(number or ""):
             problems["number"] = f"must be in E.164 form like +14155551234, not {number!r}"
-        problems.update(profile.problems())
+        problems.update(profile.problems(self.carriers))
         if problems:
             raise ProfileError(problems)
         with self._redis.pipeline(transaction=True) as pipe:
@@ -165,6 +168,5 @@ class ProfileStore:
 
     def all(self) -> dict[str, NumberProfile]:
         """Every number with its own profile, sorted by number."""
-        numbers = sorted(n.decode() if isinstance(n, bytes) else n
-                         for n in self._redis.smembers(self._keys.profiles_index()))
+        numbers = sorted(as_text(n) for n in self._redis.smembers(self._keys.profiles_index()))
         return {n: p for n in numbers if (p := self.for_number(n)).own}

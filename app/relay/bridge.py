@@ -10,6 +10,7 @@ import time
 import redis
 from flask import current_app
 
+from app.background import spawn
 from app.calls import events as live_events
 from app.calls.agent import dial_agent_if_configured
 from app.ops.draining import current_drain
@@ -20,13 +21,10 @@ from app.logging_setup import bind_log_context
 from app.carriers.contract import CarrierCodec
 from app.relay.core import CarrierSocket, MediaRelay, RelayEnd, await_start, close_quietly
 from app.kallglot.stream import KallglotStream, KallglotStreamError
-from app.relay.tokens import InvalidRelayToken
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, InvalidRelayToken
 
 log = logging.getLogger(__name__)
 
-#: Names of the stream parameters our TwiML/TeXML sets and the relay reads back from ``start``.
-SESSION_PARAMETER = "session_id"
-RELAY_TOKEN_PARAMETER = "relay_token"
 #: The leg end reason recorded when the Kallglot stream could not be opened at all.
 KALLGLOT_UNREACHABLE = "relay_kallglot_unreachable"
 #: Refresh a Kallglot stream token this close to its expiry rather than risk a refused connect.
@@ -49,7 +47,8 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
     bind_log_context(carrier=codec.carrier, call_id=grant.call_id, session_id=grant.session_id)
 
     def open_kallglot() -> KallglotStream:
-        """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption §9.4)."""
+        """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption 4 in
+        :mod:`app.kallglot.stream_protocol`)."""
         stream_url, stream_token = grant.stream_url, grant.stream_token
         if grant.stream_expires_at and grant.stream_expires_at - time.time() < TOKEN_REFRESH_MARGIN_SECONDS:
             session = svc.kallglot.get_session(grant.session_id)
@@ -100,8 +99,7 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
     heartbeat.start()
     if grant.speaker == SPEAKER_CUSTOMER:
         # Off the hot path: a REST call to the carrier, once per session (re-attached streams find it done).
-        threading.Thread(target=dial_agent_if_configured, args=(svc, grant.session_id, codec.carrier),
-                         name="dial-agent", daemon=True).start()
+        spawn(dial_agent_if_configured, svc, grant.session_id, codec.carrier, name="dial-agent")
     try:
         relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
                            context=context, on_end=record_end, reopen_kallglot=open_kallglot,
@@ -123,7 +121,7 @@ class _Heartbeat:
 
     def start(self) -> None:
         self._beat()
-        threading.Thread(target=self._run, name="relay-heartbeat", daemon=True).start()
+        spawn(self._run, name="relay-heartbeat")
 
     def stop(self) -> None:
         self._stopped.set()

@@ -1,13 +1,12 @@
 """The media relay core: one call leg's carrier socket bridged to its Kallglot stream socket.
 
 Vendor-free: a :class:`~app.carriers.contract.CarrierCodec` does the carrier's wire format. The uplink (carrier →
-Kallglot) runs in the handler's greenlet, the downlink (Kallglot → carrier) in a second one; when either side
+Kallglot) runs in the handler's thread, the downlink (Kallglot → carrier) in a second one; when either side
 closes, both close. Nothing here touches Redis: the hot path does no I/O but the two sockets.
 """
 from __future__ import annotations
 
 import base64
-import contextvars
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ from typing import Protocol
 from simple_websocket import ConnectionClosed
 
 from app import metrics
+from app.background import spawn
 from app.relay.audio import DownlinkTranscoder, UnsupportedAudio
 from app.kallglot import stream_protocol
 from app.kallglot.stream_protocol import (
@@ -169,7 +169,7 @@ class MediaRelay:
         self._ending = threading.Event()
         self._end: RelayEnd | None = None
         self._end_lock = threading.Lock()
-        # Both greenlets may write to the carrier socket (frames vs. a protocol-error close).
+        # Both threads may write to the carrier socket (frames vs. a protocol-error close).
         self._carrier_lock = threading.Lock()
         # While the Kallglot stream is being reopened the uplink queues its messages here (bounded).
         self._kallglot_lock = threading.Lock()
@@ -185,11 +185,9 @@ class MediaRelay:
     # -- lifecycle -----------------------------------------------------------------------------------------
     def run(self) -> RelayEnd:
         """Relay until one side ends; always closes both sockets and returns why it stopped."""
-        # The downlink logs with this leg's context (call, session): greenlets do not inherit it by themselves.
-        downlink = threading.Thread(target=contextvars.copy_context().run, args=(self._downlink_guarded,),
-                                    name="relay-downlink", daemon=True)
         metrics.RELAYS_LIVE.labels(self.codec.carrier).inc()
-        downlink.start()
+        # The downlink logs with this leg's context (call, session).
+        downlink = spawn(self._downlink_guarded, name="relay-downlink", inherit_context=True)
         try:
             self._uplink()
             if self._end not in (RelayEnd.KALLGLOT_ENDED, RelayEnd.KALLGLOT_LOST):
@@ -220,7 +218,7 @@ class MediaRelay:
         return end
 
     def stop(self, why: RelayEnd = RelayEnd.WORKER_DRAINING) -> None:
-        """Ask the relay to end (from another greenlet) as if ``why`` happened; it does within one poll."""
+        """Ask the relay to end (from another thread) as if ``why`` happened; it does within one poll."""
         self._finish(why)
 
     def _finish(self, why: RelayEnd) -> None:

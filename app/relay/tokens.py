@@ -18,6 +18,11 @@ import nacl.exceptions
 import nacl.secret
 import nacl.utils
 
+from app.kallglot.client import StreamGrant
+
+#: Names of the stream parameters the carriers' answers set and the relay reads back from ``start``.
+SESSION_PARAMETER = "session_id"
+RELAY_TOKEN_PARAMETER = "relay_token"
 #: Long enough for a greeting before ``<Connect>``; Kallglot's stream token lives 5 minutes anyway.
 RELAY_TOKEN_TTL_SECONDS = 300
 
@@ -61,6 +66,15 @@ class RelayTokenSealer:
         }
         sealed = self._box.encrypt(json.dumps(body, separators=(",", ":")).encode())
         return base64.urlsafe_b64encode(bytes(sealed)).decode().rstrip("=")
+
+    def seal_stream(self, stream: StreamGrant, *, session_id: str, carrier: str, call_id: str, speaker: str,
+                    now: float | None = None) -> str:
+        """A relay token that lets the media socket of ``carrier``'s ``call_id`` into ``session_id``'s Kallglot
+        ``stream`` as ``speaker``: how every carrier answer seals one."""
+        expires = stream.expires_at.timestamp() if stream.expires_at else None
+        return self.seal(RelayGrant(session_id=session_id, carrier=carrier, call_id=call_id, speaker=speaker,
+                                    stream_url=stream.url, stream_token=stream.token, stream_expires_at=expires),
+                         now=now)
 
     def open(self, token: str | None, *, carrier: str, call_id: str | None, now: float | None = None) -> RelayGrant:
         """Verify ``token`` and return its grant; it must be unexpired and bound to this carrier and call."""

@@ -21,11 +21,14 @@ import telnyx
 from flask import abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.calls.leg_spec import LegSpec
+from app.carriers.contract import CarrierError
 from app.extensions import Services, services
 from app.kallglot.client import KallglotError
 from app.calls.lifecycle import LEG_LIVE
 from app.redis_keys import first_seen
-from app.carriers.telnyx import CARRIER, bp
+from app.carriers.telnyx import CARRIER
+from app.carriers.telnyx.blueprint import bp
 from app.carriers.telnyx.control import (
     GOODBYE_KEY, GOODBYE_SESSION_OVER, GOODBYE_UNAVAILABLE, TelnyxControl, decode_client_state, telnyx_control,
 )
@@ -119,6 +122,9 @@ def _command(event: CallEvent, what: str, send: Callable[[], None]) -> bool:
         status = getattr(exc, "status_code", None)
         log.error("telnyx call=%s %s failed (%s): %s", event.call_id, what, status or "no response", exc.message)
         return False
+    except CarrierError as exc:  # hang_up, the contract's own command, translates its SDK errors
+        log.error("telnyx call=%s %s failed: %s", event.call_id, what, exc)
+        return False
     return True
 
 
@@ -137,18 +143,18 @@ def _call_initiated(svc: Services, control: TelnyxControl, event: CallEvent) -> 
     metadata = {"telnyx_call_control_id": event.call_id, "telnyx_call_session_id": payload.get("call_session_id"),
                 "telnyx_call_leg_id": payload.get("call_leg_id"), "telnyx_connection_id": payload.get("connection_id")}
     try:
-        leg = start_leg(svc, call_id=event.call_id, to_number=to_number, from_number=from_number,
-                        metadata={k: str(v) for k, v in metadata.items() if v})
+        leg, relay_token = start_leg(svc, call_id=event.call_id, to_number=to_number, from_number=from_number,
+                                     metadata={k: str(v) for k, v in metadata.items() if v})
     except (KallglotError, redis.RedisError) as exc:
         log.error("telnyx call=%s to=%s could not start a session: %s", event.call_id, to_number, exc)
         _command(event, "answer (to apologise)", lambda: control.answer_to_say_goodbye(
             event.call_id, GOODBYE_UNAVAILABLE, command_id=event.command_id("answer")))
         return
     answered = _command(event, "answer", lambda: control.answer_and_stream(
-        event.call_id, session_id=leg.session_id, relay_token=leg.relay_token, command_id=event.command_id("answer")))
+        event.call_id, session_id=leg.session.id, relay_token=relay_token, command_id=event.command_id("answer")))
     if answered:
-        log.info("telnyx call=%s session=%s to=%s mode=%s answered", event.call_id, leg.session_id, to_number,
-                 leg.mode)
+        log.info("telnyx call=%s session=%s to=%s mode=%s answered", event.call_id, leg.session.id, to_number,
+                 leg.profile.mode)
     else:  # the call is gone (or Telnyx refuses it): nothing will stream
         svc.lifecycle.leg_ended(CARRIER, event.call_id, "answer_failed", clean=False)
 
@@ -170,10 +176,10 @@ def _stream_dialled_leg(svc: Services, control: TelnyxControl, event: CallEvent,
         if stream is None:
             raise KallglotError("session has no stream", code="no_stream")
         record = svc.lifecycle.session_record(session_id)
-        if not svc.lifecycle.register_leg(
-                session_id=session_id, carrier=CARRIER, call_id=event.call_id, speaker=speaker,
-                from_number=str(event.payload.get("from") or ""), to_number=str(event.payload.get("to") or ""),
-                mode=record.get("mode", ""), reconnect_window_seconds=int(record.get("reconnect_window") or 0)):
+        leg = LegSpec.joining(record, carrier=CARRIER, call_id=event.call_id, speaker=speaker,
+                              from_number=str(event.payload.get("from") or ""),
+                              to_number=str(event.payload.get("to") or ""))
+        if not svc.lifecycle.register_leg(leg, session_id=session_id):
             raise KallglotError("the session has already ended", code="session_ended")
     except KallglotError as exc:
         log.error("telnyx call=%s dialled leg cannot join session=%s: %s", event.call_id, session_id, exc)

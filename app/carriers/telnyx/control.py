@@ -18,13 +18,15 @@ from typing import Any
 import telnyx
 
 from app.config import Settings
-from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
+from app.carriers.contract import CarrierError
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 from app.carriers.telnyx import CARRIER
 
 log = logging.getLogger(__name__)
 
-#: Telnyx's streaming WebSocket header carrying ``stream_auth_token`` (also echoed in ``connected``).
-STREAM_AUTH_HEADER = "x-telnyx-streaming-auth-token"
+LABEL = "Telnyx"
+
 #: Return audio as raw μ-law frames: without ``rtp`` Telnyx expects MP3 and silently drops what we send.
 STREAM_PARAMS: dict[str, Any] = {"stream_track": "inbound_track", "stream_bidirectional_mode": "rtp",
                                  "stream_bidirectional_codec": "PCMU"}
@@ -54,6 +56,12 @@ def decode_client_state(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in decoded.items()} if isinstance(decoded, dict) else {}
 
 
+def sdk_client(settings: Settings, timeout: float = API_TIMEOUT_SECONDS) -> telnyx.Telnyx:
+    """A telnyx SDK client for the configured account, honouring ``TELNYX_API_URL``."""
+    return telnyx.Telnyx(api_key=settings.telnyx_api_key or "unset", base_url=settings.telnyx_api_url,
+                         timeout=timeout, max_retries=1)
+
+
 class TelnyxControl:
     """Call Control commands for one app (one SDK client, built from settings)."""
 
@@ -62,9 +70,12 @@ class TelnyxControl:
     def __init__(self, settings: Settings, client: telnyx.Telnyx | None = None, *, connection_id: str = "") -> None:
         self.settings = settings
         self.connection_id = connection_id  # the Call Control application id; only dial() needs it
-        self.client = client or telnyx.Telnyx(api_key=settings.telnyx_api_key or "unset",
-                                              base_url=settings.telnyx_api_url, timeout=API_TIMEOUT_SECONDS,
-                                              max_retries=1)
+        self.client = client or sdk_client(settings)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TelnyxControl:
+        """The app's control: the configured Call Control application id (``TELNYX_CONNECTION_ID``) dials."""
+        return cls(settings, connection_id=settings.telnyx_connection_id)
 
     def answer_and_stream(self, call_id: str, *, session_id: str, relay_token: str, command_id: str) -> None:
         """Answer an incoming call with bidirectional RTP streaming to ``/telnyx/media``.
@@ -92,37 +103,40 @@ class TelnyxControl:
 
     def say_goodbye(self, call_id: str, goodbye: str, *, command_id: str) -> None:
         """Speak a goodbye; its ``call.speak.ended`` (carrying the same client_state) hangs up."""
-        from app.carriers.twilio.twiml import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE  # the caller-facing wording
-
         text = SESSION_OVER_MESSAGE if goodbye == GOODBYE_SESSION_OVER else UNAVAILABLE_MESSAGE
         self.client.calls.actions.speak(call_id, payload=text, voice="female", language="en-US",
                                         client_state=encode_client_state({GOODBYE_KEY: goodbye}),
                                         command_id=command_id)
 
     def hang_up(self, call_id: str, command_id: str | None = None) -> None:
-        """End a live call leg; a leg that already ended is not an error."""
+        """End a live call leg; a leg that already ended is not an error. Raises :class:`CarrierError`."""
         try:
             self.client.calls.actions.hangup(call_id, command_id=command_id or str(uuid.uuid4()))
         except telnyx.APIStatusError as exc:
             if exc.status_code not in CALL_GONE_STATUSES:
-                raise
+                raise CarrierError.of(LABEL, exc) from exc
             log.info("telnyx call=%s already gone at hang-up (HTTP %s)", call_id, exc.status_code)
+        except telnyx.APIError as exc:
+            raise CarrierError.of(LABEL, exc) from exc
 
     def dial(self, *, to: str, from_: str, session_id: str, speaker: str) -> str:
         """Place an outbound leg that will stream into ``session_id`` as ``speaker``; returns its call_control_id.
 
         The relay token is bound to the call_control_id, which only exists once the dial returns, so
         streaming starts on ``call.answered`` (``client_state`` carries the session and speaker there).
-        Needs ``connection_id`` (the Call Control application id).
+        Needs ``connection_id`` (the Call Control application id). Raises :class:`CarrierError`.
         """
         if not self.connection_id:
-            raise ValueError("a Call Control application id (connection_id) is needed to dial")
-        response = self.client.calls.dial(
-            connection_id=self.connection_id, from_=from_, to=to, command_id=str(uuid.uuid4()),
-            webhook_url=self.settings.public("/telnyx/call-control"),
-            client_state=encode_client_state({"s": session_id, "p": speaker}))
+            raise CarrierError(f"{LABEL}: a Call Control application id (connection_id) is needed to dial")
+        try:
+            response = self.client.calls.dial(
+                connection_id=self.connection_id, from_=from_, to=to, command_id=str(uuid.uuid4()),
+                webhook_url=self.settings.public("/telnyx/call-control"),
+                client_state=encode_client_state({"s": session_id, "p": speaker}))
+        except telnyx.APIError as exc:
+            raise CarrierError.of(LABEL, exc) from exc
         if response.data is None or not response.data.call_control_id:
-            raise ValueError("Telnyx's dial response carries no call_control_id")
+            raise CarrierError(f"{LABEL}: the dial response carries no call_control_id")
         return str(response.data.call_control_id)
 
     @staticmethod

@@ -19,18 +19,19 @@ from flask import Response, abort, request
 
 from app.config import Settings
 from app.extensions import services
+from app.carriers.contract import TERMINAL_CALL_STATUSES
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.kallglot.client import KallglotError
-from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
-from app.carriers.telnyx import CARRIER, bp
-from app.carriers.telnyx.media import FLOW_PARAMETER, FLOW_TEXML
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
+from app.carriers.telnyx import CARRIER
+from app.carriers.telnyx.blueprint import bp
+from app.carriers.telnyx.codec import FLOW_PARAMETER, FLOW_TEXML
 from app.carriers.telnyx.session import start_leg
-from app.carriers.twilio.twiml import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 
 log = logging.getLogger(__name__)
 
 #: call_control_ids look like ``v3:T02llQxIy…``; accept that alphabet, bounded, and nothing else.
 CALL_CONTROL_ID = re.compile(r"^[A-Za-z0-9:_\-]{8,256}$")
-TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 #: Hang-up causes of an ordinary end; any other cause is a loss the lifecycle may hold for a reconnect.
 CLEAN_HANGUP_CAUSES = frozenset({"normal_clearing", "originator_cancel"})
 #: Telnyx's docs name the stream failure both ways; accept both.
@@ -90,13 +91,14 @@ def texml_voice() -> Response:
     metadata = {"telnyx_call_control_id": call_id, "telnyx_call_session_id": form.get("CallSessionId", ""),
                 "telnyx_connection_id": form.get("ConnectionId", "")}
     try:
-        leg = start_leg(svc, call_id=call_id, to_number=to_number, from_number=from_number,
-                        metadata={k: v for k, v in metadata.items() if v})
+        leg, relay_token = start_leg(svc, call_id=call_id, to_number=to_number, from_number=from_number,
+                                     metadata={k: v for k, v in metadata.items() if v})
     except (KallglotError, redis.RedisError) as exc:
         log.error("telnyx texml call=%s to=%s could not start a session: %s", call_id, to_number, exc)
         return _xml(_say_and_hang_up(ET.Element("Response"), UNAVAILABLE_MESSAGE))
-    log.info("telnyx texml call=%s session=%s to=%s mode=%s answered", call_id, leg.session_id, to_number, leg.mode)
-    return _xml(connect_stream(svc.settings, session_id=leg.session_id, relay_token=leg.relay_token))
+    log.info("telnyx texml call=%s session=%s to=%s mode=%s answered", call_id, leg.session.id, to_number,
+             leg.profile.mode)
+    return _xml(connect_stream(svc.settings, session_id=leg.session.id, relay_token=relay_token))
 
 
 @bp.post("/texml/status")

@@ -5,12 +5,8 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from app.config import Settings
 from app.profiles import NumberProfile
-from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
-
-#: Said when Kallglot cannot take the call and the profile has no message of its own.
-UNAVAILABLE_MESSAGE = ("We're sorry, the translation service is not available right now. "
-                       "Please try your call again later. Goodbye.")
-SESSION_OVER_MESSAGE = "The translation session has ended. Goodbye."
+from app.calls.prompts import UNAVAILABLE_MESSAGE
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 
 
 def connect_stream(settings: Settings, *, session_id: str, relay_token: str, greeting: str = "",

@@ -12,6 +12,8 @@ from flask import Response, abort, request
 from app import metrics
 from app.extensions import Services, services
 from app.calls.legs import live_session, start_inbound_leg
+from app.carriers.contract import TERMINAL_CALL_STATUSES
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.kallglot.client import KallglotError, KallglotSession
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.logging_setup import bind_log_context
@@ -19,17 +21,14 @@ from app.profiles import NumberProfile
 from app.relay.bridge import KALLGLOT_UNREACHABLE
 from app.relay.core import RelayEnd
 from app.redis_keys import first_seen
-from app.relay.tokens import RelayGrant
-from app.carriers.twilio import bp, twiml
+from app.carriers.twilio import CARRIER, twiml
+from app.carriers.twilio.blueprint import bp
 from app.carriers.twilio.signature import request_is_from_twilio
 
 log = logging.getLogger(__name__)
 
-CARRIER = "twilio"
 #: Twilio call SIDs are "CA" + 32 hex digits; anything else is not a Twilio call.
 CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
-#: Final call states (A4): the leg is over.
-TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 #: How often one call's media stream is restored after it dropped, before the caller gets the fallback.
 MAX_STREAM_RESTARTS = 3
 #: Leg end reasons (set by the relay) after which Kallglot, not the stream, is the problem.
@@ -60,10 +59,8 @@ def _stream_twiml(svc: Services, session: KallglotSession, call_sid: str, profil
                   speaker: str = SPEAKER_CUSTOMER) -> str:
     """``<Connect><Stream>`` for ``session`` with a fresh relay token (and the greeting on a first answer)."""
     assert session.stream is not None
-    expires = session.stream.expires_at.timestamp() if session.stream.expires_at else None
-    token = svc.relay_tokens.seal(RelayGrant(
-        session_id=session.id, carrier=CARRIER, call_id=call_sid, speaker=speaker,
-        stream_url=session.stream.url, stream_token=session.stream.token, stream_expires_at=expires))
+    token = svc.relay_tokens.seal_stream(session.stream, session_id=session.id, carrier=CARRIER, call_id=call_sid,
+                                         speaker=speaker)
     return twiml.connect_stream(svc.settings, session_id=session.id, relay_token=token,
                                 greeting=profile.greeting if profile else "",
                                 greeting_language=profile.greeting_language if profile else "en-US")
@@ -161,14 +158,14 @@ def connect_action() -> Response:
         reason = call.get("end_reason", "") if call.get("state") == "ended" else ""
         if not session_id or reason == "relay_kallglot_ended":
             svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
-            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+            return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
         if reason in KALLGLOT_FAILURES or int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
             svc.lifecycle.leg_ended(CARRIER, call_sid, reason or "stream_restarts_exhausted", clean=False)
             return _xml(twiml.fallback(profile))
         session = live_session(svc, session_id)
         if session is None or not svc.lifecycle.reattach_leg(CARRIER, call_sid):
             svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
-            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+            return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
     except (KallglotError, redis.RedisError) as exc:
         log.error("twilio call=%s stream could not be restored, fallback: %s", call_sid, exc)
         return _xml(twiml.fallback(NumberProfile()))
@@ -189,7 +186,7 @@ def outbound_answer() -> Response:
             log.warning("twilio call=%s answered but has no live session", call_sid)
             if call:
                 svc.lifecycle.leg_ended(CARRIER, call_sid, "session_gone")
-            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+            return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
     except (KallglotError, redis.RedisError) as exc:
         log.error("twilio call=%s outbound answer failed, fallback: %s", call_sid, exc)
         return _xml(twiml.fallback(NumberProfile()))
@@ -215,4 +212,4 @@ def fallback() -> Response:
     metrics.count_fallback(CARRIER, "voice_fallback_url")
     log.error("twilio call=%s fallback used (ErrorCode=%s)", request.form.get("CallSid", "?"),
               request.form.get("ErrorCode", "?"))
-    return _xml(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
+    return _xml(twiml.say_and_hang_up(UNAVAILABLE_MESSAGE))

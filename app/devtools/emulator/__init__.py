@@ -1,6 +1,7 @@
 """A faithful local emulator of the Kallglot REST API and stream WebSocket, for tests and the demo.
 
-It implements the newer Kallglot docs plus the project's §9 working assumptions (shared/kallglot-api.md).
+It implements the newer Kallglot docs plus the project's working assumptions where they are silent
+(listed in :mod:`app.kallglot.stream_protocol`).
 Run it as ONE process: ``python -m app.devtools.emulator`` or one gunicorn gevent worker
 (``gunicorn -k gevent -w 1 'app.devtools.emulator:create_emulator_app()'``), since all state is in memory.
 """

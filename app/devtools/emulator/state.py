@@ -20,7 +20,7 @@ from typing import Any
 from simple_websocket import ConnectionClosed
 
 MODES = frozenset({"bidirectional_translation", "assistive_translation", "ai_agent", "help_chat_voice"})
-# The docs promise "25+ languages" with ISO-639-1 examples; the full list was never captured (§7).
+# The docs promise "25+ languages" with ISO-639-1 examples; the full list was never captured.
 LANGUAGES = frozenset(
     "en es de fr it pt nl pl ru uk tr ar he hi bn ur zh ja ko vi th id ms sv da no fi el cs ro hu".split()
 )
@@ -132,7 +132,7 @@ class Session:
         return [conn for conn in self.connections if conn.live]
 
     def public_view(self, *, stream: dict[str, Any] | None = None, with_times: bool = True) -> dict[str, Any]:
-        """The REST shape: §2.1 (create) or, with ``with_times``, §2.2 (retrieve); ``stream`` only if given."""
+        """The REST shape of create or, with ``with_times``, of retrieve; ``stream`` only if given."""
         view: dict[str, Any] = {
             "id": self.id, "object": "session", "status": self.status, "mode": self.mode,
             "provider": self.provider, "phone_number": self.phone_number,
@@ -147,7 +147,7 @@ class Session:
         return view
 
     def end_summary(self) -> dict[str, Any]:
-        """The body ``POST /v1/sessions/{id}/end`` answers with (§2.3)."""
+        """The body ``POST /v1/sessions/{id}/end`` answers with."""
         return {"id": self.id, "object": "session", "status": "ended",
                 "duration_seconds": self.duration_seconds, "ended_at": iso_utc(self.ended_at)}
 
@@ -219,7 +219,7 @@ class EmulatorState:
                 return "session_not_found"
             if session.status == "ended":
                 return "session_ended"
-            # The token is checked only here, at connect; an open socket outlives its expiry (§4).
+            # The token is checked only here, at connect; an open socket outlives its expiry (stream reference).
             expires_at = session.tokens.get(token)
             if expires_at is None or time.time() >= expires_at:
                 return "invalid_token"
@@ -288,7 +288,7 @@ class EmulatorState:
             conn.audio_bytes += len(data)
             return list(range(seconds_before + 1, conn.audio_bytes // BYTES_PER_SECOND + 1))
 
-    # --- idempotency (§7) ----------------------------------------------------------------------
+    # --- idempotency (Idempotency-Key) ----------------------------------------------------------------------
     def idempotency_begin(self, scope: tuple[str, str], fingerprint: str) -> str | tuple[int, bytes]:
         """Claim an idempotency key: ``"new"``, ``"mismatch"``, ``"conflict"`` or the stored (status, body)."""
         with self.lock:

@@ -1,4 +1,5 @@
-"""The emulated stream WebSocket ``/v1/sessions/<id>/connect?token=…`` (§4 plus the §9 assumptions)."""
+"""The emulated stream WebSocket ``/v1/sessions/<id>/connect?token=…`` (Kallglot's stream reference, plus the
+assumptions in :mod:`app.kallglot.stream_protocol`)."""
 from __future__ import annotations
 
 import base64
@@ -18,7 +19,7 @@ RECEIVE_POLL_SECONDS = 1.0  # how soon a handler notices its socket was closed f
 
 
 def _audio_problem(message: dict[str, Any]) -> str | None:
-    """Why an ``audio.input`` breaks the §4 rules, or None when it is acceptable."""
+    """Why an ``audio.input`` breaks Kallglot's stream rules, or None when it is acceptable."""
     audio = message.get("audio")
     if not isinstance(audio, dict):
         return "audio must be an object"
