@@ -47,7 +47,10 @@ def create_emulator_app(config: dict[str, Any] | None = None) -> Flask:
         public_url=settings["KALLGLOT_EMULATOR_PUBLIC_URL"] or None,
     )
     app.extensions["kallglot_emulator"] = state
-    register_rest_routes(app, state)
+    def ended(session_id: str) -> None:
+        notify_ended(app, state, session_id)
+
+    register_rest_routes(app, state, on_ended=ended)
     register_artifact_routes(app, state)
-    register_stream_route(Sock(app), state, on_ended=lambda session_id: notify_ended(app, state, session_id))
+    register_stream_route(Sock(app), state, on_ended=ended)
     return app

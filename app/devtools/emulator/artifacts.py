@@ -102,8 +102,9 @@ def notify_ended(app: Flask, state: EmulatorState, session_id: str) -> None:
         return
     with state.lock:
         session = state.sessions.get(session_id)
-        if session is None or session.status != "ended":
-            return
+        if session is None or session.status != "ended" or session.webhooks_sent:
+            return  # repeated ``end`` calls answer the same summary; the webhooks go once
+        session.webhooks_sent = True
         summary = {"id": session.id, "duration": session.duration_seconds, "recording": recording_id(session)}
     threading.Thread(target=send_webhooks, args=(url, secret, summary), daemon=True).start()
 

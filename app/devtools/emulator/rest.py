@@ -11,7 +11,6 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .artifacts import notify_ended
 from .state import (BEHAVIOURS, FAULT_ENDPOINTS, LANGUAGES, MODES, EmulatorState, Session, iso_utc,
                     random_id)
 
@@ -120,8 +119,9 @@ def normalise_fault(raw: Any) -> dict[str, Any]:
             "session_id": raw.get("session_id")}
 
 
-def register_rest_routes(app: Flask, state: EmulatorState) -> None:
-    """Attach the ``/v1`` API, the control API and the JSON error handling to ``app``."""
+def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[str], None] | None = None) -> None:
+    """Attach the ``/v1`` API, the control API and the JSON error handling to ``app``; ``on_ended(session_id)``
+    runs when a REST ``end`` ends a session (the after-call webhooks)."""
 
     @app.before_request
     def assign_request_id() -> None:
@@ -241,7 +241,8 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
             if outcome is None:
                 raise ApiError(404, "invalid_request_error", "not_found", f"No session {session_id}.")
             summary, connections = outcome
-            notify_ended(app, state, session_id)
+            if on_ended is not None:
+                on_ended(session_id)
             for conn in connections:
                 conn.send({"type": "session.ended", "session_id": session_id, "reason": "api_end"})
                 conn.close(1000, "session ended")

@@ -119,6 +119,7 @@ class Session:
     audio_messages: dict[str, int] = field(default_factory=dict)
     errors_sent: list[str] = field(default_factory=list)
     turns: list[dict[str, Any]] = field(default_factory=list)  # transcript turns said on the stream (§2.4)
+    webhooks_sent: bool = False  # the after-call webhooks went out (artifacts.notify_ended)
 
     @property
     def duration_seconds(self) -> float | None:
