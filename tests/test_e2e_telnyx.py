@@ -212,7 +212,7 @@ def test_call_control_agent_leg_is_dialled_streams_and_is_hung_up_with_the_custo
     from app.profiles import NumberProfile, ProfileStore
     from app.redis_keys import RedisKeys
 
-    agent = "+15557770000"
+    agent = "+14155557770"
     client = redis_lib.Redis.from_url(redis_url)
     store = ProfileStore(client, RedisKeys("e2e-telnyx"), NumberProfile(), carriers=carrier_names())
     store.set(TO, NumberProfile(carrier="telnyx", agent_number=agent))

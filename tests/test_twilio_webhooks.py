@@ -294,8 +294,16 @@ def test_retried_callbacks_are_handled_once(client: FlaskClient, app: Flask, emu
     headers = {"X-Twilio-Signature": signature, "I-Twilio-Idempotency-Token": "token-1"}
     for _ in range(3):
         assert client.post("/twilio/status", data=params, headers=headers).status_code == 204
+    # A replay with a new value of the unsigned header is the same signed delivery: still handled once.
     other = {**headers, "I-Twilio-Idempotency-Token": "token-2"}
     assert client.post("/twilio/status", data=params, headers=other).status_code == 204
+    with app.app_context():
+        assert len(services().lifecycle.events("twilio", call_sid)) == 1
+    # The next signed callback (another SequenceNumber) is a new delivery.
+    later = call_params(call_sid, CallStatus="in-progress", SequenceNumber="2")
+    later_headers = {"X-Twilio-Signature": twilio_signature(PUBLIC_URL + "/twilio/status", later),
+                     "I-Twilio-Idempotency-Token": "token-1"}
+    assert client.post("/twilio/status", data=later, headers=later_headers).status_code == 204
     with app.app_context():
         assert len(services().lifecycle.events("twilio", call_sid)) == 2
 

@@ -35,6 +35,10 @@ class CarrierError(RuntimeError):
         return error
 
 
+class CarrierNotConfigured(CarrierError):
+    """This service lacks a setting the carrier operation needs (local configuration, not the carrier's refusal)."""
+
+
 @dataclass(frozen=True)
 class Connected:
     """The carrier's hello (``connected``)."""

@@ -6,9 +6,11 @@ import logging
 from typing import Any
 
 import redis
-from flask import Blueprint, abort, jsonify, request
+from flask import Blueprint, abort, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.calls import usage
+from app.calls.events import SESSION, event_log_for
 from app.extensions import services
 from app.kallglot.signature import verify
 from app.redis_keys import first_seen
@@ -24,15 +26,20 @@ RECORDED_EVENTS = frozenset({
     "session.provider.connected", "session.provider.disconnected",
 })
 MAX_BODY_BYTES = 256 * 1024
+#: Webhooks that make an after-call artifact available → the session-record field marking it.
+ARTIFACT_EVENTS = {"transcript.ready": "transcript_ready", "recording.ready": "recordings_ready",
+                   "recording.failed": "recordings_failed"}
 
 
 @bp.post("/webhooks")
 def kallglot_webhook() -> ResponseReturnValue:
     """Verify, de-duplicate on the event ``id``, record, and act on ``session.ended``."""
     svc = services()
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        abort(413, description="webhook body too large")
+    # Enforced by Werkzeug while reading (413), for chunked bodies too: Content-Length alone is not trusted.
+    request.max_content_length = min(MAX_BODY_BYTES, current_app.config.get("MAX_CONTENT_LENGTH") or MAX_BODY_BYTES)
     raw = request.get_data(cache=False)
+    if len(raw) >= request.max_content_length:  # a chunked body is cut at the limit rather than refused
+        abort(413, description="webhook body too large")
     if not verify(svc.settings.kallglot_webhook_secret, request.headers.get("Kallglot-Signature"), raw):
         log.warning("kallglot webhook refused: missing, stale or invalid Kallglot-Signature")
         abort(403, description="invalid Kallglot signature")
@@ -85,7 +92,17 @@ def _handle(kind: str, session_id: str, data: dict[str, Any], event: dict[str, A
                    **{k: str(data[k])[:200] for k in ("status", "duration", "reason", "channel") if k in data}}
         for (carrier, call_id) in lifecycle.session_legs(session_id):
             lifecycle.record_event(carrier, call_id, "kallglot", summary)
+    svc = services()
+    if kind in ARTIFACT_EVENTS:
+        # Mark the transcript/recording available and drop any cached "not ready yet" answer.
+        field = ARTIFACT_EVENTS[kind]
+        svc.redis.hset(svc.keys.session(session_id), field, str(event.get("created_at") or "1"))
+        svc.redis.delete(svc.keys.session_artifacts(session_id, field.split("_")[0]))
     if kind == "session.ended":
+        # Kallglot bills session time; the end response may have recorded it already (same figure).
+        if (billed := usage.parse_seconds(data.get("duration", data.get("duration_seconds")))) is not None:
+            usage.record_billed_seconds(svc.redis, svc.keys, session_id, billed)
+        event_log_for(current_app)[0].append(session_id, SESSION, {"state": "ended", "reason": "kallglot"})
         lifecycle.ended_by_kallglot(session_id, "webhook")
         hung_up = lifecycle.hang_up_live_legs(session_id, "kallglot_session_ended")
         log.info("session=%s ended by Kallglot (webhook); %d live legs hung up", session_id, hung_up)

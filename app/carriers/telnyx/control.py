@@ -18,7 +18,7 @@ from typing import Any
 import telnyx
 
 from app.config import Settings
-from app.carriers.contract import CarrierError
+from app.carriers.contract import CarrierError, CarrierNotConfigured
 from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.profiles import NumberProfile
 from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
@@ -153,8 +153,9 @@ class TelnyxControl:
         streaming starts on ``call.answered`` (``client_state`` carries the session and speaker there).
         Needs ``connection_id`` (the Call Control application id). Raises :class:`CarrierError`.
         """
-        if not self.connection_id:
-            raise CarrierError(f"{LABEL}: a Call Control application id (connection_id) is needed to dial")
+        if not self.settings.telnyx_api_key or not self.connection_id:
+            raise CarrierNotConfigured(f"{LABEL}: TELNYX_API_KEY and TELNYX_CONNECTION_ID (the Call Control "
+                                       "application id) are needed to dial")
         try:
             response = self.client.calls.dial(
                 connection_id=self.connection_id, from_=from_, to=to, command_id=str(uuid.uuid4()),

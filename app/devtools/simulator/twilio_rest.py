@@ -1,4 +1,6 @@
-"""A fake of Twilio's REST ``Calls`` resource that really "places" the calls it is asked for.
+"""A fake of Twilio's REST API: the ``Calls`` resource really "places" the calls it is asked for, and the
+``IncomingPhoneNumbers`` resource (from :mod:`~app.devtools.simulator.number_apis`, seeded with the demo's
+numbers) lets the admin's "Connect a number" run end to end.
 
 ``calls.create`` (POST …/Calls.json) answers like Twilio and, after a short ring, has the
 :class:`~app.devtools.simulator.twilio.TwilioCallSimulator` answer the call: it requests the ``Url`` given, follows
@@ -22,6 +24,7 @@ from typing import Any
 from flask import Flask, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.devtools.simulator.number_apis import add_twilio_number_routes, demo_twilio_numbers
 from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCallSimulator, new_sid
 from app.devtools.simulator.twilio_contract import create_call_parameters, unknown_parameters, update_call_parameters
 
@@ -66,6 +69,8 @@ def create_fake_twilio_rest(config: dict[str, str] | None = None) -> Flask:
     calls: dict[str, PlacedCall] = {}
     app.extensions["fake_twilio_calls"] = calls
     lock = threading.Lock()
+    add_twilio_number_routes(app, {"seed": {"account_sid": account_sid, "auth_token": auth_token,
+                                            "numbers": demo_twilio_numbers()}})
 
     def require_auth(account: str) -> None:
         auth = request.authorization
