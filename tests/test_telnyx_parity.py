@@ -205,7 +205,7 @@ def test_agent_who_never_answers_leaves_the_customer_on_and_told(telnyx_app: Fla
                                                                  cause: str) -> None:
     """Item 10: the agent's failure does not hang up the customer; the customer hears why; the session goes on."""
     customer, agent, session_id = start_customer_with_agent(
-        telnyx_app, client, telnyx_signer, fake_call_control, NumberProfile(agent_number="+15557770000"))
+        telnyx_app, client, telnyx_signer, fake_call_control, NumberProfile(agent_number="+14155557770"))
     cc(client, telnyx_signer, event("call.hangup", agent, hangup_cause=cause, hangup_source="callee"))
     assert fake_call_control.commands("hangup") == []  # nobody hung up the customer
     (speak,) = [c for c in fake_call_control.commands("speak") if c["call_control_id"] == customer]
@@ -223,7 +223,7 @@ def test_agent_unavailable_forwards_to_the_fallback_number(telnyx_app: Flask, cl
                                                            fake_call_control: FakeCallControl) -> None:
     customer, agent, _ = start_customer_with_agent(
         telnyx_app, client, telnyx_signer, fake_call_control,
-        NumberProfile(agent_number="+15557770000", fallback_number="+14155550199"))
+        NumberProfile(agent_number="+14155557770", fallback_number="+14155550199"))
     cc(client, telnyx_signer, event("call.hangup", agent, hangup_cause="user_busy"))
     speak = last(fake_call_control, "speak")
     cc(client, telnyx_signer, event("call.speak.ended", customer, status="completed",
@@ -239,7 +239,7 @@ def test_agent_hangup_ends_call_both_ways(telnyx_app: Flask, client: FlaskClient
     """An agent who answered and then hung up ends the customer's call only if the profile says so."""
     customer, agent, _ = start_customer_with_agent(
         telnyx_app, client, telnyx_signer, fake_call_control,
-        NumberProfile(agent_number="+15557770000", agent_hangup_ends_call=ends_call))
+        NumberProfile(agent_number="+14155557770", agent_hangup_ends_call=ends_call))
     cc(client, telnyx_signer, event("call.answered", agent, state="answered"))
     cc(client, telnyx_signer, event("call.hangup", agent, hangup_cause="normal_clearing", hangup_source="callee"))
     hung_up = [c["call_control_id"] for c in fake_call_control.commands("hangup")]

@@ -315,7 +315,7 @@ def test_agent_who_never_answers_does_not_hang_up_the_customer(client: FlaskClie
     from app.calls.leg_spec import LegSpec
 
     with app.app_context():
-        services().profiles.set(TO, NumberProfile(agent_number="+15557770000", agent_hangup_ends_call=True))
+        services().profiles.set(TO, NumberProfile(agent_number="+14155557770", agent_hangup_ends_call=True))
     customer, agent = new_call_sid(), new_call_sid()
     answer(client, customer)
     session_id = emulator.sessions()[0]["id"]
@@ -323,7 +323,7 @@ def test_agent_who_never_answers_does_not_hang_up_the_customer(client: FlaskClie
         lifecycle = services().lifecycle
         assert lifecycle.register_leg(LegSpec.joining(lifecycle.session_record(session_id), carrier="twilio",
                                                       call_id=agent, speaker="agent", from_number=TO,
-                                                      to_number="+15557770000"), session_id=session_id)
+                                                      to_number="+14155557770"), session_id=session_id)
     assert post_signed(client, "/twilio/status", call_params(agent, CallStatus=status)).status_code == 204
     with app.app_context():
         assert services().lifecycle.call_record("twilio", customer).get("state") != "ended"
