@@ -1,6 +1,6 @@
 """Billed Kallglot minutes: each session's billed duration, and totals per number and per day.
 
-Kallglot bills *session* time (first audio to end), not call time (kallglot-api.md §3), so the figure comes
+Kallglot bills *session* time (first audio to end), not call time (Kallglot's sessions-vs-calls guide), so the figure comes
 from Kallglot — the ``end`` response's ``duration_seconds`` or the ``session.ended`` webhook's
 ``data.duration`` — and is stored on the session record as ``billed_seconds``. Whichever arrives first wins;
 they describe the same session, and a later one only overwrites with the same or a better-known value.

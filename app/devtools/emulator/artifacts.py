@@ -1,4 +1,4 @@
-"""After-call side of the emulator (§2.4, §6): transcripts, recordings (real MP3), and the signed webhooks
+"""After-call side of the emulator (Kallglot's transcript, recording and webhook docs): transcripts, recordings (real MP3), and the signed webhooks
 ``session.ended``, ``transcript.ready`` and ``recording.ready`` when a session ends.
 
 The transcript is what the emulator said on the stream (its ``transcript.final`` messages, and any pushed through
@@ -65,7 +65,7 @@ def recording_view(session: Session) -> dict[str, Any]:
 
 
 def transcript_view(session: Session) -> dict[str, Any]:
-    """``GET /v1/sessions/{id}/transcript`` (§2.4)."""
+    """``GET /v1/sessions/{id}/transcript``."""
     languages = sorted({t["language"] for t in session.turns if t.get("language")}
                        | {t["translation"]["language"] for t in session.turns if t.get("translation")})
     return {"id": "trn_" + session.id, "object": "transcript", "session_id": session.id,
@@ -75,7 +75,7 @@ def transcript_view(session: Session) -> dict[str, Any]:
 
 
 def send_webhooks(url: str, secret: str, session: dict[str, Any]) -> None:
-    """POST ``session.ended``, ``transcript.ready`` and ``recording.ready`` for an ended session, signed (§6)."""
+    """POST ``session.ended``, ``transcript.ready`` and ``recording.ready`` for an ended session, signed as Kallglot signs its webhooks."""
     from app.kallglot.signature import sign
 
     events = [("session.ended", {"id": session["id"], "object": "session", "status": "ended",
@@ -110,7 +110,7 @@ def notify_ended(app: Flask, state: EmulatorState, session_id: str) -> None:
 
 
 def register_artifact_routes(app: Flask, state: EmulatorState) -> None:
-    """Attach the transcript and recording endpoints (Bearer / X-API-Key auth, §1)."""
+    """Attach the transcript and recording endpoints (Bearer / X-API-Key auth, as the real API)."""
     from .rest import ApiError
 
     def session_or_404(session_id: str) -> Session:
@@ -135,7 +135,7 @@ def register_artifact_routes(app: Flask, state: EmulatorState) -> None:
     @app.get("/v1/sessions/<session_id>/recordings")
     def recordings(session_id: str) -> Response:
         session = session_or_404(session_id)
-        with state.lock:  # available after the session ends (§2.4)
+        with state.lock:  # available after the session ends, as Kallglot documents
             data = [recording_view(session)] if session.status == "ended" and session.audio else []
             return jsonify({"object": "list", "data": data})
 

@@ -118,7 +118,7 @@ class Session:
     audio_sequences: dict[str, list[float]] = field(default_factory=dict)
     audio_messages: dict[str, int] = field(default_factory=dict)
     errors_sent: list[str] = field(default_factory=list)
-    turns: list[dict[str, Any]] = field(default_factory=list)  # transcript turns said on the stream (§2.4)
+    turns: list[dict[str, Any]] = field(default_factory=list)  # transcript turns said on the stream (the after-call shape)
     webhooks_sent: bool = False  # the after-call webhooks went out (artifacts.notify_ended)
 
     @property
@@ -254,7 +254,7 @@ class EmulatorState:
             return session.end_summary(), session.live_connections()
 
     def add_turn(self, session_id: str, message: dict[str, Any]) -> None:
-        """Keep a ``transcript.final`` sent on the stream as a turn of the session's transcript (§2.4 shape)."""
+        """Keep a ``transcript.final`` sent on the stream as a turn of the session's transcript (after-call shape)."""
         with self.lock:
             session = self.sessions.get(session_id)
             if session is None:
