@@ -29,15 +29,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds."""
+def load_factor() -> float:
+    """How much slower than a quiet machine this one is likely to be: the 1-minute load average per core, at
+    least 1. Start-up waits scale with it, so a server that is merely slow on a busy machine is not taken
+    for a broken one."""
+    try:
+        return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    except OSError:  # no load average on this platform
+        return 1.0
+
+
+def wait_for_http(url: str, timeout: float | None = None, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds (default: 20 s
+    scaled by :func:`load_factor`)."""
+    timeout = 20.0 * load_factor() if timeout is None else timeout
+    probe_timeout = min(5.0, load_factor())
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
         try:
-            if requests.get(url, timeout=1).status_code < 500:
+            if requests.get(url, timeout=probe_timeout).status_code < 500:
                 return
         except requests.RequestException as exc:  # not up yet
             last_error = exc
