@@ -16,16 +16,25 @@ scenario (seeded, so a run can be repeated):
 ``worker-kill``     the worker holding the media socket is killed with SIGKILL mid-call
 
 It then waits for every hold window and heartbeat to run out and prints: sessions created, ended, leaked
-(not ended), double-ended (ended more than once), and calls that heard nothing (neither audio nor a message).
-Exit status 0 only when leaked, double-ended and dead air are all 0. Loopback only; bounded; stops by itself.
+(not ended), double-ended (``end`` called more than once), and calls that heard nothing (neither audio nor a
+message), each failure with its timeline (the simulator's view, then the bridges' log lines for that call and
+session). Exit status 0 only when leaked, double-ended and dead air are all 0. Loopback only; bounded; stops
+by itself.
+
+Options for the lifecycle at scale: ``--stress`` keeps one extra process busy on the CPU for the whole run
+(a bounded spin, stopped with the run), so workers are slow rather than dead; ``--listen`` makes callers stay
+on longer; ``--kill-weight`` raises the share of ``worker-kill`` calls. Start-up waits scale with the load
+average (:func:`app.devtools.localstack.load_factor`). Each run prints the load average at its start and end.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import os
+import subprocess
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -39,7 +48,7 @@ from dataclasses import dataclass
 import redis as redis_lib
 import requests
 
-from app.calls.lifecycle import STREAM_START_GRACE_SECONDS
+from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
@@ -48,6 +57,10 @@ from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCal
 SCENARIOS = ("normal", "callbacks", "caller-drop", "kallglot-drop", "create-fault", "connect-fault", "agent",
              "returning", "worker-kill")
 WEIGHTS = (30, 10, 10, 10, 8, 8, 10, 8, 2)
+#: A caller who heard nothing for this long after talking gives up (and the call counts as dead air).
+FIRST_AUDIO_TIMEOUT_SECONDS = 10.0
+#: The --stress spin never outlives this, even if the run is killed.
+STRESS_MAX_SECONDS = 3600
 AUTH_TOKEN = "chaos-twilio-auth-token"
 ACCOUNT_SID = "AC" + "c" * 32
 API_KEY = "sk_test_emulator"
@@ -72,11 +85,15 @@ class Outcome:
 class Chaos:
     """The running stack and the scenario implementations."""
 
-    def __init__(self, bridges: list[RunningServer], emulator: RunningServer, seed: int) -> None:
+    def __init__(self, bridges: list[RunningServer], emulator: RunningServer, seed: int, redis_url: str,
+                 listen_seconds: float = 1.0) -> None:
         self.bridges, self.emulator = bridges, emulator
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.killed = 0
+        self.listen_seconds = listen_seconds
+        self.redis = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+        self.keys = RedisKeys("chaos")
 
     def simulator(self) -> TwilioCallSimulator:
         with self.lock:
@@ -88,10 +105,9 @@ class Chaos:
         requests.post(self.emulator.url + "/_emulator/faults", json={"faults": [fault]}, timeout=5).raise_for_status()
 
     def session_of(self, call_sid: str) -> str | None:
-        for session in requests.get(self.emulator.url + "/_emulator/sessions", timeout=10).json()["sessions"]:
-            if (session.get("metadata") or {}).get("twilio_call_sid") == call_sid:
-                return str(session["id"])
-        return None
+        """The call's session as the bridge recorded it (one Redis read, not a scan of every session)."""
+        value = self.redis.hget(self.keys.call("twilio", call_sid), "session_id")
+        return str(value) if value else None
 
     def run(self, scenario: str, audio: bytes) -> Outcome:
         """Place one call (or two, for ``returning``) under ``scenario``."""
@@ -100,15 +116,15 @@ class Chaos:
         to = AGENT_LINE if scenario == "agent" else NUMBER
         # A number configured as README says (VoiceFallbackUrl set); a caller whose line went quiet speaks up.
         # Callers talk in real time (0.5 s) and listen a second, as people do.
-        call = dict(audio=audio, pace=True, listen_seconds=1.0, fallback_url=sim.public_url + "/twilio/fallback",
-                    restore_audio=audio[:1600])
+        call = dict(audio=audio, pace=True, listen_seconds=self.listen_seconds,
+                    fallback_url=sim.public_url + "/twilio/fallback", restore_audio=audio[:1600])
         try:
             if scenario == "callbacks":
                 return Outcome(scenario, [sim.place_call(to, caller, **call,
                                                          status_callbacks=self.random.choice(["twice", "reversed"]))])
             if scenario in ("caller-drop", "returning"):
                 first = sim.place_call(to, caller, **{**call, "listen_seconds": 0}, status_callbacks="none",
-                                       hold_open=lambda s: (time.sleep(0.3), s.close_abruptly()))
+                                       hold_open=self._drop_caller)
                 if scenario == "caller-drop":
                     return Outcome(scenario, [first])
                 time.sleep(0.5)  # the relay notices the drop and holds the session
@@ -127,7 +143,16 @@ class Chaos:
         except Exception as exc:  # a simulator failure is reported, never hidden
             return Outcome(scenario, [], error=f"{type(exc).__name__}: {exc}")
 
+    @staticmethod
+    def _drop_caller(stream: SimulatedStream) -> None:
+        # The caller drops mid-call: once the call got going (they heard something), or after 10 s of
+        # silence — which then counts as dead air, as it should.
+        stream.wait_for(lambda s: bool(s.heard), FIRST_AUDIO_TIMEOUT_SECONDS)
+        time.sleep(0.3)
+        stream.close_abruptly()
+
     def _drop_kallglot(self, stream: SimulatedStream) -> None:
+        stream.wait_for(lambda s: bool(s.heard), FIRST_AUDIO_TIMEOUT_SECONDS)
         session_id = self._wait(lambda: self.session_of(stream.call_sid))
         if session_id:
             requests.post(f"{self.emulator.url}/_emulator/sessions/{session_id}/drop", timeout=5)
@@ -207,6 +232,53 @@ def _redis_view(redis_url: str, session_ids: list[str]) -> dict[str, object]:
     return view
 
 
+@contextmanager
+def stress(enabled: bool) -> Iterator[None]:
+    """Keep one extra process spinning on the CPU while the block runs (``--stress``): on a 2-core machine it
+    takes the core the stack would otherwise have to itself, so workers become slow, not dead. Pinned to the
+    last core when ``taskset`` exists; bounded by :data:`STRESS_MAX_SECONDS` even if this process dies."""
+    if not enabled:
+        yield
+        return
+    spin = [sys.executable, "-c", f"import time\nend = time.monotonic() + {STRESS_MAX_SECONDS}\n"
+            "while time.monotonic() < end:\n    pass"]
+    cores = os.cpu_count() or 1
+    if cores > 1 and shutil.which("taskset"):
+        spin = ["taskset", "-c", str(cores - 1), *spin]
+    proc = subprocess.Popen(spin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _load() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _timeline(outcome: Outcome, logs: list[str]) -> list[str]:
+    """One failed call: the simulator's timeline, then every bridge log line naming its call or session."""
+    lines = []
+    for result in outcome.results:
+        session_id = result.custom_parameters.get("session_id", "")
+        lines.append(f"    call {result.call_sid} session={session_id or '?'} streams={result.streams} "
+                     f"sent={len(result.sent_audio)} heard={len(result.heard_audio)} said={result.said}")
+        lines += [f"      sim  {event[:200]}" for _, event in result.timeline]
+        lines += [f"      log  {line[:300]}" for line in logs
+                  if result.call_sid in line or (session_id and session_id in line)]
+    return lines
+
+
+def _session_timeline(session: dict[str, object], logs: list[str]) -> list[str]:
+    call_sid = str((session.get("metadata") or {}).get("twilio_call_sid") or "")  # type: ignore[union-attr]
+    session_id = str(session["id"])
+    return [f"      log  {line[:300]}" for line in logs if session_id in line or (call_sid and call_sid in line)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chaos scenarios and print the tally."""
     parser = argparse.ArgumentParser(description="Chaos run: simulated calls with faults; prints what leaked.")
@@ -214,58 +286,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=24)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per bridge instance")
-    parser.add_argument("--verbose", action="store_true", help="print the bridge log lines of leaked sessions")
+    parser.add_argument("--stress", action="store_true", help="keep one more CPU busy for the whole run")
+    parser.add_argument("--listen", type=float, default=1.0, help="seconds a caller listens after talking")
+    parser.add_argument("--kill-weight", type=int, default=WEIGHTS[SCENARIOS.index("worker-kill")],
+                        help="weight of the worker-kill scenario (the others weigh 94 together)")
+    parser.add_argument("--verbose", action="store_true", help="also print the Redis view of leaked sessions")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
-    plan = rng.choices(SCENARIOS, weights=WEIGHTS, k=args.calls)
+    weights = [args.kill_weight if name == "worker-kill" else w for name, w in zip(SCENARIOS, WEIGHTS)]
+    plan = rng.choices(SCENARIOS, weights=weights, k=args.calls)
     audio = base64.b64decode(base64.b64encode(bytes(rng.randrange(256) for _ in range(4000))))
     started = time.monotonic()
-    with stack(args.workers) as (bridges, emulator, redis_url):
-        chaos = Chaos(bridges, emulator, args.seed)
+    load_at_start = _load()
+    with stress(args.stress), stack(args.workers) as (bridges, emulator, redis_url):
+        chaos = Chaos(bridges, emulator, args.seed, redis_url, listen_seconds=args.listen)
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
             outcomes = list(pool.map(lambda scenario: chaos.run(scenario, audio), plan))
         placed = time.monotonic() - started
-        # Let every hold window, heartbeat expiry and end retry run out before counting.
+        # Let every hold window, heartbeat expiry, end retry and end-claim lease run out before counting.
         settle = RECONNECT_WINDOW_SECONDS + HEARTBEAT_TIMEOUT_SECONDS + 6
         # At most: a leg registered by a worker killed before its stream started waits out the stream-start
-        # grace, then the hold; an orphaned create waits out its grace, then the reaper's pass.
-        deadline = time.monotonic() + STREAM_START_GRACE_SECONDS + settle + 10
+        # grace, then the hold; an orphaned create waits out its grace, then the reaper's pass; a worker
+        # killed holding an end claim is taken over when the claim's lease lapses.
+        deadline = time.monotonic() + max(STREAM_START_GRACE_SECONDS, END_CLAIM_LEASE_SECONDS
+                                          + PENDING_CREATE_GRACE_SECONDS) + settle + 10
         stats: dict[str, int] = {}
         while time.monotonic() < deadline:
-            stats = requests.get(emulator.url + "/_emulator/stats", timeout=10).json()
+            stats = requests.get(emulator.url + "/_emulator/stats", timeout=30).json()
             if stats["created"] == stats["ended"] and time.monotonic() - started > placed + settle:
                 break
             time.sleep(1)
-        sessions = requests.get(emulator.url + "/_emulator/sessions", timeout=10).json()["sessions"]
-        logs = "\n".join(bridge.log() for bridge in bridges)
+        sessions = requests.get(emulator.url + "/_emulator/sessions", timeout=60).json()["sessions"]
+        logs = "\n".join(bridge.log() for bridge in bridges).splitlines()
         state = _redis_view(redis_url, [s["id"] for s in sessions if s["status"] != "ended"]) if args.verbose else {}
-    leaked = [s["id"] for s in sessions if s["status"] != "ended"]
-    double_ended = [s["id"] for s in sessions if s["end_calls"] > 1]
+    duration = time.monotonic() - started
+    leaked = [s for s in sessions if s["status"] != "ended"]
+    double_ended = [s for s in sessions if s["end_calls"] > 1]
     dead_air = [o for o in outcomes if o.dead_air]
     errors = [o for o in outcomes if o.error]
     print(f"chaos run: {args.calls} calls ({Counter(o.scenario for o in outcomes).most_common()}), concurrency "
-          f"{args.concurrency}, 2 instances x {args.workers} workers, seed {args.seed}, {placed:.1f}s to place, "
+          f"{args.concurrency}, 2 instances x {args.workers} workers, seed {args.seed}, "
+          f"stress {'on' if args.stress else 'off'}, {placed:.1f}s to place, {duration:.0f}s in all, "
           f"{chaos.killed} workers killed")
+    print(f"load average (1/5/15 min): {load_at_start} at start, {_load()} at end")
     print(f"sessions created: {stats.get('created', len(sessions))}")
     print(f"sessions ended:   {stats.get('ended', len(sessions) - len(leaked))}")
     print(f"leaked:           {len(leaked)}")
     print(f"double-ended:     {len(double_ended)}")
-    print(f"dead-air calls:   {len(dead_air)}")
+    print(f"dead-air calls:   {len(dead_air)} {dict(Counter(o.scenario for o in dead_air))}")
     print(f"simulator errors: {len(errors)}")
-    for outcome in (dead_air + errors)[:10]:
-        detail = "; ".join(f"{r.call_sid} streams={r.streams} sent={len(r.sent_audio)} "
-                           f"{[e for _, e in r.timeline][-4:]}" for r in outcome.results)
-        print(f"  - {outcome.scenario}: {outcome.error or 'heard nothing'} ({detail})")
-    by_id = {s["id"]: s for s in sessions}
-    for session_id in (leaked + double_ended)[:10]:
-        s = by_id[session_id]
-        print(f"  - session {session_id} status={s['status']} end_calls={s['end_calls']} "
-              f"connections={s['connections_total']} call={(s.get('metadata') or {}).get('twilio_call_sid')}")
-        if args.verbose:
-            print(f"      redis: {state.get(session_id)}")
-            call_sid = (s.get("metadata") or {}).get("twilio_call_sid") or session_id
-            print("\n".join(f"      {line[:400]}" for line in logs.splitlines()
-                            if call_sid in line or session_id in line))
+    for outcome in dead_air + errors:
+        print(f"  - {outcome.scenario}: {outcome.error or 'heard nothing'}")
+        print("\n".join(_timeline(outcome, logs)))
+    for kind, found in (("leaked", leaked), ("double-ended", double_ended)):
+        for s in found:
+            print(f"  - {kind} session {s['id']} status={s['status']} end_calls={s['end_calls']} "
+                  f"connections={s['connections_total']} call={(s.get('metadata') or {}).get('twilio_call_sid')}")
+            if args.verbose:
+                print(f"      redis: {state.get(str(s['id']))}")
+            print("\n".join(_session_timeline(s, logs)))
     return 0 if not (leaked or double_ended or dead_air) else 1
 
 
