@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +43,7 @@ class RecoveryPasses:
         """End (or retry ending) every session whose deadline passed; returns how many this call took."""
         from app.calls.lifecycle import EndOutcome, SESSION_ENDED
 
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         taken = 0
         for session_id in self._take_due_members(self._keys.deadlines(), now, batch):
             taken += 1
@@ -63,7 +62,7 @@ class RecoveryPasses:
         this pass read the heartbeats wins; a relay that was merely slow revives its leg on its next beat
         while the session is only held (see :data:`app.calls.scripts.BEAT`).
         """
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         given_up = 0
         for raw in self._redis.zrangebyscore(self._keys.heartbeats(), "-inf", now, start=0, num=batch):
             carrier, _, call_id = raw.decode().partition(":")
@@ -74,7 +73,7 @@ class RecoveryPasses:
 
     def end_orphaned_creates(self: SessionLifecycle, now: float | None = None, batch: int = 20) -> int:
         """End sessions whose create was never followed by a registered leg; returns how many were taken."""
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         taken = 0
         for member in self._take_due_members(self._keys.pending_creates(), now, batch):
             taken += 1
