@@ -23,8 +23,9 @@ by itself.
 
 Options for the lifecycle at scale: ``--stress`` keeps one extra process busy on the CPU for the whole run
 (a bounded spin, stopped with the run), so workers are slow rather than dead; ``--listen`` makes callers stay
-on longer; ``--kill-weight`` raises the share of ``worker-kill`` calls. Start-up waits scale with the load
-average (:func:`app.devtools.localstack.load_factor`). Each run prints the load average at its start and end.
+on longer; ``--kill-weight`` raises the share of ``worker-kill`` calls. Start-up waits are generous and readiness probes
+scale with the load average (:mod:`app.devtools.localstack`). Each run prints the load average at its start
+and end: the machine may be busy with other work, and every figure means little without it.
 """
 from __future__ import annotations
 
