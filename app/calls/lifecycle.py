@@ -23,7 +23,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from enum import Enum
 from typing import Any
 
 import redis
@@ -32,21 +31,19 @@ from app import metrics
 from app.calls import scripts
 from app.calls.reads import LifecycleReads
 from app.calls.reasons import EndReason, reason_value
+from app.calls.states import (
+    LEG_ENDED, LEG_LIVE, SESSION_ACTIVE, SESSION_END_FAILED, SESSION_ENDED, SESSION_ENDING, SESSION_HELD, EndOutcome,
+)
 from app.calls.recovery import PENDING_CREATE_GRACE_SECONDS, RecoveryPasses, create_may_have_succeeded
 from app.kallglot.client import KallglotClient, KallglotError, KallglotNotFound, KallglotSession
 from app.redis_keys import CALL_LOG_MAX_ENTRIES, CALL_LOG_RETENTION_SECONDS, RECORD_TTL_SECONDS, RedisKeys
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SessionLifecycle", "EndOutcome", "EndReason", "PENDING_CREATE_GRACE_SECONDS"]
-
-LEG_LIVE = "live"
-LEG_ENDED = "ended"
-SESSION_ACTIVE = "active"
-SESSION_HELD = "held"
-SESSION_ENDING = "ending"
-SESSION_ENDED = "ended"
-SESSION_END_FAILED = "end_failed"
+__all__ = [
+    "SessionLifecycle", "EndOutcome", "EndReason", "PENDING_CREATE_GRACE_SECONDS", "LEG_LIVE", "LEG_ENDED",
+    "SESSION_ACTIVE", "SESSION_HELD", "SESSION_ENDING", "SESSION_ENDED", "SESSION_END_FAILED",
+]
 
 #: Before its media stream starts, a leg counts as lost after this long without a heartbeat.
 STREAM_START_GRACE_SECONDS = 60
@@ -60,16 +57,6 @@ SAFETY_LEASE_SECONDS = 30
 
 # What END_LEG asks the caller to do next.
 _ACTION_NONE, _ACTION_END_NOW, _ACTION_HELD = 0, 1, 2
-
-
-class EndOutcome(str, Enum):
-    """What happened to a session when a leg ended or an end was attempted."""
-
-    ENDED = "ended"  # this call ended it at Kallglot
-    HELD = "held"  # kept for a reconnect (or the hang-up grace) until its deadline
-    ALREADY = "already"  # ended, or being ended, by someone else
-    LEGS_LIVE = "legs_live"  # a leg re-attached meanwhile: nothing to end
-    FAILED = "failed"  # Kallglot's end failed; retried from the deadlines with backoff
 
 
 class SessionLifecycle(LifecycleReads, RecoveryPasses):

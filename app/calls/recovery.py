@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from app.calls.reasons import EndReason
+from app.calls.states import SESSION_ENDED, EndOutcome
 from app.kallglot.client import KallglotConflict, KallglotError, KallglotSession
 
 if TYPE_CHECKING:
@@ -41,8 +42,6 @@ class RecoveryPasses:
 
     def end_due_sessions(self: SessionLifecycle, now: float | None = None, batch: int = 50) -> int:
         """End (or retry ending) every session whose deadline passed; returns how many this call took."""
-        from app.calls.lifecycle import EndOutcome, SESSION_ENDED
-
         now = self._clock() if now is None else now
         taken = 0
         for session_id in self._take_due_members(self._keys.deadlines(), now, batch):
@@ -97,8 +96,6 @@ class RecoveryPasses:
                     intent: dict[str, Any], now: float) -> None:
         """End a replayed orphan through the end claim with ``force`` off: a slow worker that attached a leg
         meanwhile wins (its leg is live), and once this claim is taken that worker's attach is refused."""
-        from app.calls.lifecycle import EndOutcome
-
         if any(name.startswith("leg:") for name in self.session_record(session.id)):
             self._forget_pending_create(member)  # registered after all, under another call ID (an outbound leg)
             return
