@@ -112,3 +112,12 @@ def test_a_create_is_recoverable_whenever_kallglot_may_have_processed_it() -> No
     assert create_may_have_succeeded(KallglotConflict("still processing", status=409, code="idempotency_conflict"))
     assert not create_may_have_succeeded(KallglotUnavailable("busy", status=503, code="service_unavailable"))
     assert not create_may_have_succeeded(KallglotValidationError("bad", status=422, code="invalid"))
+
+
+def test_a_retried_registration_keeps_the_live_streams_fence(app: Flask, emulator: EmulatorControl) -> None:
+    with app.app_context():
+        lifecycle = services().lifecycle
+        session_id = _started("CAretry", "MZlive")
+        assert lifecycle.register_leg(session_id=session_id, **leg("CAretry"))  # the webhook was retried
+        assert lifecycle.heartbeat("twilio", "CAretry", "MZlive")  # the running relay still owns the leg
+    assert emulator.session(session_id)["status"] != "ended"

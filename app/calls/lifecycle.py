@@ -136,7 +136,7 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
             pipe.zremrangebyrank(self._keys.recent_calls(), 0, -CALL_LOG_MAX_ENTRIES - 1)
             pipe.execute()
         held_key = self._keys.held(*reattach_from) if reattach_from else ""
-        epoch = self._attach(session_id, carrier, call_id, held_key, started)
+        epoch = self._attach(session_id, carrier, call_id, held_key, started, restoring=False)
         if not epoch:
             return False
         # Attached: the create is accounted for (invariant I3). Not before: a refused attach leaves the
@@ -146,13 +146,14 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
             metrics.SESSIONS_REATTACHED.labels("returning_caller").inc()
         return True
 
-    def _attach(self, session_id: str, carrier: str, call_id: str, held_key: str, now: float) -> int:
+    def _attach(self, session_id: str, carrier: str, call_id: str, held_key: str, now: float, *,
+                restoring: bool) -> int:
         return int(self._attach_leg(
             keys=[self._keys.session_end_claim(session_id), self._keys.session(session_id),
                   self._keys.call(carrier, call_id), self._keys.deadlines(), self._keys.heartbeats(), held_key,
                   self._keys.live_sessions()],
             args=[session_id, _leg_field(carrier, call_id), _member(carrier, call_id),
-                  now + STREAM_START_GRACE_SECONDS, f"{now:.3f}"]))
+                  now + STREAM_START_GRACE_SECONDS, f"{now:.3f}", "1" if restoring else "0"]))
 
     def reattach_leg(self, carrier: str, call_id: str) -> str | None:
         """Make a leg live again for a media stream being restored; returns the session or None.
@@ -160,7 +161,7 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         The leg's current stream is cleared, so a late end from the stream being replaced changes nothing.
         """
         session_id = self.session_for_call(carrier, call_id)
-        if not session_id or not self._attach(session_id, carrier, call_id, "", self._clock()):
+        if not session_id or not self._attach(session_id, carrier, call_id, "", self._clock(), restoring=True):
             return None
         self._redis.hincrby(self._keys.call(carrier, call_id), "stream_restarts", 1)
         metrics.SESSIONS_REATTACHED.labels("stream_restored").inc()

@@ -140,9 +140,10 @@ return 1
 """
 
 # KEYS: end claim, session, call, deadlines, heartbeats, held key ('' when none), live sessions.
-# ARGV: session id, leg field, heartbeat member, heartbeat expiry, now.
+# ARGV: session id, leg field, heartbeat member, heartbeat expiry, now, restoring a stream ('1'/'0').
 # Attaches a (new or returning) leg to a session that is not ended or being ended; returns the leg's new
-# epoch (> 0) on success, else 0. The leg waits for its stream: ``stream`` is cleared until one binds.
+# epoch (> 0) on success, else 0. A leg that was not live (or whose stream is being restored) waits for its
+# stream: ``stream`` is cleared until one binds, so ends from the stream it replaces are ignored.
 ATTACH_LEG = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local status = redis.call('HGET', KEYS[2], 'status')
@@ -152,7 +153,11 @@ redis.call('HDEL', KEYS[2], 'held_until')
 redis.call('ZREM', KEYS[4], ARGV[1])
 if KEYS[6] ~= '' then redis.call('DEL', KEYS[6]) end
 local epoch = redis.call('HINCRBY', KEYS[3], 'epoch', 1)
-redis.call('HSET', KEYS[3], 'state', 'live', 'attached_at', ARGV[5], 'stream', '')
+-- A restored stream replaces the current one; a retried registration of a live leg keeps its stream.
+if ARGV[6] == '1' or redis.call('HGET', KEYS[3], 'state') ~= 'live' then
+  redis.call('HSET', KEYS[3], 'stream', '')
+end
+redis.call('HSET', KEYS[3], 'state', 'live', 'attached_at', ARGV[5])
 redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
 redis.call('ZADD', KEYS[7], 'NX', ARGV[5], ARGV[1])
 return epoch
