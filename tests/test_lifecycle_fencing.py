@@ -18,7 +18,7 @@ def _started(call_id: str, stream_id: str, **extra: object) -> str:
     lifecycle = services().lifecycle
     session = lifecycle.create_session(carrier="twilio", call_id=call_id, idempotency_key=f"k-{call_id}",
                                        mode="ai_agent")
-    assert lifecycle.register_leg(session_id=session.id, **leg(call_id, **extra))
+    assert lifecycle.register_leg(leg(call_id, **extra), session_id=session.id)
     assert lifecycle.stream_started("twilio", call_id, stream_id)
     return session.id
 
@@ -86,7 +86,7 @@ def test_a_webhook_that_registers_after_its_orphan_was_ended_is_refused(app: Fla
                                            mode="ai_agent")
         # The webhook's worker stalled past the grace; a reaper ended the session it presumed orphaned.
         assert lifecycle.end_orphaned_creates(now=time.time() + PENDING_CREATE_GRACE_SECONDS + 1) == 1
-        assert not lifecycle.register_leg(session_id=session.id, **leg("CAlate"))  # the caller gets the fallback
+        assert not lifecycle.register_leg(leg("CAlate"), session_id=session.id)  # the caller gets the fallback
         assert session.id not in [s["id"] for s in lifecycle.live_sessions()]
     assert emulator.session(session.id)["end_calls"] == 1
 
@@ -96,7 +96,7 @@ def test_an_orphan_attached_by_a_slow_worker_meanwhile_is_left_alone(app: Flask,
         lifecycle = services().lifecycle
         session = lifecycle.create_session(carrier="twilio", call_id="CAslow", idempotency_key="k-slow",
                                            mode="ai_agent")
-        assert lifecycle.register_leg(session_id=session.id, **leg("CAslow"))
+        assert lifecycle.register_leg(leg("CAslow"), session_id=session.id)
         # A reaper that read the intent before the attach replays and tries to end it: the live leg wins.
         lifecycle._end_orphan("twilio:CAslow", "twilio", "CAslow", session, {}, time.time())
         assert lifecycle.call_record("twilio", "CAslow")["state"] == "live"
@@ -118,6 +118,6 @@ def test_a_retried_registration_keeps_the_live_streams_fence(app: Flask, emulato
     with app.app_context():
         lifecycle = services().lifecycle
         session_id = _started("CAretry", "MZlive")
-        assert lifecycle.register_leg(session_id=session_id, **leg("CAretry"))  # the webhook was retried
+        assert lifecycle.register_leg(leg("CAretry"), session_id=session_id)  # the webhook was retried
         assert lifecycle.heartbeat("twilio", "CAretry", "MZlive")  # the running relay still owns the leg
     assert emulator.session(session_id)["status"] != "ended"

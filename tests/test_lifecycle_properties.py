@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule, run_state_machine_as_test
 
+from app.calls.leg_spec import LegSpec
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, SessionLifecycle
 from app.kallglot.client import KallglotNotFound, KallglotSession, KallglotUnavailable, StreamGrant
 from app.redis_keys import RedisKeys
@@ -139,11 +140,10 @@ def test_lifecycle_invariants_hold_under_any_interleaving(redis_for_properties: 
 
         # -- carriers and webhooks ---------------------------------------------------------------------
         def _register(self, call: Call, session: KallglotSession, reattach: bool = False) -> bool:
-            return self.lifecycle.register_leg(
-                session_id=session.id, carrier="twilio", call_id=call.call_id, speaker="customer",
-                from_number=call.caller, to_number=call.to, mode="bidirectional_translation",
-                reconnect_window_seconds=3, hangup_grace_seconds=0,
-                reattach_from=(call.to, call.caller) if reattach else None)
+            spec = LegSpec(carrier="twilio", call_id=call.call_id, speaker="customer", from_number=call.caller,
+                           to_number=call.to, mode="bidirectional_translation", reconnect_window_seconds=3)
+            return self.lifecycle.register_leg(spec, session_id=session.id,
+                                               reattach_from=(call.to, call.caller) if reattach else None)
 
         @rule(target=calls, to=st.sampled_from(NUMBERS), caller=st.sampled_from(CALLERS),
               fate=st.sampled_from(["registered", "registered", "registered", "dies_after_create",

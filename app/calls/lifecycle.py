@@ -28,13 +28,15 @@ from typing import Any
 import redis
 
 from app import metrics
-from app.calls import scripts
+from app.calls import scripts, usage
+from app.calls.leg_spec import LegSpec
 from app.calls.reads import LifecycleReads
 from app.calls.reasons import EndReason, reason_value
 from app.calls.states import (
     LEG_ENDED, LEG_LIVE, SESSION_ACTIVE, SESSION_END_FAILED, SESSION_ENDED, SESSION_ENDING, SESSION_HELD, EndOutcome,
 )
 from app.calls.recovery import PENDING_CREATE_GRACE_SECONDS, RecoveryPasses, create_may_have_succeeded
+from app.carriers.contract import CarrierError
 from app.kallglot.client import KallglotClient, KallglotError, KallglotNotFound, KallglotSession
 from app.redis_keys import CALL_LOG_MAX_ENTRIES, CALL_LOG_RETENTION_SECONDS, RECORD_TTL_SECONDS, RedisKeys
 
@@ -108,27 +110,26 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         self._forget_pending_create(_member(carrier, call_id))
 
     # -- correlation ---------------------------------------------------------------------------------------
-    def register_leg(self, *, session_id: str, carrier: str, call_id: str, speaker: str, from_number: str,
-                     to_number: str, mode: str, reconnect_window_seconds: int, hangup_grace_seconds: int = 0,
-                     agent_hangup_ends_call: bool = True, reattach_from: tuple[str, str] | None = None) -> bool:
+    def register_leg(self, leg: LegSpec, *, session_id: str, reattach_from: tuple[str, str] | None = None) -> bool:
         """Attach a live leg to ``session_id``; False if the session is ended or being ended.
 
         Idempotent: a retried webhook re-registers the same leg. ``reattach_from`` is the (to, from) pair of
         a held session a returning caller re-attaches to, so that hold is released in the same step.
         """
         started = self._clock()
+        carrier, call_id = leg.carrier, leg.call_id
         call_key, session_key = self._keys.call(carrier, call_id), self._keys.session(session_id)
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(call_key, mapping={"session_id": session_id, "carrier": carrier, "speaker": speaker,
-                                         "from": from_number, "to": to_number})
+            pipe.hset(call_key, mapping={"session_id": session_id, "carrier": carrier, "speaker": leg.speaker,
+                                         "from": leg.from_number, "to": leg.to_number})
             pipe.hsetnx(call_key, "created_at", f"{started:.3f}")
             pipe.hsetnx(session_key, "created_at", f"{started:.3f}")
-            pipe.hsetnx(session_key, "reconnect_window", str(reconnect_window_seconds))
-            pipe.hsetnx(session_key, "hangup_grace", str(hangup_grace_seconds))
-            pipe.hsetnx(session_key, "agent_hangup_ends_call", "1" if agent_hangup_ends_call else "0")
-            pipe.hset(session_key, mapping={"carrier": carrier, "mode": mode})
-            if speaker == "customer":
-                pipe.hset(session_key, mapping={"to": to_number, "from": from_number})
+            pipe.hsetnx(session_key, "reconnect_window", str(leg.reconnect_window_seconds))
+            pipe.hsetnx(session_key, "hangup_grace", str(leg.hangup_grace_seconds))
+            pipe.hsetnx(session_key, "agent_hangup_ends_call", "1" if leg.agent_hangup_ends_call else "0")
+            pipe.hset(session_key, mapping={"carrier": carrier, "mode": leg.mode})
+            if leg.speaker == "customer":
+                pipe.hset(session_key, mapping={"to": leg.to_number, "from": leg.from_number})
             pipe.expire(call_key, RECORD_TTL_SECONDS)
             pipe.expire(session_key, RECORD_TTL_SECONDS)
             pipe.zadd(self._keys.recent_calls(), {f"{carrier}:{call_id}": started}, nx=True)
@@ -288,17 +289,20 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
             return EndOutcome.ALREADY
         if claimed == -1:
             return EndOutcome.LEGS_LIVE
+        summary: dict[str, Any] = {}
         try:
             if claimed == 2 and self._already_ended_at_kallglot(session_id):
                 self._mark_ended(session_id, reason)
                 return EndOutcome.ENDED
-            self._kallglot.end_session(session_id)
+            summary = self._kallglot.end_session(session_id)
         except KallglotNotFound:
             log.warning("session=%s unknown to Kallglot at end; treating as ended", session_id)
         except KallglotError as exc:
             self._schedule_retry(session_id, token, exc)
             return EndOutcome.FAILED
         self._mark_ended(session_id, reason)
+        if (billed := usage.parse_seconds(summary.get("duration_seconds"))) is not None:  # Kallglot bills this
+            usage.record_billed_seconds(self._redis, self._keys, session_id, billed)
         log.info("session=%s ended at Kallglot (%s)", session_id, reason)
         metrics.SESSIONS_ENDED.labels("bridge").inc()
         return EndOutcome.ENDED
@@ -332,7 +336,7 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
             if self._hang_up is not None:
                 try:
                     self._hang_up(carrier, call_id)
-                except Exception as exc:  # the leg's own status callback or heartbeat will still end it
+                except CarrierError as exc:  # the leg's own status callback or heartbeat will still end it
                     log.error("session=%s could not hang up %s call=%s: %s", session_id, carrier, call_id, exc)
             self.leg_ended(carrier, call_id, reason, clean=True)
             count += 1

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from app.redis_keys import MAX_EVENTS_PER_CALL, RECORD_TTL_SECONDS, RedisKeys
+from app.redis_keys import MAX_EVENTS_PER_CALL, RECORD_TTL_SECONDS, RedisKeys, as_text, as_text_map
 
 
 class LifecycleReads:
@@ -21,19 +21,19 @@ class LifecycleReads:
 
     def held_session_for(self, to_number: str, from_number: str) -> str | None:
         """The held session a new call from ``from_number`` to ``to_number`` may re-attach to."""
-        return _text(self._redis.get(self._keys.held(to_number, from_number)))
+        return as_text(self._redis.get(self._keys.held(to_number, from_number)))
 
     def session_for_call(self, carrier: str, call_id: str) -> str | None:
         """The Kallglot session a carrier call leg belongs to, if any."""
-        return _text(self._redis.hget(self._keys.call(carrier, call_id), "session_id"))
+        return as_text(self._redis.hget(self._keys.call(carrier, call_id), "session_id"))
 
     def session_record(self, session_id: str) -> dict[str, str]:
         """Our stored view of a session (status, legs as ``leg:carrier:id``, end reason…)."""
-        return decode_hash(self._redis.hgetall(self._keys.session(session_id)))
+        return as_text_map(self._redis.hgetall(self._keys.session(session_id)))
 
     def call_record(self, carrier: str, call_id: str) -> dict[str, str]:
         """Our stored view of one call leg."""
-        return decode_hash(self._redis.hgetall(self._keys.call(carrier, call_id)))
+        return as_text_map(self._redis.hgetall(self._keys.call(carrier, call_id)))
 
     def session_legs(self, session_id: str) -> dict[tuple[str, str], str]:
         """``{(carrier, call_id): state}`` for every leg of a session."""
@@ -61,7 +61,7 @@ class LifecycleReads:
     def live_sessions(self, limit: int = 500) -> list[dict[str, str]]:
         """Sessions not yet ended (newest first), each with ``id`` and its stored fields (legs as ``leg:*``)."""
         ids = self._redis.zrevrange(self._keys.live_sessions(), 0, limit - 1)
-        return [{"id": sid.decode(), **self.session_record(sid.decode())} for sid in ids]
+        return [{"id": as_text(sid), **self.session_record(as_text(sid))} for sid in ids]
 
     def recent_calls(self, limit: int = 100, *, number: str | None = None, since: float | None = None,
                      until: float | None = None) -> list[dict[str, str]]:
@@ -70,7 +70,7 @@ class LifecycleReads:
                                                since if since is not None else "-inf")
         calls: list[dict[str, str]] = []
         for member in members:
-            carrier, _, call_id = member.decode().partition(":")
+            carrier, _, call_id = as_text(member).partition(":")
             record = self.call_record(carrier, call_id)
             if not record or (number and number not in (record.get("to"), record.get("from"))):
                 continue
@@ -78,13 +78,3 @@ class LifecycleReads:
             if len(calls) >= limit:
                 break
         return calls
-
-
-def decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
-    """A Redis hash with bytes keys and values as ``str`` → ``str``."""
-    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in raw.items()}
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value

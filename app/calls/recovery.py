@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from app.calls.reasons import EndReason
 from app.calls.states import SESSION_ENDED, EndOutcome
 from app.kallglot.client import KallglotConflict, KallglotError, KallglotSession
+from app.redis_keys import as_text
 
 if TYPE_CHECKING:
     from app.calls.lifecycle import SessionLifecycle
@@ -64,7 +65,7 @@ class RecoveryPasses:
         now = self._clock() if now is None else now
         given_up = 0
         for raw in self._redis.zrangebyscore(self._keys.heartbeats(), "-inf", now, start=0, num=batch):
-            carrier, _, call_id = raw.decode().partition(":")
+            carrier, _, call_id = as_text(raw).partition(":")
             if self._give_up_leg(carrier, call_id, now):
                 log.warning("%s call=%s relay heartbeat lost", carrier, call_id)
                 given_up += 1
@@ -131,6 +132,6 @@ class RecoveryPasses:
         """Members of ``zset`` due by ``now`` that this caller took (their score pushed forward by a lease, so
         no other worker takes them meanwhile, and they come due again if this one dies before finishing)."""
         for raw in self._redis.zrangebyscore(zset, "-inf", now, start=0, num=batch):
-            member = raw.decode()
+            member = as_text(raw)
             if self._take_due(keys=[zset], args=[member, now, DEADLINE_LEASE_SECONDS]):
                 yield member

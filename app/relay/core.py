@@ -1,13 +1,12 @@
 """The media relay core: one call leg's carrier socket bridged to its Kallglot stream socket.
 
 Vendor-free: a :class:`~app.carriers.contract.CarrierCodec` does the carrier's wire format. The uplink (carrier →
-Kallglot) runs in the handler's greenlet, the downlink (Kallglot → carrier) in a second one; when either side
+Kallglot) runs in the handler's thread, the downlink (Kallglot → carrier) in a second one; when either side
 closes, both close. Nothing here touches Redis: the hot path does no I/O but the two sockets.
 """
 from __future__ import annotations
 
 import base64
-import contextvars
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ from typing import Protocol
 from simple_websocket import ConnectionClosed
 
 from app import metrics
+from app.background import spawn
 from app.relay.audio import DownlinkTranscoder, UnsupportedAudio
 from app.kallglot import stream_protocol
 from app.kallglot.stream_protocol import (
@@ -144,8 +144,14 @@ class MediaRelay:
     def __init__(self, carrier_ws: CarrierSocket, codec: CarrierCodec, kallglot: KallglotStream, *,
                  speaker: str, chunk_ms: int, context: str,
                  on_end: Callable[[RelayEnd, str], None] | None = None,
-                 reopen_kallglot: Callable[[], KallglotStream] | None = None) -> None:
+                 reopen_kallglot: Callable[[], KallglotStream] | None = None,
+                 on_transcript: Callable[[Transcript], None] | None = None,
+                 on_health: Callable[[dict[str, float]], None] | None = None) -> None:
         self.carrier_ws = carrier_ws
+        # Live-console hooks; both must return at once (they queue, never touch Redis: app/calls/events.py).
+        self.on_transcript = on_transcript
+        self.on_health = on_health
+        self._marks_sent_at: dict[str, float] = {}  # mark name → when sent, for the playback lag
         # Reopens the Kallglot stream to the same session after it dropped (None: a drop ends the relay).
         self.reopen_kallglot = reopen_kallglot
         # Called with why the relay ended (and Kallglot's reason, if it ended the session) after the last
@@ -163,7 +169,7 @@ class MediaRelay:
         self._ending = threading.Event()
         self._end: RelayEnd | None = None
         self._end_lock = threading.Lock()
-        # Both greenlets may write to the carrier socket (frames vs. a protocol-error close).
+        # Both threads may write to the carrier socket (frames vs. a protocol-error close).
         self._carrier_lock = threading.Lock()
         # While the Kallglot stream is being reopened the uplink queues its messages here (bounded).
         self._kallglot_lock = threading.Lock()
@@ -179,11 +185,9 @@ class MediaRelay:
     # -- lifecycle -----------------------------------------------------------------------------------------
     def run(self) -> RelayEnd:
         """Relay until one side ends; always closes both sockets and returns why it stopped."""
-        # The downlink logs with this leg's context (call, session): greenlets do not inherit it by themselves.
-        downlink = threading.Thread(target=contextvars.copy_context().run, args=(self._downlink_guarded,),
-                                    name="relay-downlink", daemon=True)
         metrics.RELAYS_LIVE.labels(self.codec.carrier).inc()
-        downlink.start()
+        # The downlink logs with this leg's context (call, session).
+        downlink = spawn(self._downlink_guarded, name="relay-downlink", inherit_context=True)
         try:
             self._uplink()
             if self._end not in (RelayEnd.KALLGLOT_ENDED, RelayEnd.KALLGLOT_LOST):
@@ -214,7 +218,7 @@ class MediaRelay:
         return end
 
     def stop(self, why: RelayEnd = RelayEnd.WORKER_DRAINING) -> None:
-        """Ask the relay to end (from another greenlet) as if ``why`` happened; it does within one poll."""
+        """Ask the relay to end (from another thread) as if ``why`` happened; it does within one poll."""
         self._finish(why)
 
     def _finish(self, why: RelayEnd) -> None:
@@ -258,6 +262,10 @@ class MediaRelay:
                 return
             elif isinstance(event, MarkPlayed):
                 self.stats.marks_played += 1
+                sent_at = self._marks_sent_at.pop(event.name, None)
+                if sent_at is not None and self.on_health is not None:
+                    self.on_health({"playback_lag_ms": round((time.monotonic() - sent_at) * 1000),
+                                    "kallglot_reconnects": self.stats.kallglot_reconnects})
             elif isinstance(event, Dtmf):
                 self.stats.dtmf += 1
                 log.info("%s dtmf %s", self.context, event.digit)
@@ -344,6 +352,8 @@ class MediaRelay:
                         self.stats.frames_to_carrier += 1
                         self.stats.bytes_to_carrier += len(tail)
                     marks += 1
+                    if len(self._marks_sent_at) < 64:  # bounded: a carrier that never echoes marks
+                        self._marks_sent_at[f"utt-{marks}"] = time.monotonic()
                     if not self._to_carrier(self.codec.mark(f"utt-{marks}")):
                         return
                     self.stats.marks_sent += 1
@@ -390,8 +400,8 @@ class MediaRelay:
             elif isinstance(message, SessionError):
                 log.warning("%s kallglot session.error %s: %s", self.context, message.code, message.message)
             elif isinstance(message, Transcript):
-                log.debug("%s transcript %s %s: %s", self.context, "final" if message.final else "partial",
-                          message.speaker, message.text)
+                if self.on_transcript is not None:
+                    self.on_transcript(message)
             elif isinstance(message, UnknownMessage):
                 self.stats.unknown_kallglot[message.type] += 1
                 if self.stats.unknown_kallglot[message.type] == 1:
@@ -429,6 +439,8 @@ class MediaRelay:
                     continue  # dropped again at once: try the next attempt, the backlog is intact
                 self._reconnecting = False
             self.stats.kallglot_reconnects += 1
+            if self.on_health is not None:
+                self.on_health({"kallglot_reconnects": self.stats.kallglot_reconnects})
             log.info("%s kallglot stream reopened (%d chunks dropped meanwhile)", self.context,
                      self.stats.chunks_dropped_while_reconnecting)
             return True

@@ -20,7 +20,7 @@ from typing import Any
 from simple_websocket import ConnectionClosed
 
 MODES = frozenset({"bidirectional_translation", "assistive_translation", "ai_agent", "help_chat_voice"})
-# The docs promise "25+ languages" with ISO-639-1 examples; the full list was never captured (§7).
+# The docs promise "25+ languages" with ISO-639-1 examples; the full list was never captured.
 LANGUAGES = frozenset(
     "en es de fr it pt nl pl ru uk tr ar he hi bn ur zh ja ko vi th id ms sv da no fi el cs ro hu".split()
 )
@@ -118,6 +118,8 @@ class Session:
     audio_sequences: dict[str, list[float]] = field(default_factory=dict)
     audio_messages: dict[str, int] = field(default_factory=dict)
     errors_sent: list[str] = field(default_factory=list)
+    turns: list[dict[str, Any]] = field(default_factory=list)  # transcript turns said on the stream (§2.4)
+    webhooks_sent: bool = False  # the after-call webhooks went out (artifacts.notify_ended)
 
     @property
     def duration_seconds(self) -> float | None:
@@ -131,7 +133,7 @@ class Session:
         return [conn for conn in self.connections if conn.live]
 
     def public_view(self, *, stream: dict[str, Any] | None = None, with_times: bool = True) -> dict[str, Any]:
-        """The REST shape: §2.1 (create) or, with ``with_times``, §2.2 (retrieve); ``stream`` only if given."""
+        """The REST shape of create or, with ``with_times``, of retrieve; ``stream`` only if given."""
         view: dict[str, Any] = {
             "id": self.id, "object": "session", "status": self.status, "mode": self.mode,
             "provider": self.provider, "phone_number": self.phone_number,
@@ -146,7 +148,7 @@ class Session:
         return view
 
     def end_summary(self) -> dict[str, Any]:
-        """The body ``POST /v1/sessions/{id}/end`` answers with (§2.3)."""
+        """The body ``POST /v1/sessions/{id}/end`` answers with."""
         return {"id": self.id, "object": "session", "status": "ended",
                 "duration_seconds": self.duration_seconds, "ended_at": iso_utc(self.ended_at)}
 
@@ -218,7 +220,7 @@ class EmulatorState:
                 return "session_not_found"
             if session.status == "ended":
                 return "session_ended"
-            # The token is checked only here, at connect; an open socket outlives its expiry (§4).
+            # The token is checked only here, at connect; an open socket outlives its expiry (stream reference).
             expires_at = session.tokens.get(token)
             if expires_at is None or time.time() >= expires_at:
                 return "invalid_token"
@@ -251,6 +253,19 @@ class EmulatorState:
             session.status, session.ended_at, session.end_reason = "ended", time.time(), reason
             return session.end_summary(), session.live_connections()
 
+    def add_turn(self, session_id: str, message: dict[str, Any]) -> None:
+        """Keep a ``transcript.final`` sent on the stream as a turn of the session's transcript (§2.4 shape)."""
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return
+            turn: dict[str, Any] = {"sequence": len(session.turns) + 1, "speaker": str(message.get("speaker", "")),
+                                    "language": message.get("language"), "text": str(message.get("text", "")),
+                                    "timestamp": iso_utc(time.time())}
+            if isinstance(message.get("translation"), dict):
+                turn["translation"] = dict(message["translation"])
+            session.turns.append(turn)
+
     def record_error(self, session_id: str, code: str) -> None:
         """Remember that a ``session.error`` with ``code`` was sent on this session's stream."""
         with self.lock:
@@ -274,7 +289,7 @@ class EmulatorState:
             conn.audio_bytes += len(data)
             return list(range(seconds_before + 1, conn.audio_bytes // BYTES_PER_SECOND + 1))
 
-    # --- idempotency (§7) ----------------------------------------------------------------------
+    # --- idempotency (Idempotency-Key) ----------------------------------------------------------------------
     def idempotency_begin(self, scope: tuple[str, str], fingerprint: str) -> str | tuple[int, bytes]:
         """Claim an idempotency key: ``"new"``, ``"mismatch"``, ``"conflict"`` or the stored (status, body)."""
         with self.lock:
