@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import redis
 
 from app.calls.reasons import EndReason
 from app.calls.states import SESSION_ENDED, EndOutcome
-from app.kallglot.client import KallglotConflict, KallglotError, KallglotSession
-from app.redis_keys import as_text
-
-if TYPE_CHECKING:
-    from app.calls.lifecycle import SessionLifecycle
+from app.kallglot.client import KallglotClient, KallglotConflict, KallglotError, KallglotSession
+from app.redis_keys import RedisKeys, as_text
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +38,16 @@ def create_may_have_succeeded(exc: KallglotError) -> bool:
 
 
 class RecoveryPasses:
-    """The reaper's passes; mixed into :class:`~app.calls.lifecycle.SessionLifecycle`."""
+    """The reaper's passes; mixed into :class:`~app.calls.lifecycle.SessionLifecycle`, which provides the state
+    below and ``end_session``, ``_give_up_leg``, ``session_for_call`` and ``session_record``."""
 
-    def end_due_sessions(self: SessionLifecycle, now: float | None = None, batch: int = 50) -> int:
+    _redis: redis.Redis
+    _keys: RedisKeys
+    _kallglot: KallglotClient
+    _clock: Callable[[], float]
+    _take_due: Any  # the registered TAKE_DUE script
+
+    def end_due_sessions(self, now: float | None = None, batch: int = 50) -> int:
         """End (or retry ending) every session whose deadline passed; returns how many this call took."""
         now = self._clock() if now is None else now
         taken = 0
@@ -55,7 +61,7 @@ class RecoveryPasses:
                 self._redis.zrem(self._keys.deadlines(), session_id)
         return taken
 
-    def expire_lost_legs(self: SessionLifecycle, now: float | None = None, batch: int = 50) -> int:
+    def expire_lost_legs(self, now: float | None = None, batch: int = 50) -> int:
         """Treat legs whose relay stopped beating as lost abnormally; returns how many were given up.
 
         The check "still due?" and the end are one script, so a beat (or a restored stream) that lands after
@@ -71,7 +77,7 @@ class RecoveryPasses:
                 given_up += 1
         return given_up
 
-    def end_orphaned_creates(self: SessionLifecycle, now: float | None = None, batch: int = 20) -> int:
+    def end_orphaned_creates(self, now: float | None = None, batch: int = 20) -> int:
         """End sessions whose create was never followed by a registered leg; returns how many were taken."""
         now = self._clock() if now is None else now
         taken = 0
@@ -93,7 +99,7 @@ class RecoveryPasses:
             self._end_orphan(member, carrier, call_id, session, intent, now)
         return taken
 
-    def _end_orphan(self: SessionLifecycle, member: str, carrier: str, call_id: str, session: KallglotSession,
+    def _end_orphan(self, member: str, carrier: str, call_id: str, session: KallglotSession,
                     intent: dict[str, Any], now: float) -> None:
         """End a replayed orphan through the end claim with ``force`` off: a slow worker that attached a leg
         meanwhile wins (its leg is live), and once this claim is taken that worker's attach is refused."""
@@ -110,7 +116,7 @@ class RecoveryPasses:
             log.warning("%s call=%s session=%s was created but never registered (worker lost?): ended", carrier,
                         call_id, session.id)
 
-    def _retry_orphan_later(self: SessionLifecycle, member: str, intent: dict[str, Any], exc: KallglotError,
+    def _retry_orphan_later(self, member: str, intent: dict[str, Any], exc: KallglotError,
                             now: float) -> None:
         intent["attempts"] += 1
         if intent["attempts"] >= PENDING_CREATE_MAX_ATTEMPTS or not create_may_have_succeeded(exc):
@@ -122,13 +128,13 @@ class RecoveryPasses:
             pipe.zadd(self._keys.pending_creates(), {member: now + 2 ** intent["attempts"]})
             pipe.execute()
 
-    def _forget_pending_create(self: SessionLifecycle, member: str) -> None:
+    def _forget_pending_create(self, member: str) -> None:
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self._keys.pending_creates(), member)
             pipe.hdel(self._keys.pending_create_data(), member)
             pipe.execute()
 
-    def _take_due_members(self: SessionLifecycle, zset: str, now: float, batch: int) -> Iterator[str]:
+    def _take_due_members(self, zset: str, now: float, batch: int) -> Iterator[str]:
         """Members of ``zset`` due by ``now`` that this caller took (their score pushed forward by a lease, so
         no other worker takes them meanwhile, and they come due again if this one dies before finishing)."""
         for raw in self._redis.zrangebyscore(zset, "-inf", now, start=0, num=batch):

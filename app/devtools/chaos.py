@@ -32,10 +32,8 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import subprocess
 import random
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -51,6 +49,7 @@ import requests
 
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
+from app.devtools.chaos_report import call_timeline, load_average, session_timeline, stress
 from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
@@ -63,8 +62,6 @@ WEIGHTS = (30, 10, 10, 10, 8, 8, 10, 8, 2)
 FIRST_AUDIO_TIMEOUT_SECONDS = 10.0
 #: Least time between two kills in one bridge instance, so it always keeps a worker serving.
 KILL_SPACING_SECONDS = 45.0
-#: The --stress spin never outlives this, even if the run is killed.
-STRESS_MAX_SECONDS = 3600
 AUTH_TOKEN = "chaos-twilio-auth-token"
 ACCOUNT_SID = "AC" + "c" * 32
 API_KEY = "sk_test_emulator"
@@ -247,53 +244,6 @@ def _redis_view(redis_url: str, session_ids: list[str]) -> dict[str, object]:
     return view
 
 
-@contextmanager
-def stress(enabled: bool) -> Iterator[None]:
-    """Keep one extra process spinning on the CPU while the block runs (``--stress``): on a 2-core machine it
-    takes the core the stack would otherwise have to itself, so workers become slow, not dead. Pinned to the
-    last core when ``taskset`` exists; bounded by :data:`STRESS_MAX_SECONDS` even if this process dies."""
-    if not enabled:
-        yield
-        return
-    spin = [sys.executable, "-c", f"import time\nend = time.monotonic() + {STRESS_MAX_SECONDS}\n"
-            "while time.monotonic() < end:\n    pass"]
-    cores = os.cpu_count() or 1
-    if cores > 1 and shutil.which("taskset"):
-        spin = ["taskset", "-c", str(cores - 1), *spin]
-    proc = subprocess.Popen(spin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def _load() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def _timeline(outcome: Outcome, logs: list[str]) -> list[str]:
-    """One failed call: the simulator's timeline, then every bridge log line naming its call or session."""
-    lines = []
-    for result in outcome.results:
-        session_id = result.custom_parameters.get("session_id", "")
-        lines.append(f"    call {result.call_sid} session={session_id or '?'} streams={result.streams} "
-                     f"sent={len(result.sent_audio)} heard={len(result.heard_audio)} said={result.said}")
-        lines += [f"      sim  {event[:200]}" for _, event in result.timeline]
-        lines += [f"      log  {line[:300]}" for line in logs
-                  if result.call_sid in line or (session_id and session_id in line)]
-    return lines
-
-
-def _session_timeline(session: dict[str, object], logs: list[str]) -> list[str]:
-    call_sid = str((session.get("metadata") or {}).get("twilio_call_sid") or "")  # type: ignore[union-attr]
-    session_id = str(session["id"])
-    return [f"      log  {line[:300]}" for line in logs if session_id in line or (call_sid and call_sid in line)]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the chaos scenarios and print the tally."""
     parser = argparse.ArgumentParser(description="Chaos run: simulated calls with faults; prints what leaked.")
@@ -312,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = rng.choices(SCENARIOS, weights=weights, k=args.calls)
     audio = base64.b64decode(base64.b64encode(bytes(rng.randrange(256) for _ in range(4000))))
     started = time.monotonic()
-    load_at_start = _load()
+    load_at_start = load_average()
     with stress(args.stress), stack(args.workers) as (bridges, emulator, redis_url):
         chaos = Chaos(bridges, emulator, args.seed, redis_url, listen_seconds=args.listen)
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
@@ -343,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.concurrency}, 2 instances x {args.workers} workers, seed {args.seed}, "
           f"stress {'on' if args.stress else 'off'}, {placed:.1f}s to place, {duration:.0f}s in all, "
           f"{chaos.killed} workers killed ({chaos.kills_spared} kills spared: instance already lost one)")
-    print(f"load average (1/5/15 min): {load_at_start} at start, {_load()} at end")
+    print(f"load average (1/5/15 min): {load_at_start} at start, {load_average()} at end")
     print(f"sessions created: {stats.get('created', len(sessions))}")
     print(f"sessions ended:   {stats.get('ended', len(sessions) - len(leaked))}")
     print(f"leaked:           {len(leaked)}")
@@ -352,14 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"simulator errors: {len(errors)}")
     for outcome in dead_air + errors:
         print(f"  - {outcome.scenario}: {outcome.error or 'heard nothing'}")
-        print("\n".join(_timeline(outcome, logs)))
+        print("\n".join(call_timeline(outcome.results, logs)))
     for kind, found in (("leaked", leaked), ("double-ended", double_ended)):
         for s in found:
             print(f"  - {kind} session {s['id']} status={s['status']} end_calls={s['end_calls']} "
                   f"connections={s['connections_total']} call={(s.get('metadata') or {}).get('twilio_call_sid')}")
             if args.verbose:
                 print(f"      redis: {state.get(str(s['id']))}")
-            print("\n".join(_session_timeline(s, logs)))
+            print("\n".join(session_timeline(s, logs)))
     return 0 if not (leaked or double_ended or dead_air) else 1
 
 
