@@ -50,7 +50,7 @@ import requests
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
 from app.devtools.chaos_report import call_timeline, load_average, session_timeline, stress
-from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis
+from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis, startup_timeout
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
 from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCallSimulator
@@ -211,19 +211,22 @@ def stack(workers: int) -> Iterator[tuple[list[RunningServer], RunningServer, st
         redis_url = stack.enter_context(run_redis())
         emulator = stack.enter_context(run_gunicorn("app.devtools.emulator:create_emulator_app()",
                                                     {"KALLGLOT_EMULATOR_API_KEY": API_KEY},
-                                                    ready_path="/_emulator/stats", print_log_on_error=False))
+                                                    ready_path="/_emulator/stats", print_log_on_error=False,
+                                                    ready_timeout=startup_timeout()))
         ports = [free_port(), free_port()]
         public = f"http://127.0.0.1:{ports[0]}"
         fake = stack.enter_context(run_gunicorn("app.devtools.simulator.twilio_rest:create_fake_twilio_rest()", {
             "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "FAKE_TWILIO_BRIDGE_URL": public,
-            "FAKE_TWILIO_MAX_CALL_SECONDS": "30"}, print_log_on_error=False))
+            "FAKE_TWILIO_MAX_CALL_SECONDS": "30"}, print_log_on_error=False, ready_timeout=startup_timeout()))
         env = {"KALLGLOT_API_URL": emulator.url + "/v1", "KALLGLOT_API_KEY": API_KEY, "REDIS_URL": redis_url,
                "REDIS_NAMESPACE": "chaos", "PUBLIC_URL": public, "SECRET_KEY": "chaos-secret-key-0123456789",
                "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_API_URL": fake.url,
                "RECONNECT_WINDOW_SECONDS": str(RECONNECT_WINDOW_SECONDS),
                "HEARTBEAT_TIMEOUT_SECONDS": str(HEARTBEAT_TIMEOUT_SECONDS), "LOG_LEVEL": "INFO"}
+        # Start-up waits scale with the load average: on a busy machine a bridge takes 20 s and more to import.
         bridges = [stack.enter_context(run_gunicorn("app:create_app()", env, workers=workers, port=port,
-                                                    print_log_on_error=False)) for port in ports]
+                                                    print_log_on_error=False, ready_timeout=startup_timeout()))
+                   for port in ports]
         client = redis_lib.Redis.from_url(redis_url)
         ProfileStore(client, RedisKeys("chaos"), NumberProfile(), carriers=carrier_names()).set(AGENT_LINE,
                                                                      NumberProfile(agent_number=AGENT_NUMBER))
