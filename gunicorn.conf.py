@@ -50,7 +50,8 @@ logconfig_dict = {
     "formatters": {"app": {"()": "app.logging_setup.make_formatter"}},
     "handlers": {
         "error_console": {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr"},
-        "console": {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stdout"},
+        # The access log goes to stderr too: README (Operations, Logs) says every line does.
+        "console": {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr"},
     },
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False,

@@ -30,8 +30,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     Raises :class:`app.config.ConfigError` listing every configuration problem at once.
     """
-    settings = Settings.from_mapping(config) if config is not None else Settings.from_env()
-    settings.validate()
+    from app.profiles.cli import settings_for_command_line
+
+    # Under `flask numbers …` only the store must be configured (checked there); the reaper does not run.
+    command_line = settings_for_command_line() if config is None else None
+    settings = command_line or (Settings.from_mapping(config) if config is not None else Settings.from_env())
+    if command_line is None:
+        settings.validate()
     configure_logging()
     app = Flask(__name__, template_folder=str(template_folder()))
     app.config["SECRET_KEY"] = settings.secret_key
@@ -49,8 +54,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_blueprints(app)
     register_error_handlers(app)
     register_cli(app)
-    app.extensions["reaper"] = start_background_reaper(built.lifecycle)
-    if settings.demo_mode:
+    if command_line is None:
+        app.extensions["reaper"] = start_background_reaper(built.lifecycle)
+    if settings.demo_mode and command_line is None:
         log.warning("DEMO MODE: Kallglot is the local emulator at %s and the secrets are demo values. "
                     "Set KALLGLOT_API_KEY and REDIS_URL for real calls.", settings.kallglot_api_url)
     return app

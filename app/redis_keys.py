@@ -28,6 +28,10 @@ key                                            type    holds
 ``{ns}:api:live:{token_hash}``                 zset    sessions started through the API by one token
 ``{ns}:relay-nonce:{nonce}``                   string  a relay token's nonce, consumed by its one media socket
 ``{ns}:relay-lease:{carrier}:{call_id}``       string  nonce of the one relay serving a leg (TTL, renewed)
+``{ns}:session:{session_id}:live-events``      stream  the session's live transcript and leg events (capped, TTL)
+``{ns}:live-changes``                          stream  "a live session appeared, changed or ended" (capped, TTL)
+``{ns}:session:{id}:artifacts:{kind}``         string  JSON cache of the session's transcript/recordings (TTL)
+``{ns}:usage:sessions``                        zset    sessions with a billed duration (score: ended at)
 =============================================  ======  =====================================================
 
 No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
@@ -149,6 +153,22 @@ class RedisKeys:
     def pending_create_data(self) -> str:
         """Key of the hash holding each pending create's idempotency key and arguments (no secrets)."""
         return f"{self.namespace}:pending-creates:data"
+
+    def session_live_events(self, session_id: str) -> str:
+        """Key of the capped Redis Stream of a session's live transcript and leg events."""
+        return f"{self.namespace}:session:{session_id}:live-events"
+
+    def live_changes(self) -> str:
+        """Key of the capped Redis Stream announcing that a live session appeared, changed or ended."""
+        return f"{self.namespace}:live-changes"
+
+    def session_artifacts(self, session_id: str, kind: str) -> str:
+        """Key of the short-lived cache of a session's ``kind`` (``transcript`` or ``recordings``) from Kallglot."""
+        return f"{self.namespace}:session:{session_id}:artifacts:{kind}"
+
+    def billed_sessions(self) -> str:
+        """Key of the sorted set of sessions with a recorded billed duration (score: when they ended)."""
+        return f"{self.namespace}:usage:sessions"
 
 
 def first_seen(client: redis.Redis, key: str, value: str = "1", ttl_seconds: int = SEEN_TTL_SECONDS) -> bool:

@@ -244,6 +244,26 @@ def test_connect_action_after_kallglot_failure_uses_the_profile_fallback(client:
     assert root.find("Dial").text == "+14155550199"
 
 
+@pytest.mark.parametrize("order", ["status-first", "action-only"])
+def test_connect_action_for_a_completed_call_does_not_revive_its_leg(client: FlaskClient, app: Flask,
+                                                                     emulator: EmulatorControl, order: str) -> None:
+    """Issue 12 item 11: the session is held (hang-up grace), so a revived leg would keep it open."""
+    with app.app_context():
+        services().profiles.set(TO, NumberProfile(hangup_grace_seconds=60))
+    call_sid = new_call_sid()
+    answer(client, call_sid)
+    if order == "status-first":
+        assert complete(client, call_sid).status_code == 204
+    response = post_signed(client, "/twilio/connect-action", call_params(call_sid, CallStatus="completed"))
+    assert response.status_code == 200
+    root = ET.fromstring(response.data)
+    assert root.find("Connect") is None and list(root) == []
+    with app.app_context():
+        call = services().lifecycle.call_record("twilio", call_sid)
+    assert call["state"] == "ended" and call["end_reason"].startswith("call_completed")
+    assert int(call.get("stream_restarts") or 0) == 0
+
+
 def test_status_for_an_unknown_call_is_recorded_quietly(client: FlaskClient, emulator: EmulatorControl) -> None:
     assert complete(client, new_call_sid()).status_code == 204
     assert emulator.stats()["end_calls"] == 0

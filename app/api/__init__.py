@@ -17,7 +17,7 @@ from app.api.limits import (
 )
 from app.calls.destinations import DestinationDenied, DestinationRules
 from app.calls.leg_spec import LegSpec
-from app.carriers.contract import CarrierError
+from app.carriers.contract import CarrierError, CarrierNotConfigured
 from app.extensions import services
 from app.redis_keys import as_text
 from app.kallglot.client import KallglotError
@@ -139,6 +139,12 @@ def _dial(svc: Any, carrier: str, profile: Any, key_hash: str, dialled: str, tok
         return jsonify(error="translation service unavailable", code=exc.code), 502
     except redis.RedisError:
         raise  # create_call answers 503
+    except CarrierNotConfigured as exc:  # our own configuration, not the carrier, stopped the dial
+        log.error("api call to=%s: %s is not configured for outbound calls: %s", to_number, carrier, exc)
+        svc.lifecycle.confirm_create(carrier, call_key)
+        svc.lifecycle.end_session(session.id, "dial_failed")
+        return jsonify(error=f"outbound calls through {carrier} are not configured on this service",
+                       detail=str(exc)[:200]), 503
     except CarrierError as exc:  # the carrier refused the dial
         log.error("api call to=%s: dialling through %s failed: %s", to_number, carrier, exc)
         svc.lifecycle.confirm_create(carrier, call_key)

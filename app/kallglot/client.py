@@ -172,6 +172,37 @@ class KallglotClient:
         return self._request("POST", f"/sessions/{session_path_id(session_id)}/end",
                              idempotency_key=f"end-{session_id}")
 
+    # -- after the call (assumption 7 in app/kallglot/stream_protocol.py) ----------------------------------
+    def get_transcript(self, session_id: str) -> dict[str, Any]:
+        """``GET /v1/sessions/{id}/transcript``: ``status`` and ``turns[]`` (speaker, language, text, translation)."""
+        return self._request("GET", f"/sessions/{_path_id(session_id)}/transcript")
+
+    def list_recordings(self, session_id: str) -> list[dict[str, Any]]:
+        """``GET /v1/sessions/{id}/recordings``: the session's recordings (``data`` of a list object)."""
+        body = self._request("GET", f"/sessions/{_path_id(session_id)}/recordings")
+        data = body.get("data")
+        return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+    def open_recording_audio(self, recording_id: str, *, range_header: str | None = None) -> requests.Response:
+        """``GET /v1/recordings/{id}/audio`` as a streamed response (MP3); the caller must close it.
+
+        The API key stays here: the admin streams the body on to the browser. Raises :class:`KallglotError`
+        for an error answer.
+        """
+        headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "audio/mpeg"}
+        if range_header:
+            headers["Range"] = range_header
+        try:
+            response = self._http.get(f"{self.base_url}/recordings/{_path_id(recording_id)}/audio", headers=headers,
+                                      timeout=(self.connect_timeout, self.read_timeout), stream=True)
+        except requests.RequestException as exc:
+            raise KallglotUnavailable(type(exc).__name__, code="unreachable") from None
+        if response.status_code >= 400:
+            error = _error_from_response(response)
+            response.close()
+            raise error
+        return response
+
     def _request(self, method: str, path: str, *, json: dict[str, Any] | None = None,
                  idempotency_key: str | None = None) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
@@ -208,6 +239,13 @@ class KallglotClient:
                 raise error
             log.warning("kallglot %s %s failed (%s), retry %d in %.2fs", method, path, error, attempt, wait)
             time.sleep(wait)
+
+
+def _path_id(value: str) -> str:
+    """An id safe to put in a URL path (Kallglot ids are ``prefix_`` plus letters and digits)."""
+    if not value or not all(c.isalnum() or c in "_-" for c in value) or len(value) > 128:
+        raise KallglotValidationError(f"invalid id {value[:40]!r}", code="invalid_id")
+    return value
 
 
 def _error_from_response(response: requests.Response) -> KallglotError:

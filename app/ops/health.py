@@ -32,12 +32,33 @@ def readyz() -> ResponseReturnValue:
         svc.redis.ping()
     except redis.RedisError as exc:
         problems.append(f"Redis unreachable: {type(exc).__name__}")
+    else:
+        problems += store_script_problems(svc.redis, svc.keys.live_sessions())
     kallglot_problem = kallglot_reachability(current_app, svc.settings.kallglot_api_url)
     if kallglot_problem:
         problems.append(kallglot_problem)
     if drain_for(current_app).draining:
         problems.append("shutting down (draining): live calls are being handed over")
     return jsonify(status="ready" if not problems else "not ready", problems=problems), 200 if not problems else 503
+
+
+#: A script reading a key, as the lifecycle's do: a store without Lua (fakeredis without lupa) fails it.
+_LUA_PROBE = "return redis.call('EXISTS', KEYS[1])"
+
+
+def store_script_problems(client: redis.Redis, probe_key: str) -> list[str]:
+    """Why the store cannot run the lifecycle's Lua scripts ([] when it can): every call ends through them.
+
+    ``probe_key`` is only read (``EXISTS``), never written.
+    """
+    try:
+        client.eval(_LUA_PROBE, 1, probe_key)
+    except redis.ResponseError as exc:
+        return [f"Redis cannot run Lua scripts (EVAL failed: {str(exc)[:120]}); the call lifecycle needs them "
+                "(a fakeredis store needs the 'lua' extra: pip install 'fakeredis[lua]')"]
+    except redis.RedisError as exc:
+        return [f"Redis unreachable: {type(exc).__name__}"]
+    return []
 
 
 #: A Kallglot probe's answer is reused this long: the platform polls /readyz every few seconds per instance.

@@ -8,12 +8,14 @@ import threading
 import time
 
 import redis
+from flask import current_app
 
 from app.background import spawn
+from app.calls import events as live_events
 from app.calls.agent import dial_agent_if_configured
 from app.ops.draining import current_drain
 from app.extensions import Services
-from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.kallglot.stream_protocol import SPEAKER_AGENT, SPEAKER_CUSTOMER, Transcript
 from app.kallglot.client import KallglotError
 from app.logging_setup import bind_log_context
 from app.carriers.contract import CarrierCodec
@@ -94,6 +96,23 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
         close_quietly(ws, 1011, "translation service unavailable")
         return None
     log.info("%s relay started (stream %.64s)", context, stream_id)
+    _, forwarder = live_events.event_log_for(current_app)
+
+    def leg_changed(state: str, detail: str = "") -> None:
+        forwarder.publish(grant.session_id, live_events.LEG, live_events.leg_event(
+            carrier=codec.carrier, call_id=grant.call_id, speaker=grant.speaker, state=state, detail=detail))
+
+    def forward_transcript(message: Transcript) -> None:
+        forwarder.publish(grant.session_id, live_events.TRANSCRIPT, live_events.transcript_event(
+            speaker=message.speaker or grant.speaker, text=message.text, final=message.final,
+            language=message.language, translation=message.translation,
+            translation_language=message.translation_language, item_id=message.item_id))
+
+    def forward_health(health: dict[str, float]) -> None:
+        forwarder.publish(grant.session_id, live_events.RELAY_HEALTH,
+                          {"call_id": grant.call_id, "speaker": grant.speaker, **health})
+
+    leg_changed("agent_joined" if grant.speaker == SPEAKER_AGENT else "started")
 
     def record_end(end: RelayEnd, kallglot_reason: str) -> None:
         try:  # before the carrier hears of the close: its restored stream (a new token) must find the leg free
@@ -106,8 +125,9 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
             except redis.RedisError as exc:
                 log.error("%s could not record Kallglot's end: %s", context, exc)
         # Only the carrier's own "stream over" (or Kallglot's end) is clean; any loss may be reconnected.
-        _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context,
-                  clean=end in (RelayEnd.CARRIER_STOP, RelayEnd.KALLGLOT_ENDED))
+        clean = end in (RelayEnd.CARRIER_STOP, RelayEnd.KALLGLOT_ENDED)
+        _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context, clean=clean)
+        leg_changed("ended" if clean else "lost", end.value)
 
     heartbeat = _Heartbeat(svc, grant, context)
     heartbeat.start()
@@ -116,7 +136,8 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
         spawn(dial_agent_if_configured, svc, grant.session_id, codec.carrier, name="dial-agent")
     try:
         relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
-                           context=context, on_end=record_end, reopen_kallglot=open_kallglot)
+                           context=context, on_end=record_end, reopen_kallglot=open_kallglot,
+                           on_transcript=forward_transcript, on_health=forward_health)
         with current_drain().track(relay):  # a deploy's SIGTERM hands the leg over as lost (app/ops/draining.py)
             return relay.run()
     finally:

@@ -13,7 +13,7 @@ from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
-from app.carriers.contract import CarrierError
+from app.carriers.contract import CarrierError, CarrierNotConfigured
 from app.carriers.twilio import CARRIER
 from app.config import Settings
 
@@ -51,7 +51,7 @@ class TwilioControl:
         """The REST client (needs ``TWILIO_ACCOUNT_SID`` and ``TWILIO_AUTH_TOKEN``)."""
         if self._client is None:
             if not (self.settings.twilio_account_sid and self.settings.twilio_auth_token):
-                raise CarrierError(f"{LABEL}: TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for call control")
+                raise CarrierNotConfigured(f"{LABEL}: TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for call control")
             self._client = rest_client(self.settings)
         return self._client
 

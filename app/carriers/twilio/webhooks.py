@@ -24,6 +24,7 @@ from app.redis_keys import first_seen
 from app.carriers.twilio import CARRIER, twiml
 from app.carriers.twilio.blueprint import bp
 from app.carriers.twilio.signature import request_is_from_twilio
+from twilio.twiml.voice_response import VoiceResponse
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +172,16 @@ def connect_action() -> Response:
     svc = services()
     try:
         call = svc.lifecycle.call_record(CARRIER, call_sid)
+        reason = call.get("end_reason", "") if call.get("state") == "ended" else ""
+        status = request.form.get("CallStatus", "")
+        if status in TERMINAL_CALL_STATUSES or reason.startswith("call_"):
+            # The call itself is over (this request, or its status callback, says so): nothing to restore, and
+            # re-attaching would revive a leg whose caller is gone and hold its session open.
+            if call.get("session_id") and not reason:
+                svc.lifecycle.leg_ended(CARRIER, call_sid, f"call_{status}", clean=True)
+            return _xml(str(VoiceResponse()))
         profile = svc.profiles.for_number(call.get("to", request.form.get("To", "")))
         session_id = call.get("session_id")
-        reason = call.get("end_reason", "") if call.get("state") == "ended" else ""
         if not session_id or reason == "relay_kallglot_ended":
             svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
             return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
