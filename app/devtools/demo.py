@@ -150,6 +150,30 @@ def _bridge_settings(env: dict[str, str]) -> dict[str, str]:
     return {name: env[name] for name in names if env.get(name)}
 
 
+def seed_demo_profiles(env: dict[str, str]) -> None:
+    """Give the demo's carrier numbers a profile of their own: ``POST /api/calls`` dials only from numbers this
+    service is configured for (toll-fraud rule), and the README's outbound call uses them. Existing profiles
+    (a demo against your own Redis) are left alone."""
+    import redis
+
+    from app.devtools.simulator.number_apis import demo_telnyx_seed, demo_twilio_numbers
+    from app.profiles import NumberProfile, ProfileStore
+    from app.redis_keys import RedisKeys
+
+    client = redis.Redis.from_url(env["REDIS_URL"], socket_timeout=5)
+    try:
+        store = ProfileStore(client, RedisKeys(env.get("REDIS_NAMESPACE") or "kb"), NumberProfile(),
+                             carriers=("twilio", "telnyx"))
+        numbers = [(n["phone_number"], "twilio") for n in demo_twilio_numbers()]
+        numbers += [(n["phone_number"], "telnyx") for n in demo_telnyx_seed("")["phone_numbers"] if n["connection_id"]]
+        for number, carrier in numbers:
+            if not store.for_number(number).own:
+                store.set(number, NumberProfile(carrier=carrier, source_language=env.get("DEFAULT_SOURCE_LANGUAGE", ""),
+                                                target_language=env.get("DEFAULT_TARGET_LANGUAGE", "")))
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start the demo stack and serve until Ctrl-C, SIGTERM or SIGHUP; exit status 0 when stopped so."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
@@ -185,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             # Stopped first (the stack unwinds in reverse): its calls end while Kallglot and Redis are still up.
             stack.callback(_stop, bridge, float(env["GUNICORN_GRACEFUL_TIMEOUT"]) + 5)
             wait_for_http(f"http://127.0.0.1:{args.port}/healthz", proc=bridge)
+            seed_demo_profiles(env)
             ready = requests.get(f"http://127.0.0.1:{args.port}/readyz", timeout=10).json()
             print(banner(settings, notes, ready.get("problems", []), args.env_file), flush=True)
             return bridge.wait()
