@@ -35,6 +35,10 @@ class CarrierError(RuntimeError):
         return error
 
 
+class CarrierNotConfigured(CarrierError):
+    """This service lacks a setting the carrier operation needs (local configuration, not the carrier's refusal)."""
+
+
 @dataclass(frozen=True)
 class Connected:
     """The carrier's hello (``connected``)."""
@@ -150,6 +154,18 @@ class CarrierControl(Protocol):
 
     def dial(self, *, to: str, from_: str, session_id: str, speaker: str) -> str:
         """Place an outbound leg that will stream into ``session_id`` as ``speaker``; returns its call ID."""
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """One point a carrier adapter depends on where the vendor's definitions are silent (see each carrier's
+    ``assumptions.py``): what it assumes, where that comes from, and how sure it is."""
+
+    topic: str
+    assumption: str
+    source: str
+    documented: bool
+    handling: str
 
 
 @dataclass(frozen=True)

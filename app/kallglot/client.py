@@ -6,10 +6,12 @@ Timeouts and retries are sized for a carrier webhook: Twilio gives the whole voi
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -103,6 +105,17 @@ class KallglotSession:
         return cls(id=str(body["id"]), status=str(body.get("status", "")), stream=grant)
 
 
+#: Kallglot session ids (``sess_`` + base32); anything else never reaches a URL path.
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def session_path_id(session_id: str) -> str:
+    """``session_id`` validated and quoted for a URL path segment (a ``?`` or ``/`` would change the request)."""
+    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+        raise KallglotValidationError(f"invalid session id {str(session_id)[:40]!r}", code="invalid_session_id")
+    return quote(session_id, safe="")
+
+
 def _parse_time(value: Any) -> datetime | None:
     if not value:
         return None
@@ -152,11 +165,12 @@ class KallglotClient:
     def get_session(self, session_id: str) -> KallglotSession:
         """``GET /v1/sessions/{id}`` — also the way to a fresh stream token (assumption 4 in
         :mod:`app.kallglot.stream_protocol`)."""
-        return KallglotSession.from_json(self._request("GET", f"/sessions/{session_id}"))
+        return KallglotSession.from_json(self._request("GET", f"/sessions/{session_path_id(session_id)}"))
 
     def end_session(self, session_id: str) -> dict[str, Any]:
         """``POST /v1/sessions/{id}/end``; idempotent at Kallglot, and keyed so our own retries are too."""
-        return self._request("POST", f"/sessions/{session_id}/end", idempotency_key=f"end-{session_id}")
+        return self._request("POST", f"/sessions/{session_path_id(session_id)}/end",
+                             idempotency_key=f"end-{session_id}")
 
     # -- after the call (assumption 7 in app/kallglot/stream_protocol.py) ----------------------------------
     def get_transcript(self, session_id: str) -> dict[str, Any]:

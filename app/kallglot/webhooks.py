@@ -35,9 +35,11 @@ ARTIFACT_EVENTS = {"transcript.ready": "transcript_ready", "recording.ready": "r
 def kallglot_webhook() -> ResponseReturnValue:
     """Verify, de-duplicate on the event ``id``, record, and act on ``session.ended``."""
     svc = services()
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        abort(413, description="webhook body too large")
+    # Enforced by Werkzeug while reading (413), for chunked bodies too: Content-Length alone is not trusted.
+    request.max_content_length = min(MAX_BODY_BYTES, current_app.config.get("MAX_CONTENT_LENGTH") or MAX_BODY_BYTES)
     raw = request.get_data(cache=False)
+    if len(raw) >= request.max_content_length:  # a chunked body is cut at the limit rather than refused
+        abort(413, description="webhook body too large")
     if not verify(svc.settings.kallglot_webhook_secret, request.headers.get("Kallglot-Signature"), raw):
         log.warning("kallglot webhook refused: missing, stale or invalid Kallglot-Signature")
         abort(403, description="invalid Kallglot signature")
@@ -47,7 +49,10 @@ def kallglot_webhook() -> ResponseReturnValue:
         abort(400, description="body is not JSON")
     if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
         abort(400, description="event needs a string id and type")
-    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    data = event.get("data", {})
+    wrong = _wrong_types(data)
+    if wrong:
+        abort(400, description=f"wrong JSON type: {wrong}")
     session_id = str(data.get("session_id") or (data.get("id") if data.get("object", "session") == "session" else ""))
     seen = svc.keys.seen("kallglot", event["id"])
     try:
@@ -62,6 +67,19 @@ def kallglot_webhook() -> ResponseReturnValue:
         log.error("kallglot webhook %s not handled, Kallglot will retry: %s", event["id"], exc)
         return jsonify(status="retry later"), 503
     return jsonify(status="ok"), 200
+
+
+#: ``data`` fields we read: each a string (or a number, for ``duration``) or null when present.
+SCALAR_DATA_FIELDS = ("session_id", "id", "object", "status", "duration", "reason", "channel")
+
+
+def _wrong_types(data: Any) -> str:
+    """Which part of ``data`` has the wrong JSON type ("" when none): a signed but malformed event changes nothing."""
+    if not isinstance(data, dict):
+        return "data must be an object"
+    wrong = [name for name in SCALAR_DATA_FIELDS
+             if name in data and (isinstance(data[name], bool) or not isinstance(data[name], (str, int, float, type(None))))]
+    return ", ".join(f"data.{name}" for name in wrong)
 
 
 def _handle(kind: str, session_id: str, data: dict[str, Any], event: dict[str, Any]) -> None:

@@ -6,13 +6,14 @@ another base URL (tests and the demo use a local fake of Twilio's REST API).
 from __future__ import annotations
 
 import logging
+import re
 
 import requests
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
-from app.carriers.contract import CarrierError
+from app.carriers.contract import CarrierError, CarrierNotConfigured
 from app.carriers.twilio import CARRIER
 from app.config import Settings
 
@@ -24,6 +25,8 @@ LABEL = "Twilio"
 API_TIMEOUT_SECONDS = 5.0
 #: Twilio's answers for "that call is not there / not in progress any more".
 CALL_GONE_CODES = frozenset({20404, 21220})
+#: Twilio call SIDs: "CA" + 32 hex digits.
+CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 
 
 def rest_client(settings: Settings, timeout: float = API_TIMEOUT_SECONDS) -> Client:
@@ -48,13 +51,15 @@ class TwilioControl:
         """The REST client (needs ``TWILIO_ACCOUNT_SID`` and ``TWILIO_AUTH_TOKEN``)."""
         if self._client is None:
             if not (self.settings.twilio_account_sid and self.settings.twilio_auth_token):
-                raise CarrierError(f"{LABEL}: TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for call control")
+                raise CarrierNotConfigured(f"{LABEL}: TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for call control")
             self._client = rest_client(self.settings)
         return self._client
 
     def hang_up(self, call_id: str) -> None:
         """End a live call (``Status=completed``); a call that already ended is not an error.
         Raises :class:`CarrierError`."""
+        if not CALL_SID.match(call_id or ""):  # it goes into the REST URL path: never anything but a SID
+            raise ValueError(f"not a Twilio call SID: {str(call_id)[:40]!r}")
         try:
             self.client.calls(call_id).update(status="completed")
         except TwilioRestException as exc:

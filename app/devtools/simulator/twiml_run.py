@@ -211,7 +211,9 @@ class CallRun:
             "accountSid": sim.account_sid, "streamSid": stream_sid, "callSid": r.call_sid,
             "tracks": ["inbound"], "customParameters": params,
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
-        self.log(f"-> connected, start (streamSid {stream_sid}, customParameters {params})")
+        # The relay token is a credential: the timeline (printed by the CLI) names it but never shows it.
+        shown = {name: "<redacted>" if "token" in name.lower() else value for name, value in params.items()}
+        self.log(f"-> connected, start (streamSid {stream_sid}, customParameters {shown})")
         sent = self.send_audio(stream, self.audio if first else self.restore_audio)
         if first:
             r.sent_audio = sent
