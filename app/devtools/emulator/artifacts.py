@@ -18,6 +18,7 @@ from typing import Any
 import requests
 from flask import Flask, Response, jsonify, request
 
+from .errors import ApiError
 from .state import EmulatorState, Session, iso_utc, random_id
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,20 @@ def encode_mp3(pcm: bytes) -> bytes:
     encoder.set_channels(1)
     encoder.set_quality(7)
     return bytes(encoder.encode(pcm) + encoder.flush())
+
+
+def record_turn(state: EmulatorState, session_id: str, message: dict[str, Any]) -> None:
+    """Keep a ``transcript.final`` said on the stream as a turn of the session's transcript (§2.4 shape)."""
+    with state.lock:
+        session = state.sessions.get(session_id)
+        if session is None:
+            return
+        turn: dict[str, Any] = {"sequence": len(session.turns) + 1, "speaker": str(message.get("speaker", "")),
+                                "language": message.get("language"), "text": str(message.get("text", "")),
+                                "timestamp": iso_utc(time.time())}
+        if isinstance(message.get("translation"), dict):
+            turn["translation"] = dict(message["translation"])
+        session.turns.append(turn)
 
 
 def recording_id(session: Session) -> str:
@@ -111,8 +126,6 @@ def notify_ended(app: Flask, state: EmulatorState, session_id: str) -> None:
 
 def register_artifact_routes(app: Flask, state: EmulatorState) -> None:
     """Attach the transcript and recording endpoints (Bearer / X-API-Key auth, §1)."""
-    from .rest import ApiError
-
     def session_or_404(session_id: str) -> Session:
         bearer = request.headers.get("Authorization", "")
         key = bearer[7:] if bearer.startswith("Bearer ") else request.headers.get("X-API-Key", "")
