@@ -106,7 +106,7 @@ def run_gunicorn(
     own_session: bool = False,
     python: str = sys.executable,
     cwd: Path = REPO_ROOT,
-    ready_timeout: float = 20.0,
+    ready_timeout: float | None = None,
 ) -> Iterator[RunningServer]:
     """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits: with this interpreter from
     the repo root by default, or with another ``python`` (an installed wheel's venv) from another ``cwd``.
