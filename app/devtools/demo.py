@@ -67,13 +67,17 @@ def local_redis() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def emulator(log_path: Path) -> Iterator[str]:
-    """The Kallglot emulator in its own process; yields its API base URL."""
+def emulator(log_path: Path, webhook_url: str = "", webhook_secret: str = "") -> Iterator[str]:
+    """The Kallglot emulator in its own process; yields its API base URL.
+
+    With ``webhook_url`` and ``webhook_secret`` it sends the signed after-call webhooks (session.ended,
+    transcript.ready, recording.ready) there, as Kallglot does."""
     port = free_port()
+    hooks = {"KALLGLOT_EMULATOR_WEBHOOK_URL": webhook_url, "KALLGLOT_EMULATOR_WEBHOOK_SECRET": webhook_secret}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app.devtools.emulator", "--host", "127.0.0.1",
                                  "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, **hooks})
     try:
         wait_for_http(f"http://127.0.0.1:{port}/_emulator/stats", proc=proc)
         yield f"http://127.0.0.1:{port}/v1"
@@ -102,7 +106,9 @@ def demo_settings(env: dict[str, str], port: int, stack: contextlib.ExitStack, l
     notes: list[str] = []
     base_url = f"http://127.0.0.1:{port}"
     if not env.get("KALLGLOT_API_KEY"):
-        env.update(KALLGLOT_API_URL=stack.enter_context(emulator(logs / "emulator.log")),
+        env.setdefault("KALLGLOT_WEBHOOK_SECRET", secrets.token_urlsafe(24))  # the emulator signs its webhooks
+        env.update(KALLGLOT_API_URL=stack.enter_context(emulator(
+            logs / "emulator.log", base_url + "/kallglot/webhooks", env["KALLGLOT_WEBHOOK_SECRET"])),
                    KALLGLOT_API_KEY="sk_test_emulator")
         notes.append(f"KALLGLOT_API_KEY not set: the bundled Kallglot EMULATOR at {env['KALLGLOT_API_URL']}")
     if not env.get("REDIS_URL"):
