@@ -114,7 +114,8 @@ def run_gunicorn(
     Each server gets its own ``HOME`` so gunicorn 27's control socket under ``$HOME/.gunicorn``
     never collides between servers started by parallel tests. ``log_path``: where its output goes (default a
     file in that temporary home). ``own_session``: start it in its own session, so a Ctrl-C in the terminal
-    reaches only the caller, which then stops it in order (the demo).
+    reaches only the caller, which then stops it in order (the demo). ``ready_timeout``: how long to wait for it
+    to answer (default :func:`startup_timeout`, which grows with the machine's load).
     """
     port = port or free_port()
     home = tempfile.mkdtemp(prefix="kb-gunicorn-home-")
