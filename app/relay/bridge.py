@@ -120,7 +120,11 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
         forwarder.publish(grant.session_id, live_events.RELAY_HEALTH,
                           {"call_id": grant.call_id, "speaker": grant.speaker, **health})
 
-    leg_changed("agent_joined" if grant.speaker == SPEAKER_AGENT else "started")
+    try:  # once per stream start, off the per-frame path: a restored stream says so on the live page
+        restored = svc.lifecycle.call_record(codec.carrier, grant.call_id).get("stream_restarts", "0") not in ("", "0")
+    except redis.RedisError:
+        restored = False
+    leg_changed("reattached" if restored else "agent_joined" if grant.speaker == SPEAKER_AGENT else "started")
 
     def record_end(end: RelayEnd, kallglot_reason: str) -> None:
         try:  # before the carrier hears of the close: its restored stream (a new token) must find the leg free
