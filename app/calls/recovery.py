@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 #: A create whose leg is not registered this long after it started is presumed orphaned (worker died).
 PENDING_CREATE_GRACE_SECONDS = 30
-PENDING_CREATE_MAX_ATTEMPTS = 5
+PENDING_CREATE_MAX_BACKOFF_SECONDS = 300
 #: A reaper that took a due deadline has this long to finish before another may take it.
 DEADLINE_LEASE_SECONDS = 30
 
@@ -119,13 +119,15 @@ class RecoveryPasses:
     def _retry_orphan_later(self, member: str, intent: dict[str, Any], exc: KallglotError,
                             now: float) -> None:
         intent["attempts"] += 1
-        if intent["attempts"] >= PENDING_CREATE_MAX_ATTEMPTS or not create_may_have_succeeded(exc):
+        if not create_may_have_succeeded(exc):
             log.error("%s orphaned create given up: %s", member, exc)
             self._forget_pending_create(member)
             return
+        # Never given up while the session may exist (invariant I3): a Kallglot outage only spaces the replays.
+        delay = min(PENDING_CREATE_MAX_BACKOFF_SECONDS, 2 ** min(intent["attempts"], 10))
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._keys.pending_create_data(), member, json.dumps(intent))
-            pipe.zadd(self._keys.pending_creates(), {member: now + 2 ** intent["attempts"]})
+            pipe.zadd(self._keys.pending_creates(), {member: now + delay})
             pipe.execute()
 
     def _forget_pending_create(self, member: str) -> None:

@@ -114,13 +114,14 @@ return 1
 """
 
 # KEYS: end claim, session, deadlines. ARGV: fencing token, session id, retry at, error text.
-# The end failed: release the claim (only if still ours) and put the session back on the deadlines.
+# The end failed: hand the claim (only if still ours) to the retry deadline, when it may be taken over.
 RELEASE_FOR_RETRY = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
+-- The claim stays (a failed end may have landed at Kallglot: nothing may attach to the session now); its
+-- lease runs out at the retry, when a reaper takes it over and asks Kallglot before ending again.
+redis.call('SET', KEYS[1], 'retry:' .. ARGV[1])
 local attempts = redis.call('HINCRBY', KEYS[2], 'end_attempts', 1)
-redis.call('HSET', KEYS[2], 'status', 'end_failed', 'last_error', ARGV[4])
-redis.call('HDEL', KEYS[2], 'end_lease_until')
+redis.call('HSET', KEYS[2], 'status', 'end_failed', 'last_error', ARGV[4], 'end_lease_until', ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 return attempts
 """
