@@ -269,3 +269,10 @@ def test_an_outbound_call_refused_by_local_configuration_says_so(make_admin_app:
     assert "carrier refused" not in response.get_data(as_text=True)
     sessions = emulator.sessions()
     assert sessions and all(session["status"] == "ended" for session in sessions)
+
+
+def test_a_stopped_demos_settings_file_gives_a_sentence_not_a_traceback(tmp_path: Path) -> None:
+    write_env_file({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, tmp_path / ".demo" / "env")
+    done = _flask(tmp_path, demo_environment(), "numbers", "list")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "cannot be reached" in done.stderr and "still running" in done.stderr
