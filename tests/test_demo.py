@@ -28,6 +28,8 @@ from tests.support.demo import demo_environment, run_demo, venv_workdir
 from tests.support.servers import RunningServer
 
 PUBLIC_URL = "https://bridge.example.com"
+#: A `flask` or demo process imports the whole app (the telnyx SDK alone took 27 s at load average 17 here).
+CLI_TIMEOUT_SECONDS = 240
 
 
 def _refuses_connections(url: str) -> bool:
@@ -116,9 +118,10 @@ def test_demo_telnyx_outbound_call_and_profile_cli_use_the_demo_settings_and_sig
         flask = [str(tmp_path / ".venv" / "bin" / "flask"), "--app", "app:create_app()", "numbers"]
         env = demo_environment()
         set_ = subprocess.run([*flask, "set", "+15005550006", "--source", "en", "--target", "de"], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=60)
+                              env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
         assert set_.returncode == 0, set_.stderr
-        listed = subprocess.run([*flask, "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        listed = subprocess.run([*flask, "list"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=CLI_TIMEOUT_SECONDS)
         assert "+15005550006: mode=bidirectional_translation source=en target=de" in listed.stdout, listed.stderr
         assert "DEMO MODE" not in listed.stderr + listed.stdout
 
@@ -133,7 +136,7 @@ def test_a_busy_port_is_reported_before_the_banner_with_the_port_hint(tmp_path: 
         busy.listen()
         port = busy.getsockname()[1]
         done = subprocess.run([sys.executable, "-m", "app.devtools.demo", "--port", str(port)], cwd=tmp_path,
-                              env=demo_environment(), capture_output=True, text=True, timeout=60)
+                              env=demo_environment(), capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
     assert done.returncode == 2
     assert f"--port {port + 1}" in done.stderr and "in use" in done.stderr
     assert "=====" not in done.stdout and "Traceback" not in done.stderr
@@ -144,7 +147,7 @@ def test_a_busy_port_is_reported_before_the_banner_with_the_port_hint(tmp_path: 
 def _flask(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     flask = Path(sys.executable).parent / "flask"
     return subprocess.run([str(flask), "--app", "app:create_app()", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
 
 
 def test_profile_commands_need_only_the_store(tmp_path: Path, redis_url: str, namespace: str) -> None:
