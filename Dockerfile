@@ -9,11 +9,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/kallglot-bridge-metrics
 
 WORKDIR /srv
+# Dependencies first, from the hashed lock (pip refuses any file whose hash differs; README › Security).
+COPY .ci/requirements-runtime.lock ./requirements-runtime.lock
+RUN pip install --require-hashes -r requirements-runtime.lock
 COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY app ./app
 COPY templates ./templates
-# Installs the app with its dependencies (the templates go inside the package: setup.py).
-RUN pip install . && useradd --system --no-create-home bridge && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" \
+# The project itself without resolving again (the templates go inside the package: setup.py).
+RUN pip install --no-deps . && useradd --system --no-create-home bridge && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" \
     && chown bridge "$PROMETHEUS_MULTIPROC_DIR"
 COPY gunicorn.conf.py ./
 USER bridge

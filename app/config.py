@@ -28,6 +28,12 @@ MAX_TRUSTED_PROXY_HOPS = 5
 # The demo token the simulator signs with when neither side was given a real Twilio auth token.
 DEMO_TWILIO_AUTH_TOKEN = "demo-twilio-auth-token"
 DEMO_SECRET_KEY = "demo-secret-key-not-for-production"
+#: Values published in this repository: fine for the demo, a hole anywhere else (anyone could mint relay tokens
+#: or sign Twilio webhooks with them).
+PUBLISHED_DEMO_SECRETS = {"secret_key": DEMO_SECRET_KEY, "twilio_auth_token": DEMO_TWILIO_AUTH_TOKEN}
+#: Request bodies (webhooks, the call API, admin forms and imports) are refused above this size, chunked ones too.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+ISO_COUNTRY = re.compile(r"^[A-Z]{2}$")
 
 
 class ConfigError(RuntimeError):
@@ -74,6 +80,17 @@ class Settings:
     redis_namespace: str = "kb"
     #: Heroku Redis serves ``rediss://`` with a self-signed certificate, so verification is opt-in.
     redis_tls_verify: bool = False
+    #: Largest request body accepted (bytes); Werkzeug enforces it on chunked bodies as well.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Redis connections per worker process; a flood waits for a free one instead of opening more.
+    redis_max_connections: int = 50
+    #: Bearer token ``/metrics`` requires (empty: open, for a scraper on a private network or port).
+    metrics_token: str = ""
+    #: ISO country codes outbound calls (``POST /api/calls``, agent legs) may reach, comma-separated.
+    allowed_destination_countries: str = "US,CA"
+    #: Outbound calls one API token may start per minute, and may have live at once.
+    api_calls_per_minute: int = 10
+    api_max_concurrent_calls: int = 20
     #: Set by the demo launcher: the emulator and demo secrets are in use, and the log says so loudly.
     demo_mode: bool = False
 
@@ -140,6 +157,21 @@ class Settings:
             )
         if not 3 <= self.heartbeat_timeout_seconds <= 120:
             found.append(f"HEARTBEAT_TIMEOUT_SECONDS must be between 3 and 120, got {self.heartbeat_timeout_seconds}")
+        if not self.demo_mode:
+            for name, value in PUBLISHED_DEMO_SECRETS.items():
+                if getattr(self, name) == value:
+                    found.append(f"{name.upper()} is the published demo value: set a secret of your own "
+                                 "(or run the demo launcher, which sets DEMO_MODE)")
+        if not 64 * 1024 <= self.max_body_bytes <= 64 * 1024 * 1024:
+            found.append(f"MAX_BODY_BYTES must be between 65536 and 67108864, got {self.max_body_bytes}")
+        if not 5 <= self.redis_max_connections <= 10_000:
+            found.append(f"REDIS_MAX_CONNECTIONS must be between 5 and 10000, got {self.redis_max_connections}")
+        bad_countries = [c for c in self.destination_countries if not ISO_COUNTRY.match(c)]
+        if bad_countries:
+            found.append("ALLOWED_DESTINATION_COUNTRIES must be ISO country codes like US,GB, "
+                         f"got {', '.join(bad_countries)}")
+        if self.api_calls_per_minute < 1 or self.api_max_concurrent_calls < 1:
+            found.append("API_CALLS_PER_MINUTE and API_MAX_CONCURRENT_CALLS must be at least 1")
         if self.admin_password and len(self.admin_password) < MIN_ADMIN_PASSWORD_LENGTH:
             found.append(f"ADMIN_PASSWORD must be at least {MIN_ADMIN_PASSWORD_LENGTH} characters "
                          f"(got {len(self.admin_password)}); unset it to disable the admin UI")
@@ -155,6 +187,11 @@ class Settings:
         found = self.problems()
         if found:
             raise ConfigError(found)
+
+    @property
+    def destination_countries(self) -> frozenset[str]:
+        """``ALLOWED_DESTINATION_COUNTRIES`` as a set of upper-case ISO codes."""
+        return frozenset(c.strip().upper() for c in self.allowed_destination_countries.split(",") if c.strip())
 
     @property
     def public_ws_url(self) -> str:

@@ -40,11 +40,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     configure_logging()
     app = Flask(__name__, template_folder=str(template_folder()))
     app.config["SECRET_KEY"] = settings.secret_key
+    # Werkzeug refuses larger bodies with 413 before anything reads them, chunked ones included (gunicorn
+    # sets wsgi.input_terminated, so the limit wraps the stream itself rather than trusting Content-Length).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     if settings.trusted_proxy_hops:
         # Exactly that many X-Forwarded-For entries, counted from the right, were written by our own proxies;
         # anything left of them is the client's to forge. With 0 the socket peer is the client address.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)  # type: ignore[method-assign]
     built = register_services(app, settings)
+    register_body_limit(app)
     register_request_log_context(app)
     register_carriers(app)
     register_blueprints(app)
@@ -58,6 +62,22 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
+def register_body_limit(app: Flask) -> None:
+    """A chunked body (no ``Content-Length``) over ``MAX_CONTENT_LENGTH`` is refused with 413 up front.
+
+    Werkzeug stops reading such a body at the limit but then hands handlers the truncated prefix, which
+    would fail later as a bad signature or bad JSON; reading at most the limit here (carriers always send
+    ``Content-Length``, so this is rare) turns it into a clear 413 and keeps memory bounded.
+    """
+    from flask import abort, request
+
+    @app.before_request
+    def _refuse_oversized_chunked_body() -> None:
+        if request.content_length is not None or "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+            return
+        limit = request.max_content_length
+        if limit and len(request.get_data(cache=True)) >= limit:
+            abort(413, description=f"request body larger than {limit} bytes")
 def template_folder() -> Path:
     """The Jinja templates: inside the package in a wheel (``setup.py`` copies them there), else the source
     tree's top-level ``templates/`` (an editable install or a checkout)."""
@@ -103,6 +123,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> ResponseReturnValue:
         return jsonify(error=exc.name, message=exc.description), exc.code or 500
+
+    @app.errorhandler(RecursionError)
+    def nested_too_deeply(_exc: RecursionError) -> ResponseReturnValue:
+        # json.loads recurses per nesting level: 200 000 "[" in a (size-limited) body is the client's fault.
+        return jsonify(error="Bad Request", message="body is nested too deeply"), 400
 
 
 def register_cli(app: Flask) -> None:

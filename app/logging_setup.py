@@ -141,8 +141,10 @@ def register_request_log_context(app: Any) -> None:
 
     @app.before_request
     def _bind_request_context() -> None:
-        # Read (and cache) the raw body first: signature checks (Telnyx) need it after the form is parsed.
-        request.get_data(cache=True)
+        # Cache the raw body first: signature checks (Telnyx) need it after the form is parsed. Only for a
+        # request some route will handle (a 404/405 is never read), and never beyond MAX_CONTENT_LENGTH (413).
+        if request.routing_exception is None:
+            request.get_data(cache=True)
         reset_log_context(**request_log_fields(request.headers))
 
     @app.teardown_request

@@ -11,12 +11,13 @@ relay's end (:func:`add_relay_counts`); the hop-latency histogram is sampled.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from typing import Any
 
 import redis
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
 )
@@ -37,6 +38,9 @@ FALLBACKS = Counter("kallglot_bridge_fallbacks_total",
                     "Calls answered with the apology fallback instead of Kallglot, by reason.", ["carrier", "reason"])
 WEBHOOK_REJECTIONS = Counter("kallglot_bridge_webhook_rejections_total",
                              "Carrier webhook or media-upgrade requests refused, by reason.", ["carrier", "reason"])
+API_CALLS_REFUSED = Counter("kallglot_bridge_api_calls_refused_total",
+                            "POST /api/calls refused by the toll-fraud rules or limits, by reason (alert on it).",
+                            ["reason"])
 RELAYS_LIVE = Gauge("kallglot_bridge_relays_live", "Media relays running now (live calls with audio flowing).",
                     ["carrier"], multiprocess_mode="livesum")
 RELAYS_ENDED = Counter("kallglot_bridge_relays_ended_total", "Media relays ended, by why.", ["carrier", "reason"])
@@ -167,6 +171,13 @@ def exposition() -> bytes:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    """Prometheus scrape endpoint."""
+    """Prometheus scrape endpoint; with ``METRICS_TOKEN`` set it needs ``Authorization: Bearer <token>``."""
+    svc = current_app.extensions.get("kallglot_bridge")
+    token = svc.settings.metrics_token if svc is not None else ""
+    if token:
+        given = request.headers.get("Authorization", "")
+        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
+            return Response("missing or invalid bearer token\n", status=401, mimetype="text/plain",
+                            headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
     return Response(exposition(), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
                     headers={"Content-Type": CONTENT_TYPE_LATEST})

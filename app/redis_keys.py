@@ -23,6 +23,15 @@ key                                            type    holds
 ``{ns}:held:{to}:{from}``                      string  session a returning caller re-attaches to (TTL)
 ``{ns}:pending-creates``                       zset    ``carrier:call_id`` whose session create is unconfirmed
 ``{ns}:pending-creates:data``                  hash    ``carrier:call_id`` → the create's idempotency key and args
+``{ns}:api:idempotency:{key_hash}``            string  hash of the body first sent with an Idempotency-Key (TTL)
+``{ns}:api:rate:{token_hash}:{minute}``        string  ``POST /api/calls`` requests of one token in one minute
+``{ns}:api:live:{token_hash}``                 zset    sessions started through the API by one token
+``{ns}:relay-nonce:{nonce}``                   string  a relay token's nonce, consumed by its one media socket
+``{ns}:relay-lease:{carrier}:{call_id}``       string  nonce of the one relay serving a leg (TTL, renewed)
+``{ns}:session:{session_id}:live-events``      stream  the session's live transcript and leg events (capped, TTL)
+``{ns}:live-changes``                          stream  "a live session appeared, changed or ended" (capped, TTL)
+``{ns}:session:{id}:artifacts:{kind}``         string  JSON cache of the session's transcript/recordings (TTL)
+``{ns}:usage:sessions``                        zset    sessions with a billed duration (score: ended at)
 =============================================  ======  =====================================================
 
 No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
@@ -121,9 +130,45 @@ class RedisKeys:
         """Key of the sorted set of legs whose Kallglot create is not yet matched by a registered leg."""
         return f"{self.namespace}:pending-creates"
 
+    def api_idempotency_body(self, key_hash: str) -> str:
+        """Key holding the hash of the body first sent with an API ``Idempotency-Key`` (hashed too)."""
+        return f"{self.namespace}:api:idempotency:{key_hash}"
+
+    def api_rate(self, token_hash: str, window: int) -> str:
+        """Key counting one API token's calls in one rate window."""
+        return f"{self.namespace}:api:rate:{token_hash}:{window}"
+
+    def api_live_calls(self, token_hash: str) -> str:
+        """Key of the sorted set of sessions one API token started (pruned as they end)."""
+        return f"{self.namespace}:api:live:{token_hash}"
+
+    def relay_nonce(self, nonce: str) -> str:
+        """Key whose ``SET NX`` lets exactly one media socket use a relay token."""
+        return f"{self.namespace}:relay-nonce:{nonce}"
+
+    def relay_lease(self, carrier: str, call_id: str) -> str:
+        """Key naming the one relay (by token nonce) allowed to serve a leg right now."""
+        return f"{self.namespace}:relay-lease:{carrier}:{call_id}"
+
     def pending_create_data(self) -> str:
         """Key of the hash holding each pending create's idempotency key and arguments (no secrets)."""
         return f"{self.namespace}:pending-creates:data"
+
+    def session_live_events(self, session_id: str) -> str:
+        """Key of the capped Redis Stream of a session's live transcript and leg events."""
+        return f"{self.namespace}:session:{session_id}:live-events"
+
+    def live_changes(self) -> str:
+        """Key of the capped Redis Stream announcing that a live session appeared, changed or ended."""
+        return f"{self.namespace}:live-changes"
+
+    def session_artifacts(self, session_id: str, kind: str) -> str:
+        """Key of the short-lived cache of a session's ``kind`` (``transcript`` or ``recordings``) from Kallglot."""
+        return f"{self.namespace}:session:{session_id}:artifacts:{kind}"
+
+    def billed_sessions(self) -> str:
+        """Key of the sorted set of sessions with a recorded billed duration (score: when they ended)."""
+        return f"{self.namespace}:usage:sessions"
 
 
 def first_seen(client: redis.Redis, key: str, value: str = "1", ttl_seconds: int = SEEN_TTL_SECONDS) -> bool:

@@ -29,7 +29,7 @@ from tests.support.waiting import only_session, wait_until
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 
 pytestmark = pytest.mark.e2e
-TO, FROM, AGENT, CUSTOMER = "+15005550006", "+15551230000", "+15557770000", "+15558880000"
+TO, FROM, AGENT, CUSTOMER = "+15005550006", "+15551230000", "+14155557770", "+14155558880"
 NAMESPACE = "e2e-lifecycle"
 WEBHOOK_SECRET = "whsec_test_lifecycle"
 API_TOKEN = "api-token-for-tests"
@@ -121,6 +121,7 @@ def kallglot_event(stack: Stack, event: dict, *, secret: str = WEBHOOK_SECRET,
 
 def test_outbound_api_dials_the_customer_and_kallglot_session_ended_hangs_up(
         clean_stack: Stack, emulator: EmulatorControl) -> None:
+    clean_stack.profiles.set(TO, NumberProfile())  # "from" must be one of our configured numbers
     assert api_call(clean_stack, {"to": CUSTOMER, "from": TO}, token=None).status_code == 401
     assert api_call(clean_stack, {"to": CUSTOMER, "from": TO}, token="wrong").status_code == 401
     bad = api_call(clean_stack, {"to": "555", "from": TO, "carrier": "pigeon"})

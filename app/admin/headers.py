@@ -14,6 +14,8 @@ from app.admin.blueprint import bp
 CONTENT_SECURITY_POLICY = "; ".join((
     "default-src 'none'", "style-src 'self'", "img-src 'self'", "form-action 'self'", "frame-ancestors 'none'",
     "base-uri 'none'",
+    # The live console: static/live.js (no inline script), its Server-Sent Events, recordings played via the admin.
+    "script-src 'self'", "connect-src 'self'", "media-src 'self'",
 ))
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,

@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 from app import metrics
+from app.calls import usage
 from app.calls.leg_spec import LegSpec
 from app.carriers.contract import CarrierError
 from app.kallglot.client import KallglotClient, KallglotError, KallglotNotFound, KallglotSession, KallglotUnavailable
@@ -392,14 +393,17 @@ class SessionLifecycle:
             return EndOutcome.ALREADY
         if claimed == -1:
             return EndOutcome.LEGS_LIVE
+        summary: dict[str, Any] = {}
         try:
-            self._kallglot.end_session(session_id)
+            summary = self._kallglot.end_session(session_id)
         except KallglotNotFound:
             log.warning("session=%s unknown to Kallglot at end; treating as ended", session_id)
         except KallglotError as exc:
             self._schedule_retry(session_id, claim, exc)
             return EndOutcome.FAILED
         self._mark_ended(session_id, reason)
+        if (billed := usage.parse_seconds(summary.get("duration_seconds"))) is not None:  # Kallglot bills this
+            usage.record_billed_seconds(self._redis, self._keys, session_id, billed)
         log.info("session=%s ended at Kallglot (%s)", session_id, reason)
         metrics.SESSIONS_ENDED.labels("bridge").inc()
         return EndOutcome.ENDED

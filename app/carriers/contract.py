@@ -157,6 +157,18 @@ class CarrierControl(Protocol):
 
 
 @dataclass(frozen=True)
+class Assumption:
+    """One point a carrier adapter depends on where the vendor's definitions are silent (see each carrier's
+    ``assumptions.py``): what it assumes, where that comes from, and how sure it is."""
+
+    topic: str
+    assumption: str
+    source: str
+    documented: bool
+    handling: str
+
+
+@dataclass(frozen=True)
 class CarrierNumber:
     """A number in a carrier account, what it points at now and what connecting would set."""
 

@@ -106,6 +106,7 @@ def run_gunicorn(
     own_session: bool = False,
     python: str = sys.executable,
     cwd: Path = REPO_ROOT,
+    ready_timeout: float = 20.0,
 ) -> Iterator[RunningServer]:
     """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits: with this interpreter from
     the repo root by default, or with another ``python`` (an installed wheel's venv) from another ``cwd``.
@@ -133,7 +134,7 @@ def run_gunicorn(
                                 start_new_session=own_session)
     server = RunningServer(url=f"http://127.0.0.1:{port}", port=port, process=proc, log_path=log_path)
     try:
-        wait_for_http(server.url + ready_path, proc=proc)
+        wait_for_http(server.url + ready_path, timeout=ready_timeout, proc=proc)
         yield server
     except BaseException:
         if print_log_on_error:

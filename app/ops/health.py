@@ -1,6 +1,7 @@
 """``/healthz`` (the process answers) and ``/readyz`` (it can take calls)."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -66,16 +67,44 @@ KALLGLOT_PROBE_TIMEOUT_SECONDS = 2.0
 
 
 def kallglot_reachability(app: Any, api_url: str) -> str:
-    """Why Kallglot's API cannot be reached ("" when it answers any HTTP status), cached per app."""
-    cached = app.extensions.get("kallglot_probe")
-    now = time.monotonic()
-    if cached and now - cached[0] < KALLGLOT_PROBE_TTL_SECONDS:
-        return str(cached[1])
-    try:
-        # Unauthenticated on purpose: reachability only, and the API key never travels for a probe.
-        requests.head(api_url, timeout=KALLGLOT_PROBE_TIMEOUT_SECONDS, allow_redirects=False)
-        problem = ""
-    except requests.RequestException as exc:
-        problem = f"Kallglot API unreachable: {type(exc).__name__}"
-    app.extensions["kallglot_probe"] = (now, problem)
-    return problem
+    """Why Kallglot's API cannot be reached ("" when it answers any HTTP status), cached per app.
+
+    Single-flight: when the cached answer is stale, exactly one request probes Kallglot and every concurrent
+    one reuses the previous answer (or, before any answer, waits for that one probe), so a burst of
+    unauthenticated ``/readyz`` requests never fans out to Kallglot.
+    """
+    probe: _KallglotProbe = app.extensions.setdefault("kallglot_probe", _KallglotProbe())
+    return probe.problem(api_url)
+
+
+class _KallglotProbe:
+    """The cached Kallglot reachability answer of one app, refreshed by one caller at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._answer: tuple[float, str] | None = None
+        #: Probes actually sent (tests and the hostile-traffic script read it).
+        self.probes_sent = 0
+
+    def problem(self, api_url: str) -> str:
+        """The cached answer, refreshed when older than :data:`KALLGLOT_PROBE_TTL_SECONDS`."""
+        answer = self._answer
+        if answer and time.monotonic() - answer[0] < KALLGLOT_PROBE_TTL_SECONDS:
+            return answer[1]
+        if not self._lock.acquire(blocking=answer is None):
+            return answer[1] if answer else ""  # another request is refreshing: the previous answer stands
+        try:
+            answer = self._answer
+            if answer and time.monotonic() - answer[0] < KALLGLOT_PROBE_TTL_SECONDS:
+                return answer[1]  # refreshed while this request waited for the first probe
+            self.probes_sent += 1
+            try:
+                # Unauthenticated on purpose: reachability only, and the API key never travels for a probe.
+                requests.head(api_url, timeout=KALLGLOT_PROBE_TIMEOUT_SECONDS, allow_redirects=False)
+                problem = ""
+            except requests.RequestException as exc:
+                problem = f"Kallglot API unreachable: {type(exc).__name__}"
+            self._answer = (time.monotonic(), problem)
+            return problem
+        finally:
+            self._lock.release()

@@ -79,6 +79,8 @@ def import_profiles(store: ProfileStore, document: Any) -> ImportResult:
         profile, found = profile_from_data(data, store.carriers)
         if not E164.match(str(number)):
             found = {"number": "must be in E.164 form like +14155551234", **found}
+        if profile is not None and not found:
+            found = store.problems(str(number), profile)  # the dialling rules too: all or nothing
         if found or profile is None:
             problems[number] = found
         else:

@@ -144,8 +144,14 @@ class MediaRelay:
     def __init__(self, carrier_ws: CarrierSocket, codec: CarrierCodec, kallglot: KallglotStream, *,
                  speaker: str, chunk_ms: int, context: str,
                  on_end: Callable[[RelayEnd, str], None] | None = None,
-                 reopen_kallglot: Callable[[], KallglotStream] | None = None) -> None:
+                 reopen_kallglot: Callable[[], KallglotStream] | None = None,
+                 on_transcript: Callable[[Transcript], None] | None = None,
+                 on_health: Callable[[dict[str, float]], None] | None = None) -> None:
         self.carrier_ws = carrier_ws
+        # Live-console hooks; both must return at once (they queue, never touch Redis: app/calls/events.py).
+        self.on_transcript = on_transcript
+        self.on_health = on_health
+        self._marks_sent_at: dict[str, float] = {}  # mark name → when sent, for the playback lag
         # Reopens the Kallglot stream to the same session after it dropped (None: a drop ends the relay).
         self.reopen_kallglot = reopen_kallglot
         # Called with why the relay ended (and Kallglot's reason, if it ended the session) after the last
@@ -256,6 +262,10 @@ class MediaRelay:
                 return
             elif isinstance(event, MarkPlayed):
                 self.stats.marks_played += 1
+                sent_at = self._marks_sent_at.pop(event.name, None)
+                if sent_at is not None and self.on_health is not None:
+                    self.on_health({"playback_lag_ms": round((time.monotonic() - sent_at) * 1000),
+                                    "kallglot_reconnects": self.stats.kallglot_reconnects})
             elif isinstance(event, Dtmf):
                 self.stats.dtmf += 1
                 log.info("%s dtmf %s", self.context, event.digit)
@@ -342,6 +352,8 @@ class MediaRelay:
                         self.stats.frames_to_carrier += 1
                         self.stats.bytes_to_carrier += len(tail)
                     marks += 1
+                    if len(self._marks_sent_at) < 64:  # bounded: a carrier that never echoes marks
+                        self._marks_sent_at[f"utt-{marks}"] = time.monotonic()
                     if not self._to_carrier(self.codec.mark(f"utt-{marks}")):
                         return
                     self.stats.marks_sent += 1
@@ -388,8 +400,8 @@ class MediaRelay:
             elif isinstance(message, SessionError):
                 log.warning("%s kallglot session.error %s: %s", self.context, message.code, message.message)
             elif isinstance(message, Transcript):
-                log.debug("%s transcript %s %s: %s", self.context, "final" if message.final else "partial",
-                          message.speaker, message.text)
+                if self.on_transcript is not None:
+                    self.on_transcript(message)
             elif isinstance(message, UnknownMessage):
                 self.stats.unknown_kallglot[message.type] += 1
                 if self.stats.unknown_kallglot[message.type] == 1:
@@ -427,6 +439,8 @@ class MediaRelay:
                     continue  # dropped again at once: try the next attempt, the backlog is intact
                 self._reconnecting = False
             self.stats.kallglot_reconnects += 1
+            if self.on_health is not None:
+                self.on_health({"kallglot_reconnects": self.stats.kallglot_reconnects})
             log.info("%s kallglot stream reopened (%d chunks dropped meanwhile)", self.context,
                      self.stats.chunks_dropped_while_reconnecting)
             return True

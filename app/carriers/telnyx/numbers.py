@@ -7,6 +7,7 @@ Control application (webhook URL). Connecting points that application here, whic
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any
 
 import telnyx
@@ -22,6 +23,9 @@ API_TIMEOUT_SECONDS = 10.0
 #: Numbers listed per account (a contact center has tens, not thousands).
 MAX_NUMBERS = 500
 TEXML, CALL_CONTROL = "texml", "call-control"
+
+#: Telnyx application ids go into REST URL paths: digits, letters, '-' and '_' only.
+APPLICATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class TelnyxNumbers:
@@ -77,7 +81,7 @@ class TelnyxNumbers:
     def connect(self, target: str) -> dict[str, str]:
         """Point the application ``target`` (``"texml/<id>"`` or ``"call-control/<id>"``) at this service."""
         kind, _, app_id = target.partition("/")
-        if kind not in (TEXML, CALL_CONTROL) or not app_id:
+        if kind not in (TEXML, CALL_CONTROL) or not APPLICATION_ID.match(app_id):  # a URL path segment
             raise CarrierError(f"{LABEL}: unknown application {target!r}")
         wanted = self.wanted(kind)
         try:

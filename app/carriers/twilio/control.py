@@ -6,6 +6,7 @@ another base URL (tests and the demo use a local fake of Twilio's REST API).
 from __future__ import annotations
 
 import logging
+import re
 
 import requests
 from twilio.base.exceptions import TwilioException, TwilioRestException
@@ -24,6 +25,8 @@ LABEL = "Twilio"
 API_TIMEOUT_SECONDS = 5.0
 #: Twilio's answers for "that call is not there / not in progress any more".
 CALL_GONE_CODES = frozenset({20404, 21220})
+#: Twilio call SIDs: "CA" + 32 hex digits.
+CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 
 
 def rest_client(settings: Settings, timeout: float = API_TIMEOUT_SECONDS) -> Client:
@@ -55,6 +58,8 @@ class TwilioControl:
     def hang_up(self, call_id: str) -> None:
         """End a live call (``Status=completed``); a call that already ended is not an error.
         Raises :class:`CarrierError`."""
+        if not CALL_SID.match(call_id or ""):  # it goes into the REST URL path: never anything but a SID
+            raise ValueError(f"not a Twilio call SID: {str(call_id)[:40]!r}")
         try:
             self.client.calls(call_id).update(status="completed")
         except TwilioRestException as exc:

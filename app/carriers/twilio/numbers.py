@@ -4,6 +4,8 @@ library. ``TWILIO_API_URL`` points it at a local fake in tests.
 """
 from __future__ import annotations
 
+import re
+
 import requests
 from flask import url_for
 from twilio.base.exceptions import TwilioException
@@ -16,6 +18,8 @@ from app.config import Settings
 
 #: Carrier REST calls run inside a page request: fail rather than hang.
 API_TIMEOUT_SECONDS = 10.0
+#: Twilio phone number SIDs: the only thing that may go into ``IncomingPhoneNumbers/{sid}``.
+NUMBER_SID = re.compile(r"^PN[0-9a-fA-F]{32}$")
 #: Numbers listed per account (a contact center has tens, not thousands).
 MAX_NUMBERS = 500
 
@@ -57,6 +61,8 @@ class TwilioNumbers:
 
     def connect(self, target: str) -> dict[str, str]:
         """Point Twilio number ``target`` (its ``PN…`` SID) at this service; returns the settings written."""
+        if not NUMBER_SID.match(target or ""):  # it becomes a REST URL path segment, never a query string
+            raise CarrierError(f"{LABEL}: not a phone number SID (PN followed by 32 hex digits)")
         wanted = self.wanted()
         try:
             # An empty voice_application_sid detaches a TwiML app, which would otherwise override the URLs.

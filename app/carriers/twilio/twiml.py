@@ -29,6 +29,19 @@ def connect_stream(settings: Settings, *, session_id: str, relay_token: str, gre
     return str(response)
 
 
+REATTACH_PIN_PROMPT = "Welcome back. To rejoin your call, please enter your PIN."
+
+
+def ask_reattach_pin(settings: Settings, pin_digits: int = 8) -> str:
+    """Ask a returning caller for the number's re-attach PIN; the digits (or none) go to ``/twilio/reattach-pin``."""
+    response = VoiceResponse()
+    gather = response.gather(action=settings.public("/twilio/reattach-pin"), method="POST", input="dtmf",
+                             num_digits=pin_digits, finish_on_key="#", timeout=6, action_on_empty_result=True)
+    gather.say(REATTACH_PIN_PROMPT)
+    response.redirect(settings.public("/twilio/reattach-pin"), method="POST")  # no digits at all: new session
+    return str(response)
+
+
 def fallback(profile: NumberProfile) -> str:
     """Kallglot cannot take the call: the profile's message, then its fallback number or a hang-up."""
     response = VoiceResponse()

@@ -119,8 +119,9 @@ def normalise_fault(raw: Any) -> dict[str, Any]:
             "session_id": raw.get("session_id")}
 
 
-def register_rest_routes(app: Flask, state: EmulatorState) -> None:
-    """Attach the ``/v1`` API, the control API and the JSON error handling to ``app``."""
+def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[str], None] | None = None) -> None:
+    """Attach the ``/v1`` API, the control API and the JSON error handling to ``app``; ``on_ended(session_id)``
+    runs when a REST ``end`` ends a session (the after-call webhooks)."""
 
     @app.before_request
     def assign_request_id() -> None:
@@ -240,6 +241,8 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
             if outcome is None:
                 raise ApiError(404, "invalid_request_error", "not_found", f"No session {session_id}.")
             summary, connections = outcome
+            if on_ended is not None:
+                on_ended(session_id)
             for conn in connections:
                 conn.send({"type": "session.ended", "session_id": session_id, "reason": "api_end"})
                 conn.close(1000, "session ended")
@@ -301,6 +304,9 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
         with state.lock:
             connections = session.live_connections()
         # A string message is sent verbatim, so tests can also push invalid JSON.
+        for message in messages:
+            if isinstance(message, dict) and message.get("type") == "transcript.final":
+                state.add_turn(session_id, message)
         delivered = sum(all([conn.send(message) for message in messages]) for conn in connections)
         return jsonify({"connections": delivered})
 

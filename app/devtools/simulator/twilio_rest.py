@@ -26,6 +26,7 @@ from flask.typing import ResponseReturnValue
 
 from app.devtools.simulator.number_apis import add_twilio_number_routes, demo_twilio_numbers
 from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCallSimulator, new_sid
+from app.devtools.simulator.twilio_contract import create_call_parameters, unknown_parameters, update_call_parameters
 
 RING_SECONDS = 0.3
 
@@ -95,7 +96,10 @@ def create_fake_twilio_rest(config: dict[str, str] | None = None) -> Flask:
     def create_call(account: str) -> ResponseReturnValue:
         require_auth(account)
         form = request.form
-        if not form.get("To") or not form.get("From") or not form.get("Url"):
+        unknown = unknown_parameters(form.keys(), create_call_parameters())
+        if unknown:  # the twilio library's CallList.create has no such parameter: Twilio would refuse it
+            return jsonify(code=21200, message=f"unknown parameters: {', '.join(unknown)}", status=400), 400
+        if not form.get("To") or not form.get("From") or not form.get("Url"):  # this fake runs Url calls only
             return jsonify(code=21205, message="To, From and Url are required", status=400), 400
         call = PlacedCall(sid=new_sid("CA"), to=form["To"], from_=form["From"], url=form["Url"],
                           status_callback=form.get("StatusCallback"))
@@ -107,6 +111,9 @@ def create_fake_twilio_rest(config: dict[str, str] | None = None) -> Flask:
     @app.post("/2010-04-01/Accounts/<account>/Calls/<sid>.json")
     def update_call(account: str, sid: str) -> ResponseReturnValue:
         require_auth(account)
+        unknown = unknown_parameters(request.form.keys(), update_call_parameters())
+        if unknown:
+            return jsonify(code=21200, message=f"unknown parameters: {', '.join(unknown)}", status=400), 400
         call = calls.get(sid)
         if call is None:
             return jsonify(code=20404, message="The requested resource was not found", status=404), 404
