@@ -265,6 +265,10 @@ def test_emulator_access_log_is_json_without_query_strings(tmp_path: Path) -> No
 def test_an_outbound_call_refused_by_local_configuration_says_so(make_admin_app: Callable[..., Flask],
                                                                   emulator: EmulatorControl) -> None:
     app = make_admin_app(API_TOKEN="t" * 20, TELNYX_API_KEY="KEY_x", TELNYX_PUBLIC_KEY="x" * 44)  # no connection id
+    with app.app_context():
+        from app.extensions import services
+        from app.profiles.store import NumberProfile
+        services().profiles.set("+15005550107", NumberProfile(carrier="telnyx"))  # "from" must be one of ours
     response = app.test_client().post("/api/calls", headers={"Authorization": "Bearer " + "t" * 20}, json={
         "to": "+14155550100", "from": "+15005550107", "carrier": "telnyx"})
     assert response.status_code == 503

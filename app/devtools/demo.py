@@ -142,6 +142,31 @@ def demo_settings(env: dict[str, str], port: int, stack: contextlib.ExitStack, l
     return notes
 
 
+#: The demo carrier accounts' numbers (app/devtools/simulator/number_apis.py): each gets a profile, so
+#: `POST /api/calls` accepts it as "from" (only this service's own numbers may place calls).
+DEMO_NUMBERS = (("+15005550006", "twilio"), ("+15005550007", "twilio"), ("+15005550106", "telnyx"),
+                ("+15005550107", "telnyx"))
+
+
+def give_demo_numbers_profiles(env: dict[str, str]) -> None:
+    """Create a profile for each demo number that has none yet (an existing one is kept)."""
+    import redis
+
+    from app.carriers.registry import carrier_names
+    from app.profiles.store import NumberProfile, ProfileStore
+    from app.redis_keys import RedisKeys
+
+    client = redis.Redis.from_url(env["REDIS_URL"], socket_timeout=10)
+    try:
+        store = ProfileStore(client, RedisKeys(env.get("REDIS_NAMESPACE") or "kb"), NumberProfile(),
+                             carriers=carrier_names())
+        for number, carrier in DEMO_NUMBERS:
+            if not store.for_number(number).own:
+                store.set(number, NumberProfile(carrier=carrier))
+    finally:
+        client.close()
+
+
 def _bridge_settings(env: dict[str, str]) -> dict[str, str]:
     names = ("KALLGLOT_API_URL", "KALLGLOT_API_KEY", "REDIS_URL", "PUBLIC_URL", "SECRET_KEY", "TWILIO_ACCOUNT_SID",
              "TWILIO_AUTH_TOKEN", "TWILIO_API_URL", "TELNYX_API_KEY", "TELNYX_PUBLIC_KEY", "TELNYX_API_URL",
@@ -185,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             # Stopped first (the stack unwinds in reverse): its calls end while Kallglot and Redis are still up.
             stack.callback(_stop, bridge, float(env["GUNICORN_GRACEFUL_TIMEOUT"]) + 5)
             wait_for_http(f"http://127.0.0.1:{args.port}/healthz", proc=bridge)
+            give_demo_numbers_profiles(env)
+            notes.append("demo numbers " + ", ".join(n for n, _ in DEMO_NUMBERS) + " have profiles (POST /api/calls "
+                         "accepts only this service's own numbers as 'from')")
             ready = requests.get(f"http://127.0.0.1:{args.port}/readyz", timeout=10).json()
             print(banner(settings, notes, ready.get("problems", []), args.env_file), flush=True)
             return bridge.wait()
