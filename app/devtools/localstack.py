@@ -106,7 +106,7 @@ def run_gunicorn(
     own_session: bool = False,
     python: str = sys.executable,
     cwd: Path = REPO_ROOT,
-    ready_timeout: float = 20.0,
+    ready_timeout: float | None = None,
 ) -> Iterator[RunningServer]:
     """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits: with this interpreter from
     the repo root by default, or with another ``python`` (an installed wheel's venv) from another ``cwd``.
@@ -114,7 +114,8 @@ def run_gunicorn(
     Each server gets its own ``HOME`` so gunicorn 27's control socket under ``$HOME/.gunicorn``
     never collides between servers started by parallel tests. ``log_path``: where its output goes (default a
     file in that temporary home). ``own_session``: start it in its own session, so a Ctrl-C in the terminal
-    reaches only the caller, which then stops it in order (the demo).
+    reaches only the caller, which then stops it in order (the demo). ``ready_timeout``: how long to wait for it
+    to answer (default :func:`startup_timeout`, which grows with the machine's load).
     """
     port = port or free_port()
     home = tempfile.mkdtemp(prefix="kb-gunicorn-home-")
