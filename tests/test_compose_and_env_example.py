@@ -36,7 +36,7 @@ def compose() -> dict[str, Any]:
 
 def test_compose_file_uses_only_spec_keys(compose: dict[str, Any]) -> None:
     assert set(compose) <= COMPOSE_TOP_LEVEL
-    assert set(compose["services"]) == {"bridge", "redis", "proxy"}
+    assert set(compose["services"]) == {"app", "redis", "proxy"}
     for name, service in compose["services"].items():
         assert set(service) <= COMPOSE_SERVICE_KEYS, (name, set(service) - COMPOSE_SERVICE_KEYS)
         assert "image" in service or "build" in service, name
@@ -47,7 +47,7 @@ def test_compose_file_uses_only_spec_keys(compose: dict[str, Any]) -> None:
 
 
 def test_compose_builds_the_repository_and_wires_redis_and_the_proxy(compose: dict[str, Any]) -> None:
-    bridge = compose["services"]["bridge"]
+    bridge = compose["services"]["app"]
     context = (COMPOSE.parent / bridge["build"]["context"]).resolve()
     assert context == ROOT and (context / bridge["build"]["dockerfile"]).is_file()
     assert (COMPOSE.parent / bridge["env_file"][0]["path"]).resolve() == ROOT / ".env"
@@ -57,8 +57,12 @@ def test_compose_builds_the_repository_and_wires_redis_and_the_proxy(compose: di
     mounts = [volume.split(":") for volume in proxy["volumes"]]
     assert any((COMPOSE.parent / source).resolve() == ROOT / "docs" / "deploy" / "nginx.conf"
                for source, *_ in mounts)
-    # The proxy is the only published port, on loopback; the bridge is reachable only through it.
+    # The proxy is the only published port, on loopback; the bridge is reachable only through it, and trusts
+    # exactly one proxy hop. nginx.conf proxies to the service by name.
     assert all(port.startswith("127.0.0.1:") for port in proxy["ports"]) and "ports" not in bridge
+    assert bridge["environment"]["TRUSTED_PROXY_HOPS"] == "1"
+    nginx = (ROOT / "docs" / "deploy" / "nginx.conf").read_text()
+    assert f"server app:{bridge['environment']['PORT']}" in nginx
 
 
 def test_env_example_names_only_real_settings_and_every_required_one() -> None:

@@ -28,6 +28,8 @@ from tests.support.demo import demo_environment, run_demo, venv_workdir
 from tests.support.servers import RunningServer
 
 PUBLIC_URL = "https://bridge.example.com"
+#: A `flask` or demo process imports the whole app (the telnyx SDK alone took 27 s at load average 17 here).
+CLI_TIMEOUT_SECONDS = 240
 
 
 def _refuses_connections(url: str) -> bool:
@@ -116,9 +118,10 @@ def test_demo_telnyx_outbound_call_and_profile_cli_use_the_demo_settings_and_sig
         flask = [str(tmp_path / ".venv" / "bin" / "flask"), "--app", "app:create_app()", "numbers"]
         env = demo_environment()
         set_ = subprocess.run([*flask, "set", "+15005550006", "--source", "en", "--target", "de"], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=60)
+                              env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
         assert set_.returncode == 0, set_.stderr
-        listed = subprocess.run([*flask, "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        listed = subprocess.run([*flask, "list"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=CLI_TIMEOUT_SECONDS)
         assert "+15005550006: mode=bidirectional_translation source=en target=de" in listed.stdout, listed.stderr
         assert "DEMO MODE" not in listed.stderr + listed.stdout
 
@@ -133,7 +136,7 @@ def test_a_busy_port_is_reported_before_the_banner_with_the_port_hint(tmp_path: 
         busy.listen()
         port = busy.getsockname()[1]
         done = subprocess.run([sys.executable, "-m", "app.devtools.demo", "--port", str(port)], cwd=tmp_path,
-                              env=demo_environment(), capture_output=True, text=True, timeout=60)
+                              env=demo_environment(), capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
     assert done.returncode == 2
     assert f"--port {port + 1}" in done.stderr and "in use" in done.stderr
     assert "=====" not in done.stdout and "Traceback" not in done.stderr
@@ -144,7 +147,7 @@ def test_a_busy_port_is_reported_before_the_banner_with_the_port_hint(tmp_path: 
 def _flask(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     flask = Path(sys.executable).parent / "flask"
     return subprocess.run([str(flask), "--app", "app:create_app()", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
 
 
 def test_profile_commands_need_only_the_store(tmp_path: Path, redis_url: str, namespace: str) -> None:
@@ -262,6 +265,10 @@ def test_emulator_access_log_is_json_without_query_strings(tmp_path: Path) -> No
 def test_an_outbound_call_refused_by_local_configuration_says_so(make_admin_app: Callable[..., Flask],
                                                                   emulator: EmulatorControl) -> None:
     app = make_admin_app(API_TOKEN="t" * 20, TELNYX_API_KEY="KEY_x", TELNYX_PUBLIC_KEY="x" * 44)  # no connection id
+    with app.app_context():
+        from app.extensions import services
+        from app.profiles.store import NumberProfile
+        services().profiles.set("+15005550107", NumberProfile(carrier="telnyx"))  # "from" must be one of ours
     response = app.test_client().post("/api/calls", headers={"Authorization": "Bearer " + "t" * 20}, json={
         "to": "+14155550100", "from": "+15005550107", "carrier": "telnyx"})
     assert response.status_code == 503
@@ -269,3 +276,10 @@ def test_an_outbound_call_refused_by_local_configuration_says_so(make_admin_app:
     assert "carrier refused" not in response.get_data(as_text=True)
     sessions = emulator.sessions()
     assert sessions and all(session["status"] == "ended" for session in sessions)
+
+
+def test_a_stopped_demos_settings_file_gives_a_sentence_not_a_traceback(tmp_path: Path) -> None:
+    write_env_file({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, tmp_path / ".demo" / "env")
+    done = _flask(tmp_path, demo_environment(), "numbers", "list")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "cannot be reached" in done.stderr and "still running" in done.stderr

@@ -20,7 +20,8 @@ from tests.support.demo import REPO_ROOT, demo_environment, run_demo, venv_workd
 README = REPO_ROOT / "README.md"
 MARKED_BLOCK = re.compile(r"<!-- readme-test: (?P<kind>demo|run|skip)\b[^>]*-->\s*\n```sh\n(?P<body>.*?)\n```",
                           re.DOTALL)
-COMMAND_TIMEOUT_SECONDS = 180
+#: One block may start several processes that import the whole app (slow on a loaded 2-core machine).
+COMMAND_TIMEOUT_SECONDS = 600
 
 
 @dataclass(frozen=True)

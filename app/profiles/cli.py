@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import IO
 
 import click
+import redis
 from flask import Flask
 from flask.cli import AppGroup
 
@@ -130,7 +131,25 @@ def settings_for_command_line() -> Settings | None:
         hint = "" if DEMO_ENV_FILE.exists() else \
             "\n(start the demo, kallglot-bridge-demo, in this directory and its settings are used)"
         raise click.ClickException("invalid configuration" + source + ":\n  - " + "\n  - ".join(problems) + hint)
+    if _in_profile_command(ctx):
+        _require_store(settings, source)
     return settings
+
+
+def _require_store(settings: Settings, source: str) -> None:
+    """Fail with a sentence, not a traceback, when the store cannot be reached (e.g. a stopped demo's file)."""
+    # Heroku Redis (rediss://) has a self-signed certificate: verify only when asked, as the service does.
+    tls = {"ssl_cert_reqs": "required" if settings.redis_tls_verify else "none"} \
+        if settings.redis_url.startswith("rediss://") else {}
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3, **tls)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        stale = f" Is the demo that wrote {DEMO_ENV_FILE} still running?" if source else ""
+        raise click.ClickException(f"the store at REDIS_URL cannot be reached ({type(exc).__name__}){source}."
+                                   + stale) from None
+    finally:
+        client.close()
 
 
 def _in_profile_command(ctx: click.Context | None) -> bool:
