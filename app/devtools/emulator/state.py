@@ -60,6 +60,11 @@ class StreamConnection:
     sequences_increasing: bool = True
     audio_bytes: int = 0
     outputs_sent: int = 0
+    #: The close code the emulator sent, when it closed first.
+    closed_with: int | None = None
+    #: How the connection ended as the emulator saw it: the client's close code when the client closed, ours
+    #: when we closed and the client answered, 1006 when the TCP connection ended without a closing handshake.
+    close_code: int | None = None
 
     def send(self, message: dict[str, Any] | str) -> bool:
         """Send one text frame (a dict is JSON-encoded); return False if the socket is gone."""
@@ -78,6 +83,8 @@ class StreamConnection:
         """Close the WebSocket with a close frame carrying ``code``."""
         with self.send_lock:
             self.live = False
+            if self.closed_with is None and getattr(self.ws, "connected", False):
+                self.closed_with = code
             try:
                 self.ws.close(reason=code, message=reason)
             except (ConnectionClosed, OSError):
@@ -162,7 +169,8 @@ class Session:
             audio_sequences={speaker: list(seqs) for speaker, seqs in self.audio_sequences.items()},
             sequences_increasing=all(conn.sequences_increasing for conn in self.connections),
             connections=[{"live": conn.live, "sequences_increasing": conn.sequences_increasing,
-                          "audio_bytes": conn.audio_bytes, "outputs_sent": conn.outputs_sent}
+                          "audio_bytes": conn.audio_bytes, "outputs_sent": conn.outputs_sent,
+                          "close_code": conn.close_code}
                          for conn in self.connections],
             errors_sent=list(self.errors_sent),
         )
@@ -228,10 +236,11 @@ class EmulatorState:
             session.connections.append(conn)
             return None
 
-    def detach(self, conn: StreamConnection) -> None:
-        """Mark a connection closed once its handler has finished."""
+    def detach(self, conn: StreamConnection, close_code: int | None = None) -> None:
+        """Mark a connection closed once its handler has finished, with how it closed."""
         with self.lock:
             conn.live = False
+            conn.close_code = close_code
 
     def count_end_call(self, session_id: str) -> None:
         """Count one REST end call for the session (so tests can spot double ends)."""
