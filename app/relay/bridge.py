@@ -84,7 +84,9 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
                          name="dial-agent", daemon=True).start()
     try:
         relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
-                           context=context, on_end=record_end, reopen_kallglot=open_kallglot)
+                           context=context, on_end=record_end, reopen_kallglot=open_kallglot,
+                           reconnect_backoff_seconds=svc.settings.kallglot_reconnect_backoff_seconds,
+                           ping_interval_seconds=svc.settings.kallglot_ping_interval_seconds)
         with current_drain().track(relay):  # a deploy's SIGTERM hands the leg over as lost (app/ops/draining.py)
             return relay.run()
     finally:
