@@ -9,7 +9,8 @@ from flask.testing import FlaskClient
 
 from app.admin.auth import MAX_FAILURES_PER_CLIENT, MAX_FAILURES_TOTAL
 from app.extensions import services
-from tests.conftest import ADMIN_PASSWORD, admin_post, admin_sign_in, csrf_token_in
+from tests.support.admin import admin_post, admin_sign_in, csrf_token_in
+from tests.support.settings import ADMIN_PASSWORD
 
 ADMIN_PAGES = ["/admin/", "/admin/numbers", "/admin/numbers/new", "/admin/numbers/export", "/admin/audit",
                "/admin/connect", "/admin/live", "/admin/calls"]

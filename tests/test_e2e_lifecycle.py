@@ -20,9 +20,9 @@ from app.kallglot.signature import sign
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
-from tests.conftest import (
-    E2E_HEARTBEAT_TIMEOUT_SECONDS, E2E_RECONNECT_WINDOW_SECONDS, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN,
-    EmulatorControl, bridge_config,
+from tests.support.controls import EmulatorControl
+from tests.support.settings import (
+    E2E_HEARTBEAT_TIMEOUT_SECONDS, E2E_RECONNECT_WINDOW_SECONDS, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config,
 )
 from tests.support.waiting import only_session, wait_until
 from tests.support.servers import RunningServer, free_port, run_gunicorn

@@ -14,7 +14,8 @@ import pytest
 import redis as redis_lib
 
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
-from tests.conftest import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl
+from tests.support.controls import EmulatorControl
+from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN
 from tests.support.bridge_state import BridgeState
 from tests.support.numbers import new_numbers
 from tests.support.servers import RunningServer

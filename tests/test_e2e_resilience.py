@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
-from tests.conftest import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config
+from tests.support.controls import EmulatorControl
+from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.waiting import wait_until
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 

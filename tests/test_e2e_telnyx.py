@@ -16,9 +16,10 @@ import requests
 from app.devtools.simulator.telnyx import TelnyxMediaLeg, TexmlCallSimulator, new_call_control_id
 from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
 from tests.support.waiting import only_session, wait_until
-from tests.conftest import EMULATOR_API_KEY, E2E_RECONNECT_WINDOW_SECONDS, EmulatorControl, FakeCallControl
+from tests.support.controls import EmulatorControl, FakeCallControl
+from tests.support.settings import E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY
 from tests.support.servers import RunningServer
-from tests.test_telnyx_codec import pcm, samples, snr_db, voiced
+from tests.support.signals import pcm, samples, snr_db, voiced
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

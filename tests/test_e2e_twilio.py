@@ -19,7 +19,10 @@ from twilio.request_validator import RequestValidator
 
 from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
-from tests.conftest import E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl
+from tests.support.controls import EmulatorControl
+from tests.support.settings import (
+    E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN,
+)
 from tests.support.waiting import only_session, wait_until
 from tests.support.servers import RunningServer
 

@@ -7,7 +7,7 @@ from flask import Flask
 
 from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome
 from app.extensions import services
-from tests.conftest import EmulatorControl
+from tests.support.controls import EmulatorControl
 
 TO, FROM = "+15005550006", "+15551230000"
 

@@ -18,9 +18,10 @@ from app.ops.draining import Drain, begin_worker_drain, drain_for
 from app.redis_keys import RedisKeys
 from app.relay.core import RelayStats
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
-from tests.conftest import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config
+from tests.support.controls import EmulatorControl
+from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.servers import RunningServer, free_port, run_gunicorn
-from tests.test_twilio_webhooks import answer, call_params, new_call_sid, post_signed
+from tests.support.twilio_requests import answer, call_params, new_call_sid, post_signed
 
 TO, FROM = "+15005550006", "+15551230000"
 

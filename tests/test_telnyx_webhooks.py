@@ -18,7 +18,7 @@ from flask.testing import FlaskClient
 from app.extensions import services
 from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
 from app.carriers.telnyx.control import decode_client_state
-from tests.conftest import EmulatorControl, FakeCallControl
+from tests.support.controls import EmulatorControl, FakeCallControl
 
 TO, FROM = "+15005550006", "+15551230000"
 
@@ -83,7 +83,7 @@ def test_bad_signatures_are_refused_and_create_nothing(client: FlaskClient, teln
 def test_without_a_public_key_everything_is_refused(redis_url: str, emulator: EmulatorControl, namespace: str,
                                                     telnyx_signer: TelnyxSigner) -> None:
     from app import create_app
-    from tests.conftest import PUBLIC_URL, bridge_config
+    from tests.support.settings import PUBLIC_URL, bridge_config
 
     app = create_app(bridge_config(redis_url, emulator.api_url, namespace, PUBLIC_URL))  # Twilio only
     response = post(app.test_client(), "/telnyx/texml", texml_body(new_call_control_id()), telnyx_signer)

@@ -68,23 +68,27 @@ def run_gunicorn(
     ready_path: str = "/healthz",
     port: int | None = None,
     print_log_on_error: bool = True,
+    graceful_timeout: int = 5,
 ) -> Iterator[RunningServer]:
     """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits.
 
     Each server gets its own ``HOME`` so gunicorn 27's control socket under ``$HOME/.gunicorn``
-    never collides between servers started by parallel tests.
+    never collides between servers started by parallel tests. ``graceful_timeout`` is how long a stopped
+    server waits for open connections (tests shorten it). With ``KB_COVERAGE_SERVERS`` set, the server runs
+    under ``coverage run --parallel-mode`` (see README, "Test it"), workers included.
     """
     port = port or free_port()
     home = tempfile.mkdtemp(prefix="kb-gunicorn-home-")
     log_path = Path(home) / "server.log"
     full_env = {**os.environ, **(env or {}), "HOME": home, "PYTHONUNBUFFERED": "1"}
+    coverage = ["-m", "coverage", "run", "--parallel-mode"] if os.environ.get("KB_COVERAGE_SERVERS") else []
     cmd = [
-        sys.executable, "-m", "gunicorn",
+        sys.executable, *coverage, "-m", "gunicorn",
         "-k", "gevent",
         "-w", str(workers),
         "-b", f"127.0.0.1:{port}",
         "--timeout", "0",
-        "--graceful-timeout", "5",
+        "--graceful-timeout", str(graceful_timeout),
         app_spec,
     ]
     with open(log_path, "wb") as log_file:
