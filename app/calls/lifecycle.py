@@ -73,7 +73,8 @@ local fields = redis.call('HGETALL', KEYS[2])
 for i = 1, #fields, 2 do
   if string.sub(fields[i], 1, 4) == 'leg:' and fields[i + 1] == 'live' then live = live + 1 end
 end
-if changed == 1 and live == 0 then
+-- No safety deadline for a session already ended (Kallglot ended it first): nothing is left to finish.
+if changed == 1 and live == 0 and redis.call('HGET', KEYS[2], 'status') ~= 'ended' then
   redis.call('ZADD', KEYS[4], tonumber(ARGV[3]) + tonumber(ARGV[7]), ARGV[6])
 end
 return {changed, live}

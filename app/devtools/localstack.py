@@ -29,7 +29,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+#: How long a server may take to answer after it starts: each worker imports the carrier SDKs (the Telnyx SDK
+#: alone is thousands of modules), which takes well over 10 s on a loaded two-core machine.
+SERVER_READY_TIMEOUT_SECONDS = 60.0
+
+
+def wait_for_http(url: str, timeout: float = SERVER_READY_TIMEOUT_SECONDS,
+                  proc: subprocess.Popen | None = None) -> None:
     """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
