@@ -100,7 +100,17 @@ def test_signed_but_malformed_webhook_is_a_400(client: FlaskClient, emulator: Em
     assert emulator.sessions() == []
 
 
-def test_garbage_body_is_a_4xx(client: FlaskClient) -> None:
+def test_garbage_body_signed_as_twilio_would_reaches_the_parser_and_is_a_400(
+        client: FlaskClient, emulator: EmulatorControl) -> None:
+    # Twilio signs the URL plus the form parameters; a body that is no form has none, so this signature is
+    # valid and the request gets past the signature check to the parser, which must refuse it cleanly.
+    response = client.post("/twilio/voice", data=b"\x00\xff{{garbage", content_type="application/octet-stream",
+                           headers={"X-Twilio-Signature": twilio_signature(PUBLIC_URL + "/twilio/voice", {})})
+    assert response.status_code == 400
+    assert emulator.sessions() == []
+
+
+def test_garbage_body_with_a_bad_signature_is_a_403(client: FlaskClient) -> None:
     response = client.post("/twilio/voice", data=b"\x00\xff{{garbage", content_type="application/octet-stream",
                            headers={"X-Twilio-Signature": "abc"})
     assert response.status_code == 403
