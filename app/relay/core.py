@@ -183,6 +183,13 @@ class MediaRelay:
             now = time.monotonic()
             if message is None:
                 if utterance_open and now - last_audio_at >= stream_protocol.UTTERANCE_GAP_SECONDS:
+                    # The resampler's last 2 ms (pcm16 return audio) play before the utterance's mark.
+                    tail = self._transcoder.end_utterance()
+                    if tail:
+                        if not self._to_carrier(self.codec.media(tail)):
+                            return
+                        self.stats.frames_to_carrier += 1
+                        self.stats.bytes_to_carrier += len(tail)
                     marks += 1
                     if not self._to_carrier(self.codec.mark(f"utt-{marks}")):
                         return
@@ -217,6 +224,7 @@ class MediaRelay:
                     metrics.RELAY_HOP_SECONDS.labels("downlink").observe(time.perf_counter() - received_at)
                 utterance_open, last_audio_at = True, now
             elif isinstance(message, ClearAudio):
+                self._transcoder.reset()  # the barged-in utterance's resampler tail must not play either
                 if not self._to_carrier(self.codec.clear()):
                     return
                 self.stats.clears += 1
