@@ -157,7 +157,8 @@ def test_unsigned_media_socket_upgrade_is_refused(bridge_server: RunningServer, 
 
 @pytest.mark.parametrize("case", ["forged", "other-call", "none"])
 def test_forged_relay_token_closes_and_opens_nothing(bridge_server: RunningServer, simulator: TwilioCallSimulator,
-                                                     emulator: EmulatorControl, case: str, numbers: CallNumbers) -> None:
+                                                     emulator: EmulatorControl, case: str,
+                                                     numbers: CallNumbers) -> None:
     call_sid = "CA" + uuid.uuid4().hex
     answer = simulator.post_voice_webhook(*numbers, call_sid=call_sid)
     token = answer.text.split('name="relay_token" value="')[1].split('"')[0]
@@ -247,7 +248,8 @@ def test_kallglot_ending_the_session_closes_the_call_politely(simulator: TwilioC
 
 
 def test_caller_socket_lost_without_stop_still_ends_the_session(simulator: TwilioCallSimulator,
-                                                                emulator: EmulatorControl, numbers: CallNumbers) -> None:
+                                                                emulator: EmulatorControl,
+                                                                numbers: CallNumbers) -> None:
     result = simulator.place_call(*numbers, b"\xff" * 1600, pace=False, status_callbacks="none",
                                   hold_open=lambda stream: stream.close_abruptly(), listen_seconds=0)
     assert result.protocol_errors == []
@@ -323,7 +325,8 @@ def test_retried_voice_webhook_creates_one_session(simulator: TwilioCallSimulato
 
 
 def test_kallglot_stream_drop_is_reopened_and_the_call_goes_on(simulator: TwilioCallSimulator,
-                                                               emulator: EmulatorControl, numbers: CallNumbers) -> None:
+                                                               emulator: EmulatorControl,
+                                                               numbers: CallNumbers) -> None:
     def drop_kallglot(stream: SimulatedStream) -> None:
         session_id = live_session_id(emulator)
         requests.post(f"{emulator.url}/_emulator/sessions/{session_id}/drop", timeout=5).raise_for_status()
