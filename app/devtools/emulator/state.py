@@ -60,6 +60,7 @@ class StreamConnection:
     sequences_increasing: bool = True
     audio_bytes: int = 0
     outputs_sent: int = 0
+    pings_received: int = 0
     #: The close code the emulator sent, when it closed first.
     closed_with: int | None = None
     #: How the connection ended as the emulator saw it: the client's close code when the client closed, ours
@@ -170,7 +171,7 @@ class Session:
             sequences_increasing=all(conn.sequences_increasing for conn in self.connections),
             connections=[{"live": conn.live, "sequences_increasing": conn.sequences_increasing,
                           "audio_bytes": conn.audio_bytes, "outputs_sent": conn.outputs_sent,
-                          "close_code": conn.close_code}
+                          "close_code": conn.close_code, "pings_received": conn.pings_received}
                          for conn in self.connections],
             errors_sent=list(self.errors_sent),
         )

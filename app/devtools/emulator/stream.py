@@ -117,6 +117,7 @@ class StreamHandler:
         if kind == "audio.input":
             self.handle_audio(message)
         elif kind == "ping":
+            self.conn.pings_received += 1
             self.conn.send({"type": "pong", "session_id": self.session_id})
         elif kind == "session.end":
             self.end_session()
