@@ -9,7 +9,6 @@ import json
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from typing import Any
 from urllib.parse import urlencode
 
 import nacl.signing
@@ -21,8 +20,8 @@ from app.extensions import services
 from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
 from app.carriers.telnyx.control import decode_client_state
 from tests.support.controls import EmulatorControl, FakeCallControl
+from tests.support.telnyx_requests import FROM, TO, cc, event, post
 
-TO, FROM = "+15005550006", "+15551230000"
 
 
 @pytest.fixture
@@ -30,27 +29,8 @@ def client(telnyx_app: Flask) -> FlaskClient:
     return telnyx_app.test_client()
 
 
-def post(client: FlaskClient, path: str, body: str, signer: TelnyxSigner | None, *, timestamp: int | None = None,
-         content_type: str = "application/x-www-form-urlencoded", headers: dict[str, str] | None = None) -> Any:
-    signed = signer.headers(body, timestamp) if signer else {}
-    return client.post(path, data=body.encode(), content_type=content_type, headers={**signed, **(headers or {})})
-
-
 def texml_body(call_id: str, **extra: str) -> str:
     return urlencode({**TexmlCallSimulator.call_params(call_id, TO, FROM, "ringing"), **extra})
-
-
-def event(event_type: str, call_id: str, event_id: str | None = None, **payload: Any) -> str:
-    return json.dumps({"data": {"record_type": "event", "event_type": event_type, "id": event_id or str(uuid.uuid4()),
-                                "occurred_at": "2026-01-01T00:00:00.000000Z",
-                                "payload": {"call_control_id": call_id, "call_leg_id": str(uuid.uuid4()),
-                                            "call_session_id": str(uuid.uuid4()), "from": FROM, "to": TO,
-                                            **payload}},
-                       "meta": {"attempt": 1}})
-
-
-def cc(client: FlaskClient, signer: TelnyxSigner, body: str) -> Any:
-    return post(client, "/telnyx/call-control", body, signer, content_type="application/json")
 
 
 # ----- signatures ------------------------------------------------------------------------------------------------
