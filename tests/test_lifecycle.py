@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from flask import Flask
 
 from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome
@@ -90,7 +91,12 @@ def test_a_leg_ended_by_kallglot_is_never_ended_again(app: Flask, emulator: Emul
     assert emulator.session(session.id)["end_calls"] == 0
 
 
-def test_a_worker_dying_mid_end_leaves_a_deadline_that_finishes_it(app: Flask, emulator: EmulatorControl) -> None:
+class WorkerDied(BaseException):
+    """Stands for the worker being killed at that instant (nothing in the product catches it)."""
+
+
+def test_a_worker_dying_mid_end_leaves_a_deadline_that_finishes_it(app: Flask, emulator: EmulatorControl,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS
 
     with app.app_context():
@@ -98,14 +104,17 @@ def test_a_worker_dying_mid_end_leaves_a_deadline_that_finishes_it(app: Flask, e
         lifecycle = svc.lifecycle
         session = lifecycle.create_session(carrier="twilio", call_id="CAd", idempotency_key="k-d", mode="ai_agent")
         lifecycle.register_leg(session_id=session.id, **leg("CAd"))
-        # The last leg ends and this worker takes the end claim… then dies before calling Kallglot.
-        lifecycle._end_leg(keys=[svc.keys.call("twilio", "CAd"), svc.keys.session(session.id), svc.keys.heartbeats(),
-                                 svc.keys.deadlines()],
-                           args=["leg:twilio:CAd", "call_completed", f"{time.time():.3f}", "twilio:CAd", "1",
-                                 session.id, 30])
-        assert lifecycle._claim_end(keys=[svc.keys.session_end_claim(session.id), svc.keys.session(session.id),
-                                          svc.keys.deadlines()],
-                                    args=["x", END_CLAIM_LEASE_SECONDS, "0", session.id, f"{time.time():.3f}"]) == 1
+
+        def die(session_id: str) -> None:
+            raise WorkerDied
+
+        # The last leg ends and this worker takes the end claim… then dies before Kallglot's end is called.
+        with monkeypatch.context() as patched:
+            patched.setattr(lifecycle._kallglot, "end_session", die)
+            with pytest.raises(WorkerDied):
+                lifecycle.leg_ended("twilio", "CAd", "call_completed")
+        assert lifecycle.session_record(session.id)["status"] == "ending"
+        assert emulator.session(session.id)["end_calls"] == 0
         svc.redis.delete(svc.keys.session_end_claim(session.id))  # the claim's lease lapsed
         assert lifecycle.end_due_sessions(now=time.time() + END_CLAIM_LEASE_SECONDS + 2) == 1
         assert lifecycle.session_record(session.id)["status"] == "ended"
