@@ -3,6 +3,8 @@ deaths and Redis restarts — the bridge under gunicorn + gevent, a fake Twilio 
 calls it is asked for, the Kallglot emulator and a real Redis."""
 from __future__ import annotations
 
+import base64
+
 import json
 import os
 import re
@@ -166,8 +168,9 @@ def test_returning_caller_reattaches_to_the_held_session(clean_stack: Stack, emu
     assert second.protocol_errors == [] and second.streams == 1
     session = only_session(emulator)  # no second POST /v1/sessions
     assert session["id"] == session_id and session["connections_total"] == 2
-    assert session["audio_received"]["customer"]
-    assert wait_until(lambda: emulator.session(session_id)["status"] == "ended")
+    # Both calls' audio reached the one session, the returning caller's after the first's.
+    assert base64.b64decode(session["audio_received"]["customer"]) == b"\x01" * 800 + b"\x02" * 800
+    assert wait_until(lambda: clean_stack.state.settled_ended(session_id))
     assert emulator.session(session_id)["end_calls"] == 1
 
 
