@@ -9,16 +9,20 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import redis as redis_lib
+import requests
 
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.support.controls import EmulatorControl
-from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN
+from tests.support.settings import (
+    E2E_GRACEFUL_TIMEOUT_SECONDS, EMULATOR_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, e2e_bridge_env,
+)
 from tests.support.bridge_state import BridgeState
 from tests.support.numbers import new_numbers
-from tests.support.servers import RunningServer
+from tests.support.servers import RunningServer, free_port, run_gunicorn
 from tests.support.waiting import only_session, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -132,3 +136,44 @@ def test_a_restored_leg_after_a_fatal_frame_is_live_and_a_clean_stop_ends_the_se
     assert base64.b64decode(session["audio_received"]["customer"]) == b"\x02" * 800 + b"\x03" * 800
     assert close_codes(emulator, session_id) == [1000, 1000]
 
+
+
+#: Stream tokens of the short-lived emulator expire this soon after they are minted.
+SHORT_TOKEN_TTL_SECONDS = 2
+
+
+@pytest.fixture(scope="module")
+def short_token_stack(redis_url: str) -> Iterator[tuple[RunningServer, RunningServer]]:
+    """An emulator whose stream tokens expire within seconds, and a one-worker bridge in front of it."""
+    with run_gunicorn("app.devtools.emulator:create_emulator_app()",
+                      {"KALLGLOT_EMULATOR_API_KEY": EMULATOR_API_KEY,
+                       "KALLGLOT_EMULATOR_STREAM_TOKEN_TTL": str(SHORT_TOKEN_TTL_SECONDS)},
+                      ready_path="/_emulator/stats", graceful_timeout=E2E_GRACEFUL_TIMEOUT_SECONDS) as kallglot:
+        port = free_port()
+        env = e2e_bridge_env(redis_url, kallglot.url + "/v1", "e2e-short-token", f"http://127.0.0.1:{port}")
+        with run_gunicorn("app:create_app()", env, port=port, graceful_timeout=E2E_GRACEFUL_TIMEOUT_SECONDS) as bridge:
+            yield kallglot, bridge
+
+
+def test_a_reopen_after_the_stream_token_expired_refreshes_the_token(
+        short_token_stack: tuple[RunningServer, RunningServer]) -> None:
+    kallglot, bridge = short_token_stack
+    emulator = EmulatorControl(kallglot.url)
+    emulator.reset()
+    simulator = TwilioCallSimulator(bridge.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
+
+    def drop_after_the_token_expired(stream: SimulatedStream) -> None:
+        session_id = only_session(emulator)["id"]
+        assert wait_until(lambda: emulator.session(session_id)["connections_live"] == 1, timeout=10)
+        # The token the relay was given is now expired: a reopen with it would be refused (invalid_token).
+        time.sleep(SHORT_TOKEN_TTL_SECONDS + 0.5)
+        requests.post(f"{emulator.url}/_emulator/sessions/{session_id}/drop", timeout=5).raise_for_status()
+        assert wait_until(lambda: emulator.session(session_id)["connections_total"] == 2
+                          and emulator.session(session_id)["connections_live"] == 1, timeout=10)
+
+    numbers = new_numbers()
+    result = simulator.place_call(numbers.to, numbers.from_, b"\xff" * 800, pace=False, listen_seconds=0.3,
+                                  hold_open=drop_after_the_token_expired)
+    assert result.protocol_errors == [] and not result.server_closed_first  # the call went on
+    session = only_session(emulator)
+    assert "invalid_token" not in session["errors_sent"]  # the reopen used a fresh token, not the expired one
