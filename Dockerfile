@@ -9,11 +9,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/kallglot-bridge-metrics
 
 WORKDIR /srv
-COPY pyproject.toml README.md ./
+# Dependencies first, from the hashed lock (pip refuses any file whose hash differs; README › Security).
+COPY .ci/requirements-runtime.lock ./requirements-runtime.lock
+RUN pip install --require-hashes -r requirements-runtime.lock
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY app ./app
 COPY templates ./templates
-# Installs the dependencies; gunicorn imports the app from /srv (its working directory), next to templates/.
-RUN pip install . && useradd --system --no-create-home bridge && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" \
+# The project itself without resolving again (the templates go inside the package: setup.py).
+RUN pip install --no-deps . && useradd --system --no-create-home bridge && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" \
     && chown bridge "$PROMETHEUS_MULTIPROC_DIR"
 COPY gunicorn.conf.py ./
 USER bridge

@@ -21,18 +21,28 @@ worker_class = "gevent"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Concurrent accepted connections per worker: each live call holds one carrier media socket (its Kallglot
 # socket is outbound and not counted) plus short webhook requests. 1000 leaves room above the ~400 calls a
-# worker core carries (README, Capacity).
+# worker core carries (README, Capacity) and caps what a flood of idle sockets can hold (README, Security).
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # With gevent the timeout is the worker's heartbeat, not a per-request limit, so calls of any length
 # survive; it only catches a worker whose event loop is blocked.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 # Heroku and Render allow 30 s between SIGTERM and SIGKILL on deploys; the drain hands calls over before.
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "25"))
-keepalive = 75
+# Under the gevent worker this is also how long a client may take to send a request's headers (gunicorn
+# reads each request line and headers inside a keepalive-long timeout): sockets that send half a request
+# line and stall are dropped after it instead of holding a worker connection for minutes. A buffering proxy
+# in front (docs/deploy/nginx.conf) sends whole requests at once.
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
+# Request line, header count and header size limits (carrier webhooks need a fraction of these).
+limit_request_line = 4094
+limit_request_fields = 50
+limit_request_field_size = 8190
 accesslog = "-"
 # Never log query strings of stream URLs or headers; the default format has neither headers nor bodies.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
-forwarded_allow_ips = "*"
+# Whose X-Forwarded-* headers gunicorn believes: loopback only (a proxy on the same host) unless the operator
+# names their proxy's addresses; never "*" by default, which lets any client claim https or another address.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 # gunicorn's own lines (start, worker exits, access log) in the app's format: one JSON object per line.
 logconfig_dict = {
     "version": 1,
@@ -40,7 +50,8 @@ logconfig_dict = {
     "formatters": {"app": {"()": "app.logging_setup.make_formatter"}},
     "handlers": {
         "error_console": {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr"},
-        "console": {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stdout"},
+        # The access log goes to stderr too: README (Operations, Logs) says every line does.
+        "console": {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr"},
     },
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False,

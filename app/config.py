@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,15 +15,25 @@ KALLGLOT_MODES = ("bidirectional_translation", "assistive_translation", "ai_agen
 DEFAULT_KALLGLOT_API_URL = "https://api.kallglot.com/v1"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
 DEFAULT_TELNYX_API_URL = "https://api.telnyx.com/v2"
-#: Kallglot keeps a disconnected session re-attachable for at most 5 minutes (kallglot-api.md §3).
+#: Kallglot keeps a disconnected session re-attachable for at most 5 minutes (Kallglot's sessions-vs-calls guide).
 MAX_RECONNECT_WINDOW_SECONDS = 300
 #: Uplink chunk bounds: Kallglot asks for a chunk every 100–200 ms; 20 ms is one carrier frame.
 MIN_CHUNK_MS, MAX_CHUNK_MS = 20, 200
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
+#: The admin password is the only thing between the internet and the admin UI: refuse short ones at start-up.
+MIN_ADMIN_PASSWORD_LENGTH = 12
+#: More proxies than this in front of one service is a misconfiguration, not a deployment.
+MAX_TRUSTED_PROXY_HOPS = 5
 
 # The demo token the simulator signs with when neither side was given a real Twilio auth token.
 DEMO_TWILIO_AUTH_TOKEN = "demo-twilio-auth-token"
 DEMO_SECRET_KEY = "demo-secret-key-not-for-production"
+#: Values published in this repository: fine for the demo, a hole anywhere else (anyone could mint relay tokens
+#: or sign Twilio webhooks with them).
+PUBLISHED_DEMO_SECRETS = {"secret_key": DEMO_SECRET_KEY, "twilio_auth_token": DEMO_TWILIO_AUTH_TOKEN}
+#: Request bodies (webhooks, the call API, admin forms and imports) are refused above this size, chunked ones too.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+ISO_COUNTRY = re.compile(r"^[A-Z]{2}$")
 
 
 class ConfigError(RuntimeError):
@@ -51,6 +61,9 @@ class Settings:
     #: The Call Control application id outbound Telnyx legs (agent, callbacks) are dialled through.
     telnyx_connection_id: str = ""
     admin_password: str = ""
+    #: Proxies in front of the service whose ``X-Forwarded-For`` entry is trusted (0: the socket peer is the
+    #: client; Heroku's and Render's routers are 1). More than the real count lets clients pick their address.
+    trusted_proxy_hops: int = 0
     #: Bearer token of the outbound-call API (``POST /api/calls``); the API is off without one.
     api_token: str = ""
     #: REST base URLs of the carriers (the admin's "connect a number" calls them); tests point them at fakes.
@@ -60,7 +73,7 @@ class Settings:
     default_source_language: str = ""
     default_target_language: str = ""
     reconnect_window_seconds: int = MAX_RECONNECT_WINDOW_SECONDS
-    # Not part of the issue's list, but operators need them; documented in README.
+    #: Milliseconds of caller audio batched into one Kallglot ``audio.input`` (README, Configuration).
     uplink_chunk_ms: int = 100
     #: A leg whose relay has not beaten its heartbeat for this long is treated as lost (worker died).
     heartbeat_timeout_seconds: int = 15
@@ -71,9 +84,19 @@ class Settings:
     kallglot_ping_interval_seconds: int = 20
     #: Heroku Redis serves ``rediss://`` with a self-signed certificate, so verification is opt-in.
     redis_tls_verify: bool = False
+    #: Largest request body accepted (bytes); Werkzeug enforces it on chunked bodies as well.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Redis connections per worker process; a flood waits for a free one instead of opening more.
+    redis_max_connections: int = 50
+    #: Bearer token ``/metrics`` requires (empty: open, for a scraper on a private network or port).
+    metrics_token: str = ""
+    #: ISO country codes outbound calls (``POST /api/calls``, agent legs) may reach, comma-separated.
+    allowed_destination_countries: str = "US,CA"
+    #: Outbound calls one API token may start per minute, and may have live at once.
+    api_calls_per_minute: int = 10
+    api_max_concurrent_calls: int = 20
     #: Set by the demo launcher: the emulator and demo secrets are in use, and the log says so loudly.
     demo_mode: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -83,15 +106,13 @@ class Settings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
-        """Build settings from a mapping whose keys are field names (any case); unknown keys go to ``extra``."""
+        """Build settings from a mapping whose keys are field names (any case); unknown keys are ignored."""
         known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
         problems: list[str] = []
         for key, raw in values.items():
             name = key.lower()
-            if name not in known or name == "extra":
-                extra[key] = raw
+            if name not in known:
                 continue
             if known[name].type in ("int", int):
                 try:
@@ -104,7 +125,7 @@ class Settings:
                 kwargs[name] = str(raw).strip()
         if problems:
             raise ConfigError(problems)
-        return cls(**kwargs, extra=extra)
+        return cls(**kwargs)
 
     def problems(self) -> list[str]:
         """Every reason this configuration cannot serve real calls, one clear sentence each."""
@@ -150,6 +171,27 @@ class Settings:
         if not 1 <= self.kallglot_ping_interval_seconds <= 300:
             found.append("KALLGLOT_PING_INTERVAL_SECONDS must be between 1 and 300, "
                          f"got {self.kallglot_ping_interval_seconds}")
+        if not self.demo_mode:
+            for name, value in PUBLISHED_DEMO_SECRETS.items():
+                if getattr(self, name) == value:
+                    found.append(f"{name.upper()} is the published demo value: set a secret of your own "
+                                 "(or run the demo launcher, which sets DEMO_MODE)")
+        if not 64 * 1024 <= self.max_body_bytes <= 64 * 1024 * 1024:
+            found.append(f"MAX_BODY_BYTES must be between 65536 and 67108864, got {self.max_body_bytes}")
+        if not 5 <= self.redis_max_connections <= 10_000:
+            found.append(f"REDIS_MAX_CONNECTIONS must be between 5 and 10000, got {self.redis_max_connections}")
+        bad_countries = [c for c in self.destination_countries if not ISO_COUNTRY.match(c)]
+        if bad_countries:
+            found.append("ALLOWED_DESTINATION_COUNTRIES must be ISO country codes like US,GB, "
+                         f"got {', '.join(bad_countries)}")
+        if self.api_calls_per_minute < 1 or self.api_max_concurrent_calls < 1:
+            found.append("API_CALLS_PER_MINUTE and API_MAX_CONCURRENT_CALLS must be at least 1")
+        if self.admin_password and len(self.admin_password) < MIN_ADMIN_PASSWORD_LENGTH:
+            found.append(f"ADMIN_PASSWORD must be at least {MIN_ADMIN_PASSWORD_LENGTH} characters "
+                         f"(got {len(self.admin_password)}); unset it to disable the admin UI")
+        if not 0 <= self.trusted_proxy_hops <= MAX_TRUSTED_PROXY_HOPS:
+            found.append(f"TRUSTED_PROXY_HOPS must be between 0 (nothing in front) and {MAX_TRUSTED_PROXY_HOPS}, "
+                         f"got {self.trusted_proxy_hops}")
         if not self.twilio_auth_token and not self.telnyx_public_key:
             found.append("neither TWILIO_AUTH_TOKEN nor TELNYX_PUBLIC_KEY is set: no carrier webhook could be verified")
         return found
@@ -164,6 +206,11 @@ class Settings:
     def kallglot_reconnect_backoff_seconds(self) -> tuple[float, ...]:
         """``KALLGLOT_RECONNECT_BACKOFF_MS`` in seconds; raises ``ValueError`` if it is not a list of numbers."""
         return tuple(int(part) / 1000 for part in self.kallglot_reconnect_backoff_ms.split(",") if part.strip())
+
+    @property
+    def destination_countries(self) -> frozenset[str]:
+        """``ALLOWED_DESTINATION_COUNTRIES`` as a set of upper-case ISO codes."""
+        return frozenset(c.strip().upper() for c in self.allowed_destination_countries.split(",") if c.strip())
 
     @property
     def public_ws_url(self) -> str:

@@ -1,6 +1,9 @@
-"""The per-app service objects (Redis, Kallglot client, profiles, lifecycle, relay tokens), built once by
-:func:`init_services` and reached through :func:`services`. No module-level mutable state: everything
-hangs off ``app.extensions``.
+"""The per-app service objects (Redis, Kallglot client, profiles, lifecycle, relay tokens, carrier controls),
+built once by :func:`init_services` and reached through :func:`services`. No module-level mutable state:
+everything hangs off ``app.extensions``.
+
+This module knows no carrier: the composition root (:mod:`app.factory`) builds each carrier's control from
+:mod:`app.carriers.registry` and hands them in.
 """
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ from flask import Flask, current_app
 from flask_sock import Sock
 
 from app.carriers.contract import CarrierControl
+from app.calls.destinations import DestinationRules
 from app.calls.lifecycle import SessionLifecycle
 from app.config import Settings
 from app.kallglot.client import KallglotClient
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
-from app.relay.tokens import RelayTokenSealer
+from app.relay.tokens import RelayGuard, RelayTokenSealer
 
 EXTENSION_KEY = "kallglot_bridge"
 #: The flask-sock extension object, the usual Flask-extension pattern (like ``db = SQLAlchemy()``): it holds
@@ -38,33 +42,38 @@ class Services:
     profiles: ProfileStore
     lifecycle: SessionLifecycle
     relay_tokens: RelayTokenSealer
+    #: Single use of relay tokens and one relay per leg.
+    relay_guard: RelayGuard
     #: Call control per carrier name (hang up, dial), for the vendor-free lifecycle.
     carrier_controls: Mapping[str, CarrierControl]
 
 
-def init_services(app: Flask, settings: Settings) -> Services:
-    """Build the services for ``app`` and store them on ``app.extensions``."""
+def init_services(app: Flask, settings: Settings, controls: Mapping[str, CarrierControl]) -> Services:
+    """Build the services for ``app`` (``controls``: each carrier's call control by name) and store them on
+    ``app.extensions``."""
     tls = {"ssl_cert_reqs": "required" if settings.redis_tls_verify else "none"} \
         if settings.redis_url.startswith("rediss://") else {}
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS,
-                                  socket_connect_timeout=REDIS_TIMEOUT_SECONDS, health_check_interval=30, **tls)
+    # A bounded, blocking pool: a flood (e.g. of /metrics scrapes) waits up to the timeout for a connection
+    # instead of opening one per greenlet until Redis' maxclients locks every worker out.
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=REDIS_TIMEOUT_SECONDS,
+        socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        health_check_interval=30, **tls)
+    client = redis.Redis(connection_pool=pool)
     keys = RedisKeys(settings.redis_namespace)
     kallglot = KallglotClient(settings.kallglot_api_url, settings.kallglot_api_key)
-    # The composition root is the one place that knows every carrier adapter's call control.
-    from app.carriers.telnyx.control import TelnyxControl
-    from app.carriers.twilio.control import TwilioControl
-
-    controls: dict[str, CarrierControl] = {"twilio": TwilioControl(settings), "telnyx": TelnyxControl(settings, connection_id=settings.telnyx_connection_id)}
     default_profile = NumberProfile(mode=settings.default_mode, source_language=settings.default_source_language,
                                     target_language=settings.default_target_language)
     built = Services(
         settings=settings, redis=client, keys=keys, kallglot=kallglot,
-        profiles=ProfileStore(client, keys, default_profile),
+        profiles=ProfileStore(client, keys, default_profile, carriers=tuple(controls),
+                              destination_problem=DestinationRules.of(settings.destination_countries).problem),
         lifecycle=SessionLifecycle(client, keys, kallglot,
                                    heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds,
                                    hang_up=lambda carrier, call_id: controls[carrier].hang_up(call_id)),
         carrier_controls=controls,
         relay_tokens=RelayTokenSealer(settings.secret_key),
+        relay_guard=RelayGuard(client, keys, lease_seconds=settings.heartbeat_timeout_seconds),
     )
     app.extensions[EXTENSION_KEY] = built
     return built

@@ -1,8 +1,8 @@
 """Log configuration: one JSON object per line, to stderr (Heroku and Render collect it).
 
 Every line of a call carries what is known of it — ``request_id``, ``carrier``, ``call_id``, ``session_id``,
-``number`` — from a context variable: under gunicorn's gevent worker each greenlet has its own context, so
-concurrent calls never mix their fields. Secrets are kept out twice over: the code never formats them, and
+``number`` — from a context variable: each thread (a greenlet under gevent, see :mod:`app.background`) has
+its own, so concurrent calls never mix their fields. Secrets are kept out twice over: the code never formats them, and
 :func:`redact` scrubs the shapes they come in (``token=…`` query parameters, ``Bearer …``, Kallglot keys)
 from every rendered line as a safety net.
 
@@ -10,20 +10,21 @@ from every rendered line as a safety net.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
 
+from pythonjsonlogger.orjson import OrjsonFormatter
+
 #: The fields a call's log lines carry, in the order they are written.
 LOG_CONTEXT_FIELDS = ("request_id", "carrier", "call_id", "session_id", "number")
 #: Python's docs ask for context variables to be created once, at module level (they are keys into each
-#: greenlet's or task's own context, not state). Values are read-only mappings, replaced never mutated.
+#: thread's or task's own context, not state). Values are read-only mappings, replaced never mutated.
 _LOG_CONTEXT: ContextVar[Mapping[str, str]] = ContextVar("kallglot_bridge_log_context",
                                                          default=MappingProxyType({}))
 
@@ -44,42 +45,47 @@ def redact(text: str) -> str:
 
 
 def bind_log_context(**fields: str | None) -> None:
-    """Add ``fields`` (empty values are skipped) to every later log line of the current greenlet."""
+    """Add ``fields`` (empty values are skipped) to every later log line of the current thread."""
     current = _LOG_CONTEXT.get()
     merged = {**current, **{k: str(v) for k, v in fields.items() if v}}
     _LOG_CONTEXT.set(MappingProxyType(merged))
 
 
 def reset_log_context(**fields: str | None) -> None:
-    """Replace the current greenlet's log context with exactly ``fields`` (empty values skipped).
+    """Replace the current thread's log context with exactly ``fields`` (empty values skipped).
 
-    A keep-alive connection serves many requests in one greenlet, so each request starts from scratch.
+    A keep-alive connection serves many requests in one thread, so each request starts from scratch.
     """
     _LOG_CONTEXT.set(MappingProxyType({k: str(v) for k, v in fields.items() if v}))
 
 
 def log_context() -> dict[str, str]:
-    """The current greenlet's log context (a copy)."""
+    """The current thread's log context (a copy)."""
     return dict(_LOG_CONTEXT.get())
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(OrjsonFormatter):
     """One JSON object per record: ``ts``, ``level``, ``logger``, ``message``, ``pid``, the call's context
-    fields, and ``exc`` (the traceback) when there is one. Every string is passed through :func:`redact`."""
+    fields, any ``extra=`` fields, and ``exc`` (the traceback) when there is one. Every string is passed
+    through :func:`redact`.
 
-    def format(self, record: logging.LogRecord) -> str:
-        """Render ``record`` as a single line of JSON."""
-        entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": redact(record.getMessage()),
-            "pid": record.process,
-        }
-        entry.update(_LOG_CONTEXT.get())
-        if record.exc_info:
-            entry["exc"] = redact(self.formatException(record.exc_info))
-        return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+    The rendering is python-json-logger's (with orjson, already a dependency); this class only chooses the
+    field names, adds the timestamp and the context, and scrubs the result.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(["levelname", "name", "message", "process"],
+                         rename_fields={"levelname": "level", "name": "logger", "process": "pid", "exc_info": "exc"})
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        """The library's fields, preceded by a UTC millisecond timestamp and followed by the call's context."""
+        log_data["ts"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        super().add_fields(log_data, record, message_dict)
+        log_data.update(_LOG_CONTEXT.get())
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        """Scrub every string value (message, traceback, extras) of credential shapes."""
+        return {key: redact(value) if isinstance(value, str) else value for key, value in log_data.items()}
 
 
 class TextFormatter(logging.Formatter):
@@ -114,38 +120,32 @@ def configure_logging(level: str | None = None, log_format: str | None = None) -
     logger._kallglot_bridge_configured = True  # type: ignore[attr-defined]
 
 
-#: Headers that carry a request ID set upstream: Heroku's router, Render's proxy, Twilio's webhook token.
-REQUEST_ID_HEADERS = ("X-Request-ID", "Rndr-Id", "I-Twilio-Idempotency-Token")
+#: Headers that carry a request ID set upstream: Heroku's router, Render's proxy (a carrier's blueprint may
+#: name its own, after these: see :func:`request_log_fields`).
+REQUEST_ID_HEADERS = ("X-Request-ID", "Rndr-Id")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._:-]")
 
 
-def request_log_fields(blueprint: str | None, headers: Mapping[str, str], form: Mapping[str, str],
-                       json_body: Any = None) -> dict[str, str]:
-    """The log context of one HTTP request: a request ID (upstream's, or a new one) and, on carrier routes,
-    the carrier, its call ID and the called number as the carrier sent them (form fields or Telnyx JSON)."""
-    request_id = next((headers[h] for h in REQUEST_ID_HEADERS if headers.get(h)), "") or os.urandom(8).hex()
-    fields = {"request_id": _SAFE_ID.sub("", request_id)[:64]}
-    if blueprint in ("twilio", "telnyx"):
-        fields["carrier"] = blueprint
-        call_id, number = form.get("CallSid", ""), form.get("To", "")
-        payload = json_body.get("data", {}).get("payload", {}) if isinstance(json_body, dict) else {}
-        if isinstance(payload, dict):
-            call_id = call_id or str(payload.get("call_control_id") or "")
-            number = number or str(payload.get("to") or "")
-        fields.update(call_id=call_id[:80], number=number[:32])
-    return fields
+def request_log_fields(headers: Mapping[str, str], extra_id_headers: Sequence[str] = ()) -> dict[str, str]:
+    """The log context every HTTP request starts with: a request ID (upstream's from :data:`REQUEST_ID_HEADERS`
+    or ``extra_id_headers``, or a new one). Carrier routes add the carrier, its call ID and the called number
+    themselves (each carrier's ``blueprint.py``)."""
+    names = (*REQUEST_ID_HEADERS, *extra_id_headers)
+    request_id = next((headers[h] for h in names if headers.get(h)), "") or os.urandom(8).hex()
+    return {"request_id": _SAFE_ID.sub("", request_id)[:64]}
 
 
 def register_request_log_context(app: Any) -> None:
-    """Give every request's log lines its request ID and, on carrier routes, the call's fields."""
+    """Give every request's log lines its request ID (carrier blueprints then bind the call's fields)."""
     from flask import request
 
     @app.before_request
     def _bind_request_context() -> None:
-        # Read (and cache) the raw body first: signature checks (Telnyx) need it after the form is parsed.
-        request.get_data(cache=True)
-        json_body = request.get_json(silent=True) if request.is_json else None
-        reset_log_context(**request_log_fields(request.blueprint, request.headers, request.values, json_body))
+        # Cache the raw body first: signature checks (Telnyx) need it after the form is parsed. Only for a
+        # request some route will handle (a 404/405 is never read), and never beyond MAX_CONTENT_LENGTH (413).
+        if request.routing_exception is None:
+            request.get_data(cache=True)
+        reset_log_context(**request_log_fields(request.headers))
 
     @app.teardown_request
     def _clear_request_context(_exc: BaseException | None) -> None:

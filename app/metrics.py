@@ -11,6 +11,7 @@ relay's end (:func:`add_relay_counts`); the hop-latency histogram is sampled.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from typing import Any
@@ -37,6 +38,9 @@ FALLBACKS = Counter("kallglot_bridge_fallbacks_total",
                     "Calls answered with the apology fallback instead of Kallglot, by reason.", ["carrier", "reason"])
 WEBHOOK_REJECTIONS = Counter("kallglot_bridge_webhook_rejections_total",
                              "Carrier webhook or media-upgrade requests refused, by reason.", ["carrier", "reason"])
+API_CALLS_REFUSED = Counter("kallglot_bridge_api_calls_refused_total",
+                            "POST /api/calls refused by the toll-fraud rules or limits, by reason (alert on it).",
+                            ["reason"])
 RELAYS_LIVE = Gauge("kallglot_bridge_relays_live", "Media relays running now (live calls with audio flowing).",
                     ["carrier"], multiprocess_mode="livesum")
 RELAYS_ENDED = Counter("kallglot_bridge_relays_ended_total", "Media relays ended, by why.", ["carrier", "reason"])
@@ -129,12 +133,15 @@ def add_relay_counts(carrier: str, counts: dict[str, int]) -> None:
 REJECTION_REASONS = {400: "malformed", 403: "signature", 404: "not_found", 405: "method", 503: "unavailable"}
 
 
-@bp.after_app_request
-def _count_rejections(response: Response) -> Response:
-    """Count refused carrier requests once, whatever refused them (signature check, validation, state)."""
-    if request.blueprint in ("twilio", "telnyx") and response.status_code in REJECTION_REASONS:
-        WEBHOOK_REJECTIONS.labels(request.blueprint, REJECTION_REASONS[response.status_code]).inc()
-    return response
+def count_rejections(blueprint: Blueprint, carrier: str) -> None:
+    """Count ``blueprint``'s refused requests once, whatever refused them (signature check, validation, state),
+    under the label ``carrier``: each carrier's blueprint declares its own label."""
+
+    @blueprint.after_request
+    def _count_rejection(response: Response) -> Response:
+        if response.status_code in REJECTION_REASONS:
+            WEBHOOK_REJECTIONS.labels(carrier, REJECTION_REASONS[response.status_code]).inc()
+        return response
 
 
 def _live_sessions_exposition() -> bytes:
@@ -164,6 +171,13 @@ def exposition() -> bytes:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    """Prometheus scrape endpoint."""
+    """Prometheus scrape endpoint; with ``METRICS_TOKEN`` set it needs ``Authorization: Bearer <token>``."""
+    svc = current_app.extensions.get("kallglot_bridge")
+    token = svc.settings.metrics_token if svc is not None else ""
+    if token:
+        given = request.headers.get("Authorization", "")
+        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
+            return Response("missing or invalid bearer token\n", status=401, mimetype="text/plain",
+                            headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
     return Response(exposition(), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
                     headers={"Content-Type": CONTENT_TYPE_LATEST})

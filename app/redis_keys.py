@@ -15,12 +15,23 @@ key                                            type    holds
 ``{ns}:sessions:live``                         zset    sessions not yet ended (score: created at)
 ``{ns}:calls:recent``                          zset    ``carrier:call_id`` of recent legs (score: created at)
 ``{ns}:admin:audit``                           list    admin audit entries, newest first (capped)
-``{ns}:admin:signin-failures:{scope}``         string  failed admin sign-ins in the current window (TTL)
+``{ns}:admin:session:{digest}``                string  a live admin session (SHA-256 of its nonce; TTL 12 h)
+``{ns}:admin:signin-delay:{digest}``           hash    failure streak of one (name, address) pair (TTL 24 h)
+``{ns}:admin:limiter:LIMITER/{address}/…``     string  Flask-Limiter's failed-sign-in window counters (TTL)
 ``{ns}:deadlines``                             zset    sessions to end (held, or an ``end`` to retry) by when
 ``{ns}:heartbeats``                            zset    ``carrier:call_id`` of live legs by when they expire
 ``{ns}:held:{to}:{from}``                      string  session a returning caller re-attaches to (TTL)
 ``{ns}:pending-creates``                       zset    ``carrier:call_id`` whose session create is unconfirmed
 ``{ns}:pending-creates:data``                  hash    ``carrier:call_id`` → the create's idempotency key and args
+``{ns}:api:idempotency:{key_hash}``            string  hash of the body first sent with an Idempotency-Key (TTL)
+``{ns}:api:rate:{token_hash}:{minute}``        string  ``POST /api/calls`` requests of one token in one minute
+``{ns}:api:live:{token_hash}``                 zset    sessions started through the API by one token
+``{ns}:relay-nonce:{nonce}``                   string  a relay token's nonce, consumed by its one media socket
+``{ns}:relay-lease:{carrier}:{call_id}``       string  nonce of the one relay serving a leg (TTL, renewed)
+``{ns}:session:{session_id}:live-events``      stream  the session's live transcript and leg events (capped, TTL)
+``{ns}:live-changes``                          stream  "a live session appeared, changed or ended" (capped, TTL)
+``{ns}:session:{id}:artifacts:{kind}``         string  JSON cache of the session's transcript/recordings (TTL)
+``{ns}:usage:sessions``                        zset    sessions with a billed duration (score: ended at)
 =============================================  ======  =====================================================
 
 No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
@@ -28,7 +39,9 @@ No value stored under these keys is a secret: Kallglot stream tokens travel seal
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, overload
 
 import redis
 
@@ -101,17 +114,61 @@ class RedisKeys:
         """Key of the capped list of admin audit entries (JSON, newest first)."""
         return f"{self.namespace}:admin:audit"
 
-    def admin_signin_failures(self, scope: str) -> str:
-        """Key counting failed admin sign-ins for ``scope`` (a client address, or ``*`` for all) in a window."""
-        return f"{self.namespace}:admin:signin-failures:{scope}"
+    def admin_session(self, nonce_digest: str) -> str:
+        """Key whose presence keeps the admin session with this nonce digest valid (deleted at sign-out)."""
+        return f"{self.namespace}:admin:session:{nonce_digest}"
+
+    def admin_signin_delay(self, pair_digest: str) -> str:
+        """Key of the failure streak of one (name, client address) pair, digested."""
+        return f"{self.namespace}:admin:signin-delay:{pair_digest}"
+
+    def admin_limiter_prefix(self) -> str:
+        """Prefix Flask-Limiter's storage puts before its own ``LIMITER/{address}/{endpoint}/…`` keys."""
+        return f"{self.namespace}:admin:limiter"
 
     def pending_creates(self) -> str:
         """Key of the sorted set of legs whose Kallglot create is not yet matched by a registered leg."""
         return f"{self.namespace}:pending-creates"
 
+    def api_idempotency_body(self, key_hash: str) -> str:
+        """Key holding the hash of the body first sent with an API ``Idempotency-Key`` (hashed too)."""
+        return f"{self.namespace}:api:idempotency:{key_hash}"
+
+    def api_rate(self, token_hash: str, window: int) -> str:
+        """Key counting one API token's calls in one rate window."""
+        return f"{self.namespace}:api:rate:{token_hash}:{window}"
+
+    def api_live_calls(self, token_hash: str) -> str:
+        """Key of the sorted set of sessions one API token started (pruned as they end)."""
+        return f"{self.namespace}:api:live:{token_hash}"
+
+    def relay_nonce(self, nonce: str) -> str:
+        """Key whose ``SET NX`` lets exactly one media socket use a relay token."""
+        return f"{self.namespace}:relay-nonce:{nonce}"
+
+    def relay_lease(self, carrier: str, call_id: str) -> str:
+        """Key naming the one relay (by token nonce) allowed to serve a leg right now."""
+        return f"{self.namespace}:relay-lease:{carrier}:{call_id}"
+
     def pending_create_data(self) -> str:
         """Key of the hash holding each pending create's idempotency key and arguments (no secrets)."""
         return f"{self.namespace}:pending-creates:data"
+
+    def session_live_events(self, session_id: str) -> str:
+        """Key of the capped Redis Stream of a session's live transcript and leg events."""
+        return f"{self.namespace}:session:{session_id}:live-events"
+
+    def live_changes(self) -> str:
+        """Key of the capped Redis Stream announcing that a live session appeared, changed or ended."""
+        return f"{self.namespace}:live-changes"
+
+    def session_artifacts(self, session_id: str, kind: str) -> str:
+        """Key of the short-lived cache of a session's ``kind`` (``transcript`` or ``recordings``) from Kallglot."""
+        return f"{self.namespace}:session:{session_id}:artifacts:{kind}"
+
+    def billed_sessions(self) -> str:
+        """Key of the sorted set of sessions with a recorded billed duration (score: when they ended)."""
+        return f"{self.namespace}:usage:sessions"
 
 
 def first_seen(client: redis.Redis, key: str, value: str = "1", ttl_seconds: int = SEEN_TTL_SECONDS) -> bool:
@@ -121,3 +178,22 @@ def first_seen(client: redis.Redis, key: str, value: str = "1", ttl_seconds: int
     "have we handled this already?" question is answered the same way and expires the same way.
     """
     return bool(client.set(key, value, nx=True, ex=ttl_seconds))
+
+
+@overload
+def as_text(value: bytes | str) -> str: ...
+
+
+@overload
+def as_text(value: None) -> None: ...
+
+
+def as_text(value: bytes | str | None) -> str | None:
+    """A Redis reply as text: the clients here return bytes (``decode_responses`` is off, so binary-safe),
+    everything we store is UTF-8 text; ``None`` (no such key) stays ``None``."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def as_text_map(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """A Redis hash reply (``HGETALL``) as text keys and values."""
+    return {as_text(k): as_text(v) for k, v in raw.items()}

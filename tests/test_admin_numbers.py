@@ -24,8 +24,8 @@ def profile_form(**overrides: Any) -> dict[str, Any]:
     """A complete, valid profile form as the browser posts it."""
     return {"number": NUMBER, "carrier": "twilio", "mode": "assistive_translation", "source_language": "de",
             "target_language": "fr", "greeting": "Willkommen", "greeting_language": "de-DE",
-            "agent_number": "+15005550010", "agent_hangup_ends_call": "on", "fallback_message": "Sorry",
-            "fallback_language": "en-US", "fallback_number": "+15005550011", "reconnect_window_seconds": "120",
+            "agent_number": "+14155550110", "agent_hangup_ends_call": "on", "fallback_message": "Sorry",
+            "fallback_language": "en-US", "fallback_number": "+14155550111", "reconnect_window_seconds": "120",
             "hangup_grace_seconds": "5", "metadata_key": ["team", "", ""], "metadata_value": ["blue", "", ""],
             **overrides}
 
@@ -57,8 +57,8 @@ def test_creating_a_profile_stores_every_field_and_applies_to_the_next_call(
     assert f"Saved {NUMBER}" in admin_client.get("/admin/numbers").get_data(as_text=True)
     assert stored(admin_app)[NUMBER] == NumberProfile(
         carrier="twilio", mode="assistive_translation", source_language="de", target_language="fr",
-        greeting="Willkommen", greeting_language="de-DE", agent_number="+15005550010", agent_hangup_ends_call=True,
-        fallback_message="Sorry", fallback_language="en-US", fallback_number="+15005550011",
+        greeting="Willkommen", greeting_language="de-DE", agent_number="+14155550110", agent_hangup_ends_call=True,
+        fallback_message="Sorry", fallback_language="en-US", fallback_number="+14155550111",
         reconnect_window_seconds=120, hangup_grace_seconds=5, metadata={"team": "blue"}, own=True)
     # No restart: the very next call to the number gets the profile.
     answer(admin_app.test_client(), new_call_sid())

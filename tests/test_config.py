@@ -49,3 +49,20 @@ def test_create_app_refuses_a_broken_configuration() -> None:
 ])
 def test_stream_urls_derive_from_public_url(public: str, expected: str) -> None:
     assert Settings(public_url=public).public_ws("/twilio/media") == expected
+
+
+@pytest.mark.parametrize("password, refused", [("short-pass1", True), ("x" * 12, False), ("", False)])
+def test_a_short_admin_password_is_refused_at_start_up(password: str, refused: bool) -> None:
+    problems = Settings.from_env({**GOOD, "ADMIN_PASSWORD": password}).problems()
+    assert any("ADMIN_PASSWORD must be at least 12 characters" in p for p in problems) is refused, problems
+
+
+@pytest.mark.parametrize("hops, refused", [("0", False), ("1", False), ("5", False), ("-1", True), ("6", True)])
+def test_trusted_proxy_hops_are_bounded(hops: str, refused: bool) -> None:
+    settings = Settings.from_env({**GOOD, "TRUSTED_PROXY_HOPS": hops})
+    assert settings.trusted_proxy_hops == int(hops)
+    assert any("TRUSTED_PROXY_HOPS" in p for p in settings.problems()) is refused
+
+
+def test_no_proxy_is_trusted_by_default() -> None:
+    assert Settings.from_env(GOOD).trusted_proxy_hops == 0

@@ -147,7 +147,8 @@ def test_ping_matches_the_documented_message() -> None:
     ("stream_session_ended", SessionEnded(reason="explicit_end")),
     ("stream_session_error", SessionError(code="invalid_audio_format", message="audio.encoding must be mulaw")),
     ("stream_transcript_partial", Transcript(final=False, speaker="customer", text="hello th")),
-    ("stream_transcript_final", Transcript(final=True, speaker="agent", text="hola")),
+    ("stream_transcript_final", Transcript(final=True, speaker="agent", text="hola", language="es",
+                                           translation="hello", translation_language="en")),
     ("stream_audio_clear", ClearAudio()),
 ])
 def test_kallglot_stream_messages_parse_to_what_they_say(name: str, expected: object) -> None:

@@ -118,6 +118,7 @@ def test_render_web_service_runs_the_bridge_with_redis_wired(render: dict[str, A
         assert env[secret].get("sync") is False, f"{secret} must be entered in the dashboard, never committed"
     missing = app_variables() - set(env)
     assert not missing, f"render.yaml does not declare {sorted(missing)}"
+    assert env["TRUSTED_PROXY_HOPS"]["value"] == "1"  # Render's router, and nothing else, is trusted
 
 
 def test_app_json_follows_the_heroku_schema(app_json: dict[str, Any]) -> None:
@@ -155,6 +156,7 @@ def test_app_json_declares_every_variable_and_the_redis_addon(app_json: dict[str
     env = app_json["env"]
     assert env["SECRET_KEY"]["generator"] == "secret"
     assert env["KALLGLOT_API_KEY"]["required"] is True and "value" not in env["KALLGLOT_API_KEY"]
+    assert env["TRUSTED_PROXY_HOPS"]["value"] == "1"  # Heroku's router, and nothing else, is trusted
 
 
 def test_procfile_and_dockerfile_start_the_same_server() -> None:

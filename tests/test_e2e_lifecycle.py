@@ -18,6 +18,7 @@ import pytest
 import redis as redis_lib
 import requests
 
+from app.carriers.registry import carrier_names
 from app.kallglot.signature import sign
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
@@ -32,7 +33,7 @@ from tests.support.waiting import only_session, wait_until
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 
 pytestmark = pytest.mark.e2e
-TO, FROM, AGENT, CUSTOMER = "+15005550006", "+15551230000", "+15557770000", "+15558880000"
+TO, FROM, AGENT, CUSTOMER = "+15005550006", "+15551230000", "+14155557770", "+14155558880"
 NAMESPACE = "e2e-lifecycle"
 WEBHOOK_SECRET = "whsec_test_lifecycle"
 API_TOKEN = "api-token-for-tests"
@@ -66,7 +67,8 @@ def stack(redis_url: str, emulator_server: RunningServer) -> Iterator[Stack]:
         with run_gunicorn("app:create_app()", env, workers=2, port=bridge_port,
                           graceful_timeout=E2E_GRACEFUL_TIMEOUT_SECONDS) as bridge:
             client = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
-            yield Stack(bridge, fake, ProfileStore(client, RedisKeys(NAMESPACE), NumberProfile()), client)
+            store = ProfileStore(client, RedisKeys(NAMESPACE), NumberProfile(), carriers=carrier_names())
+            yield Stack(bridge, fake, store, client)
             client.close()
 
 
@@ -126,6 +128,7 @@ def kallglot_event(stack: Stack, event: dict, *, secret: str = WEBHOOK_SECRET,
 
 def test_outbound_api_dials_the_customer_and_kallglot_session_ended_hangs_up(
         clean_stack: Stack, emulator: EmulatorControl) -> None:
+    clean_stack.profiles.set(TO, NumberProfile())  # "from" must be one of our configured numbers
     assert api_call(clean_stack, {"to": CUSTOMER, "from": TO}, token=None).status_code == 401
     assert api_call(clean_stack, {"to": CUSTOMER, "from": TO}, token="wrong").status_code == 401
     bad = api_call(clean_stack, {"to": "555", "from": TO, "carrier": "pigeon"})

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis as redis_lib
 
-from app.carriers.twilio.twiml import UNAVAILABLE_MESSAGE
+from app.calls.prompts import UNAVAILABLE_MESSAGE
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.support.bridge_state import BridgeState
 from tests.support.controls import EmulatorControl

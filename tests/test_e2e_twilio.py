@@ -21,7 +21,7 @@ from simple_websocket import Client, ConnectionClosed
 from twilio.request_validator import RequestValidator
 
 from app import create_app
-from app.carriers.twilio.twiml import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.extensions import services
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.support.controls import EmulatorControl

@@ -396,9 +396,12 @@ def test_ready_then_echo_byte_exact_with_transcripts(base_url: str) -> None:
         assert all(m["audio"]["encoding"] == "mulaw" and m["audio"]["sample_rate_hz"] == 8000 for m in outputs)
         assert b"".join(base64.b64decode(m["audio"]["payload"]) for m in outputs) == b"".join(chunks)
         transcripts = [m for m in received if m["type"] == "transcript.final"]
-        assert transcripts == [{"type": "transcript.final", "speaker": "customer", "language": "de",
-                                "text": "(emulated utterance 1)",
+        assert transcripts == [{"type": "transcript.final", "id": "utt_customer_1", "speaker": "customer",
+                                "language": "de", "text": "(emulated utterance 1)",
                                 "translation": {"language": "fr", "text": "(traducción 1)"}}]
+        # The next second's partial opens at once, under the id its final will replace it with.
+        partials = [m for m in received if m["type"] == "transcript.partial"]
+        assert [(m["id"], m["speaker"]) for m in partials] in ([], [("utt_customer_2", "customer")])
     view = control(base_url, session["id"])
     assert base64.b64decode(view["audio_received"]["customer"]) == b"".join(chunks)
     assert view["audio_input_messages"] == {"customer": 6}
@@ -413,6 +416,7 @@ def test_two_legs_and_silent_behaviour(base_url: str) -> None:
         assert receive(customer)["type"] == receive(agent)["type"] == "session.ready"
         agent.send(mulaw_message(b"\x7f" * 8000, 5, speaker="agent"))
         assert receive(agent)["type"] == "transcript.final"  # no audio.output when silent
+        assert receive(agent)["type"] == "transcript.partial"  # the next second's, opened at once
         agent.send(mulaw_message(b"\x7f" * 10, 4, speaker="agent"))  # sequence went backwards
         customer.send(json.dumps({"type": "ping"}))
         assert receive(customer)["type"] == "pong"

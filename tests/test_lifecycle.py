@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from flask import Flask
 
+from app.calls.leg_spec import LegSpec
 from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome
 from app.extensions import services
 from tests.support.controls import EmulatorControl
@@ -13,9 +15,9 @@ from tests.support.controls import EmulatorControl
 TO, FROM = "+15005550006", "+15551230000"
 
 
-def leg(call_id: str, **extra: object) -> dict:
-    return dict(carrier="twilio", call_id=call_id, speaker="customer", from_number=FROM, to_number=TO,
-                mode="ai_agent", reconnect_window_seconds=60, **extra)
+def leg(call_id: str, **extra: Any) -> LegSpec:
+    return LegSpec(carrier="twilio", call_id=call_id, speaker="customer", from_number=FROM, to_number=TO,
+                   mode="ai_agent", reconnect_window_seconds=60, **extra)
 
 
 def test_a_session_created_but_never_registered_is_ended_by_the_reaper(app: Flask, emulator: EmulatorControl) -> None:
@@ -35,7 +37,7 @@ def test_a_registered_create_is_left_alone(app: Flask, emulator: EmulatorControl
     with app.app_context():
         lifecycle = services().lifecycle
         session = lifecycle.create_session(carrier="twilio", call_id="CAok", idempotency_key="k-ok", mode="ai_agent")
-        assert lifecycle.register_leg(session_id=session.id, **leg("CAok"))
+        assert lifecycle.register_leg(leg("CAok"), session_id=session.id)
         assert lifecycle.end_orphaned_creates(now=time.time() + 3600) == 0
     assert emulator.session(session.id)["status"] != "ended"
 
@@ -44,7 +46,7 @@ def test_lost_leg_is_held_then_ended_at_its_deadline(app: Flask, emulator: Emula
     with app.app_context():
         lifecycle = services().lifecycle
         session = lifecycle.create_session(carrier="twilio", call_id="CAheld", idempotency_key="k-held", mode="ai_agent")
-        lifecycle.register_leg(session_id=session.id, **leg("CAheld"))
+        lifecycle.register_leg(leg("CAheld"), session_id=session.id)
         assert lifecycle.leg_ended("twilio", "CAheld", "relay_carrier_lost", clean=False) is EndOutcome.HELD
         assert lifecycle.held_session_for(TO, FROM) == session.id
         assert lifecycle.leg_ended("twilio", "CAheld", "call_completed") is None  # a repeat does nothing
@@ -58,9 +60,9 @@ def test_reattach_cancels_the_hold(app: Flask, emulator: EmulatorControl) -> Non
     with app.app_context():
         lifecycle = services().lifecycle
         session = lifecycle.create_session(carrier="twilio", call_id="CAa", idempotency_key="k-a", mode="ai_agent")
-        lifecycle.register_leg(session_id=session.id, **leg("CAa"))
+        lifecycle.register_leg(leg("CAa"), session_id=session.id)
         lifecycle.leg_ended("twilio", "CAa", "relay_carrier_lost", clean=False)
-        assert lifecycle.register_leg(session_id=session.id, reattach_from=(TO, FROM), **leg("CAb"))
+        assert lifecycle.register_leg(leg("CAb"), session_id=session.id, reattach_from=(TO, FROM))
         assert lifecycle.held_session_for(TO, FROM) is None
         assert lifecycle.end_due_sessions(now=time.time() + 3600) == 0
         assert lifecycle.session_record(session.id)["status"] == "active"
@@ -71,7 +73,7 @@ def test_a_silent_relay_is_a_lost_leg(app: Flask, emulator: EmulatorControl) -> 
     with app.app_context():
         lifecycle = services().lifecycle
         session = lifecycle.create_session(carrier="twilio", call_id="CAhb", idempotency_key="k-hb", mode="ai_agent")
-        lifecycle.register_leg(session_id=session.id, **leg("CAhb", hangup_grace_seconds=0))
+        lifecycle.register_leg(leg("CAhb", hangup_grace_seconds=0), session_id=session.id)
         lifecycle.heartbeat("twilio", "CAhb")
         assert lifecycle.expire_lost_legs(now=time.time() + 1) == 0
         assert lifecycle.expire_lost_legs(now=time.time() + 3600) == 1
@@ -84,7 +86,7 @@ def test_a_leg_ended_by_kallglot_is_never_ended_again(app: Flask, emulator: Emul
     with app.app_context():
         lifecycle = services().lifecycle
         session = lifecycle.create_session(carrier="twilio", call_id="CAk", idempotency_key="k-k", mode="ai_agent")
-        lifecycle.register_leg(session_id=session.id, **leg("CAk"))
+        lifecycle.register_leg(leg("CAk"), session_id=session.id)
         assert lifecycle.ended_by_kallglot(session.id, "explicit_end")
         assert lifecycle.leg_ended("twilio", "CAk", "call_completed") is EndOutcome.ALREADY
         assert lifecycle.end_session(session.id, "admin") is EndOutcome.ALREADY
@@ -103,7 +105,7 @@ def test_a_worker_dying_mid_end_leaves_a_deadline_that_finishes_it(app: Flask, e
         svc = services()
         lifecycle = svc.lifecycle
         session = lifecycle.create_session(carrier="twilio", call_id="CAd", idempotency_key="k-d", mode="ai_agent")
-        lifecycle.register_leg(session_id=session.id, **leg("CAd"))
+        lifecycle.register_leg(leg("CAd"), session_id=session.id)
 
         def die(session_id: str) -> None:
             raise WorkerDied
@@ -127,7 +129,7 @@ def test_a_create_registered_under_another_call_id_is_not_an_orphan(app: Flask, 
         # The outbound API creates under its request key, then registers the dialled call's own ID.
         session = lifecycle.create_session(carrier="twilio", call_id="api-k1", idempotency_key="api-call-k1",
                                            mode="ai_agent")
-        assert lifecycle.register_leg(session_id=session.id, **leg("CAdialled"))
+        assert lifecycle.register_leg(leg("CAdialled"), session_id=session.id)
         # (the worker died before confirming the create)
         assert lifecycle.end_orphaned_creates(now=time.time() + PENDING_CREATE_GRACE_SECONDS + 1) == 1
     assert emulator.session(session.id)["status"] != "ended"

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from app.carriers.telnyx.blueprint import log_fields as telnyx_log_fields
+from app.carriers.twilio.blueprint import log_fields as twilio_log_fields
 from app.logging_setup import (
     JsonFormatter, TextFormatter, bind_log_context, log_context, redact, request_log_fields, reset_log_context,
 )
@@ -59,6 +61,15 @@ def test_tracebacks_stay_on_one_line_and_are_redacted() -> None:
     assert "RuntimeError" in entry["exc"] and "abc123" not in entry["exc"]
 
 
+def test_extra_fields_are_written_and_scrubbed_too() -> None:
+    entry_record = record("stream connecting")
+    entry_record.url = "wss://k.example/v1/sessions/s/connect?token=kst_live_abcdef"
+    entry_record.attempt = 2
+    entry = json.loads(JsonFormatter().format(entry_record))
+    assert entry["attempt"] == 2 and entry["url"].endswith("token=***") and "kst_live_abcdef" not in str(entry)
+    assert list(entry)[:5] == ["ts", "level", "logger", "message", "pid"]
+
+
 @pytest.mark.parametrize("text, secret", [
     ("connecting to wss://k.example/v1/sessions/s/connect?token=kst_live_abcdef", "kst_live_abcdef"),
     ("Authorization: Bearer sk_live_0123456789", "0123456789"),
@@ -71,11 +82,15 @@ def test_redact_removes_credential_shapes(text: str, secret: str) -> None:
 
 
 def test_request_fields_from_twilio_forms_and_telnyx_json() -> None:
-    fields = request_log_fields("twilio", {"X-Request-ID": "abc-1<script>"}, {"CallSid": "CA9", "To": "+1"})
+    assert request_log_fields({"X-Request-ID": "abc-1<script>"}) == {"request_id": "abc-1script"}
+    assert len(request_log_fields({})["request_id"]) == 16
+    fields = twilio_log_fields({"X-Request-ID": "abc-1<script>", "I-Twilio-Idempotency-Token": "t"},
+                               {"CallSid": "CA9", "To": "+1"})
     assert fields == {"request_id": "abc-1script", "carrier": "twilio", "call_id": "CA9", "number": "+1"}
-    telnyx = request_log_fields("telnyx", {}, {}, {"data": {"payload": {"call_control_id": "v3:x", "to": "+2"}}})
-    assert telnyx["call_id"] == "v3:x" and telnyx["number"] == "+2" and len(telnyx["request_id"]) == 16
-    assert request_log_fields("health", {}, {}) .keys() == {"request_id"}
+    assert twilio_log_fields({"I-Twilio-Idempotency-Token": "tok-1"}, {})["request_id"] == "tok-1"
+    assert "request_id" not in twilio_log_fields({}, {})  # the request's own ID stays
+    telnyx = telnyx_log_fields({}, {"data": {"payload": {"call_control_id": "v3:x", "to": "+2"}}})
+    assert telnyx == {"carrier": "telnyx", "call_id": "v3:x", "number": "+2"}
 
 
 @pytest.fixture(scope="module")

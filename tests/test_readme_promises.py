@@ -12,6 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app import create_app
+from app.calls.leg_spec import LegSpec
 from app.calls.lifecycle import EndOutcome
 from app.devtools.simulator.telnyx import TelnyxSigner, new_call_control_id
 from app.extensions import services
@@ -25,9 +26,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def register(lifecycle, session_id: str, call_id: str, numbers: CallNumbers, *, speaker: str = "customer",
              **options: object) -> bool:
-    return lifecycle.register_leg(session_id=session_id, carrier="twilio", call_id=call_id, speaker=speaker,
-                                  from_number=numbers.from_, to_number=numbers.to, mode="bidirectional_translation",
-                                  reconnect_window_seconds=60, **options)
+    return lifecycle.register_leg(LegSpec(carrier="twilio", call_id=call_id, speaker=speaker,
+                                          from_number=numbers.from_, to_number=numbers.to,
+                                          mode="bidirectional_translation", reconnect_window_seconds=60, **options),
+                                  session_id=session_id)
 
 
 def new_session(lifecycle, call_id: str) -> str:

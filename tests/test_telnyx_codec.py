@@ -10,7 +10,7 @@ import pytest
 
 from app.relay.audio import UnsupportedAudio, UplinkDecoder
 from app.carriers.contract import Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted
-from app.carriers.telnyx.media import TelnyxMediaCodec
+from app.carriers.telnyx.codec import FRAME_SEPARATOR, MAX_OUTBOUND_BYTES, TelnyxMediaCodec
 from tests.support.signals import pcm, samples, snr_db, voiced
 
 with warnings.catch_warnings():
@@ -134,10 +134,43 @@ def test_other_events() -> None:
     assert isinstance(bad, Malformed) and not bad.fatal
 
 
-def test_outbound_frames() -> None:
+def sent_messages(frames: str) -> list[dict[str, object]]:
+    """The Telnyx messages one codec call produced (as FramedSocket sends them)."""
+    return [json.loads(m) for m in frames.split(FRAME_SEPARATOR) if m]
+
+
+def played(messages: list[dict[str, object]]) -> list[bytes]:
+    return [base64.b64decode(m["media"]["payload"]) for m in messages if m["event"] == "media"]  # type: ignore[index]
+
+
+def test_return_audio_goes_out_in_whole_20ms_frames_and_carries_the_rest() -> None:
     codec = TelnyxMediaCodec()
-    short = json.loads(codec.media(b"\x01" * 80))
-    assert short["event"] == "media" and base64.b64decode(short["media"]["payload"]) == b"\x01" * 80 + b"\xff" * 80
-    assert base64.b64decode(json.loads(codec.media(b"\x02" * 800))["media"]["payload"]) == b"\x02" * 800
-    assert json.loads(codec.mark("utt-2")) == {"event": "mark", "mark": {"name": "utt-2"}}
-    assert json.loads(codec.clear()) == {"event": "clear"}
+    assert codec.media(b"\x01" * 80) == ""  # under 20 ms: nothing yet, and never padded mid-speech
+    assert played(sent_messages(codec.media(b"\x02" * 159))) == [b"\x01" * 80 + b"\x02" * 80]
+    assert played(sent_messages(codec.media(b"\x03" * 161))) == [b"\x02" * 79 + b"\x03" * 81]
+    # The utterance ends: the 80-byte remainder is padded to 20 ms and sent before the mark.
+    tail, mark = sent_messages(codec.mark("utt-1"))
+    assert base64.b64decode(tail["media"]["payload"]) == b"\x03" * 80 + b"\xff" * 80  # type: ignore[index]
+    assert mark == {"event": "mark", "mark": {"name": "utt-1"}}
+    assert sent_messages(codec.mark("utt-2")) == [{"event": "mark", "mark": {"name": "utt-2"}}]
+
+
+def test_odd_chunks_reach_the_caller_without_inserted_silence() -> None:
+    codec = TelnyxMediaCodec()
+    speech = bytes(range(1, 128)) * 60  # no 0xff anywhere: any silence byte is inserted
+    heard, offset = b"", 0
+    for size in [159, 161, 7, 313, 160, 1, 499] * 5:
+        heard += b"".join(played(sent_messages(codec.media(speech[offset:offset + size]))))
+        offset += size
+    heard += b"".join(played(sent_messages(codec.mark("end"))))
+    assert heard[:offset] == speech[:offset] and set(heard[offset:]) <= {0xff}
+    assert len(heard) % 160 == 0
+
+
+def test_clear_drops_the_carry_and_long_audio_is_split_at_30s() -> None:
+    codec = TelnyxMediaCodec()
+    codec.media(b"\x05" * 100)
+    assert sent_messages(codec.clear()) == [{"event": "clear"}]
+    assert sent_messages(codec.mark("after-clear")) == [{"event": "mark", "mark": {"name": "after-clear"}}]
+    chunks = played(sent_messages(codec.media(b"\x06" * (MAX_OUTBOUND_BYTES * 2 + 320))))
+    assert [len(c) for c in chunks] == [MAX_OUTBOUND_BYTES, MAX_OUTBOUND_BYTES, 320]

@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 import nacl.signing
 import pytest
@@ -106,13 +106,16 @@ def test_texml_answer_connects_a_bidirectional_rtp_stream(client: FlaskClient, t
     assert response.status_code == 200 and response.mimetype == "text/xml"
     root = ET.fromstring(response.data)
     stream = root.find("Connect/Stream")
-    assert stream.get("url") == "wss://bridge.example.com/telnyx/media"
-    assert (stream.get("bidirectionalMode"), stream.get("bidirectionalCodec")) == ("rtp", "PCMU")
+    url, _, query = stream.get("url").partition("?")
+    assert url == "wss://bridge.example.com/telnyx/media"
+    assert (stream.get("bidirectionalMode"), stream.get("bidirectionalCodec"), stream.get("codec")) == \
+        ("rtp", "PCMU", "PCMU")
     assert stream.get("statusCallback") == "https://bridge.example.com/telnyx/texml/status"
     params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
     assert [child.tag for child in root] == ["Connect", "Say", "Hangup"]  # goodbye if our side ends the stream
     (session,) = emulator.sessions()
     assert params["session_id"] == session["id"] and session["routing"] == {"phone_number": TO}
+    assert parse_qs(query) == {"relay_token": [params["relay_token"]]}  # the token by the documented url, too
     assert session["metadata"]["telnyx_call_control_id"] == call_id
     with telnyx_app.app_context():
         svc = services()
@@ -141,7 +144,7 @@ def test_texml_status_callbacks_end_the_session_once(client: FlaskClient, telnyx
     completed = texml_body(call_id, CallStatus="completed", HangupCause="normal_clearing", CallDuration="9")
     stream_stopped = texml_body(call_id, StreamEvent="stream-stopped", StreamSid=str(uuid.uuid4()))
     for body in (completed, completed, stream_stopped, texml_body(call_id, CallStatus="in-progress")):
-        assert post(client, "/telnyx/texml/status", body, telnyx_signer).status_code == 204
+        assert post(client, "/telnyx/texml/status", body, telnyx_signer).status_code == 200  # Telnyx requires 200
     (session,) = emulator.sessions()
     assert session["status"] == "ended" and session["end_calls"] == 1
     with telnyx_app.app_context():
@@ -151,9 +154,9 @@ def test_texml_status_callbacks_end_the_session_once(client: FlaskClient, telnyx
 
 
 # ----- Call Control ----------------------------------------------------------------------------------------------
-def test_call_initiated_answers_with_streaming_once(client: FlaskClient, telnyx_signer: TelnyxSigner,
-                                                    emulator: EmulatorControl,
-                                                    fake_call_control: FakeCallControl) -> None:
+def test_call_initiated_answers_then_call_answered_streams_once(client: FlaskClient, telnyx_signer: TelnyxSigner,
+                                                                emulator: EmulatorControl,
+                                                                fake_call_control: FakeCallControl) -> None:
     call_id = new_call_control_id()
     body = event("call.initiated", call_id, direction="incoming", state="parked")
     first, again = cc(client, telnyx_signer, body), cc(client, telnyx_signer, body)
@@ -162,11 +165,19 @@ def test_call_initiated_answers_with_streaming_once(client: FlaskClient, telnyx_
     assert answer["call_control_id"] == call_id
     sent = answer["body"]
     (session,) = emulator.sessions()
-    assert decode_client_state(sent["client_state"]) == {"s": session["id"]}
+    assert decode_client_state(sent["client_state"]) == {"s": session["id"], "p": "customer"}
     assert sent["command_id"] == f"{json.loads(body)['data']['id']}:answer"
+    # answer defines neither stream_auth_token nor custom_parameters: no stream is requested there.
+    assert not {"stream_url", "stream_auth_token", "custom_parameters"} & set(sent)
+    # call.answered (no direction: Telnyx's type has none) starts streaming with the relay token.
+    answered = event("call.answered", call_id, state="answered", client_state=sent["client_state"])
+    assert cc(client, telnyx_signer, answered).json == {"status": "ok"}
+    (start,) = fake_call_control.commands("streaming_start")
+    sent = start["body"]
     assert {p["name"] for p in sent["custom_parameters"]} == {"session_id", "relay_token"}
     assert sent["stream_auth_token"] == next(p["value"] for p in sent["custom_parameters"]
                                              if p["name"] == "relay_token")
+    assert (sent["stream_codec"], sent["stream_bidirectional_mode"]) == ("PCMU", "rtp")
 
 
 def test_out_of_order_hangup_before_initiated_creates_nothing(client: FlaskClient, telnyx_signer: TelnyxSigner,

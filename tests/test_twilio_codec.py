@@ -5,7 +5,7 @@ import base64
 import json
 
 from app.carriers.contract import Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted
-from app.carriers.twilio.media import TwilioMediaCodec
+from app.carriers.twilio.codec import TwilioMediaCodec
 
 
 def started_codec() -> TwilioMediaCodec:

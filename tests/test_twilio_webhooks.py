@@ -232,6 +232,26 @@ def test_connect_action_after_kallglot_failure_uses_the_profile_fallback(client:
     assert root.find("Dial").text == "+14155550199"
 
 
+@pytest.mark.parametrize("order", ["status-first", "action-only"])
+def test_connect_action_for_a_completed_call_does_not_revive_its_leg(client: FlaskClient, app: Flask,
+                                                                     emulator: EmulatorControl, order: str) -> None:
+    """Issue 12 item 11: the session is held (hang-up grace), so a revived leg would keep it open."""
+    with app.app_context():
+        services().profiles.set(TO, NumberProfile(hangup_grace_seconds=60))
+    call_sid = new_call_sid()
+    answer(client, call_sid)
+    if order == "status-first":
+        assert complete(client, call_sid).status_code == 204
+    response = post_signed(client, "/twilio/connect-action", call_params(call_sid, CallStatus="completed"))
+    assert response.status_code == 200
+    root = ET.fromstring(response.data)
+    assert root.find("Connect") is None and list(root) == []
+    with app.app_context():
+        call = services().lifecycle.call_record("twilio", call_sid)
+    assert call["state"] == "ended" and call["end_reason"].startswith("call_completed")
+    assert int(call.get("stream_restarts") or 0) == 0
+
+
 def test_status_for_an_unknown_call_is_recorded_quietly(client: FlaskClient, emulator: EmulatorControl) -> None:
     assert complete(client, new_call_sid()).status_code == 204
     assert emulator.stats()["end_calls"] == 0
@@ -262,7 +282,15 @@ def test_retried_callbacks_are_handled_once(client: FlaskClient, app: Flask, emu
     headers = {"X-Twilio-Signature": signature, "I-Twilio-Idempotency-Token": "token-1"}
     for _ in range(3):
         assert client.post("/twilio/status", data=params, headers=headers).status_code == 204
+    # A replay with a new value of the unsigned header is the same signed delivery: still handled once.
     other = {**headers, "I-Twilio-Idempotency-Token": "token-2"}
     assert client.post("/twilio/status", data=params, headers=other).status_code == 204
+    with app.app_context():
+        assert len(services().lifecycle.events("twilio", call_sid)) == 1
+    # The next signed callback (another SequenceNumber) is a new delivery.
+    later = call_params(call_sid, CallStatus="in-progress", SequenceNumber="2")
+    later_headers = {"X-Twilio-Signature": twilio_signature(PUBLIC_URL + "/twilio/status", later),
+                     "I-Twilio-Idempotency-Token": "token-1"}
+    assert client.post("/twilio/status", data=later, headers=later_headers).status_code == 204
     with app.app_context():
         assert len(services().lifecycle.events("twilio", call_sid)) == 2

@@ -4,8 +4,7 @@ Server-rendered Jinja pages (``templates/admin/``) that work without JavaScript;
 package's ``static/`` folder (no CDN). Every page needs a signed-in session (:mod:`app.admin.auth`); with no
 ``ADMIN_PASSWORD`` configured the whole UI answers 404.
 """
-from flask import Blueprint
+from app.admin import after_call, auth, headers, live, views  # noqa: F401  (routes and hooks register themselves on bp)
+from app.admin.blueprint import bp
 
-bp = Blueprint("admin", __name__, url_prefix="/admin", static_folder="static", static_url_path="/static")
-
-from app.admin import auth, views  # noqa: E402,F401  (routes and hooks register themselves on bp)
+__all__ = ["bp"]

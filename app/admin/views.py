@@ -7,22 +7,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Response, flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import NotFound
 
-from app.admin import bp, carriers, presenters
+from app.admin import presenters
 from app.admin.actions import end_session_now
 from app.admin.auth import admin_name
-from app.admin.forms import ProfileForm
+from app.admin.blueprint import bp
+from app.admin.forms import CallFilterForm, ImportForm, ProfileForm
 from app.audit import AuditLog, diff
 from app.calls.lifecycle import EndOutcome
-from app.config import KALLGLOT_MODES, Settings
+from app.carriers.contract import CarrierError
+from app.carriers.registry import CARRIERS, carrier, carrier_names
+from app.config import KALLGLOT_MODES
 from app.extensions import services
-from app.profiles.store import CARRIERS, E164, NumberProfile, ProfileError
+from app.profiles.store import NumberProfile, ProfileError
 from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 
 #: Largest import accepted (a few thousand profiles).
@@ -38,7 +40,7 @@ def audit(action: str, target: str, changes: dict[str, Any] | None = None) -> No
 @bp.context_processor
 def page_globals() -> dict[str, Any]:
     """Values every admin template uses."""
-    return {"carriers": CARRIERS, "modes": KALLGLOT_MODES, "when": presenters.when}
+    return {"carriers": carrier_names(), "modes": KALLGLOT_MODES, "when": presenters.when}
 
 
 @bp.get("/")
@@ -67,12 +69,12 @@ def number_new() -> ResponseReturnValue:
     store = services().profiles
     if request.method == "GET":
         form = ProfileForm.from_profile(request.args.get("number", ""), store.default)
-        if request.args.get("carrier") in CARRIERS:
-            form.values["carrier"] = request.args["carrier"]
+        if request.args.get("carrier") in carrier_names():
+            form.carrier.data = request.args["carrier"]
         return _render_form(form, creating=True)
     form = ProfileForm.from_request(request.form)
-    if (profile := form.validate()) is not None and store.for_number(form.number).own:
-        form.errors["number"] = "already has a profile: edit it instead"
+    if (profile := form.validated_profile(services().profiles.carriers)) is not None and store.for_number(form.number.data).own:
+        form.problems["number"] = "already has a profile: edit it instead"
         profile = None
     return _save(form, profile, creating=True)
 
@@ -86,22 +88,23 @@ def number_edit(number: str) -> ResponseReturnValue:
     if request.method == "GET":
         return _render_form(ProfileForm.from_profile(number, profile), creating=False)
     form = ProfileForm.from_request(request.form, number=number)
-    return _save(form, form.validate(), creating=False)
+    return _save(form, form.validated_profile(services().profiles.carriers), creating=False)
 
 
 def _save(form: ProfileForm, profile: NumberProfile | None, *, creating: bool) -> ResponseReturnValue:
     store = services().profiles
     if profile is None:
         return _render_form(form, creating=creating, status=422)
-    before = store.for_number(form.number)
+    number = form.number.data
+    before = store.for_number(number)
     try:
-        saved = store.set(form.number, profile)
+        saved = store.set(number, profile)
     except ProfileError as exc:  # the store's own checks (kept in case they grow beyond the form's)
-        form.errors.update(exc.problems)
+        form.problems.update(exc.problems)
         return _render_form(form, creating=creating, status=422)
-    audit("create profile" if creating else "update profile", form.number,
+    audit("create profile" if creating else "update profile", number,
           diff(before.to_dict() if before.own else None, saved.to_dict()))
-    flash(f"Saved {form.number}. The next call to it uses this profile.")
+    flash(f"Saved {number}. The next call to it uses this profile.")
     return redirect(url_for("admin.numbers"))
 
 
@@ -127,8 +130,7 @@ def numbers_export() -> ResponseReturnValue:
 @bp.post("/numbers/import")
 def numbers_import() -> ResponseReturnValue:
     """Import profiles from an uploaded file or pasted JSON: all valid, or nothing is written."""
-    upload = request.files.get("file")
-    raw = upload.read(MAX_IMPORT_BYTES + 1) if upload and upload.filename else request.form.get("json", "").encode()
+    raw = ImportForm().raw_document(MAX_IMPORT_BYTES)
     text = raw.decode("utf-8", errors="replace")
     store = services().profiles
     try:
@@ -159,45 +161,38 @@ def audit_page() -> ResponseReturnValue:
 
 @bp.get("/connect")
 def connect() -> ResponseReturnValue:
-    """The numbers in the Twilio and Telnyx accounts and whether each points here."""
+    """The numbers in each carrier account and whether each points here."""
     settings = services().settings
     accounts = []
-    for carrier, configured, lister, missing in (
-            ("Twilio", carriers.twilio_configured, carriers.twilio_numbers, "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"),
-            ("Telnyx", carriers.telnyx_configured, carriers.telnyx_numbers, "TELNYX_API_KEY")):
+    for entry in CARRIERS:
+        provisioner = entry.numbers(settings)
         numbers, error = [], None
-        if not configured(settings):
-            error = f"Not configured: set {missing} to list this account's numbers."
+        if not provisioner.configured():
+            error = f"Not configured: set {provisioner.missing_settings} to list this account's numbers."
         else:
             try:
-                numbers = lister(settings)
-            except carriers.CarrierError as exc:
+                numbers = provisioner.numbers()
+            except CarrierError as exc:
                 error = str(exc)
-        accounts.append({"name": carrier, "numbers": numbers, "error": error})
+        accounts.append({"name": entry.label, "numbers": numbers, "error": error})
     profiles = services().profiles.all()
     return render_template("admin/connect.html", accounts=accounts, profiles=profiles)
 
 
-@bp.post("/connect/twilio/<number_sid>")
-def connect_twilio(number_sid: str) -> ResponseReturnValue:
-    """Point a Twilio number's voice URL, fallback URL and status callback here."""
-    return _connect("twilio", number_sid, lambda s: carriers.connect_twilio(s, number_sid))
-
-
-@bp.post("/connect/telnyx/<kind>/<app_id>")
-def connect_telnyx(kind: str, app_id: str) -> ResponseReturnValue:
-    """Point a Telnyx TeXML or Call Control application here."""
-    return _connect("telnyx", f"{kind} {app_id}", lambda s: carriers.connect_telnyx(s, kind, app_id))
-
-
-def _connect(carrier: str, target: str, action: Callable[[Settings], dict[str, str]]) -> ResponseReturnValue:
+@bp.post("/connect/<carrier_name>/<path:target>")
+def connect_number(carrier_name: str, target: str) -> ResponseReturnValue:
+    """Point a number (Twilio: the number's voice URLs; Telnyx: its TeXML or Call Control application) here."""
+    try:
+        provisioner = carrier(carrier_name).numbers(services().settings)
+    except KeyError:
+        raise NotFound(f"no carrier {carrier_name!r}") from None
     label = request.form.get("number", target)
     try:
-        written = action(services().settings)
-    except carriers.CarrierError as exc:
+        written = provisioner.connect(target)
+    except CarrierError as exc:
         flash(f"Could not connect {label}: {exc}", "error")
     else:
-        audit(f"connect {carrier} number", label, {name: [None, value] for name, value in written.items()})
+        audit(f"connect {carrier_name} number", label, {name: [None, value] for name, value in written.items()})
         flash(f"{label} now points at this service.")
     return redirect(url_for("admin.connect"))
 
@@ -223,28 +218,12 @@ def live_end(session_id: str) -> ResponseReturnValue:
     return redirect(url_for("admin.live"))
 
 
-def _day(value: str, *, end: bool) -> float | None:
-    # A date input's YYYY-MM-DD, as the first (or, for an end date, last) second of that UTC day.
-    day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
-    return (day + timedelta(days=1) if end else day).timestamp() - (0.001 if end else 0)
-
-
 @bp.get("/calls")
 def calls() -> ResponseReturnValue:
     """Recent calls, filterable by number and by a date range (UTC)."""
-    filters = {name: request.args.get(name, "").strip() for name in ("number", "from", "to")}
-    errors: dict[str, str] = {}
-    if filters["number"] and not E164.match(filters["number"]):
-        errors["number"] = "must be in E.164 form like +14155551234"
-    bounds: dict[str, float | None] = {"from": None, "to": None}
-    for name in ("from", "to"):
-        if filters[name]:
-            try:
-                bounds[name] = _day(filters[name], end=name == "to")
-            except ValueError:
-                errors[name] = "must be a date like 2025-01-31"
-    if not errors and bounds["from"] and bounds["to"] and bounds["from"] > bounds["to"]:
-        errors["to"] = "must not be before the start date"
-    rows = [] if errors else presenters.call_log(services().lifecycle, number=filters["number"],
-                                                 since=bounds["from"], until=bounds["to"])
-    return render_template("admin/calls.html", rows=rows, filters=filters, errors=errors), 422 if errors else 200
+    form = CallFilterForm(request.args)
+    if not form.validate():
+        return render_template("admin/calls.html", rows=[], filters=form.values, errors=form.problems), 422
+    since, until = form.bounds()
+    rows = presenters.call_log(services().lifecycle, number=form.number.data, since=since, until=until)
+    return render_template("admin/calls.html", rows=rows, filters=form.values, errors={})

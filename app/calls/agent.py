@@ -5,6 +5,8 @@ import logging
 
 import redis
 
+from app.calls.leg_spec import LegSpec
+from app.carriers.contract import CarrierError
 from app.extensions import Services
 from app.kallglot.stream_protocol import SPEAKER_AGENT
 
@@ -14,7 +16,7 @@ log = logging.getLogger(__name__)
 def dial_agent_if_configured(svc: Services, session_id: str, carrier: str) -> str | None:
     """Dial the profile's agent number through ``carrier`` once per session; returns the agent's call ID.
 
-    Runs off the relay's hot path (a background greenlet). Failures are logged and recorded; the customer
+    Runs off the relay's hot path (a background thread). Failures are logged and recorded; the customer
     stays on the session (an ``ai_agent`` profile needs no human agent anyway).
     """
     lifecycle = svc.lifecycle
@@ -27,11 +29,9 @@ def dial_agent_if_configured(svc: Services, session_id: str, carrier: str) -> st
         control = svc.carrier_controls[carrier]
         call_id = control.dial(to=profile.agent_number, from_=to_number, session_id=session_id,
                                speaker=SPEAKER_AGENT)
-        if not lifecycle.register_leg(
-                session_id=session_id, carrier=carrier, call_id=call_id, speaker=SPEAKER_AGENT,
-                from_number=to_number, to_number=profile.agent_number, mode=session.get("mode", profile.mode),
-                reconnect_window_seconds=int(session.get("reconnect_window") or 0),
-                hangup_grace_seconds=int(session.get("hangup_grace") or 0)):
+        leg = LegSpec.joining(session, carrier=carrier, call_id=call_id, speaker=SPEAKER_AGENT,
+                              from_number=to_number, to_number=profile.agent_number, default_mode=profile.mode)
+        if not lifecycle.register_leg(leg, session_id=session_id):
             # The customer hung up (and the session ended) while the agent's phone was ringing.
             log.info("session=%s ended before the agent answered: hanging up %s call=%s", session_id, carrier,
                      call_id)
@@ -40,7 +40,7 @@ def dial_agent_if_configured(svc: Services, session_id: str, carrier: str) -> st
     except (redis.RedisError, KeyError) as exc:
         log.error("session=%s agent leg not dialled: %s", session_id, exc)
         return None
-    except Exception as exc:  # the carrier's REST API failed: record it, keep the customer's call going
+    except CarrierError as exc:  # the carrier's REST API failed: record it, keep the customer's call going
         log.error("session=%s dialling the agent through %s failed: %s", session_id, carrier, exc)
         return None
     log.info("session=%s agent leg %s call=%s dialled", session_id, carrier, call_id)

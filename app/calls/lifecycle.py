@@ -27,9 +27,13 @@ from typing import Any
 import redis
 
 from app import metrics
+from app.calls import usage
+from app.calls.leg_spec import LegSpec
+from app.carriers.contract import CarrierError
 from app.kallglot.client import KallglotClient, KallglotError, KallglotNotFound, KallglotSession, KallglotUnavailable
 from app.redis_keys import (
-    CALL_LOG_MAX_ENTRIES, CALL_LOG_RETENTION_SECONDS, MAX_EVENTS_PER_CALL, RECORD_TTL_SECONDS, RedisKeys,
+    CALL_LOG_MAX_ENTRIES, CALL_LOG_RETENTION_SECONDS, MAX_EVENTS_PER_CALL, RECORD_TTL_SECONDS, RedisKeys, as_text,
+    as_text_map,
 )
 
 log = logging.getLogger(__name__)
@@ -220,28 +224,27 @@ class SessionLifecycle:
         return taken
 
     # -- correlation ---------------------------------------------------------------------------------------
-    def register_leg(self, *, session_id: str, carrier: str, call_id: str, speaker: str, from_number: str,
-                     to_number: str, mode: str, reconnect_window_seconds: int, hangup_grace_seconds: int = 0,
-                     agent_hangup_ends_call: bool = True, reattach_from: tuple[str, str] | None = None) -> bool:
+    def register_leg(self, leg: LegSpec, *, session_id: str, reattach_from: tuple[str, str] | None = None) -> bool:
         """Attach a live leg to ``session_id``; False if the session is ended or being ended.
 
         Idempotent: a retried webhook re-registers the same leg. ``reattach_from`` is the (to, from) pair of
         a held session a returning caller re-attaches to, so that hold is released in the same step.
         """
         started = time.time()
+        carrier, call_id = leg.carrier, leg.call_id
         call_key, session_key = self._keys.call(carrier, call_id), self._keys.session(session_id)
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(call_key, mapping={"session_id": session_id, "carrier": carrier, "speaker": speaker,
-                                         "from": from_number, "to": to_number})
+            pipe.hset(call_key, mapping={"session_id": session_id, "carrier": carrier, "speaker": leg.speaker,
+                                         "from": leg.from_number, "to": leg.to_number})
             pipe.hsetnx(call_key, "created_at", f"{started:.3f}")
             pipe.hsetnx(session_key, "status", SESSION_ACTIVE)
             pipe.hsetnx(session_key, "created_at", f"{started:.3f}")
-            pipe.hsetnx(session_key, "reconnect_window", str(reconnect_window_seconds))
-            pipe.hsetnx(session_key, "hangup_grace", str(hangup_grace_seconds))
-            pipe.hsetnx(session_key, "agent_hangup_ends_call", "1" if agent_hangup_ends_call else "0")
-            pipe.hset(session_key, mapping={"carrier": carrier, "mode": mode})
-            if speaker == "customer":
-                pipe.hset(session_key, mapping={"to": to_number, "from": from_number})
+            pipe.hsetnx(session_key, "reconnect_window", str(leg.reconnect_window_seconds))
+            pipe.hsetnx(session_key, "hangup_grace", str(leg.hangup_grace_seconds))
+            pipe.hsetnx(session_key, "agent_hangup_ends_call", "1" if leg.agent_hangup_ends_call else "0")
+            pipe.hset(session_key, mapping={"carrier": carrier, "mode": leg.mode})
+            if leg.speaker == "customer":
+                pipe.hset(session_key, mapping={"to": leg.to_number, "from": leg.from_number})
             pipe.expire(call_key, RECORD_TTL_SECONDS)
             pipe.expire(session_key, RECORD_TTL_SECONDS)
             pipe.zadd(self._keys.live_sessions(), {session_id: started}, nx=True)
@@ -284,21 +287,19 @@ class SessionLifecycle:
 
     def held_session_for(self, to_number: str, from_number: str) -> str | None:
         """The held session a new call from ``from_number`` to ``to_number`` may re-attach to."""
-        value = self._redis.get(self._keys.held(to_number, from_number))
-        return value.decode() if isinstance(value, bytes) else value
+        return as_text(self._redis.get(self._keys.held(to_number, from_number)))
 
     def session_for_call(self, carrier: str, call_id: str) -> str | None:
         """The Kallglot session a carrier call leg belongs to, if any."""
-        value = self._redis.hget(self._keys.call(carrier, call_id), "session_id")
-        return value.decode() if isinstance(value, bytes) else value
+        return as_text(self._redis.hget(self._keys.call(carrier, call_id), "session_id"))
 
     def session_record(self, session_id: str) -> dict[str, str]:
         """Our stored view of a session (status, legs as ``leg:carrier:id``, end reason…)."""
-        return _decode(self._redis.hgetall(self._keys.session(session_id)))
+        return as_text_map(self._redis.hgetall(self._keys.session(session_id)))
 
     def call_record(self, carrier: str, call_id: str) -> dict[str, str]:
         """Our stored view of one call leg."""
-        return _decode(self._redis.hgetall(self._keys.call(carrier, call_id)))
+        return as_text_map(self._redis.hgetall(self._keys.call(carrier, call_id)))
 
     def session_legs(self, session_id: str) -> dict[tuple[str, str], str]:
         """``{(carrier, call_id): state}`` for every leg of a session."""
@@ -374,8 +375,7 @@ class SessionLifecycle:
 
     def _hang_up_other_legs(self, session_id: str, session: dict[str, str], carrier: str, call_id: str) -> None:
         """The customer hung up (or the agent did, where the profile says so): hang up the other live legs."""
-        speaker = self._redis.hget(self._keys.call(carrier, call_id), "speaker")
-        speaker = speaker.decode() if isinstance(speaker, bytes) else speaker
+        speaker = as_text(self._redis.hget(self._keys.call(carrier, call_id), "speaker"))
         if speaker != "customer" and not (speaker == "agent" and session.get("agent_hangup_ends_call") == "1"):
             return
         self.hang_up_live_legs(session_id, f"{speaker}_hung_up")
@@ -394,14 +394,17 @@ class SessionLifecycle:
             return EndOutcome.ALREADY
         if claimed == -1:
             return EndOutcome.LEGS_LIVE
+        summary: dict[str, Any] = {}
         try:
-            self._kallglot.end_session(session_id)
+            summary = self._kallglot.end_session(session_id)
         except KallglotNotFound:
             log.warning("session=%s unknown to Kallglot at end; treating as ended", session_id)
         except KallglotError as exc:
             self._schedule_retry(session_id, claim, exc)
             return EndOutcome.FAILED
         self._mark_ended(session_id, reason)
+        if (billed := usage.parse_seconds(summary.get("duration_seconds"))) is not None:  # Kallglot bills this
+            usage.record_billed_seconds(self._redis, self._keys, session_id, billed)
         log.info("session=%s ended at Kallglot (%s)", session_id, reason)
         metrics.SESSIONS_ENDED.labels("bridge").inc()
         return EndOutcome.ENDED
@@ -428,7 +431,7 @@ class SessionLifecycle:
             if self._hang_up is not None:
                 try:
                     self._hang_up(carrier, call_id)
-                except Exception as exc:  # the leg's own status callback or heartbeat will still end it
+                except CarrierError as exc:  # the leg's own status callback or heartbeat will still end it
                     log.error("session=%s could not hang up %s call=%s: %s", session_id, carrier, call_id, exc)
             self.leg_ended(carrier, call_id, reason, clean=True)
             count += 1
@@ -486,7 +489,7 @@ class SessionLifecycle:
         """Members of ``zset`` due by ``now`` that this caller took (their score pushed forward by a lease, so
         no other worker takes them meanwhile, and they come due again if this one dies before finishing)."""
         for raw in self._redis.zrangebyscore(zset, "-inf", now, start=0, num=batch):
-            member = raw.decode()
+            member = as_text(raw)
             if self._take_due(keys=[zset], args=[member, now, DEADLINE_LEASE_SECONDS]):
                 yield member
 
@@ -494,7 +497,7 @@ class SessionLifecycle:
     def live_sessions(self, limit: int = 500) -> list[dict[str, str]]:
         """Sessions not yet ended (newest first), each with ``id`` and its stored fields (legs as ``leg:*``)."""
         ids = self._redis.zrevrange(self._keys.live_sessions(), 0, limit - 1)
-        return [{"id": sid.decode(), **self.session_record(sid.decode())} for sid in ids]
+        return [{"id": as_text(sid), **self.session_record(as_text(sid))} for sid in ids]
 
     def recent_calls(self, limit: int = 100, *, number: str | None = None, since: float | None = None,
                      until: float | None = None) -> list[dict[str, str]]:
@@ -503,7 +506,7 @@ class SessionLifecycle:
                                                since if since is not None else "-inf")
         calls: list[dict[str, str]] = []
         for member in members:
-            carrier, _, call_id = member.decode().partition(":")
+            carrier, _, call_id = as_text(member).partition(":")
             record = self.call_record(carrier, call_id)
             if not record or (number and number not in (record.get("to"), record.get("from"))):
                 continue
@@ -520,7 +523,3 @@ def _leg_field(carrier: str, call_id: str) -> str:
 def _member(carrier: str, call_id: str) -> str:
     return f"{carrier}:{call_id}"
 
-
-def _decode(raw: dict[Any, Any]) -> dict[str, str]:
-    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in raw.items()}

@@ -7,6 +7,7 @@ import threading
 
 import redis
 
+from app.background import spawn
 from app.calls.lifecycle import SessionLifecycle
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Reaper:
 
 
 def start_background_reaper(lifecycle: SessionLifecycle) -> Reaper | None:
-    """Start a reaper greenlet when running under gevent (gunicorn's gevent worker); else return None.
+    """Start a reaper thread when running under gevent (gunicorn's gevent worker); else return None.
 
     Under the plain test client nothing is started; tests call :meth:`Reaper.run_once` themselves.
     """
@@ -59,5 +60,5 @@ def start_background_reaper(lifecycle: SessionLifecycle) -> Reaper | None:
     if not monkey.is_module_patched("threading"):
         return None
     reaper = Reaper(lifecycle)
-    threading.Thread(target=reaper.run_forever, name="session-reaper", daemon=True).start()
+    spawn(reaper.run_forever, name="session-reaper")
     return reaper

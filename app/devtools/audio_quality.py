@@ -1,4 +1,6 @@
-"""Measure the rate conversion to μ-law 8 kHz: before (``audioop.ratecv``) against now (:mod:`app.relay.audio`).
+"""Measure the rate conversion to μ-law 8 kHz, before and now (long: one script, old code kept verbatim).
+
+Before is ``audioop.ratecv``, now is :mod:`app.relay.audio`.
 
 Run ``python -m app.devtools.audio_quality``. For the 16 and 24 kHz return-audio paths it prints the aliasing
 of tones between 4.5 and 11 kHz, the band response, the delay, and the CPU time per 20 ms frame; with the

@@ -40,6 +40,7 @@ import redis as redis_lib
 import requests
 
 from app.calls.lifecycle import STREAM_START_GRACE_SECONDS
+from app.carriers.registry import carrier_names
 from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
@@ -188,7 +189,7 @@ def stack(workers: int) -> Iterator[tuple[list[RunningServer], RunningServer, st
         bridges = [stack.enter_context(run_gunicorn("app:create_app()", env, workers=workers, port=port,
                                                     print_log_on_error=False)) for port in ports]
         client = redis_lib.Redis.from_url(redis_url)
-        ProfileStore(client, RedisKeys("chaos"), NumberProfile()).set(AGENT_LINE,
+        ProfileStore(client, RedisKeys("chaos"), NumberProfile(), carriers=carrier_names()).set(AGENT_LINE,
                                                                      NumberProfile(agent_number=AGENT_NUMBER))
         yield bridges, emulator, redis_url
 

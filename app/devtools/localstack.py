@@ -30,15 +30,41 @@ def free_port() -> int:
 
 
 #: How long a freshly started server may take to answer. Importing the telnyx SDK alone took 22 s on a 2-core
-#: machine at load average 16, so the default is generous; ``KB_SERVER_START_TIMEOUT`` overrides it.
+#: machine at load average 16, so the floor is generous; ``KB_SERVER_START_TIMEOUT`` overrides it.
 DEFAULT_START_TIMEOUT_SECONDS = 90.0
+#: Above the floor the budget grows with the run queue per core (20 s per unit of load), up to this.
+LOAD_START_SECONDS = 20.0
+MAX_START_TIMEOUT_SECONDS = 300.0
+
+
+def startup_timeout() -> float:
+    """How long to wait for a local server to come up: ``KB_SERVER_START_TIMEOUT`` when set, else 90 s, or more
+    on a loaded machine (20 s × 2 × load average per core), at most 300 s."""
+    configured = os.environ.get("KB_SERVER_START_TIMEOUT")
+    if configured:
+        return float(configured)
+    try:
+        load_per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        load_per_core = 1.0
+    return min(MAX_START_TIMEOUT_SECONDS, max(DEFAULT_START_TIMEOUT_SECONDS, LOAD_START_SECONDS * 2 * load_per_core))
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def wait_for_http(url: str, timeout: float | None = None, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds (default:
-    ``KB_SERVER_START_TIMEOUT`` or :data:`DEFAULT_START_TIMEOUT_SECONDS`)."""
-    if timeout is None:
-        timeout = float(os.environ.get("KB_SERVER_START_TIMEOUT", DEFAULT_START_TIMEOUT_SECONDS))
+    """Poll ``url`` until it answers (any status below 500) or raise after ``timeout`` seconds
+    (default :func:`startup_timeout`)."""
+    timeout = startup_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -77,21 +103,29 @@ def run_gunicorn(
     port: int | None = None,
     print_log_on_error: bool = True,
     graceful_timeout: int = 5,
+    log_path: Path | None = None,
+    own_session: bool = False,
+    python: str = sys.executable,
+    cwd: Path = REPO_ROOT,
+    ready_timeout: float | None = None,  # None: startup_timeout(), which allows for a loaded machine
 ) -> Iterator[RunningServer]:
-    """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits.
+    """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits: with this interpreter from
+    the repo root by default, or with another ``python`` (an installed wheel's venv) from another ``cwd``.
 
     Each server gets its own ``HOME`` so gunicorn 27's control socket under ``$HOME/.gunicorn``
-    never collides between servers started by parallel tests. ``graceful_timeout`` is how long a stopped
+    never collides between servers started by parallel tests. ``log_path``: where its output goes (default a
+    file in that temporary home). ``own_session``: start it in its own session, so a Ctrl-C in the terminal
+    reaches only the caller, which then stops it in order (the demo). ``graceful_timeout``: how long a stopped
     server waits for open connections (tests shorten it). With ``KB_COVERAGE_SERVERS`` set, the server runs
     under ``coverage run --parallel-mode`` (see README, "Test it"), workers included.
     """
     port = port or free_port()
     home = tempfile.mkdtemp(prefix="kb-gunicorn-home-")
-    log_path = Path(home) / "server.log"
+    log_path = log_path or Path(home) / "server.log"
     full_env = {**os.environ, **(env or {}), "HOME": home, "PYTHONUNBUFFERED": "1"}
     coverage = ["-m", "coverage", "run", "--parallel-mode"] if os.environ.get("KB_COVERAGE_SERVERS") else []
     cmd = [
-        sys.executable, *coverage, "-m", "gunicorn",
+        python, *coverage, "-m", "gunicorn",
         "-k", "gevent",
         "-w", str(workers),
         "-b", f"127.0.0.1:{port}",
@@ -100,10 +134,11 @@ def run_gunicorn(
         app_spec,
     ]
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=own_session)
     server = RunningServer(url=f"http://127.0.0.1:{port}", port=port, process=proc, log_path=log_path)
     try:
-        wait_for_http(server.url + ready_path, proc=proc)
+        wait_for_http(server.url + ready_path, timeout=ready_timeout, proc=proc)
         yield server
     except BaseException:
         if print_log_on_error:
@@ -120,8 +155,9 @@ def run_gunicorn(
 
 
 @contextlib.contextmanager
-def run_redis() -> Iterator[str]:
-    """Yield a Redis URL: ``REDIS_URL`` when set, else a private ``redis-server`` on a free port."""
+def run_redis(*, own_session: bool = False) -> Iterator[str]:
+    """Yield a Redis URL: ``REDIS_URL`` when set, else a private ``redis-server`` on a free port
+    (``own_session``: see :func:`run_gunicorn`)."""
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
@@ -131,7 +167,7 @@ def run_redis() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=own_session,
     )
     try:
         deadline = time.monotonic() + 10

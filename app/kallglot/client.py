@@ -6,10 +6,12 @@ Timeouts and retries are sized for a carrier webhook: Twilio gives the whole voi
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -80,13 +82,6 @@ class StreamGrant:
     token: str
     expires_at: datetime | None
 
-    def expired(self, now: datetime | None = None, margin_seconds: float = 5.0) -> bool:
-        """True when the token is past (or within ``margin_seconds`` of) its ``expires_at``."""
-        if self.expires_at is None:
-            return False
-        now = now or datetime.now(timezone.utc)
-        return (self.expires_at - now).total_seconds() <= margin_seconds
-
     def __repr__(self) -> str:  # keep the token out of logs and tracebacks
         return f"StreamGrant(url={self.url!r}, token='***', expires_at={self.expires_at!r})"
 
@@ -108,6 +103,17 @@ class KallglotSession:
             grant = StreamGrant(url=str(stream["url"]), token=str(stream["token"]),
                                 expires_at=_parse_time(stream.get("expires_at")))
         return cls(id=str(body["id"]), status=str(body.get("status", "")), stream=grant)
+
+
+#: Kallglot session ids (``sess_`` + base32); anything else never reaches a URL path.
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def session_path_id(session_id: str) -> str:
+    """``session_id`` validated and quoted for a URL path segment (a ``?`` or ``/`` would change the request)."""
+    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+        raise KallglotValidationError(f"invalid session id {str(session_id)[:40]!r}", code="invalid_session_id")
+    return quote(session_id, safe="")
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -157,12 +163,45 @@ class KallglotClient:
         return KallglotSession.from_json(self._request("POST", "/sessions", json=body, idempotency_key=idempotency_key))
 
     def get_session(self, session_id: str) -> KallglotSession:
-        """``GET /v1/sessions/{id}`` — also the way to a fresh stream token (assumption §9.4)."""
-        return KallglotSession.from_json(self._request("GET", f"/sessions/{session_id}"))
+        """``GET /v1/sessions/{id}`` — also the way to a fresh stream token (assumption 4 in
+        :mod:`app.kallglot.stream_protocol`)."""
+        return KallglotSession.from_json(self._request("GET", f"/sessions/{session_path_id(session_id)}"))
 
     def end_session(self, session_id: str) -> dict[str, Any]:
         """``POST /v1/sessions/{id}/end``; idempotent at Kallglot, and keyed so our own retries are too."""
-        return self._request("POST", f"/sessions/{session_id}/end", idempotency_key=f"end-{session_id}")
+        return self._request("POST", f"/sessions/{session_path_id(session_id)}/end",
+                             idempotency_key=f"end-{session_id}")
+
+    # -- after the call (assumption 7 in app/kallglot/stream_protocol.py) ----------------------------------
+    def get_transcript(self, session_id: str) -> dict[str, Any]:
+        """``GET /v1/sessions/{id}/transcript``: ``status`` and ``turns[]`` (speaker, language, text, translation)."""
+        return self._request("GET", f"/sessions/{_path_id(session_id)}/transcript")
+
+    def list_recordings(self, session_id: str) -> list[dict[str, Any]]:
+        """``GET /v1/sessions/{id}/recordings``: the session's recordings (``data`` of a list object)."""
+        body = self._request("GET", f"/sessions/{_path_id(session_id)}/recordings")
+        data = body.get("data")
+        return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+    def open_recording_audio(self, recording_id: str, *, range_header: str | None = None) -> requests.Response:
+        """``GET /v1/recordings/{id}/audio`` as a streamed response (MP3); the caller must close it.
+
+        The API key stays here: the admin streams the body on to the browser. Raises :class:`KallglotError`
+        for an error answer.
+        """
+        headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "audio/mpeg"}
+        if range_header:
+            headers["Range"] = range_header
+        try:
+            response = self._http.get(f"{self.base_url}/recordings/{_path_id(recording_id)}/audio", headers=headers,
+                                      timeout=(self.connect_timeout, self.read_timeout), stream=True)
+        except requests.RequestException as exc:
+            raise KallglotUnavailable(type(exc).__name__, code="unreachable") from None
+        if response.status_code >= 400:
+            error = _error_from_response(response)
+            response.close()
+            raise error
+        return response
 
     def _request(self, method: str, path: str, *, json: dict[str, Any] | None = None,
                  idempotency_key: str | None = None) -> dict[str, Any]:
@@ -200,6 +239,13 @@ class KallglotClient:
                 raise error
             log.warning("kallglot %s %s failed (%s), retry %d in %.2fs", method, path, error, attempt, wait)
             time.sleep(wait)
+
+
+def _path_id(value: str) -> str:
+    """An id safe to put in a URL path (Kallglot ids are ``prefix_`` plus letters and digits)."""
+    if not value or not all(c.isalnum() or c in "_-" for c in value) or len(value) > 128:
+        raise KallglotValidationError(f"invalid id {value[:40]!r}", code="invalid_id")
+    return value
 
 
 def _error_from_response(response: requests.Response) -> KallglotError:

@@ -1,4 +1,5 @@
-"""``Kallglot-Signature: t=<unix seconds>,v1=<hex>`` — HMAC-SHA256 over ``"{t}.{raw body}"`` (kallglot-api.md §6)."""
+"""``Kallglot-Signature: t=<unix seconds>,v1=<hex>`` — HMAC-SHA256 over ``"{t}.{raw body}"`` (Kallglot's webhooks
+documentation)."""
 from __future__ import annotations
 
 import hashlib

@@ -125,7 +125,7 @@ class KallglotStreamError(Exception):
 
 
 class KallglotStream:
-    """One call leg's stream socket to Kallglot; sends are serialized so two greenlets may share it."""
+    """One call leg's stream socket to Kallglot; sends are serialized so two threads may share it."""
 
     def __init__(self, ws: _StreamClient) -> None:
         self._ws = ws

@@ -1,9 +1,10 @@
 """Kallglot's stream-socket messages, and — in one place — this project's assumptions where the docs are silent.
 
-Documented (kallglot-api.md §4): ``audio.input`` (μ-law 8 kHz only), ``ping``/``pong``, ``session.end``/
+Documented (Kallglot's stream reference): ``audio.input`` (μ-law 8 kHz only), ``ping``/``pong``, ``session.end``/
 ``session.ended``, ``session.ready``, ``transcript.partial``/``transcript.final``, ``session.error``.
 
-Assumed (kallglot-api.md §9); each is a constant or one function here so it changes in one edit:
+Assumed where Kallglot's docs are silent (the project's working assumptions, numbered here and cited as
+"assumption N" elsewhere); each is a constant or one function here so it changes in one edit:
 
 1. Return audio is ``{"type": "audio.output", "audio": {"encoding", "sample_rate_hz", "payload"}}`` for the
    participant on that connection (:func:`parse_server_message`, :data:`AUDIO_OUTPUT`).
@@ -12,6 +13,14 @@ Assumed (kallglot-api.md §9); each is a constant or one function here so it cha
 4. Reconnect: a new connection to a session that is not ended is allowed; an expired stream token is
    refreshed with ``GET /v1/sessions/{id}`` (see :mod:`app.kallglot.client`).
 5. Unknown message types are counted and logged once per type per call, never fatal (:class:`UnknownMessage`).
+6. ``transcript.partial``/``transcript.final`` carry ``speaker``, ``text`` and (newer docs' transcript object)
+   ``language``; a final's ``translation`` is ``{"language", "text"}`` as in ``GET /v1/sessions/{id}/transcript``
+   (a bare string is accepted too). An ``id`` (legacy field) lets a final replace its partials; without one, a
+   speaker's next final replaces that speaker's partial (:func:`parse_server_message`).
+7. After-call REST shapes are the newer docs' (§2.4): transcript ``turns[]`` with ``translation`` objects,
+   recordings ``{"object": "list", "data": [...]}``, audio at ``/v1/recordings/{id}/audio`` as ``audio/mpeg``;
+   billed time is the end response's ``duration_seconds`` or the ``session.ended`` webhook's ``data.duration``
+   (:mod:`app.kallglot.client`, :mod:`app.kallglot.webhooks`).
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ AUDIO_OUTPUT = "audio.output"  # assumption 1
 AUDIO_CLEAR = "audio.clear"  # assumption 2
 SPEAKER_CUSTOMER = "customer"  # assumption 3
 SPEAKER_AGENT = "agent"
-#: Kallglot's only accepted input format (§4): no transcoding is needed for G.711 μ-law carriers.
+#: Kallglot's only accepted input format (stream reference): no transcoding is needed for G.711 μ-law carriers.
 INPUT_ENCODING = "mulaw"
 INPUT_SAMPLE_RATE_HZ = 8000
 #: The docs say "ping occasionally"; 20 s stays below common 30–60 s proxy idle timeouts.
@@ -67,11 +76,15 @@ class SessionError:
 
 @dataclass(frozen=True)
 class Transcript:
-    """``transcript.partial`` or ``transcript.final`` (logged; the relay forwards nothing)."""
+    """``transcript.partial`` or ``transcript.final`` (assumption 6); the relay forwards it to the live console."""
 
     final: bool
     speaker: str
     text: str
+    language: str = ""
+    translation: str = ""
+    translation_language: str = ""
+    item_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,8 +143,15 @@ def parse_server_message(raw: str | bytes) -> ServerMessage:
         error = message.get("error") if isinstance(message.get("error"), dict) else message
         return SessionError(code=str(error.get("code", "")), message=str(error.get("message", "")))
     if kind in ("transcript.partial", "transcript.final"):
+        translation = message.get("translation")
+        if isinstance(translation, dict):
+            translated, translated_language = str(translation.get("text", "")), str(translation.get("language", ""))
+        else:
+            translated, translated_language = (str(translation) if translation else ""), ""
         return Transcript(final=kind.endswith("final"), speaker=str(message.get("speaker", "")),
-                          text=str(message.get("text", "")))
+                          text=str(message.get("text", "")), language=str(message.get("language") or ""),
+                          translation=translated, translation_language=translated_language,
+                          item_id=str(message.get("id") or ""))
     if kind in ("session.ready", "pong"):
         return Informational(kind)
     return UnknownMessage(kind or "untyped")

@@ -23,6 +23,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from app.background import spawn
+
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "kallglot_bridge_drain"
@@ -74,9 +76,7 @@ class Drain:
         handoff_after = max(grace_seconds - min(margin_seconds, grace_seconds / 2), 0.0)
         log.warning("worker draining: not ready; %d live calls handed over in %.1fs unless they end first",
                     self.live_relays(), handoff_after)
-        thread = threading.Thread(target=self._hand_over_after, args=(handoff_after,), name="drain", daemon=True)
-        thread.start()
-        return thread
+        return spawn(self._hand_over_after, handoff_after, name="drain")
 
     def hand_over(self) -> int:
         """Stop every live relay now (its leg is recorded as lost, its session held); returns how many."""

@@ -1,10 +1,13 @@
 """``flask numbers …``: set, list, show, delete, export and import number profiles from the command line.
 
-Changes are recorded in the audit log (who: ``cli``) like the admin UI's.
+Changes are recorded in the audit log (who: ``cli``) like the admin UI's. The commands need only the store
+(``REDIS_URL``), not Kallglot or carrier credentials, and pick up a running demo's settings from
+``.demo/env`` (see :mod:`app.envfile`). A configuration problem ends the command with its sentences.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from typing import IO
 
@@ -13,7 +16,8 @@ from flask import Flask
 from flask.cli import AppGroup
 
 from app.audit import AuditLog, diff
-from app.config import KALLGLOT_MODES
+from app.config import KALLGLOT_MODES, ConfigError, Settings
+from app.envfile import DEMO_ENV_FILE, environment_with_demo
 from app.extensions import services
 from app.profiles.store import NumberProfile, ProfileError
 from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
@@ -94,6 +98,47 @@ def import_command(source: IO[str]) -> None:
     for number, (before, after) in result.applied.items():
         _audit("import profile", number, diff(before.to_dict() if before else None, after.to_dict()))
     click.echo(f"imported {len(result.applied)} profile(s)")
+
+
+#: The settings a profile command needs: the store and the default profile (problems() names them first).
+_STORE_SETTINGS = ("REDIS_URL", "REDIS_NAMESPACE", "DEFAULT_MODE", "DEFAULT_SOURCE_LANGUAGE",
+                   "DEFAULT_TARGET_LANGUAGE")
+
+
+def settings_for_command_line() -> Settings | None:
+    """The settings of an app being built by the ``flask`` command line, or None outside it.
+
+    Read from the environment, filled in from a running demo's ``.demo/env``. Inside ``flask numbers …``
+    only the store's settings must be valid; any other command needs the whole configuration. A problem
+    raises :class:`click.ClickException` with one sentence per problem (click prints it, exit status 1),
+    never a traceback.
+    """
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None
+    env = environment_with_demo(os.environ)
+    source = f" (settings from the environment and {DEMO_ENV_FILE})" if DEMO_ENV_FILE.exists() else ""
+    try:
+        settings = Settings.from_env(env)
+        problems = settings.problems()
+    except ConfigError as exc:
+        problems = exc.problems
+        settings = None
+    if _in_profile_command(ctx):
+        problems = [p for p in problems if p.startswith(_STORE_SETTINGS)]
+    if problems or settings is None:
+        hint = "" if DEMO_ENV_FILE.exists() else \
+            "\n(start the demo, kallglot-bridge-demo, in this directory and its settings are used)"
+        raise click.ClickException("invalid configuration" + source + ":\n  - " + "\n  - ".join(problems) + hint)
+    return settings
+
+
+def _in_profile_command(ctx: click.Context | None) -> bool:
+    while ctx is not None:
+        if ctx.command is numbers_cli:
+            return True
+        ctx = ctx.parent
+    return False
 
 
 def _audit(action: str, number: str, changes: dict[str, list[object]]) -> None:

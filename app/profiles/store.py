@@ -1,24 +1,33 @@
 """Number profiles stored in Redis per E.164 number; the ``DEFAULT_*`` settings profile every other number."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
+import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable, Collection
 from typing import Any
 
 import redis
 
 from app.config import KALLGLOT_MODES, LANGUAGE_CODE, MAX_RECONNECT_WINDOW_SECONDS
-from app.redis_keys import RedisKeys
+from app.redis_keys import RedisKeys, as_text
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-CARRIERS = ("twilio", "telnyx")
 #: TwiML/TeXML ``<Say language>`` codes look like ``en-US``; plain ``en`` is accepted too.
 SAY_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Z]{2})?$")
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 MAX_TEXT = 500
 MAX_METADATA_ITEMS = 20
 MAX_HANGUP_GRACE_SECONDS = MAX_RECONNECT_WINDOW_SECONDS
+REATTACH_POLICIES = ("off", "caller_id", "caller_id_pin")
+PIN = re.compile(r"^\d{4,8}$")
+PIN_HASH_SCHEME = "pbkdf2_sha256"
+PIN_HASH_ITERATIONS = 100_000
+#: Profile fields naming a number the bridge dials out to (same toll-fraud rules as ``POST /api/calls``).
+DIALLED_FIELDS = ("agent_number", "fallback_number")
 
 
 class ProfileError(ValueError):
@@ -53,16 +62,21 @@ class NumberProfile:
     reconnect_window_seconds: int | None = None
     #: Seconds a session is held after a clean hang-up too.
     hangup_grace_seconds: int = 0
+    #: Whether a new call from the caller of a held session re-attaches to it: ``off``, ``caller_id`` (same caller
+    #: ID; never for withheld callers) or ``caller_id_pin`` (same caller ID and :attr:`reattach_pin_hash`).
+    reattach: str = "caller_id"
+    #: ``pbkdf2_sha256$iterations$salt$hash`` of the DTMF PIN for ``caller_id_pin`` (the PIN itself is never stored).
+    reattach_pin_hash: str = ""
     #: Extra key/values sent as Kallglot session metadata.
     metadata: dict[str, str] = field(default_factory=dict)
     #: Whether this profile belongs to the number itself (False: the DEFAULT_* profile applied).
     own: bool = False
 
-    def problems(self) -> dict[str, str]:
-        """Every invalid value, keyed by field name, one sentence each."""
+    def problems(self, carriers: Collection[str]) -> dict[str, str]:
+        """Every invalid value, keyed by field name, one sentence each; ``carriers``: the carrier names known."""
         found: dict[str, str] = {}
-        if self.carrier not in CARRIERS:
-            found["carrier"] = f"must be one of {', '.join(CARRIERS)}"
+        if self.carrier not in carriers:
+            found["carrier"] = f"must be one of {', '.join(carriers)}"
         if self.mode not in KALLGLOT_MODES:
             found["mode"] = f"must be one of {', '.join(KALLGLOT_MODES)}"
         for name in ("source_language", "target_language"):
@@ -79,6 +93,10 @@ class NumberProfile:
             value = getattr(self, name)
             if value and not E164.match(value):
                 found[name] = f"must be an E.164 number like +14155551234, not {value!r}"
+        if self.reattach not in REATTACH_POLICIES:
+            found["reattach"] = f"must be one of {', '.join(REATTACH_POLICIES)}"
+        elif self.reattach == "caller_id_pin" and not self.reattach_pin_hash.startswith(PIN_HASH_SCHEME + "$"):
+            found["reattach_pin"] = "caller_id_pin needs a PIN of 4 to 8 digits"
         window = self.reconnect_window_seconds
         if window is not None and not 0 <= window <= MAX_RECONNECT_WINDOW_SECONDS:
             found["reconnect_window_seconds"] = f"must be between 0 and {MAX_RECONNECT_WINDOW_SECONDS} seconds"
@@ -89,6 +107,24 @@ class NumberProfile:
         elif any(not METADATA_KEY.match(k) or len(v) > 200 for k, v in self.metadata.items()):
             found["metadata"] = "keys must be letters, digits, '_', '.', '-' (≤ 40) and values ≤ 200 characters"
         return found
+
+    def with_reattach_pin(self, pin: str) -> NumberProfile:
+        """This profile with ``pin`` (4–8 digits) as its re-attach PIN, stored only as a salted hash."""
+        if not PIN.match(pin or ""):
+            raise ProfileError({"reattach_pin": "must be 4 to 8 digits"})
+        salt = secrets.token_hex(8)
+        digest = hashlib.pbkdf2_hmac("sha256", pin.encode(), salt.encode(), PIN_HASH_ITERATIONS).hex()
+        return replace(self, reattach_pin_hash=f"{PIN_HASH_SCHEME}${PIN_HASH_ITERATIONS}${salt}${digest}")
+
+    def reattach_pin_matches(self, given: str) -> bool:
+        """Whether ``given`` (the caller's DTMF digits) is this profile's PIN; an unset PIN never matches."""
+        scheme, _, rest = self.reattach_pin_hash.partition("$")
+        iterations, _, rest = rest.partition("$")
+        salt, _, expected = rest.partition("$")
+        if scheme != PIN_HASH_SCHEME or not expected or not iterations.isdigit() or not PIN.match(given or ""):
+            return False
+        actual = hashlib.pbkdf2_hmac("sha256", given.encode(), salt.encode(), int(iterations)).hex()
+        return hmac.compare_digest(actual, expected)
 
     def effective_reconnect_window(self, default_seconds: int) -> int:
         """The reconnect window for this number: its own, else the service default."""
@@ -131,22 +167,38 @@ class NumberProfile:
 class ProfileStore:
     """Reads and writes number profiles; any number without its own gets ``default``."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, default: NumberProfile) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, default: NumberProfile, *,
+                 carriers: Collection[str], destination_problem: Callable[[str], str] | None = None) -> None:
         self._redis = client
         self._keys = keys
         self.default = default
+        #: The carrier names a profile may name (the composition root passes the registry's).
+        self.carriers = tuple(carriers)
+        #: Why a number a profile makes the bridge dial is refused ("" when allowed; None: E.164 form only):
+        #: the toll-fraud rules of :mod:`app.calls.destinations`, passed in so profiles do not import calls.
+        self.destination_problem = destination_problem
 
     def for_number(self, number: str) -> NumberProfile:
         """The profile that applies to calls to ``number`` (its own, else the default)."""
         raw = self._redis.get(self._keys.profile(number)) if number else None
         return NumberProfile.from_json(raw) if raw else self.default
 
-    def set(self, number: str, profile: NumberProfile) -> NumberProfile:
-        """Validate and store ``profile`` as ``number``'s own; raises :class:`ProfileError`."""
+    def problems(self, number: str, profile: NumberProfile) -> dict[str, str]:
+        """Every reason ``profile`` cannot be stored as ``number``'s, the deployment's dialling rules included."""
         problems = {}
         if not E164.match(number or ""):
             problems["number"] = f"must be in E.164 form like +14155551234, not {number!r}"
-        problems.update(profile.problems())
+        problems.update(profile.problems(self.carriers))
+        if self.destination_problem is not None:
+            for name in DIALLED_FIELDS:
+                value = getattr(profile, name)
+                if value and name not in problems and (why := self.destination_problem(value)):
+                    problems[name] = why
+        return problems
+
+    def set(self, number: str, profile: NumberProfile) -> NumberProfile:
+        """Validate and store ``profile`` as ``number``'s own; raises :class:`ProfileError`."""
+        problems = self.problems(number, profile)
         if problems:
             raise ProfileError(problems)
         with self._redis.pipeline(transaction=True) as pipe:
@@ -165,6 +217,5 @@ class ProfileStore:
 
     def all(self) -> dict[str, NumberProfile]:
         """Every number with its own profile, sorted by number."""
-        numbers = sorted(n.decode() if isinstance(n, bytes) else n
-                         for n in self._redis.smembers(self._keys.profiles_index()))
+        numbers = sorted(as_text(n) for n in self._redis.smembers(self._keys.profiles_index()))
         return {n: p for n in numbers if (p := self.for_number(n)).own}

@@ -4,7 +4,7 @@ Shared by the admin UI and ``flask numbers export/import`` so both accept and re
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +24,10 @@ class ProfileImportError(ValueError):
                                    for number, fields in problems.items()))
 
 
-def profile_from_data(data: Mapping[str, Any]) -> tuple[NumberProfile | None, dict[str, str]]:
-    """Build a profile from plain data; returns it (None when anything is wrong) and every problem by field."""
+def profile_from_data(data: Mapping[str, Any],
+                      carriers: Collection[str]) -> tuple[NumberProfile | None, dict[str, str]]:
+    """Build a profile from plain data; returns it (None when anything is wrong) and every problem by field.
+    ``carriers``: the carrier names known (:attr:`ProfileStore.carriers`)."""
     problems: dict[str, str] = {}
     values = dict(data)
     for name in INT_FIELDS:
@@ -41,7 +43,7 @@ def profile_from_data(data: Mapping[str, Any]) -> tuple[NumberProfile | None, di
         problems["metadata"] = "must be an object of key/value pairs"
         values.pop("metadata")
     profile = NumberProfile.from_dict(values)
-    problems = {**profile.problems(), **problems}
+    problems = {**profile.problems(carriers), **problems}
     return (None if problems else profile), problems
 
 
@@ -74,9 +76,11 @@ def import_profiles(store: ProfileStore, document: Any) -> ImportResult:
         if not isinstance(data, Mapping):
             problems[number] = {"profile": "must be an object"}
             continue
-        profile, found = profile_from_data(data)
+        profile, found = profile_from_data(data, store.carriers)
         if not E164.match(str(number)):
             found = {"number": "must be in E.164 form like +14155551234", **found}
+        if profile is not None and not found:
+            found = store.problems(str(number), profile)  # the dialling rules too: all or nothing
         if found or profile is None:
             problems[number] = found
         else:

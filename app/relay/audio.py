@@ -1,4 +1,5 @@
-"""Audio conversions to μ-law 8 kHz: Kallglot's return audio (kallglot-api.md §9.1) and non-μ-law carrier legs.
+"""Audio conversions to μ-law 8 kHz: Kallglot's return audio (assumption 1 in :mod:`app.kallglot.stream_protocol`)
+and non-μ-law carrier legs.
 
 G.711 encode/decode uses ``audioop`` (stdlib up to 3.12; the ``audioop-lts`` backport on ≥ 3.13). Rate
 conversion (16/24 kHz → 8 kHz) is a stateful FIR low-pass + decimator in numpy (:class:`FirDecimator`).

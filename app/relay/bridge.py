@@ -8,46 +8,77 @@ import threading
 import time
 
 import redis
+from flask import current_app
 
+from app.background import spawn
+from app.calls import events as live_events
 from app.calls.agent import dial_agent_if_configured
 from app.ops.draining import current_drain
 from app.extensions import Services
-from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.kallglot.stream_protocol import SPEAKER_AGENT, SPEAKER_CUSTOMER, Transcript
 from app.kallglot.client import KallglotError
 from app.logging_setup import bind_log_context
 from app.carriers.contract import CarrierCodec
 from app.relay.core import CarrierSocket, MediaRelay, RelayEnd, await_start, close_quietly
 from app.kallglot.stream import KallglotStream, KallglotStreamError
-from app.relay.tokens import InvalidRelayToken
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, InvalidRelayToken, RelayGrant
 
 log = logging.getLogger(__name__)
 
-#: Names of the stream parameters our TwiML/TeXML sets and the relay reads back from ``start``.
-SESSION_PARAMETER = "session_id"
-RELAY_TOKEN_PARAMETER = "relay_token"
 #: The leg end reason recorded when the Kallglot stream could not be opened at all.
 KALLGLOT_UNREACHABLE = "relay_kallglot_unreachable"
+#: Carriers send ``start`` right after the upgrade; a socket with nothing useful by then is closed.
+MEDIA_START_TIMEOUT_SECONDS = 2.0
 #: Refresh a Kallglot stream token this close to its expiry rather than risk a refused connect.
 TOKEN_REFRESH_MARGIN_SECONDS = 5.0
 
 
-def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEnd | None:
-    """Serve one carrier media socket from ``connected`` to close; never raises."""
-    started = await_start(ws, codec)
+def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services,
+               start_timeout: float = MEDIA_START_TIMEOUT_SECONDS) -> RelayEnd | None:
+    """Serve one carrier media socket from ``connected`` to close; never raises.
+
+    A socket that has not sent a valid ``start`` within ``start_timeout`` is closed (a stalled or bare upgrade
+    holds a worker connection for no more than that), and a token is good for one socket only.
+    """
+    started = await_start(ws, codec, timeout=start_timeout)
     if started is None:
         return None
     try:
         grant = svc.relay_tokens.open(started.parameters.get(RELAY_TOKEN_PARAMETER), carrier=codec.carrier,
                                       call_id=started.call_id)
     except InvalidRelayToken as exc:
-        log.warning("%s call=%s media socket refused: %s", codec.carrier, started.call_id, exc)
+        log.warning("%s call=%.40s media socket refused: %s", codec.carrier, started.call_id, exc)
         close_quietly(ws, 1008, "invalid relay token")
         return None
+    try:
+        refusal = ("relay token already used" if not svc.relay_guard.consume(grant)
+                   else "another relay is live for this leg" if not svc.relay_guard.claim_leg(grant) else "")
+    except redis.RedisError as exc:  # cannot prove single use: refuse rather than risk a second relay
+        log.error("%s call=%s media socket refused, Redis unavailable: %s", codec.carrier, grant.call_id, exc)
+        refusal = "state store unavailable"
+    if refusal:
+        log.warning("%s call=%s session=%s media socket refused: %s", codec.carrier, grant.call_id,
+                    grant.session_id, refusal)
+        close_quietly(ws, 1008, refusal)
+        return None
+    try:
+        return _relay_granted_leg(ws, codec, svc, grant, started.stream_id)
+    finally:
+        try:
+            svc.relay_guard.release_leg(grant)
+        except redis.RedisError:  # the lease lapses by itself after heartbeat_timeout_seconds
+            pass
+
+
+def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, grant: RelayGrant,
+                       stream_id: str) -> RelayEnd | None:
+    """Relay a leg whose token was verified, consumed and whose lease is held."""
     context = f"{codec.carrier} call={grant.call_id} session={grant.session_id}"
     bind_log_context(carrier=codec.carrier, call_id=grant.call_id, session_id=grant.session_id)
 
     def open_kallglot() -> KallglotStream:
-        """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption §9.4)."""
+        """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption 4 in
+        :mod:`app.kallglot.stream_protocol`)."""
         stream_url, stream_token = grant.stream_url, grant.stream_token
         if grant.stream_expires_at and grant.stream_expires_at - time.time() < TOKEN_REFRESH_MARGIN_SECONDS:
             session = svc.kallglot.get_session(grant.session_id)
@@ -64,29 +95,51 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
         _leg_over(svc, codec.carrier, grant.call_id, KALLGLOT_UNREACHABLE, context, clean=False)
         close_quietly(ws, 1011, "translation service unavailable")
         return None
-    log.info("%s relay started (stream %s)", context, started.stream_id)
+    log.info("%s relay started (stream %.64s)", context, stream_id)
+    _, forwarder = live_events.event_log_for(current_app)
+
+    def leg_changed(state: str, detail: str = "") -> None:
+        forwarder.publish(grant.session_id, live_events.LEG, live_events.leg_event(
+            carrier=codec.carrier, call_id=grant.call_id, speaker=grant.speaker, state=state, detail=detail))
+
+    def forward_transcript(message: Transcript) -> None:
+        forwarder.publish(grant.session_id, live_events.TRANSCRIPT, live_events.transcript_event(
+            speaker=message.speaker or grant.speaker, text=message.text, final=message.final,
+            language=message.language, translation=message.translation,
+            translation_language=message.translation_language, item_id=message.item_id))
+
+    def forward_health(health: dict[str, float]) -> None:
+        forwarder.publish(grant.session_id, live_events.RELAY_HEALTH,
+                          {"call_id": grant.call_id, "speaker": grant.speaker, **health})
+
+    leg_changed("agent_joined" if grant.speaker == SPEAKER_AGENT else "started")
 
     def record_end(end: RelayEnd, kallglot_reason: str) -> None:
+        try:  # before the carrier hears of the close: its restored stream (a new token) must find the leg free
+            svc.relay_guard.release_leg(grant)
+        except redis.RedisError:
+            pass
         if end is RelayEnd.KALLGLOT_ENDED:
             try:
                 svc.lifecycle.ended_by_kallglot(grant.session_id, kallglot_reason or "session.ended")
             except redis.RedisError as exc:
                 log.error("%s could not record Kallglot's end: %s", context, exc)
         # Only the carrier's own "stream over" (or Kallglot's end) is clean; any loss may be reconnected.
-        _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context,
-                  clean=end in (RelayEnd.CARRIER_STOP, RelayEnd.KALLGLOT_ENDED))
+        clean = end in (RelayEnd.CARRIER_STOP, RelayEnd.KALLGLOT_ENDED)
+        _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context, clean=clean)
+        leg_changed("ended" if clean else "lost", end.value)
 
-    heartbeat = _Heartbeat(svc, codec.carrier, grant.call_id, context)
+    heartbeat = _Heartbeat(svc, grant, context)
     heartbeat.start()
     if grant.speaker == SPEAKER_CUSTOMER:
         # Off the hot path: a REST call to the carrier, once per session (re-attached streams find it done).
-        threading.Thread(target=dial_agent_if_configured, args=(svc, grant.session_id, codec.carrier),
-                         name="dial-agent", daemon=True).start()
+        spawn(dial_agent_if_configured, svc, grant.session_id, codec.carrier, name="dial-agent")
     try:
         relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
                            context=context, on_end=record_end, reopen_kallglot=open_kallglot,
                            reconnect_backoff_seconds=svc.settings.kallglot_reconnect_backoff_seconds,
-                           ping_interval_seconds=svc.settings.kallglot_ping_interval_seconds)
+                           ping_interval_seconds=svc.settings.kallglot_ping_interval_seconds,
+                           on_transcript=forward_transcript, on_health=forward_health)
         with current_drain().track(relay):  # a deploy's SIGTERM hands the leg over as lost (app/ops/draining.py)
             return relay.run()
     finally:
@@ -96,15 +149,17 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services) -> RelayEn
 class _Heartbeat:
     """Beats the leg's heartbeat in Redis while the relay runs, so a dead worker's legs are noticed."""
 
-    def __init__(self, svc: Services, carrier: str, call_id: str, context: str) -> None:
+    def __init__(self, svc: Services, grant: RelayGrant, context: str) -> None:
         self._lifecycle = svc.lifecycle
+        self._guard = svc.relay_guard
+        self._grant = grant
         self._interval = svc.settings.heartbeat_timeout_seconds / 3
-        self._carrier, self._call_id, self._context = carrier, call_id, context
+        self._carrier, self._call_id, self._context = grant.carrier, grant.call_id, context
         self._stopped = threading.Event()
 
     def start(self) -> None:
         self._beat()
-        threading.Thread(target=self._run, name="relay-heartbeat", daemon=True).start()
+        spawn(self._run, name="relay-heartbeat")
 
     def stop(self) -> None:
         self._stopped.set()
@@ -116,6 +171,7 @@ class _Heartbeat:
     def _beat(self) -> None:
         try:
             self._lifecycle.heartbeat(self._carrier, self._call_id)
+            self._guard.renew_leg(self._grant)
         except redis.RedisError as exc:  # Redis down: the call goes on; the beat resumes when it is back
             log.warning("%s heartbeat not recorded: %s", self._context, exc)
 

@@ -1,13 +1,12 @@
 """The media relay core: one call leg's carrier socket bridged to its Kallglot stream socket.
 
 Vendor-free: a :class:`~app.carriers.contract.CarrierCodec` does the carrier's wire format. The uplink (carrier →
-Kallglot, :mod:`app.relay.uplink`) runs in the handler's greenlet, the downlink (Kallglot → carrier) in a second
+Kallglot, :mod:`app.relay.uplink`) runs in the handler's thread, the downlink (Kallglot → carrier) in a second
 one; a dropped Kallglot stream is reopened by :mod:`app.relay.reopen`. When either side closes, both close.
 Nothing here touches Redis: the hot path does no I/O but the two sockets.
 """
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
 import time
@@ -16,6 +15,7 @@ from collections.abc import Callable, Sequence
 from simple_websocket import ConnectionClosed
 
 from app import metrics
+from app.background import spawn
 from app.carriers.contract import CarrierCodec
 from app.kallglot import stream_protocol
 from app.kallglot.stream import KallglotStream
@@ -49,8 +49,14 @@ class MediaRelay:
                  on_end: Callable[[RelayEnd, str], None] | None = None,
                  reopen_kallglot: Callable[[], KallglotStream] | None = None,
                  reconnect_backoff_seconds: Sequence[float] = KALLGLOT_RECONNECT_BACKOFF_SECONDS,
-                 ping_interval_seconds: float = stream_protocol.PING_INTERVAL_SECONDS) -> None:
+                 ping_interval_seconds: float = stream_protocol.PING_INTERVAL_SECONDS,
+                 on_transcript: Callable[[Transcript], None] | None = None,
+                 on_health: Callable[[dict[str, float]], None] | None = None) -> None:
         self.carrier_ws = carrier_ws
+        # Live-console hooks; both must return at once (they queue, never touch Redis: app/calls/events.py).
+        self.on_transcript = on_transcript
+        self.on_health = on_health
+        self._marks_sent_at: dict[str, float] = {}  # mark name → when sent, for the playback lag
         # Called with why the relay ended (and Kallglot's reason, if it ended the session) after the last
         # audio went to Kallglot but *before* the carrier socket closes: the carrier reacts to that close at
         # once (Twilio requests <Connect action>), and must find the leg's end already recorded.
@@ -65,14 +71,14 @@ class MediaRelay:
         self._end: RelayEnd | None = None
         self._end_lock = threading.Lock()
         self._end_recorded = False
-        # Both greenlets may write to the carrier socket (frames vs. a protocol-error close).
+        # Both threads may write to the carrier socket (frames vs. a protocol-error close).
         self._carrier_lock = threading.Lock()
         self.link = KallglotLink(kallglot, reopen=reopen_kallglot, stats=self.stats, context=context,
                                  backlog_chunks=KALLGLOT_RECONNECT_BUFFER_MS // chunk_ms,
-                                 backoff_seconds=reconnect_backoff_seconds)
+                                 backoff_seconds=reconnect_backoff_seconds, on_reopened=self._reopened)
         self.uplink = Uplink(carrier_ws, codec, self.link, speaker=speaker, chunk_ms=chunk_ms, stats=self.stats,
                              context=context, ending=self._ending, finish=self._finish,
-                             protocol_error=self._protocol_error)
+                             protocol_error=self._protocol_error, mark_played=self._mark_played)
 
     @property
     def kallglot(self) -> KallglotStream:
@@ -83,11 +89,9 @@ class MediaRelay:
     def run(self) -> RelayEnd:
         """Relay until one side ends; always closes both sockets and returns why it stopped."""
         set_tcp_nodelay(getattr(self.carrier_ws, "sock", None))
-        # The downlink logs with this leg's context (call, session): greenlets do not inherit it by themselves.
-        downlink = threading.Thread(target=contextvars.copy_context().run, args=(self._downlink_guarded,),
-                                    name="relay-downlink", daemon=True)
         metrics.RELAYS_LIVE.labels(self.codec.carrier).inc()
-        downlink.start()
+        # The downlink logs with this leg's context (call, session).
+        downlink = spawn(self._downlink_guarded, name="relay-downlink", inherit_context=True)
         try:
             self.uplink.run()
             if self._end not in (RelayEnd.KALLGLOT_ENDED, RelayEnd.KALLGLOT_LOST):
@@ -116,7 +120,7 @@ class MediaRelay:
         return end
 
     def stop(self, why: RelayEnd = RelayEnd.WORKER_DRAINING) -> None:
-        """Ask the relay to end (from another greenlet) as if ``why`` happened; it does within one poll."""
+        """Ask the relay to end (from another thread) as if ``why`` happened; it does within one poll."""
         self._finish(why)
 
     def _finish(self, why: RelayEnd) -> None:
@@ -149,6 +153,18 @@ class MediaRelay:
         self.uplink.flush()
         self._record_end(RelayEnd.PROTOCOL_ERROR)
         self._close_carrier(code, reason)
+
+    # -- live-console health ---------------------------------------------------------------------------------
+    def _mark_played(self, name: str) -> None:
+        """The carrier played up to mark ``name``: report how long after sending (the playback lag)."""
+        sent_at = self._marks_sent_at.pop(name, None)
+        if sent_at is not None and self.on_health is not None:
+            self.on_health({"playback_lag_ms": round((time.monotonic() - sent_at) * 1000),
+                            "kallglot_reconnects": self.stats.kallglot_reconnects})
+
+    def _reopened(self) -> None:
+        if self.on_health is not None:
+            self.on_health({"kallglot_reconnects": self.stats.kallglot_reconnects})
 
     # -- downlink: Kallglot → carrier ----------------------------------------------------------------------
     def _downlink_guarded(self) -> None:
@@ -191,6 +207,8 @@ class MediaRelay:
                         self.stats.frames_to_carrier += 1
                         self.stats.bytes_to_carrier += len(tail)
                     marks += 1
+                    if len(self._marks_sent_at) < 64:  # bounded: a carrier that never echoes marks
+                        self._marks_sent_at[f"utt-{marks}"] = time.monotonic()
                     if not self._to_carrier(self.codec.mark(f"utt-{marks}")):
                         return
                     self.stats.marks_sent += 1
@@ -237,8 +255,8 @@ class MediaRelay:
             elif isinstance(message, SessionError):
                 log.warning("%s kallglot session.error %s: %s", self.context, message.code, message.message)
             elif isinstance(message, Transcript):
-                log.debug("%s transcript %s %s: %s", self.context, "final" if message.final else "partial",
-                          message.speaker, message.text)
+                if self.on_transcript is not None:
+                    self.on_transcript(message)
             elif isinstance(message, UnknownMessage):
                 self.stats.unknown_kallglot[message.type] += 1
                 if self.stats.unknown_kallglot[message.type] == 1:

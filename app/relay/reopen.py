@@ -26,13 +26,15 @@ class KallglotLink:
 
     def __init__(self, stream: KallglotStream, *, reopen: Callable[[], KallglotStream] | None, stats: RelayStats,
                  context: str, backlog_chunks: int,
-                 backoff_seconds: Sequence[float] = KALLGLOT_RECONNECT_BACKOFF_SECONDS) -> None:
+                 backoff_seconds: Sequence[float] = KALLGLOT_RECONNECT_BACKOFF_SECONDS,
+                 on_reopened: Callable[[], None] | None = None) -> None:
         self.stream = stream
         # Opens a new stream to the same session (None: a drop ends the relay).
         self._reopen_stream = reopen
         self._stats = stats
         self._context = context
         self._backoff_seconds = tuple(backoff_seconds)
+        self._on_reopened = on_reopened  # must return at once (the live console queues it)
         # The uplink (send_audio) and the downlink (reopen) both touch the stream and the backlog.
         self._lock = threading.Lock()
         self._reconnecting = False
@@ -109,6 +111,8 @@ class KallglotLink:
                     continue  # dropped again at once: try the next attempt, the backlog is intact
                 self._reconnecting = False
             self._stats.kallglot_reconnects += 1
+            if self._on_reopened is not None:
+                self._on_reopened()
             log.info("%s kallglot stream reopened (%d chunks dropped meanwhile)", self._context,
                      self._stats.chunks_dropped_while_reconnecting)
             return True

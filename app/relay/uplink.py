@@ -33,7 +33,8 @@ class Uplink:
 
     def __init__(self, carrier_ws: CarrierSocket, codec: CarrierCodec, link: KallglotLink, *, speaker: str,
                  chunk_ms: int, stats: RelayStats, context: str, ending: threading.Event,
-                 finish: Callable[[RelayEnd], None], protocol_error: Callable[[int, str], None]) -> None:
+                 finish: Callable[[RelayEnd], None], protocol_error: Callable[[int, str], None],
+                 mark_played: Callable[[str], None] | None = None) -> None:
         self._carrier_ws = carrier_ws
         self._codec = codec
         self._link = link
@@ -45,6 +46,7 @@ class Uplink:
         self._finish = finish
         # Records the leg's end, then closes the carrier socket with this code (see MediaRelay.protocol_error).
         self._protocol_error = protocol_error
+        self._mark_played = mark_played
         self._pending = bytearray()
         self._sequence = 0
         self._bytes_sent = 0
@@ -84,6 +86,8 @@ class Uplink:
                 return
             elif isinstance(event, MarkPlayed):
                 stats.marks_played += 1
+                if self._mark_played is not None:
+                    self._mark_played(event.name)
             elif isinstance(event, Dtmf):
                 stats.dtmf += 1
                 log.info("%s dtmf %s", self._context, event.digit)

@@ -1,11 +1,10 @@
-"""The Telnyx adapter: TeXML and Call Control webhooks (Ed25519-verified) and the media-streaming socket.
+"""The Telnyx adapter: TeXML and Call Control webhooks (Ed25519-verified), the media-streaming codec and socket,
+SDK call control and number provisioning. Only this package (and :mod:`app.carriers.twilio` for Twilio) knows a
+carrier's wire format.
 
-This package is the only code that knows Telnyx's wire formats (telephony-protocols.md section B).
+Importing the package loads nothing else: the routes are registered by :mod:`app.carriers.telnyx.adapter`
+(through :mod:`app.carriers.registry`), so the codec or the call control can be imported alone.
 """
-from flask import Blueprint
 
-bp = Blueprint("telnyx", __name__, url_prefix="/telnyx")
-#: The carrier name in relay tokens, Redis keys and the lifecycle.
+#: The carrier name in relay tokens, Redis keys, metrics labels and the lifecycle.
 CARRIER = "telnyx"
-
-from app.carriers.telnyx import call_control, media, signature, texml  # noqa: E402,F401  (routes register on bp)

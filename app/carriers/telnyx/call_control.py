@@ -4,95 +4,60 @@ Telnyx delivers at least once, possibly concurrently and out of order, so every 
 ``data.id`` (Redis ``SET NX EX``) and each handler tolerates its predecessors being late or missing. Commands
 go out through the telnyx SDK (:mod:`app.carriers.telnyx.control`).
 
-When Kallglot cannot take the call we answer *without* streaming and let the events drive a goodbye:
-``call.answered`` → ``speak`` → ``call.speak.ended`` → ``hangup`` (``client_state`` says which goodbye), so the
-caller hears why instead of silence or a bare disconnect.
+An incoming call: ``call.initiated`` → create the session, ``answer`` (``client_state`` names the session) →
+``call.answered`` → the profile's greeting (``speak``), if any → ``start_streaming`` with the relay token
+(:mod:`app.carriers.telnyx.streams`). When Kallglot (or Redis) cannot take the call we still answer and let the
+events drive the fallback: ``call.answered`` → ``speak`` the profile's message → ``call.speak.ended`` →
+``transfer`` to its ``fallback_number`` or ``hangup``, so the caller hears why instead of ringing or silence.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import redis
-import telnyx
-from flask import abort, jsonify, request
+from flask import jsonify
 from flask.typing import ResponseReturnValue
 
 from app.extensions import Services, services
 from app.kallglot.client import KallglotError
-from app.calls.lifecycle import LEG_LIVE
+from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.redis_keys import first_seen
-from app.carriers.telnyx import CARRIER, bp
+from app.carriers.telnyx import CARRIER
+from app.carriers.telnyx.blueprint import bp
 from app.carriers.telnyx.control import (
-    GOODBYE_KEY, GOODBYE_SESSION_OVER, GOODBYE_UNAVAILABLE, TelnyxControl, decode_client_state, telnyx_control,
+    GOODBYE_KEY, GOODBYE_UNAVAILABLE, GREETING_KEY, TO_KEY, TelnyxControl, telnyx_control,
 )
-from app.carriers.telnyx.session import seal_relay_token, start_leg
-from app.carriers.telnyx.texml import CALL_CONTROL_ID, CLEAN_HANGUP_CAUSES
+from app.carriers.telnyx.events import CallEvent, command, parse_event, profile_for, record, say_goodbye
+from app.carriers.telnyx.session import start_leg
+from app.carriers.telnyx.streams import streaming_failed, streaming_stopped, stream_leg
+from app.carriers.telnyx.texml import CLEAN_HANGUP_CAUSES
 
 log = logging.getLogger(__name__)
-
-#: Payload fields worth keeping with a recorded event (ids, states, causes; never client_state or tokens).
-RECORDED_FIELDS = ("direction", "state", "hangup_cause", "hangup_source", "sip_hangup_cause", "stream_id",
-                   "failure_reason", "call_session_id", "call_leg_id")
-
-
-@dataclass(frozen=True)
-class CallEvent:
-    """One Call Control webhook: ``data.id``, ``data.event_type`` and ``data.payload``."""
-
-    id: str
-    event_type: str
-    occurred_at: str
-    call_id: str
-    payload: dict[str, Any]
-
-    @property
-    def state(self) -> dict[str, str]:
-        """Our ``client_state`` echoed back (``{}`` when absent or not ours)."""
-        return decode_client_state(self.payload.get("client_state"))
-
-    def command_id(self, action: str) -> str:
-        """A command_id unique to this event and action, identical when Telnyx redelivers the event."""
-        return f"{self.id}:{action}"
-
-
-def _parse_event() -> CallEvent:
-    """The verified JSON body as a :class:`CallEvent`, or 400."""
-    try:
-        body = json.loads(request.get_data(as_text=True))
-    except ValueError:
-        abort(400, description="body is not JSON")
-    data = body.get("data") if isinstance(body, dict) else None
-    payload = data.get("payload") if isinstance(data, dict) else None
-    if not isinstance(payload, dict) or not isinstance(data.get("id"), str) or not data["id"] \
-            or len(data["id"]) > 128 or not isinstance(data.get("event_type"), str):
-        abort(400, description="not a Call Control event (data.id, data.event_type, data.payload)")
-    call_id = payload.get("call_control_id")
-    if not isinstance(call_id, str) or not CALL_CONTROL_ID.match(call_id):
-        abort(400, description="payload.call_control_id missing or malformed")
-    return CallEvent(id=data["id"], event_type=data["event_type"][:64], occurred_at=str(data.get("occurred_at", "")),
-                     call_id=call_id, payload=payload)
 
 
 @bp.post("/call-control")
 def call_control_webhook() -> ResponseReturnValue:
-    """Handle one Call Control event exactly once; duplicates get 200 and do nothing."""
-    event = _parse_event()
+    """Handle one Call Control event exactly once; duplicates get 200 and do nothing.
+
+    Redis being down does not leave the caller ringing: the handlers answer and speak the fallback without it
+    (command_ids derived from the event id make Telnyx drop repeats of commands we could not de-duplicate).
+    """
+    event = parse_event()
     svc = services()
     seen = svc.keys.seen(CARRIER, event.id)
     try:
         first = first_seen(svc.redis, seen, event.event_type)
     except redis.RedisError as exc:
-        # Without de-duplication, still act: command_ids derived from the event id make Telnyx drop repeats.
         log.error("telnyx event %s not de-duplicated: %s", event.id, exc)
         first = True
     if not first:
         return jsonify(status="duplicate")
     try:
-        _record(svc, event)
+        record(svc, event)
+    except redis.RedisError as exc:
+        log.error("telnyx call=%s %s not recorded: %s", event.call_id, event.event_type, exc)
+    try:
         HANDLERS.get(event.event_type, _nothing_more)(svc, telnyx_control(), event)
     except redis.RedisError as exc:
         log.error("telnyx call=%s %s not handled: %s", event.call_id, event.event_type, exc)
@@ -104,32 +69,21 @@ def call_control_webhook() -> ResponseReturnValue:
     return jsonify(status="ok")
 
 
-def _record(svc: Services, event: CallEvent) -> None:
-    fields = {name: str(event.payload[name]) for name in RECORDED_FIELDS if event.payload.get(name) is not None}
-    svc.lifecycle.record_event(CARRIER, event.call_id, "call-control",
-                               {"event": event.event_type, "id": event.id, "occurred_at": event.occurred_at,
-                                **fields})
-
-
-def _command(event: CallEvent, what: str, send: Callable[[], None]) -> bool:
-    """Run one SDK command; a Telnyx failure is logged (the call's own events decide what happens next)."""
-    try:
-        send()
-    except telnyx.APIError as exc:
-        status = getattr(exc, "status_code", None)
-        log.error("telnyx call=%s %s failed (%s): %s", event.call_id, what, status or "no response", exc.message)
-        return False
-    return True
-
-
 def _nothing_more(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
-    """Recorded is all: ``streaming.started``/``stopped``, ``call.answered`` of a bridged call, and the rest."""
+    """Recorded is all: ``streaming.started``, ``call.speak.started``, and the rest."""
+
+
+def _hung_up_already(svc: Services, call_id: str) -> bool:
+    try:
+        return any(e.get("event") == "call.hangup" for e in svc.lifecycle.events(CARRIER, call_id))
+    except redis.RedisError:
+        return False  # cannot tell: answering a call that is gone fails harmlessly
 
 
 def _call_initiated(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
     if event.payload.get("direction") != "incoming":
         return  # legs we dial are streamed once answered (see _call_answered)
-    if any(e.get("event") == "call.hangup" for e in svc.lifecycle.events(CARRIER, event.call_id)):
+    if _hung_up_already(svc, event.call_id):
         log.info("telnyx call=%s hung up before it was handled; not answering", event.call_id)
         return
     payload = event.payload
@@ -137,81 +91,57 @@ def _call_initiated(svc: Services, control: TelnyxControl, event: CallEvent) -> 
     metadata = {"telnyx_call_control_id": event.call_id, "telnyx_call_session_id": payload.get("call_session_id"),
                 "telnyx_call_leg_id": payload.get("call_leg_id"), "telnyx_connection_id": payload.get("connection_id")}
     try:
-        leg = start_leg(svc, call_id=event.call_id, to_number=to_number, from_number=from_number,
-                        metadata={k: str(v) for k, v in metadata.items() if v})
+        leg, _ = start_leg(svc, call_id=event.call_id, to_number=to_number, from_number=from_number,
+                           metadata={k: str(v) for k, v in metadata.items() if v})  # the token is sealed later
     except (KallglotError, redis.RedisError) as exc:
         log.error("telnyx call=%s to=%s could not start a session: %s", event.call_id, to_number, exc)
-        _command(event, "answer (to apologise)", lambda: control.answer_to_say_goodbye(
-            event.call_id, GOODBYE_UNAVAILABLE, command_id=event.command_id("answer")))
+        command(event, "answer (to apologise)", lambda: control.answer_to_say_goodbye(
+            event.call_id, GOODBYE_UNAVAILABLE, to_number=to_number, command_id=event.command_id("answer")))
         return
-    answered = _command(event, "answer", lambda: control.answer_and_stream(
-        event.call_id, session_id=leg.session_id, relay_token=leg.relay_token, command_id=event.command_id("answer")))
+    answered = command(event, "answer", lambda: control.answer_for_session(
+        event.call_id, session_id=leg.session.id, speaker=SPEAKER_CUSTOMER, greeting=bool(leg.profile.greeting),
+        command_id=event.command_id("answer")))
     if answered:
-        log.info("telnyx call=%s session=%s to=%s mode=%s answered", event.call_id, leg.session_id, to_number,
-                 leg.mode)
+        log.info("telnyx call=%s session=%s to=%s mode=%s answered", event.call_id, leg.session.id, to_number,
+                 leg.profile.mode)
     else:  # the call is gone (or Telnyx refuses it): nothing will stream
         svc.lifecycle.leg_ended(CARRIER, event.call_id, "answer_failed", clean=False)
 
 
 def _call_answered(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
+    """Say a pending goodbye or greeting, or stream the leg into the session named in ``client_state``.
+
+    ``call.answered`` carries no ``direction`` (the SDK's ``CallAnswered`` payload has none), so our own
+    ``client_state`` decides: the inbound ``answer`` and the agent ``dial`` both put the session id (``s``) and
+    speaker (``p``) there.
+    """
     state = event.state
     if GOODBYE_KEY in state:
-        _command(event, "speak", lambda: control.say_goodbye(event.call_id, state[GOODBYE_KEY],
-                                                             command_id=event.command_id("speak")))
-    elif event.payload.get("direction") == "outgoing" and state.get("s"):
-        _stream_dialled_leg(svc, control, event, state["s"], state.get("p", ""))
-
-
-def _stream_dialled_leg(svc: Services, control: TelnyxControl, event: CallEvent, session_id: str,
-                        speaker: str) -> None:
-    """A leg we dialled (``TelnyxControl.dial``) answered: stream it into its session as ``speaker``."""
-    try:
-        stream = svc.kallglot.get_session(session_id).stream
-        if stream is None:
-            raise KallglotError("session has no stream", code="no_stream")
-        record = svc.lifecycle.session_record(session_id)
-        if not svc.lifecycle.register_leg(
-                session_id=session_id, carrier=CARRIER, call_id=event.call_id, speaker=speaker,
-                from_number=str(event.payload.get("from") or ""), to_number=str(event.payload.get("to") or ""),
-                mode=record.get("mode", ""), reconnect_window_seconds=int(record.get("reconnect_window") or 0)):
-            raise KallglotError("the session has already ended", code="session_ended")
-    except KallglotError as exc:
-        log.error("telnyx call=%s dialled leg cannot join session=%s: %s", event.call_id, session_id, exc)
-        _command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
-        return
-    token = seal_relay_token(svc, session_id, event.call_id, stream, speaker=speaker)
-    _command(event, "streaming_start", lambda: control.start_streaming(
-        event.call_id, session_id=session_id, relay_token=token, command_id=event.command_id("streaming_start")))
+        say_goodbye(svc, control, event, state[GOODBYE_KEY], state.get(TO_KEY) or str(event.payload.get("to") or ""))
+    elif state.get("s") and state.get(GREETING_KEY):
+        profile = profile_for(svc, str(event.payload.get("to") or ""))
+        next_state = {"s": state["s"], "p": state.get("p") or SPEAKER_CUSTOMER}
+        if not profile.greeting or not command(event, "speak (greeting)", lambda: control.say(
+                event.call_id, profile.greeting, profile.greeting_language or "en-US", state=next_state,
+                command_id=event.command_id("greeting"))):
+            stream_leg(svc, control, event, next_state["s"], next_state["p"])
+    elif state.get("s"):
+        stream_leg(svc, control, event, state["s"], state.get("p") or SPEAKER_CUSTOMER)
 
 
 def _speak_ended(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
-    if GOODBYE_KEY in event.state:
-        _command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
-
-
-def _streaming_failed(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
-    """Retry streaming once on a live call; after that, end the leg and say goodbye."""
-    session_id = svc.lifecycle.session_for_call(CARRIER, event.call_id)
-    call = svc.lifecycle.call_record(CARRIER, event.call_id)
-    if not session_id or call.get("state") != LEG_LIVE:
-        return
-    log.warning("telnyx call=%s streaming failed: %s", event.call_id, str(event.payload.get("failure_reason"))[:200])
-    # One retry per call, whichever worker sees the failure first.
-    if first_seen(svc.redis, svc.keys.seen(CARRIER, f"stream-retry:{event.call_id}"), event.id):
-        try:
-            stream = svc.kallglot.get_session(session_id).stream
-        except KallglotError as exc:
-            log.error("telnyx call=%s session=%s cannot be re-streamed: %s", event.call_id, session_id, exc)
-            stream = None
-        if stream is not None:
-            token = seal_relay_token(svc, session_id, event.call_id, stream, speaker=call.get("speaker", "customer"))
-            if _command(event, "streaming_start (retry)", lambda: control.start_streaming(
-                    event.call_id, session_id=session_id, relay_token=token,
-                    command_id=event.command_id("streaming_start"))):
-                return
-    svc.lifecycle.leg_ended(CARRIER, event.call_id, "streaming_failed", clean=False)
-    _command(event, "speak", lambda: control.say_goodbye(event.call_id, GOODBYE_SESSION_OVER,
-                                                         command_id=event.command_id("speak")))
+    """A goodbye was said: forward to the profile's fallback number, or hang up. A greeting: start streaming."""
+    state = event.state
+    if GOODBYE_KEY in state:
+        to_number = state.get(TO_KEY, "")
+        fallback_number = profile_for(svc, to_number).fallback_number if state[GOODBYE_KEY] == GOODBYE_UNAVAILABLE \
+            else ""
+        if fallback_number and command(event, "transfer (fallback)", lambda: control.transfer(
+                event.call_id, fallback_number, from_=to_number, command_id=event.command_id("transfer"))):
+            return
+        command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
+    elif state.get("s"):
+        stream_leg(svc, control, event, state["s"], state.get("p") or SPEAKER_CUSTOMER)
 
 
 def _call_hangup(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
@@ -223,6 +153,7 @@ HANDLERS: dict[str, Callable[[Services, TelnyxControl, CallEvent], None]] = {
     "call.initiated": _call_initiated,
     "call.answered": _call_answered,
     "call.speak.ended": _speak_ended,
-    "streaming.failed": _streaming_failed,
+    "streaming.stopped": streaming_stopped,
+    "streaming.failed": streaming_failed,
     "call.hangup": _call_hangup,
 }

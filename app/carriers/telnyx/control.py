@@ -18,16 +18,21 @@ from typing import Any
 import telnyx
 
 from app.config import Settings
-from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
+from app.carriers.contract import CarrierError, CarrierNotConfigured
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
+from app.profiles import NumberProfile
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 from app.carriers.telnyx import CARRIER
 
 log = logging.getLogger(__name__)
 
-#: Telnyx's streaming WebSocket header carrying ``stream_auth_token`` (also echoed in ``connected``).
-STREAM_AUTH_HEADER = "x-telnyx-streaming-auth-token"
+LABEL = "Telnyx"
+
 #: Return audio as raw μ-law frames: without ``rtp`` Telnyx expects MP3 and silently drops what we send.
+#: ``stream_codec`` PCMU asks Telnyx to transcode the caller's leg to μ-law where it can (PCMU↔PCMA only);
+#: other codecs still arrive as negotiated and the media codec decodes or refuses them (see assumptions.py).
 STREAM_PARAMS: dict[str, Any] = {"stream_track": "inbound_track", "stream_bidirectional_mode": "rtp",
-                                 "stream_bidirectional_codec": "PCMU"}
+                                 "stream_bidirectional_codec": "PCMU", "stream_codec": "PCMU"}
 #: Webhooks sit inside Telnyx's webhook timeout: fail fast rather than hold the webhook.
 API_TIMEOUT_SECONDS = 5.0
 #: HTTP statuses meaning "that call is already gone" for hang-up purposes.
@@ -36,6 +41,10 @@ CALL_GONE_STATUSES = frozenset({404, 410, 422})
 GOODBYE_UNAVAILABLE = "unavailable"
 GOODBYE_SESSION_OVER = "session_over"
 GOODBYE_KEY = "bye"
+#: client_state key: the number called (the profile to apply when the goodbye has been said).
+TO_KEY = "to"
+#: client_state key: a greeting is due before streaming starts.
+GREETING_KEY = "g"
 
 
 def encode_client_state(state: dict[str, str]) -> str:
@@ -54,6 +63,12 @@ def decode_client_state(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in decoded.items()} if isinstance(decoded, dict) else {}
 
 
+def sdk_client(settings: Settings, timeout: float = API_TIMEOUT_SECONDS) -> telnyx.Telnyx:
+    """A telnyx SDK client for the configured account, honouring ``TELNYX_API_URL``."""
+    return telnyx.Telnyx(api_key=settings.telnyx_api_key or "unset", base_url=settings.telnyx_api_url,
+                         timeout=timeout, max_retries=1)
+
+
 class TelnyxControl:
     """Call Control commands for one app (one SDK client, built from settings)."""
 
@@ -62,67 +77,89 @@ class TelnyxControl:
     def __init__(self, settings: Settings, client: telnyx.Telnyx | None = None, *, connection_id: str = "") -> None:
         self.settings = settings
         self.connection_id = connection_id  # the Call Control application id; only dial() needs it
-        self.client = client or telnyx.Telnyx(api_key=settings.telnyx_api_key or "unset",
-                                              base_url=settings.telnyx_api_url, timeout=API_TIMEOUT_SECONDS,
-                                              max_retries=1)
+        self.client = client or sdk_client(settings)
 
-    def answer_and_stream(self, call_id: str, *, session_id: str, relay_token: str, command_id: str) -> None:
-        """Answer an incoming call with bidirectional RTP streaming to ``/telnyx/media``.
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TelnyxControl:
+        """The app's control: the configured Call Control application id (``TELNYX_CONNECTION_ID``) dials."""
+        return cls(settings, connection_id=settings.telnyx_connection_id)
 
-        ``answer()`` in SDK 4.189 has no ``stream_auth_token``/``custom_parameters`` arguments, so they go in
-        ``extra_body``; the relay reads the token from either (header or ``start.custom_parameters``).
+    def answer_for_session(self, call_id: str, *, session_id: str, speaker: str, greeting: bool = False,
+                           command_id: str) -> None:
+        """Answer an incoming call for ``session_id``; its ``call.answered`` then starts streaming.
+
+        ``answer`` does not define ``stream_auth_token`` or ``custom_parameters`` (only ``start_streaming`` and
+        ``dial`` do, in the SDK's types), so the stream is not requested here: ``client_state`` carries the
+        session and speaker (and whether a greeting is due) to ``call.answered``, which calls
+        :meth:`start_streaming` with both fields.
         """
-        self.client.calls.actions.answer(
-            call_id, stream_url=self.settings.public_ws("/telnyx/media"), **STREAM_PARAMS,
-            client_state=encode_client_state({"s": session_id}), command_id=command_id,
-            extra_body={"stream_auth_token": relay_token,
-                        "custom_parameters": self._parameters(session_id, relay_token)})
+        state = {"s": session_id, "p": speaker, **({GREETING_KEY: "1"} if greeting else {})}
+        self.client.calls.actions.answer(call_id, client_state=encode_client_state(state), command_id=command_id)
 
     def start_streaming(self, call_id: str, *, session_id: str, relay_token: str, command_id: str) -> None:
-        """(Re)start streaming on an answered call (after ``streaming.failed``, or on a dialled leg)."""
+        """Start (or restore) streaming on an answered call into ``session_id``: the relay token goes both in
+        ``stream_auth_token`` and in ``custom_parameters`` (the relay reads whichever arrives)."""
         self.client.calls.actions.start_streaming(
             call_id, stream_url=self.settings.public_ws("/telnyx/media"), **STREAM_PARAMS,
             stream_auth_token=relay_token, custom_parameters=self._parameters(session_id, relay_token),
             client_state=encode_client_state({"s": session_id}), command_id=command_id)
 
-    def answer_to_say_goodbye(self, call_id: str, goodbye: str, *, command_id: str) -> None:
+    def answer_to_say_goodbye(self, call_id: str, goodbye: str, *, to_number: str, command_id: str) -> None:
         """Answer without streaming; ``call.answered`` then says ``goodbye`` (see :meth:`say_goodbye`)."""
-        self.client.calls.actions.answer(call_id, client_state=encode_client_state({GOODBYE_KEY: goodbye}),
-                                         command_id=command_id)
+        self.client.calls.actions.answer(
+            call_id, client_state=encode_client_state({GOODBYE_KEY: goodbye, TO_KEY: to_number}),
+            command_id=command_id)
 
-    def say_goodbye(self, call_id: str, goodbye: str, *, command_id: str) -> None:
-        """Speak a goodbye; its ``call.speak.ended`` (carrying the same client_state) hangs up."""
-        from app.carriers.twilio.twiml import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE  # the caller-facing wording
+    def say(self, call_id: str, text: str, language: str, *, state: dict[str, str], command_id: str) -> None:
+        """Speak ``text``; its ``call.speak.ended`` carries ``state`` back (what to do next)."""
+        self.client.calls.actions.speak(call_id, payload=text, voice="female", language=language,  # type: ignore[arg-type]
+                                        client_state=encode_client_state(state), command_id=command_id)
 
-        text = SESSION_OVER_MESSAGE if goodbye == GOODBYE_SESSION_OVER else UNAVAILABLE_MESSAGE
-        self.client.calls.actions.speak(call_id, payload=text, voice="female", language="en-US",
-                                        client_state=encode_client_state({GOODBYE_KEY: goodbye}),
-                                        command_id=command_id)
+    def say_goodbye(self, call_id: str, goodbye: str, profile: NumberProfile, *, to_number: str,
+                    command_id: str) -> None:
+        """Speak a goodbye in the profile's words and language; its ``call.speak.ended`` (carrying the same
+        client_state) forwards the call to the profile's ``fallback_number`` or hangs up."""
+        if goodbye == GOODBYE_SESSION_OVER:
+            text, language = SESSION_OVER_MESSAGE, "en-US"
+        else:
+            text, language = profile.fallback_message or UNAVAILABLE_MESSAGE, profile.fallback_language or "en-US"
+        self.say(call_id, text, language, state={GOODBYE_KEY: goodbye, TO_KEY: to_number}, command_id=command_id)
+
+    def transfer(self, call_id: str, to: str, *, from_: str, command_id: str) -> None:
+        """Forward the call to ``to`` (the profile's fallback number)."""
+        extra: dict[str, Any] = {"from_": from_} if from_ else {}
+        self.client.calls.actions.transfer(call_id, to=to, command_id=command_id, **extra)
 
     def hang_up(self, call_id: str, command_id: str | None = None) -> None:
-        """End a live call leg; a leg that already ended is not an error."""
+        """End a live call leg; a leg that already ended is not an error. Raises :class:`CarrierError`."""
         try:
             self.client.calls.actions.hangup(call_id, command_id=command_id or str(uuid.uuid4()))
         except telnyx.APIStatusError as exc:
             if exc.status_code not in CALL_GONE_STATUSES:
-                raise
+                raise CarrierError.of(LABEL, exc) from exc
             log.info("telnyx call=%s already gone at hang-up (HTTP %s)", call_id, exc.status_code)
+        except telnyx.APIError as exc:
+            raise CarrierError.of(LABEL, exc) from exc
 
     def dial(self, *, to: str, from_: str, session_id: str, speaker: str) -> str:
         """Place an outbound leg that will stream into ``session_id`` as ``speaker``; returns its call_control_id.
 
         The relay token is bound to the call_control_id, which only exists once the dial returns, so
         streaming starts on ``call.answered`` (``client_state`` carries the session and speaker there).
-        Needs ``connection_id`` (the Call Control application id).
+        Needs ``connection_id`` (the Call Control application id). Raises :class:`CarrierError`.
         """
-        if not self.connection_id:
-            raise ValueError("a Call Control application id (connection_id) is needed to dial")
-        response = self.client.calls.dial(
-            connection_id=self.connection_id, from_=from_, to=to, command_id=str(uuid.uuid4()),
-            webhook_url=self.settings.public("/telnyx/call-control"),
-            client_state=encode_client_state({"s": session_id, "p": speaker}))
+        if not self.settings.telnyx_api_key or not self.connection_id:
+            raise CarrierNotConfigured(f"{LABEL}: TELNYX_API_KEY and TELNYX_CONNECTION_ID (the Call Control "
+                                       "application id) are needed to dial")
+        try:
+            response = self.client.calls.dial(
+                connection_id=self.connection_id, from_=from_, to=to, command_id=str(uuid.uuid4()),
+                webhook_url=self.settings.public("/telnyx/call-control"),
+                client_state=encode_client_state({"s": session_id, "p": speaker}))
+        except telnyx.APIError as exc:
+            raise CarrierError.of(LABEL, exc) from exc
         if response.data is None or not response.data.call_control_id:
-            raise ValueError("Telnyx's dial response carries no call_control_id")
+            raise CarrierError(f"{LABEL}: the dial response carries no call_control_id")
         return str(response.data.call_control_id)
 
     @staticmethod

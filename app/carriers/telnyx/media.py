@@ -1,193 +1,90 @@
-"""Telnyx media streaming: the codec for Telnyx's JSON frames (B3) and the ``/telnyx/media`` WebSocket route.
-
-The caller's leg arrives in the call's codec (``start.media_format``): PCMU, PCMA (common on European and
-Indian legs) or L16 (big-endian, 16 kHz). The codec decodes everything to μ-law 8 kHz inside :meth:`parse`,
-so the vendor-free relay only ever sees μ-law. Return audio goes out as PCMU, which our answer asked for
-(``stream_bidirectional_codec`` / ``bidirectionalCodec``).
-"""
+"""The ``/telnyx/media`` WebSocket route: one Telnyx media stream bridged to its Kallglot session, and what a
+Call Control caller hears when the stream ends on our side (never dead air)."""
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
-from typing import Any
 
 import redis
 import telnyx
-from flask import request
+from flask import abort, request
 
-from app.relay.audio import UnsupportedAudio, UplinkDecoder
+from app.carriers.telnyx import CARRIER
+from app.carriers.telnyx.blueprint import bp
+from app.carriers.telnyx.codec import FLOW_PARAMETER, FLOW_TEXML, STREAM_AUTH_HEADER, FramedSocket, TelnyxMediaCodec
+from app.carriers.telnyx.control import GOODBYE_SESSION_OVER, GOODBYE_UNAVAILABLE, telnyx_control
 from app.extensions import Services, services, sock
-from app.relay.bridge import KALLGLOT_UNREACHABLE, RELAY_TOKEN_PARAMETER, bridge_leg
-from app.carriers.contract import (
-    CarrierEvent, Connected, Ignored, Malformed, Media, StreamStarted, decode_json_frame, parse_shared_event,
-)
+from app.relay.bridge import KALLGLOT_UNREACHABLE, MEDIA_START_TIMEOUT_SECONDS, bridge_leg
 from app.relay.core import CarrierSocket, RelayEnd
-from app.carriers.telnyx import CARRIER, bp
-from app.carriers.telnyx.control import (
-    GOODBYE_SESSION_OVER, GOODBYE_UNAVAILABLE, STREAM_AUTH_HEADER, telnyx_control,
-)
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, InvalidRelayToken
 
 log = logging.getLogger(__name__)
 
-#: Outbound media messages must hold at least 20 ms (160 μ-law bytes); shorter ones are padded with silence.
-MIN_OUTBOUND_BYTES = 160
-MULAW_SILENCE = b"\xff"
-#: Frames held while waiting for a missing earlier one (5 × 20 ms): past that the missing frame counts as lost.
-REORDER_WINDOW_FRAMES = 5
-#: Our TeXML marks its streams with this parameter: a TeXML document says goodbye itself after ``<Connect>``,
-#: a Call Control call needs a ``speak`` command.
-FLOW_PARAMETER = "telnyx_flow"
-FLOW_TEXML = "texml"
+#: The leg's end reason when its codec could not be decoded (not a loss to restore: see streams.py).
+UNSUPPORTED_CODEC = "unsupported_codec"
 #: Relay ends after which the call is still up with nobody on the other side of the stream.
 ENDS_LEAVING_CALL_UP = frozenset({RelayEnd.KALLGLOT_ENDED, RelayEnd.KALLGLOT_LOST, RelayEnd.PROTOCOL_ERROR})
 
 
-def _counter(value: Any) -> int | None:
-    """Telnyx counters are strings; None when absent or not a number."""
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-class TelnyxMediaCodec:
-    """Parses Telnyx's media-streaming frames and builds ``media``/``mark``/``clear`` frames back."""
-
-    carrier = CARRIER
-
-    def __init__(self, auth_token: str | None = None) -> None:
-        # ``stream_auth_token`` from the upgrade request's header (or, failing that, the ``connected`` frame).
-        self.auth_token = auth_token or None
-        self.stream_id: str | None = None
-        self.call_id: str | None = None
-        self.parameters: dict[str, str] = {}
-        self._decoder: UplinkDecoder | None = None
-        self._next_chunk: int | None = None
-        self._held: dict[int, bytes] = {}
-
-    def parse(self, raw: str | bytes) -> CarrierEvent:
-        """Turn one Telnyx frame into a relay event; never raises."""
-        message = decode_json_frame(raw, "Telnyx")
-        if isinstance(message, Malformed):
-            return message
-        event = message.get("event")
-        if event == "media":
-            return self._media(message)
-        if event == "start":
-            return self._start(message)
-        if event == "connected":
-            token = message.get(STREAM_AUTH_HEADER)
-            if isinstance(token, str) and token and not self.auth_token:
-                self.auth_token = token
-            return Connected()
-        shared = parse_shared_event(event, message)
-        if shared is not None:
-            return shared
-        if event == "error":
-            # Telnyx reports our mistakes here (100003 malformed frame, 100005 rate limit…); layout unverified.
-            log.warning("telnyx stream=%s error frame: %.200s", self.stream_id, json.dumps(message.get("payload")
-                        or message.get("error") or {k: v for k, v in message.items() if k != "event"}))
-        return Ignored(str(event))
-
-    def _start(self, message: dict[str, Any]) -> CarrierEvent:
-        start = message.get("start")
-        stream_id = message.get("stream_id") or (start.get("stream_id") if isinstance(start, dict) else None)
-        if not isinstance(start, dict) or not isinstance(start.get("call_control_id"), str) \
-                or not isinstance(stream_id, str):
-            return Malformed("start without call_control_id and stream_id", close_code=1008)
-        media_format = start.get("media_format") if isinstance(start.get("media_format"), dict) else {}
-        encoding = str(media_format.get("encoding") or "PCMU")
-        rate = _counter(media_format.get("sample_rate")) or 8000
-        try:
-            self._decoder = UplinkDecoder.for_format(encoding, rate)
-        except UnsupportedAudio as exc:
-            return Malformed(f"unsupported inbound codec {exc}", close_code=1003)
-        params = start.get("custom_parameters")
-        self.parameters = {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}
-        if RELAY_TOKEN_PARAMETER not in self.parameters and self.auth_token:
-            self.parameters[RELAY_TOKEN_PARAMETER] = self.auth_token
-        self.stream_id, self.call_id = stream_id, start["call_control_id"]
-        return StreamStarted(call_id=self.call_id, stream_id=stream_id, parameters=dict(self.parameters))
-
-    def _media(self, message: dict[str, Any]) -> CarrierEvent:
-        if self._decoder is None:
-            return Malformed("media before start", close_code=1008)
-        media = message.get("media")
-        if not isinstance(media, dict):
-            return Malformed("media frame without media", fatal=False)
-        if media.get("track", "inbound") not in ("inbound", "inbound_track"):
-            return Ignored("media:" + str(media.get("track")))
-        try:
-            frame = base64.b64decode(media.get("payload", ""), validate=True)
-        except (binascii.Error, ValueError, TypeError):
-            return Malformed("media payload is not base64", fatal=False)
-        ordered = self._in_order(_counter(media.get("chunk")), frame)
-        if ordered is None:
-            return Malformed("media frame arrived too late to reorder", fatal=False)
-        if not ordered:
-            return Ignored("media held for reordering")
-        return Media(self._decoder.to_mulaw_8k(ordered))
-
-    def _in_order(self, chunk: int | None, frame: bytes) -> bytes | None:
-        """Frames released in ``chunk`` order (b"" while one is held), or None for a frame already passed.
-
-        Telnyx does not guarantee order; ``media.chunk`` counts media frames from 1. A gap waits for at most
-        :data:`REORDER_WINDOW_FRAMES` later frames, then the missing frame is given up as lost.
-        """
-        if chunk is None:
-            return frame  # no counter: arrival order is all we have
-        if self._next_chunk is None:
-            self._next_chunk = 1 if chunk <= REORDER_WINDOW_FRAMES else chunk
-        if chunk < self._next_chunk:
-            return None
-        self._held[chunk] = frame
-        if len(self._held) > REORDER_WINDOW_FRAMES:
-            self._next_chunk = min(self._held)
-        released = bytearray()
-        while self._next_chunk in self._held:
-            released += self._held.pop(self._next_chunk)
-            self._next_chunk += 1
-        return bytes(released)
-
-    def media(self, mulaw: bytes) -> str:
-        """Play μ-law 8 kHz to the caller (PCMU, our bidirectional codec), at least 20 ms per message."""
-        if len(mulaw) < MIN_OUTBOUND_BYTES:
-            mulaw += MULAW_SILENCE * (MIN_OUTBOUND_BYTES - len(mulaw))
-        return json.dumps({"event": "media", "media": {"payload": base64.b64encode(mulaw).decode("ascii")}})
-
-    def mark(self, name: str) -> str:
-        """Ask Telnyx to echo ``name`` once playback reaches this point."""
-        return json.dumps({"event": "mark", "mark": {"name": name}})
-
-    def clear(self) -> str:
-        """Drop all audio Telnyx still has queued for the caller (barge-in)."""
-        return json.dumps({"event": "clear"})
+@bp.before_request
+def refuse_forged_stream_auth_token() -> None:
+    """Telnyx signs no upgrade, but sends our ``stream_auth_token`` (a relay token) as a header when we set one
+    (Call Control): a header that is not a live relay token is refused with 403 before the socket opens.
+    TeXML streams send no header; their token arrives in ``start`` and is checked there."""
+    if request.endpoint != "telnyx.media_socket":
+        return
+    token = request.headers.get(STREAM_AUTH_HEADER)
+    if token is not None and not services().relay_tokens.verifies(token, carrier=CARRIER):
+        log.warning("telnyx media upgrade refused: invalid %s header", STREAM_AUTH_HEADER)
+        abort(403, description="invalid streaming auth token")
 
 
 @sock.route("/media", bp=bp)
 def media_socket(ws: CarrierSocket) -> None:
-    """``wss://…/telnyx/media``: Telnyx signs no upgrade; the relay token is checked on ``start``."""
+    """``wss://…/telnyx/media``: the auth-token header was checked on upgrade; the relay token on ``start``."""
     svc = services()
-    codec = TelnyxMediaCodec(auth_token=request.headers.get(STREAM_AUTH_HEADER))
-    end = bridge_leg(ws, codec, svc)
-    if codec.call_id and codec.parameters.get(FLOW_PARAMETER) != FLOW_TEXML:
-        _say_goodbye_if_left_up(svc, codec.call_id, end)
+    # The token may come as Telnyx's auth header (Call Control's stream_auth_token) or in our stream URL's query
+    # (TeXML, whose <Stream> documents no token attribute); the start frame's parameters are read too.
+    codec = TelnyxMediaCodec(auth_token=request.headers.get(STREAM_AUTH_HEADER)
+                             or request.args.get(RELAY_TOKEN_PARAMETER))
+    end = bridge_leg(FramedSocket(ws), codec, svc, start_timeout=MEDIA_START_TIMEOUT_SECONDS)
+    if codec.call_id and codec.parameters.get(FLOW_PARAMETER) != FLOW_TEXML and _verified(svc, codec):
+        _say_goodbye_if_left_up(svc, codec, end)
 
 
-def _say_goodbye_if_left_up(svc: Services, call_id: str, end: RelayEnd | None) -> None:
-    """A Call Control call whose stream ended on our side is still up: say so and hang up, never dead air."""
+def _verified(svc: Services, codec: TelnyxMediaCodec) -> bool:
+    """Whether the socket's ``start`` carried a relay token for its call: an unauthenticated ``start`` naming
+    some real call must never make the bridge send that call a command."""
     try:
-        if end is None:
+        svc.relay_tokens.open(codec.parameters.get(RELAY_TOKEN_PARAMETER), carrier=CARRIER, call_id=codec.call_id)
+    except InvalidRelayToken:
+        return False
+    return True
+
+
+def _say_goodbye_if_left_up(svc: Services, codec: TelnyxMediaCodec, end: RelayEnd | None) -> None:
+    """A Call Control call whose stream ended on our side is still up: the profile's fallback (unavailable:
+    message, then forward or hang up) or the session-over goodbye — never dead air. Only for a stream whose
+    relay token verified (:func:`_verified`)."""
+    call_id = str(codec.call_id)
+    try:
+        call = svc.lifecycle.call_record(CARRIER, call_id)
+        if end is None and codec.refused_encoding:
+            log.error("telnyx call=%s arrived in %s, which the bridge cannot decode: fallback", call_id,
+                      codec.refused_encoding)
+            svc.lifecycle.leg_ended(CARRIER, call_id, UNSUPPORTED_CODEC, clean=False)
+            goodbye = GOODBYE_UNAVAILABLE
+        elif end is None:
             # No relay ran: a refused token (nothing to do for an unverified call) or Kallglot unreachable.
-            if svc.lifecycle.call_record(CARRIER, call_id).get("end_reason") != KALLGLOT_UNREACHABLE:
+            if call.get("end_reason") != KALLGLOT_UNREACHABLE:
                 return
             goodbye = GOODBYE_UNAVAILABLE
         elif end in ENDS_LEAVING_CALL_UP:
             goodbye = GOODBYE_SESSION_OVER
         else:
             return
-        telnyx_control().say_goodbye(call_id, goodbye, command_id=f"{call_id}:stream-over")
+        to_number = call.get("to", "")
+        profile = svc.profiles.for_number(to_number)
+        telnyx_control().say_goodbye(call_id, goodbye, profile, to_number=to_number,
+                                     command_id=f"{call_id}:stream-over")
     except (telnyx.APIError, redis.RedisError) as exc:
         log.error("telnyx call=%s could not say goodbye after the stream ended: %s", call_id, exc)

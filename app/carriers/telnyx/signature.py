@@ -12,7 +12,7 @@ from flask import abort, request
 from telnyx.lib.webhook_verification import WebhookVerificationError, verify_webhook_signature
 
 from app.extensions import services
-from app.carriers.telnyx import bp
+from app.carriers.telnyx.blueprint import bp
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import xml.etree.ElementTree as ET
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import redis
 from flask import Response, abort, request
@@ -20,17 +20,19 @@ from flask import Response, abort, request
 from app.config import Settings
 from app.extensions import services
 from app.kallglot.client import KallglotError
-from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
-from app.carriers.telnyx import CARRIER, bp
-from app.carriers.telnyx.media import FLOW_PARAMETER, FLOW_TEXML
+from app.profiles import NumberProfile
+from app.carriers.contract import TERMINAL_CALL_STATUSES
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
+from app.carriers.telnyx import CARRIER
+from app.carriers.telnyx.blueprint import bp
+from app.carriers.telnyx.codec import FLOW_PARAMETER, FLOW_TEXML
 from app.carriers.telnyx.session import start_leg
-from app.carriers.twilio.twiml import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 
 log = logging.getLogger(__name__)
 
 #: call_control_ids look like ``v3:T02llQxIy…``; accept that alphabet, bounded, and nothing else.
 CALL_CONTROL_ID = re.compile(r"^[A-Za-z0-9:_\-]{8,256}$")
-TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 #: Hang-up causes of an ordinary end; any other cause is a loss the lifecycle may hold for a reconnect.
 CLEAN_HANGUP_CAUSES = frozenset({"normal_clearing", "originator_cancel"})
 #: Telnyx's docs name the stream failure both ways; accept both.
@@ -41,23 +43,42 @@ def _xml(root: ET.Element) -> Response:
     return Response(ET.tostring(root, encoding="unicode", xml_declaration=True), mimetype="text/xml")
 
 
-def connect_stream(settings: Settings, *, session_id: str, relay_token: str) -> ET.Element:
+def connect_stream(settings: Settings, *, session_id: str, relay_token: str,
+                   profile: NumberProfile | None = None) -> ET.Element:
     """``<Connect><Stream>`` to our relay (bidirectional RTP, PCMU back), then a goodbye and ``<Hangup/>``.
 
     ``bidirectionalMode="rtp"``: in the default ``mp3`` mode Telnyx silently drops raw return audio.
+    ``codec="PCMU"``: Telnyx transcodes the caller's leg to μ-law where it can (PCMU↔PCMA only).
+    The relay token travels twice: in the URL's query (the ``url`` attribute is documented; the page documents no
+    ``<Parameter>`` child) and as a ``<Parameter>`` (TwiML-compatible); the relay accepts either.
     ``<Connect>`` waits until the stream stops, so the verbs after it run only when our relay closed the
     stream with the caller still on the line (Kallglot ended or failed): never dead air.
     """
     root = ET.Element("Response")
+    if profile is not None and profile.greeting:  # said before the stream connects, as on Twilio
+        ET.SubElement(root, "Say", {"language": profile.greeting_language or "en-US"}).text = profile.greeting
     connect = ET.SubElement(root, "Connect")
     stream = ET.SubElement(connect, "Stream", {
-        "url": settings.public_ws("/telnyx/media"), "track": "inbound_track",
-        "bidirectionalMode": "rtp", "bidirectionalCodec": "PCMU",
+        "url": settings.public_ws("/telnyx/media") + "?" + urlencode({RELAY_TOKEN_PARAMETER: relay_token}),
+        "track": "inbound_track", "codec": "PCMU", "bidirectionalMode": "rtp", "bidirectionalCodec": "PCMU",
         "statusCallback": settings.public("/telnyx/texml/status"), "statusCallbackMethod": "POST"})
     for name, value in ((SESSION_PARAMETER, session_id), (RELAY_TOKEN_PARAMETER, relay_token),
                         (FLOW_PARAMETER, FLOW_TEXML)):
         ET.SubElement(stream, "Parameter", {"name": name, "value": value})
     _say_and_hang_up(root, SESSION_OVER_MESSAGE)
+    return root
+
+
+def fallback(profile: NumberProfile) -> ET.Element:
+    """Kallglot cannot take the call: the profile's message in its language, then ``<Dial>`` its fallback
+    number or hang up (as Twilio's :func:`app.carriers.twilio.twiml.fallback`)."""
+    root = ET.Element("Response")
+    ET.SubElement(root, "Say", {"language": profile.fallback_language or "en-US"}).text = \
+        profile.fallback_message or UNAVAILABLE_MESSAGE
+    if profile.fallback_number:
+        ET.SubElement(root, "Dial").text = profile.fallback_number
+    else:
+        ET.SubElement(root, "Hangup")
     return root
 
 
@@ -68,8 +89,14 @@ def _say_and_hang_up(root: ET.Element, message: str) -> ET.Element:
 
 
 def _form() -> dict[str, str]:
-    """The verified raw body as form fields (first value of each)."""
-    fields = parse_qs(request.get_data(as_text=True), keep_blank_values=True, max_num_fields=200)
+    """The verified raw body as form fields; 400 for a body that is not a form of single-valued fields."""
+    try:
+        fields = parse_qs(request.get_data(as_text=True), keep_blank_values=True, max_num_fields=200)
+    except ValueError:  # more than max_num_fields
+        abort(400, description="body is not a form Telnyx would send")
+    repeated = sorted(name for name, values in fields.items() if len(values) > 1)
+    if repeated:
+        abort(400, description=f"fields given more than once: {', '.join(repeated)[:200]}")
     return {name: values[0] for name, values in fields.items()}
 
 
@@ -90,18 +117,25 @@ def texml_voice() -> Response:
     metadata = {"telnyx_call_control_id": call_id, "telnyx_call_session_id": form.get("CallSessionId", ""),
                 "telnyx_connection_id": form.get("ConnectionId", "")}
     try:
-        leg = start_leg(svc, call_id=call_id, to_number=to_number, from_number=from_number,
-                        metadata={k: v for k, v in metadata.items() if v})
+        leg, relay_token = start_leg(svc, call_id=call_id, to_number=to_number, from_number=from_number,
+                                     metadata={k: v for k, v in metadata.items() if v})
     except (KallglotError, redis.RedisError) as exc:
         log.error("telnyx texml call=%s to=%s could not start a session: %s", call_id, to_number, exc)
-        return _xml(_say_and_hang_up(ET.Element("Response"), UNAVAILABLE_MESSAGE))
-    log.info("telnyx texml call=%s session=%s to=%s mode=%s answered", call_id, leg.session_id, to_number, leg.mode)
-    return _xml(connect_stream(svc.settings, session_id=leg.session_id, relay_token=leg.relay_token))
+        try:
+            profile = svc.profiles.for_number(to_number)
+        except redis.RedisError:
+            profile = NumberProfile()  # Redis down too: the built-in apology, still an answer
+        return _xml(fallback(profile))
+    log.info("telnyx texml call=%s session=%s to=%s mode=%s answered", call_id, leg.session.id, to_number,
+             leg.profile.mode)
+    return _xml(connect_stream(svc.settings, session_id=leg.session.id, relay_token=relay_token,
+                               profile=leg.profile))
 
 
 @bp.post("/texml/status")
 def texml_status() -> tuple[str, int]:
-    """Call status and ``<Stream statusCallback>`` callbacks: record them; a final one ends the leg."""
+    """Call status and ``<Stream statusCallback>`` callbacks: record them; a final one ends the leg. Answers 200
+    (Telnyx's TeXML callback pages require it; any other status is re-sent to the failover URL)."""
     form = _form()
     call_id = _call_id(form)
     lifecycle = services().lifecycle
@@ -114,7 +148,7 @@ def texml_status() -> tuple[str, int]:
             if stream_event in STREAM_OVER_EVENTS:
                 lifecycle.leg_ended(CARRIER, call_id, stream_event.replace("-", "_"),
                                     clean=stream_event == "stream-stopped")
-            return "", 204
+            return "", 200
         status, cause = form.get("CallStatus", ""), form.get("HangupCause", "")
         lifecycle.record_event(CARRIER, call_id, "call-status", {
             "status": status, "sequence": form.get("SequenceNumber", ""), "duration": form.get("CallDuration", ""),
@@ -125,4 +159,4 @@ def texml_status() -> tuple[str, int]:
     except redis.RedisError as exc:
         log.error("telnyx texml call=%s status %s not recorded: %s", call_id, stream_event or "call", exc)
         return "state store unavailable", 503
-    return "", 204
+    return "", 200  # Telnyx's callback pages: anything but 200 is retried at the failover URL

@@ -1,9 +1,10 @@
-"""The Twilio adapter: voice and status webhooks, and the Media Streams relay socket.
+"""The Twilio adapter: voice and status webhooks, TwiML, signatures, the Media Streams codec and socket, call
+control and number provisioning. Only this package (and :mod:`app.carriers.telnyx` for Telnyx) knows a carrier's
+wire format.
 
-This package (with ``app.carriers.telnyx`` later) is the only code that knows Twilio's wire formats.
+Importing the package loads nothing else: the routes are registered by :mod:`app.carriers.twilio.adapter`
+(through :mod:`app.carriers.registry`), so the codec or the call control can be imported alone.
 """
-from flask import Blueprint
 
-bp = Blueprint("twilio", __name__, url_prefix="/twilio")
-
-from app.carriers.twilio import media, webhooks  # noqa: E402,F401  (routes register themselves on bp)
+#: The carrier name in relay tokens, Redis keys, metrics labels and the lifecycle.
+CARRIER = "twilio"

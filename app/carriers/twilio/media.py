@@ -1,77 +1,14 @@
-"""Twilio Media Streams: the codec for Twilio's JSON frames and the ``/twilio/media`` WebSocket route."""
+"""The ``/twilio/media`` WebSocket route: one Twilio Media Stream bridged to its Kallglot session."""
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-
+from app.carriers.twilio.blueprint import bp
+from app.carriers.twilio.codec import TwilioMediaCodec
 from app.extensions import services, sock
-from app.relay.bridge import bridge_leg
-from app.carriers.contract import (
-    CarrierEvent, Connected, Ignored, Malformed, Media, StreamStarted, decode_json_frame, parse_shared_event,
-)
+from app.relay.bridge import MEDIA_START_TIMEOUT_SECONDS, bridge_leg
 from app.relay.core import CarrierSocket
-from app.carriers.twilio import bp
-
-
-class TwilioMediaCodec:
-    """Parses Twilio's Media Streams frames (A3) and builds ``media``/``mark``/``clear`` frames back."""
-
-    carrier = "twilio"
-
-    def __init__(self) -> None:
-        self.stream_sid: str | None = None
-
-    def parse(self, raw: str | bytes) -> CarrierEvent:
-        """Turn one Twilio frame into a relay event; never raises."""
-        message = decode_json_frame(raw, "Twilio")
-        if isinstance(message, Malformed):
-            return message
-        event = message.get("event")
-        if event == "media":
-            if self.stream_sid is None:
-                return Malformed("media before start", close_code=1008)
-            media = message.get("media")
-            if not isinstance(media, dict):
-                return Malformed("media frame without media", fatal=False)
-            if media.get("track", "inbound") != "inbound":
-                return Ignored("media:" + str(media.get("track")))
-            try:
-                return Media(base64.b64decode(media.get("payload", ""), validate=True))
-            except (binascii.Error, ValueError, TypeError):
-                return Malformed("media payload is not base64", fatal=False)
-        if event == "start":
-            start = message.get("start")
-            if not isinstance(start, dict) or not isinstance(start.get("callSid"), str) \
-                    or not isinstance(start.get("streamSid") or message.get("streamSid"), str):
-                return Malformed("start without callSid and streamSid", close_code=1008)
-            params = start.get("customParameters")
-            self.stream_sid = str(start.get("streamSid") or message.get("streamSid"))
-            return StreamStarted(call_id=start["callSid"], stream_id=self.stream_sid,
-                                 parameters={str(k): str(v) for k, v in params.items()}
-                                 if isinstance(params, dict) else {})
-        if event == "connected":
-            return Connected()
-        shared = parse_shared_event(event, message)
-        if shared is not None:
-            return shared
-        return Ignored(str(event))
-
-    def media(self, mulaw: bytes) -> str:
-        """Play headerless μ-law 8 kHz to the caller."""
-        return json.dumps({"event": "media", "streamSid": self.stream_sid,
-                           "media": {"payload": base64.b64encode(mulaw).decode("ascii")}})
-
-    def mark(self, name: str) -> str:
-        """Ask Twilio to echo ``name`` once playback reaches this point."""
-        return json.dumps({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
-
-    def clear(self) -> str:
-        """Drop all audio Twilio still has queued for the caller (barge-in)."""
-        return json.dumps({"event": "clear", "streamSid": self.stream_sid})
 
 
 @sock.route("/media", bp=bp)
 def media_socket(ws: CarrierSocket) -> None:
     """``wss://…/twilio/media``: the signature was checked on upgrade; the relay token is checked on ``start``."""
-    bridge_leg(ws, TwilioMediaCodec(), services())
+    bridge_leg(ws, TwilioMediaCodec(), services(), start_timeout=MEDIA_START_TIMEOUT_SECONDS)

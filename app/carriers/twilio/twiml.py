@@ -5,12 +5,8 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from app.config import Settings
 from app.profiles import NumberProfile
-from app.relay.bridge import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
-
-#: Said when Kallglot cannot take the call and the profile has no message of its own.
-UNAVAILABLE_MESSAGE = ("We're sorry, the translation service is not available right now. "
-                       "Please try your call again later. Goodbye.")
-SESSION_OVER_MESSAGE = "The translation session has ended. Goodbye."
+from app.calls.prompts import UNAVAILABLE_MESSAGE
+from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 
 
 def connect_stream(settings: Settings, *, session_id: str, relay_token: str, greeting: str = "",
@@ -30,6 +26,19 @@ def connect_stream(settings: Settings, *, session_id: str, relay_token: str, gre
     stream.parameter(name=SESSION_PARAMETER, value=session_id)
     stream.parameter(name=RELAY_TOKEN_PARAMETER, value=relay_token)
     response.append(connect)
+    return str(response)
+
+
+REATTACH_PIN_PROMPT = "Welcome back. To rejoin your call, please enter your PIN."
+
+
+def ask_reattach_pin(settings: Settings, pin_digits: int = 8) -> str:
+    """Ask a returning caller for the number's re-attach PIN; the digits (or none) go to ``/twilio/reattach-pin``."""
+    response = VoiceResponse()
+    gather = response.gather(action=settings.public("/twilio/reattach-pin"), method="POST", input="dtmf",
+                             num_digits=pin_digits, finish_on_key="#", timeout=6, action_on_empty_result=True)
+    gather.say(REATTACH_PIN_PROMPT)
+    response.redirect(settings.public("/twilio/reattach-pin"), method="POST")  # no digits at all: new session
     return str(response)
 
 

@@ -11,7 +11,9 @@ from flask import Response, abort, request
 
 from app import metrics
 from app.extensions import Services, services
-from app.calls.legs import live_session, start_inbound_leg
+from app.calls.legs import live_session, reattach_pin_wanted, start_inbound_leg
+from app.carriers.contract import TERMINAL_CALL_STATUSES
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.kallglot.client import KallglotError, KallglotSession
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.logging_setup import bind_log_context
@@ -19,17 +21,15 @@ from app.profiles import NumberProfile
 from app.relay.bridge import KALLGLOT_UNREACHABLE
 from app.relay.core import RelayEnd
 from app.redis_keys import first_seen
-from app.relay.tokens import RelayGrant
-from app.carriers.twilio import bp, twiml
+from app.carriers.twilio import CARRIER, twiml
+from app.carriers.twilio.blueprint import bp
 from app.carriers.twilio.signature import request_is_from_twilio
+from twilio.twiml.voice_response import VoiceResponse
 
 log = logging.getLogger(__name__)
 
-CARRIER = "twilio"
 #: Twilio call SIDs are "CA" + 32 hex digits; anything else is not a Twilio call.
 CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
-#: Final call states (A4): the leg is over.
-TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 #: How often one call's media stream is restored after it dropped, before the caller gets the fallback.
 MAX_STREAM_RESTARTS = 3
 #: Leg end reasons (set by the relay) after which Kallglot, not the stream, is the problem.
@@ -60,10 +60,8 @@ def _stream_twiml(svc: Services, session: KallglotSession, call_sid: str, profil
                   speaker: str = SPEAKER_CUSTOMER) -> str:
     """``<Connect><Stream>`` for ``session`` with a fresh relay token (and the greeting on a first answer)."""
     assert session.stream is not None
-    expires = session.stream.expires_at.timestamp() if session.stream.expires_at else None
-    token = svc.relay_tokens.seal(RelayGrant(
-        session_id=session.id, carrier=CARRIER, call_id=call_sid, speaker=speaker,
-        stream_url=session.stream.url, stream_token=session.stream.token, stream_expires_at=expires))
+    token = svc.relay_tokens.seal_stream(session.stream, session_id=session.id, carrier=CARRIER, call_id=call_sid,
+                                         speaker=speaker)
     return twiml.connect_stream(svc.settings, session_id=session.id, relay_token=token,
                                 greeting=profile.greeting if profile else "",
                                 greeting_language=profile.greeting_language if profile else "en-US")
@@ -72,18 +70,37 @@ def _stream_twiml(svc: Services, session: KallglotSession, call_sid: str, profil
 @bp.post("/voice")
 def voice() -> Response:
     """A call came in: re-attach to the caller's held session, or create one, and connect the media stream."""
+    return _answer_inbound(reattach_pin=None)
+
+
+@bp.post("/reattach-pin")
+def reattach_pin() -> Response:
+    """The digits a returning caller keyed in (``caller_id_pin`` numbers): re-attach if they are the PIN,
+    else a new session — never the held one."""
+    return _answer_inbound(reattach_pin=request.form.get("Digits", "")[:16])
+
+
+def _answer_inbound(reattach_pin: str | None) -> Response:
     call_sid = _call_sid()
-    to_number, from_number = request.form.get("To", ""), request.form.get("From", "")
+    to_number, from_number = request.form.get("To", "")[:32], request.form.get("From", "")[:32]
     svc = services()
     try:
         profile = svc.profiles.for_number(to_number)
+        if svc.lifecycle.call_record(CARRIER, call_sid).get("state") == "ended":
+            # A replayed (signed) voice webhook of a call that is over must not start or join anything.
+            log.warning("twilio call=%s voice webhook for a call already ended refused", call_sid)
+            abort(409, description="this call has already ended")
+        if reattach_pin is None and reattach_pin_wanted(svc, to_number=to_number, from_number=from_number):
+            log.info("twilio call=%s to=%s returning caller asked for the re-attach PIN", call_sid, to_number)
+            return _xml(twiml.ask_reattach_pin(svc.settings))
     except redis.RedisError as exc:
         log.error("twilio call=%s to=%s: Redis unreachable, fallback: %s", call_sid, to_number, exc)
         metrics.count_fallback(CARRIER, "redis_unavailable")
         return _xml(twiml.fallback(svc.profiles.default))
     try:
         started = start_inbound_leg(svc, carrier=CARRIER, call_id=call_sid, to_number=to_number,
-                                    from_number=from_number, metadata={"twilio_call_sid": call_sid})
+                                    from_number=from_number, metadata={"twilio_call_sid": call_sid},
+                                    reattach_pin=reattach_pin)
     except (KallglotError, redis.RedisError) as exc:
         log.error("twilio call=%s to=%s could not start a session, fallback: %s", call_sid, to_number, exc)
         metrics.count_fallback(CARRIER, "kallglot_unavailable" if isinstance(exc, KallglotError) else "redis_unavailable")
@@ -98,16 +115,15 @@ def voice() -> Response:
 
 
 def _first_delivery(svc: Services) -> bool:
-    """False for a retried delivery of a callback already handled.
+    """False for a repeated delivery of a callback already handled.
 
-    Twilio marks each webhook with ``I-Twilio-Idempotency-Token`` (the same on its retries); without it the
-    signed parameters themselves identify the delivery (a retry repeats them exactly, ``Timestamp`` included).
+    The key is the hash of what ``X-Twilio-Signature`` covers — the path and every POST parameter (a retry
+    repeats them exactly, ``Timestamp``/``SequenceNumber`` included) — never the unsigned
+    ``I-Twilio-Idempotency-Token`` header, which a replay can simply change.
     """
-    token = request.headers.get("I-Twilio-Idempotency-Token", "")[:200]
-    if not token:
-        params = "&".join(f"{k}={v}" for k, v in sorted(request.form.items(multi=True)))
-        token = hashlib.sha256(f"{request.path}?{params}".encode()).hexdigest()
-    return first_seen(svc.redis, svc.keys.seen(CARRIER, token))
+    params = sorted(request.form.items(multi=True))
+    signed = "\0".join([request.path, *(f"{k}={v}" for k, v in params)])
+    return first_seen(svc.redis, svc.keys.seen(CARRIER, hashlib.sha256(signed.encode()).hexdigest()))
 
 
 @bp.post("/status")
@@ -156,19 +172,29 @@ def connect_action() -> Response:
     svc = services()
     try:
         call = svc.lifecycle.call_record(CARRIER, call_sid)
+        reason = call.get("end_reason", "") if call.get("state") == "ended" else ""
+        status = request.form.get("CallStatus", "")
+        if status in TERMINAL_CALL_STATUSES or reason.startswith("call_"):
+            # The call itself is over (this request, or its status callback, says so): nothing to restore, and
+            # re-attaching would revive a leg whose caller is gone and hold its session open.
+            if call.get("session_id") and not reason:
+                svc.lifecycle.leg_ended(CARRIER, call_sid, f"call_{status}", clean=True)
+            return _xml(str(VoiceResponse()))
         profile = svc.profiles.for_number(call.get("to", request.form.get("To", "")))
         session_id = call.get("session_id")
-        reason = call.get("end_reason", "") if call.get("state") == "ended" else ""
         if not session_id or reason == "relay_kallglot_ended":
             svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
-            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+            return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
         if reason in KALLGLOT_FAILURES or int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
             svc.lifecycle.leg_ended(CARRIER, call_sid, reason or "stream_restarts_exhausted", clean=False)
             return _xml(twiml.fallback(profile))
         session = live_session(svc, session_id)
         if session is None or not svc.lifecycle.reattach_leg(CARRIER, call_sid):
             svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
-            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+            return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
+        # Twilio asks for <Connect action> only once the stream is over: the old relay's lease (a killed
+        # worker's lingers until it lapses) must not refuse the restored stream.
+        svc.relay_guard.forget_leg(CARRIER, call_sid)
     except (KallglotError, redis.RedisError) as exc:
         log.error("twilio call=%s stream could not be restored, fallback: %s", call_sid, exc)
         return _xml(twiml.fallback(NumberProfile()))
@@ -189,7 +215,7 @@ def outbound_answer() -> Response:
             log.warning("twilio call=%s answered but has no live session", call_sid)
             if call:
                 svc.lifecycle.leg_ended(CARRIER, call_sid, "session_gone")
-            return _xml(twiml.say_and_hang_up(twiml.SESSION_OVER_MESSAGE))
+            return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
     except (KallglotError, redis.RedisError) as exc:
         log.error("twilio call=%s outbound answer failed, fallback: %s", call_sid, exc)
         return _xml(twiml.fallback(NumberProfile()))
@@ -215,4 +241,4 @@ def fallback() -> Response:
     metrics.count_fallback(CARRIER, "voice_fallback_url")
     log.error("twilio call=%s fallback used (ErrorCode=%s)", request.form.get("CallSid", "?"),
               request.form.get("ErrorCode", "?"))
-    return _xml(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
+    return _xml(twiml.say_and_hang_up(UNAVAILABLE_MESSAGE))

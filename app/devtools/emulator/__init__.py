@@ -1,6 +1,7 @@
 """A faithful local emulator of the Kallglot REST API and stream WebSocket, for tests and the demo.
 
-It implements the newer Kallglot docs plus the project's §9 working assumptions (shared/kallglot-api.md).
+It implements the newer Kallglot docs plus the project's working assumptions where they are silent
+(listed in :mod:`app.kallglot.stream_protocol`).
 Run it as ONE process: ``python -m app.devtools.emulator`` or one gunicorn gevent worker
 (``gunicorn -k gevent -w 1 'app.devtools.emulator:create_emulator_app()'``), since all state is in memory.
 """
@@ -17,6 +18,10 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "KALLGLOT_EMULATOR_API_KEY": "sk_test_emulator",
     "KALLGLOT_EMULATOR_STREAM_TOKEN_TTL": 300,
     "KALLGLOT_EMULATOR_PUBLIC_URL": None,
+    # Where (and with which signing secret) to send session.ended / transcript.ready / recording.ready;
+    # unset: no webhooks (the bridge's KALLGLOT_WEBHOOK_SECRET must match).
+    "KALLGLOT_EMULATOR_WEBHOOK_URL": None,
+    "KALLGLOT_EMULATOR_WEBHOOK_SECRET": None,
 }
 
 
@@ -26,6 +31,7 @@ def create_emulator_app(config: dict[str, Any] | None = None) -> Flask:
     from flask import Flask
     from flask_sock import Sock
 
+    from .artifacts import notify_ended, register_artifact_routes
     from .rest import register_rest_routes
     from .state import EmulatorState
     from .stream import register_stream_route
@@ -41,6 +47,10 @@ def create_emulator_app(config: dict[str, Any] | None = None) -> Flask:
         public_url=settings["KALLGLOT_EMULATOR_PUBLIC_URL"] or None,
     )
     app.extensions["kallglot_emulator"] = state
-    register_rest_routes(app, state)
-    register_stream_route(Sock(app), state)
+    def ended(session_id: str) -> None:
+        notify_ended(app, state, session_id)
+
+    register_rest_routes(app, state, on_ended=ended)
+    register_artifact_routes(app, state)
+    register_stream_route(Sock(app), state, on_ended=ended)
     return app

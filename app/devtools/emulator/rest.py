@@ -18,7 +18,8 @@ E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
 
 class ApiError(Exception):
-    """An error answered with the Kallglot error envelope (§2.5)."""
+    """An error answered with the Kallglot error envelope (``{"error": {"type", "code", "message", …}}``, see
+    https://developer.kallglot.com/errors)."""
 
     def __init__(self, status: int, type_: str, code: str, message: str, *, param: str | None = None,
                  retry_after: int | float | None = None) -> None:
@@ -58,7 +59,7 @@ def _json_body() -> dict[str, Any]:
 
 
 def validate_create(body: dict[str, Any]) -> dict[str, Any]:
-    """Check a create body against the newer docs (§2.1) and return the Session constructor fields."""
+    """Check a create body against the newer docs (create a session) and return the Session constructor fields."""
     if "provider" in body:
         raise _invalid("invalid_provider", "The provider object is no longer accepted; use routing.",
                        "provider", status=400)
@@ -118,8 +119,9 @@ def normalise_fault(raw: Any) -> dict[str, Any]:
             "session_id": raw.get("session_id")}
 
 
-def register_rest_routes(app: Flask, state: EmulatorState) -> None:
-    """Attach the ``/v1`` API, the control API and the JSON error handling to ``app``."""
+def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[str], None] | None = None) -> None:
+    """Attach the ``/v1`` API, the control API and the JSON error handling to ``app``; ``on_ended(session_id)``
+    runs when a REST ``end`` ends a session (the after-call webhooks)."""
 
     @app.before_request
     def assign_request_id() -> None:
@@ -155,7 +157,7 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
                         retry_after=fault["retry_after"]).response()
 
     def run_idempotent(api_key: str, endpoint: str, produce: Callable[[], Response]) -> Response:
-        """Run ``produce`` once per Idempotency-Key (§7); injected faults and 5xx are not remembered."""
+        """Run ``produce`` once per Idempotency-Key; injected faults and 5xx are not remembered."""
         idempotency_key = request.headers.get("Idempotency-Key")
         if not idempotency_key:
             fault = apply_fault(endpoint)
@@ -226,7 +228,7 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
         if fault is not None:
             return fault
         session = find_session(session_id)
-        # Our §9.4 assumption: while the session is not ended, a GET mints a fresh stream token.
+        # Assumption 4 (app.kallglot.stream_protocol): while the session is not ended, a GET mints a fresh token.
         return jsonify(session.public_view(stream=stream_view(session) if session.status != "ended" else None))
 
     @app.post("/v1/sessions/<session_id>/end")
@@ -239,6 +241,8 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
             if outcome is None:
                 raise ApiError(404, "invalid_request_error", "not_found", f"No session {session_id}.")
             summary, connections = outcome
+            if on_ended is not None:
+                on_ended(session_id)
             for conn in connections:
                 conn.send({"type": "session.ended", "session_id": session_id, "reason": "api_end"})
                 conn.close(1000, "session ended")
@@ -300,6 +304,9 @@ def register_rest_routes(app: Flask, state: EmulatorState) -> None:
         with state.lock:
             connections = session.live_connections()
         # A string message is sent verbatim, so tests can also push invalid JSON.
+        for message in messages:
+            if isinstance(message, dict) and message.get("type") == "transcript.final":
+                state.add_turn(session_id, message)
         delivered = sum(all([conn.send(message) for message in messages]) for conn in connections)
         return jsonify({"connections": delivered})
 

@@ -1,4 +1,6 @@
-"""In-memory state of the Kallglot emulator: sessions, stream tokens, connections, idempotency, faults.
+"""Emulator state (long: one object behind one lock keeps every control-API view consistent; it grew with it).
+
+In-memory state of the Kallglot emulator: sessions, stream tokens, connections, idempotency, faults.
 
 Everything lives on one ``EmulatorState`` object (kept in ``app.extensions["kallglot_emulator"]``) and is
 guarded by one lock, so REST handlers, stream handlers and the control API may run in any greenlet or thread.
@@ -20,7 +22,7 @@ from typing import Any
 from simple_websocket import ConnectionClosed
 
 MODES = frozenset({"bidirectional_translation", "assistive_translation", "ai_agent", "help_chat_voice"})
-# The docs promise "25+ languages" with ISO-639-1 examples; the full list was never captured (§7).
+# The docs promise "25+ languages" with ISO-639-1 examples; the full list was never captured.
 LANGUAGES = frozenset(
     "en es de fr it pt nl pl ru uk tr ar he hi bn ur zh ja ko vi th id ms sv da no fi el cs ro hu".split()
 )
@@ -61,11 +63,8 @@ class StreamConnection:
     audio_bytes: int = 0
     outputs_sent: int = 0
     pings_received: int = 0
-    #: The close code the emulator sent, when it closed first.
-    closed_with: int | None = None
-    #: How the connection ended as the emulator saw it: the client's close code when the client closed, ours
-    #: when we closed and the client answered, 1006 when the TCP connection ended without a closing handshake.
-    close_code: int | None = None
+    closed_with: int | None = None  # our close code, when the emulator closed first
+    close_code: int | None = None  # how it ended as seen here (stream.observed_close_code)
 
     def send(self, message: dict[str, Any] | str) -> bool:
         """Send one text frame (a dict is JSON-encoded); return False if the socket is gone."""
@@ -126,6 +125,8 @@ class Session:
     audio_sequences: dict[str, list[float]] = field(default_factory=dict)
     audio_messages: dict[str, int] = field(default_factory=dict)
     errors_sent: list[str] = field(default_factory=list)
+    turns: list[dict[str, Any]] = field(default_factory=list)  # transcript turns said on the stream (§2.4)
+    webhooks_sent: bool = False  # the after-call webhooks went out (artifacts.notify_ended)
 
     @property
     def duration_seconds(self) -> float | None:
@@ -139,7 +140,7 @@ class Session:
         return [conn for conn in self.connections if conn.live]
 
     def public_view(self, *, stream: dict[str, Any] | None = None, with_times: bool = True) -> dict[str, Any]:
-        """The REST shape: §2.1 (create) or, with ``with_times``, §2.2 (retrieve); ``stream`` only if given."""
+        """The REST shape of create or, with ``with_times``, of retrieve; ``stream`` only if given."""
         view: dict[str, Any] = {
             "id": self.id, "object": "session", "status": self.status, "mode": self.mode,
             "provider": self.provider, "phone_number": self.phone_number,
@@ -154,7 +155,7 @@ class Session:
         return view
 
     def end_summary(self) -> dict[str, Any]:
-        """The body ``POST /v1/sessions/{id}/end`` answers with (§2.3)."""
+        """The body ``POST /v1/sessions/{id}/end`` answers with."""
         return {"id": self.id, "object": "session", "status": "ended",
                 "duration_seconds": self.duration_seconds, "ended_at": iso_utc(self.ended_at)}
 
@@ -227,7 +228,7 @@ class EmulatorState:
                 return "session_not_found"
             if session.status == "ended":
                 return "session_ended"
-            # The token is checked only here, at connect; an open socket outlives its expiry (§4).
+            # The token is checked only here, at connect; an open socket outlives its expiry (stream reference).
             expires_at = session.tokens.get(token)
             if expires_at is None or time.time() >= expires_at:
                 return "invalid_token"
@@ -261,6 +262,19 @@ class EmulatorState:
             session.status, session.ended_at, session.end_reason = "ended", time.time(), reason
             return session.end_summary(), session.live_connections()
 
+    def add_turn(self, session_id: str, message: dict[str, Any]) -> None:
+        """Keep a ``transcript.final`` sent on the stream as a turn of the session's transcript (§2.4 shape)."""
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return
+            turn: dict[str, Any] = {"sequence": len(session.turns) + 1, "speaker": str(message.get("speaker", "")),
+                                    "language": message.get("language"), "text": str(message.get("text", "")),
+                                    "timestamp": iso_utc(time.time())}
+            if isinstance(message.get("translation"), dict):
+                turn["translation"] = dict(message["translation"])
+            session.turns.append(turn)
+
     def record_error(self, session_id: str, code: str) -> None:
         """Remember that a ``session.error`` with ``code`` was sent on this session's stream."""
         with self.lock:
@@ -284,7 +298,7 @@ class EmulatorState:
             conn.audio_bytes += len(data)
             return list(range(seconds_before + 1, conn.audio_bytes // BYTES_PER_SECOND + 1))
 
-    # --- idempotency (§7) ----------------------------------------------------------------------
+    # --- idempotency (Idempotency-Key) ----------------------------------------------------------------------
     def idempotency_begin(self, scope: tuple[str, str], fingerprint: str) -> str | tuple[int, bytes]:
         """Claim an idempotency key: ``"new"``, ``"mismatch"``, ``"conflict"`` or the stored (status, body)."""
         with self.lock:

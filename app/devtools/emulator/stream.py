@@ -1,10 +1,12 @@
-"""The emulated stream WebSocket ``/v1/sessions/<id>/connect?token=…`` (§4 plus the §9 assumptions)."""
+"""The emulated stream WebSocket ``/v1/sessions/<id>/connect?token=…`` (Kallglot's stream reference, plus the
+assumptions in :mod:`app.kallglot.stream_protocol`)."""
 from __future__ import annotations
 
 import base64
 import binascii
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import request
@@ -34,7 +36,7 @@ def observed_close_code(conn: StreamConnection) -> int:
 
 
 def _audio_problem(message: dict[str, Any]) -> str | None:
-    """Why an ``audio.input`` breaks the §4 rules, or None when it is acceptable."""
+    """Why an ``audio.input`` breaks Kallglot's stream rules, or None when it is acceptable."""
     audio = message.get("audio")
     if not isinstance(audio, dict):
         return "audio must be an object"
@@ -58,8 +60,10 @@ def _audio_problem(message: dict[str, Any]) -> str | None:
 class StreamHandler:
     """Serves one stream connection from accept to close."""
 
-    def __init__(self, state: EmulatorState, conn: StreamConnection) -> None:
+    def __init__(self, state: EmulatorState, conn: StreamConnection,
+                 on_ended: Callable[[str], None] | None = None) -> None:
         self.state, self.conn, self.session_id = state, conn, conn.session_id
+        self.on_ended = on_ended  # sends the after-call webhooks (artifacts.notify_ended)
 
     def send_error(self, code: str, message: str) -> None:
         """Send ``session.error`` and remember its code on the session."""
@@ -142,22 +146,30 @@ class StreamHandler:
         source = (session.source_language if session else None) or "en"
         target = (session.target_language if session else None) or "es"
         for number in seconds:
-            self.conn.send({"type": "transcript.final", "speaker": speaker, "language": source,
-                            "text": f"(emulated utterance {number})",
-                            "translation": {"language": target, "text": f"(traducción {number})"}})
+            # Each second's final replaces its partial (same id); the next second's partial opens at once.
+            final = {"type": "transcript.final", "id": f"utt_{speaker}_{number}", "speaker": speaker,
+                     "language": source, "text": f"(emulated utterance {number})",
+                     "translation": {"language": target, "text": f"(traducción {number})"}}
+            self.conn.send(final)
+            self.state.add_turn(self.session_id, final)
+            self.conn.send({"type": "transcript.partial", "id": f"utt_{speaker}_{number + 1}", "speaker": speaker,
+                            "language": source, "text": f"(emulated utter… {number + 1}"})
 
     def end_session(self) -> None:
         """Client ``session.end``: end the session and close every leg with ``explicit_end``."""
         outcome = self.state.end(self.session_id, "explicit_end")
+        if self.on_ended is not None:
+            self.on_ended(self.session_id)
         connections = outcome[1] if outcome else []
         for conn in connections if self.conn in connections else [*connections, self.conn]:
             conn.send({"type": "session.ended", "session_id": self.session_id, "reason": "explicit_end"})
             conn.close(1000, "session ended")
 
 
-def register_stream_route(sock: Sock, state: EmulatorState) -> None:
+def register_stream_route(sock: Sock, state: EmulatorState, on_ended: Callable[[str], None] | None = None) -> None:
     """Attach the stream WebSocket route to the app behind ``sock``."""
 
     @sock.route("/v1/sessions/<session_id>/connect")
     def stream(ws: Any, session_id: str) -> None:
-        StreamHandler(state, StreamConnection(ws=ws, session_id=session_id)).serve(request.args.get("token", ""))
+        StreamHandler(state, StreamConnection(ws=ws, session_id=session_id), on_ended).serve(
+            request.args.get("token", ""))

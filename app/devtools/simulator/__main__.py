@@ -1,23 +1,34 @@
-"""``python -m app.devtools.simulator``: place one simulated Twilio call against a running service."""
+"""``python -m app.devtools.simulator``: place one simulated Twilio call against a running service.
+
+Defaults come from the environment, then from a running demo's ``.demo/env``: ``kallglot-simulate-call``
+with no options calls the demo.
+"""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from app.devtools.simulator.audio import SAMPLE_RATE, read_wav_as_ulaw, speech_like_tone, write_ulaw_as_wav
 from app.devtools.simulator.twilio import TwilioCallSimulator
+from app.envfile import environment_with_demo
 
 DEMO_AUTH_TOKEN = "demo-twilio-auth-token"
+FORBIDDEN_HINT = ("HINT: the service refused the webhook's signature (403). Most likely its TWILIO_AUTH_TOKEN is "
+                  "not the one this simulator signs with (--auth-token), or its PUBLIC_URL is not --public-url "
+                  "(Twilio signs the public URL). A service without TWILIO_AUTH_TOKEN refuses every Twilio request.")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; exit status 0 when a stream was established and audio came back, else 1."""
-    p = argparse.ArgumentParser(prog="python -m app.devtools.simulator", description=__doc__)
-    p.add_argument("--base-url", default="http://127.0.0.1:5000", help="where the service really listens")
-    p.add_argument("--public-url", default=None, help="the service's public base URL (default: --base-url)")
-    p.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN") or DEMO_AUTH_TOKEN)
-    p.add_argument("--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID") or None)
+    env = environment_with_demo()
+    p = argparse.ArgumentParser(prog="kallglot-simulate-call", description=__doc__.splitlines()[0])
+    p.add_argument("--base-url", default=env.get("DEMO_BASE_URL") or "http://127.0.0.1:5000",
+                   help="where the service really listens (default: the running demo's, else port 5000)")
+    p.add_argument("--public-url", default=env.get("PUBLIC_URL") if env.get("DEMO_BASE_URL") else None,
+                   help="the service's PUBLIC_URL, which Twilio signs (default: --base-url)")
+    p.add_argument("--auth-token", default=env.get("TWILIO_AUTH_TOKEN") or DEMO_AUTH_TOKEN,
+                   help="the service's TWILIO_AUTH_TOKEN (default: $TWILIO_AUTH_TOKEN, the demo's, or the demo value)")
+    p.add_argument("--account-sid", default=env.get("TWILIO_ACCOUNT_SID") or None)
     p.add_argument("--to", default="+15005550006")
     p.add_argument("--from", dest="from_", default="+15551230000")
     p.add_argument("--wav", default=None, help="caller audio (default: 3 s of a speech-like tone)")
@@ -44,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"callbacks: {result.callbacks}")
     for problem in result.errors + result.protocol_errors:
         print(f"ERROR {problem}", file=sys.stderr)
+    if result.webhook_status == 403:
+        print(FORBIDDEN_HINT, file=sys.stderr)
     return 0 if result.stream_sid and result.heard_audio else 1
 
 

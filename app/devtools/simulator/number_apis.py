@@ -1,11 +1,18 @@
-"""Local fakes of the Twilio and Telnyx number APIs that record every request (run under gunicorn by tests).
+"""Local fakes of the Twilio and Telnyx number APIs that record every request.
 
 Just enough of each API for the admin's "connect a number": list numbers (and Telnyx applications), update
-them. Control endpoints: ``POST /_fake/reset`` (JSON seed data) and ``GET /_fake/requests``.
+them. Two ways to run them:
+
+- alone, seeded by a test (``create_fake_twilio_app`` / ``create_fake_telnyx_app`` under gunicorn; control
+  endpoints ``POST /_fake/reset`` with JSON seed data and ``GET /_fake/requests``);
+- inside the demo's complete fake carriers, seeded with demo numbers: :func:`add_twilio_number_routes` is
+  mounted on the fake Twilio REST API (``twilio_rest``, which also places calls) and
+  :func:`create_fake_telnyx_api` adds the number routes to the fake Call Control API (``telnyx_api``).
 """
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -14,6 +21,39 @@ from flask.typing import ResponseReturnValue
 TWILIO_FIELDS = {"VoiceUrl": "voice_url", "VoiceMethod": "voice_method", "VoiceFallbackUrl": "voice_fallback_url",
                  "StatusCallback": "status_callback", "StatusCallbackMethod": "status_callback_method",
                  "VoiceApplicationSid": "voice_application_sid"}
+#: The demo's Call Control application id: the bridge dials outbound Telnyx legs through it
+#: (``TELNYX_CONNECTION_ID``) and the fake's demo number routes through it.
+DEMO_CALL_CONTROL_APP_ID = "demo-call-control-app"
+DEMO_TEXML_APP_ID = "demo-texml-app"
+
+
+def demo_twilio_numbers() -> list[dict[str, Any]]:
+    """Two numbers in the demo's Twilio account, pointing nowhere yet (the admin's "Connect" fixes that)."""
+    def number(sid_digit: str, phone: str, name: str) -> dict[str, Any]:
+        return {"sid": "PN" + sid_digit * 32, "phone_number": phone, "friendly_name": name, "voice_url": None,
+                "voice_method": "POST", "voice_fallback_url": None, "status_callback": None,
+                "status_callback_method": "POST", "voice_application_sid": None}
+    return [number("1", "+15005550006", "Demo front desk"), number("2", "+15005550007", "Demo support line")]
+
+
+def demo_telnyx_seed(api_key: str) -> dict[str, Any]:
+    """The demo's Telnyx account: a TeXML and a Call Control application, a number on each, one on neither."""
+    return {
+        "api_key": api_key,
+        "phone_numbers": [
+            {"id": "1", "phone_number": "+15005550106", "connection_id": DEMO_TEXML_APP_ID,
+             "connection_name": "Demo TeXML app", "status": "active", "tags": []},
+            {"id": "2", "phone_number": "+15005550107", "connection_id": DEMO_CALL_CONTROL_APP_ID,
+             "connection_name": "Demo Call Control app", "status": "active", "tags": []},
+            {"id": "3", "phone_number": "+15005550108", "connection_id": None, "status": "active", "tags": []},
+        ],
+        "texml_applications": [{"id": DEMO_TEXML_APP_ID, "friendly_name": "Demo TeXML app",
+                                "voice_url": "https://example.invalid/texml", "voice_method": "post",
+                                "status_callback": None}],
+        "call_control_applications": [{"id": DEMO_CALL_CONTROL_APP_ID, "application_name": "Demo Call Control app",
+                                       "webhook_event_url": "https://example.invalid/call-control",
+                                       "webhook_api_version": "2"}],
+    }
 
 
 def _recording_app(name: str) -> tuple[Flask, dict[str, Any]]:
@@ -45,9 +85,8 @@ def _recording_app(name: str) -> tuple[Flask, dict[str, Any]]:
     return app, state
 
 
-def create_fake_twilio_app() -> Flask:
-    """Twilio's IncomingPhoneNumbers list/update; seed: ``{"account_sid", "auth_token", "numbers": [...]}``."""
-    app, state = _recording_app("fake_twilio")
+def add_twilio_number_routes(app: Flask, state: dict[str, Any]) -> None:
+    """Twilio's IncomingPhoneNumbers list/update on ``app``; ``state["seed"]``: account_sid, auth_token, numbers."""
 
     def authorized(account: str) -> bool:
         seed = state["seed"]
@@ -75,13 +114,10 @@ def create_fake_twilio_app() -> Flask:
                 return jsonify(number)
         return jsonify(code=20404, message="The requested resource was not found", status=404), 404
 
-    return app
 
-
-def create_fake_telnyx_app() -> Flask:
-    """Telnyx's phone numbers and TeXML / Call Control applications; seed: ``{"api_key", "phone_numbers",
-    "texml_applications", "call_control_applications"}``."""
-    app, state = _recording_app("fake_telnyx")
+def add_telnyx_number_routes(app: Flask, state: dict[str, Any]) -> None:
+    """Telnyx's phone numbers and TeXML / Call Control applications on ``app``; ``state["seed"]``: api_key,
+    phone_numbers, texml_applications, call_control_applications."""
 
     @app.before_request
     def authorize() -> ResponseReturnValue | None:
@@ -111,4 +147,32 @@ def create_fake_telnyx_app() -> Flask:
                 return jsonify(data=item)
         return jsonify(errors=[{"code": "10005", "title": "Resource not found"}]), 404
 
+
+def create_fake_twilio_app() -> Flask:
+    """Twilio's IncomingPhoneNumbers list/update; seed: ``{"account_sid", "auth_token", "numbers": [...]}``."""
+    app, state = _recording_app("fake_twilio")
+    add_twilio_number_routes(app, state)
+    return app
+
+
+def create_fake_telnyx_app() -> Flask:
+    """Telnyx's phone numbers and TeXML / Call Control applications; seed: ``{"api_key", "phone_numbers",
+    "texml_applications", "call_control_applications"}``."""
+    app, state = _recording_app("fake_telnyx")
+    add_telnyx_number_routes(app, state)
+    return app
+
+
+def create_fake_telnyx_api(config: dict[str, str] | None = None) -> Flask:
+    """The demo's whole fake Telnyx: the Call Control API and Telnyx's side of calls
+    (:func:`~app.devtools.simulator.telnyx_api.create_fake_call_control_app`, same ``FAKE_TELNYX_*`` settings)
+    plus the number and application routes, seeded with :func:`demo_telnyx_seed`.
+
+    Run as ONE process: ``gunicorn -k gevent -w 1 'app.devtools.simulator.number_apis:create_fake_telnyx_api()'``.
+    """
+    from app.devtools.simulator.telnyx_api import create_fake_call_control_app
+
+    settings = {"FAKE_TELNYX_API_KEY": os.environ.get("FAKE_TELNYX_API_KEY", ""), **(config or {})}
+    app = create_fake_call_control_app(settings)
+    add_telnyx_number_routes(app, {"seed": demo_telnyx_seed(settings["FAKE_TELNYX_API_KEY"])})
     return app

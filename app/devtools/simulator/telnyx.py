@@ -1,4 +1,4 @@
-"""Telnyx call simulator: behaves towards our service as Telnyx does (telephony-protocols.md section B).
+"""Telnyx call simulator: behaves towards our service as Telnyx's TeXML, Call Control and media-streaming docs say.
 
 - :class:`TelnyxSigner` signs webhooks exactly as Telnyx does: Ed25519 over ``f"{timestamp}|{raw body}"``.
 - :class:`TelnyxMediaLeg` is Telnyx's side of one media-streaming WebSocket: ``connected``/``start`` with a
@@ -26,12 +26,19 @@ import nacl.signing
 import requests
 from simple_websocket import ConnectionClosed
 
-from app.devtools.simulator.twilio import _TimedClient, _ws_scheme
+from app.devtools.simulator.telnyx_contract import media_frame_errors
+from app.devtools.simulator.websocket import TimedClient, ws_scheme
 
-#: Bytes in one 20 ms frame per inbound codec (B3).
+#: Bytes in one 20 ms frame per inbound codec (Telnyx media streaming: PCMU/PCMA 8 kHz, L16 16 kHz).
 FRAME_BYTES = {("PCMU", 8000): 160, ("PCMA", 8000): 160, ("L16", 16000): 640, ("L16", 8000): 320}
 SILENCE = {"PCMU": b"\xff", "PCMA": b"\xd5", "L16": b"\x00"}
-MIN_RETURN_BYTES = 160  # Telnyx wants ≥ 20 ms of PCMU per media message
+#: ``<Stream>`` attributes on Telnyx's TeXML Stream page
+#: (https://developers.telnyx.com/docs/voice/programmable-voice/texml-verbs/stream).
+TEXML_STREAM_ATTRIBUTES = frozenset({"url", "track", "name", "codec", "bidirectionalMode", "bidirectionalCodec",
+                                     "bidirectionalSamplingRate", "statusCallback", "statusCallbackMethod"})
+#: RTP-mode media messages back to Telnyx hold 20 ms to 30 s of audio (AsyncAPI page), here PCMU 8 kHz.
+MIN_RETURN_BYTES = 160
+MAX_RETURN_BYTES = 30 * 8000
 #: The demo's signing key: deterministic so the demo bridge can be given its public key up front.
 DEMO_SIGNING_SEED = hashlib.sha256(b"kallglot-bridge demo Telnyx webhook signing key").digest()
 
@@ -89,6 +96,7 @@ class LegResult:
     server_closed_first: bool = False
     close_code: int | None = None
     frames_sent: int = 0
+    media_messages: int = 0
 
 
 class TelnyxMediaLeg:
@@ -96,9 +104,11 @@ class TelnyxMediaLeg:
 
     def __init__(self, url: str, *, call_control_id: str, custom_parameters: dict[str, str] | None = None,
                  auth_token: str | None = None, encoding: str = "PCMU", sample_rate: int = 8000,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, parameters_as: str = "object") -> None:
         headers = {"x-telnyx-streaming-auth-token": auth_token} if auth_token else {}
-        self.ws = _TimedClient(url, headers, timeout)
+        #: ``start.custom_parameters`` as an object (the AsyncAPI example) or a name/value ``list``.
+        self.parameters_as = parameters_as
+        self.ws = TimedClient(url, headers, timeout)
         self.call_control_id, self.encoding, self.sample_rate = call_control_id, encoding, sample_rate
         self.custom_parameters, self.auth_token = custom_parameters or {}, auth_token
         self.result = LegResult(stream_id=str(uuid.uuid4()))
@@ -116,6 +126,9 @@ class TelnyxMediaLeg:
             self._seq += 1
             message = {"event": event, "sequence_number": str(self._seq), "stream_id": self.result.stream_id,
                        **(body or {})}
+            errors = media_frame_errors(message)
+            if errors:  # the simulator never sends what Telnyx's AsyncAPI page does not define
+                raise ValueError(f"not a Telnyx frame: {errors}")
             try:
                 self.ws.send(json.dumps(message))
                 return True
@@ -129,15 +142,15 @@ class TelnyxMediaLeg:
 
     def begin(self, from_: str = "+15551230000", to: str = "+15005550006") -> None:
         """``connected`` then ``start`` (with the media format and our custom parameters)."""
+        # The AsyncAPI page's ``connected`` has ``event`` and ``version`` only; the auth token came as a header.
         connected: dict[str, Any] = {"event": "connected", "version": "1.0.0"}
-        if self.auth_token:
-            connected["x-telnyx-streaming-auth-token"] = self.auth_token
         with self._send_lock:
             self.ws.send(json.dumps(connected))
         self.send("start", {"start": {
             "user_id": str(uuid.uuid4()), "call_control_id": self.call_control_id,
             "call_session_id": str(uuid.uuid4()), "from": from_, "to": to, "tags": [],
-            "custom_parameters": self.custom_parameters,
+            "custom_parameters": self.custom_parameters if self.parameters_as == "object" else
+            [{"name": k, "value": v} for k, v in self.custom_parameters.items()],
             "media_format": {"encoding": self.encoding, "sample_rate": self.sample_rate, "channels": 1}}})
 
     def stream(self, payload: bytes, *, pace: bool = False, reorder: bool = False, duplicate: bool = False) -> None:
@@ -229,6 +242,9 @@ class TelnyxMediaLeg:
                 return
             if len(audio) < MIN_RETURN_BYTES:
                 errors.append(f"media message of {len(audio)} bytes is shorter than 20 ms")
+            elif len(audio) > MAX_RETURN_BYTES:
+                errors.append(f"media message of {len(audio)} bytes is longer than 30 s")
+            self.result.media_messages += 1
             self.result.heard += audio
         elif event == "mark" and isinstance(message.get("mark"), dict):
             name = str(message["mark"].get("name"))
@@ -267,10 +283,11 @@ class TexmlCallSimulator:
         self.base_url = base_url.rstrip("/")
         self.public_url = (public_url or base_url).rstrip("/")
         self.signer, self.timeout = signer, timeout
+        self.parameters_as = "object"
 
     def real_url(self, url: str) -> str:
         """Map a public http(s)/ws(s) URL onto the address we really connect to."""
-        for public, real in ((self.public_url, self.base_url), (_ws_scheme(self.public_url), _ws_scheme(self.base_url))):
+        for public, real in ((self.public_url, self.base_url), (ws_scheme(self.public_url), ws_scheme(self.base_url))):
             if url == public or url.startswith(public + "/"):
                 return real + url[len(public):]
         return url
@@ -285,7 +302,7 @@ class TexmlCallSimulator:
 
     @staticmethod
     def call_params(call_sid: str, to: str, from_: str, status: str) -> dict[str, str]:
-        """The fields Telnyx sends with TeXML requests (B1)."""
+        """The fields Telnyx sends with TeXML requests (TwiML-compatible form fields)."""
         return {"AccountSid": str(uuid.UUID(int=1)), "CallSid": call_sid, "CallSidLegacy": "v2:" + uuid.uuid4().hex,
                 "CallSessionId": str(uuid.uuid4()), "ConnectionId": "1494404757140276705", "From": from_, "To": to,
                 "CallerId": from_, "CallStatus": status, "Direction": "inbound",
@@ -294,8 +311,13 @@ class TexmlCallSimulator:
     def place_call(self, to: str, from_: str, payload: bytes = b"", *, encoding: str = "PCMU",
                    sample_rate: int = 8000, listen_seconds: float = 0.5, reorder: bool = False,
                    duplicate: bool = False, pace: bool = False, hangup_cause: str = "normal_clearing",
-                   call_sid: str | None = None) -> TexmlCallResult:
-        """Simulate a whole inbound TeXML call; ``payload`` is the caller's audio in ``encoding``."""
+                   call_sid: str | None = None, parameters_as: str = "object") -> TexmlCallResult:
+        """Simulate a whole inbound TeXML call; ``payload`` is the caller's audio in ``encoding``.
+
+        ``parameters_as``: how ``<Parameter>`` children reach ``start.custom_parameters`` — Telnyx's ``<Stream>``
+        page does not say, so ``object``, ``list`` (of name/value) and ``dropped`` (not delivered) are all tried.
+        """
+        self.parameters_as = parameters_as
         result = TexmlCallResult(call_sid=call_sid or new_call_control_id())
         status_url = self.public_url + "/telnyx/texml/status"
         try:
@@ -343,13 +365,18 @@ class TexmlCallSimulator:
                 break
             elif verb.tag == "Connect" and (stream := verb.find("Stream")) is not None:
                 result.stream_attributes = dict(stream.attrib)
+                unknown = sorted(set(stream.attrib) - TEXML_STREAM_ATTRIBUTES)
+                if unknown:
+                    result.errors.append(f"<Stream> attributes Telnyx does not document: {unknown}")
                 result.custom_parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
                 if stream.get("bidirectionalMode") != "rtp":
                     result.errors.append("bidirectionalMode is not rtp: Telnyx would drop the return audio")
                 try:
+                    delivered = {} if self.parameters_as == "dropped" else result.custom_parameters
                     leg = TelnyxMediaLeg(self.real_url(stream.get("url", "")), call_control_id=result.call_sid,
-                                         custom_parameters=result.custom_parameters, encoding=encoding,
-                                         sample_rate=sample_rate, timeout=self.timeout)
+                                         custom_parameters=delivered, encoding=encoding, sample_rate=sample_rate,
+                                         timeout=self.timeout,
+                                         parameters_as="list" if self.parameters_as == "list" else "object")
                 except Exception as exc:  # noqa: BLE001 — any handshake failure is a stream failure
                     result.errors.append(f"media WebSocket handshake failed: {exc!r}")
                     continue

@@ -26,6 +26,7 @@ from flask import Flask, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from app.devtools.simulator.telnyx import TelnyxMediaLeg, TelnyxSigner, new_call_control_id
+from app.devtools.simulator.telnyx_contract import command_body_errors, payload_field_names, webhook_errors
 
 EXTENSION_KEY = "fake_telnyx"
 WEBHOOK_TIMEOUT_SECONDS = 10.0
@@ -50,6 +51,7 @@ class FakeCall:
     streams: int = 0
     close_codes: list[int | None] = field(default_factory=list)
     hung_up: bool = False
+    transferred_to: str = ""
     leg: TelnyxMediaLeg | None = None
 
     def view(self) -> dict[str, Any]:
@@ -57,7 +59,7 @@ class FakeCall:
         return {"call_control_id": self.call_control_id, "commands": self.commands, "webhooks": self.webhooks,
                 "spoken": self.spoken, "heard": base64.b64encode(bytes(self.heard)).decode(),
                 "protocol_errors": self.protocol_errors, "streams": self.streams, "close_codes": self.close_codes,
-                "hung_up": self.hung_up}
+                "hung_up": self.hung_up, "transferred_to": self.transferred_to}
 
 
 class FakeTelnyx:
@@ -68,17 +70,28 @@ class FakeTelnyx:
         self.lock = threading.Lock()
         self.calls: dict[str, FakeCall] = {}
         self.commands: list[dict[str, Any]] = []
+        self.refused: list[dict[str, Any]] = []  # commands answered 422 (fields the SDK's types do not define)
 
     # ----- webhooks to the bridge -----
     def webhook(self, call: FakeCall, event_type: str, **payload: Any) -> None:
-        """Deliver one signed Call Control event (twice, concurrently, when the scenario says so)."""
-        body = json.dumps({"data": {
+        """Deliver one signed Call Control event (twice, concurrently, when the scenario says so).
+
+        The common ids go only into events whose SDK type defines them (``call.speak.ended`` has no ``to``);
+        a field the SDK's event type does not define raises: the fake never sends what Telnyx does not.
+        """
+        common = {"call_control_id": call.call_control_id, "call_leg_id": call.call_leg_id,
+                  "call_session_id": call.call_session_id, "connection_id": "1494404757140276705",
+                  "from": call.from_, "to": call.to}
+        defined = payload_field_names(event_type)
+        message = {"data": {
             "record_type": "event", "event_type": event_type, "id": str(uuid.uuid4()),
             "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
-            "payload": {"call_control_id": call.call_control_id, "call_leg_id": call.call_leg_id,
-                        "call_session_id": call.call_session_id, "connection_id": "1494404757140276705",
-                        "from": call.from_, "to": call.to, **payload}},
-            "meta": {"attempt": 1, "delivered_to": self.webhook_url}})
+            "payload": {**{k: v for k, v in common.items() if k in defined}, **payload}},
+            "meta": {"attempt": 1, "delivered_to": self.webhook_url}}
+        errors = webhook_errors(message)
+        if errors:
+            raise ValueError(f"the fake would send what Telnyx does not define: {errors}")
+        body = json.dumps(message)
         copies = 2 if call.scenario.get("duplicate_webhooks") else 1
         threads = [threading.Thread(target=self._deliver, args=(call, event_type, body), daemon=True)
                    for _ in range(copies)]
@@ -106,13 +119,13 @@ class FakeTelnyx:
         """A call the bridge dialled rings, then is answered: ``call.initiated`` and ``call.answered`` (outgoing)."""
         self.webhook(call, "call.initiated", direction="outgoing", state="bridging", client_state=client_state)
         time.sleep(DIAL_RING_SECONDS)
-        self.webhook(call, "call.answered", direction="outgoing", state="answered", client_state=client_state)
+        self.webhook(call, "call.answered", state="answered", client_state=client_state)  # no direction (SDK)
 
     def command(self, call: FakeCall, action: str, body: dict[str, Any]) -> None:
         """React to a command as Telnyx would (runs after the HTTP response, in its own thread)."""
         state = body.get("client_state")
         if action == "answer":
-            self.webhook(call, "call.answered", direction="incoming", state="answered", client_state=state)
+            self.webhook(call, "call.answered", state="answered", client_state=state)
             if body.get("stream_url"):
                 self.stream(call, body, state)
         elif action == "streaming_start":
@@ -122,6 +135,9 @@ class FakeTelnyx:
             self.webhook(call, "call.speak.started", client_state=state)
             self.webhook(call, "call.speak.ended", client_state=state, status="completed")
         elif action == "hangup":
+            self.hang_up(call, "normal_clearing", source="callee")
+        elif action == "transfer":  # the caller now talks to the transfer target; our leg's part is over
+            call.transferred_to = str(body.get("to", ""))
             self.hang_up(call, "normal_clearing", source="callee")
 
     def stream(self, call: FakeCall, body: dict[str, Any], state: Any) -> None:
@@ -194,7 +210,12 @@ def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
     @app.post("/v2/calls/<call_control_id>/actions/<action>")
     def call_action(call_control_id: str, action: str) -> ResponseReturnValue:
         authorised()
-        body = request.get_json(silent=True) or {}
+        body = request.get_json(silent=True)
+        errors = command_body_errors(action, body)
+        if errors:  # as the real API: a field the command does not define is refused
+            with fake.lock:
+                fake.refused.append({"call_control_id": call_control_id, "action": action, "errors": errors})
+            return jsonify(errors=[{"code": "10015", "title": "Invalid parameter", "detail": e} for e in errors]), 422
         entry = {"call_control_id": call_control_id, "action": action, "body": body}
         with fake.lock:
             fake.commands.append(entry)
@@ -210,7 +231,12 @@ def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
     @app.post("/v2/calls")
     def dial() -> ResponseReturnValue:
         authorised()
-        body = request.get_json(silent=True) or {}
+        body = request.get_json(silent=True)
+        errors = command_body_errors("dial", body)
+        if errors:
+            with fake.lock:
+                fake.refused.append({"call_control_id": None, "action": "dial", "errors": errors})
+            return jsonify(errors=[{"code": "10015", "title": "Invalid parameter", "detail": e} for e in errors]), 422
         call_control_id = new_call_control_id()
         # The far end answers after a short ring and talks (dialled_audio_seconds of 0x07), then stays on
         # until hung up: like an agent picking up.
@@ -241,13 +267,14 @@ def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
 
     @app.get("/_fake/commands")
     def commands() -> ResponseReturnValue:
-        return jsonify(commands=fake.commands)
+        return jsonify(commands=fake.commands, refused=fake.refused)
 
     @app.post("/_fake/reset")
     def reset() -> ResponseReturnValue:
         with fake.lock:
             fake.calls.clear()
             fake.commands.clear()
+            fake.refused.clear()
         return jsonify(status="reset")
 
     @app.get("/_fake/health")

@@ -1,4 +1,6 @@
-"""A fake of Twilio's REST ``Calls`` resource that really "places" the calls it is asked for.
+"""A fake of Twilio's REST API: the ``Calls`` resource really "places" the calls it is asked for, and the
+``IncomingPhoneNumbers`` resource (from :mod:`~app.devtools.simulator.number_apis`, seeded with the demo's
+numbers) lets the admin's "Connect a number" run end to end.
 
 ``calls.create`` (POST …/Calls.json) answers like Twilio and, after a short ring, has the
 :class:`~app.devtools.simulator.twilio.TwilioCallSimulator` answer the call: it requests the ``Url`` given, follows
@@ -22,7 +24,9 @@ from typing import Any
 from flask import Flask, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.devtools.simulator.number_apis import add_twilio_number_routes, demo_twilio_numbers
 from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCallSimulator, new_sid
+from app.devtools.simulator.twilio_contract import create_call_parameters, unknown_parameters, update_call_parameters
 
 RING_SECONDS = 0.3
 
@@ -65,6 +69,8 @@ def create_fake_twilio_rest(config: dict[str, str] | None = None) -> Flask:
     calls: dict[str, PlacedCall] = {}
     app.extensions["fake_twilio_calls"] = calls
     lock = threading.Lock()
+    add_twilio_number_routes(app, {"seed": {"account_sid": account_sid, "auth_token": auth_token,
+                                            "numbers": demo_twilio_numbers()}})
 
     def require_auth(account: str) -> None:
         auth = request.authorization
@@ -90,7 +96,10 @@ def create_fake_twilio_rest(config: dict[str, str] | None = None) -> Flask:
     def create_call(account: str) -> ResponseReturnValue:
         require_auth(account)
         form = request.form
-        if not form.get("To") or not form.get("From") or not form.get("Url"):
+        unknown = unknown_parameters(form.keys(), create_call_parameters())
+        if unknown:  # the twilio library's CallList.create has no such parameter: Twilio would refuse it
+            return jsonify(code=21200, message=f"unknown parameters: {', '.join(unknown)}", status=400), 400
+        if not form.get("To") or not form.get("From") or not form.get("Url"):  # this fake runs Url calls only
             return jsonify(code=21205, message="To, From and Url are required", status=400), 400
         call = PlacedCall(sid=new_sid("CA"), to=form["To"], from_=form["From"], url=form["Url"],
                           status_callback=form.get("StatusCallback"))
@@ -102,6 +111,9 @@ def create_fake_twilio_rest(config: dict[str, str] | None = None) -> Flask:
     @app.post("/2010-04-01/Accounts/<account>/Calls/<sid>.json")
     def update_call(account: str, sid: str) -> ResponseReturnValue:
         require_auth(account)
+        unknown = unknown_parameters(request.form.keys(), update_call_parameters())
+        if unknown:
+            return jsonify(code=21200, message=f"unknown parameters: {', '.join(unknown)}", status=400), 400
         call = calls.get(sid)
         if call is None:
             return jsonify(code=20404, message="The requested resource was not found", status=404), 404

@@ -1,0 +1,236 @@
+"""Live session events for the supervisor console: a capped Redis Stream per session, plus one global stream.
+
+Vendor-free. Whichever instance holds a leg appends what happens on it — transcript lines (original and
+translation, partial or final), the leg's stream starting, being lost, re-attached or ending, relay health —
+to ``RedisKeys.session_live_events``; the admin's Server-Sent Events endpoint reads them back on any instance
+(``XREAD BLOCK``), so a page served by one instance follows a leg relayed by another.
+
+Both streams are bounded twice: ``XADD MAXLEN ~`` keeps about :data:`MAX_EVENTS_PER_SESSION` entries, and an
+``EXPIRE`` refreshed on every append lets an abandoned stream vanish. The after-call transcript comes from
+Kallglot's REST API, not from here.
+
+The relay must never wait on Redis per frame: :class:`EventForwarder` takes events with a non-blocking
+``put_nowait`` into a bounded queue, and one background thread (a greenlet under gevent) writes them in
+pipelined batches. When Redis is slow or down the queue fills and further events are dropped and counted —
+the call's audio is never held up for a transcript line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from app.background import spawn
+from app.redis_keys import RedisKeys
+
+log = logging.getLogger(__name__)
+
+#: Entries kept per session stream (approximately: ``MAXLEN ~`` trims whole radix-tree nodes).
+MAX_EVENTS_PER_SESSION = 2000
+#: Entries kept in the global "live sessions changed" stream.
+MAX_LIVE_CHANGES = 1000
+#: A session's live events disappear this long after its last event (the post-call view reads Kallglot).
+EVENTS_TTL_SECONDS = 6 * 3600
+#: Events waiting for the writer; beyond this they are dropped (Redis is stalled; audio comes first).
+FORWARD_QUEUE_SIZE = 10_000
+#: Events written per pipeline round trip.
+FORWARD_BATCH = 256
+
+# Event kinds. ``transcript`` carries speaker/text/language/translation/final; the others describe legs.
+TRANSCRIPT = "transcript"
+LEG = "leg"
+RELAY_HEALTH = "relay"
+SESSION = "session"
+
+#: Leg states announced on the global stream too (the live list adds or drops the session's row).
+LIVE_LIST_CHANGES = frozenset({"started", "ended", "lost", "reattached", "agent_joined", "fallback"})
+
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+def valid_stream_id(value: str) -> bool:
+    """True for a Redis Stream entry id like ``1700000000000-0`` (what SSE ``Last-Event-ID`` carries)."""
+    return bool(_STREAM_ID.match(value))
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    """One entry of a session's (or the global) stream: its Redis id and its decoded fields."""
+
+    id: str
+    kind: str
+    session_id: str
+    data: dict[str, Any]
+
+    def to_json(self) -> str:
+        """The event as the SSE ``data:`` line and the page's JavaScript read it."""
+        return json.dumps({"id": self.id, "kind": self.kind, "session_id": self.session_id, **self.data},
+                          separators=(",", ":"))
+
+
+def _decode(entry_id: Any, fields: Mapping[Any, Any]) -> LiveEvent:
+    text = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()}
+    try:
+        data = json.loads(text.get("data", "{}"))
+    except ValueError:
+        data = {}
+    return LiveEvent(id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+                     kind=text.get("kind", ""), session_id=text.get("session_id", ""),
+                     data=data if isinstance(data, dict) else {})
+
+
+class SessionEventLog:
+    """Appends to and reads the per-session and global live-event streams."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, *, max_events: int = MAX_EVENTS_PER_SESSION,
+                 ttl_seconds: int = EVENTS_TTL_SECONDS) -> None:
+        self._redis = client
+        self._keys = keys
+        self.max_events = max_events
+        self.ttl_seconds = ttl_seconds
+
+    def append_to(self, pipe: Any, session_id: str, kind: str, data: Mapping[str, Any]) -> None:
+        """Queue one event on ``pipe`` (a Redis pipeline); leg changes are announced globally as well."""
+        fields = {"kind": kind, "session_id": session_id, "data": json.dumps(dict(data), separators=(",", ":"))}
+        key = self._keys.session_live_events(session_id)
+        pipe.xadd(key, fields, maxlen=self.max_events, approximate=True)
+        pipe.expire(key, self.ttl_seconds)
+        if kind == SESSION or (kind == LEG and data.get("state") in LIVE_LIST_CHANGES):
+            pipe.xadd(self._keys.live_changes(), {"kind": kind, "session_id": session_id,
+                                                   "data": json.dumps({"state": data.get("state", "")})},
+                      maxlen=MAX_LIVE_CHANGES, approximate=True)
+            pipe.expire(self._keys.live_changes(), self.ttl_seconds)
+
+    def pipeline(self) -> Any:
+        """A non-transactional pipeline on the event log's Redis (batch several :meth:`append_to`)."""
+        return self._redis.pipeline(transaction=False)
+
+    def append(self, session_id: str, kind: str, data: Mapping[str, Any]) -> None:
+        """Append one event now (request handlers; the relay goes through :class:`EventForwarder`)."""
+        with self.pipeline() as pipe:
+            self.append_to(pipe, session_id, kind, data)
+            pipe.execute()
+
+    def latest(self, session_id: str, count: int) -> list[LiveEvent]:
+        """The last ``count`` events of a session, oldest first (the page's first render)."""
+        entries = self._redis.xrevrange(self._keys.session_live_events(session_id), count=count)
+        return [_decode(i, f) for i, f in reversed(entries)]
+
+    def length(self, session_id: str) -> int:
+        """How many events the session's stream holds now."""
+        return int(self._redis.xlen(self._keys.session_live_events(session_id)))
+
+    def last_change_id(self) -> str:
+        """Id of the newest entry of the global stream (``0-0`` when empty): read changes after it."""
+        entries = self._redis.xrevrange(self._keys.live_changes(), count=1)
+        return entries[0][0].decode() if entries else "0-0"
+
+    def wait(self, key: str, after: str, *, block_ms: int, count: int = 100) -> list[LiveEvent]:
+        """Events of stream ``key`` after id ``after``, waiting up to ``block_ms`` for the first one."""
+        reply = self._redis.xread({key: after}, count=count, block=block_ms)
+        return [_decode(i, f) for _, entries in reply or [] for i, f in entries]
+
+
+class EventForwarder:
+    """Non-blocking front of :class:`SessionEventLog` for the media relay: a bounded queue and one writer."""
+
+    def __init__(self, events: SessionEventLog, *, queue_size: int = FORWARD_QUEUE_SIZE) -> None:
+        self._events = events
+        self._queue: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue(maxsize=queue_size)
+        self._started = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self.dropped = 0
+        self.written = 0
+
+    def publish(self, session_id: str, kind: str, data: dict[str, Any]) -> bool:
+        """Hand one event to the writer without waiting; False (and counted) when the queue is full."""
+        if self._writer is None:
+            self._start()
+        try:
+            self._queue.put_nowait((session_id, kind, data))
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("live events: queue full, %d dropped so far (Redis slow?)", self.dropped)
+            return False
+        return True
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait until everything published so far is written (tests, shutdown); True when it was."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.01)
+        return self._queue.unfinished_tasks == 0
+
+    def _start(self) -> None:
+        with self._started:
+            if self._writer is None:
+                self._writer = spawn(self._run, name="live-events-writer")
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < FORWARD_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with self._events.pipeline() as pipe:
+                    for session_id, kind, data in batch:
+                        self._events.append_to(pipe, session_id, kind, data)
+                    pipe.execute()
+                self.written += len(batch)
+            except redis.RedisError as exc:  # the events are lost; the calls go on
+                self.dropped += len(batch)
+                log.warning("live events: %d not written: %s", len(batch), exc)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+
+def transcript_event(*, speaker: str, text: str, final: bool, language: str = "", translation: str = "",
+                     translation_language: str = "", item_id: str = "") -> dict[str, Any]:
+    """The ``data`` of a transcript event (what was said, and its translation when Kallglot sent one)."""
+    data: dict[str, Any] = {"speaker": speaker, "text": text, "final": final, "at": round(time.time(), 3)}
+    if language:
+        data["language"] = language
+    if translation:
+        data["translation"] = translation
+        data["translation_language"] = translation_language
+    if item_id:
+        data["item"] = item_id
+    return data
+
+
+def leg_event(*, carrier: str, call_id: str, speaker: str, state: str, detail: str = "") -> dict[str, Any]:
+    """The ``data`` of a leg event: ``state`` is started, lost, reattached, ended, agent_joined or fallback."""
+    data: dict[str, Any] = {"carrier": carrier, "call_id": call_id, "speaker": speaker, "state": state,
+                            "at": round(time.time(), 3)}
+    if detail:
+        data["detail"] = detail
+    return data
+
+
+EXTENSION_KEY = "live_events"
+
+
+def event_log_for(app: Any) -> tuple[SessionEventLog, EventForwarder]:
+    """The app's event log and its relay-side forwarder, built on first use and kept on ``app.extensions``."""
+    found = app.extensions.get(EXTENSION_KEY)
+    if found is None:
+        svc = app.extensions["kallglot_bridge"]
+        events = SessionEventLog(svc.redis, svc.keys)
+        found = app.extensions.setdefault(EXTENSION_KEY, (events, EventForwarder(events)))
+    return found

@@ -1,0 +1,141 @@
+"""Streaming a Call Control leg into its session, and restoring a stream lost while the caller is still on.
+
+A leg streams once answered (``start_streaming`` with the relay token in ``stream_auth_token`` and
+``custom_parameters``). When its stream stops or fails with the call still up and no end of ours behind it
+(the relay's worker was killed, a deploy drained it, the socket dropped), the stream is started again into the
+same session, at most :data:`MAX_STREAM_RESTARTS` times per call; then the profile's fallback (message, then
+forward or hang up) — as Twilio's ``<Connect action>`` does. Never silence.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from app.calls.leg_spec import LegSpec
+from app.calls.lifecycle import LEG_ENDED
+from app.extensions import Services
+from app.kallglot.client import KallglotError
+from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.relay.bridge import KALLGLOT_UNREACHABLE
+from app.relay.core import RelayEnd
+from app.carriers.telnyx import CARRIER
+from app.carriers.telnyx.control import GOODBYE_SESSION_OVER, GOODBYE_UNAVAILABLE, TelnyxControl
+from app.carriers.telnyx.events import CallEvent, command, say_goodbye
+from app.carriers.telnyx.media import UNSUPPORTED_CODEC
+from app.carriers.telnyx.session import seal_relay_token
+
+log = logging.getLogger(__name__)
+
+#: How long a stop's handler waits for the relay to record why the stream ended (normally milliseconds).
+RELAY_SETTLE_SECONDS = 1.5
+
+#: Streams restored per call before the fallback (as Twilio's ``<Connect action>``).
+MAX_STREAM_RESTARTS = 3
+#: Leg ends that are not losses: Telnyx stopped the stream itself (call over), or our relay ended it on purpose
+#: and the media socket route already said goodbye (Kallglot ended, unreachable or lost; a protocol error).
+NOT_RESTORED_ENDS = frozenset({f"relay_{end.value}" for end in (
+    RelayEnd.CARRIER_STOP, RelayEnd.KALLGLOT_ENDED, RelayEnd.KALLGLOT_LOST, RelayEnd.PROTOCOL_ERROR)}
+    | {KALLGLOT_UNREACHABLE, UNSUPPORTED_CODEC, "answer_failed", "session_unavailable", "stream_restarts_exhausted"})
+
+
+def stream_leg(svc: Services, control: TelnyxControl, event: CallEvent, session_id: str, speaker: str) -> None:
+    """An answered leg (ours inbound, or one we dialled) streams into ``session_id`` as ``speaker``.
+
+    An inbound leg was registered on ``call.initiated``; a dialled one is registered here if ``dial``'s caller
+    has not done so yet (Telnyx may report the answer before ``dial`` returned).
+    """
+    try:
+        call = svc.lifecycle.call_record(CARRIER, event.call_id)
+        if call.get("state") == LEG_ENDED:
+            log.info("telnyx call=%s answered after its leg ended; not streaming", event.call_id)
+            return
+        stream = svc.kallglot.get_session(session_id).stream
+        if stream is None:
+            raise KallglotError("session has no stream", code="no_stream")
+        if call.get("session_id") != session_id:
+            record = svc.lifecycle.session_record(session_id)
+            leg = LegSpec.joining(record, carrier=CARRIER, call_id=event.call_id, speaker=speaker,
+                                  from_number=str(event.payload.get("from") or ""),
+                                  to_number=str(event.payload.get("to") or ""))
+            if not svc.lifecycle.register_leg(leg, session_id=session_id):
+                raise KallglotError("the session has already ended", code="session_ended")
+    except KallglotError as exc:
+        log.error("telnyx call=%s leg cannot stream into session=%s: %s", event.call_id, session_id, exc)
+        if speaker == SPEAKER_CUSTOMER:  # the caller hears why, never silence
+            svc.lifecycle.leg_ended(CARRIER, event.call_id, "session_unavailable", clean=False)
+            say_goodbye(svc, control, event, GOODBYE_UNAVAILABLE, _called_number(svc, event))
+        else:
+            command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
+        return
+    token = seal_relay_token(svc, session_id, event.call_id, stream, speaker=speaker)
+    command(event, "streaming_start", lambda: control.start_streaming(
+        event.call_id, session_id=session_id, relay_token=token, command_id=event.command_id("streaming_start")))
+
+
+def _called_number(svc: Services, event: CallEvent) -> str:
+    """The number the caller dialled (whose profile applies); the session's when the event does not say."""
+    to_number = str(event.payload.get("to") or "")
+    if to_number:
+        return to_number
+    session_id = svc.lifecycle.session_for_call(CARRIER, event.call_id)
+    return svc.lifecycle.session_record(session_id).get("to", "") if session_id else ""
+
+
+def streaming_stopped(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
+    """The stream stopped: restore it if that was a loss with the caller still on (see the module docstring)."""
+    _restore_if_lost(svc, control, event, "streaming stopped")
+
+
+def streaming_failed(svc: Services, control: TelnyxControl, event: CallEvent) -> None:
+    """Telnyx could not open (or keep) the stream: restore it, up to the limit, then the fallback."""
+    log.warning("telnyx call=%s streaming failed: %s", event.call_id, str(event.payload.get("failure_reason"))[:200])
+    _restore_if_lost(svc, control, event, "streaming failed")
+
+
+def _settled(svc: Services, call_id: str, call: dict[str, str]) -> dict[str, str]:
+    """The leg's record once its relay has had :data:`RELAY_SETTLE_SECONDS` to record an end.
+
+    Telnyx reports the stop as the socket closes, while the relay may still be recording why (the caller's
+    ``stop``, Kallglot's end); a relay that never records anything is gone (its worker was killed).
+    """
+    deadline = time.monotonic() + RELAY_SETTLE_SECONDS
+    while call.get("state") != LEG_ENDED and time.monotonic() < deadline:
+        time.sleep(0.1)
+        call = svc.lifecycle.call_record(CARRIER, call_id)
+    return call
+
+
+def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, why: str) -> None:
+    call = svc.lifecycle.call_record(CARRIER, event.call_id)
+    session_id = call.get("session_id")
+    if not session_id or any(e.get("event") == "call.hangup" for e in svc.lifecycle.events(CARRIER, event.call_id)):
+        return  # not ours, or the call is over
+    if call.get("state") != LEG_ENDED:
+        call = _settled(svc, event.call_id, call)
+    reason = call.get("end_reason", "") if call.get("state") == LEG_ENDED else ""
+    if reason in NOT_RESTORED_ENDS or reason.startswith(("hangup_", "call_")):
+        return
+    speaker = call.get("speaker") or SPEAKER_CUSTOMER
+    if int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
+        log.error("telnyx call=%s %s after %d restores: fallback", event.call_id, why, MAX_STREAM_RESTARTS)
+        svc.lifecycle.leg_ended(CARRIER, event.call_id, "stream_restarts_exhausted", clean=False)
+        if speaker == SPEAKER_CUSTOMER:
+            say_goodbye(svc, control, event, GOODBYE_UNAVAILABLE, _called_number(svc, event))
+        else:
+            command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
+        return
+    try:
+        stream = svc.kallglot.get_session(session_id).stream
+    except KallglotError as exc:
+        log.error("telnyx call=%s session=%s cannot be re-streamed: %s", event.call_id, session_id, exc)
+        stream = None
+    if stream is None or not svc.lifecycle.reattach_leg(CARRIER, event.call_id):
+        svc.lifecycle.leg_ended(CARRIER, event.call_id, "session_unavailable", clean=False)
+        if speaker == SPEAKER_CUSTOMER:
+            say_goodbye(svc, control, event, GOODBYE_SESSION_OVER, _called_number(svc, event))
+        return
+    log.info("telnyx call=%s session=%s %s while the call is up (%s): restoring the stream", event.call_id,
+             session_id, why, reason or "relay gone")
+    token = seal_relay_token(svc, session_id, event.call_id, stream, speaker=speaker)
+    command(event, "streaming_start (restore)", lambda: control.start_streaming(
+        event.call_id, session_id=session_id, relay_token=token, command_id=event.command_id("streaming_start")))

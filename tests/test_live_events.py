@@ -1,0 +1,75 @@
+"""The live-event pipeline: bounded per-session Redis Streams, a non-blocking forwarder, transcript parsing."""
+from __future__ import annotations
+
+import time
+
+import redis as redis_lib
+
+from app.calls.events import (
+    LEG, MAX_EVENTS_PER_SESSION, TRANSCRIPT, EventForwarder, SessionEventLog, leg_event, transcript_event,
+    valid_stream_id,
+)
+from app.calls.usage import record_billed_seconds, usage
+from app.kallglot.stream_protocol import Transcript, parse_server_message
+from app.redis_keys import RedisKeys
+
+
+def test_ten_thousand_transcript_events_stay_bounded_and_expire(redis_client: redis_lib.Redis, namespace: str) -> None:
+    keys = RedisKeys(namespace)
+    log = SessionEventLog(redis_client, keys)
+    forwarder = EventForwarder(log)
+    for n in range(10_000):
+        assert forwarder.publish("sess_big", TRANSCRIPT, transcript_event(speaker="customer", text=f"line {n}",
+                                                                           final=True, translation=f"línea {n}"))
+    assert forwarder.flush(timeout=30)
+    assert forwarder.dropped == 0 and forwarder.written == 10_000
+    length = log.length("sess_big")
+    # MAXLEN ~ trims whole macro nodes (100 entries by default): bounded near the cap, never the 10 000.
+    assert MAX_EVENTS_PER_SESSION <= length <= MAX_EVENTS_PER_SESSION + 200
+    assert 0 < redis_client.ttl(keys.session_live_events("sess_big")) <= log.ttl_seconds
+    newest = log.latest("sess_big", 3)
+    assert [e.data["text"] for e in newest] == ["line 9997", "line 9998", "line 9999"]
+    assert newest[-1].data["translation"] == "línea 9999"
+    # Transcript lines are not "live list" changes: the global stream stays empty.
+    assert redis_client.xlen(keys.live_changes()) == 0
+
+
+def test_leg_changes_are_announced_on_the_global_stream(redis_client: redis_lib.Redis, namespace: str) -> None:
+    keys = RedisKeys(namespace)
+    log = SessionEventLog(redis_client, keys)
+    before = log.last_change_id()
+    log.append("sess_a", LEG, leg_event(carrier="twilio", call_id="CA1", speaker="customer", state="started"))
+    changes = log.wait(keys.live_changes(), before, block_ms=100)
+    assert [(c.session_id, c.data["state"]) for c in changes] == [("sess_a", "started")]
+    assert valid_stream_id(changes[0].id) and not valid_stream_id("1-2; DROP")
+
+
+def test_the_forwarder_never_blocks_when_redis_is_gone(namespace: str) -> None:
+    # A Redis nobody listens on: the writer fails; publish() must still return at once, and drop when full.
+    dead = redis_lib.Redis(host="127.0.0.1", port=1, socket_timeout=0.2, socket_connect_timeout=0.2)
+    forwarder = EventForwarder(SessionEventLog(dead, RedisKeys(namespace)), queue_size=100)
+    started = time.perf_counter()
+    accepted = sum(forwarder.publish("sess_x", TRANSCRIPT, {"text": str(n)}) for n in range(1000))
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.5, f"1000 publishes took {elapsed:.3f}s"
+    assert accepted <= 1000 and forwarder.dropped >= 1000 - accepted - 1
+
+
+def test_transcript_messages_carry_language_and_translation() -> None:
+    final = parse_server_message('{"type":"transcript.final","id":"u1","speaker":"customer","language":"en",'
+                                 '"text":"Hello","translation":{"language":"es","text":"Hola"}}')
+    assert final == Transcript(final=True, speaker="customer", text="Hello", language="en", translation="Hola",
+                               translation_language="es", item_id="u1")
+    partial = parse_server_message('{"type":"transcript.partial","speaker":"agent","text":"Hel"}')
+    assert partial == Transcript(final=False, speaker="agent", text="Hel")
+
+
+def test_billed_minutes_per_number_and_day(redis_client: redis_lib.Redis, namespace: str) -> None:
+    keys = RedisKeys(namespace)
+    for session_id, number, seconds in (("s1", "+15550001", 90.0), ("s2", "+15550001", 30.0),
+                                        ("s3", "+15550002", 600.0)):
+        redis_client.hset(keys.session(session_id), mapping={"to": number, "status": "ended"})
+        assert record_billed_seconds(redis_client, keys, session_id, seconds, ended_at=time.time())
+    assert not record_billed_seconds(redis_client, keys, "unknown", 5.0)
+    rows = {(r.number, r.sessions, r.minutes) for r in usage(redis_client, keys)}
+    assert rows == {("+15550001", 2, "2.00"), ("+15550002", 1, "10.00")}

@@ -1,0 +1,175 @@
+"""Telnyx as Twilio, in-process (Flask test client → the fake Call Control API, which checks every command body
+against the telnyx SDK's types): the profile's fallback and greeting, Redis down, restoring a lost stream."""
+from __future__ import annotations
+
+import json
+import uuid
+import xml.etree.ElementTree as ET
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app.carriers.telnyx.control import decode_client_state, encode_client_state
+from app.carriers.telnyx.streams import MAX_STREAM_RESTARTS
+from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
+from app.extensions import services
+from app.factory import create_app
+from app.profiles import NumberProfile
+from tests.conftest import PUBLIC_URL, EmulatorControl, FakeCallControl, bridge_config, telnyx_config
+
+TO, FROM = "+15005550006", "+15551230000"
+SPANISH = NumberProfile(fallback_message="Lo sentimos, no hay traducción ahora.", fallback_language="es-ES",
+                        fallback_number="+14155550199", greeting="Hola, un momento.", greeting_language="es-ES")
+
+
+@pytest.fixture
+def client(telnyx_app: Flask) -> FlaskClient:
+    return telnyx_app.test_client()
+
+
+def event(event_type: str, call_id: str, **payload: Any) -> str:
+    return json.dumps({"data": {"record_type": "event", "event_type": event_type, "id": str(uuid.uuid4()),
+                                "occurred_at": "2026-01-01T00:00:00.000000Z",
+                                "payload": {"call_control_id": call_id, "from": FROM, "to": TO, **payload}},
+                       "meta": {"attempt": 1}})
+
+
+def cc(client: FlaskClient, signer: TelnyxSigner, body: str) -> Any:
+    return client.post("/telnyx/call-control", data=body.encode(), content_type="application/json",
+                       headers=signer.headers(body))
+
+
+def refused(fake: FakeCallControl) -> list[dict[str, Any]]:
+    return requests.get(fake.url + "/_fake/commands", timeout=5).json()["refused"]
+
+
+def last(fake: FakeCallControl, action: str) -> dict[str, Any]:
+    return fake.commands(action)[-1]["body"]
+
+
+def test_kallglot_down_speaks_the_profiles_message_in_its_language_then_transfers(
+        telnyx_app: Flask, client: FlaskClient, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        fake_call_control: FakeCallControl) -> None:
+    with telnyx_app.app_context():
+        services().profiles.set(TO, SPANISH)
+    emulator.fault(endpoint="create", status=503, code="service_unavailable", times=5)
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    state = last(fake_call_control, "answer")["client_state"]
+    cc(client, telnyx_signer, event("call.answered", call_id, state="answered", client_state=state))
+    speak = last(fake_call_control, "speak")
+    assert (speak["payload"], speak["language"]) == (SPANISH.fallback_message, "es-ES")
+    cc(client, telnyx_signer, event("call.speak.ended", call_id, status="completed",
+                                    client_state=speak["client_state"]))
+    assert [c["action"] for c in fake_call_control.commands()] == ["answer", "speak", "transfer"]
+    assert last(fake_call_control, "transfer")["to"] == SPANISH.fallback_number
+    assert refused(fake_call_control) == []
+
+
+def test_greeting_is_spoken_before_streaming_starts(telnyx_app: Flask, client: FlaskClient,
+                                                    telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+                                                    fake_call_control: FakeCallControl) -> None:
+    with telnyx_app.app_context():
+        services().profiles.set(TO, SPANISH)
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    state = last(fake_call_control, "answer")["client_state"]
+    cc(client, telnyx_signer, event("call.answered", call_id, state="answered", client_state=state))
+    speak = last(fake_call_control, "speak")
+    assert (speak["payload"], speak["language"]) == (SPANISH.greeting, "es-ES")
+    assert fake_call_control.commands("streaming_start") == []  # not before the greeting ends
+    cc(client, telnyx_signer, event("call.speak.ended", call_id, status="completed",
+                                    client_state=speak["client_state"]))
+    (start,) = fake_call_control.commands("streaming_start")
+    assert decode_client_state(start["body"]["client_state"])["s"] == emulator.sessions()[0]["id"]
+
+
+def test_streaming_lost_on_a_live_call_is_restored_three_times_then_the_fallback(
+        telnyx_app: Flask, client: FlaskClient, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        fake_call_control: FakeCallControl) -> None:
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    state = last(fake_call_control, "answer")["client_state"]
+    cc(client, telnyx_signer, event("call.answered", call_id, state="answered", client_state=state))
+    for _ in range(MAX_STREAM_RESTARTS):  # the relay's worker died: no end recorded, the stream just stopped
+        cc(client, telnyx_signer, event("streaming.stopped", call_id, client_state=state, stream_url="wss://x"))
+    assert len(fake_call_control.commands("streaming_start")) == 1 + MAX_STREAM_RESTARTS
+    assert fake_call_control.commands("speak") == []
+    cc(client, telnyx_signer, event("streaming.failed", call_id, client_state=state, failure_reason="gone"))
+    assert len(fake_call_control.commands("streaming_start")) == 1 + MAX_STREAM_RESTARTS
+    assert "not available" in last(fake_call_control, "speak")["payload"]
+    assert len(emulator.sessions()) == 1 and refused(fake_call_control) == []
+
+
+def test_stream_stopped_by_the_callers_hang_up_is_not_restored(telnyx_app: Flask, client: FlaskClient,
+                                                                telnyx_signer: TelnyxSigner,
+                                                                emulator: EmulatorControl,
+                                                                fake_call_control: FakeCallControl) -> None:
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    with telnyx_app.app_context():
+        services().lifecycle.leg_ended("telnyx", call_id, "relay_carrier_stop")
+    cc(client, telnyx_signer, event("streaming.stopped", call_id, stream_url="wss://x"))
+    assert fake_call_control.commands("streaming_start") == [] and fake_call_control.commands("speak") == []
+
+
+@pytest.fixture
+def app_without_redis(emulator: EmulatorControl, telnyx_signer: TelnyxSigner,
+                      fake_call_control: FakeCallControl) -> Flask:
+    from tests.support.servers import free_port
+
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    app = create_app(telnyx_config(bridge_config(dead_redis, emulator.api_url, "no-redis", PUBLIC_URL),
+                                   telnyx_signer.public_key, fake_call_control.api_url))
+    app.testing = True
+    return app
+
+
+def test_call_control_with_redis_down_answers_and_speaks_instead_of_503(
+        app_without_redis: Flask, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        fake_call_control: FakeCallControl) -> None:
+    client = app_without_redis.test_client()
+    call_id = new_call_control_id()
+    first = cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    assert first.status_code == 200  # a 503 leaves the caller ringing until Telnyx gives up
+    state = last(fake_call_control, "answer")["client_state"]
+    assert cc(client, telnyx_signer, event("call.answered", call_id, state="answered",
+                                           client_state=state)).status_code == 200
+    speak = last(fake_call_control, "speak")
+    assert "not available" in speak["payload"]
+    assert cc(client, telnyx_signer, event("call.speak.ended", call_id, status="completed",
+                                           client_state=speak["client_state"])).status_code == 200
+    assert [c["action"] for c in fake_call_control.commands()] == ["answer", "speak", "hangup"]
+    assert emulator.sessions() == [] or all(s["status"] == "ended" for s in emulator.sessions())
+
+
+def test_texml_kallglot_down_says_the_profiles_message_and_dials_its_fallback(
+        telnyx_app: Flask, client: FlaskClient, telnyx_signer: TelnyxSigner, emulator: EmulatorControl) -> None:
+    with telnyx_app.app_context():
+        services().profiles.set(TO, SPANISH)
+    emulator.fault(endpoint="create", status=503, code="service_unavailable", times=5)
+    body = urlencode(TexmlCallSimulator.call_params(new_call_control_id(), TO, FROM, "ringing"))
+    root = ET.fromstring(client.post("/telnyx/texml", data=body.encode(), headers=telnyx_signer.headers(body),
+                                     content_type="application/x-www-form-urlencoded").data)
+    assert [child.tag for child in root] == ["Say", "Dial"]
+    assert (root[0].text, root[0].get("language"), root[1].text) == \
+        (SPANISH.fallback_message, "es-ES", SPANISH.fallback_number)
+
+
+def test_texml_greeting_comes_before_the_stream(telnyx_app: Flask, client: FlaskClient,
+                                                telnyx_signer: TelnyxSigner, emulator: EmulatorControl) -> None:
+    with telnyx_app.app_context():
+        services().profiles.set(TO, SPANISH)
+    body = urlencode(TexmlCallSimulator.call_params(new_call_control_id(), TO, FROM, "ringing"))
+    root = ET.fromstring(client.post("/telnyx/texml", data=body.encode(), headers=telnyx_signer.headers(body),
+                                     content_type="application/x-www-form-urlencoded").data)
+    assert [child.tag for child in root][:2] == ["Say", "Connect"]
+    assert (root[0].text, root[0].get("language")) == (SPANISH.greeting, "es-ES")
+
+
+def test_client_state_round_trips() -> None:
+    assert decode_client_state(encode_client_state({"s": "x", "p": "agent"})) == {"s": "x", "p": "agent"}
