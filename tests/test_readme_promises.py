@@ -41,9 +41,9 @@ def test_a_hangup_grace_holds_a_cleanly_ended_session_until_it_runs_out(app: Fla
                                                                         numbers: CallNumbers) -> None:
     with app.app_context():
         lifecycle = services().lifecycle
-        session_id = new_session(lifecycle, "CAgrace")
-        assert register(lifecycle, session_id, "CAgrace", numbers, hangup_grace_seconds=30)
-        assert lifecycle.leg_ended("twilio", "CAgrace", "call_completed", clean=True) is EndOutcome.HELD
+        session_id = new_session(lifecycle, "CA77777777777777777777777777777777")
+        assert register(lifecycle, session_id, "CA77777777777777777777777777777777", numbers, hangup_grace_seconds=30)
+        assert lifecycle.leg_ended("twilio", "CA77777777777777777777777777777777", "call_completed", clean=True) is EndOutcome.HELD
         assert lifecycle.session_record(session_id)["status"] == "held"
         assert lifecycle.end_due_sessions(now=time.time() + 29) == 0  # the grace has not run out
         assert emulator.session(session_id)["status"] != "ended"
@@ -57,11 +57,11 @@ def test_an_agent_hanging_up_ends_the_customers_call_only_when_the_profile_says_
         app: Flask, emulator: EmulatorControl, numbers: CallNumbers, agent_hangup_ends_call: bool) -> None:
     with app.app_context():
         lifecycle = services().lifecycle
-        session_id = new_session(lifecycle, "CAcustomer")
-        assert register(lifecycle, session_id, "CAcustomer", numbers, agent_hangup_ends_call=agent_hangup_ends_call)
-        assert register(lifecycle, session_id, "CAagent", numbers, speaker="agent")
-        lifecycle.leg_ended("twilio", "CAagent", "call_completed", clean=True)
-        customer = lifecycle.call_record("twilio", "CAcustomer")
+        session_id = new_session(lifecycle, "CA11111111111111111111111111111111")
+        assert register(lifecycle, session_id, "CA11111111111111111111111111111111", numbers, agent_hangup_ends_call=agent_hangup_ends_call)
+        assert register(lifecycle, session_id, "CA44444444444444444444444444444444", numbers, speaker="agent")
+        lifecycle.leg_ended("twilio", "CA44444444444444444444444444444444", "call_completed", clean=True)
+        customer = lifecycle.call_record("twilio", "CA11111111111111111111111111111111")
         session = lifecycle.session_record(session_id)
     if agent_hangup_ends_call:
         assert customer["state"] == "ended" and customer["end_reason"] == "agent_hung_up"
@@ -75,11 +75,11 @@ def test_a_customer_hanging_up_ends_the_agents_call(app: Flask, emulator: Emulat
                                                     numbers: CallNumbers) -> None:
     with app.app_context():
         lifecycle = services().lifecycle
-        session_id = new_session(lifecycle, "CAcust2")
-        assert register(lifecycle, session_id, "CAcust2", numbers, agent_hangup_ends_call=False)
-        assert register(lifecycle, session_id, "CAagent2", numbers, speaker="agent")
-        lifecycle.leg_ended("twilio", "CAcust2", "call_completed", clean=True)
-        assert lifecycle.call_record("twilio", "CAagent2")["end_reason"] == "customer_hung_up"
+        session_id = new_session(lifecycle, "CA55555555555555555555555555555555")
+        assert register(lifecycle, session_id, "CA55555555555555555555555555555555", numbers, agent_hangup_ends_call=False)
+        assert register(lifecycle, session_id, "CA33333333333333333333333333333333", numbers, speaker="agent")
+        lifecycle.leg_ended("twilio", "CA55555555555555555555555555555555", "call_completed", clean=True)
+        assert lifecycle.call_record("twilio", "CA33333333333333333333333333333333")["end_reason"] == "customer_hung_up"
         assert lifecycle.session_record(session_id)["status"] == "ended"
     assert emulator.session(session_id)["end_calls"] == 1
 
@@ -88,13 +88,13 @@ def test_an_agent_answering_after_the_session_ended_is_not_attached(app: Flask, 
                                                                     numbers: CallNumbers) -> None:
     with app.app_context():
         lifecycle = services().lifecycle
-        session_id = new_session(lifecycle, "CAcust3")
-        assert register(lifecycle, session_id, "CAcust3", numbers)
-        lifecycle.leg_ended("twilio", "CAcust3", "call_completed", clean=True)
+        session_id = new_session(lifecycle, "CA66666666666666666666666666666666")
+        assert register(lifecycle, session_id, "CA66666666666666666666666666666666", numbers)
+        lifecycle.leg_ended("twilio", "CA66666666666666666666666666666666", "call_completed", clean=True)
         assert lifecycle.session_record(session_id)["status"] == "ended"
         # The agent's leg answers late: it is refused, and nothing ends (or re-opens) the session again.
-        assert register(lifecycle, session_id, "CAagent3", numbers, speaker="agent") is False
-        assert lifecycle.session_legs(session_id).get(("twilio", "CAagent3")) != "live"
+        assert register(lifecycle, session_id, "CA22222222222222222222222222222222", numbers, speaker="agent") is False
+        assert lifecycle.session_legs(session_id).get(("twilio", "CA22222222222222222222222222222222")) != "live"
         assert lifecycle.session_record(session_id)["status"] == "ended"
     assert emulator.session(session_id)["end_calls"] == 1
 
