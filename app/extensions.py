@@ -54,7 +54,7 @@ def init_services(app: Flask, settings: Settings, controls: Mapping[str, Carrier
     tls = {"ssl_cert_reqs": "required" if settings.redis_tls_verify else "none"} \
         if settings.redis_url.startswith("rediss://") else {}
     # A bounded, blocking pool: a flood (e.g. of /metrics scrapes) waits up to the timeout for a connection
-    # instead of opening one per greenlet until Redis' maxclients locks every worker out.
+    # instead of opening one per concurrent request until Redis' maxclients locks every worker out.
     pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=settings.redis_max_connections, timeout=REDIS_TIMEOUT_SECONDS,
         socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,

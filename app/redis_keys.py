@@ -7,10 +7,10 @@ key                                            type    holds
 =============================================  ======  =====================================================
 ``{ns}:profile:{e164}``                        string  JSON number profile
 ``{ns}:profiles``                              set     E.164 numbers that have their own profile
-``{ns}:call:{carrier}:{call_id}``              hash    one carrier call leg: session id, numbers, states
+``{ns}:call:{carrier}:{call_id}``              hash    one carrier call leg: session id, numbers, state, stream
 ``{ns}:call:{carrier}:{call_id}:events``       list    recorded carrier callbacks (capped)
 ``{ns}:session:{session_id}``                  hash    our view of a Kallglot session and its legs
-``{ns}:session:{session_id}:end-claim``        string  who claimed the one ``end`` call (SET NX)
+``{ns}:session:{session_id}:end-claim``        string  end claim's fencing token, then ``ended:{reason}``
 ``{ns}:seen:{source}:{event_id}``              string  webhook de-duplication marker (SET NX, TTL)
 ``{ns}:sessions:live``                         zset    sessions not yet ended (score: created at)
 ``{ns}:calls:recent``                          zset    ``carrier:call_id`` of recent legs (score: created at)
@@ -34,7 +34,8 @@ key                                            type    holds
 ``{ns}:usage:sessions``                        zset    sessions with a billed duration (score: ended at)
 =============================================  ======  =====================================================
 
-No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
+The lifecycle's keys change only through the Lua scripts in :mod:`app.calls.scripts`, whose invariants
+are written there. No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
 (:mod:`app.relay.tokens`), never through Redis.
 """
 from __future__ import annotations

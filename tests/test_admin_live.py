@@ -122,6 +122,9 @@ def test_a_session_with_10000_transcript_events_stays_bounded_in_the_page(
     assert "line 9999" in html and "línea 9999" in html and "typing…" in html and ">line 9000<" not in html
     assert f'data-max-lines="{PAGE_EVENTS}"' in html  # the JavaScript keeps the same bound
     assert 'src="/admin/static/live.js"' in html and "<script>" not in html  # no inline script (CSP)
+    policy = page.headers["Content-Security-Policy"]
+    assert all(d in policy for d in ("script-src 'self'", "connect-src 'self'", "media-src 'self'"))
+    assert "unsafe-inline" not in policy
     hang_up(admin_client, call_sid)
 
 

@@ -309,3 +309,17 @@ def test_production_refuses_the_published_demo_secrets(redis_url: str) -> None:
         with pytest.raises(ConfigError, match=name):
             Settings.from_mapping({**base, name: value}).validate()
         Settings.from_mapping({**base, name: value, "DEMO_MODE": "1"}).validate()
+
+
+def test_profile_import_takes_a_plain_pin_and_stores_only_its_hash(make_app: Callable[..., Flask]) -> None:
+    from app.profiles.transfer import import_profiles
+
+    app = make_app()
+    with app.app_context():
+        store = services().profiles
+        import_profiles(store, {"profiles": {OURS: {"reattach": "caller_id_pin", "reattach_pin": "975310"}}})
+        profile = store.for_number(OURS)
+        assert profile.reattach == "caller_id_pin" and profile.reattach_pin_matches("975310")
+        assert "975310" not in services().redis.get(services().keys.profile(OURS)).decode()
+        with pytest.raises(Exception):
+            import_profiles(store, {"profiles": {OURS: {"reattach": "caller_id_pin", "reattach_pin": "12"}}})

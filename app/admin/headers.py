@@ -7,7 +7,7 @@ Delete buttons).
 """
 from __future__ import annotations
 
-from flask import Response
+from flask import Response, request
 
 from app.admin.blueprint import bp
 
@@ -28,8 +28,8 @@ SECURITY_HEADERS = {
 
 @bp.after_request
 def add_security_headers(response: Response) -> Response:
-    """Add :data:`SECURITY_HEADERS` to every admin response, and ``no-store`` to all but the stylesheet."""
+    """Add :data:`SECURITY_HEADERS` to every admin response, and ``no-store`` to all but the static assets."""
     response.headers.update(SECURITY_HEADERS)
-    if not response.mimetype == "text/css":
+    if request.endpoint != "admin.static":  # CSS and the console's script hold no data: they may be cached
         response.headers["Cache-Control"] = "no-store"
     return response

@@ -28,6 +28,7 @@ from app.calls.events import (
     LEG, RELAY_HEALTH, SESSION, TRANSCRIPT, LiveEvent, SessionEventLog, event_log_for, valid_stream_id,
 )
 from app.extensions import Services, services
+from app.redis_keys import as_text
 
 KEEPALIVE_SECONDS = 15.0
 #: ``XREAD BLOCK`` per round: below the Redis client's 2 s socket timeout.
@@ -79,7 +80,7 @@ def live_row(svc: Services, session_id: str) -> dict[str, Any] | None:
 
 
 def _live_ids(svc: Services) -> set[str]:
-    return {raw.decode() for raw in svc.redis.zrange(svc.keys.live_sessions(), 0, -1)}
+    return {as_text(raw) for raw in svc.redis.zrange(svc.keys.live_sessions(), 0, -1)}
 
 
 def _list_stream(svc: Services, log: SessionEventLog, after: str) -> Iterator[str]:

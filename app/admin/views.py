@@ -6,7 +6,6 @@ post/redirect/get; invalid input re-renders the form with the user's values and 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 from flask import Response, flash, redirect, render_template, request, url_for

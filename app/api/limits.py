@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from app.redis_keys import RedisKeys
+from app.redis_keys import RedisKeys, as_text
 
 #: A retried request is recognised for a day, like Kallglot's own idempotency keys.
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
@@ -33,7 +33,7 @@ def idempotency_conflict(client: redis.Redis, keys: RedisKeys, key_digest: str, 
     if client.set(marker, fingerprint, nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
         return False
     stored = client.get(marker)
-    return stored is not None and stored.decode() != fingerprint
+    return stored is not None and as_text(stored) != fingerprint
 
 
 def rate_limited(client: redis.Redis, keys: RedisKeys, token_digest: str, per_minute: int,
@@ -51,7 +51,7 @@ def rate_limited(client: redis.Redis, keys: RedisKeys, token_digest: str, per_mi
 def live_api_calls(client: redis.Redis, keys: RedisKeys, token_digest: str) -> int:
     """How many sessions started with ``token_digest`` are still live (ended ones are pruned on the way)."""
     tracked = keys.api_live_calls(token_digest)
-    members = [m.decode() for m in client.zrange(tracked, 0, -1)]
+    members = [as_text(m) for m in client.zrange(tracked, 0, -1)]
     if not members:
         return 0
     with client.pipeline(transaction=False) as pipe:

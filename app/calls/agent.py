@@ -26,6 +26,10 @@ def dial_agent_if_configured(svc: Services, session_id: str, carrier: str) -> st
         profile = svc.profiles.for_number(to_number)
         if not profile.agent_number or not lifecycle.claim_agent_dial(session_id):
             return None
+        refused = svc.profiles.destination_problem(profile.agent_number) if svc.profiles.destination_problem else ""
+        if refused:  # a profile stored before the dialling rules (or under others): never dial it anyway
+            log.warning("session=%s agent leg REFUSED: %s (%s)", session_id, profile.agent_number, refused)
+            return None
         control = svc.carrier_controls[carrier]
         call_id = control.dial(to=profile.agent_number, from_=to_number, session_id=session_id,
                                speaker=SPEAKER_AGENT)

@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from app.background import spawn
-from app.redis_keys import RedisKeys
+from app.redis_keys import RedisKeys, as_text, as_text_map
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,12 @@ class LiveEvent:
 
 
 def _decode(entry_id: Any, fields: Mapping[Any, Any]) -> LiveEvent:
-    text = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in fields.items()}
+    text = as_text_map(fields)
     try:
         data = json.loads(text.get("data", "{}"))
     except ValueError:
         data = {}
-    return LiveEvent(id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+    return LiveEvent(id=as_text(entry_id) if isinstance(entry_id, bytes) else str(entry_id),
                      kind=text.get("kind", ""), session_id=text.get("session_id", ""),
                      data=data if isinstance(data, dict) else {})
 
@@ -132,7 +131,7 @@ class SessionEventLog:
     def last_change_id(self) -> str:
         """Id of the newest entry of the global stream (``0-0`` when empty): read changes after it."""
         entries = self._redis.xrevrange(self._keys.live_changes(), count=1)
-        return entries[0][0].decode() if entries else "0-0"
+        return as_text(entries[0][0]) if entries else "0-0"
 
     def wait(self, key: str, after: str, *, block_ms: int, count: int = 100) -> list[LiveEvent]:
         """Events of stream ``key`` after id ``after``, waiting up to ``block_ms`` for the first one."""

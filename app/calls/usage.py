@@ -1,6 +1,6 @@
 """Billed Kallglot minutes: each session's billed duration, and totals per number and per day.
 
-Kallglot bills *session* time (first audio to end), not call time (kallglot-api.md §3), so the figure comes
+Kallglot bills *session* time (first audio to end), not call time (Kallglot's sessions-vs-calls guide), so the figure comes
 from Kallglot — the ``end`` response's ``duration_seconds`` or the ``session.ended`` webhook's
 ``data.duration`` — and is stored on the session record as ``billed_seconds``. Whichever arrives first wins;
 they describe the same session, and a later one only overwrites with the same or a better-known value.
@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from app.redis_keys import CALL_LOG_RETENTION_SECONDS, RedisKeys
+from app.redis_keys import CALL_LOG_RETENTION_SECONDS, RedisKeys, as_text
 
 
 def parse_seconds(value: Any) -> float | None:
@@ -86,15 +86,15 @@ def usage(client: redis.Redis, keys: RedisKeys, *, since: float | None = None,
                                until if until is not None else "+inf", withscores=True)
     with client.pipeline(transaction=False) as pipe:
         for session_id, _ in ids:
-            pipe.hmget(keys.session(session_id.decode()), "billed_seconds", "to")
+            pipe.hmget(keys.session(as_text(session_id)), "billed_seconds", "to")
         fields = pipe.execute() if ids else []
     totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
     for (_, ended), (billed, number) in zip(ids, fields):
-        seconds = parse_seconds(billed.decode() if billed else None)
+        seconds = parse_seconds(as_text(billed) if billed else None)
         if seconds is None:
             continue  # the session record expired
         day = datetime.fromtimestamp(ended, UTC).strftime("%Y-%m-%d")
-        total = totals[(day, number.decode() if number else "")]
+        total = totals[(day, as_text(number) if number else "")]
         total[0] += 1
         total[1] += seconds
     return [UsageRow(day, number, int(count), seconds)

@@ -16,8 +16,16 @@ scenario (seeded, so a run can be repeated):
 ``worker-kill``     the worker holding the media socket is killed with SIGKILL mid-call
 
 It then waits for every hold window and heartbeat to run out and prints: sessions created, ended, leaked
-(not ended), double-ended (ended more than once), and calls that heard nothing (neither audio nor a message).
-Exit status 0 only when leaked, double-ended and dead air are all 0. Loopback only; bounded; stops by itself.
+(not ended), double-ended (``end`` called more than once), and calls that heard nothing (neither audio nor a
+message), each failure with its timeline (the simulator's view, then the bridges' log lines for that call and
+session). Exit status 0 only when leaked, double-ended and dead air are all 0. Loopback only; bounded; stops
+by itself.
+
+Options for the lifecycle at scale: ``--stress`` keeps one extra process busy on the CPU for the whole run
+(a bounded spin, stopped with the run), so workers are slow rather than dead; ``--listen`` makes callers stay
+on longer; ``--kill-weight`` raises the share of ``worker-kill`` calls. Start-up waits are generous and readiness probes
+scale with the load average (:mod:`app.devtools.localstack`). Each run prints the load average at its start
+and end: the machine may be busy with other work, and every figure means little without it.
 """
 from __future__ import annotations
 
@@ -39,9 +47,10 @@ from dataclasses import dataclass
 import redis as redis_lib
 import requests
 
-from app.calls.lifecycle import STREAM_START_GRACE_SECONDS
+from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
-from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis
+from app.devtools.chaos_report import call_timeline, load_average, session_timeline, stress
+from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis, startup_timeout
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
 from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCallSimulator
@@ -49,6 +58,10 @@ from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCal
 SCENARIOS = ("normal", "callbacks", "caller-drop", "kallglot-drop", "create-fault", "connect-fault", "agent",
              "returning", "worker-kill")
 WEIGHTS = (30, 10, 10, 10, 8, 8, 10, 8, 2)
+#: A caller who heard nothing for this long after talking gives up (and the call counts as dead air).
+FIRST_AUDIO_TIMEOUT_SECONDS = 10.0
+#: Least time between two kills in one bridge instance, so it always keeps a worker serving.
+KILL_SPACING_SECONDS = 45.0
 AUTH_TOKEN = "chaos-twilio-auth-token"
 ACCOUNT_SID = "AC" + "c" * 32
 API_KEY = "sk_test_emulator"
@@ -73,11 +86,17 @@ class Outcome:
 class Chaos:
     """The running stack and the scenario implementations."""
 
-    def __init__(self, bridges: list[RunningServer], emulator: RunningServer, seed: int) -> None:
+    def __init__(self, bridges: list[RunningServer], emulator: RunningServer, seed: int, redis_url: str,
+                 listen_seconds: float = 1.0) -> None:
         self.bridges, self.emulator = bridges, emulator
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.killed = 0
+        self.kills_spared = 0
+        self.last_kill: dict[int, float] = {}
+        self.listen_seconds = listen_seconds
+        self.redis = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+        self.keys = RedisKeys("chaos")
 
     def simulator(self) -> TwilioCallSimulator:
         with self.lock:
@@ -89,10 +108,9 @@ class Chaos:
         requests.post(self.emulator.url + "/_emulator/faults", json={"faults": [fault]}, timeout=5).raise_for_status()
 
     def session_of(self, call_sid: str) -> str | None:
-        for session in requests.get(self.emulator.url + "/_emulator/sessions", timeout=10).json()["sessions"]:
-            if (session.get("metadata") or {}).get("twilio_call_sid") == call_sid:
-                return str(session["id"])
-        return None
+        """The call's session as the bridge recorded it (one Redis read, not a scan of every session)."""
+        value = self.redis.hget(self.keys.call("twilio", call_sid), "session_id")
+        return str(value) if value else None
 
     def run(self, scenario: str, audio: bytes) -> Outcome:
         """Place one call (or two, for ``returning``) under ``scenario``."""
@@ -101,15 +119,15 @@ class Chaos:
         to = AGENT_LINE if scenario == "agent" else NUMBER
         # A number configured as README says (VoiceFallbackUrl set); a caller whose line went quiet speaks up.
         # Callers talk in real time (0.5 s) and listen a second, as people do.
-        call = dict(audio=audio, pace=True, listen_seconds=1.0, fallback_url=sim.public_url + "/twilio/fallback",
-                    restore_audio=audio[:1600])
+        call = dict(audio=audio, pace=True, listen_seconds=self.listen_seconds,
+                    fallback_url=sim.public_url + "/twilio/fallback", restore_audio=audio[:1600])
         try:
             if scenario == "callbacks":
                 return Outcome(scenario, [sim.place_call(to, caller, **call,
                                                          status_callbacks=self.random.choice(["twice", "reversed"]))])
             if scenario in ("caller-drop", "returning"):
                 first = sim.place_call(to, caller, **{**call, "listen_seconds": 0}, status_callbacks="none",
-                                       hold_open=lambda s: (time.sleep(0.3), s.close_abruptly()))
+                                       hold_open=self._drop_caller)
                 if scenario == "caller-drop":
                     return Outcome(scenario, [first])
                 time.sleep(0.5)  # the relay notices the drop and holds the session
@@ -123,12 +141,22 @@ class Chaos:
             elif scenario == "worker-kill":
                 return Outcome(scenario, [sim.place_call(to, caller, **call, hold_open=self._kill_relay_worker)])
             elif scenario == "agent":
-                call["listen_seconds"] = 1.5  # long enough for the agent leg to be dialled and answer
+                # Long enough for the agent leg to be dialled and answer.
+                call["listen_seconds"] = max(1.5, self.listen_seconds)
             return Outcome(scenario, [sim.place_call(to, caller, **call)])
         except Exception as exc:  # a simulator failure is reported, never hidden
             return Outcome(scenario, [], error=f"{type(exc).__name__}: {exc}")
 
+    @staticmethod
+    def _drop_caller(stream: SimulatedStream) -> None:
+        # The caller drops mid-call: once the call got going (they heard something), or after 10 s of
+        # silence — which then counts as dead air, as it should.
+        stream.wait_for(lambda s: bool(s.heard), FIRST_AUDIO_TIMEOUT_SECONDS)
+        time.sleep(0.3)
+        stream.close_abruptly()
+
     def _drop_kallglot(self, stream: SimulatedStream) -> None:
+        stream.wait_for(lambda s: bool(s.heard), FIRST_AUDIO_TIMEOUT_SECONDS)
         session_id = self._wait(lambda: self.session_of(stream.call_sid))
         if session_id:
             requests.post(f"{self.emulator.url}/_emulator/sessions/{session_id}/drop", timeout=5)
@@ -136,9 +164,17 @@ class Chaos:
 
     def _kill_relay_worker(self, stream: SimulatedStream) -> None:
         time.sleep(0.3)  # let the relay start and log its line
-        for bridge in self.bridges:
+        for index, bridge in enumerate(self.bridges):
             pid = _pid_of_relay(bridge.log(), stream.call_sid)
             if pid:
+                with self.lock:
+                    # The run has no load balancer: an instance whose every worker is dead (the replacement
+                    # still importing — 20 s and more on a busy machine) times out every webhook pinned to
+                    # it, which says nothing about the lifecycle. So an instance loses one worker at a time.
+                    if time.monotonic() - self.last_kill.get(index, -1e9) < KILL_SPACING_SECONDS:
+                        self.kills_spared += 1
+                        return
+                    self.last_kill[index] = time.monotonic()
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -175,19 +211,22 @@ def stack(workers: int) -> Iterator[tuple[list[RunningServer], RunningServer, st
         redis_url = stack.enter_context(run_redis())
         emulator = stack.enter_context(run_gunicorn("app.devtools.emulator:create_emulator_app()",
                                                     {"KALLGLOT_EMULATOR_API_KEY": API_KEY},
-                                                    ready_path="/_emulator/stats", print_log_on_error=False))
+                                                    ready_path="/_emulator/stats", print_log_on_error=False,
+                                                    ready_timeout=startup_timeout()))
         ports = [free_port(), free_port()]
         public = f"http://127.0.0.1:{ports[0]}"
         fake = stack.enter_context(run_gunicorn("app.devtools.simulator.twilio_rest:create_fake_twilio_rest()", {
             "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "FAKE_TWILIO_BRIDGE_URL": public,
-            "FAKE_TWILIO_MAX_CALL_SECONDS": "30"}, print_log_on_error=False))
+            "FAKE_TWILIO_MAX_CALL_SECONDS": "30"}, print_log_on_error=False, ready_timeout=startup_timeout()))
         env = {"KALLGLOT_API_URL": emulator.url + "/v1", "KALLGLOT_API_KEY": API_KEY, "REDIS_URL": redis_url,
                "REDIS_NAMESPACE": "chaos", "PUBLIC_URL": public, "SECRET_KEY": "chaos-secret-key-0123456789",
                "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_API_URL": fake.url,
                "RECONNECT_WINDOW_SECONDS": str(RECONNECT_WINDOW_SECONDS),
                "HEARTBEAT_TIMEOUT_SECONDS": str(HEARTBEAT_TIMEOUT_SECONDS), "LOG_LEVEL": "INFO"}
+        # Start-up waits scale with the load average: on a busy machine a bridge takes 20 s and more to import.
         bridges = [stack.enter_context(run_gunicorn("app:create_app()", env, workers=workers, port=port,
-                                                    print_log_on_error=False)) for port in ports]
+                                                    print_log_on_error=False, ready_timeout=startup_timeout()))
+                   for port in ports]
         client = redis_lib.Redis.from_url(redis_url)
         ProfileStore(client, RedisKeys("chaos"), NumberProfile(), carriers=carrier_names()).set(AGENT_LINE,
                                                                      NumberProfile(agent_number=AGENT_NUMBER))
@@ -215,58 +254,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=24)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per bridge instance")
-    parser.add_argument("--verbose", action="store_true", help="print the bridge log lines of leaked sessions")
+    parser.add_argument("--stress", action="store_true", help="keep one more CPU busy for the whole run")
+    parser.add_argument("--listen", type=float, default=1.0, help="seconds a caller listens after talking")
+    parser.add_argument("--kill-weight", type=int, default=WEIGHTS[SCENARIOS.index("worker-kill")],
+                        help="weight of the worker-kill scenario (the others weigh 94 together)")
+    parser.add_argument("--verbose", action="store_true", help="also print the Redis view of leaked sessions")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
-    plan = rng.choices(SCENARIOS, weights=WEIGHTS, k=args.calls)
+    weights = [args.kill_weight if name == "worker-kill" else w for name, w in zip(SCENARIOS, WEIGHTS)]
+    plan = rng.choices(SCENARIOS, weights=weights, k=args.calls)
     audio = base64.b64decode(base64.b64encode(bytes(rng.randrange(256) for _ in range(4000))))
     started = time.monotonic()
-    with stack(args.workers) as (bridges, emulator, redis_url):
-        chaos = Chaos(bridges, emulator, args.seed)
+    load_at_start = load_average()
+    with stress(args.stress), stack(args.workers) as (bridges, emulator, redis_url):
+        chaos = Chaos(bridges, emulator, args.seed, redis_url, listen_seconds=args.listen)
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
             outcomes = list(pool.map(lambda scenario: chaos.run(scenario, audio), plan))
         placed = time.monotonic() - started
-        # Let every hold window, heartbeat expiry and end retry run out before counting.
+        # Let every hold window, heartbeat expiry, end retry and end-claim lease run out before counting.
         settle = RECONNECT_WINDOW_SECONDS + HEARTBEAT_TIMEOUT_SECONDS + 6
         # At most: a leg registered by a worker killed before its stream started waits out the stream-start
-        # grace, then the hold; an orphaned create waits out its grace, then the reaper's pass.
-        deadline = time.monotonic() + STREAM_START_GRACE_SECONDS + settle + 10
+        # grace, then the hold; an orphaned create waits out its grace, then the reaper's pass; a worker
+        # killed holding an end claim is taken over when the claim's lease lapses.
+        deadline = time.monotonic() + max(STREAM_START_GRACE_SECONDS, END_CLAIM_LEASE_SECONDS
+                                          + PENDING_CREATE_GRACE_SECONDS) + settle + 10
         stats: dict[str, int] = {}
         while time.monotonic() < deadline:
-            stats = requests.get(emulator.url + "/_emulator/stats", timeout=10).json()
+            stats = requests.get(emulator.url + "/_emulator/stats", timeout=30).json()
             if stats["created"] == stats["ended"] and time.monotonic() - started > placed + settle:
                 break
             time.sleep(1)
-        sessions = requests.get(emulator.url + "/_emulator/sessions", timeout=10).json()["sessions"]
-        logs = "\n".join(bridge.log() for bridge in bridges)
+        sessions = requests.get(emulator.url + "/_emulator/sessions", timeout=60).json()["sessions"]
+        logs = "\n".join(bridge.log() for bridge in bridges).splitlines()
         state = _redis_view(redis_url, [s["id"] for s in sessions if s["status"] != "ended"]) if args.verbose else {}
-    leaked = [s["id"] for s in sessions if s["status"] != "ended"]
-    double_ended = [s["id"] for s in sessions if s["end_calls"] > 1]
+    duration = time.monotonic() - started
+    leaked = [s for s in sessions if s["status"] != "ended"]
+    double_ended = [s for s in sessions if s["end_calls"] > 1]
     dead_air = [o for o in outcomes if o.dead_air]
     errors = [o for o in outcomes if o.error]
     print(f"chaos run: {args.calls} calls ({Counter(o.scenario for o in outcomes).most_common()}), concurrency "
-          f"{args.concurrency}, 2 instances x {args.workers} workers, seed {args.seed}, {placed:.1f}s to place, "
-          f"{chaos.killed} workers killed")
+          f"{args.concurrency}, 2 instances x {args.workers} workers, seed {args.seed}, "
+          f"stress {'on' if args.stress else 'off'}, {placed:.1f}s to place, {duration:.0f}s in all, "
+          f"{chaos.killed} workers killed ({chaos.kills_spared} kills spared: instance already lost one)")
+    print(f"load average (1/5/15 min): {load_at_start} at start, {load_average()} at end")
     print(f"sessions created: {stats.get('created', len(sessions))}")
     print(f"sessions ended:   {stats.get('ended', len(sessions) - len(leaked))}")
     print(f"leaked:           {len(leaked)}")
     print(f"double-ended:     {len(double_ended)}")
-    print(f"dead-air calls:   {len(dead_air)}")
+    print(f"dead-air calls:   {len(dead_air)} {dict(Counter(o.scenario for o in dead_air))}")
     print(f"simulator errors: {len(errors)}")
-    for outcome in (dead_air + errors)[:10]:
-        detail = "; ".join(f"{r.call_sid} streams={r.streams} sent={len(r.sent_audio)} "
-                           f"{[e for _, e in r.timeline][-4:]}" for r in outcome.results)
-        print(f"  - {outcome.scenario}: {outcome.error or 'heard nothing'} ({detail})")
-    by_id = {s["id"]: s for s in sessions}
-    for session_id in (leaked + double_ended)[:10]:
-        s = by_id[session_id]
-        print(f"  - session {session_id} status={s['status']} end_calls={s['end_calls']} "
-              f"connections={s['connections_total']} call={(s.get('metadata') or {}).get('twilio_call_sid')}")
-        if args.verbose:
-            print(f"      redis: {state.get(session_id)}")
-            call_sid = (s.get("metadata") or {}).get("twilio_call_sid") or session_id
-            print("\n".join(f"      {line[:400]}" for line in logs.splitlines()
-                            if call_sid in line or session_id in line))
+    for outcome in dead_air + errors:
+        print(f"  - {outcome.scenario}: {outcome.error or 'heard nothing'}")
+        print("\n".join(call_timeline(outcome.results, logs)))
+    for kind, found in (("leaked", leaked), ("double-ended", double_ended)):
+        for s in found:
+            print(f"  - {kind} session {s['id']} status={s['status']} end_calls={s['end_calls']} "
+                  f"connections={s['connections_total']} call={(s.get('metadata') or {}).get('twilio_call_sid')}")
+            if args.verbose:
+                print(f"      redis: {state.get(str(s['id']))}")
+            print("\n".join(session_timeline(s, logs)))
     return 0 if not (leaked or double_ended or dead_air) else 1
 
 

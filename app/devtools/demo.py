@@ -67,13 +67,17 @@ def local_redis() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def emulator(log_path: Path) -> Iterator[str]:
-    """The Kallglot emulator in its own process; yields its API base URL."""
+def emulator(log_path: Path, webhook_url: str = "", webhook_secret: str = "") -> Iterator[str]:
+    """The Kallglot emulator in its own process; yields its API base URL.
+
+    With ``webhook_url`` and ``webhook_secret`` it sends the signed after-call webhooks (session.ended,
+    transcript.ready, recording.ready) there, as Kallglot does."""
     port = free_port()
+    hooks = {"KALLGLOT_EMULATOR_WEBHOOK_URL": webhook_url, "KALLGLOT_EMULATOR_WEBHOOK_SECRET": webhook_secret}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app.devtools.emulator", "--host", "127.0.0.1",
                                  "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, **hooks})
     try:
         wait_for_http(f"http://127.0.0.1:{port}/_emulator/stats", proc=proc)
         yield f"http://127.0.0.1:{port}/v1"
@@ -102,7 +106,9 @@ def demo_settings(env: dict[str, str], port: int, stack: contextlib.ExitStack, l
     notes: list[str] = []
     base_url = f"http://127.0.0.1:{port}"
     if not env.get("KALLGLOT_API_KEY"):
-        env.update(KALLGLOT_API_URL=stack.enter_context(emulator(logs / "emulator.log")),
+        env.setdefault("KALLGLOT_WEBHOOK_SECRET", secrets.token_urlsafe(24))  # the emulator signs its webhooks
+        env.update(KALLGLOT_API_URL=stack.enter_context(emulator(
+            logs / "emulator.log", base_url + "/kallglot/webhooks", env["KALLGLOT_WEBHOOK_SECRET"])),
                    KALLGLOT_API_KEY="sk_test_emulator")
         notes.append(f"KALLGLOT_API_KEY not set: the bundled Kallglot EMULATOR at {env['KALLGLOT_API_URL']}")
     if not env.get("REDIS_URL"):
@@ -150,6 +156,30 @@ def _bridge_settings(env: dict[str, str]) -> dict[str, str]:
     return {name: env[name] for name in names if env.get(name)}
 
 
+def seed_demo_profiles(env: dict[str, str]) -> None:
+    """Give the demo's carrier numbers a profile of their own: ``POST /api/calls`` dials only from numbers this
+    service is configured for (toll-fraud rule), and the README's outbound call uses them. Existing profiles
+    (a demo against your own Redis) are left alone."""
+    import redis
+
+    from app.devtools.simulator.number_apis import demo_telnyx_seed, demo_twilio_numbers
+    from app.profiles import NumberProfile, ProfileStore
+    from app.redis_keys import RedisKeys
+
+    client = redis.Redis.from_url(env["REDIS_URL"], socket_timeout=5)
+    try:
+        store = ProfileStore(client, RedisKeys(env.get("REDIS_NAMESPACE") or "kb"), NumberProfile(),
+                             carriers=("twilio", "telnyx"))
+        numbers = [(n["phone_number"], "twilio") for n in demo_twilio_numbers()]
+        numbers += [(n["phone_number"], "telnyx") for n in demo_telnyx_seed("")["phone_numbers"] if n["connection_id"]]
+        for number, carrier in numbers:
+            if not store.for_number(number).own:
+                store.set(number, NumberProfile(carrier=carrier, source_language=env.get("DEFAULT_SOURCE_LANGUAGE", ""),
+                                                target_language=env.get("DEFAULT_TARGET_LANGUAGE", "")))
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start the demo stack and serve until Ctrl-C, SIGTERM or SIGHUP; exit status 0 when stopped so."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
@@ -185,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             # Stopped first (the stack unwinds in reverse): its calls end while Kallglot and Redis are still up.
             stack.callback(_stop, bridge, float(env["GUNICORN_GRACEFUL_TIMEOUT"]) + 5)
             wait_for_http(f"http://127.0.0.1:{args.port}/healthz", proc=bridge)
+            seed_demo_profiles(env)
             ready = requests.get(f"http://127.0.0.1:{args.port}/readyz", timeout=10).json()
             print(banner(settings, notes, ready.get("problems", []), args.env_file), flush=True)
             return bridge.wait()

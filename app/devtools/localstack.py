@@ -107,7 +107,7 @@ def run_gunicorn(
     own_session: bool = False,
     python: str = sys.executable,
     cwd: Path = REPO_ROOT,
-    ready_timeout: float | None = None,  # None: startup_timeout(), which allows for a loaded machine
+    ready_timeout: float | None = None,
 ) -> Iterator[RunningServer]:
     """Run ``gunicorn -k gevent app_spec`` on a free port until the block exits: with this interpreter from
     the repo root by default, or with another ``python`` (an installed wheel's venv) from another ``cwd``.
@@ -115,9 +115,10 @@ def run_gunicorn(
     Each server gets its own ``HOME`` so gunicorn 27's control socket under ``$HOME/.gunicorn``
     never collides between servers started by parallel tests. ``log_path``: where its output goes (default a
     file in that temporary home). ``own_session``: start it in its own session, so a Ctrl-C in the terminal
-    reaches only the caller, which then stops it in order (the demo). ``graceful_timeout``: how long a stopped
-    server waits for open connections (tests shorten it). With ``KB_COVERAGE_SERVERS`` set, the server runs
-    under ``coverage run --parallel-mode`` (see README, "Test it"), workers included.
+    reaches only the caller, which then stops it in order (the demo). ``ready_timeout``: how long to wait for it
+    to answer (default :func:`startup_timeout`, which grows with the machine's load). ``graceful_timeout``: how
+    long a stopped server waits for open connections (tests shorten it). With ``KB_COVERAGE_SERVERS`` set, the
+    server runs under ``coverage run --parallel-mode`` (see README, "Test it"), workers included.
     """
     port = port or free_port()
     home = tempfile.mkdtemp(prefix="kb-gunicorn-home-")

@@ -30,6 +30,8 @@ class KallglotError(Exception):
         self.error_type = error_type
         self.request_id = request_id
         self.retry_after = retry_after
+        #: True when an earlier attempt of the same request got no answer (it may have been processed).
+        self.maybe_processed = False
         where = f"HTTP {status}" if status else "request failed"
         super().__init__(f"Kallglot {where} ({code or 'no code'}): {message}")
 
@@ -210,6 +212,7 @@ class KallglotClient:
             headers["Idempotency-Key"] = idempotency_key
         deadline = time.monotonic() + self.total_budget_seconds
         attempt = 0
+        unanswered = False  # an attempt went out and got no answer: Kallglot may have processed it
         while True:
             attempt += 1
             remaining = deadline - time.monotonic()
@@ -219,6 +222,7 @@ class KallglotClient:
                 response = self._http.request(method, self.base_url + path, json=json, headers=headers, timeout=timeout)
             except requests.RequestException as exc:
                 error: KallglotError = KallglotUnavailable(type(exc).__name__, code="unreachable")
+                unanswered = unanswered or not isinstance(exc, requests.ConnectTimeout)
                 metrics.observe_kallglot_api(method, path, time.monotonic() - started, "unreachable")
             else:
                 log.debug("kallglot %s %s -> %s in %.0f ms", method, path, response.status_code,
@@ -236,6 +240,7 @@ class KallglotClient:
             retryable = isinstance(error, KallglotUnavailable) or error.status in _RETRYABLE
             wait = error.retry_after if error.retry_after is not None else 0.25 * 2 ** (attempt - 1)
             if not retryable or attempt >= self.max_attempts or time.monotonic() + wait >= deadline:
+                error.maybe_processed = unanswered
                 raise error
             log.warning("kallglot %s %s failed (%s), retry %d in %.2fs", method, path, error, attempt, wait)
             time.sleep(wait)

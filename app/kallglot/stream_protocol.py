@@ -17,7 +17,7 @@ Assumed where Kallglot's docs are silent (the project's working assumptions, num
    ``language``; a final's ``translation`` is ``{"language", "text"}`` as in ``GET /v1/sessions/{id}/transcript``
    (a bare string is accepted too). An ``id`` (legacy field) lets a final replace its partials; without one, a
    speaker's next final replaces that speaker's partial (:func:`parse_server_message`).
-7. After-call REST shapes are the newer docs' (§2.4): transcript ``turns[]`` with ``translation`` objects,
+7. After-call REST shapes are the newer docs' (transcripts, recordings): transcript ``turns[]`` with ``translation`` objects,
    recordings ``{"object": "list", "data": [...]}``, audio at ``/v1/recordings/{id}/audio`` as ``audio/mpeg``;
    billed time is the end response's ``duration_seconds`` or the ``session.ended`` webhook's ``data.duration``
    (:mod:`app.kallglot.client`, :mod:`app.kallglot.webhooks`).

@@ -8,7 +8,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.profiles.store import E164, NumberProfile, ProfileStore
+from app.profiles.store import E164, NumberProfile, ProfileError, ProfileStore
 
 EXPORT_FORMAT = "kallglot-bridge/number-profiles"
 EXPORT_VERSION = 1
@@ -42,7 +42,13 @@ def profile_from_data(data: Mapping[str, Any],
     if not isinstance(values.get("metadata", {}), Mapping):
         problems["metadata"] = "must be an object of key/value pairs"
         values.pop("metadata")
+    pin = values.pop("reattach_pin", None)
     profile = NumberProfile.from_dict(values)
+    if pin not in (None, ""):  # a plain PIN is accepted on the way in and stored only as its salted hash
+        try:
+            profile = profile.with_reattach_pin(str(pin))
+        except ProfileError as exc:
+            problems.update(exc.problems)
     problems = {**profile.problems(carriers), **problems}
     return (None if problems else profile), problems
 

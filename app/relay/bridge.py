@@ -13,6 +13,7 @@ from flask import current_app
 from app.background import spawn
 from app.calls import events as live_events
 from app.calls.agent import dial_agent_if_configured
+from app.calls.reasons import EndReason
 from app.ops.draining import current_drain
 from app.extensions import Services
 from app.kallglot.stream_protocol import SPEAKER_AGENT, SPEAKER_CUSTOMER, Transcript
@@ -26,7 +27,13 @@ from app.relay.tokens import RELAY_TOKEN_PARAMETER, InvalidRelayToken, RelayGran
 log = logging.getLogger(__name__)
 
 #: The leg end reason recorded when the Kallglot stream could not be opened at all.
-KALLGLOT_UNREACHABLE = "relay_kallglot_unreachable"
+KALLGLOT_UNREACHABLE = EndReason.RELAY_KALLGLOT_UNREACHABLE.value
+#: The leg end reason the lifecycle records for each way a relay stops.
+LEG_END_REASONS = {
+    RelayEnd.CARRIER_STOP: EndReason.RELAY_CARRIER_STOP, RelayEnd.CARRIER_LOST: EndReason.RELAY_CARRIER_LOST,
+    RelayEnd.KALLGLOT_ENDED: EndReason.RELAY_KALLGLOT_ENDED, RelayEnd.KALLGLOT_LOST: EndReason.RELAY_KALLGLOT_LOST,
+    RelayEnd.PROTOCOL_ERROR: EndReason.RELAY_PROTOCOL_ERROR, RelayEnd.WORKER_DRAINING: EndReason.RELAY_WORKER_DRAINING,
+}
 #: Carriers send ``start`` right after the upgrade; a socket with nothing useful by then is closed.
 MEDIA_START_TIMEOUT_SECONDS = 2.0
 #: Refresh a Kallglot stream token this close to its expiry rather than risk a refused connect.
@@ -92,7 +99,8 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
     except (KallglotStreamError, KallglotError) as exc:
         log.error("%s could not reach the Kallglot stream: %s", context, exc)
         # Record first: the carrier reacts to the close at once (<Connect action>) and must find the reason.
-        _leg_over(svc, codec.carrier, grant.call_id, KALLGLOT_UNREACHABLE, context, clean=False)
+        _leg_over(svc, codec.carrier, grant.call_id, EndReason.RELAY_KALLGLOT_UNREACHABLE, context, clean=False,
+                  stream_id=stream_id)
         close_quietly(ws, 1011, "translation service unavailable")
         return None
     log.info("%s relay started (stream %.64s)", context, stream_id)
@@ -112,7 +120,11 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
         forwarder.publish(grant.session_id, live_events.RELAY_HEALTH,
                           {"call_id": grant.call_id, "speaker": grant.speaker, **health})
 
-    leg_changed("agent_joined" if grant.speaker == SPEAKER_AGENT else "started")
+    try:  # once per stream start, off the per-frame path: a restored stream says so on the live page
+        restored = svc.lifecycle.call_record(codec.carrier, grant.call_id).get("stream_restarts", "0") not in ("", "0")
+    except redis.RedisError:
+        restored = False
+    leg_changed("reattached" if restored else "agent_joined" if grant.speaker == SPEAKER_AGENT else "started")
 
     def record_end(end: RelayEnd, kallglot_reason: str) -> None:
         try:  # before the carrier hears of the close: its restored stream (a new token) must find the leg free
@@ -126,10 +138,10 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
                 log.error("%s could not record Kallglot's end: %s", context, exc)
         # Only the carrier's own "stream over" (or Kallglot's end) is clean; any loss may be reconnected.
         clean = end in (RelayEnd.CARRIER_STOP, RelayEnd.KALLGLOT_ENDED)
-        _leg_over(svc, codec.carrier, grant.call_id, f"relay_{end.value}", context, clean=clean)
+        _leg_over(svc, codec.carrier, grant.call_id, LEG_END_REASONS[end], context, clean=clean, stream_id=stream_id)
         leg_changed("ended" if clean else "lost", end.value)
 
-    heartbeat = _Heartbeat(svc, grant, context)
+    heartbeat = _Heartbeat(svc, grant, stream_id, context)
     heartbeat.start()
     if grant.speaker == SPEAKER_CUSTOMER:
         # Off the hot path: a REST call to the carrier, once per session (re-attached streams find it done).
@@ -149,16 +161,23 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
 class _Heartbeat:
     """Beats the leg's heartbeat in Redis while the relay runs, so a dead worker's legs are noticed."""
 
-    def __init__(self, svc: Services, grant: RelayGrant, context: str) -> None:
+    def __init__(self, svc: Services, grant: RelayGrant, stream_id: str, context: str) -> None:
         self._lifecycle = svc.lifecycle
         self._guard = svc.relay_guard
         self._grant = grant
         self._interval = svc.settings.heartbeat_timeout_seconds / 3
-        self._carrier, self._call_id, self._context = grant.carrier, grant.call_id, context
+        self._carrier, self._call_id, self._stream_id, self._context = grant.carrier, grant.call_id, stream_id, context
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        self._beat()
+        # The first beat binds this stream as the leg's current one (a late end of a stream it replaced is
+        # then ignored); a leg given up while this worker was stalled comes back if its session is held.
+        try:
+            if not self._lifecycle.stream_started(self._carrier, self._call_id, self._stream_id):
+                log.warning("%s stream started after its session was over", self._context)
+            self._guard.renew_leg(self._grant)
+        except redis.RedisError as exc:
+            log.warning("%s stream not bound: %s", self._context, exc)
         spawn(self._run, name="relay-heartbeat")
 
     def stop(self) -> None:
@@ -170,14 +189,16 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         try:
-            self._lifecycle.heartbeat(self._carrier, self._call_id)
+            if not self._lifecycle.heartbeat(self._carrier, self._call_id, self._stream_id):
+                log.info("%s heartbeat refused: stream replaced or session over", self._context)
             self._guard.renew_leg(self._grant)
         except redis.RedisError as exc:  # Redis down: the call goes on; the beat resumes when it is back
             log.warning("%s heartbeat not recorded: %s", self._context, exc)
 
 
-def _leg_over(svc: Services, carrier: str, call_id: str, reason: str, context: str, *, clean: bool) -> None:
+def _leg_over(svc: Services, carrier: str, call_id: str, reason: EndReason, context: str, *, clean: bool,
+              stream_id: str) -> None:
     try:
-        svc.lifecycle.leg_ended(carrier, call_id, reason, clean=clean)
+        svc.lifecycle.leg_ended(carrier, call_id, reason, clean=clean, stream_id=stream_id)
     except redis.RedisError as exc:  # the heartbeat expiry or a status callback ends it once Redis is back
         log.error("%s could not record the leg's end: %s", context, exc)

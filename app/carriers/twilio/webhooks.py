@@ -12,14 +12,13 @@ from flask import Response, abort, request
 from app import metrics
 from app.extensions import Services, services
 from app.calls.legs import live_session, reattach_pin_wanted, start_inbound_leg
+from app.calls.reasons import EndReason, kallglot_failed
 from app.carriers.contract import TERMINAL_CALL_STATUSES
 from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.kallglot.client import KallglotError, KallglotSession
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.logging_setup import bind_log_context
 from app.profiles import NumberProfile
-from app.relay.bridge import KALLGLOT_UNREACHABLE
-from app.relay.core import RelayEnd
 from app.redis_keys import first_seen
 from app.carriers.twilio import CARRIER, twiml
 from app.carriers.twilio.blueprint import bp
@@ -32,8 +31,6 @@ log = logging.getLogger(__name__)
 CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 #: How often one call's media stream is restored after it dropped, before the caller gets the fallback.
 MAX_STREAM_RESTARTS = 3
-#: Leg end reasons (set by the relay) after which Kallglot, not the stream, is the problem.
-KALLGLOT_FAILURES = frozenset({KALLGLOT_UNREACHABLE, f"relay_{RelayEnd.KALLGLOT_LOST.value}"})
 
 
 @bp.before_request
@@ -182,15 +179,15 @@ def connect_action() -> Response:
             return _xml(str(VoiceResponse()))
         profile = svc.profiles.for_number(call.get("to", request.form.get("To", "")))
         session_id = call.get("session_id")
-        if not session_id or reason == "relay_kallglot_ended":
-            svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
+        if not session_id or reason == EndReason.RELAY_KALLGLOT_ENDED:
+            svc.lifecycle.leg_ended(CARRIER, call_sid, EndReason.STREAM_CLOSED)
             return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
-        if reason in KALLGLOT_FAILURES or int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
-            svc.lifecycle.leg_ended(CARRIER, call_sid, reason or "stream_restarts_exhausted", clean=False)
+        if kallglot_failed(reason) or int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
+            svc.lifecycle.leg_ended(CARRIER, call_sid, reason or EndReason.STREAM_RESTARTS_EXHAUSTED, clean=False)
             return _xml(twiml.fallback(profile))
         session = live_session(svc, session_id)
         if session is None or not svc.lifecycle.reattach_leg(CARRIER, call_sid):
-            svc.lifecycle.leg_ended(CARRIER, call_sid, "stream_closed")
+            svc.lifecycle.leg_ended(CARRIER, call_sid, EndReason.STREAM_CLOSED)
             return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
         # Twilio asks for <Connect action> only once the stream is over: the old relay's lease (a killed
         # worker's lingers until it lapses) must not refuse the restored stream.
@@ -214,7 +211,7 @@ def outbound_answer() -> Response:
         if call is None or session is None:
             log.warning("twilio call=%s answered but has no live session", call_sid)
             if call:
-                svc.lifecycle.leg_ended(CARRIER, call_sid, "session_gone")
+                svc.lifecycle.leg_ended(CARRIER, call_sid, EndReason.SESSION_GONE)
             return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
     except (KallglotError, redis.RedisError) as exc:
         log.error("twilio call=%s outbound answer failed, fallback: %s", call_sid, exc)

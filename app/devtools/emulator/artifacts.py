@@ -1,4 +1,4 @@
-"""After-call side of the emulator (§2.4, §6): transcripts, recordings (real MP3), and the signed webhooks
+"""After-call side of the emulator: transcripts, recordings (real MP3), and the signed webhooks
 ``session.ended``, ``transcript.ready`` and ``recording.ready`` when a session ends.
 
 The transcript is what the emulator said on the stream (its ``transcript.final`` messages, and any pushed through
@@ -18,6 +18,7 @@ from typing import Any
 import requests
 from flask import Flask, Response, jsonify, request
 
+from .errors import ApiError
 from .state import EmulatorState, Session, iso_utc, random_id
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,20 @@ def encode_mp3(pcm: bytes) -> bytes:
     return bytes(encoder.encode(pcm) + encoder.flush())
 
 
+def record_turn(state: EmulatorState, session_id: str, message: dict[str, Any]) -> None:
+    """Keep a ``transcript.final`` said on the stream as a turn of the session's transcript (the documented shape)."""
+    with state.lock:
+        session = state.sessions.get(session_id)
+        if session is None:
+            return
+        turn: dict[str, Any] = {"sequence": len(session.turns) + 1, "speaker": str(message.get("speaker", "")),
+                                "language": message.get("language"), "text": str(message.get("text", "")),
+                                "timestamp": iso_utc(time.time())}
+        if isinstance(message.get("translation"), dict):
+            turn["translation"] = dict(message["translation"])
+        session.turns.append(turn)
+
+
 def recording_id(session: Session) -> str:
     """The one recording of a session (stable, so a page and its audio request agree)."""
     return "rec_" + session.id.removeprefix("sess_")
@@ -65,7 +80,7 @@ def recording_view(session: Session) -> dict[str, Any]:
 
 
 def transcript_view(session: Session) -> dict[str, Any]:
-    """``GET /v1/sessions/{id}/transcript`` (§2.4)."""
+    """``GET /v1/sessions/{id}/transcript``."""
     languages = sorted({t["language"] for t in session.turns if t.get("language")}
                        | {t["translation"]["language"] for t in session.turns if t.get("translation")})
     return {"id": "trn_" + session.id, "object": "transcript", "session_id": session.id,
@@ -75,7 +90,7 @@ def transcript_view(session: Session) -> dict[str, Any]:
 
 
 def send_webhooks(url: str, secret: str, session: dict[str, Any]) -> None:
-    """POST ``session.ended``, ``transcript.ready`` and ``recording.ready`` for an ended session, signed (§6)."""
+    """POST ``session.ended``, ``transcript.ready`` and ``recording.ready`` for an ended session, signed."""
     from app.kallglot.signature import sign
 
     events = [("session.ended", {"id": session["id"], "object": "session", "status": "ended",
@@ -110,9 +125,7 @@ def notify_ended(app: Flask, state: EmulatorState, session_id: str) -> None:
 
 
 def register_artifact_routes(app: Flask, state: EmulatorState) -> None:
-    """Attach the transcript and recording endpoints (Bearer / X-API-Key auth, §1)."""
-    from .rest import ApiError
-
+    """Attach the transcript and recording endpoints (Bearer / X-API-Key auth)."""
     def session_or_404(session_id: str) -> Session:
         bearer = request.headers.get("Authorization", "")
         key = bearer[7:] if bearer.startswith("Bearer ") else request.headers.get("X-API-Key", "")
@@ -135,7 +148,7 @@ def register_artifact_routes(app: Flask, state: EmulatorState) -> None:
     @app.get("/v1/sessions/<session_id>/recordings")
     def recordings(session_id: str) -> Response:
         session = session_or_404(session_id)
-        with state.lock:  # available after the session ends (§2.4)
+        with state.lock:  # available after the session ends
             data = [recording_view(session)] if session.status == "ended" and session.audio else []
             return jsonify({"object": "list", "data": data})
 

@@ -11,35 +11,12 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .artifacts import record_turn
+from .errors import ApiError
 from .state import (BEHAVIOURS, FAULT_ENDPOINTS, LANGUAGES, MODES, EmulatorState, Session, iso_utc,
                     random_id)
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-
-
-class ApiError(Exception):
-    """An error answered with the Kallglot error envelope (``{"error": {"type", "code", "message", …}}``, see
-    https://developer.kallglot.com/errors)."""
-
-    def __init__(self, status: int, type_: str, code: str, message: str, *, param: str | None = None,
-                 retry_after: int | float | None = None) -> None:
-        super().__init__(message)
-        self.status, self.type, self.code, self.message = status, type_, code, message
-        self.param, self.retry_after = param, retry_after
-
-    def response(self) -> Response:
-        """Render the envelope, with ``Retry-After`` when the error carries one."""
-        error: dict[str, Any] = {"type": self.type, "code": self.code, "message": self.message}
-        if self.param:
-            error["param"] = self.param
-        error["request_id"] = g.request_id
-        if self.retry_after is not None:
-            error["retry_after"] = self.retry_after
-        response = jsonify({"error": error})
-        response.status_code = self.status
-        if self.retry_after is not None:
-            response.headers["Retry-After"] = str(self.retry_after)
-        return response
 
 
 def _invalid(code: str, message: str, param: str | None = None, status: int = 422) -> ApiError:
@@ -306,7 +283,7 @@ def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[s
         # A string message is sent verbatim, so tests can also push invalid JSON.
         for message in messages:
             if isinstance(message, dict) and message.get("type") == "transcript.final":
-                state.add_turn(session_id, message)
+                record_turn(state, session_id, message)
         delivered = sum(all([conn.send(message) for message in messages]) for conn in connections)
         return jsonify({"connections": delivered})
 

@@ -125,7 +125,7 @@ class Session:
     audio_sequences: dict[str, list[float]] = field(default_factory=dict)
     audio_messages: dict[str, int] = field(default_factory=dict)
     errors_sent: list[str] = field(default_factory=list)
-    turns: list[dict[str, Any]] = field(default_factory=list)  # transcript turns said on the stream (§2.4)
+    turns: list[dict[str, Any]] = field(default_factory=list)  # transcript turns said on the stream
     webhooks_sent: bool = False  # the after-call webhooks went out (artifacts.notify_ended)
 
     @property
@@ -261,19 +261,6 @@ class EmulatorState:
                 return session.end_summary(), []
             session.status, session.ended_at, session.end_reason = "ended", time.time(), reason
             return session.end_summary(), session.live_connections()
-
-    def add_turn(self, session_id: str, message: dict[str, Any]) -> None:
-        """Keep a ``transcript.final`` sent on the stream as a turn of the session's transcript (§2.4 shape)."""
-        with self.lock:
-            session = self.sessions.get(session_id)
-            if session is None:
-                return
-            turn: dict[str, Any] = {"sequence": len(session.turns) + 1, "speaker": str(message.get("speaker", "")),
-                                    "language": message.get("language"), "text": str(message.get("text", "")),
-                                    "timestamp": iso_utc(time.time())}
-            if isinstance(message.get("translation"), dict):
-                turn["translation"] = dict(message["translation"])
-            session.turns.append(turn)
 
     def record_error(self, session_id: str, code: str) -> None:
         """Remember that a ``session.error`` with ``code`` was sent on this session's stream."""

@@ -14,6 +14,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from wsproto.connection import ConnectionState
 
+from .artifacts import record_turn
 from .state import SPEAKERS, EmulatorState, StreamConnection
 
 RECEIVE_POLL_SECONDS = 1.0  # how soon a handler notices its socket was closed from another greenlet
@@ -151,7 +152,7 @@ class StreamHandler:
                      "language": source, "text": f"(emulated utterance {number})",
                      "translation": {"language": target, "text": f"(traducción {number})"}}
             self.conn.send(final)
-            self.state.add_turn(self.session_id, final)
+            record_turn(self.state, self.session_id, final)
             self.conn.send({"type": "transcript.partial", "id": f"utt_{speaker}_{number + 1}", "speaker": speaker,
                             "language": source, "text": f"(emulated utter… {number + 1}"})
 
