@@ -78,6 +78,10 @@ class Settings:
     #: A leg whose relay has not beaten its heartbeat for this long is treated as lost (worker died).
     heartbeat_timeout_seconds: int = 15
     redis_namespace: str = "kb"
+    #: Waits (ms, comma-separated) between attempts to reopen a dropped Kallglot stream; tests shorten them.
+    kallglot_reconnect_backoff_ms: str = "200,500,1000,2000,4000"
+    #: How often the relay sends Kallglot's application-level ``ping`` on a quiet stream.
+    kallglot_ping_interval_seconds: int = 20
     #: Heroku Redis serves ``rediss://`` with a self-signed certificate, so verification is opt-in.
     redis_tls_verify: bool = False
     #: Largest request body accepted (bytes); Werkzeug enforces it on chunked bodies as well.
@@ -157,6 +161,16 @@ class Settings:
             )
         if not 3 <= self.heartbeat_timeout_seconds <= 120:
             found.append(f"HEARTBEAT_TIMEOUT_SECONDS must be between 3 and 120, got {self.heartbeat_timeout_seconds}")
+        try:
+            backoff = self.kallglot_reconnect_backoff_seconds
+            if not backoff or any(not 0 < wait <= 60 for wait in backoff):
+                raise ValueError
+        except ValueError:
+            found.append("KALLGLOT_RECONNECT_BACKOFF_MS must be a comma-separated list of waits between 1 and 60000 "
+                         f"milliseconds, got {self.kallglot_reconnect_backoff_ms!r}")
+        if not 1 <= self.kallglot_ping_interval_seconds <= 300:
+            found.append("KALLGLOT_PING_INTERVAL_SECONDS must be between 1 and 300, "
+                         f"got {self.kallglot_ping_interval_seconds}")
         if not self.demo_mode:
             for name, value in PUBLISHED_DEMO_SECRETS.items():
                 if getattr(self, name) == value:
@@ -187,6 +201,11 @@ class Settings:
         found = self.problems()
         if found:
             raise ConfigError(found)
+
+    @property
+    def kallglot_reconnect_backoff_seconds(self) -> tuple[float, ...]:
+        """``KALLGLOT_RECONNECT_BACKOFF_MS`` in seconds; raises ``ValueError`` if it is not a list of numbers."""
+        return tuple(int(part) / 1000 for part in self.kallglot_reconnect_backoff_ms.split(",") if part.strip())
 
     @property
     def destination_countries(self) -> frozenset[str]:

@@ -1,25 +1,48 @@
 """Shared fixtures: a real Redis, the Kallglot emulator and the bridge under gunicorn + gevent."""
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 import redis as redis_lib
-import requests
 from flask import Flask
 from flask.testing import FlaskClient
-from twilio.request_validator import RequestValidator
 
 from app import create_app
+from tests.support.admin import admin_post, admin_sign_in, csrf_token_in
+from tests.support.bridge_state import BridgeState
+from tests.support.controls import EmulatorControl, FakeCallControl
+from tests.support.numbers import CallNumbers, new_numbers
 from tests.support.servers import RunningServer, free_port, run_gunicorn, run_redis
+from tests.support.settings import (
+    ADMIN_PASSWORD, E2E_GRACEFUL_TIMEOUT_SECONDS, E2E_HEARTBEAT_TIMEOUT_SECONDS, E2E_RECONNECT_WINDOW_SECONDS,
+    EMULATOR_API_KEY, PUBLIC_URL, SECRET_KEY, TELNYX_API_KEY, TELNYX_CONNECTION_ID, TELNYX_TEST_API_KEY,
+    TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config, e2e_bridge_env, telnyx_config, twilio_signature,
+)
 
-TWILIO_AUTH_TOKEN = "test-twilio-auth-token"
-TWILIO_ACCOUNT_SID = "AC" + "1" * 32
-EMULATOR_API_KEY = "sk_test_emulator"
-SECRET_KEY = "test-secret-key-0123456789abcdef"
+# Re-exported for test modules that still import these from here; new code imports from tests.support.
+__all__ = [
+    "ADMIN_PASSWORD", "E2E_HEARTBEAT_TIMEOUT_SECONDS", "E2E_RECONNECT_WINDOW_SECONDS", "EMULATOR_API_KEY",
+    "PUBLIC_URL", "SECRET_KEY", "TELNYX_API_KEY", "TELNYX_CONNECTION_ID", "TELNYX_TEST_API_KEY",
+    "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "EmulatorControl", "FakeCallControl", "admin_post",
+    "admin_sign_in", "bridge_config", "csrf_token_in", "telnyx_config", "twilio_signature",
+]
+
+#: Fixtures that start a server (gunicorn + gevent): a test that uses one, directly or not, is marked ``e2e``.
+SERVER_FIXTURES = frozenset({
+    "emulator_server", "bridge_server", "telnyx_bridge_server", "fake_call_control_server", "fake_twilio_server",
+    "fake_telnyx_server",
+})
+#: The Redis namespaces of the session-wide bridges, flushed before each test that uses them.
+SHARED_BRIDGE_NAMESPACES = {"bridge_server": "e2e", "telnyx_bridge_server": "e2e-telnyx"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that starts a server ``e2e``, so ``-m "not e2e"`` is the fast loop."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +70,33 @@ def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
 def emulator_server() -> Iterator[RunningServer]:
     """The Kallglot emulator under gunicorn + gevent (one worker: its state is in memory)."""
     with run_gunicorn("app.devtools.emulator:create_emulator_app()", {"KALLGLOT_EMULATOR_API_KEY": EMULATOR_API_KEY},
-                      ready_path="/_emulator/stats") as server:
+                      ready_path="/_emulator/stats", graceful_timeout=E2E_GRACEFUL_TIMEOUT_SECONDS) as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def fresh_shared_bridge_state(request: pytest.FixtureRequest) -> None:
+    """Before a test that uses a session-wide bridge, delete its Redis keys: no held session or live leg of an
+    earlier test is reaped (or re-attached to) during this one."""
+    for fixture, namespace in SHARED_BRIDGE_NAMESPACES.items():
+        if fixture in request.fixturenames:
+            client = redis_lib.Redis.from_url(request.getfixturevalue("redis_url"), socket_timeout=5)
+            try:
+                BridgeState(client, namespace).flush()
+            finally:
+                client.close()
+
+
+@pytest.fixture
+def numbers() -> CallNumbers:
+    """Phone numbers of this test's own (see tests/support/numbers.py)."""
+    return new_numbers()
+
+
+@pytest.fixture
+def bridge_state(redis_client: redis_lib.Redis) -> BridgeState:
+    """The Redis state of the session-wide Twilio bridge (:func:`bridge_server`)."""
+    return BridgeState(redis_client, SHARED_BRIDGE_NAMESPACES["bridge_server"])
 
 
 @pytest.fixture
@@ -57,70 +105,6 @@ def emulator(emulator_server: RunningServer) -> Iterator[EmulatorControl]:
     control = EmulatorControl(emulator_server.url)
     control.reset()
     yield control
-
-
-class EmulatorControl:
-    """Test-side handle on the emulator's control API."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.api_url = url + "/v1"
-
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = requests.request(method, self.url + path, timeout=5, **kwargs)
-        response.raise_for_status()
-        return response.json() if response.content else None
-
-    def reset(self) -> None:
-        """Forget all sessions, idempotency keys and faults."""
-        self._call("POST", "/_emulator/reset")
-
-    def sessions(self) -> list[dict[str, Any]]:
-        """Every session the emulator knows, with what it received."""
-        return self._call("GET", "/_emulator/sessions")["sessions"]
-
-    def session(self, session_id: str) -> dict[str, Any]:
-        """One session's record."""
-        return self._call("GET", f"/_emulator/sessions/{session_id}")
-
-    def stats(self) -> dict[str, Any]:
-        """Totals: created, ended, end_calls, double_end_calls, connections_live…"""
-        return self._call("GET", "/_emulator/stats")
-
-    def fault(self, **fault: Any) -> None:
-        """Queue one fault (endpoint, status, times, retry_after, delay_seconds)."""
-        self._call("POST", "/_emulator/faults", json={"faults": [fault]})
-
-    def behaviour(self, behaviour: str) -> None:
-        """``echo`` or ``silent``."""
-        self._call("POST", "/_emulator/behaviour", json={"behaviour": behaviour})
-
-    def send(self, session_id: str, *messages: dict[str, Any]) -> int:
-        """Push raw messages to the session's live stream connections; returns how many got them."""
-        return int(self._call("POST", f"/_emulator/sessions/{session_id}/send",
-                              json={"messages": list(messages)})["connections"])
-
-
-def bridge_config(redis_url: str, kallglot_api_url: str, namespace: str, public_url: str) -> dict[str, str]:
-    """Settings for a bridge under test, as environment-variable names."""
-    return {
-        "KALLGLOT_API_URL": kallglot_api_url,
-        "KALLGLOT_API_KEY": EMULATOR_API_KEY,
-        "REDIS_URL": redis_url,
-        "REDIS_NAMESPACE": namespace,
-        "PUBLIC_URL": public_url,
-        "SECRET_KEY": SECRET_KEY,
-        "TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT_SID,
-        "TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
-        "DEFAULT_MODE": "bidirectional_translation",
-        "DEFAULT_SOURCE_LANGUAGE": "en",
-        "DEFAULT_TARGET_LANGUAGE": "es",
-    }
-
-
-PUBLIC_URL = "https://bridge.example.com"
-E2E_RECONNECT_WINDOW_SECONDS = 2
-E2E_HEARTBEAT_TIMEOUT_SECONDS = 3
 
 
 @pytest.fixture
@@ -137,29 +121,18 @@ def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
-def twilio_signature(url: str, params: dict[str, str], token: str = TWILIO_AUTH_TOKEN) -> str:
-    """The ``X-Twilio-Signature`` Twilio would send for a POST of ``params`` to ``url``."""
-    return RequestValidator(token).compute_signature(url, params)
-
-
 @pytest.fixture(scope="session")
 def bridge_server(redis_url: str, emulator_server: RunningServer) -> Iterator[RunningServer]:
     """The bridge under gunicorn + gevent (two workers), reachable at its PUBLIC_URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # Short windows so holds, heartbeat losses and their ends happen within a test.
-    env = {**bridge_config(redis_url, emulator_server.url + "/v1", "e2e", url),
-           "RECONNECT_WINDOW_SECONDS": str(E2E_RECONNECT_WINDOW_SECONDS),
-           "HEARTBEAT_TIMEOUT_SECONDS": str(E2E_HEARTBEAT_TIMEOUT_SECONDS)}
-    with run_gunicorn("app:create_app()", env, workers=2, port=port) as server:
+    env = e2e_bridge_env(redis_url, emulator_server.url + "/v1", SHARED_BRIDGE_NAMESPACES["bridge_server"], url)
+    with run_gunicorn("app:create_app()", env, workers=2, port=port,
+                      graceful_timeout=E2E_GRACEFUL_TIMEOUT_SECONDS) as server:
         yield server
 
 
 # -- admin UI --------------------------------------------------------------------------------------------------
-
-ADMIN_PASSWORD = "test-admin-password"
-TELNYX_API_KEY = "KEY_test_telnyx"
-
 
 @pytest.fixture
 def make_admin_app(redis_url: str, emulator: EmulatorControl, namespace: str) -> Callable[..., Flask]:
@@ -179,31 +152,12 @@ def admin_app(make_admin_app: Callable[..., Flask]) -> Flask:
     return make_admin_app()
 
 
-def csrf_token_in(html: str) -> str:
-    """The CSRF token of the first form on an admin page."""
-    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
-    assert match, "no CSRF token on the page"
-    return match.group(1)
-
-
-def admin_sign_in(client: FlaskClient, password: str = ADMIN_PASSWORD, name: str = "Ada") -> Any:
-    """Sign ``client`` in to the admin; returns the sign-in POST's response."""
-    token = csrf_token_in(client.get("/admin/sign-in").get_data(as_text=True))
-    return client.post("/admin/sign-in", data={"csrf_token": token, "password": password, "name": name})
-
-
 @pytest.fixture
 def admin_client(admin_app: Flask) -> FlaskClient:
     """A test client signed in to the admin as "Ada"."""
     test_client = admin_app.test_client()
     assert admin_sign_in(test_client).status_code == 302
     return test_client
-
-
-def admin_post(client: FlaskClient, path: str, data: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-    """POST an admin form with the session's CSRF token."""
-    token = csrf_token_in(client.get("/admin/numbers").get_data(as_text=True))
-    return client.post(path, data={"csrf_token": token, **(data or {})}, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -221,10 +175,6 @@ def fake_telnyx_server() -> Iterator[RunningServer]:
 
 
 # -- Telnyx ------------------------------------------------------------------------------------------------------
-TELNYX_TEST_API_KEY = "KEY-test-telnyx-call-control"
-TELNYX_CONNECTION_ID = "1494404757140276705"
-
-
 @pytest.fixture(scope="session")
 def telnyx_signer():
     """A real Ed25519 key pair generated for this run; the bridge trusts its public key (TELNYX_PUBLIC_KEY)."""
@@ -233,11 +183,6 @@ def telnyx_signer():
     from app.devtools.simulator.telnyx import TelnyxSigner
 
     return TelnyxSigner(nacl.signing.SigningKey.generate())
-
-
-def telnyx_config(base: dict[str, str], public_key: str, api_url: str) -> dict[str, str]:
-    """``base`` (see :func:`bridge_config`) plus the Telnyx settings."""
-    return {**base, "TELNYX_PUBLIC_KEY": public_key, "TELNYX_API_KEY": TELNYX_TEST_API_KEY, "TELNYX_API_URL": api_url}
 
 
 @pytest.fixture
@@ -265,35 +210,6 @@ def fake_call_control_server(telnyx_signer, telnyx_bridge_port: int) -> Iterator
         yield server
 
 
-class FakeCallControl:
-    """Test-side handle on the fake Telnyx's control API."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.api_url = url + "/v2"
-
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = requests.request(method, self.url + path, timeout=10, **kwargs)
-        response.raise_for_status()
-        return response.json()
-
-    def reset(self) -> None:
-        """Forget all calls and commands."""
-        self._call("POST", "/_fake/reset")
-
-    def commands(self, action: str | None = None) -> list[dict[str, Any]]:
-        """Commands received (optionally only ``action``), oldest first."""
-        return [c for c in self._call("GET", "/_fake/commands")["commands"] if action in (None, c["action"])]
-
-    def place_call(self, **scenario: Any) -> str:
-        """Place an inbound Call Control call; returns its call_control_id."""
-        return str(self._call("POST", "/_fake/calls", json=scenario)["call_control_id"])
-
-    def call(self, call_control_id: str) -> dict[str, Any]:
-        """What the fake saw of one call."""
-        return self._call("GET", f"/_fake/calls/{call_control_id}")
-
-
 @pytest.fixture
 def fake_call_control(fake_call_control_server: RunningServer) -> FakeCallControl:
     """The fake Telnyx, reset before the test."""
@@ -307,10 +223,10 @@ def telnyx_bridge_server(redis_url: str, emulator_server: RunningServer, telnyx_
                          fake_call_control_server: RunningServer) -> Iterator[RunningServer]:
     """A Telnyx-enabled bridge under gunicorn + gevent (two workers), its Telnyx API being the fake."""
     url = f"http://127.0.0.1:{telnyx_bridge_port}"
-    env = {**telnyx_config(bridge_config(redis_url, emulator_server.url + "/v1", "e2e-telnyx", url),
+    env = {**telnyx_config(e2e_bridge_env(redis_url, emulator_server.url + "/v1",
+                                          SHARED_BRIDGE_NAMESPACES["telnyx_bridge_server"], url),
                            telnyx_signer.public_key, fake_call_control_server.url + "/v2"),
-           "RECONNECT_WINDOW_SECONDS": str(E2E_RECONNECT_WINDOW_SECONDS),
-           "HEARTBEAT_TIMEOUT_SECONDS": str(E2E_HEARTBEAT_TIMEOUT_SECONDS),
            "TELNYX_CONNECTION_ID": TELNYX_CONNECTION_ID}
-    with run_gunicorn("app:create_app()", env, workers=2, port=telnyx_bridge_port) as server:
+    with run_gunicorn("app:create_app()", env, workers=2, port=telnyx_bridge_port,
+                      graceful_timeout=E2E_GRACEFUL_TIMEOUT_SECONDS) as server:
         yield server

@@ -12,10 +12,11 @@ from flask.testing import FlaskClient
 
 from app.admin.throttle import MAX_ATTEMPTS_PER_MINUTE, MAX_DELAY_SECONDS, MAX_FAILURES_PER_CLIENT, SignInDelay
 from app.extensions import services
-from tests.conftest import (
-    ADMIN_PASSWORD, EmulatorControl, admin_post, admin_sign_in, bridge_config, csrf_token_in,
-)
+from tests.support.admin import admin_post, admin_sign_in, csrf_token_in
+from tests.support.settings import ADMIN_PASSWORD
+from tests.support.controls import EmulatorControl
 from tests.support.servers import free_port, run_gunicorn
+from tests.support.settings import bridge_config
 
 ADMIN_PAGES = ["/admin/", "/admin/numbers", "/admin/numbers/new", "/admin/numbers/export", "/admin/audit",
                "/admin/connect", "/admin/live", "/admin/calls"]

@@ -27,8 +27,9 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.wait import WebDriverWait
 
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
-from tests.conftest import (
-    ADMIN_PASSWORD, TELNYX_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config,
+from tests.support.controls import EmulatorControl
+from tests.support.settings import (
+    ADMIN_PASSWORD, TELNYX_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config,
 )
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 

@@ -10,8 +10,9 @@ import pytest
 from flask.testing import FlaskClient
 
 from app.admin.presenters import duration, outcome, relay_health
-from tests.conftest import EmulatorControl, admin_post
-from tests.test_twilio_webhooks import FROM, TO, answer, call_params, new_call_sid, post_signed
+from tests.support.admin import admin_post
+from tests.support.controls import EmulatorControl
+from tests.support.twilio_requests import FROM, TO, answer, call_params, new_call_sid, post_signed
 
 
 def start_call(client: FlaskClient, emulator: EmulatorControl) -> tuple[str, str]:

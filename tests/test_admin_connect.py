@@ -11,9 +11,8 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import (
-    PUBLIC_URL, TELNYX_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, admin_post, admin_sign_in,
-)
+from tests.support.admin import admin_post, admin_sign_in
+from tests.support.settings import PUBLIC_URL, TELNYX_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN
 from tests.support.servers import RunningServer
 
 PN_NEW, PN_DONE = "PN" + "a" * 32, "PN" + "b" * 32

@@ -14,8 +14,8 @@ from flask.testing import FlaskClient
 from app.audit import AuditLog
 from app.extensions import services
 from app.profiles import NumberProfile
-from tests.conftest import admin_post
-from tests.test_twilio_webhooks import answer, new_call_sid
+from tests.support.admin import admin_post
+from tests.support.twilio_requests import answer, new_call_sid
 
 NUMBER = "+15005550006"  # the number the Twilio webhook tests call
 

@@ -12,9 +12,13 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
 import pytest
+import redis as redis_lib
 
+from app.calls.prompts import UNAVAILABLE_MESSAGE
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
-from tests.conftest import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config
+from tests.support.bridge_state import BridgeState
+from tests.support.controls import EmulatorControl
+from tests.support.settings import E2E_GRACEFUL_TIMEOUT_SECONDS, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.waiting import wait_until
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 
@@ -67,7 +71,8 @@ def private_redis() -> Iterator[PersistentRedis]:
 def bridge_on_private_redis(private_redis: PersistentRedis, emulator_server: RunningServer) -> Iterator[RunningServer]:
     port = free_port()
     env = bridge_config(private_redis.url, emulator_server.url + "/v1", "e2e-resilience", f"http://127.0.0.1:{port}")
-    with run_gunicorn("app:create_app()", env, workers=1, port=port) as server:
+    with run_gunicorn("app:create_app()", env, workers=1, port=port,
+                      graceful_timeout=E2E_GRACEFUL_TIMEOUT_SECONDS) as server:
         yield server
 
 
@@ -91,8 +96,8 @@ def test_redis_restarted_mid_call_the_call_goes_on_and_the_session_ends_once(
     result = sim.place_call(TO, FROM, b"\xff" * 800, pace=False, hold_open=restart_redis, listen_seconds=0.3)
     assert result.protocol_errors == [] and not result.server_closed_first
     (session,) = emulator.sessions()
-    assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
-    time.sleep(0.3)
+    state = BridgeState(redis_lib.Redis.from_url(private_redis.url, socket_timeout=5), "e2e-resilience")
+    assert wait_until(lambda: state.settled_ended(session["id"]))  # ended for good, nothing left due
     assert emulator.session(session["id"])["end_calls"] == 1
 
 
@@ -104,7 +109,7 @@ def test_redis_down_at_call_time_the_caller_hears_the_fallback(
         response = sim.post_voice_webhook(TO, FROM)
         assert response.status_code == 200
         root = ET.fromstring(response.text)
-        assert root.find("Say") is not None and root.find("Hangup") is not None
+        assert root.findtext("Say") == UNAVAILABLE_MESSAGE and root.find("Hangup") is not None
         assert emulator.sessions() == []  # nothing created that could not be tracked
     finally:
         private_redis.start()
@@ -137,6 +142,6 @@ def test_two_instances_share_the_state(redis_url: str, emulator_server: RunningS
         assert "relay started" in second.log() and "relay started" not in first.log()
         assert result.heard_audio == audio[:800]  # the full 100 ms chunk, echoed
         (session,) = emulator.sessions()
-        assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
-        time.sleep(0.3)
+        state = BridgeState(redis_lib.Redis.from_url(redis_url, socket_timeout=5), "e2e-two-instances")
+        assert wait_until(lambda: state.settled_ended(session["id"]))  # ended for good, nothing left due
         assert emulator.session(session["id"])["end_calls"] == 1

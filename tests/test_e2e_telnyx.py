@@ -6,20 +6,21 @@ import base64
 import json
 import os
 import threading
-import time
 import warnings
 from typing import Any
 
 import pytest
+import redis as redis_lib
 import requests
 
 from app.carriers.registry import carrier_names
 from app.devtools.simulator.telnyx import TelnyxMediaLeg, TexmlCallSimulator, new_call_control_id
-from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
 from tests.support.waiting import only_session, wait_until
-from tests.conftest import EMULATOR_API_KEY, E2E_RECONNECT_WINDOW_SECONDS, EmulatorControl, FakeCallControl
+from tests.support.controls import EmulatorControl, FakeCallControl
+from tests.support.bridge_state import BridgeState
+from tests.support.settings import E2E_RECONNECT_BACKOFF_MS, E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY
 from tests.support.servers import RunningServer
-from tests.test_telnyx_codec import pcm, samples, snr_db, voiced
+from tests.support.signals import pcm, samples, snr_db, voiced
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -29,6 +30,8 @@ pytestmark = pytest.mark.e2e
 TO, FROM = "+15005550006", "+15551230000"
 #: Long enough for a lost leg's hold to expire and the reaper to end the session.
 HOLD_SETTLE_SECONDS = E2E_RECONNECT_WINDOW_SECONDS + 6
+#: The relay's reopen backoff in the bridge under test (seconds).
+BACKOFF = [int(ms) / 1000 for ms in E2E_RECONNECT_BACKOFF_MS.split(",")]
 
 
 @pytest.fixture
@@ -36,12 +39,18 @@ def texml(telnyx_bridge_server: RunningServer, telnyx_signer) -> TexmlCallSimula
     return TexmlCallSimulator(telnyx_bridge_server.url, telnyx_signer)
 
 
-def ended_once(emulator: EmulatorControl, timeout: float = 8.0) -> None:
-    """The one session ends, and is ended exactly once."""
+@pytest.fixture
+def telnyx_state(redis_client: redis_lib.Redis) -> BridgeState:
+    """The Redis state of the Telnyx bridge under test."""
+    return BridgeState(redis_client, "e2e-telnyx")
+
+
+def ended_once(emulator: EmulatorControl, state: BridgeState, timeout: float = 8.0) -> None:
+    """The one session is ended by the bridge, exactly once, for good: its end is recorded and nothing is left
+    due that could end it again (no sleeping and counting: a late duplicate would need a deadline)."""
     session_id = only_session(emulator)["id"]
-    assert wait_until(lambda: emulator.session(session_id)["status"] == "ended", timeout)
-    time.sleep(0.3)  # let a late duplicate trigger land before counting
-    assert emulator.session(session_id)["end_calls"] <= 1
+    assert wait_until(lambda: state.settled_ended(session_id), timeout), state.session(session_id)
+    assert emulator.session(session_id)["end_calls"] == 1
     assert emulator.stats()["double_end_calls"] == 0
 
 
@@ -51,7 +60,8 @@ def received_audio(emulator: EmulatorControl) -> bytes:
 
 # ----- TeXML -----------------------------------------------------------------------------------------------------
 def test_texml_call_bridges_audio_both_ways_and_ends_once(texml: TexmlCallSimulator,
-                                                          emulator: EmulatorControl) -> None:
+                                                          emulator: EmulatorControl,
+                                                          telnyx_state: BridgeState) -> None:
     audio = os.urandom(53 * 160)
     result = texml.place_call(TO, FROM, audio, listen_seconds=1.5)
     assert result.errors == [] and result.leg is not None and result.leg.protocol_errors == []
@@ -66,11 +76,12 @@ def test_texml_call_bridges_audio_both_ways_and_ends_once(texml: TexmlCallSimula
     assert bytes(result.leg.heard) == audio[:8000]  # Kallglot's echo of the ten full chunks
     assert result.leg.marks_received
     assert all(status == 200 for _, status in result.callbacks)  # Telnyx retries anything else at the failover URL
-    ended_once(emulator)
+    ended_once(emulator, telnyx_state)
 
 
 def test_texml_pcma_leg_out_of_order_reaches_kallglot_as_the_same_speech(texml: TexmlCallSimulator,
-                                                                           emulator: EmulatorControl) -> None:
+                                                                           emulator: EmulatorControl,
+                                                                           telnyx_state: BridgeState) -> None:
     speech = pcm(voiced(8000, 1.5))
     alaw = audioop.lin2alaw(speech, 2)
     result = texml.place_call(TO, FROM, alaw, encoding="PCMA", reorder=True, duplicate=True, listen_seconds=0.3)
@@ -78,7 +89,7 @@ def test_texml_pcma_leg_out_of_order_reaches_kallglot_as_the_same_speech(texml: 
     got = received_audio(emulator)
     assert len(got) == len(alaw)  # reordered, de-duplicated, nothing lost
     assert snr_db(samples(audioop.alaw2lin(alaw, 2)), samples(audioop.ulaw2lin(got, 2))) > 30
-    ended_once(emulator)
+    ended_once(emulator, telnyx_state)
 
 
 def test_texml_kallglot_down_says_something_and_hangs_up(texml: TexmlCallSimulator,
@@ -91,7 +102,8 @@ def test_texml_kallglot_down_says_something_and_hangs_up(texml: TexmlCallSimulat
 
 
 def test_texml_kallglot_ending_the_session_runs_the_goodbye(texml: TexmlCallSimulator,
-                                                           emulator: EmulatorControl) -> None:
+                                                           emulator: EmulatorControl,
+                                                           telnyx_state: BridgeState) -> None:
     def end_at_kallglot() -> None:
         session = wait_until(lambda: [s for s in emulator.sessions() if s["connections_live"] == 1])
         requests.post(f"{emulator.api_url}/sessions/{session[0]['id']}/end", timeout=5,
@@ -103,7 +115,9 @@ def test_texml_kallglot_ending_the_session_runs_the_goodbye(texml: TexmlCallSimu
     ender.join(timeout=5)
     assert result.leg is not None and result.leg.server_closed_first
     assert result.said and result.hung_up  # the verbs after <Connect>: never dead air
-    time.sleep(0.3)
+    session_id = only_session(emulator)["id"]
+    assert wait_until(lambda: telnyx_state.settled_ended(session_id))
+    assert telnyx_state.end_claim(session_id).startswith("ended:kallglot:")
     assert only_session(emulator)["end_calls"] == 1  # the test's own: the bridge did not end it again
 
 
@@ -138,7 +152,8 @@ def finished_call(fake: FakeCallControl, call_control_id: str, timeout: float = 
 
 def test_call_control_l16_leg_with_duplicate_webhooks(fake_call_control: FakeCallControl,
                                                       emulator: EmulatorControl,
-                                                      telnyx_bridge_server: RunningServer) -> None:
+                                                      telnyx_bridge_server: RunningServer,
+                                                      telnyx_state: BridgeState) -> None:
     wide = voiced(16000, 1.5)
     call_id = fake_call_control.place_call(
         to=TO, encoding="L16", sample_rate=16000, payload=base64.b64encode(pcm(wide, ">")).decode(),
@@ -160,7 +175,7 @@ def test_call_control_l16_leg_with_duplicate_webhooks(fake_call_control: FakeCal
     assert snr_db(voiced(8000, 1.5), samples(audioop.ulaw2lin(got, 2)), lag=16) > 30
     assert len(base64.b64decode(call["heard"])) >= 8000  # Kallglot's echo came back as PCMU
     assert all(w["status"] == 200 for w in call["webhooks"])
-    ended_once(emulator)
+    ended_once(emulator, telnyx_state)
     session = only_session(emulator)
     assert session["metadata"]["telnyx_call_control_id"] == call_id
 
@@ -179,7 +194,8 @@ def test_call_control_kallglot_down_answers_speaks_and_hangs_up(fake_call_contro
 
 def test_call_control_streaming_failed_is_retried_once(fake_call_control: FakeCallControl,
                                                        emulator: EmulatorControl,
-                                                       telnyx_bridge_server: RunningServer) -> None:
+                                                       telnyx_bridge_server: RunningServer,
+                                                       telnyx_state: BridgeState) -> None:
     audio = os.urandom(1600)
     call_id = fake_call_control.place_call(to=TO, payload=base64.b64encode(audio).decode(), fail_first_stream=True,
                                            listen_seconds=0.5)
@@ -187,26 +203,29 @@ def test_call_control_streaming_failed_is_retried_once(fake_call_control: FakeCa
     assert [c["action"] for c in call["commands"]] == ["answer", "streaming_start", "streaming_start"]
     assert call["commands"][2]["body"]["stream_auth_token"] and call["streams"] == 2
     assert only_session(emulator)["connections_total"] == 1
-    ended_once(emulator)
+    ended_once(emulator, telnyx_state)
 
 
 def test_call_control_kallglot_stream_unreachable_is_not_dead_air(fake_call_control: FakeCallControl,
                                                                   emulator: EmulatorControl,
                                                                   telnyx_bridge_server: RunningServer) -> None:
     # Every attempt fails, the first open and the relay's reopen attempts alike.
-    emulator.fault(endpoint="connect", status=503, times=1 + len(KALLGLOT_RECONNECT_BACKOFF_SECONDS))
+    emulator.fault(endpoint="connect", status=503, times=1 + len(BACKOFF))
     call_id = fake_call_control.place_call(to=TO, payload=base64.b64encode(b"\xff" * 800).decode(),
-                                           listen_seconds=sum(KALLGLOT_RECONNECT_BACKOFF_SECONDS) + 5)
-    call = finished_call(fake_call_control, call_id, timeout=sum(KALLGLOT_RECONNECT_BACKOFF_SECONDS) + 10)
+                                           listen_seconds=sum(BACKOFF) + 5)
+    call = finished_call(fake_call_control, call_id, timeout=sum(BACKOFF) + 10)
     assert [c["action"] for c in call["commands"]] == ["answer", "streaming_start", "speak", "hangup"]
-    assert call["close_codes"] in ([1011], [1000]) and call["spoken"]
+    # The product's answer to an unreachable Kallglot is the spoken fallback, then a hang-up (asserted above):
+    # whether its 1011 close or the fake's own close on that hang-up reaches the socket first is a race between
+    # two sockets, so the close code says nothing about the product and is not asserted.
+    assert call["spoken"] and len(call["close_codes"]) == 1
     assert wait_until(lambda: emulator.session(only_session(emulator)["id"])["status"] == "ended",
                       HOLD_SETTLE_SECONDS)
 
 
 def test_call_control_agent_leg_is_dialled_streams_and_is_hung_up_with_the_customer(
         fake_call_control: FakeCallControl, emulator: EmulatorControl, telnyx_bridge_server: RunningServer,
-        redis_url: str) -> None:
+        redis_url: str, telnyx_state: BridgeState) -> None:
     import redis as redis_lib
 
     from app.profiles import NumberProfile, ProfileStore
@@ -235,7 +254,7 @@ def test_call_control_agent_leg_is_dialled_streams_and_is_hung_up_with_the_custo
         # The agent heard Kallglot on its own leg (its media socket's result lands just after the hang-up).
         assert wait_until(lambda: len(base64.b64decode(fake_call_control.call(dial["call_control_id"])["heard"]))
                           >= 1600), fake_call_control.call(dial["call_control_id"])
-        ended_once(emulator)
+        ended_once(emulator, telnyx_state)
         assert set(only_session(emulator)["audio_received"]) == {"customer", "agent"}
     finally:
         store.delete(TO)

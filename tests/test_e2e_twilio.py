@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import functools
 import json
 import math
 import os
 import struct
 import time
+import threading
 import uuid
 import warnings
+from collections.abc import Callable
 
 import pytest
 import requests
 from simple_websocket import Client, ConnectionClosed
 from twilio.request_validator import RequestValidator
 
-from app.relay.core import KALLGLOT_RECONNECT_BACKOFF_SECONDS
+from app import create_app
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
+from app.extensions import services
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
-from tests.conftest import E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl
+from tests.support.controls import EmulatorControl
+from tests.support.settings import (
+    E2E_RECONNECT_BACKOFF_MS, E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN,
+    bridge_config,
+)
+from tests.support.bridge_state import BridgeState
+from tests.support.numbers import CallNumbers
 from tests.support.waiting import only_session, wait_until
 from tests.support.servers import RunningServer
 
@@ -28,7 +39,6 @@ with warnings.catch_warnings():
     import audioop
 
 pytestmark = pytest.mark.e2e
-TO, FROM = "+15005550006", "+15551230000"
 
 
 @pytest.fixture
@@ -47,10 +57,11 @@ def live_session_id(emulator: EmulatorControl) -> str:
 
 
 def test_audio_flows_both_ways_byte_exact_and_the_session_ends_once(
-        simulator: TwilioCallSimulator, emulator: EmulatorControl) -> None:
+        simulator: TwilioCallSimulator, emulator: EmulatorControl, numbers: CallNumbers,
+        bridge_state: BridgeState) -> None:
     # 53 frames = 8480 bytes: ten 100 ms chunks plus a 480-byte remainder that must be flushed on stop.
     audio = os.urandom(53 * 160)
-    result = simulator.place_call(TO, FROM, audio, pace=False, listen_seconds=1.5)
+    result = simulator.place_call(*numbers, audio, pace=False, listen_seconds=1.5)
     assert result.protocol_errors == [] and result.errors == []
     session = only_session(emulator)
     received = base64.b64decode(session["audio_received"]["customer"])
@@ -60,23 +71,26 @@ def test_audio_flows_both_ways_byte_exact_and_the_session_ends_once(
     # The emulator echoes each chunk; the caller hears all ten full chunks unchanged (the remainder is only
     # flushed at hang-up, so its echo has no caller left to reach).
     assert result.heard_audio == audio[:8000]
-    assert result.marks_received and result.marks_echoed  # one mark per utterance
-    assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
-    time.sleep(0.3)  # let any late duplicate trigger land before counting
+    # One mark per utterance, named in order, each echoed back by the caller's side once played.
+    assert result.marks_received == [f"utt-{n}" for n in range(1, len(result.marks_received) + 1)]
+    assert len(result.marks_received) >= 1 and result.marks_echoed == result.marks_received
+    # The end state: ended, the end recorded for good, nothing left due that could end it again.
+    assert wait_until(lambda: bridge_state.settled_ended(session["id"]))
     assert emulator.session(session["id"])["end_calls"] == 1
 
 
-def test_paced_call_in_real_time(simulator: TwilioCallSimulator, emulator: EmulatorControl) -> None:
+def test_paced_call_in_real_time(simulator: TwilioCallSimulator, emulator: EmulatorControl,
+                                 numbers: CallNumbers) -> None:
     tone = audioop.lin2ulaw(b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 300 * n / 8000)))
                                      for n in range(8000)), 2)
-    result = simulator.place_call(TO, FROM, tone, pace=True, listen_seconds=0.5, dtmf="12")
+    result = simulator.place_call(*numbers, tone, pace=True, listen_seconds=0.5, dtmf="12")
     assert result.protocol_errors == []
     assert base64.b64decode(only_session(emulator)["audio_received"]["customer"]) == tone
     assert result.heard_audio == tone
 
 
 def test_return_audio_in_pcm16_is_transcoded_and_clear_stops_playback(
-        simulator: TwilioCallSimulator, emulator: EmulatorControl) -> None:
+        simulator: TwilioCallSimulator, emulator: EmulatorControl, numbers: CallNumbers) -> None:
     emulator.behaviour("silent")
     pcm16k = b"".join(struct.pack("<h", int(9000 * math.sin(2 * math.pi * 440 * n / 16000))) for n in range(16000))
 
@@ -95,7 +109,7 @@ def test_return_audio_in_pcm16_is_transcoded_and_clear_stops_playback(
                       {"type": "audio.clear"})
         assert stream.wait_for(lambda s: s.clears == 1, timeout=5)
 
-    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, listen_seconds=0.3, hold_open=barge_in)
+    result = simulator.place_call(*numbers, b"\xff" * 1600, pace=False, listen_seconds=0.3, hold_open=barge_in)
     assert result.protocol_errors == []
     assert result.clears == 1
     # One second of 16 kHz PCM became one second of 8 kHz μ-law, then the μ-law 3 s; opus was dropped.
@@ -143,9 +157,10 @@ def test_unsigned_media_socket_upgrade_is_refused(bridge_server: RunningServer, 
 
 @pytest.mark.parametrize("case", ["forged", "other-call", "none"])
 def test_forged_relay_token_closes_and_opens_nothing(bridge_server: RunningServer, simulator: TwilioCallSimulator,
-                                                     emulator: EmulatorControl, case: str) -> None:
+                                                     emulator: EmulatorControl, case: str,
+                                                     numbers: CallNumbers) -> None:
     call_sid = "CA" + uuid.uuid4().hex
-    answer = simulator.post_voice_webhook(TO, FROM, call_sid=call_sid)
+    answer = simulator.post_voice_webhook(*numbers, call_sid=call_sid)
     token = answer.text.split('name="relay_token" value="')[1].split('"')[0]
     if case == "forged":
         token = token[:10] + ("x" if token[10] != "x" else "y") + token[11:]
@@ -173,7 +188,7 @@ def test_malformed_frames_before_start_close_cleanly(bridge_server: RunningServe
 
 
 def test_malformed_frames_mid_call(simulator: TwilioCallSimulator, emulator: EmulatorControl,
-                                   bridge_server: RunningServer) -> None:
+                                   bridge_server: RunningServer, numbers: CallNumbers) -> None:
     def misbehave(stream: SimulatedStream) -> None:
         stream.send_raw(json.dumps({"event": "media", "streamSid": stream.stream_sid,
                                     "media": {"track": "inbound", "payload": "***not base64***"}}))
@@ -183,7 +198,7 @@ def test_malformed_frames_mid_call(simulator: TwilioCallSimulator, emulator: Emu
         stream.send_raw(b"\x00binary")
         assert stream.wait_for(lambda s: s.server_closed, timeout=5)
 
-    result = simulator.place_call(TO, FROM, b"\x02" * 800, pace=False, hold_open=misbehave, listen_seconds=0.5)
+    result = simulator.place_call(*numbers, b"\x02" * 800, pace=False, hold_open=misbehave, listen_seconds=0.5)
     assert any("code 1003" in event for _, event in result.timeline)
     # <Connect action> restored the stream to the same session; that stream then ended normally.
     assert result.streams == 2
@@ -196,14 +211,15 @@ def test_malformed_frames_mid_call(simulator: TwilioCallSimulator, emulator: Emu
 
 
 def test_kallglot_stream_unreachable_is_not_dead_air(simulator: TwilioCallSimulator,
-                                                     emulator: EmulatorControl) -> None:
+                                                     emulator: EmulatorControl, numbers: CallNumbers) -> None:
     # Every attempt fails: the first connect and each reopen (a single failure would just be retried).
-    emulator.fault(endpoint="connect", status=503, times=1 + len(KALLGLOT_RECONNECT_BACKOFF_SECONDS))
-    give_up_after = sum(KALLGLOT_RECONNECT_BACKOFF_SECONDS) + 5
-    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, listen_seconds=0.2,
+    backoff = [int(ms) / 1000 for ms in E2E_RECONNECT_BACKOFF_MS.split(",")]
+    emulator.fault(endpoint="connect", status=503, times=1 + len(backoff))
+    give_up_after = sum(backoff) + 5
+    result = simulator.place_call(*numbers, b"\xff" * 1600, pace=False, listen_seconds=0.2,
                                   hold_open=lambda s: s.wait_for(lambda st: st.server_closed, give_up_after))
     assert result.server_closed_first
-    assert result.said and result.hung_up  # the fallback message, then hang up
+    assert result.said == [UNAVAILABLE_MESSAGE] and result.hung_up  # the fallback message, then hang up
     session = only_session(emulator)
     # A Kallglot failure is an abnormal end: the session is held for the reconnect window, then ended once.
     assert emulator.session(session["id"])["status"] != "ended"
@@ -213,22 +229,28 @@ def test_kallglot_stream_unreachable_is_not_dead_air(simulator: TwilioCallSimula
 
 
 def test_kallglot_ending_the_session_closes_the_call_politely(simulator: TwilioCallSimulator,
-                                                              emulator: EmulatorControl) -> None:
+                                                              emulator: EmulatorControl, numbers: CallNumbers,
+                                                              bridge_state: BridgeState) -> None:
     def end_at_kallglot(stream: SimulatedStream) -> None:
         session_id = live_session_id(emulator)
         requests.post(f"{emulator.api_url}/sessions/{session_id}/end", timeout=5,
                       headers={"Authorization": f"Bearer {EMULATOR_API_KEY}"}).raise_for_status()
         assert stream.wait_for(lambda s: s.server_closed, timeout=5)
 
-    result = simulator.place_call(TO, FROM, b"\xff" * 800, pace=False, hold_open=end_at_kallglot, listen_seconds=0)
-    assert result.said and result.hung_up
-    time.sleep(0.3)
+    result = simulator.place_call(*numbers, b"\xff" * 800, pace=False, hold_open=end_at_kallglot, listen_seconds=0)
+    assert result.said == [SESSION_OVER_MESSAGE] and result.hung_up
+    session_id = only_session(emulator)["id"]
+    # Recorded as Kallglot's end, for good: nothing is left due that could call ``end`` again.
+    assert wait_until(lambda: bridge_state.settled_ended(session_id)), (
+        bridge_state.session(session_id), bridge_state.end_claim(session_id), bridge_state.deadline(session_id))
+    assert bridge_state.end_claim(session_id).startswith("ended:kallglot:")
     assert only_session(emulator)["end_calls"] == 1  # ours, from the test: the bridge did not end it again
 
 
 def test_caller_socket_lost_without_stop_still_ends_the_session(simulator: TwilioCallSimulator,
-                                                                emulator: EmulatorControl) -> None:
-    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, status_callbacks="none",
+                                                                emulator: EmulatorControl,
+                                                                numbers: CallNumbers) -> None:
+    result = simulator.place_call(*numbers, b"\xff" * 1600, pace=False, status_callbacks="none",
                                   hold_open=lambda stream: stream.close_abruptly(), listen_seconds=0)
     assert result.protocol_errors == []
     session = only_session(emulator)
@@ -238,32 +260,73 @@ def test_caller_socket_lost_without_stop_still_ends_the_session(simulator: Twili
     assert emulator.session(session["id"])["end_calls"] == 1
 
 
-def test_exactly_one_end_under_concurrent_callbacks_on_two_workers(simulator: TwilioCallSimulator,
-                                                                   emulator: EmulatorControl) -> None:
-    result = simulator.place_call(TO, FROM, b"\xff" * 800, pace=False, status_callbacks="none", listen_seconds=0)
-    params = {**simulator.base_params(TO, FROM, result.call_sid, "completed"), "CallDuration": "3"}
-    stream_params = {"AccountSid": TWILIO_ACCOUNT_SID, "CallSid": result.call_sid, "StreamSid": result.stream_sid,
-                     "StreamEvent": "stream-stopped"}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
-        futures = [pool.submit(simulator.signed_post, "/twilio/status", params) for _ in range(12)]
-        futures += [pool.submit(simulator.signed_post, "/twilio/stream-status", stream_params) for _ in range(4)]
-        assert {f.result().status_code for f in futures} == {204}
-    session = only_session(emulator)
-    assert session["status"] == "ended" and session["end_calls"] == 1
+def test_exactly_one_end_when_every_end_path_races(simulator: TwilioCallSimulator, emulator: EmulatorControl,
+                                                    bridge_server: RunningServer, bridge_state: BridgeState,
+                                                    redis_url: str, numbers: CallNumbers) -> None:
+    """Every way a session can end, at once, for real: a call whose stream never started (so nothing has ended
+    it yet), distinct status deliveries to both workers (no dedupe collapses them), the connect action, the leg's
+    heartbeat expiring and the session's deadline coming due in a third process's reaper. One Kallglot end."""
+    call_sid = "CA" + uuid.uuid4().hex
+    assert simulator.post_voice_webhook(*numbers, call_sid=call_sid).status_code == 200
+    session_id = only_session(emulator)["id"]
+    assert bridge_state.call("twilio", call_sid)["state"] == "live"
+    # A reaper in this process, on the same Redis namespace as the bridge's two workers.
+    racer = create_app(bridge_config(redis_url, emulator.api_url, "e2e", bridge_server.url))
+    with racer.app_context():
+        lifecycle = services().lifecycle
+    now = time.time()
+    bridge_state.redis.zadd(bridge_state.keys.heartbeats(), {f"twilio:{call_sid}": now - 1}, xx=True)
+    bridge_state.redis.zadd(bridge_state.keys.deadlines(), {session_id: now - 1})
+
+    def deliver(status: str, sequence: int) -> int:
+        params = {**simulator.base_params(*numbers, call_sid, status), "CallDuration": "3",
+                  "SequenceNumber": str(sequence), "CallbackSource": "call-progress-events"}
+        return simulator.signed_post("/twilio/status", params).status_code
+
+    def connect_action() -> int:
+        return simulator.signed_post("/twilio/connect-action",
+                                     simulator.base_params(*numbers, call_sid, "in-progress")).status_code
+
+    def reap_lost_heartbeats() -> int:
+        lifecycle.expire_lost_legs(now=time.time() + 3600)  # every heartbeat and lease counts as run out
+        return 204
+
+    def reap_due_deadlines() -> int:
+        lifecycle.end_due_sessions(now=time.time() + 3600)  # every hold and lease counts as due
+        return 204
+
+    racers: list[Callable[[], int]] = [
+        *(functools.partial(deliver, ("completed", "busy", "failed", "no-answer")[n % 4], n) for n in range(12)),
+        connect_action, connect_action, *[reap_lost_heartbeats] * 3, *[reap_due_deadlines] * 3]
+    start = threading.Barrier(len(racers))
+
+    def run(racer: Callable[[], int]) -> int:
+        start.wait(timeout=10)
+        return racer()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(racers)) as pool:
+        statuses = list(pool.map(run, racers))
+    assert set(statuses) <= {200, 204}
+    # Whatever won (a clean end, a hold that the due deadline then ends), the end state is one end, for good.
+    assert wait_until(lambda: bridge_state.settled_ended(session_id), timeout=E2E_RECONNECT_WINDOW_SECONDS + 5)
+    assert bridge_state.call("twilio", call_sid)["state"] == "ended"
+    assert emulator.session(session_id)["end_calls"] == 1
     assert emulator.stats()["double_end_calls"] == 0
 
 
-def test_retried_voice_webhook_creates_one_session(simulator: TwilioCallSimulator, emulator: EmulatorControl) -> None:
+def test_retried_voice_webhook_creates_one_session(simulator: TwilioCallSimulator, emulator: EmulatorControl,
+                                                   numbers: CallNumbers) -> None:
     call_sid = "CA" + uuid.uuid4().hex
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        responses = list(pool.map(lambda _: simulator.post_voice_webhook(TO, FROM, call_sid=call_sid), range(4)))
+        responses = list(pool.map(lambda _: simulator.post_voice_webhook(*numbers, call_sid=call_sid), range(4)))
     assert {r.status_code for r in responses} == {200}
     assert all("<Connect" in r.text for r in responses)
     assert len(emulator.sessions()) == 1
 
 
 def test_kallglot_stream_drop_is_reopened_and_the_call_goes_on(simulator: TwilioCallSimulator,
-                                                               emulator: EmulatorControl) -> None:
+                                                               emulator: EmulatorControl,
+                                                               numbers: CallNumbers) -> None:
     def drop_kallglot(stream: SimulatedStream) -> None:
         session_id = live_session_id(emulator)
         requests.post(f"{emulator.url}/_emulator/sessions/{session_id}/drop", timeout=5).raise_for_status()
@@ -277,7 +340,7 @@ def test_kallglot_stream_drop_is_reopened_and_the_call_goes_on(simulator: Twilio
                 "payload": base64.b64encode(b"\x05" * 160).decode()}})
         assert stream.wait_for(lambda s: len(s.heard) >= heard_before + 1600, timeout=5)
 
-    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, hold_open=drop_kallglot, listen_seconds=0.3)
+    result = simulator.place_call(*numbers, b"\xff" * 1600, pace=False, hold_open=drop_kallglot, listen_seconds=0.3)
     assert result.protocol_errors == [] and not result.server_closed_first
     session = only_session(emulator)
     assert base64.b64decode(session["audio_received"]["customer"]).endswith(b"\x05" * 1600)

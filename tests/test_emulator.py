@@ -515,6 +515,7 @@ def test_connect_fault_closes_with_1011(base_url: str) -> None:
         assert receive(ws)["type"] == "session.ready"
 
 
+@pytest.mark.e2e  # starts a server process
 def test_python_dash_m_runs_under_gevent() -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "app.devtools.emulator", "--port", str(port), "--api-key", API_KEY],

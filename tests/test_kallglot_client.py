@@ -10,7 +10,8 @@ from app.kallglot.client import (
     KallglotAuthenticationError, KallglotClient, KallglotError, KallglotInsufficientCredits, KallglotNotFound,
     KallglotPermissionDenied, KallglotRateLimited, KallglotUnavailable, KallglotValidationError,
 )
-from tests.conftest import EMULATOR_API_KEY, EmulatorControl
+from tests.support.controls import EmulatorControl
+from tests.support.settings import EMULATOR_API_KEY
 from tests.support.servers import free_port
 
 

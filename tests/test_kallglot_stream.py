@@ -10,7 +10,8 @@ from app.kallglot import stream_protocol
 from app.kallglot.client import KallglotClient
 from app.kallglot.stream_protocol import AudioOutput, Informational, SessionEnded
 from app.kallglot.stream import KallglotStream, KallglotStreamError
-from tests.conftest import EMULATOR_API_KEY, EmulatorControl
+from tests.support.controls import EmulatorControl
+from tests.support.settings import EMULATOR_API_KEY
 
 
 def next_of(stream: KallglotStream, kind: type, attempts: int = 10):

@@ -17,9 +17,8 @@ from app.logging_setup import (
     JsonFormatter, TextFormatter, bind_log_context, log_context, redact, request_log_fields, reset_log_context,
 )
 from app.devtools.simulator.twilio import TwilioCallSimulator
-from tests.conftest import (
-    EMULATOR_API_KEY, SECRET_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config,
-)
+from tests.support.controls import EmulatorControl
+from tests.support.settings import EMULATOR_API_KEY, SECRET_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 
 TO, FROM = "+15005550006", "+15551230000"

@@ -18,9 +18,10 @@ from app.ops.draining import Drain, begin_worker_drain, drain_for
 from app.redis_keys import RedisKeys
 from app.relay.core import RelayStats
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
-from tests.conftest import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config
+from tests.support.controls import EmulatorControl
+from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.servers import RunningServer, free_port, run_gunicorn
-from tests.test_twilio_webhooks import answer, call_params, new_call_sid, post_signed
+from tests.support.twilio_requests import answer, call_params, new_call_sid, post_signed
 
 TO, FROM = "+15005550006", "+15551230000"
 
@@ -54,16 +55,12 @@ def test_relay_stats_deltas_report_each_increment_once() -> None:
     assert "unknown_kallglot" not in deltas and "_reported" not in deltas
 
 
-def test_metrics_endpoint_exposes_every_family(client: FlaskClient) -> None:
+def test_metrics_endpoint_serves_the_prometheus_text_format(client: FlaskClient) -> None:
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
-    text = response.get_data(as_text=True)
-    for family in ("kallglot_bridge_calls_total", "kallglot_bridge_relays_live", "kallglot_bridge_relay_hop_seconds",
-                   "kallglot_bridge_media_frames_total", "kallglot_bridge_kallglot_api_seconds",
-                   "kallglot_bridge_sessions_ended_total", "kallglot_bridge_webhook_rejections_total",
-                   "kallglot_bridge_fallbacks_total", "kallglot_bridge_live_sessions"):
-        assert f"# HELP {family}" in text, family
+    # Which families it carries, with which labels: test_readme_promises.py checks each against the README.
+    assert "# TYPE kallglot_bridge_live_sessions gauge" in response.get_data(as_text=True)
 
 
 def test_answered_calls_api_latency_and_rejections_are_counted(client: FlaskClient,
@@ -81,14 +78,16 @@ def test_answered_calls_api_latency_and_rejections_are_counted(client: FlaskClie
 
 def test_kallglot_failures_count_errors_by_code_and_fallbacks(client: FlaskClient,
                                                               emulator: EmulatorControl) -> None:
+    # The label is Kallglot's own error.code from the response body, whatever it is: set one the emulator
+    # would not pick by default, so the test reads the product's parsing, not the fake's default.
     errors = sample("kallglot_bridge_kallglot_api_errors_total", operation="create_session",
-                    code="service_unavailable")
+                    code="insufficient_api_credits")
     fallbacks = sample("kallglot_bridge_fallbacks_total", carrier="twilio", reason="kallglot_unavailable")
-    emulator.fault(endpoint="create", status=402)
+    emulator.fault(endpoint="create", status=402, code="insufficient_api_credits")
     root = answer(client, new_call_sid())
     assert root.find("Connect") is None  # the apology, not a stream
     assert sample("kallglot_bridge_kallglot_api_errors_total", operation="create_session",
-                  code="service_unavailable") == errors + 1
+                  code="insufficient_api_credits") == errors + 1
     assert sample("kallglot_bridge_fallbacks_total", carrier="twilio", reason="kallglot_unavailable") == fallbacks + 1
 
 

@@ -102,6 +102,7 @@ def run_gunicorn(
     ready_path: str = "/healthz",
     port: int | None = None,
     print_log_on_error: bool = True,
+    graceful_timeout: int = 5,
     log_path: Path | None = None,
     own_session: bool = False,
     python: str = sys.executable,
@@ -115,19 +116,22 @@ def run_gunicorn(
     never collides between servers started by parallel tests. ``log_path``: where its output goes (default a
     file in that temporary home). ``own_session``: start it in its own session, so a Ctrl-C in the terminal
     reaches only the caller, which then stops it in order (the demo). ``ready_timeout``: how long to wait for it
-    to answer (default :func:`startup_timeout`, which grows with the machine's load).
+    to answer (default :func:`startup_timeout`, which grows with the machine's load). ``graceful_timeout``: how
+    long a stopped server waits for open connections (tests shorten it). With ``KB_COVERAGE_SERVERS`` set, the
+    server runs under ``coverage run --parallel-mode`` (see README, "Test it"), workers included.
     """
     port = port or free_port()
     home = tempfile.mkdtemp(prefix="kb-gunicorn-home-")
     log_path = log_path or Path(home) / "server.log"
     full_env = {**os.environ, **(env or {}), "HOME": home, "PYTHONUNBUFFERED": "1"}
+    coverage = ["-m", "coverage", "run", "--parallel-mode"] if os.environ.get("KB_COVERAGE_SERVERS") else []
     cmd = [
-        python, "-m", "gunicorn",
+        python, *coverage, "-m", "gunicorn",
         "-k", "gevent",
         "-w", str(workers),
         "-b", f"127.0.0.1:{port}",
         "--timeout", "0",
-        "--graceful-timeout", "5",
+        "--graceful-timeout", str(graceful_timeout),
         app_spec,
     ]
     with open(log_path, "wb") as log_file:

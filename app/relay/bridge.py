@@ -149,6 +149,8 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
     try:
         relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
                            context=context, on_end=record_end, reopen_kallglot=open_kallglot,
+                           reconnect_backoff_seconds=svc.settings.kallglot_reconnect_backoff_seconds,
+                           ping_interval_seconds=svc.settings.kallglot_ping_interval_seconds,
                            on_transcript=forward_transcript, on_health=forward_health)
         with current_drain().track(relay):  # a deploy's SIGTERM hands the leg over as lost (app/ops/draining.py)
             return relay.run()

@@ -1,141 +1,44 @@
 """The media relay core: one call leg's carrier socket bridged to its Kallglot stream socket.
 
 Vendor-free: a :class:`~app.carriers.contract.CarrierCodec` does the carrier's wire format. The uplink (carrier →
-Kallglot) runs in the handler's thread, the downlink (Kallglot → carrier) in a second one; when either side
-closes, both close. Nothing here touches Redis: the hot path does no I/O but the two sockets.
+Kallglot, :mod:`app.relay.uplink`) runs in the handler's thread, the downlink (Kallglot → carrier) in a second
+one; a dropped Kallglot stream is reopened by :mod:`app.relay.reopen`. When either side closes, both close.
+Nothing here touches Redis: the hot path does no I/O but the two sockets.
 """
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
-from enum import Enum
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
 from simple_websocket import ConnectionClosed
 
 from app import metrics
 from app.background import spawn
-from app.relay.audio import DownlinkTranscoder, UnsupportedAudio
+from app.carriers.contract import CarrierCodec
 from app.kallglot import stream_protocol
+from app.kallglot.stream import KallglotStream
 from app.kallglot.stream_protocol import (
     AudioOutput, ClearAudio, Informational, SessionEnded, SessionError, Transcript, UnknownMessage,
 )
-from app.carriers.contract import (
-    CarrierCodec, Connected, Dtmf, Ignored, Malformed, MarkPlayed, Media, Stopped, StreamStarted,
-)
-from app.kallglot.stream import KallglotStream
+from app.relay.audio import DownlinkTranscoder, UnsupportedAudio
+from app.relay.outcome import RelayEnd, RelayStats
+from app.relay.reopen import KALLGLOT_RECONNECT_BACKOFF_SECONDS, KALLGLOT_RECONNECT_BUFFER_MS, KallglotLink
+from app.relay.sockets import START_TIMEOUT_SECONDS, CarrierSocket, await_start, close_quietly, set_tcp_nodelay
+from app.relay.uplink import HOP_SAMPLE_EVERY, MULAW_BYTES_PER_MS, UPLINK_POLL_SECONDS, Uplink
+
+# Re-exported: the carriers' media routes and the bridge import these from here.
+__all__ = [
+    "CarrierSocket", "KALLGLOT_RECONNECT_BACKOFF_SECONDS", "KALLGLOT_RECONNECT_BUFFER_MS", "MULAW_BYTES_PER_MS",
+    "MediaRelay", "RelayEnd", "RelayStats", "START_TIMEOUT_SECONDS", "UPLINK_POLL_SECONDS", "await_start",
+    "close_quietly",
+]
 
 log = logging.getLogger(__name__)
 
-#: How long a carrier may take from socket open to ``start`` (Twilio sends it at once).
-START_TIMEOUT_SECONDS = 10.0
-#: The uplink wakes this often when the carrier is silent, to notice that the downlink ended the relay.
-UPLINK_POLL_SECONDS = 0.25
-MULAW_BYTES_PER_MS = 8
-#: Waits between attempts to reopen a dropped Kallglot stream (about 8 s in all, then the leg is lost).
-KALLGLOT_RECONNECT_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 4.0)
-#: Caller audio kept while the Kallglot stream is being reopened; older audio is dropped (and counted).
-KALLGLOT_RECONNECT_BUFFER_MS = 5000
-#: The relay's counters reach Prometheus every this many carrier frames (5 s of audio) and at its end:
-#: a prometheus-client ``inc()`` takes a lock, too dear per frame.
-METRICS_FLUSH_FRAMES = 250
-#: One in this many uplink chunks / downlink frames has its time inside the relay observed.
-HOP_SAMPLE_EVERY = 10
-
-
-class CarrierSocket(Protocol):
-    """The subset of simple-websocket's API the relay uses (flask-sock hands us a ``Server``)."""
-
-    connected: bool
-
-    def receive(self, timeout: float | None = None) -> str | bytes | None: ...
-
-    def send(self, data: str | bytes) -> None: ...
-
-    def close(self, reason: int | None = None, message: str | None = None) -> None: ...
-
-
-class RelayEnd(str, Enum):
-    """Why a relay stopped; the session lifecycle decides what each means for the session."""
-
-    CARRIER_STOP = "carrier_stop"  # clean: the carrier said the stream or call is over
-    CARRIER_LOST = "carrier_lost"  # the carrier socket closed without ``stop``
-    KALLGLOT_ENDED = "kallglot_ended"  # Kallglot sent ``session.ended``
-    KALLGLOT_LOST = "kallglot_lost"  # the Kallglot socket closed without ``session.ended``
-    PROTOCOL_ERROR = "protocol_error"  # the carrier broke its protocol; we closed the socket
-    WORKER_DRAINING = "worker_draining"  # the worker is shutting down (deploy); the leg is handed over as lost
-
-
-@dataclass
-class RelayStats:
-    """Counters for one relayed leg: plain ints on the hot path, logged at the end and added to the
-    Prometheus counters in batches (:meth:`take_deltas`)."""
-
-    frames_in: int = 0
-    bytes_in: int = 0
-    chunks_to_kallglot: int = 0
-    frames_to_carrier: int = 0
-    bytes_to_carrier: int = 0
-    marks_sent: int = 0
-    marks_played: int = 0
-    clears: int = 0
-    dtmf: int = 0
-    frames_dropped: int = 0
-    kallglot_reconnects: int = 0
-    chunks_dropped_while_reconnecting: int = 0
-    unknown_kallglot: Counter[str] = field(default_factory=Counter)
-    _reported: dict[str, int] = field(default_factory=dict, repr=False)
-
-    def take_deltas(self) -> dict[str, int]:
-        """How much each int counter grew since the last call (for :func:`app.metrics.add_relay_counts`)."""
-        deltas: dict[str, int] = {}
-        for name, value in vars(self).items():
-            if isinstance(value, int) and not name.startswith("_"):
-                deltas[name] = value - self._reported.get(name, 0)
-                self._reported[name] = value
-        return deltas
-
-
-def close_quietly(ws: CarrierSocket, code: int = 1000, message: str | None = None) -> None:
-    """Close a socket that may already be closed, without raising."""
-    try:
-        if ws.connected:
-            ws.close(reason=code, message=message)
-    except (ConnectionClosed, OSError):
-        pass
-
-
-def await_start(ws: CarrierSocket, codec: CarrierCodec, timeout: float = START_TIMEOUT_SECONDS) -> StreamStarted | None:
-    """Read frames until the carrier's ``start``; on anything else meaningful, close the socket and return None."""
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            raw = ws.receive(timeout=max(remaining, 0.0)) if remaining > 0 else None
-        except ConnectionClosed:
-            log.info("%s media socket closed before start", codec.carrier)
-            return None
-        if raw is None:
-            close_quietly(ws, 1008, "no start event")
-            return None
-        event = codec.parse(raw)
-        if isinstance(event, StreamStarted):
-            return event
-        if isinstance(event, (Connected, Ignored)):
-            continue
-        if isinstance(event, Stopped):
-            close_quietly(ws, 1000)
-            return None
-        reason = event.reason if isinstance(event, Malformed) else f"{type(event).__name__.lower()} before start"
-        code = event.close_code if isinstance(event, Malformed) else 1008
-        log.warning("closing %s media socket: %s", codec.carrier, reason)
-        close_quietly(ws, code, reason)
-        return None
+#: How long run() waits for the downlink to notice the end, after the Kallglot stream is closed.
+DOWNLINK_JOIN_SECONDS = 5.0
 
 
 class MediaRelay:
@@ -145,6 +48,8 @@ class MediaRelay:
                  speaker: str, chunk_ms: int, context: str,
                  on_end: Callable[[RelayEnd, str], None] | None = None,
                  reopen_kallglot: Callable[[], KallglotStream] | None = None,
+                 reconnect_backoff_seconds: Sequence[float] = KALLGLOT_RECONNECT_BACKOFF_SECONDS,
+                 ping_interval_seconds: float = stream_protocol.PING_INTERVAL_SECONDS,
                  on_transcript: Callable[[Transcript], None] | None = None,
                  on_health: Callable[[dict[str, float]], None] | None = None) -> None:
         self.carrier_ws = carrier_ws
@@ -152,59 +57,56 @@ class MediaRelay:
         self.on_transcript = on_transcript
         self.on_health = on_health
         self._marks_sent_at: dict[str, float] = {}  # mark name → when sent, for the playback lag
-        # Reopens the Kallglot stream to the same session after it dropped (None: a drop ends the relay).
-        self.reopen_kallglot = reopen_kallglot
         # Called with why the relay ended (and Kallglot's reason, if it ended the session) after the last
         # audio went to Kallglot but *before* the carrier socket closes: the carrier reacts to that close at
         # once (Twilio requests <Connect action>), and must find the leg's end already recorded.
         self.on_end = on_end
         self.kallglot_end_reason = ""
         self.codec = codec
-        self.kallglot = kallglot
-        self.speaker = speaker
-        self.chunk_bytes = chunk_ms * MULAW_BYTES_PER_MS
         self.context = context  # "call=… session=…" prefix for every log line of this leg
         self.stats = RelayStats()
+        self.ping_interval_seconds = ping_interval_seconds
         self._transcoder = DownlinkTranscoder()
         self._ending = threading.Event()
         self._end: RelayEnd | None = None
         self._end_lock = threading.Lock()
+        self._end_recorded = False
         # Both threads may write to the carrier socket (frames vs. a protocol-error close).
         self._carrier_lock = threading.Lock()
-        # While the Kallglot stream is being reopened the uplink queues its messages here (bounded).
-        self._kallglot_lock = threading.Lock()
-        self._reconnecting = False
-        self._reopen_attempts = 0
-        self._backlog: deque[str] = deque(maxlen=max(1, KALLGLOT_RECONNECT_BUFFER_MS // chunk_ms))
-        # Uplink batching state.
-        self._pending = bytearray()
-        self._sequence = 0
-        self._bytes_sent = 0
-        self._origin_ms = int(time.time() * 1000)
+        self.link = KallglotLink(kallglot, reopen=reopen_kallglot, stats=self.stats, context=context,
+                                 backlog_chunks=KALLGLOT_RECONNECT_BUFFER_MS // chunk_ms,
+                                 backoff_seconds=reconnect_backoff_seconds, on_reopened=self._reopened)
+        self.uplink = Uplink(carrier_ws, codec, self.link, speaker=speaker, chunk_ms=chunk_ms, stats=self.stats,
+                             context=context, ending=self._ending, finish=self._finish,
+                             protocol_error=self._protocol_error, mark_played=self._mark_played)
+
+    @property
+    def kallglot(self) -> KallglotStream:
+        """The leg's current Kallglot stream (a reopen replaces it)."""
+        return self.link.stream
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def run(self) -> RelayEnd:
         """Relay until one side ends; always closes both sockets and returns why it stopped."""
+        set_tcp_nodelay(getattr(self.carrier_ws, "sock", None))
         metrics.RELAYS_LIVE.labels(self.codec.carrier).inc()
         # The downlink logs with this leg's context (call, session).
         downlink = spawn(self._downlink_guarded, name="relay-downlink", inherit_context=True)
         try:
-            self._uplink()
+            self.uplink.run()
             if self._end not in (RelayEnd.KALLGLOT_ENDED, RelayEnd.KALLGLOT_LOST):
-                self._flush()  # however the caller's side ended, Kallglot gets every byte the caller said
+                self.uplink.flush()  # however the caller's side ended, Kallglot gets every byte the caller said
         except Exception:  # a bug must end this call cleanly, never crash the worker
             log.exception("%s uplink failed", self.context)
             self._finish(RelayEnd.PROTOCOL_ERROR)
         finally:
             self._finish(RelayEnd.CARRIER_LOST)  # no-op unless the uplink left without a reason
-            self.kallglot.close()  # unblocks the downlink's receive
-            downlink.join(timeout=5)
+            # A closing handshake, so the flush above is delivered (not reset) and Kallglot sees a normal
+            # close; it also ends the downlink's receive.
+            self.link.close()
+            downlink.join(timeout=DOWNLINK_JOIN_SECONDS)
             end = self._end or RelayEnd.CARRIER_LOST
-            if self.on_end is not None:
-                try:
-                    self.on_end(end, self.kallglot_end_reason)
-                except Exception:
-                    log.exception("%s recording the relay's end failed", self.context)
+            self._record_end(end)
             self._close_carrier()
             metrics.RELAYS_LIVE.labels(self.codec.carrier).dec()
             metrics.RELAYS_ENDED.labels(self.codec.carrier, end.value).inc()
@@ -228,89 +130,41 @@ class MediaRelay:
                 self._end = why
         self._ending.set()
 
-    # -- uplink: carrier → Kallglot ------------------------------------------------------------------------
-    def _uplink(self) -> None:
-        parse = self.codec.parse
-        clock = time.perf_counter
-        stats = self.stats
-        while not self._ending.is_set():
-            try:
-                raw = self.carrier_ws.receive(timeout=UPLINK_POLL_SECONDS)
-                received_at = clock()
-            except ConnectionClosed:
-                self._finish(RelayEnd.CARRIER_LOST)
+    def _record_end(self, end: RelayEnd) -> None:
+        """Hand the leg's end to ``on_end`` once, before the carrier socket closes (see __init__)."""
+        with self._end_lock:
+            if self._end_recorded:
                 return
-            if raw is None:
-                if not self.carrier_ws.connected:
-                    self._finish(RelayEnd.CARRIER_LOST)
-                    return
-                continue
-            event = parse(raw)
-            if isinstance(event, Media):
-                stats.frames_in += 1
-                stats.bytes_in += len(event.payload)
-                self._pending += event.payload
-                if len(self._pending) >= self.chunk_bytes:
-                    if not self._send_chunk(self.chunk_bytes):
-                        return
-                    if self._sequence % HOP_SAMPLE_EVERY == 0:
-                        metrics.RELAY_HOP_SECONDS.labels("uplink").observe(clock() - received_at)
-                if stats.frames_in % METRICS_FLUSH_FRAMES == 0:
-                    metrics.add_relay_counts(self.codec.carrier, stats.take_deltas())
-            elif isinstance(event, Stopped):
-                self._finish(RelayEnd.CARRIER_STOP)
-                return
-            elif isinstance(event, MarkPlayed):
-                self.stats.marks_played += 1
-                sent_at = self._marks_sent_at.pop(event.name, None)
-                if sent_at is not None and self.on_health is not None:
-                    self.on_health({"playback_lag_ms": round((time.monotonic() - sent_at) * 1000),
-                                    "kallglot_reconnects": self.stats.kallglot_reconnects})
-            elif isinstance(event, Dtmf):
-                self.stats.dtmf += 1
-                log.info("%s dtmf %s", self.context, event.digit)
-            elif isinstance(event, Malformed):
-                if event.fatal:
-                    log.warning("%s closing carrier socket: %s", self.context, event.reason)
-                    self._close_carrier(event.close_code, event.reason)
-                    self._finish(RelayEnd.PROTOCOL_ERROR)
-                    return
-                self.stats.frames_dropped += 1
-                if self.stats.frames_dropped == 1:
-                    log.warning("%s dropping carrier frame: %s", self.context, event.reason)
-            # Connected, a second StreamStarted and Ignored need nothing.
+            self._end_recorded = True
+        if self.on_end is None:
+            return
+        try:
+            self.on_end(end, self.kallglot_end_reason)
+        except Exception:
+            log.exception("%s recording the relay's end failed", self.context)
 
-    def _send_chunk(self, size: int) -> bool:
-        """Send the first ``size`` pending bytes as one ``audio.input``; False if Kallglot is gone."""
-        chunk = bytes(self._pending[:size])
-        del self._pending[:size]
-        self._sequence += 1
-        message = stream_protocol.audio_input(
-            base64.b64encode(chunk).decode("ascii"), sequence=self._sequence,
-            timestamp_ms=self._origin_ms + self._bytes_sent // MULAW_BYTES_PER_MS, speaker=self.speaker)
-        self._bytes_sent += len(chunk)
-        with self._kallglot_lock:
-            if not self._reconnecting:
-                try:
-                    self.kallglot.send(message)
-                    self.stats.chunks_to_kallglot += 1
-                    return True
-                except (ConnectionClosed, OSError):
-                    if self.reopen_kallglot is None:
-                        self._finish(RelayEnd.KALLGLOT_LOST)
-                        return False
-                    # The downlink notices the same drop and reopens the stream; keep the audio until then.
-                    self._reconnecting = True
-            if len(self._backlog) == self._backlog.maxlen:
-                self.stats.chunks_dropped_while_reconnecting += 1
-            self._backlog.append(message)
-        return True
+    def _protocol_error(self, code: int, reason: str) -> None:
+        """The carrier broke its protocol: flush, record the end, *then* close the carrier socket.
 
-    def _flush(self) -> None:
-        """Send whatever is left (less than a chunk) so Kallglot gets every byte the caller said."""
-        while self._pending:
-            if not self._send_chunk(min(len(self._pending), self.chunk_bytes)):
-                return
+        The carrier reacts to the close at once (Twilio's <Connect action> restores the stream on a new socket);
+        a leg end recorded after that would mark the *restored* leg ended.
+        """
+        self._finish(RelayEnd.PROTOCOL_ERROR)
+        self.uplink.flush()
+        self._record_end(RelayEnd.PROTOCOL_ERROR)
+        self._close_carrier(code, reason)
+
+    # -- live-console health ---------------------------------------------------------------------------------
+    def _mark_played(self, name: str) -> None:
+        """The carrier played up to mark ``name``: report how long after sending (the playback lag)."""
+        sent_at = self._marks_sent_at.pop(name, None)
+        if sent_at is not None and self.on_health is not None:
+            self.on_health({"playback_lag_ms": round((time.monotonic() - sent_at) * 1000),
+                            "kallglot_reconnects": self.stats.kallglot_reconnects})
+
+    def _reopened(self) -> None:
+        if self.on_health is not None:
+            self.on_health({"kallglot_reconnects": self.stats.kallglot_reconnects})
 
     # -- downlink: Kallglot → carrier ----------------------------------------------------------------------
     def _downlink_guarded(self) -> None:
@@ -323,7 +177,8 @@ class MediaRelay:
             self._finish(RelayEnd.PROTOCOL_ERROR)
 
     def _downlink(self) -> None:
-        next_ping = time.monotonic() + stream_protocol.PING_INTERVAL_SECONDS
+        link = self.link
+        next_ping = time.monotonic() + self.ping_interval_seconds
         utterance_open = False
         last_audio_at = 0.0
         marks = 0
@@ -334,10 +189,10 @@ class MediaRelay:
             if utterance_open:
                 wait = min(wait, last_audio_at + stream_protocol.UTTERANCE_GAP_SECONDS - now)
             try:
-                message = self.kallglot.receive(timeout=max(wait, 0.0))
+                message = link.receive(timeout=max(wait, 0.0))
                 received_at = time.perf_counter()
             except ConnectionClosed:
-                if self._ending.is_set() or not self._reopen():
+                if self._ending.is_set() or not link.reopen(self._ending):
                     self._finish(RelayEnd.KALLGLOT_LOST)
                     return
                 continue
@@ -360,15 +215,15 @@ class MediaRelay:
                     utterance_open = False
                 if now >= next_ping:
                     try:
-                        self.kallglot.ping()
+                        link.ping()
                     except (ConnectionClosed, OSError):
-                        if not self._reopen():
+                        if not link.reopen(self._ending):
                             self._finish(RelayEnd.KALLGLOT_LOST)
                             return
-                    next_ping = now + stream_protocol.PING_INTERVAL_SECONDS
+                    next_ping = now + self.ping_interval_seconds
                 continue
             if not isinstance(message, (SessionError, UnknownMessage)):
-                self._reopen_attempts = 0  # the stream is healthy again
+                link.healthy()
             if isinstance(message, AudioOutput):
                 try:
                     mulaw = self._transcoder.to_mulaw_8k(message.payload, message.encoding, message.sample_rate_hz)
@@ -408,43 +263,6 @@ class MediaRelay:
                     log.info("%s ignoring kallglot message type %r", self.context, message.type)
             elif isinstance(message, Informational):
                 pass
-
-    def _reopen(self) -> bool:
-        """Reopen the dropped Kallglot stream with backoff, then send the audio queued meanwhile."""
-        if self.reopen_kallglot is None:
-            return False
-        with self._kallglot_lock:
-            self._reconnecting = True
-        # Attempts count across quick successive drops (a stream that opens and is refused at once is no
-        # recovery); a healthy message from Kallglot resets the count (see _downlink).
-        while self._reopen_attempts < len(KALLGLOT_RECONNECT_BACKOFF_SECONDS):
-            delay = KALLGLOT_RECONNECT_BACKOFF_SECONDS[self._reopen_attempts]
-            self._reopen_attempts += 1
-            if self._ending.wait(delay):
-                return False
-            try:
-                stream = self.reopen_kallglot()
-            except Exception as exc:  # any failure to reopen is retried, then the leg is lost
-                log.warning("%s kallglot stream reopen failed: %s", self.context, exc)
-                continue
-            with self._kallglot_lock:
-                self.kallglot.close()
-                self.kallglot = stream
-                try:
-                    while self._backlog:
-                        stream.send(self._backlog[0])
-                        self._backlog.popleft()
-                        self.stats.chunks_to_kallglot += 1
-                except (ConnectionClosed, OSError):
-                    continue  # dropped again at once: try the next attempt, the backlog is intact
-                self._reconnecting = False
-            self.stats.kallglot_reconnects += 1
-            if self.on_health is not None:
-                self.on_health({"kallglot_reconnects": self.stats.kallglot_reconnects})
-            log.info("%s kallglot stream reopened (%d chunks dropped meanwhile)", self.context,
-                     self.stats.chunks_dropped_while_reconnecting)
-            return True
-        return False
 
     def _to_carrier(self, frame: str) -> bool:
         """Send one frame to the carrier; False (and the relay ends) when the carrier socket is gone."""

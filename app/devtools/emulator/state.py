@@ -1,4 +1,6 @@
-"""In-memory state of the Kallglot emulator: sessions, stream tokens, connections, idempotency, faults.
+"""Emulator state (long: one object behind one lock keeps every control-API view consistent; it grew with it).
+
+In-memory state of the Kallglot emulator: sessions, stream tokens, connections, idempotency, faults.
 
 Everything lives on one ``EmulatorState`` object (kept in ``app.extensions["kallglot_emulator"]``) and is
 guarded by one lock, so REST handlers, stream handlers and the control API may run in any greenlet or thread.
@@ -60,6 +62,9 @@ class StreamConnection:
     sequences_increasing: bool = True
     audio_bytes: int = 0
     outputs_sent: int = 0
+    pings_received: int = 0
+    closed_with: int | None = None  # our close code, when the emulator closed first
+    close_code: int | None = None  # how it ended as seen here (stream.observed_close_code)
 
     def send(self, message: dict[str, Any] | str) -> bool:
         """Send one text frame (a dict is JSON-encoded); return False if the socket is gone."""
@@ -78,6 +83,8 @@ class StreamConnection:
         """Close the WebSocket with a close frame carrying ``code``."""
         with self.send_lock:
             self.live = False
+            if self.closed_with is None and getattr(self.ws, "connected", False):
+                self.closed_with = code
             try:
                 self.ws.close(reason=code, message=reason)
             except (ConnectionClosed, OSError):
@@ -164,7 +171,8 @@ class Session:
             audio_sequences={speaker: list(seqs) for speaker, seqs in self.audio_sequences.items()},
             sequences_increasing=all(conn.sequences_increasing for conn in self.connections),
             connections=[{"live": conn.live, "sequences_increasing": conn.sequences_increasing,
-                          "audio_bytes": conn.audio_bytes, "outputs_sent": conn.outputs_sent}
+                          "audio_bytes": conn.audio_bytes, "outputs_sent": conn.outputs_sent,
+                          "close_code": conn.close_code, "pings_received": conn.pings_received}
                          for conn in self.connections],
             errors_sent=list(self.errors_sent),
         )
@@ -230,10 +238,11 @@ class EmulatorState:
             session.connections.append(conn)
             return None
 
-    def detach(self, conn: StreamConnection) -> None:
-        """Mark a connection closed once its handler has finished."""
+    def detach(self, conn: StreamConnection, close_code: int | None = None) -> None:
+        """Mark a connection closed once its handler has finished, with how it closed."""
         with self.lock:
             conn.live = False
+            conn.close_code = close_code
 
     def count_end_call(self, session_id: str) -> None:
         """Count one REST end call for the session (so tests can spot double ends)."""

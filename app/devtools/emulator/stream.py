@@ -12,11 +12,28 @@ from typing import Any
 from flask import request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
+from wsproto.connection import ConnectionState
 
 from .artifacts import record_turn
 from .state import SPEAKERS, EmulatorState, StreamConnection
 
 RECEIVE_POLL_SECONDS = 1.0  # how soon a handler notices its socket was closed from another greenlet
+#: How long a finished handler waits for the client's side of the closing handshake before judging it.
+CLOSE_HANDSHAKE_SECONDS = 2.0
+ABNORMAL_CLOSURE = 1006
+
+
+def observed_close_code(conn: StreamConnection) -> int:
+    """How the connection closed, as a real server would log it (see ``StreamConnection.close_code``)."""
+    ws = conn.ws
+    reader = getattr(ws, "thread", None)
+    if reader is not None:
+        reader.join(timeout=CLOSE_HANDSHAKE_SECONDS)  # ends on the client's close frame or EOF
+    if getattr(ws.ws, "state", None) is not ConnectionState.CLOSED:
+        return ABNORMAL_CLOSURE  # no close frame came back: the client reset or dropped the connection
+    if conn.closed_with is not None:
+        return conn.closed_with
+    return int(ws.close_reason)
 
 
 def _audio_problem(message: dict[str, Any]) -> str | None:
@@ -87,7 +104,7 @@ class StreamHandler:
                 elif not self.conn.live and not self.conn.ws.connected:
                     break
         finally:
-            self.state.detach(self.conn)
+            self.state.detach(self.conn, observed_close_code(self.conn))
 
     def handle(self, frame: str | bytes) -> None:
         """Dispatch one client frame."""
@@ -105,6 +122,7 @@ class StreamHandler:
         if kind == "audio.input":
             self.handle_audio(message)
         elif kind == "ping":
+            self.conn.pings_received += 1
             self.conn.send({"type": "pong", "session_id": self.session_id})
         elif kind == "session.end":
             self.end_session()

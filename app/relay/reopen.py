@@ -1,0 +1,119 @@
+"""The relay's side of its Kallglot stream: send caller audio, and after a drop reopen the stream with backoff,
+keeping the most recent audio meanwhile (bounded) and sending it, in order, once the stream is back."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from simple_websocket import ConnectionClosed
+
+from app.kallglot.stream import KallglotStream
+from app.kallglot.stream_protocol import ServerMessage
+from app.relay.outcome import RelayStats
+
+log = logging.getLogger(__name__)
+
+#: Waits between attempts to reopen a dropped Kallglot stream (about 8 s in all, then the leg is lost).
+KALLGLOT_RECONNECT_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 4.0)
+#: Caller audio kept while the Kallglot stream is being reopened; older audio is dropped (and counted).
+KALLGLOT_RECONNECT_BUFFER_MS = 5000
+
+
+class KallglotLink:
+    """One leg's current Kallglot stream; the uplink sends through it, the downlink reads and reopens it."""
+
+    def __init__(self, stream: KallglotStream, *, reopen: Callable[[], KallglotStream] | None, stats: RelayStats,
+                 context: str, backlog_chunks: int,
+                 backoff_seconds: Sequence[float] = KALLGLOT_RECONNECT_BACKOFF_SECONDS,
+                 on_reopened: Callable[[], None] | None = None) -> None:
+        self.stream = stream
+        # Opens a new stream to the same session (None: a drop ends the relay).
+        self._reopen_stream = reopen
+        self._stats = stats
+        self._context = context
+        self._backoff_seconds = tuple(backoff_seconds)
+        self._on_reopened = on_reopened  # must return at once (the live console queues it)
+        # The uplink (send_audio) and the downlink (reopen) both touch the stream and the backlog.
+        self._lock = threading.Lock()
+        self._reconnecting = False
+        self._attempts = 0
+        self._backlog: deque[str] = deque(maxlen=max(1, backlog_chunks))
+
+    @property
+    def can_reopen(self) -> bool:
+        """Whether a dropped stream is reopened (else a drop ends the relay)."""
+        return self._reopen_stream is not None
+
+    def send_audio(self, message: str) -> bool:
+        """Send one ``audio.input``, or queue it while the stream is being reopened; False if Kallglot is lost."""
+        with self._lock:
+            if not self._reconnecting:
+                try:
+                    self.stream.send(message)
+                    self._stats.chunks_to_kallglot += 1
+                    return True
+                except (ConnectionClosed, OSError):
+                    if self._reopen_stream is None:
+                        return False
+                    # The downlink notices the same drop and reopens the stream; keep the audio until then.
+                    self._reconnecting = True
+            if len(self._backlog) == self._backlog.maxlen:
+                self._stats.chunks_dropped_while_reconnecting += 1
+            self._backlog.append(message)
+        return True
+
+    def receive(self, timeout: float | None) -> ServerMessage | None:
+        """Next message on the current stream (see :meth:`KallglotStream.receive`)."""
+        return self.stream.receive(timeout)
+
+    def ping(self) -> None:
+        """Kallglot's keepalive on the current stream."""
+        self.stream.ping()
+
+    def healthy(self) -> None:
+        """Kallglot sent something healthy: a later drop starts the backoff from the beginning again."""
+        self._attempts = 0
+
+    def close(self) -> None:
+        """Close the current stream with a closing handshake (see :meth:`KallglotStream.close`)."""
+        self.stream.close()
+
+    def reopen(self, ending: threading.Event) -> bool:
+        """Reopen the dropped stream with backoff, then send the audio queued meanwhile; False if it stays lost
+        (or ``ending`` is set meanwhile)."""
+        if self._reopen_stream is None:
+            return False
+        with self._lock:
+            self._reconnecting = True
+        # Attempts count across quick successive drops (a stream that opens and is refused at once is no
+        # recovery); a healthy message from Kallglot resets the count (see healthy()).
+        while self._attempts < len(self._backoff_seconds):
+            delay = self._backoff_seconds[self._attempts]
+            self._attempts += 1
+            if ending.wait(delay):
+                return False
+            try:
+                stream = self._reopen_stream()
+            except Exception as exc:  # any failure to reopen is retried, then the leg is lost
+                log.warning("%s kallglot stream reopen failed: %s", self._context, exc)
+                continue
+            with self._lock:
+                self.stream.close()
+                self.stream = stream
+                try:
+                    while self._backlog:
+                        stream.send(self._backlog[0])
+                        self._backlog.popleft()
+                        self._stats.chunks_to_kallglot += 1
+                except (ConnectionClosed, OSError):
+                    continue  # dropped again at once: try the next attempt, the backlog is intact
+                self._reconnecting = False
+            self._stats.kallglot_reconnects += 1
+            if self._on_reopened is not None:
+                self._on_reopened()
+            log.info("%s kallglot stream reopened (%d chunks dropped meanwhile)", self._context,
+                     self._stats.chunks_dropped_while_reconnecting)
+            return True
+        return False

@@ -1,0 +1,77 @@
+"""The carrier's side of a relay: the socket API it needs, closing it quietly, and waiting for ``start``."""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Protocol
+
+from simple_websocket import ConnectionClosed
+
+from app.carriers.contract import CarrierCodec, Connected, Ignored, Malformed, Stopped, StreamStarted
+
+log = logging.getLogger(__name__)
+
+#: How long a carrier may take from socket open to ``start`` (Twilio sends it at once).
+START_TIMEOUT_SECONDS = 10.0
+
+
+class CarrierSocket(Protocol):
+    """The subset of simple-websocket's API the relay uses (flask-sock hands us a ``Server``)."""
+
+    connected: bool
+
+    def receive(self, timeout: float | None = None) -> str | bytes | None: ...
+
+    def send(self, data: str | bytes) -> None: ...
+
+    def close(self, reason: int | None = None, message: str | None = None) -> None: ...
+
+
+def set_tcp_nodelay(sock: socket.socket | None) -> None:
+    """Turn Nagle off: the relay's small, latency-bound frames must leave at once, not wait for an ACK."""
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (a Unix socket, a test double): nothing to tune
+        pass
+
+
+def close_quietly(ws: CarrierSocket, code: int = 1000, message: str | None = None) -> None:
+    """Close a socket that may already be closed, without raising."""
+    try:
+        if ws.connected:
+            ws.close(reason=code, message=message)
+    except (ConnectionClosed, OSError):
+        pass
+
+
+def await_start(ws: CarrierSocket, codec: CarrierCodec, timeout: float = START_TIMEOUT_SECONDS) -> StreamStarted | None:
+    """Read frames until the carrier's ``start``; on anything else meaningful, close the socket and return None."""
+    # The carrier's socket carries 20 ms frames both ways: Nagle would hold each one back for an ACK.
+    set_tcp_nodelay(getattr(ws, "sock", None))
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            raw = ws.receive(timeout=max(remaining, 0.0)) if remaining > 0 else None
+        except ConnectionClosed:
+            log.info("%s media socket closed before start", codec.carrier)
+            return None
+        if raw is None:
+            close_quietly(ws, 1008, "no start event")
+            return None
+        event = codec.parse(raw)
+        if isinstance(event, StreamStarted):
+            return event
+        if isinstance(event, (Connected, Ignored)):
+            continue
+        if isinstance(event, Stopped):
+            close_quietly(ws, 1000)
+            return None
+        reason = event.reason if isinstance(event, Malformed) else f"{type(event).__name__.lower()} before start"
+        code = event.close_code if isinstance(event, Malformed) else 1008
+        log.warning("closing %s media socket: %s", codec.carrier, reason)
+        close_quietly(ws, code, reason)
+        return None

@@ -1,0 +1,122 @@
+"""The relay's uplink (carrier → Kallglot): read carrier frames, batch caller audio into ``audio.input`` chunks."""
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from simple_websocket import ConnectionClosed
+
+from app import metrics
+from app.carriers.contract import CarrierCodec, Dtmf, Malformed, MarkPlayed, Media, Stopped
+from app.kallglot import stream_protocol
+from app.relay.outcome import RelayEnd, RelayStats
+from app.relay.reopen import KallglotLink
+from app.relay.sockets import CarrierSocket
+
+log = logging.getLogger(__name__)
+
+#: The uplink wakes this often when the carrier is silent, to notice that the downlink ended the relay.
+UPLINK_POLL_SECONDS = 0.25
+MULAW_BYTES_PER_MS = 8
+#: The relay's counters reach Prometheus every this many carrier frames (5 s of audio) and at its end:
+#: a prometheus-client ``inc()`` takes a lock, too dear per frame.
+METRICS_FLUSH_FRAMES = 250
+#: One in this many uplink chunks / downlink frames has its time inside the relay observed.
+HOP_SAMPLE_EVERY = 10
+
+
+class Uplink:
+    """Carrier frames in, ``audio.input`` chunks of ``chunk_ms`` out; runs in the carrier handler's greenlet."""
+
+    def __init__(self, carrier_ws: CarrierSocket, codec: CarrierCodec, link: KallglotLink, *, speaker: str,
+                 chunk_ms: int, stats: RelayStats, context: str, ending: threading.Event,
+                 finish: Callable[[RelayEnd], None], protocol_error: Callable[[int, str], None],
+                 mark_played: Callable[[str], None] | None = None) -> None:
+        self._carrier_ws = carrier_ws
+        self._codec = codec
+        self._link = link
+        self._speaker = speaker
+        self.chunk_bytes = chunk_ms * MULAW_BYTES_PER_MS
+        self._stats = stats
+        self._context = context
+        self._ending = ending
+        self._finish = finish
+        # Records the leg's end, then closes the carrier socket with this code (see MediaRelay.protocol_error).
+        self._protocol_error = protocol_error
+        self._mark_played = mark_played
+        self._pending = bytearray()
+        self._sequence = 0
+        self._bytes_sent = 0
+        self._origin_ms = int(time.time() * 1000)
+
+    def run(self) -> None:
+        """Relay until the carrier stops, is lost or breaks its protocol, or the relay is ending."""
+        parse = self._codec.parse
+        clock = time.perf_counter
+        stats = self._stats
+        while not self._ending.is_set():
+            try:
+                raw = self._carrier_ws.receive(timeout=UPLINK_POLL_SECONDS)
+                received_at = clock()
+            except ConnectionClosed:
+                self._finish(RelayEnd.CARRIER_LOST)
+                return
+            if raw is None:
+                if not self._carrier_ws.connected:
+                    self._finish(RelayEnd.CARRIER_LOST)
+                    return
+                continue
+            event = parse(raw)
+            if isinstance(event, Media):
+                stats.frames_in += 1
+                stats.bytes_in += len(event.payload)
+                self._pending += event.payload
+                if len(self._pending) >= self.chunk_bytes:
+                    if not self._send_chunk(self.chunk_bytes):
+                        return
+                    if self._sequence % HOP_SAMPLE_EVERY == 0:
+                        metrics.RELAY_HOP_SECONDS.labels("uplink").observe(clock() - received_at)
+                if stats.frames_in % METRICS_FLUSH_FRAMES == 0:
+                    metrics.add_relay_counts(self._codec.carrier, stats.take_deltas())
+            elif isinstance(event, Stopped):
+                self._finish(RelayEnd.CARRIER_STOP)
+                return
+            elif isinstance(event, MarkPlayed):
+                stats.marks_played += 1
+                if self._mark_played is not None:
+                    self._mark_played(event.name)
+            elif isinstance(event, Dtmf):
+                stats.dtmf += 1
+                log.info("%s dtmf %s", self._context, event.digit)
+            elif isinstance(event, Malformed):
+                if event.fatal:
+                    log.warning("%s closing carrier socket: %s", self._context, event.reason)
+                    self._protocol_error(event.close_code, event.reason)
+                    return
+                stats.frames_dropped += 1
+                if stats.frames_dropped == 1:
+                    log.warning("%s dropping carrier frame: %s", self._context, event.reason)
+            # Connected, a second StreamStarted and Ignored need nothing.
+
+    def flush(self) -> None:
+        """Send whatever is left (less than a chunk) so Kallglot gets every byte the caller said."""
+        while self._pending:
+            if not self._send_chunk(min(len(self._pending), self.chunk_bytes)):
+                return
+
+    def _send_chunk(self, size: int) -> bool:
+        """Send the first ``size`` pending bytes as one ``audio.input``; False if Kallglot is gone for good."""
+        chunk = bytes(self._pending[:size])
+        del self._pending[:size]
+        self._sequence += 1
+        message = stream_protocol.audio_input(
+            base64.b64encode(chunk).decode("ascii"), sequence=self._sequence,
+            timestamp_ms=self._origin_ms + self._bytes_sent // MULAW_BYTES_PER_MS, speaker=self._speaker)
+        self._bytes_sent += len(chunk)
+        if self._link.send_audio(message):
+            return True
+        self._finish(RelayEnd.KALLGLOT_LOST)
+        return False
