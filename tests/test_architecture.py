@@ -25,11 +25,7 @@ MAX_MODULE_LINES = 360
 #: A longer module says why in the first line of its docstring, e.g. ``"""… (long: <why it is one module>)"""``.
 LONG_MODULE_MARK = "(long: "
 #: Modules another open issue is splitting right now; each entry names it. Remove an entry once it lands.
-SPLITS_IN_PROGRESS = {
-    "app/relay/core.py": "issue 10 splits uplink batching and the reopen-with-backlog logic out",
-    "app/calls/lifecycle.py": "issue 11 splits the Lua scripts, orphan recovery, reaper passes and admin reads out",
-    "app/devtools/simulator/telnyx.py": "issue 12 reworks the Telnyx simulators and fakes",
-}
+SPLITS_IN_PROGRESS: dict[str, str] = {}
 
 
 def import_cycles(imports: Mapping[str, Iterable[str]]) -> list[list[str]]:

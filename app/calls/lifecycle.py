@@ -1,4 +1,5 @@
-"""Session lifecycle: correlate carrier call legs with Kallglot sessions in Redis, hold sessions for reconnects,
+"""Session lifecycle (long: every transition and the Lua call that makes it atomic read as one state machine):
+correlate carrier call legs with Kallglot sessions in Redis, hold sessions for reconnects,
 and end each session exactly once — across workers and instances, and when a worker dies or stalls mid-call.
 
 Vendor-free: adapters pass a carrier name (``twilio``, ``telnyx``), the carrier's call ID and whether a leg

@@ -1,4 +1,5 @@
-"""Telnyx call simulator: behaves towards our service as Telnyx's TeXML, Call Control and media-streaming docs say.
+"""Telnyx call simulator (long: signer, media leg and TeXML call share one simulated call): behaves towards our
+service as Telnyx's TeXML, Call Control and media-streaming docs say.
 
 - :class:`TelnyxSigner` signs webhooks exactly as Telnyx does: Ed25519 over ``f"{timestamp}|{raw body}"``.
 - :class:`TelnyxMediaLeg` is Telnyx's side of one media-streaming WebSocket: ``connected``/``start`` with a
