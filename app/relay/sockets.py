@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from typing import Protocol
 
 from simple_websocket import ConnectionClosed
 
 from app.carriers.contract import CarrierCodec, Connected, Ignored, Malformed, Stopped, StreamStarted
+from app.kallglot.stream import set_tcp_nodelay  # the one Nagle switch, shared with the Kallglot socket
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,6 @@ class CarrierSocket(Protocol):
     def close(self, reason: int | None = None, message: str | None = None) -> None: ...
 
 
-def set_tcp_nodelay(sock: socket.socket | None) -> None:
-    """Turn Nagle off: the relay's small, latency-bound frames must leave at once, not wait for an ACK."""
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):  # not a TCP socket (a Unix socket, a test double): nothing to tune
-        pass
 
 
 def close_quietly(ws: CarrierSocket, code: int = 1000, message: str | None = None) -> None:
