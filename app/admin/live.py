@@ -24,6 +24,7 @@ from flask import Response, abort, current_app, render_template, request, stream
 from flask.typing import ResponseReturnValue
 
 from app.admin.blueprint import bp
+from app.admin.presenters import relay_health
 from app.calls.events import (
     LEG, RELAY_HEALTH, SESSION, TRANSCRIPT, LiveEvent, SessionEventLog, event_log_for, valid_stream_id,
 )
@@ -67,13 +68,17 @@ def live_row(svc: Services, session_id: str) -> dict[str, Any] | None:
     record = svc.lifecycle.session_record(session_id)
     if not record or record.get("status") == "ended":
         return None
+    now, timeout = time.time(), float(svc.settings.heartbeat_timeout_seconds)
     legs = []
     for name, state in sorted(record.items()):
         if name.startswith("leg:"):
             _, carrier, call_id = name.split(":", 2)
             call = svc.lifecycle.call_record(carrier, call_id)
+            # The same relay health the server-rendered list shows, so a live update never drops it.
+            deadline = svc.redis.zscore(svc.keys.heartbeats(), f"{carrier}:{call_id}") if state == "live" else None
             legs.append({"carrier": carrier, "call_id": call_id, "state": state, "speaker": call.get("speaker", ""),
-                         "from": call.get("from", "")})
+                         "from": call.get("from", ""),
+                         "relay": relay_health(deadline, timeout, now) if state == "live" else ""})
     return {"id": session_id, "status": record.get("status", ""), "carrier": record.get("carrier", ""),
             "mode": record.get("mode", ""), "from": record.get("from", ""), "to": record.get("to", ""),
             "created_at": record.get("created_at", ""), "held_until": record.get("held_until", ""), "legs": legs}

@@ -30,7 +30,7 @@
     function rowFor(s) {
       var legs = el("ul", {"class": "changes"}, s.legs.map(function (leg) {
         return el("li", {}, [leg.carrier + " ", el("code", {text: leg.call_id}), " " + (leg.speaker || "") + ": ",
-                             el("strong", {text: leg.state})]);
+                             el("strong", {text: leg.state}), leg.relay ? ", " + leg.relay : ""]);
       }));
       var form = el("form", {method: "post", action: table.dataset.endUrl.replace("__ID__", s.id)}, [
         el("input", {type: "hidden", name: "csrf_token", value: table.dataset.csrf}),
