@@ -1,0 +1,93 @@
+"""docs/deploy/kubernetes.yaml + kustomization.yaml, checked without a cluster (none is reachable here): the
+proxy in front is the same nginx.conf compose uses, it reaches the bridge by the name nginx.conf proxies to, only
+it may reach the bridge, probes and grace periods match the app's drain, and every selector selects something."""
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.config import Settings
+
+DEPLOY = Path(__file__).resolve().parent.parent / "docs" / "deploy"
+GUNICORN_CONF = DEPLOY.parent.parent / "gunicorn.conf.py"
+#: Read by gunicorn.conf.py rather than Settings.
+PROCESS_VARIABLES = {"PORT", "WEB_CONCURRENCY", "FORWARDED_ALLOW_IPS", "LOG_LEVEL"}
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[tuple[str, str], dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()) if d]
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata"} <= set(doc), doc
+    by_key = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert len(by_key) == len(docs), "two objects share a kind and name"
+    return by_key
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_kustomization_builds_the_proxy_config_from_the_one_nginx_conf() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        assert (DEPLOY / resource).is_file()
+    (generator,) = kustomization["configMapGenerator"]
+    assert generator["name"] == "kallglot-bridge-proxy"
+    assert generator["files"] == ["default.conf=nginx.conf"]
+    assert (DEPLOY / "nginx.conf").is_file()
+
+
+def test_the_proxy_reaches_the_bridge_by_the_name_and_port_nginx_conf_uses(objects: dict) -> None:
+    upstream = re.search(r"upstream\s+\w+\s*\{[^}]*?server\s+([\w.-]+):(\d+)", (DEPLOY / "nginx.conf").read_text())
+    assert upstream, "nginx.conf has no upstream server"
+    host, port = upstream.group(1), int(upstream.group(2))
+    service = objects[("Service", host)]
+    assert port in [p["port"] for p in service["spec"]["ports"]]
+    bridge = objects[("Deployment", "app")]
+    assert _matches(service["spec"]["selector"], bridge["spec"]["template"]["metadata"]["labels"])
+    proxy = objects[("Deployment", "proxy")]["spec"]["template"]["spec"]
+    (mount,) = proxy["containers"][0]["volumeMounts"]
+    (volume,) = proxy["volumes"]
+    assert mount["mountPath"] == "/etc/nginx/conf.d" and volume["configMap"]["name"] == "kallglot-bridge-proxy"
+
+
+def test_only_the_proxy_may_reach_the_bridge(objects: dict) -> None:
+    policy = objects[("NetworkPolicy", "app-only-from-proxy")]["spec"]
+    bridge_labels = objects[("Deployment", "app")]["spec"]["template"]["metadata"]["labels"]
+    proxy_labels = objects[("Deployment", "proxy")]["spec"]["template"]["metadata"]["labels"]
+    assert _matches(policy["podSelector"]["matchLabels"], bridge_labels)
+    assert not _matches(policy["podSelector"]["matchLabels"], proxy_labels)
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert [_matches(peer["podSelector"]["matchLabels"], proxy_labels) for peer in rule["from"]] == [True]
+    assert not _matches(rule["from"][0]["podSelector"]["matchLabels"], bridge_labels)
+
+
+def test_probes_and_grace_period_match_the_apps_drain(objects: dict) -> None:
+    pod = objects[("Deployment", "app")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    graceful = int(re.search(r'GUNICORN_GRACEFUL_TIMEOUT", "(\d+)"', GUNICORN_CONF.read_text()).group(1))
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > graceful + pre_stop
+
+
+def test_every_selector_selects_its_pods_and_every_variable_is_read(objects: dict) -> None:
+    pods = [d["spec"]["template"]["metadata"]["labels"] for (kind, _), d in objects.items() if kind == "Deployment"]
+    for (kind, name), obj in objects.items():
+        if kind == "Deployment":
+            assert _matches(obj["spec"]["selector"]["matchLabels"], obj["spec"]["template"]["metadata"]["labels"])
+        elif kind == "Service":
+            assert any(_matches(obj["spec"]["selector"], labels) for labels in pods), name
+        elif kind == "PodDisruptionBudget":
+            assert any(_matches(obj["spec"]["selector"]["matchLabels"], labels) for labels in pods), name
+    known = {f.name.upper() for f in fields(Settings)} | PROCESS_VARIABLES
+    env = objects[("Deployment", "app")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["name"] for e in env} <= known
