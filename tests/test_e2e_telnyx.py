@@ -16,7 +16,7 @@ import requests
 from app.carriers.registry import carrier_names
 from app.devtools.simulator.telnyx import TelnyxMediaLeg, TexmlCallSimulator, new_call_control_id
 from tests.support.waiting import only_session, wait_until
-from tests.support.controls import EmulatorControl, FakeCallControl
+from tests.support.controls import EmulatorControl, FakeCallControl, finished_call
 from tests.support.bridge_state import BridgeState
 from tests.support.settings import E2E_RECONNECT_BACKOFF_MS, E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY
 from tests.support.servers import RunningServer
@@ -139,15 +139,6 @@ def refused_commands(fake: FakeCallControl) -> list[dict[str, Any]]:
     """Commands the fake answered 422: bodies the telnyx SDK's own types do not allow."""
     return requests.get(fake.url + "/_fake/commands", timeout=5).json()["refused"]
 
-
-def finished_call(fake: FakeCallControl, call_control_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    """The fake's view of the call once it hung up and every webhook was delivered."""
-    def done() -> dict[str, Any] | None:
-        call = fake.call(call_control_id)
-        return call if call["hung_up"] and any(w["event"] == "call.hangup" for w in call["webhooks"]) else None
-    call = wait_until(done, timeout)
-    assert call, fake.call(call_control_id)
-    return call
 
 
 def test_call_control_l16_leg_with_duplicate_webhooks(fake_call_control: FakeCallControl,

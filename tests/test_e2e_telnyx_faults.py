@@ -7,12 +7,12 @@ import os
 import re
 import signal
 import threading
-from typing import Any
 
 import pytest
 
 from app.devtools.simulator.telnyx import TexmlCallSimulator
 from tests.conftest import EmulatorControl, FakeCallControl
+from tests.support.controls import finished_call
 from tests.support.servers import RunningServer
 from tests.support.waiting import only_session, wait_until
 
@@ -74,14 +74,6 @@ def test_texml_relay_token_arrives_whatever_telnyx_does_with_parameters(texml: T
     assert session["connections_total"] == 1
     assert base64.b64decode(session["audio_received"].get("customer", "")) == audio
 
-
-def finished_call(fake: FakeCallControl, call_control_id: str, timeout: float = 20.0) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        call = fake.call(call_control_id)
-        return call if call["hung_up"] and any(w["event"] == "call.hangup" for w in call["webhooks"]) else None
-    call = wait_until(done, timeout)
-    assert call, fake.call(call_control_id)
-    return call
 
 
 def test_call_control_leg_in_a_codec_the_bridge_cannot_decode_gets_the_fallback(

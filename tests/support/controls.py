@@ -5,6 +5,8 @@ from typing import Any
 
 import requests
 
+from tests.support.waiting import wait_until
+
 
 class EmulatorControl:
     """Test-side handle on the emulator's control API."""
@@ -75,3 +77,13 @@ class FakeCallControl:
     def call(self, call_control_id: str) -> dict[str, Any]:
         """What the fake saw of one call."""
         return self._call("GET", f"/_fake/calls/{call_control_id}")
+
+
+def finished_call(fake: FakeCallControl, call_control_id: str, timeout: float = 20.0) -> dict[str, Any]:
+    """The fake's view of the call once it hung up and every webhook was delivered."""
+    def done() -> dict[str, Any] | None:
+        call = fake.call(call_control_id)
+        return call if call["hung_up"] and any(w["event"] == "call.hangup" for w in call["webhooks"]) else None
+    call = wait_until(done, timeout)
+    assert call, fake.call(call_control_id)
+    return call
