@@ -12,6 +12,7 @@ from flask.testing import FlaskClient
 from app import create_app
 from tests.support.admin import admin_post, admin_sign_in, csrf_token_in
 from tests.support.bridge_state import BridgeState
+from tests.support.browser import browser, screenshot  # noqa: F401  (fixtures for the browser tests)
 from tests.support.controls import EmulatorControl, FakeCallControl
 from tests.support.numbers import CallNumbers, new_numbers
 from tests.support.servers import RunningServer, free_port, run_gunicorn, run_redis

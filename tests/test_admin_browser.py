@@ -6,27 +6,19 @@ set (``ADMIN_SCREENSHOT_DIR=docs`` refreshes the README's screenshots), else int
 """
 from __future__ import annotations
 
-import base64
-import os
-import shutil
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.wait import WebDriverWait
 
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
+from tests.support.browser import PAGE_TIMEOUT_SECONDS, fill, find, wait_for
 from tests.support.controls import EmulatorControl
 from tests.support.settings import (
     ADMIN_PASSWORD, TELNYX_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config,
@@ -35,12 +27,8 @@ from tests.support.servers import RunningServer, free_port, run_gunicorn
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NUMBER, CALLER = "+14155550123", "+15551230000"
 NUMBER_SID = "PN" + "d" * 32
-PAGE_TIMEOUT_SECONDS = 20.0
 CALL_HOLD_SECONDS = 30.0
 
 
@@ -55,43 +43,6 @@ def admin_bridge(redis_url: str, emulator_server: RunningServer, fake_twilio_ser
            "TELNYX_API_KEY": TELNYX_API_KEY, "TELNYX_API_URL": fake_telnyx_server.url + "/v2"}
     with run_gunicorn("app:create_app()", env, workers=2, port=port) as server:
         yield server
-
-
-@pytest.fixture
-def browser() -> Iterator[WebDriver]:
-    """Headless chromium with a fresh profile (skips only when chromium or its driver is not installed)."""
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.skip(f"{CHROMIUM} and {CHROMEDRIVER} are not installed (apt-get install chromium chromium-driver)")
-    profile = tempfile.mkdtemp(prefix="kb-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,900"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(PAGE_TIMEOUT_SECONDS)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-@pytest.fixture
-def screenshot(tmp_path: Path) -> Callable[[WebDriver, str], Path]:
-    """Save a full-page PNG of the current page as ``admin-<name>.png``."""
-    folder = Path(os.environ.get("ADMIN_SCREENSHOT_DIR") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def save(driver: WebDriver, name: str) -> Path:
-        # Chromium's own full-page capture (a window resize races with layout in headless mode).
-        size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
-        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
-            "format": "png", "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
-        path = folder / f"admin-{name}.png"
-        path.write_bytes(base64.b64decode(shot["data"]))
-        return path
-    return save
 
 
 def seed_fakes(twilio: RunningServer, telnyx: RunningServer) -> None:
@@ -109,29 +60,6 @@ def seed_fakes(twilio: RunningServer, telnyx: RunningServer) -> None:
         "texml_applications": [{"id": "texml-1", "friendly_name": "Support line", "voice_url": None}],
         "call_control_applications": []},
     ).raise_for_status()
-
-
-def wait_for(driver: WebDriver, check: Callable[[], bool], what: str, *, reload: bool = False,
-             timeout: float = PAGE_TIMEOUT_SECONDS) -> None:
-    """Poll ``check`` (reloading the page each time when ``reload``) until true, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; page:\n{driver.page_source[:3000]}")
-        time.sleep(0.2)
-        if reload:
-            driver.refresh()
-
-
-def find(driver: WebDriver, by: str, value: str) -> WebElement:
-    """The element, waiting (bounded) for it: a click that submits a form returns before the next page loads."""
-    return WebDriverWait(driver, PAGE_TIMEOUT_SECONDS).until(lambda d: d.find_element(by, value))
-
-
-def fill(driver: WebDriver, field_id: str, value: str) -> None:
-    element = find(driver, By.ID, field_id)
-    element.clear()
-    element.send_keys(value)
 
 
 def test_admin_configures_a_number_and_watches_its_call(

@@ -24,7 +24,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.conftest import ADMIN_PASSWORD, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config
 from tests.support.servers import RunningServer, run_gunicorn
-from tests.test_admin_browser import browser, fill, find, screenshot, wait_for  # noqa: F401 (fixtures)
+from tests.support.browser import fill, find, wait_for
 
 pytestmark = pytest.mark.e2e
 
