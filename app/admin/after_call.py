@@ -16,7 +16,7 @@ from flask.typing import ResponseReturnValue
 
 from app.admin import presenters
 from app.admin.blueprint import bp
-from app.admin.live import _valid_session
+from app.admin.live import session_record_or_404, valid_session_id
 from app.calls.usage import clock, minutes, usage
 from app.extensions import services
 from app.kallglot.client import KallglotError, KallglotNotFound
@@ -55,9 +55,7 @@ def _recordings(session_id: str) -> tuple[list[dict[str, Any]], str]:
 def session_transcript(session_id: str) -> ResponseReturnValue:
     """The session's transcript turn by turn with translations, its recordings, and its billed minutes."""
     svc = services()
-    record = svc.lifecycle.session_record(_valid_session(session_id))
-    if not record:
-        abort(404, description="no such session")
+    record = session_record_or_404(svc, session_id)
     kallglot = svc.kallglot
     transcript, transcript_error = _cached(session_id, "transcript", lambda: kallglot.get_transcript(session_id))
     recordings, recordings_error = _recordings(session_id)
@@ -72,7 +70,7 @@ def session_transcript(session_id: str) -> ResponseReturnValue:
 @bp.get("/sessions/<session_id>/recordings/<recording_id>/audio")
 def recording_audio(session_id: str, recording_id: str) -> ResponseReturnValue:
     """A recording's MP3, streamed from Kallglot with our key; only recordings of this session."""
-    recordings, _ = _recordings(_valid_session(session_id))
+    recordings, _ = _recordings(valid_session_id(session_id))
     if recording_id not in {str(r.get("id")) for r in recordings}:
         abort(404, description="no such recording for this session")
     try:

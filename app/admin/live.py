@@ -49,10 +49,20 @@ def sse(event: str, data: str, event_id: str | None = None) -> str:
     return (f"id: {event_id}\n" if event_id else "") + f"event: {event}\ndata: {data}\n\n"
 
 
-def _valid_session(session_id: str) -> str:
+def valid_session_id(session_id: str) -> str:
+    """``session_id`` when it has the shape of a Kallglot session id (it goes into Redis keys and Kallglot URL
+    paths), else a 404."""
     if not SESSION_ID.match(session_id):
         abort(404, description="no such session")
     return session_id
+
+
+def session_record_or_404(svc: Services, session_id: str) -> dict[str, str]:
+    """Our record of the session, or a 404 for a malformed or unknown id (live and after-call pages alike)."""
+    record = svc.lifecycle.session_record(valid_session_id(session_id))
+    if not record:
+        abort(404, description="no such session")
+    return record
 
 
 def _resume_point(default: str) -> str:
@@ -142,7 +152,7 @@ def live_events() -> ResponseReturnValue:
     log, _ = event_log_for(current_app)
     session_id = request.args.get("session", "")
     if session_id:
-        stream = _session_stream(svc, log, _valid_session(session_id), _resume_point("0-0"))
+        stream = _session_stream(svc, log, valid_session_id(session_id), _resume_point("0-0"))
     else:
         stream = _list_stream(svc, log, _resume_point("0-0"))
     return Response(stream_with_context(stream), mimetype="text/event-stream",
@@ -169,9 +179,7 @@ def transcript_lines(events: list[LiveEvent]) -> list[dict[str, Any]]:
 def live_session(session_id: str) -> ResponseReturnValue:
     """One session as it happens: transcript side by side with its translation, legs, relay health, End."""
     svc = services()
-    record = svc.lifecycle.session_record(_valid_session(session_id))
-    if not record:
-        abort(404, description="no such session")
+    record = session_record_or_404(svc, session_id)
     log, _ = event_log_for(current_app)
     events = log.latest(session_id, PAGE_EVENTS)
     legs = []
