@@ -10,10 +10,12 @@ import base64
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import requests
+from simple_websocket import ConnectionClosed
 
 from app.carriers.twilio.media import TwilioMediaCodec
 from app.kallglot import stream_protocol
@@ -151,3 +153,126 @@ def test_a_reopened_stream_gets_the_last_5_s_in_order_and_older_audio_is_counted
         assert stats.kallglot_reconnects == 1 and stats.chunks_to_kallglot == 50
     finally:
         link.close()
+
+
+def _audio_chunks(link: KallglotLink, chunks: list[bytes], first_sequence: int = 1) -> None:
+    for sequence, chunk in enumerate(chunks, start=first_sequence):
+        assert link.send_audio(stream_protocol.audio_input(base64.b64encode(chunk).decode(), sequence=sequence,
+                                                           timestamp_ms=100 * sequence, speaker="customer"))
+
+
+def _drain_until_closed(link: KallglotLink, timeout: float = 10.0) -> list[object]:
+    """What Kallglot said on the current stream before it closed (as the downlink would read it)."""
+    messages: list[object] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            message = link.receive(timeout=0.2)
+        except ConnectionClosed:
+            return messages
+        if message is not None:
+            messages.append(message)
+    raise AssertionError(f"the stream never closed; got {messages}")
+
+
+def test_audio_written_to_a_stream_kallglot_then_refuses_goes_out_again_on_the_reopened_stream(
+        emulator: EmulatorControl, session: KallglotSession) -> None:
+    """Kallglot refuses a stream after the WebSocket handshake (``session.error``, then a close): what the relay
+    wrote to it meanwhile was never read. The chaos run lost whole calls' audio this way (the caller heard
+    nothing); that audio is now sent again, first and in order, once the stream is reopened."""
+    emulator.behaviour("silent")
+    # The handshake succeeds; 2 s later Kallglot refuses the stream without reading a byte of it.
+    emulator.fault(endpoint="connect", status=503, code="service_unavailable", delay_seconds=2.0, times=1)
+    stats = RelayStats()
+    opened = [KallglotStream.open(session.stream.url, session.stream.token)]
+
+    def reopen() -> KallglotStream:
+        opened.append(KallglotStream.open(session.stream.url, session.stream.token))
+        return opened[-1]
+
+    link = KallglotLink(opened[0], reopen=reopen, stats=stats, context="test", backlog_chunks=50,
+                        backoff_seconds=(0.05,))
+    chunks = [bytes([n + 1]) * 800 for n in range(3)]
+    _audio_chunks(link, chunks)
+    # The case under test: all three went out on the stream that is about to be refused.
+    assert stats.chunks_to_kallglot == 3 and opened[0].connected
+    said = _drain_until_closed(link)
+    assert [type(m).__name__ for m in said] == ["SessionError"], said
+    assert emulator.session(session.id)["audio_input_messages"].get("customer", 0) == 0  # nothing was read
+    assert link.reopen(threading.Event())
+    _audio_chunks(link, [b"\x7f" * 800], first_sequence=4)
+    try:
+        record = wait_until(lambda: (r := emulator.session(session.id))["audio_input_messages"].get(
+            "customer", 0) >= 4 and r, timeout=5)
+        assert record, emulator.session(session.id)
+        assert base64.b64decode(record["audio_received"]["customer"]) == b"".join(chunks) + b"\x7f" * 800
+        assert record["audio_sequences"]["customer"] == [1, 2, 3, 4]
+        assert stats.chunks_dropped_while_reconnecting == 0 and stats.kallglot_reconnects == 1
+    finally:
+        link.close()
+
+
+def test_audio_kallglot_accepted_is_not_sent_twice_after_a_drop(emulator: EmulatorControl,
+                                                               session: KallglotSession) -> None:
+    """Once Kallglot has said something healthy on a stream (``session.ready``), what was written to it is
+    Kallglot's: a later drop and reopen does not send it again."""
+    emulator.behaviour("silent")
+    opened = [KallglotStream.open(session.stream.url, session.stream.token)]
+
+    def reopen() -> KallglotStream:
+        opened.append(KallglotStream.open(session.stream.url, session.stream.token))
+        return opened[-1]
+
+    link = KallglotLink(opened[0], reopen=reopen, stats=RelayStats(), context="test", backlog_chunks=50,
+                        backoff_seconds=(0.05,))
+    ready = wait_until(lambda: link.receive(timeout=0.2), timeout=5)
+    assert type(ready).__name__ == "Informational" and ready.type == "session.ready"
+    link.healthy()  # what the downlink does with every healthy message
+    _audio_chunks(link, [b"\x01" * 800, b"\x02" * 800])
+    assert wait_until(lambda: emulator.session(session.id)["audio_input_messages"].get("customer", 0) == 2)
+    requests.post(f"{emulator.url}/_emulator/sessions/{session.id}/drop", timeout=5).raise_for_status()
+    _drain_until_closed(link)
+    assert link.reopen(threading.Event())
+    _audio_chunks(link, [b"\x03" * 800], first_sequence=3)
+    try:
+        record = wait_until(lambda: (r := emulator.session(session.id))["audio_input_messages"].get(
+            "customer", 0) >= 3 and r, timeout=5)
+        assert record and record["audio_sequences"]["customer"] == [1, 2, 3], emulator.session(session.id)
+    finally:
+        link.close()
+
+
+class HangingUpCarrier(ScriptedCarrier):
+    """A caller who has hung up: sends to them fail (their socket is closing), while their ``stop`` is still
+    on its way in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.send_failed = threading.Event()
+
+    def send(self, data: str | bytes) -> None:
+        self.send_failed.set()
+        raise ConnectionClosed(1000, "caller hung up")
+
+    def stop(self) -> None:
+        super().stop()
+        self.connected = False  # the close frame follows the stop
+
+
+def test_a_clean_hang_up_is_not_recorded_as_lost_when_the_echo_finds_the_socket_closing(
+        emulator: EmulatorControl, session: KallglotSession) -> None:
+    """A caller says something and hangs up: Kallglot's answer meets the closing socket before the relay has
+    read the caller's ``stop``. The relay used to end right there as "carrier lost" — a clean hang-up taken
+    for a loss, so the session was held for a reconnect instead of ended. The uplink now says why."""
+    carrier = HangingUpCarrier()
+    ends: list[tuple[RelayEnd, str]] = []
+    relay = MediaRelay(carrier, started_codec(), KallglotStream.open(session.stream.url, session.stream.token),
+                       speaker="customer", chunk_ms=100, context="test",
+                       on_end=lambda end, reason: ends.append((end, reason)))
+    thread, returned = run_relay(relay)
+    carrier.media(b"\x05" * 800)  # one chunk: the emulator echoes it, and the echo cannot be delivered
+    assert carrier.send_failed.wait(timeout=10)
+    carrier.stop()
+    thread.join(timeout=15)
+    assert returned == [RelayEnd.CARRIER_STOP]
+    assert ends == [(RelayEnd.CARRIER_STOP, "")]

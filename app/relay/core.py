@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: How long run() waits for the downlink to notice the end, after the Kallglot stream is closed.
 DOWNLINK_JOIN_SECONDS = 5.0
+#: After a send to the carrier failed, how long the downlink leaves the uplink to say why (see _to_carrier).
+CARRIER_GONE_SETTLE_SECONDS = 5.0
 
 
 class MediaRelay:
@@ -265,12 +267,22 @@ class MediaRelay:
                 pass
 
     def _to_carrier(self, frame: str) -> bool:
-        """Send one frame to the carrier; False (and the relay ends) when the carrier socket is gone."""
+        """Send one frame to the carrier; False (the downlink stops) when the carrier socket is gone.
+
+        Why it is gone is the uplink's to say, not ours: a caller who hung up sent ``stop`` and then closed,
+        and that ``stop`` may still sit unread in the socket's input when our send fails. Ending the relay
+        here as "carrier lost" would record a clean hang-up as a loss (the session held for a reconnect
+        instead of ended). The uplink reads whatever arrived before the close — ``stop``, or the close itself
+        — without waiting, because a closed socket's receive never blocks.
+        """
         try:
             with self._carrier_lock:
                 self.carrier_ws.send(frame)
         except (ConnectionClosed, OSError):
-            self._finish(RelayEnd.CARRIER_LOST)
+            # A bound, not a timing assumption: only a socket that fails sends yet never reports itself
+            # closed to the uplink (no real one does) gets here without the uplink having ended the relay.
+            if not self._ending.wait(CARRIER_GONE_SETTLE_SECONDS):
+                self._finish(RelayEnd.CARRIER_LOST)
             return False
         return True
 

@@ -1,5 +1,12 @@
 """The relay's side of its Kallglot stream: send caller audio, and after a drop reopen the stream with backoff,
-keeping the most recent audio meanwhile (bounded) and sending it, in order, once the stream is back."""
+keeping the most recent audio meanwhile (bounded) and sending it, in order, once the stream is back.
+
+A stream is not trusted with audio until Kallglot has said something healthy on it (``session.ready``, the
+first message of an accepted stream, or any transcript, audio or pong). Kallglot refuses a stream *after* the
+WebSocket handshake (``session.error`` then a close), so audio written before that refusal reached the
+socket's buffer and nobody read it: those chunks stay kept and go out again, first, on the reopened stream.
+(A chaos run lost whole calls' audio this way — the caller heard nothing — whenever a refused connect met a
+caller already talking.)"""
 from __future__ import annotations
 
 import logging
@@ -40,6 +47,9 @@ class KallglotLink:
         self._reconnecting = False
         self._attempts = 0
         self._backlog: deque[str] = deque(maxlen=max(1, backlog_chunks))
+        # Chunks written to the current stream before Kallglot confirmed it (see the module docstring).
+        self._unconfirmed: deque[str] = deque(maxlen=max(1, backlog_chunks))
+        self._confirmed = False
 
     @property
     def can_reopen(self) -> bool:
@@ -53,6 +63,8 @@ class KallglotLink:
                 try:
                     self.stream.send(message)
                     self._stats.chunks_to_kallglot += 1
+                    if not self._confirmed:
+                        self._unconfirmed.append(message)
                     return True
                 except (ConnectionClosed, OSError):
                     if self._reopen_stream is None:
@@ -73,8 +85,13 @@ class KallglotLink:
         self.stream.ping()
 
     def healthy(self) -> None:
-        """Kallglot sent something healthy: a later drop starts the backoff from the beginning again."""
+        """Kallglot sent something healthy on the current stream: it accepted the stream (the audio written to it
+        so far is Kallglot's), and a later drop starts the backoff from the beginning again."""
         self._attempts = 0
+        if not self._confirmed:
+            with self._lock:
+                self._confirmed = True
+                self._unconfirmed.clear()
 
     def close(self) -> None:
         """Close the current stream with a closing handshake (see :meth:`KallglotStream.close`)."""
@@ -102,13 +119,20 @@ class KallglotLink:
             with self._lock:
                 self.stream.close()
                 self.stream = stream
+                self._confirmed = False
+                # Oldest first: what the dead stream never confirmed, then what was queued since.
+                replay = [*self._unconfirmed, *self._backlog]
+                kept = replay[-self._backlog.maxlen:] if self._backlog.maxlen else replay
+                self._stats.chunks_dropped_while_reconnecting += len(replay) - len(kept)
+                self._backlog.clear()
+                # Sent or not, the replayed chunks wait for this stream's confirmation (or the next attempt).
+                self._unconfirmed = deque(kept, maxlen=self._backlog.maxlen)
                 try:
-                    while self._backlog:
-                        stream.send(self._backlog[0])
-                        self._backlog.popleft()
+                    for message in kept:
+                        stream.send(message)
                         self._stats.chunks_to_kallglot += 1
                 except (ConnectionClosed, OSError):
-                    continue  # dropped again at once: try the next attempt, the backlog is intact
+                    continue  # dropped again at once: the next attempt replays them all, in order
                 self._reconnecting = False
             self._stats.kallglot_reconnects += 1
             if self._on_reopened is not None:
