@@ -225,3 +225,25 @@ def test_worker_and_caller_gone_without_any_callback_the_session_still_ends(clea
         clean_stack.redis.zrange(clean_stack.state.keys.heartbeats(), 0, -1, withscores=True), time.time(),
         [line for line in clean_stack.bridge.log().splitlines() if "reaper" in line or "heartbeat" in line][-5:])
     assert emulator.session(session_id)["end_calls"] == 1
+
+
+def test_a_caller_talking_while_kallglot_refuses_the_first_stream_connect_is_still_heard(
+        clean_stack: Stack, emulator: EmulatorControl) -> None:
+    """Chaos-run dead air: Kallglot accepted the stream's WebSocket, then refused it (``session.error``, close)
+    after the relay had written the caller's first words to it. Those words were lost and the caller, who
+    spoke only then, heard nothing. They now go out again on the reopened stream, and come back."""
+    emulator.fault(endpoint="connect", status=503, code="service_unavailable", delay_seconds=2.0, times=1)
+    audio = bytes(range(1, 161)) * 5  # one 100 ms chunk, sent at once
+
+    def listen_for_the_echo(stream: SimulatedStream) -> None:
+        assert stream.wait_for(lambda s: len(s.heard) >= len(audio), timeout=15), stream.heard
+
+    result = simulator(clean_stack).place_call(TO, FROM, audio, pace=False, hold_open=listen_for_the_echo,
+                                               listen_seconds=0)
+    assert result.heard_audio == audio and result.streams == 1
+    session = only_session(emulator)
+    # The refused stream (never attached), then the reopened one.
+    assert session["errors_sent"] == ["service_unavailable"] and session["connections_total"] == 1
+    assert base64.b64decode(session["audio_received"]["customer"]) == audio  # once, not twice
+    assert wait_until(lambda: clean_stack.state.settled_ended(session["id"]))
+    assert emulator.session(session["id"])["end_calls"] == 1
