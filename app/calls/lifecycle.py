@@ -58,6 +58,10 @@ END_RETRY_MAX_BACKOFF_SECONDS = 60
 #: How long a leg's end stays "ended, safety deadline" before a reaper ends the session for a dead worker.
 SAFETY_LEASE_SECONDS = 30
 
+#: Why BEAT refused a relay's beat (its return values; see app/calls/scripts.py), for the log.
+_BEAT_REFUSALS = {0: "no such leg", -1: "another stream is the leg's current one", -2: "the leg ended for good",
+                  -3: "the session's end is claimed", -4: "the session is not held"}
+
 # What END_LEG asks the caller to do next.
 _ACTION_NONE, _ACTION_END_NOW, _ACTION_HELD = 0, 1, 2
 
@@ -203,6 +207,9 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
             log.warning("session=%s %s call=%s leg came back: its relay was slow, not gone", session_id, carrier,
                         call_id)
             metrics.SESSIONS_REATTACHED.labels("relay_recovered").inc()
+        elif result <= 0:
+            log.info("session=%s %s call=%s stream %.64s %s refused: %s", session_id, carrier, call_id, stream_id,
+                     "start" if bind else "heartbeat", _BEAT_REFUSALS.get(result, result))
         return result
 
     def _held_key(self, call: dict[str, str]) -> str:

@@ -169,7 +169,8 @@ return epoch
 # start, '0' for a heartbeat).
 # The relay of ``stream id`` is alive. Returns 1 (beat recorded), 2 (the leg had been given up — its
 # heartbeat expired while the worker was merely slow — and is live again because its session was only
-# held), or 0 (this stream is not the leg's current one, or the session is over: the relay should stop).
+# held), or a refusal (the relay should stop): 0 no such leg, -1 this stream is not the leg's current one,
+# -2 the leg ended for good (a hang-up or stop), -3 the session's end is claimed, -4 the session is not held.
 # Binding at the stream's start makes the stream current; a plain beat never changes which stream is.
 BEAT = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -179,17 +180,17 @@ if ARGV[6] == '1' then
   -- The newest stream to start is the leg's current one (a carrier runs one media stream per call).
   redis.call('HSET', KEYS[1], 'stream', ARGV[1])
 elseif current ~= ARGV[1] then
-  return 0
+  return -1
 end
 if state == 'live' then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
   return 1
 end
 -- Only a leg given up for a missed heartbeat comes back; any other end (hang-up, stop) is final.
-if redis.call('HGET', KEYS[1], 'end_reason') ~= 'heartbeat_lost' then return 0 end
-if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
+if redis.call('HGET', KEYS[1], 'end_reason') ~= 'heartbeat_lost' then return -2 end
+if redis.call('EXISTS', KEYS[5]) == 1 then return -3 end
 local status = redis.call('HGET', KEYS[2], 'status')
-if status ~= 'held' then return 0 end
+if status ~= 'held' then return -4 end
 redis.call('HSET', KEYS[2], ARGV[4], 'live', 'status', 'active')
 redis.call('HDEL', KEYS[2], 'held_until')
 redis.call('ZREM', KEYS[4], ARGV[5])

@@ -189,8 +189,7 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         try:
-            if not self._lifecycle.heartbeat(self._carrier, self._call_id, self._stream_id):
-                log.info("%s heartbeat refused: stream replaced or session over", self._context)
+            self._lifecycle.heartbeat(self._carrier, self._call_id, self._stream_id)  # a refusal logs why
             self._guard.renew_leg(self._grant)
         except redis.RedisError as exc:  # Redis down: the call goes on; the beat resumes when it is back
             log.warning("%s heartbeat not recorded: %s", self._context, exc)
