@@ -6,12 +6,13 @@ import time
 
 from flask import Flask
 
+from app.calls.leg_spec import LegSpec
 from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome
 from app.calls.recovery import create_may_have_succeeded
 from app.extensions import services
 from app.kallglot.client import KallglotConflict, KallglotUnavailable, KallglotValidationError
 from tests.conftest import EmulatorControl
-from tests.test_lifecycle import leg
+from tests.test_lifecycle import TO, leg
 
 
 def _started(call_id: str, stream_id: str, **extra: object) -> str:
@@ -121,3 +122,63 @@ def test_a_retried_registration_keeps_the_live_streams_fence(app: Flask, emulato
         assert lifecycle.register_leg(leg("CAretry"), session_id=session_id)  # the webhook was retried
         assert lifecycle.heartbeat("twilio", "CAretry", "MZlive")  # the running relay still owns the leg
     assert emulator.session(session_id)["status"] != "ended"
+
+
+def _agent_joins(session_id: str, call_id: str, stream_id: str) -> None:
+    lifecycle = services().lifecycle
+    agent = LegSpec(carrier="twilio", call_id=call_id, speaker="agent", from_number=TO, to_number="+14155557770",
+                    mode="ai_agent", reconnect_window_seconds=60)
+    assert lifecycle.register_leg(agent, session_id=session_id)
+    assert lifecycle.stream_started("twilio", call_id, stream_id)
+
+
+def _only_the_customer_misses_its_beats(customer: str, agent: str) -> float:
+    """The customer's relay stalls past its heartbeat while the agent's keeps beating: a reaper gives up the
+    customer's leg alone, and the agent's leg keeps the session active (not held)."""
+    lifecycle = services().lifecycle
+    later = time.time() + 3600
+    lifecycle._clock = lambda: later
+    assert lifecycle.heartbeat("twilio", agent, "MZagent")
+    assert lifecycle.expire_lost_legs(now=later) == 1
+    assert lifecycle.call_record("twilio", customer)["end_reason"] == "heartbeat_lost"
+    assert lifecycle.call_record("twilio", agent)["state"] == "live"
+    return later
+
+
+def test_a_slow_relay_brings_its_leg_back_while_another_leg_keeps_the_session_active(
+        app: Flask, emulator: EmulatorControl) -> None:
+    """Its beat used to be refused because the session was not *held*: the customer's leg stayed "ended"
+    while its relay went on relaying, so the call's end was missed when the customer hung up."""
+    with app.app_context():
+        lifecycle = services().lifecycle
+        session_id = _started("CAcust1", "MZcust", hangup_grace_seconds=0)
+        _agent_joins(session_id, "CAagent1", "MZagent")
+        _only_the_customer_misses_its_beats("CAcust1", "CAagent1")
+        assert lifecycle.session_record(session_id)["status"] == "active"
+        assert lifecycle.heartbeat("twilio", "CAcust1", "MZcust")  # the stalled worker wakes up
+        assert lifecycle.call_record("twilio", "CAcust1")["state"] == "live"
+        assert lifecycle.session_legs(session_id)[("twilio", "CAcust1")] == "live"
+    assert emulator.session(session_id)["status"] != "ended"
+
+
+def test_a_slow_relays_own_hang_up_after_its_leg_was_given_up_hangs_up_the_agent(
+        app: Flask, emulator: EmulatorControl) -> None:
+    """The customer hangs up before their stalled relay beat again: the relay's clean end (from the leg's
+    current stream) replaces the "heartbeat lost" guess, so the agent is hung up and the session ends now —
+    it used to change nothing, leaving the agent on the line."""
+    hung_up: list[tuple[str, str]] = []
+    with app.app_context():
+        lifecycle = services().lifecycle
+        lifecycle._hang_up = lambda carrier, call_id: hung_up.append((carrier, call_id))
+        session_id = _started("CAcust2", "MZcust", hangup_grace_seconds=0)
+        _agent_joins(session_id, "CAagent2", "MZagent")
+        _only_the_customer_misses_its_beats("CAcust2", "CAagent2")
+        # A late end from another stream still changes nothing (the fence holds).
+        assert lifecycle.leg_ended("twilio", "CAcust2", "relay_carrier_stop", clean=True, stream_id="MZold") is None
+        assert hung_up == []
+        lifecycle.leg_ended("twilio", "CAcust2", "relay_carrier_stop", clean=True, stream_id="MZcust")
+        assert hung_up == [("twilio", "CAagent2")]
+        assert lifecycle.call_record("twilio", "CAcust2")["end_reason"] == "relay_carrier_stop"
+        assert lifecycle.call_record("twilio", "CAagent2")["state"] == "ended"
+        assert lifecycle.session_record(session_id)["status"] == "ended"
+    assert emulator.session(session_id)["end_calls"] == 1

@@ -17,7 +17,10 @@ I2. **A leg is live, held or ended — never two.** The call hash's ``state`` is
     it was declared lost) changes nothing. Each attach increments the leg's ``epoch`` and clears its
     ``stream`` until the new stream binds, so a late end of the old stream cannot end the restored leg.
     Heartbeat expiry ends a leg only if its heartbeat is still due *inside the script*, so a beat or a
-    re-attach that lands between "found due" and "ended" wins.
+    re-attach that lands between "found due" and "ended" wins. A leg given up for a missed heartbeat is a
+    guess about a relay that may only be slow: its next beat makes it live again (while nobody claimed the
+    session's end, whether the session was held or kept active by another leg), and its own end from its
+    current stream replaces the guess and is acted on (the agent is hung up with the customer).
 
 I3. **Every created session is registered or recoverable.** A create's intent (idempotency key and
     arguments) is stored before the request and removed only once a leg is attached, or once Kallglot gave
@@ -59,7 +62,10 @@ if ARGV[9] ~= '0' then
   if not due or tonumber(due) > tonumber(ARGV[9]) then return {-3, 0, 0} end
 end
 if ARGV[8] ~= '' and (redis.call('HGET', KEYS[1], 'stream') or '') ~= ARGV[8] then return {-2, 0, 0} end
-if state == 'ended' then
+-- A leg given up for a missed heartbeat whose relay (the current stream: the fence above matched) now ends
+-- it was slow, not gone: its own end, clean or not, replaces the guess and is acted on (hang up the other
+-- legs, end or hold the session). Any other ended leg stays as it ended.
+if state == 'ended' and (ARGV[8] == '' or redis.call('HGET', KEYS[1], 'end_reason') ~= 'heartbeat_lost') then
   redis.call('ZREM', KEYS[3], ARGV[4])  -- an ended leg has no heartbeat
   return {0, live_legs(KEYS[2]), 0}
 end
@@ -69,7 +75,8 @@ redis.call('ZREM', KEYS[3], ARGV[4])
 local live = live_legs(KEYS[2])
 if live > 0 then return {1, live, 0} end
 local status = redis.call('HGET', KEYS[2], 'status')
-if status == 'ended' or status == 'ending' then return {1, 0, 0} end
+-- Being ended (a failed end included: its retry is due) is never turned back into a hold.
+if status == 'ended' or status == 'ending' or status == 'end_failed' then return {1, 0, 0} end
 local window_field = 'reconnect_window'
 if ARGV[5] == '1' then window_field = 'hangup_grace' end
 local window = tonumber(redis.call('HGET', KEYS[2], window_field) or '0') or 0
@@ -170,7 +177,7 @@ return epoch
 # The relay of ``stream id`` is alive. Returns 1 (beat recorded), 2 (the leg had been given up — its
 # heartbeat expired while the worker was merely slow — and is live again because its session was only
 # held), or a refusal (the relay should stop): 0 no such leg, -1 this stream is not the leg's current one,
-# -2 the leg ended for good (a hang-up or stop), -3 the session's end is claimed, -4 the session is not held.
+# -2 the leg ended for good (a hang-up or stop), -3 the session's end is claimed, -4 the session is over.
 # Binding at the stream's start makes the stream current; a plain beat never changes which stream is.
 BEAT = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -189,12 +196,16 @@ end
 -- Only a leg given up for a missed heartbeat comes back; any other end (hang-up, stop) is final.
 if redis.call('HGET', KEYS[1], 'end_reason') ~= 'heartbeat_lost' then return -2 end
 if redis.call('EXISTS', KEYS[5]) == 1 then return -3 end
+-- Back into a held session (it was the last leg), or into one whose other legs kept it active (an agent
+-- still talking): a slow relay's leg was given up either way, and either way it is live again.
 local status = redis.call('HGET', KEYS[2], 'status')
-if status ~= 'held' then return -4 end
+if status ~= 'held' and status ~= 'active' then return -4 end
+if status == 'held' then
+  redis.call('HDEL', KEYS[2], 'held_until')
+  redis.call('ZREM', KEYS[4], ARGV[5])
+  if KEYS[6] ~= '' then redis.call('DEL', KEYS[6]) end
+end
 redis.call('HSET', KEYS[2], ARGV[4], 'live', 'status', 'active')
-redis.call('HDEL', KEYS[2], 'held_until')
-redis.call('ZREM', KEYS[4], ARGV[5])
-if KEYS[6] ~= '' then redis.call('DEL', KEYS[6]) end
 redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'state', 'live')
 redis.call('HDEL', KEYS[1], 'end_reason', 'ended_at', 'clean')
