@@ -1,7 +1,7 @@
 """Property test of the lifecycle's invariants (written next to the Lua in ``app/calls/scripts.py``).
 
-A Hypothesis state machine interleaves webhooks, relay starts, beats and ends (late ones from replaced
-streams included), carrier status callbacks, restored streams, returning callers, Kallglot's own ends,
+A Hypothesis state machine interleaves webhooks, agent legs joining, relay starts, beats and ends (late ones
+from replaced streams included), carrier status callbacks, restored streams, returning callers, Kallglot's own ends,
 admin ends, reaper passes, a flaky Kallglot and workers that die (or stall) at the worst moments — against
 the suite's real Redis, with a fake clock the test controls and a fake Kallglot client that counts ends.
 After every step: I2 holds and every session Kallglot created is registered or recoverable (I3). At the
@@ -29,6 +29,7 @@ from app.redis_keys import RedisKeys
 
 NUMBERS = ("+15550000001", "+15550000002")
 CALLERS = ("+15551110001", "+15551110002", "+15551110003")
+AGENT_NUMBER = "+15552220001"
 _namespaces = itertools.count()
 
 
@@ -175,6 +176,18 @@ def test_lifecycle_invariants_hold_under_any_interleaving(redis_for_properties: 
             session_id = self.kallglot.by_key.get(f"twilio-call-{call.call_id}")
             if session_id and not self.lifecycle.call_record("twilio", call.call_id):
                 self._register(call, self.kallglot._view(session_id))
+
+        @rule(target=calls, call=calls)
+        def agent_joins(self, call: Call) -> Call:
+            # The profile's agent is dialled into the call's session and answers (a second leg that can keep
+            # the session active while the customer's relay is slow, and is hung up with the customer).
+            agent = Call(f"CA{next(self.serial)}", AGENT_NUMBER, call.to)
+            session_id = self.lifecycle.call_record("twilio", call.call_id).get("session_id")
+            if session_id and call.to != AGENT_NUMBER:
+                spec = LegSpec(carrier="twilio", call_id=agent.call_id, speaker="agent", from_number=call.to,
+                               to_number=AGENT_NUMBER, mode="bidirectional_translation", reconnect_window_seconds=3)
+                self.lifecycle.register_leg(spec, session_id=session_id)
+            return agent
 
         @rule(target=relays, call=calls)
         def stream_starts(self, call: Call) -> Relay:
