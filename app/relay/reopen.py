@@ -6,7 +6,9 @@ first message of an accepted stream, or any transcript, audio or pong). Kallglot
 WebSocket handshake (``session.error`` then a close), so audio written before that refusal reached the
 socket's buffer and nobody read it: those chunks stay kept and go out again, first, on the reopened stream.
 (A chaos run lost whole calls' audio this way — the caller heard nothing — whenever a refused connect met a
-caller already talking.)"""
+caller already talking.) The price: should a stream that Kallglot did accept drop before saying anything at
+all, its audio is sent twice, with the same ``sequence`` numbers — a repeat Kallglot can recognise, where a
+loss could not be noticed by anyone."""
 from __future__ import annotations
 
 import logging
