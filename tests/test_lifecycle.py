@@ -11,13 +11,8 @@ from app.calls.leg_spec import LegSpec
 from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome
 from app.extensions import services
 from tests.support.controls import EmulatorControl
-
-TO, FROM = "+15005550006", "+15551230000"
-
-
-def leg(call_id: str, **extra: Any) -> LegSpec:
-    return LegSpec(carrier="twilio", call_id=call_id, speaker="customer", from_number=FROM, to_number=TO,
-                   mode="ai_agent", reconnect_window_seconds=60, **extra)
+from tests.support.legs import leg
+from tests.support.twilio_requests import FROM, TO
 
 
 def test_a_session_created_but_never_registered_is_ended_by_the_reaper(app: Flask, emulator: EmulatorControl) -> None:
