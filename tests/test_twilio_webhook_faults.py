@@ -82,12 +82,16 @@ def test_a_final_status_while_redis_is_down_is_503_and_twilios_retry_ends_the_se
 
     stoppable_redis.start()
     assert post_signed(client, "/twilio/stream-status", stream_stopped).status_code == 204
+    assert post_signed(client, "/twilio/stream-status", stream_stopped).status_code == 204  # a repeat: once
     assert post_signed(client, "/twilio/status", completed).status_code == 204  # Twilio's retry, same bytes
     assert post_signed(client, "/twilio/status", completed).status_code == 204  # and a second one
     state = BridgeState(redis_lib.Redis.from_url(stoppable_redis.url), namespace)
     assert state.settled_ended(session["id"])
     assert state.call("twilio", call_sid)["end_reason"] == "call_completed"
     assert emulator.session(session["id"])["end_calls"] == 1
+    with app_on_stoppable_redis.app_context():
+        recorded = services().lifecycle.events("twilio", call_sid)
+    assert [e.get("event") or e.get("status") for e in recorded] == ["stream-stopped", "completed"]
 
 
 def test_with_redis_down_every_answering_webhook_falls_back_instead_of_dead_air(
