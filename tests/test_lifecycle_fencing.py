@@ -11,8 +11,9 @@ from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome
 from app.calls.recovery import create_may_have_succeeded
 from app.extensions import services
 from app.kallglot.client import KallglotConflict, KallglotUnavailable, KallglotValidationError
-from tests.conftest import EmulatorControl
-from tests.test_lifecycle import TO, leg
+from tests.support.controls import EmulatorControl
+from tests.support.legs import leg
+from tests.support.twilio_requests import TO
 
 
 def _started(call_id: str, stream_id: str, **extra: object) -> str:
