@@ -109,7 +109,7 @@ def test_a_worker_dying_mid_end_leaves_a_deadline_that_finishes_it(app: Flask, e
         # The last leg ends and this worker takes the end claim… then dies before calling Kallglot.
         now = time.time()
         assert lifecycle._claim_end(keys=[svc.keys.session_end_claim(session.id), svc.keys.session(session.id),
-                                          svc.keys.deadlines()],
+                                          svc.keys.deadlines(svc.keys.shard_of(session.id))],
                                     args=["dead-worker", END_CLAIM_LEASE_SECONDS, "1", session.id, f"{now:.3f}"]) == 1
         # Within the lease nobody else may end it (the holder may only be slow)…
         assert lifecycle.end_session(session.id, "admin", now=now + 1) is EndOutcome.ALREADY
@@ -130,7 +130,7 @@ def test_a_worker_dying_after_its_end_reached_kallglot_is_not_ended_twice(app: F
         lifecycle.register_leg(leg("CAe"), session_id=session.id)
         now = time.time()
         assert lifecycle._claim_end(keys=[svc.keys.session_end_claim(session.id), svc.keys.session(session.id),
-                                          svc.keys.deadlines()],
+                                          svc.keys.deadlines(svc.keys.shard_of(session.id))],
                                     args=["dead-worker", END_CLAIM_LEASE_SECONDS, "1", session.id, f"{now:.3f}"]) == 1
         svc.kallglot.end_session(session.id)  # its request reached Kallglot; then SIGKILL, nothing recorded
         assert lifecycle.end_due_sessions(now=now + END_CLAIM_LEASE_SECONDS + 2) == 1

@@ -240,9 +240,11 @@ def _redis_view(redis_url: str, session_ids: list[str]) -> dict[str, object]:
     view: dict[str, object] = {}
     for session_id in session_ids:
         record = client.hgetall(keys.session(session_id))
-        legs = {name: client.hgetall(keys.call(*name[4:].split(":", 1))) for name in record if name.startswith("leg:")}
-        view[session_id] = {"session": record, "legs": legs, "deadline": client.zscore(keys.deadlines(), session_id),
-                            "heartbeats": {n: client.zscore(keys.heartbeats(), n[4:]) for n in legs},
+        shard = keys.shard_of(session_id)
+        legs = {name: client.hgetall(keys.leg(session_id, *name[4:].split(":", 1))) for name in record
+                if name.startswith("leg:")}
+        view[session_id] = {"session": record, "legs": legs, "deadline": client.zscore(keys.deadlines(shard), session_id),
+                            "heartbeats": {n: client.zscore(keys.heartbeats(shard), n[4:]) for n in legs},
                             "now": time.time()}
     return view
 
