@@ -24,7 +24,7 @@ import redis as redis_lib
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
-from app.devtools.localstack import port_is_free
+from app.devtools.localstack import port_is_free, run_redis
 
 #: Cluster nodes give up on a silent master after this long; a replica is promoted shortly after.
 CLUSTER_NODE_TIMEOUT_MS = 1500
@@ -69,14 +69,32 @@ class RedisDeployment:
         """The ``REDIS_URL`` the bridge is given."""
         return self.env["REDIS_URL"]
 
-    def client(self) -> Any:
-        """A client on the deployment (follows failovers like the bridge's own)."""
+    def client(self, **options: Any) -> Any:
+        """A client on the deployment (follows failovers like the bridge's own); ``options`` such as
+        ``decode_responses=True`` go to it."""
         assert self.client_factory is not None
-        return self.client_factory()
+        return self.client_factory(**options)
 
     def node_on(self, port: int) -> RedisNode:
         """The node listening on ``port``."""
         return next(node for node in self.nodes if node.port == port)
+
+
+@contextlib.contextmanager
+def run_redis_deployment(kind: str) -> Iterator[RedisDeployment]:
+    """``standalone`` (a private redis-server, or ``REDIS_URL``), ``cluster`` or ``sentinel``."""
+    if kind == "cluster":
+        with run_redis_cluster() as deployment:
+            yield deployment
+    elif kind == "sentinel":
+        with run_redis_sentinel() as deployment:
+            yield deployment
+    elif kind == "standalone":
+        with run_redis() as url:
+            yield RedisDeployment("standalone", {"REDIS_URL": url}, [],
+                                  client_factory=lambda **options: redis_lib.Redis.from_url(url, **options))
+    else:
+        raise ValueError(f"unknown Redis deployment {kind!r}: standalone, cluster or sentinel")
 
 
 def _pair_ports(count: int, offset: int = 10000) -> list[int]:
@@ -165,8 +183,8 @@ def run_redis_cluster(masters: int = 3, replicas_per_master: int = 1) -> Iterato
         seeds = ",".join(f"127.0.0.1:{p}" for p in ports[:masters])
         deployment = RedisDeployment(
             "cluster", {"REDIS_URL": f"redis://{seeds}", "REDIS_CLUSTER": "true"}, nodes,
-            client_factory=lambda: RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports],
-                                                socket_timeout=5))
+            client_factory=lambda **options: RedisCluster(
+                startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports], socket_timeout=5, **options))
         # Replicas must know their master's data before a test kills it: wait until each is in sync.
         _wait(lambda: all(_replica_in_sync(port) for port in ports), 60, "replicas in sync")
         yield deployment
@@ -225,7 +243,8 @@ def run_redis_sentinel(sentinels: int = 3) -> Iterator[RedisDeployment]:
         _wait(sentinels_see_replica, 30, "every Sentinel to know the replica")
         yield RedisDeployment(
             "sentinel", {"REDIS_URL": f"redis+sentinel://{hosts}/{SENTINEL_SERVICE}"}, nodes, watchers,
-            client_factory=lambda: Sentinel(sentinel_nodes, socket_timeout=5).master_for(SENTINEL_SERVICE))
+            client_factory=lambda **options: Sentinel(sentinel_nodes, socket_timeout=5).master_for(
+                SENTINEL_SERVICE, **options))
     finally:
         _stop(watchers + nodes)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -255,8 +274,9 @@ def run_redis_tls(cert_file: Path, key_file: Path, ca_file: Path) -> Iterator[Re
                                      "--tls-auth-clients", "no"], port, workdir))
         yield RedisDeployment(
             "tls", {"REDIS_URL": f"rediss://127.0.0.1:{port}/0", "REDIS_TLS_CA": str(ca_file)}, nodes,
-            client_factory=lambda: redis_lib.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(ca_file),
-                                                   ssl_cert_reqs="required", socket_timeout=5))
+            client_factory=lambda **options: redis_lib.Redis(
+                host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(ca_file), ssl_cert_reqs="required",
+                socket_timeout=5, **options))
     finally:
         _stop(nodes)
         shutil.rmtree(workdir, ignore_errors=True)
