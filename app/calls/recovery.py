@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -140,8 +141,10 @@ class RecoveryPasses:
 
     def _due_members(self, zset_of: Callable[[int], str], now: float, batch: int) -> list[tuple[int, str]]:
         """``(shard, member)`` due by ``now`` in every shard of an index (``zset_of(shard)`` names a shard's
-        sorted set), at most ``batch`` per shard: one pipelined read (a cluster client sends one per node)."""
-        shards = list(self._keys.shards())
+        sorted set), at most ``batch`` per shard: one pipelined read (a cluster client sends one per node).
+        The shards come in a random order, so reapers racing through the same due work rarely want the same
+        member at the same moment."""
+        shards = random.sample(self._keys.shards(), len(self._keys.shards()))
         with self._redis.pipeline(transaction=False) as pipe:
             for shard in shards:
                 pipe.zrangebyscore(zset_of(shard), "-inf", now, start=0, num=batch)
