@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+import requests
 
 from app import create_app
+from app.admin.throttle import MAX_FAILURES_PER_CLIENT
+from app.calls.leg_spec import LegSpec
 from app.calls.states import EndOutcome
 from app.config import ConfigError, Settings
 from app.devtools.redis_topologies import (
@@ -27,12 +30,13 @@ from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from app.extensions import services
 from app.redis_connection import CLUSTER, SENTINEL, STANDALONE, parse_redis_target
 from app.redis_keys import RedisKeys
+from tests.support.admin import admin_sign_in
 from tests.support.bridge_state import BridgeState
 from tests.support.controls import EmulatorControl
 from tests.support.numbers import new_numbers
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 from tests.support.settings import (
-    E2E_GRACEFUL_TIMEOUT_SECONDS, PUBLIC_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config, e2e_bridge_env,
+    ADMIN_PASSWORD, E2E_GRACEFUL_TIMEOUT_SECONDS, PUBLIC_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config, e2e_bridge_env,
 )
 from tests.support.waiting import only_session, wait_until
 
@@ -160,10 +164,15 @@ def _whole_call(bridge: RunningServer, deployment: RedisDeployment, emulator: Em
     simulator = TwilioCallSimulator(bridge.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
     audio = os.urandom(50 * FRAME)  # ten 100 ms chunks
     call_sid = "CA" + uuid.uuid4().hex
-    result = simulator.place_call(*new_numbers(), audio, pace=False, call_sid=call_sid, listen_seconds=1.0)
+    def hear_it_all(stream: SimulatedStream) -> None:  # an event, not a clock: the echo of every chunk is back
+        assert stream.wait_for(lambda s: len(s.heard) >= len(audio), timeout=30)
+
+    result = simulator.place_call(*new_numbers(), audio, pace=False, call_sid=call_sid, hold_open=hear_it_all,
+                                  listen_seconds=0.2)
     assert result.protocol_errors == [] and result.errors == []
     session = only_session(emulator)
     assert _received(emulator, session["id"]) == audio and result.heard_audio == audio
+    assert requests.get(bridge.url + "/readyz", timeout=10).status_code == 200
     state = BridgeState(deployment.client(), "kb")
     assert wait_until(lambda: state.settled_ended(session["id"]))
     _assert_nothing_left(state, session["id"], call_sid)
@@ -235,6 +244,38 @@ def test_killing_the_sentinel_master_mid_call(sentinel_bridge: RunningServer, se
         return lambda: sentinel_master_port(sentinel) != killed
 
     _call_across_a_failover(sentinel_bridge, sentinel, emulator, kill_master)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("deployment_name", ["cluster", "sentinel"])
+def test_the_admin_throttle_and_sharded_views_work_on_each_deployment(
+        request: pytest.FixtureRequest, deployment_name: str, emulator: EmulatorControl) -> None:
+    deployment: RedisDeployment = request.getfixturevalue(deployment_name)
+    app = create_app({**bridge_config(deployment.url, emulator.api_url, "adm-" + uuid.uuid4().hex[:8], PUBLIC_URL),
+                      **deployment.env, "ADMIN_PASSWORD": ADMIN_PASSWORD})
+    app.testing = True
+    with app.app_context():  # one live session, to be listed from the sharded live set
+        session = services().lifecycle.create_session(carrier="twilio", call_id="CAadm", idempotency_key="adm",
+                                                      mode="ai_agent")
+        services().lifecycle.register_leg(_leg("CAadm"), session_id=session.id)
+    attacker = app.test_client()
+    for attempt in range(MAX_FAILURES_PER_CLIENT):
+        assert admin_sign_in(attacker, password="guess", name=f"guesser {attempt}").status_code == 401
+    assert admin_sign_in(attacker).status_code == 429  # Flask-Limiter counted on the same deployment
+    admin = app.test_client()
+    admin.environ_base["REMOTE_ADDR"] = "198.51.100.7"
+    assert admin_sign_in(admin).status_code == 302
+    assert session.id in admin.get("/admin/live").get_data(as_text=True)
+    assert "CAadm" in admin.get("/admin/calls").get_data(as_text=True)
+    assert b"kallglot_bridge_live_sessions 1" in app.test_client().get("/metrics").data
+    with app.app_context():
+        services().lifecycle.end_session(session.id, "admin")
+    assert emulator.session(session.id)["end_calls"] == 1
+
+
+def _leg(call_id: str) -> LegSpec:
+    return LegSpec(carrier="twilio", call_id=call_id, speaker="customer", from_number="+15551230000",
+                   to_number="+15551230001", mode="ai_agent", reconnect_window_seconds=30)
 
 
 # -- managed TLS Redis -----------------------------------------------------------------------------------------
