@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import requests
 
 from app import create_app
 from app.admin.throttle import MAX_FAILURES_PER_CLIENT
+from app.calls import usage
 from app.calls.leg_spec import LegSpec
 from app.calls.states import EndOutcome
 from app.config import ConfigError, Settings
@@ -28,6 +30,7 @@ from app.devtools.redis_topologies import (
 )
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from app.extensions import services
+from app.profiles import NumberProfile
 from app.redis_connection import CLUSTER, SENTINEL, STANDALONE, parse_redis_target
 from app.redis_keys import RedisKeys
 from tests.support.admin import admin_sign_in
@@ -271,6 +274,47 @@ def test_the_admin_throttle_and_sharded_views_work_on_each_deployment(
     with app.app_context():
         services().lifecycle.end_session(session.id, "admin")
     assert emulator.session(session.id)["end_calls"] == 1
+
+
+@pytest.mark.e2e
+def test_every_lifecycle_step_runs_on_the_cluster(cluster: RedisDeployment, emulator: EmulatorControl) -> None:
+    """Each Lua script and transaction, on a real cluster (a key outside the script's slot is CROSSSLOT there):
+    hold, returning caller, heartbeat expiry, a failed end and its retry, an orphaned create, billing, profiles."""
+    app = create_app({**bridge_config(cluster.url, emulator.api_url, "steps-" + uuid.uuid4().hex[:8], PUBLIC_URL),
+                      **cluster.env})
+    with app.app_context():
+        svc = services()
+        lifecycle, now = svc.lifecycle, time.time()
+        first = lifecycle.create_session(carrier="twilio", call_id="CA1", idempotency_key="k1", mode="ai_agent")
+        assert lifecycle.register_leg(_leg("CA1"), session_id=first.id)
+        assert lifecycle.stream_started("twilio", "CA1", "MZ1") and lifecycle.heartbeat("twilio", "CA1", "MZ1")
+        assert lifecycle.leg_ended("twilio", "CA1", "relay_carrier_lost", clean=False,
+                                   stream_id="MZ1") is EndOutcome.HELD
+        assert lifecycle.held_session_for("+15551230001", "+15551230000") == first.id
+        back = LegSpec(**{**_leg("CA2").__dict__})
+        assert lifecycle.register_leg(back, session_id=first.id, reattach_from=("+15551230001", "+15551230000"))
+        assert lifecycle.held_session_for("+15551230001", "+15551230000") is None
+        # The returning leg's relay never starts: its heartbeat runs out, the session is held, then ended.
+        assert lifecycle.expire_lost_legs(now=now + 3600) == 1
+        emulator.fault(endpoint="end", status=503, code="service_unavailable", times=3)
+        assert lifecycle.end_due_sessions(now=now + 7200) == 1  # the end fails: released for a retry
+        assert lifecycle.session_record(first.id)["status"] == "end_failed"
+        assert lifecycle.end_due_sessions(now=now + 7300) == 1  # the retry asks Kallglot, then ends it
+        assert lifecycle.session_record(first.id)["status"] == "ended"
+        # A create whose leg was never registered (its worker died) is found and ended by a reaper.
+        orphan = lifecycle.create_session(carrier="twilio", call_id="CA3", idempotency_key="k3", mode="ai_agent")
+        assert lifecycle.end_orphaned_creates(now=now + 3600) == 1
+        assert lifecycle.live_session_ids() == set() and lifecycle.live_session_count() == 0
+        assert {c["call_id"] for c in lifecycle.recent_calls()} == {"CA1", "CA2"}
+        assert usage.record_billed_seconds(svc.redis, svc.keys, first.id, 61.0)
+        # Both sessions were billed at their end (the emulator answers with a duration); ours overwrote one.
+        assert sum(row.sessions for row in usage.usage(svc.redis, svc.keys)) == 2
+        assert 61.0 in [row.seconds for row in usage.usage(svc.redis, svc.keys)]
+        svc.profiles.set("+15551230009", NumberProfile(mode="ai_agent"))
+        assert list(svc.profiles.all()) == ["+15551230009"] and svc.profiles.delete("+15551230009")
+    # Three end requests refused by the injected fault, then exactly one that ended it; the orphan's one.
+    assert [emulator.session(s)["end_calls"] for s in (first.id, orphan.id)] == [4, 1]
+    assert {emulator.session(s)["status"] for s in (first.id, orphan.id)} == {"ended"}
 
 
 def _leg(call_id: str) -> LegSpec:
