@@ -1,0 +1,70 @@
+"""``WS /agent/media``: one agent page's microphone and speaker bridged into its call's Kallglot session.
+
+The socket needs the admin session the page was loaded with (the cookie comes with the upgrade) and the leg
+must be one this admin session took; then the page's ``start`` must carry the single-use relay token sealed for
+that leg (:mod:`app.relay.tokens`, checked by :func:`app.relay.bridge.bridge_leg` like a carrier's). A page that
+goes away without hanging up (tab closed, network gone) is a lost leg: the call is offered to agents again.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import redis
+from flask import Blueprint, request
+
+from app.admin.auth import session_owner, signed_in
+from app.agents.codec import BrowserAgentCodec
+from app.calls.agent_queue import BROWSER_LEG, AgentQueue
+from app.extensions import Services, services, sock
+from app.relay.bridge import bridge_leg
+from app.relay.core import CarrierSocket, RelayEnd, close_quietly
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("agents", __name__)
+
+LEG_ID = re.compile(r"^agt_[0-9a-f]{16}$")
+#: How a page's leg may end without the agent hanging up: the call goes back on the agents' list.
+LOST_ENDS = frozenset({RelayEnd.CARRIER_LOST, RelayEnd.PROTOCOL_ERROR, RelayEnd.WORKER_DRAINING})
+
+
+@sock.route("/agent/media", bp=bp)
+def agent_media(ws: CarrierSocket) -> None:
+    """``ws(s)://…/agent/media?leg=<leg id>``: refused (policy close 1008) without the admin session that took
+    the leg; otherwise relayed until the page hangs up, goes away, or the session ends."""
+    svc = services()
+    leg_id = request.args.get("leg", "")
+    if not svc.settings.admin_password or not signed_in():
+        close_quietly(ws, 1008, "admin session required")
+        return
+    call = svc.lifecycle.call_record(BROWSER_LEG, leg_id) if LEG_ID.match(leg_id) else {}
+    if not call or call.get("agent_owner") != session_owner():
+        log.warning("agent media socket refused: leg %.40s is not this admin session's", leg_id)
+        close_quietly(ws, 1008, "not your call")
+        return
+    end = bridge_leg(ws, BrowserAgentCodec(leg_id), svc)
+    if end in LOST_ENDS:
+        offer_again(svc, call.get("session_id", ""), leg_id)
+
+
+def offer_again(svc: Services, session_id: str, leg_id: str) -> None:
+    """A browser agent's leg was lost while the customer is still on: offer the call to agents again (the same
+    agent rejoins by reopening the call's page), for the profile's wait; then the agent number or fallback."""
+    try:
+        session = svc.lifecycle.session_record(session_id)
+        customer_live = any(state == "live" and carrier != BROWSER_LEG
+                            for (carrier, _), state in svc.lifecycle.session_legs(session_id).items())
+        if session.get("status") == "ended" or not customer_live:
+            return
+        queue = AgentQueue(svc.redis, svc.keys)
+        first = queue.offer_record(session_id)
+        profile = svc.profiles.for_number(session.get("to", ""))
+        queue.offer(session_id, carrier=first.get("carrier") or session.get("carrier", ""),
+                    call_id=first.get("call_id", ""), to_number=session.get("to", ""),
+                    from_number=session.get("from", ""), source_language=profile.source_language,
+                    target_language=profile.target_language, wait_seconds=profile.browser_agent_wait_seconds,
+                    reason="agent_lost")
+        log.warning("session=%s browser agent leg %s lost: offered to agents again", session_id, leg_id)
+    except redis.RedisError as exc:
+        log.error("session=%s browser agent leg %s lost, not offered again: %s", session_id, leg_id, exc)
