@@ -1,0 +1,215 @@
+"""An agent takes a translated call in the browser: Debian's headless chromium with a fake microphone fed from a
+speech file, the bridge under gunicorn + gevent, a simulated Twilio customer, the Kallglot emulator.
+
+The agent signs in, sees the waiting call on the Agent page, takes it; the page's AudioWorklet sends the file's
+speech as 8 kHz μ-law 20 ms frames over ``/agent/media`` and the emulator receives it as ``speaker: agent`` with
+the file's energy envelope; audio the emulator sends for the agent plays in the page (its analyser node sees it);
+Hang up ends the agent leg cleanly and, as the profile says, the whole call. Screenshots go to
+``$ADMIN_SCREENSHOT_DIR`` (``docs`` refreshes the README's) or the test's temp folder.
+"""
+from __future__ import annotations
+
+import base64
+import math
+import struct
+import threading
+import wave
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from app.calls.agent_queue import BROWSER_LEG
+from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
+from app.profiles import NumberProfile
+from app.redis_keys import RedisKeys
+from app.relay.audio import audioop
+from tests.support.bridge_state import BridgeState
+from tests.support.browser import PAGE_TIMEOUT_SECONDS, chromium, fake_microphone_flags, fill, find, wait_for
+from tests.support.controls import EmulatorControl
+from tests.support.settings import ADMIN_PASSWORD, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
+from tests.support.servers import RunningServer, free_port, run_gunicorn
+
+pytestmark = pytest.mark.e2e
+
+NUMBER, CALLER = "+14155550177", "+15551239876"
+HOLD_SECONDS = 90.0
+FILE_RATE = 16000
+#: Syllable loudness per 250 ms of the speech file: no rotation of it, nor of it reversed, correlates above 0.27
+#: with it, so a high correlation at some lag means the file's own envelope arrived.
+SYLLABLES = (0.5, 0.25, 0, 0.75, 0.25, 0.75, 0.75, 0.25, 0.75, 0.75, 0.25, 0.5, 0.75, 0.75, 0.5, 0.5)
+SYLLABLE_MS = 250
+
+
+def speech_file(path: Path) -> list[float]:
+    """Write a speech-like 16 kHz WAV (voiced 140 Hz with harmonics, syllables of the loudness above) and return
+    its energy envelope (RMS per :data:`ENVELOPE_WINDOW_MS`)."""
+    samples = []
+    for i in range(int(FILE_RATE * 0.25 * len(SYLLABLES))):
+        t = i / FILE_RATE
+        loudness = SYLLABLES[int(t / 0.25)]
+        envelope = loudness * math.sin(math.pi * ((t * 4.0) % 1.0)) ** 2
+        phase = 2 * math.pi * 140.0 * t - (20.0 / 0.7) * math.cos(2 * math.pi * 0.7 * t)
+        samples.append(int(9000 * envelope * sum(math.sin(k * phase) / k for k in range(1, 15))))
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(FILE_RATE)
+        out.writeframes(struct.pack(f"<{len(samples)}h", *samples))
+    return envelope_of(samples, FILE_RATE)
+
+
+def envelope_of(samples: list[int] | tuple[int, ...], rate: int, offset_ms: int = 0) -> list[float]:
+    """RMS per syllable (:data:`SYLLABLE_MS`), starting ``offset_ms`` in."""
+    window, start = rate * SYLLABLE_MS // 1000, rate * offset_ms // 1000
+    return [math.sqrt(sum(x * x for x in samples[i:i + window]) / window)
+            for i in range(start, len(samples) - window + 1, window)]
+
+
+def pearson(a: list[float], b: list[float]) -> float:
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    var = math.sqrt(sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b))
+    return sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b)) / var if var else 0.0
+
+
+def best_correlation(samples: tuple[int, ...], reference: list[float]) -> float:
+    """The highest correlation of the received audio's syllable envelope (at any 10 ms alignment) with the looping
+    ``reference`` envelope at any lag."""
+    n = len(reference)
+    best = -1.0
+    for offset_ms in range(0, SYLLABLE_MS, 10):
+        received = envelope_of(samples, 8000, offset_ms)[:2 * n]
+        for lag in range(n):
+            best = max(best, pearson(received, [reference[(lag + i) % n] for i in range(len(received))]))
+    return best
+
+
+@pytest.fixture(scope="module")
+def agent_bridge(redis_url: str, emulator_server: RunningServer,
+                 fake_twilio_server: RunningServer) -> Iterator[tuple[RunningServer, str]]:
+    """The bridge with the admin enabled (two workers: the page, its socket and the customer's relay may each
+    land on either)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**bridge_config(redis_url, emulator_server.url + "/v1", f"agent-{port}", url),
+           "ADMIN_PASSWORD": ADMIN_PASSWORD, "TWILIO_API_URL": fake_twilio_server.url}
+    with run_gunicorn("app:create_app()", env, workers=2, port=port) as server:
+        yield server, f"agent-{port}"
+
+
+class WaitingCustomer:
+    """A simulated Twilio customer calling :data:`NUMBER`, held on the line until :meth:`release`."""
+
+    def __init__(self, bridge: RunningServer) -> None:
+        self.on_call, self._release = threading.Event(), threading.Event()
+        self.result: Any = None
+
+        def hold(stream: SimulatedStream) -> None:
+            self.on_call.set()
+            self._release.wait(HOLD_SECONDS)
+
+        def run() -> None:
+            simulator = TwilioCallSimulator(bridge.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
+            self.result = simulator.place_call(NUMBER, CALLER, b"\xff" * 1600, pace=False, listen_seconds=0.2,
+                                               hold_open=hold)
+
+        self._thread = threading.Thread(target=run, name="waiting-customer", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(PAGE_TIMEOUT_SECONDS)
+
+
+def test_agent_takes_talks_on_and_hangs_up_a_call_in_the_browser(
+        agent_bridge: tuple[RunningServer, str], emulator: EmulatorControl, redis_url: str, tmp_path: Path,
+        screenshot: Callable[[WebDriver, str], Path]) -> None:
+    bridge, namespace = agent_bridge
+    client = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
+    state, keys = BridgeState(client, namespace), RedisKeys(namespace)
+    profile = NumberProfile(mode="bidirectional_translation", source_language="en", target_language="es",
+                            browser_agents=True, browser_agent_wait_seconds=120, agent_hangup_ends_call=True)
+    client.set(keys.profile(NUMBER), profile.to_json())
+    client.sadd(keys.profiles_index(), NUMBER)
+    emulator.behaviour("silent")  # what plays in the page is only what the test sends for the agent
+    reference = speech_file(tmp_path / "agent-speech.wav")
+
+    with chromium(*fake_microphone_flags(tmp_path / "agent-speech.wav")) as browser:
+        base = bridge.url
+        browser.get(base + "/admin/agent")
+        fill(browser, "name", "Agent Ana")
+        fill(browser, "password", ADMIN_PASSWORD + Keys.ENTER)
+        wait_for(browser, lambda: browser.current_url.endswith("/admin/agent"), "the agent page")
+        assert "No calls are waiting" in browser.page_source
+
+        customer = WaitingCustomer(bridge)
+        try:
+            assert customer.on_call.wait(PAGE_TIMEOUT_SECONDS), "the customer's call never reached its stream"
+            (session,) = emulator.sessions()
+            session_id = session["id"]
+            # The session was created declaring both participants, as Kallglot's multi-participant example does.
+            assert session["participants"] == [{"type": "customer", "language": "en"},
+                                               {"type": "agent", "language": "es"}]
+
+            # The waiting call appears on the page by itself (no reload), and the first take wins.
+            take = find(browser, By.CSS_SELECTOR, f"#waiting-calls tr[data-session='{session_id}'] button.take")
+            assert CALLER in browser.find_element(By.ID, "waiting-calls").text
+            screenshot(browser, "agent-waiting")
+            take.click()
+            wait_for(browser, lambda: "/admin/agent/call/agt_" in browser.current_url, "the call page")
+            leg_id = browser.current_url.rsplit("/", 1)[1]
+            wait_for(browser, lambda: browser.execute_script("return window.kbAgent && window.kbAgent.state")
+                     == "on call", "the page on the call")
+
+            # The agent's speech reaches Kallglot as speaker "agent", with the file's energy envelope.
+            def agent_audio() -> bytes:
+                received = emulator.session(session_id)["audio_received"].get("agent", "")
+                return base64.b64decode(received)
+            wait_for(browser, lambda: len(agent_audio()) >= 8000 * 9, "9 s of the agent's speech at Kallglot",
+                     timeout=40)
+            pcm = audioop.ulaw2lin(agent_audio()[8000:], 2)  # past the first second (audio start-up)
+            speech = struct.unpack(f"<{len(pcm) // 2}h", pcm)
+            assert max(envelope_of(speech, 8000)) > 500, "the agent's audio at Kallglot is silent"
+            correlation = best_correlation(speech, reference)
+            unrelated = best_correlation(speech, reference[::-1])  # what the check gives another envelope
+            assert correlation > 0.85 > 0.6 > unrelated, \
+                f"agent audio envelope correlates {correlation:.2f} with the file ({unrelated:.2f} with its reverse)"
+            record = emulator.session(session_id)
+            assert record["connections_live"] == 2 and record["sequences_increasing"]
+            assert state.call(BROWSER_LEG, leg_id)["state"] == "live"
+            assert state.has_live_heartbeat(BROWSER_LEG, leg_id)
+
+            # Kallglot's audio for the agent plays in the page: 1 s of a 440 Hz tone, seen by the analyser.
+            tone = audioop.lin2ulaw(struct.pack("<8000h", *(int(8000 * math.sin(2 * math.pi * 440 * i / 8000))
+                                                           for i in range(8000))), 2)
+            messages = [{"type": "audio.output", "sequence": n,
+                         "audio": {"encoding": "mulaw", "sample_rate_hz": 8000,
+                                   "payload": base64.b64encode(tone[n * 800:(n + 1) * 800]).decode()}}
+                        for n in range(10)]
+            assert emulator.send(session_id, *messages) == 2  # the customer's and the agent's connections
+            wait_for(browser, lambda: browser.execute_script("return window.kbAgent.peakLevel") > 0.05,
+                     "the emulator's audio playing in the page")
+            emulator.send(session_id, {"type": "transcript.final", "id": "utt-agent-1", "speaker": "agent",
+                                       "language": "es", "text": "Buenos días, ¿en qué puedo ayudarle?",
+                                       "translation": {"language": "en", "text": "Good morning, how can I help?"}})
+            wait_for(browser, lambda: "Good morning, how can I help?" in
+                     browser.find_element(By.ID, "agent-transcript").text, "the live transcript beside the controls")
+            screenshot(browser, "agent-call")
+
+            # Hang up from the page: the agent leg ends cleanly and, by the profile, the whole call.
+            browser.find_element(By.ID, "hangup").click()
+            wait_for(browser, lambda: state.call(BROWSER_LEG, leg_id).get("state") == "ended", "the agent leg ended")
+            assert state.call(BROWSER_LEG, leg_id).get("end_reason") == "relay_carrier_stop"
+            wait_for(browser, lambda: state.settled_ended(session_id), "the session ended, once")
+            wait_for(browser, lambda: emulator.session(session_id)["status"] == "ended", "the Kallglot session ended")
+            assert emulator.session(session_id)["end_calls"] == 1
+            assert client.zscore(keys.agents_waiting(), session_id) is None
+        finally:
+            customer.release()
+        assert customer.result is not None and customer.result.protocol_errors == []
+    client.close()
