@@ -50,8 +50,10 @@ function send(ws, message) {
 }
 
 function showLine(event) {
+  // A line with an id replaces its earlier copy (partials, and the same final relayed by both legs' streams);
+  // without one, a speaker's final replaces that speaker's open partial.
   const slot = event.item || event.speaker || "";
-  let row = transcript.querySelector(`tr.partial[data-slot="${CSS.escape(slot)}"]`);
+  let row = transcript.querySelector(`tr${event.item ? "" : ".partial"}[data-slot="${CSS.escape(slot)}"]`);
   if (!row) {
     row = document.createElement("tr");
     row.dataset.slot = slot;
