@@ -87,9 +87,10 @@ def no_browser_agent(svc: Services, session_id: str, offer: dict[str, str]) -> s
                          else (profile.fallback_number, "fallback number") if profile.fallback_number
                          else ("", "no agent or fallback number"))
         carrier = offer.get("carrier") or session.get("carrier", "")
-        live_events.SessionEventLog(svc.redis, svc.keys).append(session_id, live_events.LEG, live_events.leg_event(
-            carrier=carrier, call_id=offer.get("call_id", ""), speaker=SPEAKER_AGENT, state="fallback",
-            detail=f"no browser agent took the call in {profile.browser_agent_wait_seconds} s: {which}"))
+        live_events.announce_fallback(svc.redis, svc.keys, session_id, carrier=carrier,
+                                      call_id=offer.get("call_id", ""), speaker=SPEAKER_AGENT,
+                                      why=f"no browser agent took the call in {profile.browser_agent_wait_seconds} s: "
+                                          f"{which}")
     except redis.RedisError as exc:
         log.error("session=%s no browser agent, and Redis failed: %s", session_id, exc)
         return None
