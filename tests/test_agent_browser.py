@@ -89,6 +89,13 @@ def best_correlation(samples: tuple[int, ...], reference: list[float]) -> float:
     return best
 
 
+def set_browser_profile(client: redis_lib.Redis, keys: RedisKeys) -> None:
+    profile = NumberProfile(mode="bidirectional_translation", source_language="en", target_language="es",
+                            browser_agents=True, browser_agent_wait_seconds=120, agent_hangup_ends_call=True)
+    client.set(keys.profile(NUMBER), profile.to_json())
+    client.sadd(keys.profiles_index(), NUMBER)
+
+
 @pytest.fixture(scope="module")
 def agent_bridge(redis_url: str, emulator_server: RunningServer,
                  fake_twilio_server: RunningServer) -> Iterator[tuple[RunningServer, str]]:
@@ -132,10 +139,7 @@ def test_agent_takes_talks_on_and_hangs_up_a_call_in_the_browser(
     bridge, namespace = agent_bridge
     client = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
     state, keys = BridgeState(client, namespace), RedisKeys(namespace)
-    profile = NumberProfile(mode="bidirectional_translation", source_language="en", target_language="es",
-                            browser_agents=True, browser_agent_wait_seconds=120, agent_hangup_ends_call=True)
-    client.set(keys.profile(NUMBER), profile.to_json())
-    client.sadd(keys.profiles_index(), NUMBER)
+    set_browser_profile(client, keys)
     emulator.behaviour("silent")  # what plays in the page is only what the test sends for the agent
     reference = speech_file(tmp_path / "agent-speech.wav")
 
@@ -184,16 +188,23 @@ def test_agent_takes_talks_on_and_hangs_up_a_call_in_the_browser(
             assert state.call(BROWSER_LEG, leg_id)["state"] == "live"
             assert state.has_live_heartbeat(BROWSER_LEG, leg_id)
 
-            # Kallglot's audio for the agent plays in the page: 1 s of a 440 Hz tone, seen by the analyser.
-            tone = audioop.lin2ulaw(struct.pack("<8000h", *(int(8000 * math.sin(2 * math.pi * 440 * i / 8000))
-                                                           for i in range(8000))), 2)
+            # Kallglot's audio for the agent plays in the page: 6 s of a 440 Hz tone (sent at once, faster than it
+            # plays, as speech synthesis may), seen by the analyser after the jitter buffer.
+            tone = audioop.lin2ulaw(struct.pack("<48000h", *(int(8000 * math.sin(2 * math.pi * 440 * i / 8000))
+                                                            for i in range(48000))), 2)
             messages = [{"type": "audio.output", "sequence": n,
                          "audio": {"encoding": "mulaw", "sample_rate_hz": 8000,
                                    "payload": base64.b64encode(tone[n * 800:(n + 1) * 800]).decode()}}
-                        for n in range(10)]
+                        for n in range(60)]
             assert emulator.send(session_id, *messages) == 2  # the customer's and the agent's connections
-            wait_for(browser, lambda: browser.execute_script("return window.kbAgent.peakLevel") > 0.05,
+            wait_for(browser, lambda: browser.execute_script("return window.kbAgent.level()") > 0.05,
                      "the emulator's audio playing in the page")
+            # Barge-in: Kallglot's audio.clear stops playback at once, long before the 6 s of tone would end.
+            emulator.send(session_id, {"type": "audio.clear"})
+            wait_for(browser, lambda: browser.execute_script("return window.kbAgent.clears") == 1
+                     and browser.execute_script("return window.kbAgent.level()") < 0.005,
+                     "playback stopped by clear", timeout=1.5)
+            emulator.send(session_id, *messages[:30])  # more speech for the agent, playing in the screenshot
             emulator.send(session_id, {"type": "transcript.final", "id": "utt-agent-1", "speaker": "agent",
                                        "language": "es", "text": "Buenos días, ¿en qué puedo ayudarle?",
                                        "translation": {"language": "en", "text": "Good morning, how can I help?"}})
@@ -213,3 +224,63 @@ def test_agent_takes_talks_on_and_hangs_up_a_call_in_the_browser(
             customer.release()
         assert customer.result is not None and customer.result.protocol_errors == []
     client.close()
+
+
+def on_the_call(browser: WebDriver) -> bool:
+    return browser.execute_script("return window.kbAgent ? window.kbAgent.state : ''") == "on call"
+
+
+def test_a_closed_tab_is_a_lost_leg_the_call_is_offered_again_and_the_agent_rejoins(
+        agent_bridge: tuple[RunningServer, str], emulator: EmulatorControl, redis_url: str, tmp_path: Path) -> None:
+    bridge, namespace = agent_bridge
+    client = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
+    state, keys = BridgeState(client, namespace), RedisKeys(namespace)
+    set_browser_profile(client, keys)
+    emulator.behaviour("echo")
+    speech_file(tmp_path / "agent-speech.wav")
+
+    with chromium(*fake_microphone_flags(tmp_path / "agent-speech.wav")) as browser:
+        browser.get(bridge.url + "/admin/agent")
+        fill(browser, "name", "Agent Bo")
+        fill(browser, "password", ADMIN_PASSWORD + Keys.ENTER)
+        wait_for(browser, lambda: browser.current_url.endswith("/admin/agent"), "the agent page")
+        customer = WaitingCustomer(bridge)
+        try:
+            assert customer.on_call.wait(PAGE_TIMEOUT_SECONDS), "the customer's call never reached its stream"
+            (session,) = emulator.sessions()
+            session_id = session["id"]
+            find(browser, By.CSS_SELECTOR, f"#waiting-calls tr[data-session='{session_id}'] button.take").click()
+            wait_for(browser, lambda: on_the_call(browser), "the page on the call")
+            leg_id = browser.current_url.rsplit("/", 1)[1]
+            call_page = browser.current_url
+
+            # The tab goes away without hanging up: the agent's leg is lost, not ended cleanly, the customer stays
+            # on with Kallglot, and the call is back on the agents' list.
+            browser.get("about:blank")
+            wait_for(browser, lambda: state.call(BROWSER_LEG, leg_id).get("state") == "ended",
+                     "the agent leg given up")
+            assert state.call(BROWSER_LEG, leg_id).get("end_reason") == "relay_carrier_lost"
+            assert state.session(session_id)["status"] == "active"
+            wait_for(browser, lambda: client.zscore(keys.agents_waiting(), session_id) is not None,
+                     "the call offered to agents again")
+            assert offer_record(client, keys, session_id)["reason"] == "agent_lost"
+
+            # Reopening the call's page rejoins: the same leg is live again, its relay beating.
+            browser.get(call_page)
+            wait_for(browser, lambda: on_the_call(browser), "the page on the call again")
+            wait_for(browser, lambda: state.call(BROWSER_LEG, leg_id).get("state") == "live", "the leg live again")
+            wait_for(browser, lambda: state.has_live_heartbeat(BROWSER_LEG, leg_id), "the rejoined relay beating")
+            assert client.zscore(keys.agents_waiting(), session_id) is None
+            assert emulator.session(session_id)["connections_live"] == 2
+        finally:
+            customer.release()  # the customer hangs up
+        wait_for(browser, lambda: state.settled_ended(session_id), "the session ended, once")
+        wait_for(browser, lambda: browser.execute_script("return window.kbAgent.state") == "ended",
+                 "the page told the call ended")
+        assert state.call(BROWSER_LEG, leg_id).get("state") == "ended"
+        assert emulator.session(session_id)["end_calls"] == 1
+    client.close()
+
+
+def offer_record(client: redis_lib.Redis, keys: RedisKeys, session_id: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in client.hgetall(keys.agent_offer(session_id)).items()}

@@ -29,7 +29,8 @@ class CaptureProcessor extends AudioWorkletProcessor {
 class PlaybackProcessor extends AudioWorkletProcessor {
   constructor() {
     super();
-    this.jitter = new JitterBuffer({ targetSamples: 480, maxSamples: RATE * 2 }); // 60 ms cushion, 2 s cap
+    // A 60 ms cushion against network jitter; room for a minute, as Kallglot may send speech faster than it plays.
+    this.jitter = new JitterBuffer({ targetSamples: 480, maxSamples: RATE * 60 });
     this.ratio = RATE / sampleRate;  // 8 kHz samples per output sample
     this.phase = 0;
     this.a = 0;
