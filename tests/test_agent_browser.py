@@ -10,9 +10,12 @@ Hang up ends the agent leg cleanly and, as the profile says, the whole call. Scr
 from __future__ import annotations
 
 import base64
+import json
 import math
+import re
 import struct
 import threading
+import time
 import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +23,8 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+import requests
+import simple_websocket
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -34,6 +39,7 @@ from tests.support.browser import PAGE_TIMEOUT_SECONDS, chromium, fake_microphon
 from tests.support.controls import EmulatorControl
 from tests.support.settings import ADMIN_PASSWORD, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.servers import RunningServer, free_port, run_gunicorn
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -284,3 +290,64 @@ def test_a_closed_tab_is_a_lost_leg_the_call_is_offered_again_and_the_agent_rejo
 
 def offer_record(client: redis_lib.Redis, keys: RedisKeys, session_id: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in client.hgetall(keys.agent_offer(session_id)).items()}
+
+
+def _signed_in(base: str, name: str) -> requests.Session:
+    http = requests.Session()
+    page = http.get(base + "/admin/sign-in", timeout=10).text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    assert http.post(base + "/admin/sign-in", timeout=10, allow_redirects=False,
+                     data={"csrf_token": token, "password": ADMIN_PASSWORD, "name": name}).status_code == 302
+    return http
+
+
+def _close_of(url: str, http: requests.Session | None, *frames: str | bytes) -> tuple[int, str]:
+    """Open ``/agent/media`` (with ``http``'s cookies), send ``frames``, return how the service closed it."""
+    cookie = "; ".join(f"{c.name}={c.value}" for c in http.cookies) if http else ""
+    ws = simple_websocket.Client.connect(url, headers={"Cookie": cookie} if cookie else None)
+    deadline = time.monotonic() + PAGE_TIMEOUT_SECONDS
+    try:
+        for frame in frames:
+            ws.send(frame)
+        while time.monotonic() < deadline:
+            ws.receive(timeout=1)
+    except simple_websocket.ConnectionClosed:
+        pass
+    finally:
+        if ws.connected:
+            ws.close()
+    return int(ws.close_reason), str(ws.close_message or "")
+
+
+def test_the_agent_media_socket_refuses_everyone_but_the_tab_that_took_the_call(
+        agent_bridge: tuple[RunningServer, str], emulator: EmulatorControl, redis_url: str) -> None:
+    bridge, namespace = agent_bridge
+    client = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
+    set_browser_profile(client, RedisKeys(namespace))
+    customer = WaitingCustomer(bridge)
+    try:
+        assert customer.on_call.wait(PAGE_TIMEOUT_SECONDS)
+        (session,) = emulator.sessions()
+        ana, bo = _signed_in(bridge.url, "Ana"), _signed_in(bridge.url, "Bo")
+        wait_until(lambda: session["id"] in ana.get(bridge.url + "/admin/agent", timeout=10).text)
+        page = ana.get(bridge.url + "/admin/agent", timeout=10).text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        call_page = ana.post(f"{bridge.url}/admin/agent/take/{session['id']}", data={"csrf_token": csrf}, timeout=10)
+        leg = re.search(r'data-leg="([^"]+)"', call_page.text).group(1)  # type: ignore[union-attr]
+        token = re.search(r'data-token="([^"]+)"', call_page.text).group(1)  # type: ignore[union-attr]
+        url = bridge.url.replace("http", "ws") + f"/agent/media?leg={leg}"
+        start = json.dumps({"event": "start", "leg": leg, "token": token})
+
+        assert _close_of(url, None, start) == (1008, "admin session required")
+        assert _close_of(url, bo, start) == (1008, "not your call")
+        assert _close_of(url, ana, json.dumps({"event": "start", "leg": leg, "token": "forged"}))[0] == 1008
+        assert _close_of(url, ana, b"\x00binary")[0] == 1003
+        assert _close_of(url, ana, json.dumps({"event": "media", "payload": ""}))[0] == 1008  # before start
+        # The right tab: relayed until it hangs up; its token cannot be used a second time.
+        frame = json.dumps({"event": "media", "payload": base64.b64encode(b"\x7f" * 160).decode()})
+        assert _close_of(url, ana, start, *[frame] * 10, json.dumps({"event": "hangup"}))[0] == 1000
+        assert base64.b64decode(emulator.session(session["id"])["audio_received"]["agent"]) == b"\x7f" * 1600
+        assert _close_of(url, ana, start) == (1008, "relay token already used")
+    finally:
+        customer.release()
+    client.close()

@@ -12,12 +12,13 @@ import re
 
 import redis
 from flask import Blueprint, request
+from simple_websocket import ConnectionClosed
 
 from app.admin.auth import session_owner, signed_in
 from app.agents.codec import BrowserAgentCodec
 from app.calls.agent_queue import BROWSER_LEG, AgentQueue
 from app.extensions import Services, services, sock
-from app.relay.bridge import bridge_leg
+from app.relay.bridge import MEDIA_START_TIMEOUT_SECONDS, bridge_leg
 from app.relay.core import CarrierSocket, RelayEnd, close_quietly
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,30 @@ def agent_media(ws: CarrierSocket) -> None:
     the leg; otherwise relayed until the page hangs up, goes away, or the session ends."""
     svc = services()
     leg_id = request.args.get("leg", "")
+    refusal = ""
     if not svc.settings.admin_password or not signed_in():
-        close_quietly(ws, 1008, "admin session required")
-        return
-    call = svc.lifecycle.call_record(BROWSER_LEG, leg_id) if LEG_ID.match(leg_id) else {}
-    if not call or call.get("agent_owner") != session_owner():
-        log.warning("agent media socket refused: leg %.40s is not this admin session's", leg_id)
-        close_quietly(ws, 1008, "not your call")
+        refusal = "admin session required"
+    else:
+        call = svc.lifecycle.call_record(BROWSER_LEG, leg_id) if LEG_ID.match(leg_id) else {}
+        if not call or call.get("agent_owner") != session_owner():
+            log.warning("agent media socket refused: leg %.40s is not this admin session's", leg_id)
+            refusal = "not your call"
+    if refusal:
+        _refuse(ws, refusal)
         return
     end = bridge_leg(ws, BrowserAgentCodec(leg_id), svc)
     if end in LOST_ENDS:
         offer_again(svc, call.get("session_id", ""), leg_id)
+
+
+def _refuse(ws: CarrierSocket, reason: str) -> None:
+    """Close with 1008 once the page's first frame is in (or after :data:`MEDIA_START_TIMEOUT_SECONDS`): a close
+    sent in the same instant as the upgrade's answer is lost by some clients, which then see no reason at all."""
+    try:
+        ws.receive(timeout=MEDIA_START_TIMEOUT_SECONDS)
+    except ConnectionClosed:
+        return
+    close_quietly(ws, 1008, reason)
 
 
 def offer_again(svc: Services, session_id: str, leg_id: str) -> None:
