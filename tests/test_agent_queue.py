@@ -290,3 +290,20 @@ def test_the_emulator_refuses_participants_of_the_wrong_shape(emulator: Emulator
                        json={"mode": "bidirectional_translation",
                              "participants": [{"type": "customer", "language": "en"}, {"type": "agent"}]})
     assert ok.status_code == 201
+
+
+def test_the_live_page_shows_that_the_fallback_was_used(make_admin_app, emulator: EmulatorControl) -> None:
+    app = make_admin_app()
+    _browser_profile(app, browser_agent_wait_seconds=5)
+    call_sid = new_call_sid()
+    answer(app.test_client(), call_sid)
+    (session,) = emulator.sessions()
+    with app.app_context():
+        svc = services()
+        dial_agent_if_configured(svc, session["id"], "twilio", call_sid)
+        svc.redis.zadd(svc.keys.agents_waiting(), {session["id"]: 0})  # the wait ran out
+        assert expire_agent_waits(svc) == 1
+    admin = app.test_client()
+    admin_sign_in(admin)
+    page = admin.get(f"/admin/live/{session['id']}").get_data(as_text=True)
+    assert "fallback used" in page and "no browser agent took the call in 5 s" in page
