@@ -351,3 +351,32 @@ def test_the_agent_media_socket_refuses_everyone_but_the_tab_that_took_the_call(
     finally:
         customer.release()
     client.close()
+
+
+def test_a_customer_hanging_up_frees_the_agent_even_while_the_session_is_held_for_its_grace(
+        agent_bridge: tuple[RunningServer, str], emulator: EmulatorControl, redis_url: str) -> None:
+    bridge, namespace = agent_bridge
+    client = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
+    keys, state = RedisKeys(namespace), BridgeState(client, namespace)
+    profile = NumberProfile(source_language="en", target_language="es", browser_agents=True, hangup_grace_seconds=60)
+    client.set(keys.profile(NUMBER), profile.to_json())
+    customer = WaitingCustomer(bridge)
+    try:
+        assert customer.on_call.wait(PAGE_TIMEOUT_SECONDS)
+        (session,) = emulator.sessions()
+        ana = _signed_in(bridge.url, "Ana")
+        wait_until(lambda: session["id"] in ana.get(bridge.url + "/admin/agent", timeout=10).text)
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"',  # type: ignore[union-attr]
+                         ana.get(bridge.url + "/admin/agent", timeout=10).text).group(1)
+        page = ana.post(f"{bridge.url}/admin/agent/take/{session['id']}", data={"csrf_token": csrf}, timeout=10).text
+        leg = re.search(r'data-leg="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        token = re.search(r'data-token="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        threading.Timer(2.0, customer.release).start()  # the customer hangs up while the agent talks
+        code, reason = _close_of(bridge.url.replace("http", "ws") + f"/agent/media?leg={leg}", ana,
+                                 json.dumps({"event": "start", "leg": leg, "token": token}))
+        assert (code, reason) == (1000, "call ended")
+        assert state.session(session["id"])["status"] == "held"  # the grace runs; Kallglot did not end it
+        assert state.call(BROWSER_LEG, leg)["state"] == "ended"
+    finally:
+        customer.release()
+    client.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 
 import redis
 from flask import Blueprint, request
@@ -16,7 +17,9 @@ from simple_websocket import ConnectionClosed
 
 from app.admin.auth import session_owner, signed_in
 from app.agents.codec import BrowserAgentCodec
+from app.background import spawn
 from app.calls.agent_queue import BROWSER_LEG, AgentQueue
+from app.calls.states import LEG_ENDED
 from app.extensions import Services, services, sock
 from app.relay.bridge import MEDIA_START_TIMEOUT_SECONDS, bridge_leg
 from app.relay.core import CarrierSocket, RelayEnd, close_quietly
@@ -47,9 +50,30 @@ def agent_media(ws: CarrierSocket) -> None:
     if refusal:
         _refuse(ws, refusal)
         return
-    end = bridge_leg(ws, BrowserAgentCodec(leg_id), svc)
+    stopped = threading.Event()
+    spawn(_close_when_ended_elsewhere, svc, ws, leg_id, stopped, name="agent-leg-watch")
+    try:
+        end = bridge_leg(ws, BrowserAgentCodec(leg_id), svc)
+    finally:
+        stopped.set()
     if end in LOST_ENDS:
         offer_again(svc, call.get("session_id", ""), leg_id)
+
+
+def _close_when_ended_elsewhere(svc: Services, ws: CarrierSocket, leg_id: str, stopped: threading.Event) -> None:
+    """A phone leg ends when its carrier hangs it up; a page has no carrier. When the lifecycle ends this leg
+    while its page is connected (the customer hung up and the session is held for the profile's hang-up grace,
+    say), close the page's socket within a heartbeat interval instead of leaving the agent on a call with nobody."""
+    interval = max(1.0, svc.settings.heartbeat_timeout_seconds / 3)
+    while not stopped.wait(interval):
+        try:
+            ended = svc.lifecycle.call_record(BROWSER_LEG, leg_id).get("state") == LEG_ENDED
+        except redis.RedisError:
+            continue
+        if ended:
+            log.info("browser agent leg %s was ended elsewhere: closing its page's socket", leg_id)
+            close_quietly(ws, 1000, "call ended")
+            return
 
 
 def _refuse(ws: CarrierSocket, reason: str) -> None:
