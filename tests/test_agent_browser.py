@@ -211,6 +211,9 @@ def test_agent_takes_talks_on_and_hangs_up_a_call_in_the_browser(
                      and browser.execute_script("return window.kbAgent.level()") < 0.005,
                      "playback stopped by clear", timeout=1.5)
             emulator.send(session_id, *messages[:30])  # more speech for the agent, playing in the screenshot
+            emulator.send(session_id, {"type": "transcript.final", "id": "utt-customer-1", "speaker": "customer",
+                                       "language": "en", "text": "Hi, the invoice I got is wrong.",
+                                       "translation": {"language": "es", "text": "Hola, la factura que recibí está mal."}})
             emulator.send(session_id, {"type": "transcript.final", "id": "utt-agent-1", "speaker": "agent",
                                        "language": "es", "text": "Buenos días, ¿en qué puedo ayudarle?",
                                        "translation": {"language": "en", "text": "Good morning, how can I help?"}})

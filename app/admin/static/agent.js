@@ -63,6 +63,7 @@ function showLine(event) {
   }
   row.className = event.final ? "final" : "partial";
   row.cells[0].textContent = event.speaker || "";
+  row.cells[0].className = `speaker speaker-${event.speaker || ""}`;
   row.cells[1].textContent = event.text || "";
   row.cells[2].textContent = event.translation || "";
 }
