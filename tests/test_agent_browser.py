@@ -30,6 +30,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from app.calls.agent_queue import BROWSER_LEG
+from app.calls.events import SessionEventLog
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from app.profiles import NumberProfile
 from app.redis_keys import RedisKeys
@@ -220,6 +221,13 @@ def test_agent_takes_talks_on_and_hangs_up_a_call_in_the_browser(
             wait_for(browser, lambda: "Good morning, how can I help?" in
                      browser.find_element(By.ID, "agent-transcript").text, "the live transcript beside the controls")
             screenshot(browser, "agent-call")
+            # The relay marks the end of that speech; the page echoes the mark once it has played it, so the
+            # console's relay health shows the agent's playback lag as for phone legs.
+            wait_for(browser, lambda: browser.execute_script("return window.kbAgent.marksEchoed") >= 1,
+                     "the utterance's mark echoed after playback")
+            wait_for(browser, lambda: any(
+                e.kind == "relay" and e.data.get("speaker") == "agent" and "playback_lag_ms" in e.data
+                for e in SessionEventLog(client, keys).latest(session_id, 200)), "the agent's playback lag, live")
 
             # Hang up from the page: the agent leg ends cleanly and, by the profile, the whole call.
             browser.find_element(By.ID, "hangup").click()
