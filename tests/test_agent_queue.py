@@ -307,3 +307,32 @@ def test_the_live_page_shows_that_the_fallback_was_used(make_admin_app, emulator
     admin_sign_in(admin)
     page = admin.get(f"/admin/live/{session['id']}").get_data(as_text=True)
     assert "fallback used" in page and "no browser agent took the call in 5 s" in page
+
+
+def test_an_agent_without_a_microphone_gives_the_call_back_and_the_customer_stays_on(
+        make_admin_app, emulator: EmulatorControl) -> None:
+    app = make_admin_app()
+    _browser_profile(app)
+    call_sid = new_call_sid()
+    answer(app.test_client(), call_sid)
+    (session,) = emulator.sessions()
+    with app.app_context():
+        dial_agent_if_configured(services(), session["id"], "twilio", call_sid)
+    ana = app.test_client()
+    admin_sign_in(ana, name="Ana")
+    token = csrf_token_in(ana.get("/admin/agent").get_data(as_text=True))
+    leg_id = ana.post(f"/admin/agent/take/{session['id']}", data={"csrf_token": token}).location.rsplit("/", 1)[1]
+    page = ana.get(f"/admin/agent/call/{leg_id}").get_data(as_text=True)
+    back = ana.post(f"/admin/agent/call/{leg_id}/give-back", data={"csrf_token": csrf_token_in(page)},
+                    follow_redirects=True)
+    assert "The call is back on the waiting list." in back.get_data(as_text=True)
+    with app.app_context():
+        svc = services()
+        legs = svc.lifecycle.session_legs(session["id"])
+        (waiting,) = AgentQueue(svc.redis, svc.keys).waiting()
+    assert legs[("twilio", call_sid)] == "live" and legs[(BROWSER_LEG, leg_id)] == "ended"
+    assert (waiting["session_id"], waiting["reason"]) == (session["id"], "agent_gave_back")
+    other = app.test_client()
+    admin_sign_in(other, name="Bo")
+    assert other.post(f"/admin/agent/call/{leg_id}/give-back", data={"csrf_token": csrf_token_in(
+        other.get("/admin/agent").get_data(as_text=True))}).status_code == 404  # only the agent who took it

@@ -19,6 +19,7 @@ from flask.typing import ResponseReturnValue
 from app.admin.auth import admin_name, session_owner
 from app.admin.blueprint import bp
 from app.admin.live import valid_session_id
+from app.calls.agent import offer_again
 from app.calls.agent_queue import BROWSER_LEG, AgentQueue
 from app.calls.leg_spec import LegSpec
 from app.calls.legs import live_session
@@ -112,6 +113,22 @@ def agent_call(leg_id: str) -> ResponseReturnValue:
         problem = "The translation service cannot be reached right now; reload to try again."
     return render_template("admin/agent_call.html", leg_id=leg_id, session_id=session_id, record=record,
                            token=token, problem=problem, opened_at=time.time())
+
+
+@bp.post("/agent/call/<leg_id>/give-back")
+def agent_give_back(leg_id: str) -> ResponseReturnValue:
+    """The agent cannot take the call after all (no microphone, wrong call): their leg ends as lost — the
+    customer is not hung up — and the call goes back on the waiting list."""
+    svc = services()
+    call = svc.lifecycle.call_record(BROWSER_LEG, leg_id)
+    if not call or call.get("agent_owner") != session_owner():
+        abort(404, description="no such call of yours")
+    svc.lifecycle.leg_ended(BROWSER_LEG, leg_id, "agent_gave_back", clean=False)
+    if offer_again(svc, call["session_id"], leg_id, reason="agent_gave_back"):
+        flash("The call is back on the waiting list.", "ok")
+    else:
+        flash("That call has ended.", "error")
+    return redirect(url_for("admin.agent_page")), 303
 
 
 def _rejoin(svc: Services, session_id: str, leg_id: str) -> bool:

@@ -18,7 +18,8 @@ from simple_websocket import ConnectionClosed
 from app.admin.auth import session_owner, signed_in
 from app.agents.codec import BrowserAgentCodec
 from app.background import spawn
-from app.calls.agent_queue import BROWSER_LEG, AgentQueue
+from app.calls.agent import offer_again
+from app.calls.agent_queue import BROWSER_LEG
 from app.calls.states import LEG_ENDED
 from app.extensions import Services, services, sock
 from app.relay.bridge import MEDIA_START_TIMEOUT_SECONDS, bridge_leg
@@ -84,25 +85,3 @@ def _refuse(ws: CarrierSocket, reason: str) -> None:
     except ConnectionClosed:
         return
     close_quietly(ws, 1008, reason)
-
-
-def offer_again(svc: Services, session_id: str, leg_id: str) -> None:
-    """A browser agent's leg was lost while the customer is still on: offer the call to agents again (the same
-    agent rejoins by reopening the call's page), for the profile's wait; then the agent number or fallback."""
-    try:
-        session = svc.lifecycle.session_record(session_id)
-        customer_live = any(state == "live" and carrier != BROWSER_LEG
-                            for (carrier, _), state in svc.lifecycle.session_legs(session_id).items())
-        if session.get("status") == "ended" or not customer_live:
-            return
-        queue = AgentQueue(svc.redis, svc.keys)
-        first = queue.offer_record(session_id)
-        profile = svc.profiles.for_number(session.get("to", ""))
-        queue.offer(session_id, carrier=first.get("carrier") or session.get("carrier", ""),
-                    call_id=first.get("call_id", ""), to_number=session.get("to", ""),
-                    from_number=session.get("from", ""), source_language=profile.source_language,
-                    target_language=profile.target_language, wait_seconds=profile.browser_agent_wait_seconds,
-                    reason="agent_lost")
-        log.warning("session=%s browser agent leg %s lost: offered to agents again", session_id, leg_id)
-    except redis.RedisError as exc:
-        log.error("session=%s browser agent leg %s lost, not offered again: %s", session_id, leg_id, exc)

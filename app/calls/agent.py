@@ -7,7 +7,7 @@ import logging
 import redis
 
 from app.calls import events as live_events
-from app.calls.agent_queue import AgentQueue
+from app.calls.agent_queue import BROWSER_LEG, AgentQueue
 from app.calls.leg_spec import LegSpec
 from app.carriers.contract import CarrierError
 from app.extensions import Services
@@ -101,3 +101,28 @@ def no_browser_agent(svc: Services, session_id: str, offer: dict[str, str]) -> s
 def expire_agent_waits(svc: Services) -> int:
     """A reaper pass: every call whose browser-agent wait ran out goes to :func:`no_browser_agent`."""
     return AgentQueue(svc.redis, svc.keys).expire_due(lambda sid, offer: no_browser_agent(svc, sid, offer))
+
+
+def offer_again(svc: Services, session_id: str, leg_id: str, reason: str = "agent_lost") -> bool:
+    """A browser agent's leg was lost (``agent_lost``) or given back (``agent_gave_back``) while the customer is
+    still on: offer the call to agents again for the profile's wait (the same agent may rejoin by reopening the
+    call's page); then the agent number or fallback. True when offered."""
+    try:
+        session = svc.lifecycle.session_record(session_id)
+        customer_live = any(state == "live" and carrier != BROWSER_LEG
+                            for (carrier, _), state in svc.lifecycle.session_legs(session_id).items())
+        if session.get("status") == "ended" or not customer_live:
+            return False
+        queue = AgentQueue(svc.redis, svc.keys)
+        first = queue.offer_record(session_id)
+        profile = svc.profiles.for_number(session.get("to", ""))
+        queue.offer(session_id, carrier=first.get("carrier") or session.get("carrier", ""),
+                    call_id=first.get("call_id", ""), to_number=session.get("to", ""),
+                    from_number=session.get("from", ""), source_language=profile.source_language,
+                    target_language=profile.target_language, wait_seconds=profile.browser_agent_wait_seconds,
+                    reason=reason)
+        log.warning("session=%s browser agent leg %s %s: offered to agents again", session_id, leg_id, reason)
+    except redis.RedisError as exc:
+        log.error("session=%s browser agent leg %s %s, not offered again: %s", session_id, leg_id, reason, exc)
+        return False
+    return True

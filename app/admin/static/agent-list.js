@@ -17,7 +17,8 @@ function render(waiting) {
     cell(row, offer.from);
     cell(row, offer.to);
     cell(row, `${offer.source_language || "auto"} → ${offer.target_language || "auto"}`);
-    cell(row, `${offer.seconds_left} s left${offer.reason === "agent_lost" ? " (agent lost)" : ""}`);
+    const why = { agent_lost: " (agent lost)", agent_gave_back: " (given back)" }[offer.reason] || "";
+    cell(row, `${offer.seconds_left} s left${why}`);
     const form = document.createElement("form");
     form.method = "post";
     form.action = table.dataset.take.replace("SESSION", encodeURIComponent(offer.session_id));

@@ -158,5 +158,9 @@ async function start() {
 
 if (root) {
   followTranscript();
-  start().catch((error) => setState("failed", `not connected: ${error.message || error}`));
+  // No microphone (refused, none plugged in): say so; "Give the call back" puts it back on the waiting list.
+  start().catch((error) => {
+    setState("failed", `not connected: ${error.message || error}`);
+    document.getElementById("give-back").classList.add("prominent");
+  });
 }
