@@ -49,9 +49,12 @@ class Services:
     carrier_controls: Mapping[str, CarrierControl]
 
 
-def init_services(app: Flask, settings: Settings, controls: Mapping[str, CarrierControl]) -> Services:
-    """Build the services for ``app`` (``controls``: each carrier's call control by name) and store them on
-    ``app.extensions``."""
+def init_services(app: Flask, settings: Settings, controls: Mapping[str, CarrierControl],
+                  other_legs: Mapping[str, CarrierControl] | None = None) -> Services:
+    """Build the services for ``app`` (``controls``: each carrier's call control by name; ``other_legs``: the
+    control of legs that are not a carrier's, e.g. browser agents, which the lifecycle may hang up too) and store
+    them on ``app.extensions``."""
+    leg_controls = {**controls, **(other_legs or {})}
     # Standalone, TLS, Cluster or Sentinel, as REDIS_URL says (validated with the settings).
     client = connect_redis(settings)
     keys = RedisKeys(settings.redis_namespace)
@@ -64,7 +67,7 @@ def init_services(app: Flask, settings: Settings, controls: Mapping[str, Carrier
                               destination_problem=DestinationRules.of(settings.destination_countries).problem),
         lifecycle=SessionLifecycle(client, keys, kallglot,
                                    heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds,
-                                   hang_up=lambda carrier, call_id: controls[carrier].hang_up(call_id)),
+                                   hang_up=lambda carrier, call_id: leg_controls[carrier].hang_up(call_id)),
         carrier_controls=controls,
         relay_tokens=RelayTokenSealer(settings.secret_key),
         relay_guard=RelayGuard(client, keys, lease_seconds=settings.heartbeat_timeout_seconds),

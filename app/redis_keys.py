@@ -33,6 +33,8 @@ key                                            type    holds
 ``{ns}:live-changes``                          stream  "a live session appeared, changed or ended" (capped, TTL)
 ``{ns}:{S}:session:{id}:artifacts:{kind}``     string  JSON cache of the session's transcript/recordings (TTL)
 ``{ns}:{S}:usage:sessions``                    zset    the shard's sessions with a billed duration (score: ended)
+``{ns}:{A}:agents:waiting``                    zset    sessions waiting for a browser agent (score: deadline)
+``{ns}:{A}:agents:offer:{session_id}``         hash    a waiting call as agents see it; who took it (TTL)
 =============================================  ======  =====================================================
 
 The lifecycle's keys change only through the Lua scripts in :mod:`app.calls.scripts`, whose invariants
@@ -52,7 +54,8 @@ evenly between its masters (``redis-cli --cluster create`` does, managed service
 shards on every master. Readers of a global view (the reaper, the live page, the call log, usage) read every
 shard and merge.
 
-Three kinds of key stay outside the shards, because they are found by something other than the session: a
+The browser-agent queue (``{A}`` = ``{ns.agents}``) has one tag of its own: its claim script touches the
+waiting set and an offer. Three kinds of key stay outside the shards, because they are found by something other than the session: a
 call leg's description ``{ns}:call:…`` (found by the carrier's call id; it names the session, whose shard holds
 the leg's state), the held-caller hint ``{ns}:held:…`` (found by the numbers) and everything keyed by a
 webhook, relay token, API token or admin. Scripts never touch them; :mod:`app.calls.scripts` says how each
@@ -236,6 +239,20 @@ class RedisKeys:
     def billed_sessions(self, shard: int) -> str:
         """Key of one shard's sorted set of sessions with a billed duration (score: when they ended)."""
         return f"{self._shard(shard)}:usage:sessions"
+
+    def _agents(self) -> str:
+        # One hash tag for the browser-agent queue: its claim script touches the waiting set and one offer
+        # (a few writes per offered call, so one slot is plenty).
+        return f"{self.namespace}:{{{self.namespace}.agents}}"
+
+    def agents_waiting(self) -> str:
+        """Key of the sorted set of sessions offered to browser agents (score: when the wait runs out)."""
+        return f"{self._agents()}:agents:waiting"
+
+    def agent_offer(self, session_id: str) -> str:
+        """Key of the hash describing a call offered to browser agents, and the agent leg that took it (in the
+        waiting set's slot: taking an offer is one script over both)."""
+        return f"{self._agents()}:agents:offer:{session_id}"
 
 
 def first_seen(client: redis.Redis, key: str, value: str = "1", ttl_seconds: int = SEEN_TTL_SECONDS) -> bool:
