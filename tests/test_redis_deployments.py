@@ -22,6 +22,7 @@ import requests
 from app import create_app
 from app.admin.throttle import MAX_FAILURES_PER_CLIENT
 from app.calls import usage
+from app.calls.agent_queue import AgentQueue
 from app.calls.leg_spec import LegSpec
 from app.calls.states import EndOutcome
 from app.config import ConfigError, Settings
@@ -310,6 +311,10 @@ def test_every_lifecycle_step_runs_on_the_cluster(cluster: RedisDeployment, emul
         # Both sessions were billed at their end (the emulator answers with a duration); ours overwrote one.
         assert sum(row.sessions for row in usage.usage(svc.redis, svc.keys)) == 2
         assert 61.0 in [row.seconds for row in usage.usage(svc.redis, svc.keys)]
+        queue = AgentQueue(svc.redis, svc.keys)  # the browser-agent queue's claim script: one slot too
+        queue.offer(first.id, carrier="twilio", call_id="CA1", to_number="+1", from_number="+2", source_language="en",
+                    target_language="es", wait_seconds=30)
+        assert queue.take(first.id, agent="Ada", owner="o", leg_id="L1") and not queue.withdraw(first.id, "expired")
         svc.profiles.set("+15551230009", NumberProfile(mode="ai_agent"))
         assert list(svc.profiles.all()) == ["+15551230009"] and svc.profiles.delete("+15551230009")
     # Three end requests refused by the injected fault, then exactly one that ended it; the orphan's one.
