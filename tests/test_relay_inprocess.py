@@ -90,8 +90,9 @@ def run_relay(relay: MediaRelay) -> tuple[threading.Thread, list[RelayEnd]]:
 def test_uplink_chunks_follow_uplink_chunk_ms(emulator: EmulatorControl, session: KallglotSession,
                                               carrier: ScriptedCarrier, chunk_ms: int) -> None:
     emulator.behaviour("silent")
+    # No quiet-time flush: the count below must not depend on how the test's frames are spaced in time.
     relay = MediaRelay(carrier, started_codec(), KallglotStream.open(session.stream.url, session.stream.token),
-                       speaker="customer", chunk_ms=chunk_ms, context="test")
+                       speaker="customer", chunk_ms=chunk_ms, context="test", quiet_flush_ms=0)
     thread, ends = run_relay(relay)
     audio = bytes(range(256)) * 25  # 6400 bytes = 40 frames = 800 ms
     for n in range(0, len(audio), 160):
@@ -104,6 +105,56 @@ def test_uplink_chunks_follow_uplink_chunk_ms(emulator: EmulatorControl, session
     # Every message but the flushed last one carries exactly chunk_ms of audio.
     assert record["audio_input_messages"]["customer"] == -(-len(audio) // (chunk_ms * 8))
     assert record["sequences_increasing"] is True
+
+
+def test_after_the_quiet_time_a_half_full_batch_goes_out_while_the_call_goes_on(
+        emulator: EmulatorControl, session: KallglotSession, carrier: ScriptedCarrier) -> None:
+    """A carrier that suppresses silence sends nothing after the caller's last word: that word still reaches
+    Kallglot (README, UPLINK_QUIET_FLUSH_MS) — with the carrier socket open and no ``stop``."""
+    emulator.behaviour("silent")
+    relay = MediaRelay(carrier, started_codec(), KallglotStream.open(session.stream.url, session.stream.token),
+                       speaker="customer", chunk_ms=100, context="test", quiet_flush_ms=40)
+    thread, ends = run_relay(relay)
+    try:
+        said = [bytes([n]) * 160 for n in range(1, 4)]  # 60 ms: less than one 100 ms batch, then silence
+        for frame in said:
+            carrier.media(frame)
+        record = wait_until(lambda: (r := emulator.session(session.id))["audio_input_messages"].get(
+            "customer", 0) == 1 and r, timeout=5)
+        assert record, emulator.session(session.id)
+        assert base64.b64decode(record["audio_received"]["customer"]) == b"".join(said)
+        assert thread.is_alive() and not ends and carrier.connected  # the call goes on
+        assert relay.uplink.quiet_flushes == 1
+        # The caller speaks again: batching starts afresh, and nothing is lost or repeated.
+        again = [bytes([n]) * 160 for n in range(10, 15)]
+        for frame in again:
+            carrier.media(frame)
+        carrier.stop()
+        thread.join(timeout=10)
+        assert ends == [RelayEnd.CARRIER_STOP]
+        assert base64.b64decode(emulator.session(session.id)["audio_received"]["customer"]) == b"".join(said + again)
+    finally:
+        carrier.stop()
+        thread.join(timeout=10)
+
+
+def test_with_the_quiet_flush_off_a_half_full_batch_waits_for_the_next_frame(
+        emulator: EmulatorControl, session: KallglotSession, carrier: ScriptedCarrier) -> None:
+    emulator.behaviour("silent")
+    relay = MediaRelay(carrier, started_codec(), KallglotStream.open(session.stream.url, session.stream.token),
+                       speaker="customer", chunk_ms=100, context="test", quiet_flush_ms=0)
+    thread, ends = run_relay(relay)
+    for n in range(3):
+        carrier.media(bytes([n]) * 160)
+    assert wait_until(lambda: carrier.inbox.empty(), timeout=5)  # the relay has read them, and holds them
+    for n in range(3, 5):
+        carrier.media(bytes([n]) * 160)
+    carrier.stop()
+    thread.join(timeout=10)
+    assert ends == [RelayEnd.CARRIER_STOP]
+    record = emulator.session(session.id)
+    assert record["audio_input_messages"]["customer"] == 1  # one full batch: the first three frames waited
+    assert relay.uplink.quiet_flushes == 0
 
 
 def test_the_relay_keeps_a_quiet_kallglot_stream_alive(emulator: EmulatorControl, session: KallglotSession,
