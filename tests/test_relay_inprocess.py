@@ -10,10 +10,12 @@ import base64
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import requests
+from prometheus_client import REGISTRY
 
 from app.carriers.twilio.media import TwilioMediaCodec
 from app.kallglot import stream_protocol
@@ -21,6 +23,7 @@ from app.kallglot.client import KallglotClient, KallglotSession
 from app.kallglot.stream import KallglotStream
 from app.relay.core import MediaRelay, RelayEnd
 from app.relay.outcome import RelayStats
+from app.relay.playback import PlaybackTracker
 from app.relay.reopen import KALLGLOT_RECONNECT_BUFFER_MS, KallglotLink
 from tests.support.controls import EmulatorControl
 from tests.support.settings import EMULATOR_API_KEY
@@ -57,6 +60,14 @@ class ScriptedCarrier:
 
     def stop(self) -> None:
         self.inbox.put(json.dumps({"event": "stop", "streamSid": STREAM_SID, "stop": {}}))
+
+    def mark_played(self, name: str) -> None:
+        """Twilio's echo: everything sent before mark ``name`` has played."""
+        self.inbox.put(json.dumps({"event": "mark", "streamSid": STREAM_SID, "sequenceNumber": "9",
+                                   "mark": {"name": name}}))
+
+    def marks(self) -> list[str]:
+        return [m["mark"]["name"] for m in list(self.sent) if m.get("event") == "mark"]
 
 
 @pytest.fixture
@@ -202,3 +213,63 @@ def test_a_reopened_stream_gets_the_last_5_s_in_order_and_older_audio_is_counted
         assert stats.kallglot_reconnects == 1 and stats.chunks_to_kallglot == 50
     finally:
         link.close()
+
+
+def playback_lags_observed() -> float:
+    return REGISTRY.get_sample_value("kallglot_bridge_playback_lag_seconds_count", {"carrier": "twilio"}) or 0.0
+
+
+def test_playback_lag_runs_from_each_mark_to_its_echo_and_knows_when_the_caller_heard_everything(
+        emulator: EmulatorControl, session: KallglotSession, carrier: ScriptedCarrier) -> None:
+    """Two utterances of return audio (the emulator's echo), each ended by a mark; the carrier echoes them late."""
+    health: list[dict[str, float]] = []
+    relay = MediaRelay(carrier, started_codec(), KallglotStream.open(session.stream.url, session.stream.token),
+                       speaker="customer", chunk_ms=100, context="test", on_health=health.append)
+    observed_before = playback_lags_observed()
+    thread, ends = run_relay(relay)
+    try:
+        for utterance in (1, 2):
+            for n in range(5):  # one full 100 ms batch: echoed as one utterance, then a mark
+                carrier.media(bytes([utterance * 10 + n]) * 160)
+            assert wait_until(lambda: len(carrier.marks()) == utterance, timeout=5), carrier.sent
+        assert carrier.marks() == ["utt-1", "utt-2"]
+        time.sleep(0.1)  # the caller's ear trails: the carrier echoes utt-1 at least 100 ms after it was sent
+        carrier.mark_played("utt-1")
+        assert wait_until(lambda: relay.stats.marks_played == 1, timeout=5)
+        assert wait_until(lambda: any("playback_lag_ms" in h for h in health), timeout=5)
+        assert health[-1]["playback_lag_ms"] >= 100
+        assert relay.stats.playback_caught_up == 0  # utt-2 is still queued at the carrier
+        carrier.mark_played("utt-2")
+        assert wait_until(lambda: relay.stats.playback_caught_up == 1, timeout=5)
+        assert relay.playback.in_flight == 0
+        assert playback_lags_observed() - observed_before == 2
+        carrier.mark_played("utt-99")  # a mark the relay never sent is ignored
+        carrier.stop()
+        thread.join(timeout=10)
+        assert ends == [RelayEnd.CARRIER_STOP] and relay.stats.marks_played == 3
+        assert playback_lags_observed() - observed_before == 2
+    finally:
+        carrier.stop()
+        thread.join(timeout=10)
+
+
+def test_the_caller_has_not_heard_everything_while_audio_after_the_last_mark_is_unmarked() -> None:
+    tracker = PlaybackTracker()
+    first = tracker.next_mark()
+    tracker.audio_sent()  # the next utterance has begun playing out; its mark is not sent yet
+    played = tracker.played(first)
+    assert played is not None and not played.heard_everything
+    second = tracker.next_mark()
+    played = tracker.played(second)
+    assert played is not None and played.heard_everything and played.lag_seconds >= 0
+
+
+def test_an_echo_settles_earlier_marks_a_clear_discarded_and_marks_in_flight_are_bounded() -> None:
+    tracker = PlaybackTracker()
+    names = [tracker.next_mark() for _ in range(3)]
+    played = tracker.played(names[2])
+    assert played is not None and played.heard_everything and tracker.in_flight == 0
+    assert tracker.played(names[0]) is None
+    for _ in range(200):  # a carrier that never echoes
+        tracker.next_mark()
+    assert tracker.in_flight == 64
