@@ -90,7 +90,7 @@ def register_services(app: Flask, settings: Settings) -> Services:
     """Build the app's services, with every registered carrier's call control, and attach flask-sock."""
     controls = {carrier.name: carrier.control(settings) for carrier in CARRIERS}
     built = init_services(app, settings, controls)
-    init_sock(app)
+    init_sock(app, settings.websocket_layer)
     return built
 
 
