@@ -1,7 +1,7 @@
 """The relay's uplink (carrier → Kallglot): read carrier frames, batch caller audio into ``audio.input`` chunks."""
 from __future__ import annotations
 
-import base64
+import binascii
 import logging
 import threading
 import time
@@ -135,7 +135,7 @@ class Uplink:
         del self._pending[:size]
         self._sequence += 1
         message = stream_protocol.audio_input(
-            base64.b64encode(chunk).decode("ascii"), sequence=self._sequence,
+            binascii.b2a_base64(chunk, newline=False).decode("ascii"), sequence=self._sequence,
             timestamp_ms=self._origin_ms + self._bytes_sent // MULAW_BYTES_PER_MS, speaker=self._speaker)
         self._bytes_sent += len(chunk)
         if self._link.send_audio(message):
