@@ -42,6 +42,7 @@ from typing import Any
 
 import requests
 
+from app.devtools.loadtest import profile
 from app.devtools.loadtest.targets import Target, run_reference
 from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis
 
@@ -130,8 +131,8 @@ def histogram_mean(before: str, after: str, name: str, labels: str) -> float | N
 
 
 @contextlib.contextmanager
-def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int,
-          reference: bool) -> Iterator[tuple[list[Target], RunningServer]]:
+def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int, reference: bool,
+          layers: list[str]) -> Iterator[tuple[list[Target], RunningServer]]:
     """Redis, the emulator, the bridge and (``reference``) the reference relay, pinned; yields (targets, emulator)."""
     with run_redis() as redis_url:
         if not os.environ.get("REDIS_URL"):
@@ -149,11 +150,17 @@ def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int,
                    "PUBLIC_URL": f"http://127.0.0.1:{port}", "SECRET_KEY": "loadtest-secret-key-0123456789",
                    "TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT_SID, "TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
                    "UPLINK_CHUNK_MS": str(chunk_ms), "LOG_LEVEL": "WARNING"}
-            with run_gunicorn("app:create_app()", env, workers=1, port=port) as bridge, \
-                    run_reference(env, enabled=reference) as reference_server:
-                pin(bridge.process.pid, bridge_cpu)
-                (worker,) = children(bridge.process.pid)
-                targets = [Target("bridge", bridge.url, worker)]
+            with contextlib.ExitStack() as servers:
+                targets = []
+                for layer in layers:  # one bridge per WebSocket layer, each with its own port and namespace
+                    port = free_port()
+                    bridge = servers.enter_context(run_gunicorn("app:create_app()", {
+                        **env, "WEBSOCKET_LAYER": layer, "PUBLIC_URL": f"http://127.0.0.1:{port}",
+                        "REDIS_NAMESPACE": f"loadtest-{os.getpid()}-{layer}"}, workers=1, port=port))
+                    pin(bridge.process.pid, bridge_cpu)
+                    (worker,) = children(bridge.process.pid)
+                    targets.append(Target(f"bridge[{layer}]", bridge.url, worker))
+                reference_server = servers.enter_context(run_reference(env, enabled=reference))
                 if reference_server is not None:
                     pin(reference_server.process.pid, bridge_cpu)
                     targets.append(Target("reference", reference_server.url, reference_server.process.pid))
@@ -176,6 +183,8 @@ def run_step(calls: int, args: argparse.Namespace, target: Target, emulator: Run
     generator = subprocess.Popen(["taskset", "-c", str(args.other_cpu), "node", str(HERE / "generator.mjs"),
                                   json.dumps(config)], stdout=subprocess.PIPE, text=True, cwd=HERE)
     marks: dict[str, tuple[float, ProcSample, ProcSample, ProcSample]] = {}
+    sampler: subprocess.Popen[bytes] | None = None
+    profile_path = Path()
     result: dict[str, Any] = {}
     assert generator.stdout is not None
     for line in generator.stdout:
@@ -184,9 +193,16 @@ def run_step(calls: int, args: argparse.Namespace, target: Target, emulator: Run
             result["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
         if line in ("STEADY_START", "STEADY_END"):
             marks[line] = (time.monotonic(), sample(worker), sample(emulator_worker), sample(generator.pid))
+        if line == "STEADY_START" and args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            profile_path = args.profile / f"{target.name}-{calls}{'' if transcripts else '-no-transcripts'}.txt"
+            sampler = profile.record(worker, args.steady, profile_path)
         elif line.startswith("RESULT "):
             result = {**result, **json.loads(line[len("RESULT "):])}
     generator.wait(timeout=60)
+    if sampler is not None:
+        sampler.wait(timeout=60)
+        result["profile"] = profile.format_summary(profile_path)
     metrics_after = requests.get(target.url + "/metrics", timeout=10).text
     result = {**result, "target": target.name, "transcripts": transcripts}
     if "STEADY_END" not in marks or "error" in result:
@@ -251,6 +267,8 @@ def print_step(r: dict[str, Any]) -> None:
           f"  /twilio/voice at {r.get('rate', '?')} calls/s ms p50/p95/p99 {fmt(voice.get('p50'))}/"
           f"{fmt(voice.get('p95'))}/{fmt(voice.get('p99'))} (n={voice.get('n')}); Kallglot create mean "
           f"{r['kallglot_create_mean_ms']:.1f} ms", flush=True)
+    if r.get("profile"):
+        print(r["profile"], flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every step's figures to this file")
     parser.add_argument("--reference", action="store_true",
                         help="run every step against the reference relay too (needs the [loadtest] extra)")
+    parser.add_argument("--profile", type=Path, help="py-spy each measured step into this folder (and summarize)")
+    parser.add_argument("--layers", default="simple-websocket",
+                        help="WEBSOCKET_LAYER of the bridge; several (comma-separated) run one bridge each, side by side")
     parser.add_argument("--transcripts", choices=("on", "off", "both"), default="on",
                         help="the emulator's transcript lines during the bridge's steps (both: two runs per step)")
     args = parser.parse_args(argv)
@@ -282,13 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores ({Path('/proc/cpuinfo').read_text().split('model name')[1].split(':')[1].splitlines()[0].strip()}); "
           f"bridge: 1 gevent worker on cpu {args.bridge_cpu}; Redis, emulator, generator on cpu {args.other_cpu}",
           flush=True)
-    with stack(args.bridge_cpu, args.other_cpu, args.chunk_ms, args.reference) as (targets, emulator):
+    layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
+    with stack(args.bridge_cpu, args.other_cpu, args.chunk_ms, args.reference, layers) as (targets, emulator):
         for target in targets:  # warm-up (imports, caches, connection pools), short and unreported
             run_step(10, argparse.Namespace(**{**vars(args), "steady": 2.0, "settle": 1.0}), target, emulator)
         for calls in steps:
             for target in targets:
                 modes = {"on": [True], "off": [False], "both": [True, False]}[args.transcripts]
-                for transcripts in modes if target.name == "bridge" else [True]:
+                for transcripts in modes if target.name.startswith("bridge") else [True]:
                     result = {**run_step(calls, args, target, emulator, transcripts), "rate": args.rate}
                     results.append(result)
                     print_step(result)
