@@ -132,7 +132,7 @@ def histogram_mean(before: str, after: str, name: str, labels: str) -> float | N
 
 @contextlib.contextmanager
 def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int, reference: bool,
-          layers: list[str]) -> Iterator[tuple[list[Target], RunningServer]]:
+          layers: list[str], logs: Path | None = None) -> Iterator[tuple[list[Target], RunningServer]]:
     """Redis, the emulator, the bridge and (``reference``) the reference relay, pinned; yields (targets, emulator)."""
     with run_redis() as redis_url:
         if not os.environ.get("REDIS_URL"):
@@ -156,7 +156,8 @@ def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int, reference: bool,
                     port = free_port()
                     bridge = servers.enter_context(run_gunicorn("app:create_app()", {
                         **env, "WEBSOCKET_LAYER": layer, "PUBLIC_URL": f"http://127.0.0.1:{port}",
-                        "REDIS_NAMESPACE": f"loadtest-{os.getpid()}-{layer}"}, workers=1, port=port))
+                        "REDIS_NAMESPACE": f"loadtest-{os.getpid()}-{layer}", "LOG_LEVEL": "INFO" if logs else "WARNING"},
+                        workers=1, port=port, log_path=logs / f"bridge-{layer}.log" if logs else None))
                     pin(bridge.process.pid, bridge_cpu)
                     (worker,) = children(bridge.process.pid)
                     targets.append(Target(f"bridge[{layer}]", bridge.url, worker))
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", action="store_true",
                         help="run every step against the reference relay too (needs the [loadtest] extra)")
     parser.add_argument("--profile", type=Path, help="py-spy each measured step into this folder (and summarize)")
+    parser.add_argument("--logs", type=Path, help="keep each bridge's log (at INFO) in this folder")
     parser.add_argument("--layers", default="simple-websocket",
                         help="WEBSOCKET_LAYER of the bridge; several (comma-separated) run one bridge each, side by side")
     parser.add_argument("--transcripts", choices=("on", "off", "both"), default="on",
@@ -304,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
           f"bridge: 1 gevent worker on cpu {args.bridge_cpu}; Redis, emulator, generator on cpu {args.other_cpu}",
           flush=True)
     layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
-    with stack(args.bridge_cpu, args.other_cpu, args.chunk_ms, args.reference, layers) as (targets, emulator):
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+    with stack(args.bridge_cpu, args.other_cpu, args.chunk_ms, args.reference, layers,
+               args.logs) as (targets, emulator):
         for target in targets:  # warm-up (imports, caches, connection pools), short and unreported
             run_step(10, argparse.Namespace(**{**vars(args), "steady": 2.0, "settle": 1.0}), target, emulator)
         for calls in steps:
