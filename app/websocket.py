@@ -13,6 +13,7 @@ fragments, the close handshake, masking, size limits) are the protocol's; UTF-8 
 """
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -33,6 +34,16 @@ from websockets.server import ServerProtocol
 CLOSE_HANDSHAKE_SECONDS = 1.0
 #: One ``recv`` takes up to this much: every frame a busy socket has queued, parsed in one pass.
 RECEIVE_BYTES = 65536
+
+
+class _ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets logs every connection's open and close at INFO; the relay logs each leg's end itself."""
+
+    def info(self, *args: Any, **kwargs: Any) -> None:
+        """Dropped (see the class docstring); warnings and errors still go through."""
+
+
+_PROTOCOL_LOG = _ProtocolLog(logging.getLogger(__name__), {})
 
 
 class HandshakeRefused(Exception):
@@ -68,7 +79,7 @@ class SansIoServer:
         self.close_reason: int = CloseCode.NO_STATUS_RCVD
         self.close_message: str | None = None
         self._receive_bytes = max(receive_bytes, RECEIVE_BYTES)
-        self._protocol = ServerProtocol(max_size=max_message_size)
+        self._protocol = ServerProtocol(max_size=max_message_size, logger=_PROTOCOL_LOG)
         self._messages: deque[str | bytes] = deque()
         self._fragments: list[bytes] = []
         self._fragmented_text = False

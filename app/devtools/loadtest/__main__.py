@@ -223,6 +223,10 @@ def run_step(calls: int, args: argparse.Namespace, target: Target, emulator: Run
         **result, "seconds": seconds, "added_ms": added, "relay_hop_s": hop,
         "bridge_cpu_core": (w1.cpu_seconds - w0.cpu_seconds) / seconds,
         "bridge_cpu_ms_per_call_s": (w1.cpu_seconds - w0.cpu_seconds) * 1000 / (held * seconds) if held else None,
+        # Per caller frame the generator sent in the window (each brings 1/5 of an audio.input and of an echo):
+        # unlike per call-second, this does not fall when a starved machine delivers fewer frames.
+        "bridge_cpu_us_per_frame": ((w1.cpu_seconds - w0.cpu_seconds) * 1e6 / result["framesSentInSteady"]
+                                    if result.get("framesSentInSteady") else None),
         "emulator_cpu_core": (e1.cpu_seconds - e0.cpu_seconds) / seconds,
         "generator_cpu_core": (g1.cpu_seconds - g0.cpu_seconds) / seconds,
         "rss_idle_kb": idle.rss_kb, "rss_steady_kb": w1.rss_kb,
@@ -260,7 +264,8 @@ def print_step(r: dict[str, Any]) -> None:
           f"  relay hop (in-process histogram) ms p50/p99: uplink {fmt(ms(hop_up[50]), 2)}/"
           f"{fmt(ms(hop_up[99]), 2)}, downlink {fmt(ms(hop_down[50]), 2)}/{fmt(ms(hop_down[99]), 2)}\n"
           f"  bridge worker CPU {r['bridge_cpu_core'] * 100:.0f}% of a core = "
-          f"{fmt(r['bridge_cpu_ms_per_call_s'], 2)} ms per call-second; emulator {r['emulator_cpu_core'] * 100:.0f}%, "
+          f"{fmt(r['bridge_cpu_ms_per_call_s'], 2)} ms per call-second = {fmt(r['bridge_cpu_us_per_frame'], 0)} µs "
+          f"per caller frame sent; emulator {r['emulator_cpu_core'] * 100:.0f}%, "
           f"generator {r['generator_cpu_core'] * 100:.0f}% (other core; generator max lag "
           f"{fmt(r['generatorMaxLagMs'])} ms, late ticks {r['generatorLateTicks']})\n"
           f"  RSS {r['rss_steady_kb'] / 1024:.0f} MB (idle {r['rss_idle_kb'] / 1024:.0f} MB) = "
