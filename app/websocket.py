@@ -145,11 +145,13 @@ class SansIoServer:
                 self._protocol.send_close(reason or CloseCode.NORMAL_CLOSURE, message or "")
             self._write_pending()
         deadline = time.monotonic() + CLOSE_HANDSHAKE_SECONDS
-        while self._protocol.state is not State.CLOSED and not self._reader_closed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._read(remaining, closing=True):
-                break
-        self._close_reader()
+        try:
+            while self._protocol.state is not State.CLOSED and not self._reader_closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._read(remaining, closing=True):
+                    break
+        finally:
+            self._close_reader()
 
     # -- reading --------------------------------------------------------------------------------------------
     def _read(self, timeout: float | None, *, closing: bool = False) -> bool:
