@@ -4,7 +4,6 @@ from __future__ import annotations
 import hmac
 import json
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -127,7 +126,7 @@ def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[s
         fault = state.take_fault(endpoint, (request.view_args or {}).get("session_id"))
         if fault is None:
             return None
-        time.sleep(fault["delay_seconds"])  # cooperative under gevent's monkey patching
+        state.pause(fault["delay_seconds"])  # cooperative under gevent's monkey patching
         if fault["status"] is None:
             return None  # a pure delay: carry on normally
         return ApiError(fault["status"], fault["type"], fault["code"], fault["message"],

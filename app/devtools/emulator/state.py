@@ -15,6 +15,7 @@ import socket
 import string
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -192,6 +193,9 @@ class EmulatorState:
     """All mutable emulator state behind one lock."""
 
     def __init__(self, api_key: str, token_ttl_seconds: float, public_url: str | None = None) -> None:
+        #: How an injected fault's ``delay_seconds`` is waited out (looked up per call, so gevent's patched
+        #: ``time.sleep`` is used under gunicorn); a test may record the delays instead of waiting them.
+        self.pause: Callable[[float], None] = lambda seconds: time.sleep(seconds)
         self.api_key = api_key
         self.token_ttl_seconds = token_ttl_seconds
         self.public_url = public_url.rstrip("/") if public_url else None
