@@ -191,6 +191,10 @@ def test_browser_follows_a_call_live_then_reads_and_plays_it_after(
         "audio.play().catch(e => done('refused ' + e));", audio)
     assert played.startswith("played"), played
     assert float(played.split()[1]) > 1.5  # the 2 s the caller said (MP3 duration, approximately)
+    # Kallglot's analysis, on request (it costs a credit): shown on the same page once complete.
+    find(browser, By.XPATH, "//button[text()='Ask Kallglot to analyse this call']").click()
+    wait_for(browser, lambda: "completed" in find(browser, By.ID, "analysis").text, "the analysis", reload=True)
+    assert "4 turns between agent and customer" in find(browser, By.ID, "analysis").text
     screenshot(browser, "transcript")
     find(browser, By.LINK_TEXT, "Usage").click()
     wait_for(browser, lambda: "+14155550199" in browser.page_source, "the number's billed minutes")

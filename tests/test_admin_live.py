@@ -262,3 +262,9 @@ def test_kallglot_webhooks_record_billed_time_and_mark_artifacts_ready(
     assert [(e.kind, e.data.get("state")) for e in events] == [("session", "ended")]
     page = client.get(f"/admin/sessions/{session_id}/transcript").get_data(as_text=True)
     assert "4:06 (4.09 min)" in page
+    # analysis.complete drops a cached "processing" answer, so the page asks Kallglot again at once.
+    cache = RedisKeys(namespace).session_artifacts(session_id, "analysis")
+    redis_client.set(cache, json.dumps({"status": "processing"}), ex=60)
+    assert deliver("analysis.complete", {"session_id": session_id, "object": "analysis", "id": "anl_1"}) == 200
+    assert redis_client.get(cache) is None
+    assert redis_client.hget(RedisKeys(namespace).session(session_id), "analysis_ready")

@@ -21,7 +21,11 @@ Assumed where Kallglot's docs are silent (the project's working assumptions, num
    recordings ``{"object": "list", "data": [...]}``, audio at ``/v1/recordings/{id}/audio`` as ``audio/mpeg``;
    billed time is the end response's ``duration_seconds`` or the ``session.ended`` webhook's ``data.duration``
    (:mod:`app.kallglot.client`, :mod:`app.kallglot.webhooks`).
-8. Kallglot's stream protocol has no client message saying "the caller has now heard all the audio you sent"
+8. A session that will have an agent declares ``participants: [{"type": "customer", "language": <source>},
+   {"type": "agent", "language": <target>}]`` at create (Kallglot's multi-participant example, as issue 19 quotes
+   it; not in the team's API notes): :func:`app.kallglot.client.customer_and_agent`. A browser agent's leg is one
+   more stream connection with ``speaker: "agent"`` (assumption 3).
+9. Kallglot's stream protocol has no client message saying "the caller has now heard all the audio you sent"
    (the documented client messages are ``audio.input``, ``ping`` and ``session.end``; v1 has no control
    messages). The relay knows the moment (the carrier's echo of its last ``mark``) and asks
    :func:`playback_finished` for the message to send: none, until Kallglot documents one.
@@ -127,7 +131,7 @@ PING = json.dumps({"type": "ping"})
 def playback_finished(mark: str) -> str | None:
     """The message telling Kallglot the caller has heard all its audio (up to ``mark``), or None: none exists.
 
-    Assumption 8: the stream reference documents no such client message, and inventing one would earn a
+    Assumption 9: the stream reference documents no such client message, and inventing one would earn a
     ``session.error`` (``unknown_message_type``) at best. Return the serialized message here once it exists.
     """
     return None

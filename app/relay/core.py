@@ -161,7 +161,7 @@ class MediaRelay:
     # -- live-console health ---------------------------------------------------------------------------------
     def _mark_played(self, name: str) -> None:
         """The carrier played up to mark ``name``: publish how long after sending (the playback lag), and tell
-        Kallglot once the caller has heard everything — if its protocol has a message for it (assumption 8)."""
+        Kallglot once the caller has heard everything — if its protocol has a message for it (assumption 9)."""
         played = self.playback.played(name)
         if played is None:
             return
