@@ -168,7 +168,7 @@ def _call_hangup(svc: Services, control: TelnyxControl, event: CallEvent) -> Non
 def _sip_leg_hung_up(svc: Services, control: TelnyxControl, event: CallEvent, caller_id: str) -> None:
     """The leg a ``sip`` transfer created hung up. Answered, it was the call itself: Telnyx hangs up the caller
     too, whose ``call.hangup`` ends the leg. Never answered (Kallglot refused or did not pick up): the caller is
-    still on the line, so their leg ends as a loss and they hear the fallback instead of silence."""
+    still on the line, so their leg ends and they hear the fallback instead of silence."""
     if any(e.get("event") == "call.answered" for e in svc.lifecycle.events(CARRIER, event.call_id)):
         return
     call = svc.lifecycle.call_record(CARRIER, caller_id)
@@ -176,7 +176,7 @@ def _sip_leg_hung_up(svc: Services, control: TelnyxControl, event: CallEvent, ca
         return
     log.warning("telnyx call=%s SIP transfer to Kallglot failed (%s): fallback", caller_id,
                 event.payload.get("hangup_cause"))
-    svc.lifecycle.leg_ended(CARRIER, caller_id, "sip_transfer_failed", clean=False)
+    svc.lifecycle.leg_ended(CARRIER, caller_id, "sip_transfer_failed", clean=True)  # refused: nothing to hold for
     to_number = call.get("to", "")
     command(event, "speak (sip transfer failed)", lambda: control.say_goodbye(
         caller_id, GOODBYE_UNAVAILABLE, profile_for(svc, to_number), to_number=to_number,

@@ -177,7 +177,7 @@ def texml_voice() -> Response:
 @bp.post("/texml/dial-action")
 def texml_dial_action() -> Response:
     """``<Dial action>`` of a ``sip`` call: the dial to Kallglot's SIP endpoint ended, so the leg did. Completed:
-    a clean end and a hang-up; Kallglot never took it (busy, failed, no answer): a loss, and the fallback."""
+    a hang-up; Kallglot never took it (busy, failed, no answer): the fallback."""
     form = _form()
     call_id = _call_id(form)
     svc = services()
@@ -186,7 +186,8 @@ def texml_dial_action() -> Response:
     try:
         svc.lifecycle.record_event(CARRIER, call_id, "dial-status", {
             "status": dial_status, "sip_response": form.get("DialSipResponseCode", "")[:8]})
-        svc.lifecycle.leg_ended(CARRIER, call_id, f"dial_{dial_status or 'unknown'}"[:40], clean=completed)
+        # Clean either way: the carrier says the dial is over, and a refused dial is not a lost caller to hold for.
+        svc.lifecycle.leg_ended(CARRIER, call_id, f"dial_{dial_status or 'unknown'}"[:40], clean=True)
         profile = svc.profiles.for_number(svc.lifecycle.call_record(CARRIER, call_id).get("to", form.get("To", "")))
     except redis.RedisError as exc:
         log.error("telnyx texml call=%s dial status %s not recorded: %s", call_id, dial_status, exc)

@@ -202,6 +202,8 @@ def connect_action() -> Response:
             svc.lifecycle.leg_ended(CARRIER, call_sid, reason or EndReason.STREAM_RESTARTS_EXHAUSTED, clean=False)
             return _xml(twiml.fallback(profile))
         session = live_session(svc, session_id)
+        if session is None:  # Kallglot has no live session (it ended it, e.g. a direct stream's end): no end call
+            svc.lifecycle.ended_by_kallglot(session_id, "stream_closed")
         if session is None or not svc.lifecycle.reattach_leg(CARRIER, call_sid):
             svc.lifecycle.leg_ended(CARRIER, call_sid, EndReason.STREAM_CLOSED)
             return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
@@ -221,8 +223,8 @@ def connect_action() -> Response:
 def dial_action() -> Response:
     """``<Dial action>`` of a ``sip`` call: the dial to Kallglot's SIP endpoint ended, so the leg did.
 
-    A completed dial is a clean end; a dial Kallglot never took (``busy``, ``failed``, ``no-answer``) is a loss
-    and the caller hears the number's fallback rather than silence. ``CallStatus`` says whether the caller is
+    A completed dial hangs up; a dial Kallglot never took (``busy``, ``failed``, ``no-answer``) gives the caller
+    the number's fallback rather than silence. ``CallStatus`` says whether the caller is
     still there to hear anything.
     """
     call_sid = _call_sid()
@@ -235,7 +237,8 @@ def dial_action() -> Response:
             "status": dial_status, "sip_response": request.form.get("DialSipResponseCode", "")[:8],
             "duration": request.form.get("DialCallDuration", "")})
         completed = dial_status in ("completed", "answered")
-        svc.lifecycle.leg_ended(CARRIER, call_sid, f"dial_{dial_status or 'unknown'}"[:40], clean=completed)
+        # Clean either way: the carrier says the dial is over, and a refused dial is not a lost caller to hold for.
+        svc.lifecycle.leg_ended(CARRIER, call_sid, f"dial_{dial_status or 'unknown'}"[:40], clean=True)
         call = svc.lifecycle.call_record(CARRIER, call_sid)
         profile = svc.profiles.for_number(call.get("to", request.form.get("To", "")))
     except redis.RedisError as exc:

@@ -358,7 +358,7 @@ class TexmlCallSimulator:
         """``<Dial><Sip>``: INVITE the URI at the emulator's SIP endpoint, talk, hang up, then ``<Dial action>``
         with ``DialCallStatus`` (TwiML-compatible fields); its TeXML runs only while the caller is still on."""
         dialer = SipDialer(timeout=self.timeout)
-        outcome = dialer.dial((dial.findtext("Sip") or "").strip(), from_=result.call_sid, audio=payload)
+        outcome = dialer.dial((dial.findtext("Sip") or "").strip(), from_="", audio=payload)
         result.sip_dials.append(outcome)
         caller_left = False
         if outcome.answered:
