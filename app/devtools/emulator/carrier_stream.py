@@ -34,8 +34,9 @@ from .stream import RECEIVE_POLL_SECONDS, observed_close_code
 
 #: Header Telnyx sends the ``stream_auth_token`` in (Telnyx media-streaming docs).
 TELNYX_AUTH_HEADER = "x-telnyx-streaming-auth-token"
-#: How long a carrier may take from connect to its ``start`` frame.
+#: How long a carrier may take from connect to its ``start`` frame, and to its first frame of all.
 START_TIMEOUT_SECONDS = 10.0
+CARRIER_FIRST_FRAME_SECONDS = 2.0
 TWILIO, TELNYX = "twilio", "telnyx"
 
 
@@ -88,7 +89,7 @@ class CarrierStreamHandler:
         try:
             start = self._wait_for_start()
             if start is None:
-                self.conn.close(1008, "no start frame")
+                self.conn.close(1008, "invalid_token")
                 return
             carrier, stream_sid, parameters, media_format = start
             self.conn.carrier, self.conn.stream_sid = carrier, stream_sid
@@ -125,13 +126,27 @@ class CarrierStreamHandler:
         return message if isinstance(message, dict) else None
 
     def _wait_for_start(self) -> tuple[str, str, dict[str, str], tuple[str, int]] | None:
+        """The carrier's ``start``; None (the connect refused) when the peer is not a carrier after all.
+
+        A carrier speaks first (``connected`` right after the handshake); a Kallglot client waits for
+        ``session.ready``. So a connect without ``?token=`` whose peer says nothing carrier-like within
+        :data:`CARRIER_FIRST_FRAME_SECONDS` is refused as Kallglot refuses a connect without a token.
+        """
+        first = self._receive(CARRIER_FIRST_FRAME_SECONDS)
+        if not isinstance(first, dict) or "event" not in first:
+            if first is not False:
+                self.state.record_error(self.session_id, "invalid_token")
+                StreamConnection.send(self.conn, {"type": "session.error", "code": "invalid_token",
+                                                  "message": "Stream token is invalid or expired."})
+            return None
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        message: dict[str, Any] | None | bool = first
         while time.monotonic() < deadline:
-            message = self._receive(RECEIVE_POLL_SECONDS)
             if message is False:
                 return None
             if isinstance(message, dict) and (start := _start_fields(message)) is not None:
                 return start
+            message = self._receive(RECEIVE_POLL_SECONDS)
         return None
 
     def _serve_media(self) -> None:
