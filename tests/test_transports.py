@@ -314,3 +314,45 @@ def test_call_control_sip_transfers_to_the_sip_uri_and_a_refused_transfer_is_not
     cc(telnyx_client, telnyx_signer, event("call.hangup", call_id, hangup_cause="normal_clearing"))
     assert emulator.session(session["id"])["status"] == "ended"
     assert emulator.session(session["id"])["end_calls"] == 1
+
+
+# ----- admin form and CLI --------------------------------------------------------------------------------------------
+def admin_profile_form(**overrides: object) -> dict[str, object]:
+    return {"number": TO, "carrier": "twilio", "transport": "relay", "mode": "bidirectional_translation",
+            "source_language": "en", "target_language": "es", "greeting_language": "en-US",
+            "fallback_language": "en-US", "hangup_grace_seconds": "0", **overrides}
+
+
+def test_admin_switches_a_number_between_transports_and_refuses_an_agent_leg_on_direct(
+        admin_client: FlaskClient, admin_app: Flask) -> None:
+    from tests.support.admin import admin_post
+
+    form = admin_client.get("/admin/numbers/new").get_data(as_text=True)
+    assert 'name="transport"' in form and "no bridge CPU per call" in form  # each choice's trade-off is shown
+    refused = admin_post(admin_client, "/admin/numbers/new",
+                         admin_profile_form(transport="direct", agent_number="+14155550110"))
+    assert refused.status_code == 422
+    assert "an agent leg needs the relay" in refused.get_data(as_text=True)
+    for transport in ("sip", "direct", "relay"):
+        path = "/admin/numbers/new" if transport == "sip" else f"/admin/numbers/{TO}"
+        assert admin_post(admin_client, path, admin_profile_form(transport=transport)).status_code == 302
+        with admin_app.app_context():
+            assert services().profiles.for_number(TO).transport == transport
+        if transport == "sip":
+            assert "<td>sip</td>" in admin_client.get("/admin/numbers").get_data(as_text=True)
+
+
+def test_cli_sets_the_transport_and_refuses_a_broken_combination(app: Flask) -> None:
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["numbers", "set", TO, "--transport", "sip"])
+    assert result.exit_code == 0 and "transport=sip" in result.output, result.output
+    assert "transport=sip" in runner.invoke(args=["numbers", "show", TO]).output
+    assert "direct:" in runner.invoke(args=["numbers", "set", "--help"]).output
+    with app.app_context():
+        services().profiles.set(TO, NumberProfile(agent_number="+14155550110"))
+    refused = runner.invoke(args=["numbers", "set", TO, "--transport", "direct"])
+    assert refused.exit_code != 0 and "an agent leg needs the relay" in refused.output
+    with app.app_context():
+        assert services().profiles.for_number(TO).transport == "relay"
+    bad = runner.invoke(args=["numbers", "set", TO, "--transport", "pigeon"])
+    assert bad.exit_code != 0 and "relay" in bad.output

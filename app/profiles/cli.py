@@ -20,7 +20,7 @@ from app.audit import AuditLog, diff
 from app.config import KALLGLOT_MODES, ConfigError, Settings
 from app.envfile import DEMO_ENV_FILE, environment_with_demo
 from app.extensions import services
-from app.profiles.store import NumberProfile, ProfileError
+from app.profiles.store import TRANSPORT_TRADE_OFFS, TRANSPORTS, NumberProfile, ProfileError
 from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 
 numbers_cli = AppGroup("numbers", help="Manage number profiles (mode and languages per called number).")
@@ -31,11 +31,14 @@ numbers_cli = AppGroup("numbers", help="Manage number profiles (mode and languag
 @click.option("--mode", type=click.Choice(KALLGLOT_MODES), default=None, help="Kallglot session mode.")
 @click.option("--source", "source_language", default=None, help="Caller's language code, e.g. en.")
 @click.option("--target", "target_language", default=None, help="Agent's language code, e.g. es.")
-def set_profile(number: str, mode: str | None, source_language: str | None, target_language: str | None) -> None:
+@click.option("--transport", type=click.Choice(TRANSPORTS), default=None,
+              help="How calls reach Kallglot. " + " ".join(f"{name}: {line}." for name, line in TRANSPORT_TRADE_OFFS.items()))
+def set_profile(number: str, mode: str | None, source_language: str | None, target_language: str | None,
+                transport: str | None) -> None:
     """Give NUMBER (E.164) its own profile; unset options keep the current values."""
     store = services().profiles
     current = store.for_number(number)
-    profile = replace(current, mode=mode or current.mode,
+    profile = replace(current, mode=mode or current.mode, transport=transport or current.transport,
                       source_language=current.source_language if source_language is None else source_language,
                       target_language=current.target_language if target_language is None else target_language)
     try:
@@ -167,7 +170,7 @@ def _audit(action: str, number: str, changes: dict[str, list[object]]) -> None:
 
 def _describe(profile: NumberProfile) -> str:
     return (f"mode={profile.mode} source={profile.source_language or 'auto'} "
-            f"target={profile.target_language or 'auto'}")
+            f"target={profile.target_language or 'auto'} transport={profile.transport}")
 
 
 def register_cli(app: Flask) -> None:

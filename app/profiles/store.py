@@ -186,6 +186,8 @@ class NumberProfile:
         for name, value in data.items():
             if name not in known or value is None and name != "reconnect_window_seconds":
                 continue
+            if name == "transport" and not str(value).strip():
+                continue  # not chosen (an older export, a form without the field): the default, relay
             if name == "metadata":
                 values[name] = {str(k): str(v) for k, v in dict(value).items()}
             elif name in ("reconnect_window_seconds", "hangup_grace_seconds"):
