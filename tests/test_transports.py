@@ -356,3 +356,25 @@ def test_cli_sets_the_transport_and_refuses_a_broken_combination(app: Flask) -> 
         assert services().profiles.for_number(TO).transport == "relay"
     bad = runner.invoke(args=["numbers", "set", TO, "--transport", "pigeon"])
     assert bad.exit_code != 0 and "relay" in bad.output
+
+
+def test_calls_the_bridge_places_stream_through_the_relay_whatever_the_numbers_transport(
+        redis_url: str, emulator: EmulatorControl, namespace: str) -> None:
+    """``POST /api/calls`` from a ``direct`` number: the dialled leg is a relay leg (its relay beats its heartbeat),
+    so a transport meant for the number's inbound calls never strands an outbound one without a heartbeat."""
+    from app import create_app
+    from app.devtools.localstack import run_gunicorn
+    from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
+
+    fake_env = {"TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT_SID, "TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
+                "FAKE_TWILIO_BRIDGE_URL": "http://127.0.0.1:9", "FAKE_TWILIO_MAX_CALL_SECONDS": "1"}
+    with run_gunicorn("app.devtools.simulator.twilio_rest:create_fake_twilio_rest()", fake_env) as fake_twilio:
+        app = create_app({**bridge_config(redis_url, emulator.api_url, namespace, PUBLIC_URL),
+                          "API_TOKEN": "api-token", "TWILIO_API_URL": fake_twilio.url})
+        set_transport(app, "+15005550006", "direct")
+        response = app.test_client().post("/api/calls", json={"to": "+14155550100", "from": "+15005550006"},
+                                          headers={"Authorization": "Bearer api-token"})
+    assert response.status_code in (200, 201), response.json
+    with app.app_context():
+        call = services().lifecycle.call_record("twilio", response.json["call_id"])
+    assert call["transport"] == "relay" and call["session_id"] == response.json["session_id"]
