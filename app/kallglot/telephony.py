@@ -23,13 +23,9 @@ TOKEN_SAFETY_MARGIN = timedelta(seconds=30)
 
 
 def sip_uri(session_id: str, domain: str) -> str:
-    """The SIP URI a carrier dials to put a call on ``session_id`` (the id is validated as for a URL path)."""
-    return f"sip:{session_id_for_uri(session_id)}@{domain}"
-
-
-def session_id_for_uri(session_id: str) -> str:
-    """``session_id`` when it is safe inside a URI (letters, digits, ``_`` and ``-`` only); else raises."""
-    return session_path_id(session_id)
+    """The SIP URI a carrier dials to put a call on ``session_id``; the id is validated as for a URL path
+    (letters, digits, ``_`` and ``-``: nothing that could change the URI), else :class:`KallglotValidationError`."""
+    return f"sip:{session_path_id(session_id)}@{domain}"
 
 
 def grant_fresh(grant: StreamGrant | None, now: datetime | None = None) -> bool:
