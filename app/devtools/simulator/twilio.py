@@ -89,7 +89,9 @@ class TwilioCallSimulator:
                    call_sid: str | None = None, listen_seconds: float = 0.5, dtmf: str = "",
                    status_callbacks: StatusCallbackMode = "normal", sign: bool = True,
                    hold_open: Callable[[SimulatedStream], None] | None = None, fallback_url: str | None = None,
-                   restore_audio: bytes = b"", hold_sip: Callable[[SipDial], None] | None = None) -> CallResult:
+                   restore_audio: bytes = b"",
+                   restore_hold_open: Callable[[SimulatedStream], None] | None = None,
+                   hold_sip: Callable[[SipDial], None] | None = None) -> CallResult:
         """Simulate a complete inbound call and return what happened.
 
         ``audio`` (μ-law 8 kHz) is streamed as 20 ms frames, paced in real time unless ``pace`` is
@@ -98,11 +100,14 @@ class TwilioCallSimulator:
         are delivered: normal (stream-status, then status), none, twice (status sent twice), reversed.
         ``fallback_url`` is the number's VoiceFallbackUrl, requested (with ``ErrorCode=11200``) when the
         voice webhook fails, as Twilio does. ``restore_audio`` is what the caller says on a restored stream
-        (a caller whose line went quiet says "hello?"). ``hold_sip`` is called while a ``<Dial><Sip>`` leg is up.
+        (a caller whose line went quiet says "hello?"); ``restore_hold_open`` is called on that restored stream
+        after it (e.g. to wait until the caller hears Kallglot again) before the listening and ``stop``.
+        ``hold_sip`` is called while a ``<Dial><Sip>`` leg is up.
         """
         run = CallRun(self, to, from_, call_sid or new_sid("CA"), audio, pace=pace,
                        listen_seconds=listen_seconds, dtmf=dtmf, sign=sign, hold_open=hold_open)
-        run.fallback_url, run.restore_audio, run.hold_sip = fallback_url, restore_audio, hold_sip
+        run.fallback_url, run.restore_audio, run.restore_hold_open = fallback_url, restore_audio, restore_hold_open
+        run.hold_sip = hold_sip
         run.execute(status_callbacks)
         return run.result
 
