@@ -62,6 +62,7 @@ def test_transport_defaults_to_relay_and_round_trips() -> None:
     ({"transport": "carrier-pigeon"}, "transport", "must be one of relay, direct, sip"),
     ({"transport": "direct", "agent_number": "+14155550100"}, "agent_number", "an agent leg needs the relay"),
     ({"transport": "sip", "agent_number": "+14155550100"}, "agent_number", "an agent leg needs the relay"),
+    ({"transport": "direct", "browser_agents": True}, "browser_agents", "browser agents need the relay"),
     ({"transport": "direct", "mode": "assistive_translation"}, "mode", "live subtitles"),
     ({"transport": "sip", "mode": "assistive_translation"}, "mode", "live subtitles"),
 ])

@@ -177,8 +177,9 @@ def _audit(action: str, number: str, changes: dict[str, list[object]]) -> None:
 
 def _describe(profile: NumberProfile) -> str:
     return (f"mode={profile.mode} source={profile.source_language or 'auto'} "
-            f"target={profile.target_language or 'auto'} transport={profile.transport}"
-            + (f" browser-agents={profile.browser_agent_wait_seconds}s" if profile.browser_agents else ""))
+            f"target={profile.target_language or 'auto'}"
+            + (f" browser-agents={profile.browser_agent_wait_seconds}s" if profile.browser_agents else "")
+            + f" transport={profile.transport}")
 
 
 def register_cli(app: Flask) -> None:
