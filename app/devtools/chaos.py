@@ -2,7 +2,8 @@
 
 ``python -m app.devtools.chaos --calls 300 --concurrency 24`` starts a private stack on loopback — redis-server, the
 Kallglot emulator, a fake Twilio REST API (for agent legs and hang-ups), and two bridge instances under
-gunicorn + gevent sharing that Redis — and places calls through the Twilio simulator. Each call draws one
+gunicorn + gevent sharing that Redis (``--instances N``; ``--redis cluster`` or ``sentinel`` for a 3-master
+Redis Cluster or a Sentinel-managed master + replica instead of one server) — and places calls through the Twilio simulator. Each call draws one
 scenario (seeded, so a run can be repeated):
 
 ``normal``          talk, listen, hang up (status callbacks as Twilio sends them)
@@ -44,13 +45,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-import redis as redis_lib
 import requests
 
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
-from app.devtools.chaos_report import call_timeline, load_average, session_timeline, stress
-from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis, startup_timeout
+from app.devtools.chaos_report import call_timeline, load_average, reaper_work_by_instance, session_timeline, stress
+from app.devtools.localstack import RunningServer, free_port, run_gunicorn, startup_timeout
+from app.devtools.redis_topologies import RedisDeployment, run_redis_deployment
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
 from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCallSimulator
@@ -86,7 +87,7 @@ class Outcome:
 class Chaos:
     """The running stack and the scenario implementations."""
 
-    def __init__(self, bridges: list[RunningServer], emulator: RunningServer, seed: int, redis_url: str,
+    def __init__(self, bridges: list[RunningServer], emulator: RunningServer, seed: int, redis: RedisDeployment,
                  listen_seconds: float = 1.0) -> None:
         self.bridges, self.emulator = bridges, emulator
         self.random = random.Random(seed)
@@ -95,7 +96,7 @@ class Chaos:
         self.kills_spared = 0
         self.last_kill: dict[int, float] = {}
         self.listen_seconds = listen_seconds
-        self.redis = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+        self.redis = redis.client(decode_responses=True)
         self.keys = RedisKeys("chaos")
 
     def simulator(self) -> TwilioCallSimulator:
@@ -205,20 +206,22 @@ def _pid_of_relay(log: str, call_sid: str) -> int | None:
 
 
 @contextmanager
-def stack(workers: int) -> Iterator[tuple[list[RunningServer], RunningServer, str]]:
-    """Redis, emulator, fake Twilio REST and two bridge instances, all on loopback."""
+def stack(workers: int, instances: int = 2,
+          redis_kind: str = "standalone") -> Iterator[tuple[list[RunningServer], RunningServer, RedisDeployment]]:
+    """Redis (standalone, a cluster or under Sentinel), emulator, fake Twilio REST and ``instances`` bridge
+    instances sharing that Redis, all on loopback."""
     with ExitStack() as stack:
-        redis_url = stack.enter_context(run_redis())
+        redis = stack.enter_context(run_redis_deployment(redis_kind))
         emulator = stack.enter_context(run_gunicorn("app.devtools.emulator:create_emulator_app()",
                                                     {"KALLGLOT_EMULATOR_API_KEY": API_KEY},
                                                     ready_path="/_emulator/stats", print_log_on_error=False,
                                                     ready_timeout=startup_timeout()))
-        ports = [free_port(), free_port()]
+        ports = [free_port() for _ in range(instances)]
         public = f"http://127.0.0.1:{ports[0]}"
         fake = stack.enter_context(run_gunicorn("app.devtools.simulator.twilio_rest:create_fake_twilio_rest()", {
             "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "FAKE_TWILIO_BRIDGE_URL": public,
             "FAKE_TWILIO_MAX_CALL_SECONDS": "30"}, print_log_on_error=False, ready_timeout=startup_timeout()))
-        env = {"KALLGLOT_API_URL": emulator.url + "/v1", "KALLGLOT_API_KEY": API_KEY, "REDIS_URL": redis_url,
+        env = {"KALLGLOT_API_URL": emulator.url + "/v1", "KALLGLOT_API_KEY": API_KEY, **redis.env,
                "REDIS_NAMESPACE": "chaos", "PUBLIC_URL": public, "SECRET_KEY": "chaos-secret-key-0123456789",
                "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_API_URL": fake.url,
                "RECONNECT_WINDOW_SECONDS": str(RECONNECT_WINDOW_SECONDS),
@@ -227,22 +230,24 @@ def stack(workers: int) -> Iterator[tuple[list[RunningServer], RunningServer, st
         bridges = [stack.enter_context(run_gunicorn("app:create_app()", env, workers=workers, port=port,
                                                     print_log_on_error=False, ready_timeout=startup_timeout()))
                    for port in ports]
-        client = redis_lib.Redis.from_url(redis_url)
+        client = redis.client()
         ProfileStore(client, RedisKeys("chaos"), NumberProfile(), carriers=carrier_names()).set(AGENT_LINE,
                                                                      NumberProfile(agent_number=AGENT_NUMBER))
-        yield bridges, emulator, redis_url
+        yield bridges, emulator, redis
 
 
-def _redis_view(redis_url: str, session_ids: list[str]) -> dict[str, object]:
+def _redis_view(redis: RedisDeployment, session_ids: list[str]) -> dict[str, object]:
     """What the bridge's Redis says about some sessions (for --verbose)."""
     keys = RedisKeys("chaos")
-    client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    client = redis.client(decode_responses=True)
     view: dict[str, object] = {}
     for session_id in session_ids:
         record = client.hgetall(keys.session(session_id))
-        legs = {name: client.hgetall(keys.call(*name[4:].split(":", 1))) for name in record if name.startswith("leg:")}
-        view[session_id] = {"session": record, "legs": legs, "deadline": client.zscore(keys.deadlines(), session_id),
-                            "heartbeats": {n: client.zscore(keys.heartbeats(), n[4:]) for n in legs},
+        shard = keys.shard_of(session_id)
+        legs = {name: client.hgetall(keys.leg(session_id, *name[4:].split(":", 1))) for name in record
+                if name.startswith("leg:")}
+        view[session_id] = {"session": record, "legs": legs, "deadline": client.zscore(keys.deadlines(shard), session_id),
+                            "heartbeats": {n: client.zscore(keys.heartbeats(shard), n[4:]) for n in legs},
                             "now": time.time()}
     return view
 
@@ -254,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=24)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per bridge instance")
+    parser.add_argument("--instances", type=int, default=2, help="bridge instances sharing the one Redis")
+    parser.add_argument("--redis", choices=("standalone", "cluster", "sentinel"), default="standalone",
+                        help="the Redis deployment: one server, a 3-master cluster, or master+replica under Sentinel")
     parser.add_argument("--stress", action="store_true", help="keep one more CPU busy for the whole run")
     parser.add_argument("--listen", type=float, default=1.0, help="seconds a caller listens after talking")
     parser.add_argument("--kill-weight", type=int, default=WEIGHTS[SCENARIOS.index("worker-kill")],
@@ -266,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     audio = base64.b64decode(base64.b64encode(bytes(rng.randrange(256) for _ in range(4000))))
     started = time.monotonic()
     load_at_start = load_average()
-    with stress(args.stress), stack(args.workers) as (bridges, emulator, redis_url):
-        chaos = Chaos(bridges, emulator, args.seed, redis_url, listen_seconds=args.listen)
+    with stress(args.stress), stack(args.workers, args.instances, args.redis) as (bridges, emulator, redis):
+        chaos = Chaos(bridges, emulator, args.seed, redis, listen_seconds=args.listen)
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
             outcomes = list(pool.map(lambda scenario: chaos.run(scenario, audio), plan))
         placed = time.monotonic() - started
@@ -285,15 +293,16 @@ def main(argv: list[str] | None = None) -> int:
                 break
             time.sleep(1)
         sessions = requests.get(emulator.url + "/_emulator/sessions", timeout=60).json()["sessions"]
-        logs = "\n".join(bridge.log() for bridge in bridges).splitlines()
-        state = _redis_view(redis_url, [s["id"] for s in sessions if s["status"] != "ended"]) if args.verbose else {}
+        instance_logs = [bridge.log() for bridge in bridges]
+        logs = "\n".join(instance_logs).splitlines()
+        state = _redis_view(redis, [s["id"] for s in sessions if s["status"] != "ended"]) if args.verbose else {}
     duration = time.monotonic() - started
     leaked = [s for s in sessions if s["status"] != "ended"]
     double_ended = [s for s in sessions if s["end_calls"] > 1]
     dead_air = [o for o in outcomes if o.dead_air]
     errors = [o for o in outcomes if o.error]
     print(f"chaos run: {args.calls} calls ({Counter(o.scenario for o in outcomes).most_common()}), concurrency "
-          f"{args.concurrency}, 2 instances x {args.workers} workers, seed {args.seed}, "
+          f"{args.concurrency}, {args.instances} instances x {args.workers} workers, Redis {args.redis}, seed {args.seed}, "
           f"stress {'on' if args.stress else 'off'}, {placed:.1f}s to place, {duration:.0f}s in all, "
           f"{chaos.killed} workers killed ({chaos.kills_spared} kills spared: instance already lost one)")
     print(f"load average (1/5/15 min): {load_at_start} at start, {load_average()} at end")
@@ -303,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"double-ended:     {len(double_ended)}")
     print(f"dead-air calls:   {len(dead_air)} {dict(Counter(o.scenario for o in dead_air))}")
     print(f"simulator errors: {len(errors)}")
+    for index, work in enumerate(reaper_work_by_instance(instance_logs)):
+        print(f"reaper, instance {index + 1}: {work['legs_lost']} lost legs given up, {work['holds_ended']} held "
+              f"sessions ended, {work['orphans_ended']} orphaned creates ended")
     for outcome in dead_air + errors:
         print(f"  - {outcome.scenario}: {outcome.error or 'heard nothing'}")
         print("\n".join(call_timeline(outcome.results, logs)))

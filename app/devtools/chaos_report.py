@@ -62,3 +62,14 @@ def session_timeline(session: dict[str, object], logs: list[str]) -> list[str]:
     call_sid = str((session.get("metadata") or {}).get("twilio_call_sid") or "")  # type: ignore[union-attr]
     session_id = str(session["id"])
     return [f"      log  {line[:300]}" for line in logs if session_id in line or (call_sid and call_sid in line)]
+
+
+#: Log lines that only a reaper pass writes (app/calls/recovery.py and the end it triggers).
+REAPER_LINES = {"legs_lost": "relay heartbeat lost", "holds_ended": "ended at Kallglot (hold_expired)",
+                "orphans_ended": "was created but never registered"}
+
+
+def reaper_work_by_instance(instance_logs: list[str]) -> list[dict[str, int]]:
+    """What each bridge instance's reapers did, counted from its log: any instance may take any due deadline or
+    lost heartbeat, so with several instances the work spreads over them."""
+    return [{name: log.count(marker) for name, marker in REAPER_LINES.items()} for log in instance_logs]
