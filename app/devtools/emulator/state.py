@@ -28,7 +28,8 @@ LANGUAGES = frozenset(
     "en es de fr it pt nl pl ru uk tr ar he hi bn ur zh ja ko vi th id ms sv da no fi el cs ro hu".split()
 )
 SPEAKERS = frozenset({"customer", "agent"})
-BEHAVIOURS = frozenset({"echo", "silent"})
+#: ``echo_no_transcripts``: echo, without the transcript lines (the load benchmark's transcript-cost toggle).
+BEHAVIOURS = frozenset({"echo", "echo_no_transcripts", "silent"})
 FAULT_ENDPOINTS = frozenset({"create", "get", "end", "connect"})
 BYTES_PER_SECOND = 8000  # mu-law at 8 kHz mono is one byte per sample
 _ID_ALPHABET = string.ascii_uppercase + string.digits
@@ -129,6 +130,7 @@ class Session:
     errors_sent: list[str] = field(default_factory=list)
     turns: list[dict[str, Any]] = field(default_factory=list)  # transcript turns said on the stream
     webhooks_sent: bool = False  # the after-call webhooks went out (artifacts.notify_ended)
+    sip_legs: list[dict[str, Any]] = field(default_factory=list)  # SIP calls to the session (emulator/sip.py)
 
     @property
     def duration_seconds(self) -> float | None:
@@ -174,9 +176,10 @@ class Session:
             sequences_increasing=all(conn.sequences_increasing for conn in self.connections),
             connections=[{"live": conn.live, "sequences_increasing": conn.sequences_increasing,
                           "audio_bytes": conn.audio_bytes, "outputs_sent": conn.outputs_sent,
-                          "close_code": conn.close_code, "pings_received": conn.pings_received}
+                          "close_code": conn.close_code, "pings_received": conn.pings_received,
+                          "carrier": getattr(conn, "carrier", "")}
                          for conn in self.connections],
-            errors_sent=list(self.errors_sent),
+            errors_sent=list(self.errors_sent), sip_legs=[dict(leg) for leg in self.sip_legs],
         )
         return view
 

@@ -140,13 +140,13 @@ class StreamHandler:
         with self.state.lock:
             behaviour = self.state.behaviour
             session = self.state.sessions.get(self.session_id)
-        if behaviour == "echo":
+        if behaviour in ("echo", "echo_no_transcripts"):
             self.conn.outputs_sent += 1
             self.conn.send({"type": "audio.output", "sequence": self.conn.outputs_sent,
                             "audio": {"encoding": "mulaw", "sample_rate_hz": 8000, "payload": payload}})
         source = (session.source_language if session else None) or "en"
         target = (session.target_language if session else None) or "es"
-        for number in seconds:
+        for number in seconds if behaviour != "echo_no_transcripts" else ():
             # Each second's final replaces its partial (same id); the next second's partial opens at once.
             final = {"type": "transcript.final", "id": f"utt_{speaker}_{number}", "speaker": speaker,
                      "language": source, "text": f"(emulated utterance {number})",
@@ -167,10 +167,15 @@ class StreamHandler:
             conn.close(1000, "session ended")
 
 
-def register_stream_route(sock: Sock, state: EmulatorState, on_ended: Callable[[str], None] | None = None) -> None:
-    """Attach the stream WebSocket route to the app behind ``sock``."""
+def register_stream_route(sock: Sock, state: EmulatorState, on_ended: Callable[[str], None] | None = None,
+                          direct: Callable[[Any, str], None] | None = None) -> None:
+    """Attach the stream WebSocket route to the app behind ``sock``; a connect without ``?token=`` is a carrier's
+    direct stream and goes to ``direct`` (:mod:`.carrier_stream`)."""
 
     @sock.route("/v1/sessions/<session_id>/connect")
     def stream(ws: Any, session_id: str) -> None:
+        if direct is not None and "token" not in request.args:  # a carrier streaming here, token in its start
+            direct(ws, session_id)
+            return
         StreamHandler(state, StreamConnection(ws=ws, session_id=session_id), on_ended).serve(
             request.args.get("token", ""))

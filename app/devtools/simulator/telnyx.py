@@ -27,6 +27,7 @@ import nacl.signing
 import requests
 from simple_websocket import ConnectionClosed
 
+from app.devtools.simulator.sip import SipDialer
 from app.devtools.simulator.telnyx_contract import media_frame_errors
 from app.devtools.simulator.websocket import TimedClient, ws_scheme
 
@@ -273,6 +274,8 @@ class TexmlCallResult:
     leg: LegResult | None = None
     callbacks: list[tuple[str, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    sip_dials: list[Any] = field(default_factory=list)  # SipDial of each <Dial><Sip> (app.devtools.simulator.sip)
+    last_response: requests.Response | None = None  # the answer to the latest callback (a <Dial action>'s TeXML)
 
 
 class TexmlCallSimulator:
@@ -346,9 +349,28 @@ class TexmlCallSimulator:
 
     def _callback(self, result: TexmlCallResult, url: str, params: dict[str, str]) -> None:
         try:
-            result.callbacks.append((url, self.post_form(url, params).status_code))
+            result.last_response = self.post_form(url, params)
+            result.callbacks.append((url, result.last_response.status_code))
         except requests.RequestException as exc:
             result.errors.append(f"callback {url} failed: {exc}")
+
+    def _run_dial_sip(self, result: TexmlCallResult, dial: ET.Element, payload: bytes, listen_seconds: float) -> None:
+        """``<Dial><Sip>``: INVITE the URI at the emulator's SIP endpoint, talk, hang up, then ``<Dial action>``
+        with ``DialCallStatus`` (TwiML-compatible fields); its TeXML runs only while the caller is still on."""
+        dialer = SipDialer(timeout=self.timeout)
+        outcome = dialer.dial((dial.findtext("Sip") or "").strip(), from_="", audio=payload)
+        result.sip_dials.append(outcome)
+        caller_left = False
+        if outcome.answered:
+            time.sleep(listen_seconds)
+            caller_left = not dialer.hang_up(outcome)
+        if dial.get("action"):
+            params = {**self.call_params(result.call_sid, "", "", "completed" if caller_left else "in-progress"),
+                      "DialCallStatus": outcome.dial_status, "DialSipResponseCode": str(outcome.sip_status)}
+            self._callback(result, dial.get("action", ""), params)
+            answer = result.last_response
+            if answer is not None and answer.ok and not caller_left:
+                self._run_texml(result, answer.text, b"", "PCMU", 8000, 0.0, False, False, False)
 
     def _run_texml(self, result: TexmlCallResult, text: str, payload: bytes, encoding: str, sample_rate: int,
                    listen_seconds: float, reorder: bool, duplicate: bool, pace: bool) -> str | None:
@@ -365,6 +387,9 @@ class TexmlCallSimulator:
                 result.said.append((verb.text or "").strip())
             elif verb.tag == "Hangup":
                 result.hung_up = True
+                break
+            elif verb.tag == "Dial" and verb.find("Sip") is not None:
+                self._run_dial_sip(result, verb, payload, listen_seconds)
                 break
             elif verb.tag == "Connect" and (stream := verb.find("Stream")) is not None:
                 result.stream_attributes = dict(stream.attrib)
