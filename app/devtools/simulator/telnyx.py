@@ -15,10 +15,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
 import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -197,6 +199,16 @@ class TelnyxMediaLeg:
             pass
         self._reader.join(timeout=2.0)
 
+    def close_abruptly(self) -> None:
+        """Drop the TCP connection without ``stop`` or a close frame (the carrier lost the call's media)."""
+        self._closing = True
+        try:
+            self.ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.ws.sock.close()
+        self._reader.join(timeout=2.0)
+
     def finish(self, listen_seconds: float) -> LegResult:
         """Listen for up to ``listen_seconds`` (less if the server closes or the call is hung up meanwhile),
         then hang up unless it closed or already hung up."""
@@ -287,6 +299,7 @@ class TexmlCallSimulator:
         self.public_url = (public_url or base_url).rstrip("/")
         self.signer, self.timeout = signer, timeout
         self.parameters_as = "object"
+        self.hold_open: Callable[[TelnyxMediaLeg], None] | None = None
 
     def real_url(self, url: str) -> str:
         """Map a public http(s)/ws(s) URL onto the address we really connect to."""
@@ -314,13 +327,19 @@ class TexmlCallSimulator:
     def place_call(self, to: str, from_: str, payload: bytes = b"", *, encoding: str = "PCMU",
                    sample_rate: int = 8000, listen_seconds: float = 0.5, reorder: bool = False,
                    duplicate: bool = False, pace: bool = False, hangup_cause: str = "normal_clearing",
-                   call_sid: str | None = None, parameters_as: str = "object") -> TexmlCallResult:
+                   call_sid: str | None = None, parameters_as: str = "object", callbacks: str = "once",
+                   hold_open: Callable[[TelnyxMediaLeg], None] | None = None) -> TexmlCallResult:
         """Simulate a whole inbound TeXML call; ``payload`` is the caller's audio in ``encoding``.
+
+        ``callbacks``: the stream and call status callbacks are sent ``once``, ``twice`` (each repeated, as an
+        at-least-once delivery does), ``reversed`` (the call's before the stream's) or ``none`` (the caller's
+        side vanished: no callback ever comes). ``hold_open(leg)`` runs after the caller's audio was sent and
+        before listening (it may inject frames, or drop the socket with :meth:`TelnyxMediaLeg.close_abruptly`).
 
         ``parameters_as``: how ``<Parameter>`` children reach ``start.custom_parameters`` — Telnyx's ``<Stream>``
         page does not say, so ``object``, ``list`` (of name/value) and ``dropped`` (not delivered) are all tried.
         """
-        self.parameters_as = parameters_as
+        self.parameters_as, self.hold_open = parameters_as, hold_open
         result = TexmlCallResult(call_sid=call_sid or new_call_control_id())
         status_url = self.public_url + "/telnyx/texml/status"
         try:
@@ -330,18 +349,27 @@ class TexmlCallSimulator:
             result.errors.append(f"voice webhook failed: {exc}")
             return result
         result.webhook_status = response.status_code
+        sends: list[tuple[str, dict[str, str]]] = []
         if response.ok:
             stream_callback = self._run_texml(result, response.text, payload, encoding, sample_rate,
                                               listen_seconds, reorder, duplicate, pace)
             if stream_callback:
-                self._callback(result, stream_callback, {
+                sends.append((stream_callback, {
                     **self.call_params(result.call_sid, to, from_, "in-progress"),
-                    "StreamEvent": "stream-stopped", "StreamSid": result.leg.stream_id if result.leg else ""})
+                    "StreamEvent": "stream-stopped", "StreamSid": result.leg.stream_id if result.leg else ""}))
         else:
             result.errors.append(f"voice webhook returned HTTP {response.status_code}")
-        self._callback(result, status_url, {**self.call_params(result.call_sid, to, from_, "completed"),
-                                            "CallDuration": "3", "HangupCause": hangup_cause,
-                                            "HangupSource": "caller", "CallbackSource": "call-progress-events"})
+        sends.append((status_url, {**self.call_params(result.call_sid, to, from_, "completed"),
+                                   "CallDuration": "3", "HangupCause": hangup_cause,
+                                   "HangupSource": "caller", "CallbackSource": "call-progress-events"}))
+        if callbacks == "none":
+            sends = []
+        elif callbacks == "reversed":
+            sends.reverse()
+        elif callbacks == "twice":  # a redelivery repeats the same signed form
+            sends = [send for send in sends for _ in range(2)]
+        for url, params in sends:
+            self._callback(result, url, params)
         return result
 
     def _callback(self, result: TexmlCallResult, url: str, params: dict[str, str]) -> None:
@@ -385,6 +413,8 @@ class TexmlCallSimulator:
                     continue
                 leg.begin()
                 leg.stream(payload, pace=pace, reorder=reorder, duplicate=duplicate)
+                if self.hold_open is not None:
+                    self.hold_open(leg)
                 result.leg = leg.finish(listen_seconds)
                 stream_callback = stream.get("statusCallback")
                 if not result.leg.server_closed_first:
