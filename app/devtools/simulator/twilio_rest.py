@@ -104,6 +104,8 @@ def create_fake_twilio_rest(config: dict[str, str] | None = None) -> Flask:
                 if call.redirected.wait(0.1):
                     stream.redirect(call.redirects[-1])
                     return
+            if call.hang_up.is_set() and not stream.server_closed:
+                stream.hang_up()  # hung up through the API: the call is over at once, nothing more is heard
         return hold
 
     def run_call(call: PlacedCall) -> None:
