@@ -6,7 +6,8 @@ with what each caller experienced reduced to the fields the run's tally and time
 On Telnyx the scenarios take that carrier's shape: ``callbacks`` repeats (TeXML status callbacks twice, Call
 Control webhooks delivered twice and concurrently) or reverses them (``call.hangup`` before ``streaming.stopped``);
 ``caller-drop`` drops the media socket with no callback or webhook after it; ``worker-kill`` on Call Control
-waits for the stream to be restored (``start_streaming`` again), on TeXML for what the call does next.
+waits for the stream to be restored (``start_streaming`` again), on TeXML the ``<Redirect>`` after ``<Connect>``
+restores it.
 """
 from __future__ import annotations
 
@@ -47,17 +48,17 @@ class HeardCall:
 
 def texml_heard(result: Any, audio: bytes) -> HeardCall:
     """A :class:`~app.devtools.simulator.telnyx.TexmlCallResult` as a :class:`HeardCall`."""
-    leg = result.leg
     timeline = [(0.0, f"voice webhook -> {result.webhook_status}")]
     timeline += [(0.0, f"said: {text[:80]}") for text in result.said]
-    if leg is not None:
+    timeline += [(0.0, f"dialled: {number}") for number in result.dialled]
+    for leg in result.legs:
         timeline.append((0.0, f"stream: heard {len(leg.heard)} bytes, marks {len(leg.marks_received)}, "
                               f"server closed first {leg.server_closed_first} (code {leg.close_code}), "
                               f"errors {leg.protocol_errors[:3]}"))
     timeline += [(0.0, f"callback {url.rsplit('/', 1)[-1]} -> {status}") for url, status in result.callbacks]
     timeline += [(0.0, f"error: {error}") for error in result.errors]
-    return HeardCall(call_sid=result.call_sid, heard_audio=bytes(leg.heard) if leg else b"", said=list(result.said),
-                     streams=1 if leg else 0, sent_audio=audio, timeline=timeline,
+    return HeardCall(call_sid=result.call_sid, heard_audio=result.heard, said=list(result.said),
+                     streams=len(result.legs), sent_audio=audio, timeline=timeline,
                      custom_parameters=dict(result.custom_parameters), stranded=False)
 
 
@@ -78,7 +79,7 @@ class TelnyxChaos:
     # ----- TeXML -------------------------------------------------------------------------------------------
     def texml(self, scenario: str, to: str, caller: str, audio: bytes, choice: str) -> list[HeardCall]:
         """One TeXML caller under ``scenario`` (``returning``: two calls); ``choice`` picks a callback order."""
-        call: dict[str, Any] = dict(listen_seconds=self.listen_seconds, pace=True)
+        call: dict[str, Any] = dict(listen_seconds=self.listen_seconds, pace=True, restore_audio=audio[:1600])
         if scenario == "callbacks":
             call["callbacks"] = choice
         elif scenario in ("caller-drop", "returning"):
