@@ -41,6 +41,13 @@ SILENCE = {"PCMU": b"\xff", "PCMA": b"\xd5", "L16": b"\x00", "G722": b"\x00"}
 #: (https://developers.telnyx.com/docs/voice/programmable-voice/texml-verbs/stream).
 TEXML_STREAM_ATTRIBUTES = frozenset({"url", "track", "name", "codec", "bidirectionalMode", "bidirectionalCodec",
                                      "bidirectionalSamplingRate", "statusCallback", "statusCallbackMethod"})
+#: Verbs of Telnyx's TeXML/TwiML compatibility table
+#: (https://developers.telnyx.com/docs/voice/programmable-voice/texml-twiml-compatibility), plus ``<Connect>`` and
+#: ``<Start>`` (holding ``<Stream>``, the TeXML streams page). The simulator runs Say, Hangup, Dial, Redirect and
+#: Connect/Stream and records any verb not listed as an error (``<Pay>`` is TwiML only, for one).
+TEXML_VERBS = frozenset({"AIGather", "Connect", "Dial", "Enqueue", "Gather", "Hangup", "HttpRequest", "Leave",
+                         "Pause", "Play", "Record", "Redirect", "Refer", "Reject", "Say", "Siprec", "Start", "Stop",
+                         "Stream", "Suppression", "Transcription"})
 #: RTP-mode media messages back to Telnyx hold 20 ms to 30 s of audio (AsyncAPI page), here PCMU 8 kHz.
 MIN_RETURN_BYTES = 160
 MAX_RETURN_BYTES = 30 * 8000
@@ -414,6 +421,8 @@ class TexmlCallSimulator:
             elif verb.tag == "Connect" and (stream := verb.find("Stream")) is not None:
                 if not self._run_stream(run, stream):
                     return  # the caller hung up: the rest of the document never runs
+            elif verb.tag not in TEXML_VERBS:
+                result.errors.append(f"<{verb.tag}> is not a TeXML verb Telnyx documents")
 
     def _redirect(self, run: _TexmlRun, url: str, depth: int) -> None:
         result = run.result
