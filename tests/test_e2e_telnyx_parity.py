@@ -228,7 +228,11 @@ def test_call_control_hangup_before_streaming_stopped_ends_once_without_a_restor
     call_id = fake_call_control.place_call(to=numbers.to, **{"from": numbers.from_}, listen_seconds=0.5,
                                            reverse_final_webhooks=True, duplicate_webhooks=True,
                                            payload=base64.b64encode(b"\x01" * 800).decode())
-    call = finished_call(fake_call_control, call_id)
+    finished_call(fake_call_control, call_id)
+    # streaming.stopped is delivered after call.hangup here: wait for both copies of it too.
+    call = wait_until(lambda: (c := fake_call_control.call(call_id)) and
+                      [w["event"] for w in c["webhooks"]].count("streaming.stopped") == 2 and c)
+    assert call, fake_call_control.call(call_id)
     events = [w["event"] for w in call["webhooks"]]
     assert events.index("call.hangup") < events.index("streaming.stopped")  # delivered out of order (twice)
     assert [c["action"] for c in call["commands"]] == ["answer", "streaming_start"]  # nothing restored after

@@ -119,11 +119,11 @@ class TelnyxChaos:
     # ----- Call Control ------------------------------------------------------------------------------------
     def call_control(self, scenario: str, to: str, caller: str, audio: bytes, choice: str) -> list[HeardCall]:
         """One Call Control caller under ``scenario`` (``returning``: two calls)."""
-        call: dict[str, Any] = {"listen_seconds": self.listen_seconds}
+        call: dict[str, Any] = {"listen_seconds": self.listen_seconds, "pace": True}
         if scenario == "callbacks":
             call["duplicate_webhooks" if choice == "twice" else "reverse_final_webhooks"] = True
         elif scenario in ("caller-drop", "returning"):
-            first = self._call_control_call(to, caller, audio, vanish=True)
+            first = self._call_control_call(to, caller, audio, vanish=True, pace=True)
             if scenario == "caller-drop":
                 return [first]
             time.sleep(0.5)

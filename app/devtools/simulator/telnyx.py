@@ -159,7 +159,10 @@ class TelnyxMediaLeg:
         # The AsyncAPI page's ``connected`` has ``event`` and ``version`` only; the auth token came as a header.
         connected: dict[str, Any] = {"event": "connected", "version": "1.0.0"}
         with self._send_lock:
-            self.ws.send(json.dumps(connected))
+            try:
+                self.ws.send(json.dumps(connected))
+            except (ConnectionClosed, OSError):
+                return  # refused or closed already: the reader records how
         self.send("start", {"start": {
             "user_id": str(uuid.uuid4()), "call_control_id": self.call_control_id,
             "call_session_id": str(uuid.uuid4()), "from": from_, "to": to, "tags": [],

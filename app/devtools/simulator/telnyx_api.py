@@ -6,7 +6,8 @@ with ``FAKE_TELNYX_WEBHOOK_URL`` (where the bridge's ``/telnyx/call-control`` re
 ``FAKE_TELNYX_SIGNING_SEED`` (base64 Ed25519 seed; the bridge gets its public key) and ``FAKE_TELNYX_API_KEY``.
 
 Control API (tests, the CLI and the chaos run): ``POST /_fake/calls`` places an inbound call (``to``, ``from``,
-``encoding``, ``sample_rate``, ``payload`` base64 in that codec, ``listen_seconds``, ``reorder_media``,
+``encoding``, ``sample_rate``, ``payload`` base64 in that codec, ``pace`` (in real time), ``listen_seconds``,
+``reorder_media``,
 ``duplicate_webhooks``, ``reverse_final_webhooks`` (``call.hangup`` before the ``streaming.stopped`` it follows),
 ``fail_first_stream``, ``vanish`` (after talking, the caller's side drops the media socket without ``stop`` and
 no further webhook comes), ``webhook_url`` (this call's webhooks go there instead of
@@ -177,9 +178,12 @@ class FakeTelnyx:
             self.webhook(call, "streaming.failed", client_state=state, failure_reason=repr(exc)[:100])
             return
         call.leg = leg
-        self.webhook(call, "streaming.started", client_state=state, stream_url=body.get("stream_url"))
+        # Telnyx opens the stream with connected/start at once and reports streaming.started on its own
+        # schedule: the media never waits for our webhook to be answered (a slow answer would otherwise hold
+        # ``start`` back past the relay's 2 s limit and the stream would be refused — a fake's artifact).
         leg.begin(call.from_, call.to)
-        leg.stream(base64.b64decode(scenario.get("payload", "")) if first else b"",
+        _spawn(self.webhook, call, "streaming.started", client_state=state, stream_url=body.get("stream_url"))
+        leg.stream(base64.b64decode(scenario.get("payload", "")) if first else b"", pace=bool(scenario.get("pace")),
                    reorder=bool(scenario.get("reorder_media")), duplicate=bool(scenario.get("reorder_media")))
         if first and scenario.get("vanish"):
             # The caller's side is lost: heard something (or gave up waiting), then the socket drops; Telnyx
@@ -215,8 +219,9 @@ class FakeTelnyx:
                      state="hangup", client_state=None)
 
 
-def _spawn(target: Any, *args: Any) -> None:
-    threading.Thread(target=target, args=args, daemon=True).start()  # a greenlet under gunicorn's gevent worker
+def _spawn(target: Any, *args: Any, **kwargs: Any) -> None:
+    # A greenlet under gunicorn's gevent worker.
+    threading.Thread(target=target, args=args, kwargs=kwargs, daemon=True).start()
 
 
 def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
