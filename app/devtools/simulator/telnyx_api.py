@@ -36,6 +36,8 @@ from app.devtools.simulator.telnyx_contract import command_body_errors, payload_
 
 EXTENSION_KEY = "fake_telnyx"
 WEBHOOK_TIMEOUT_SECONDS = 10.0
+#: Attempts per webhook (Telnyx redelivers a webhook that failed or got a 5xx), and the wait before the second.
+WEBHOOK_ATTEMPTS, WEBHOOK_RETRY_SECONDS = 3, 1.0
 DIAL_RING_SECONDS = 0.3
 #: A vanishing caller waits at most this long to hear something before its side drops.
 VANISH_AFTER_SECONDS = 10.0
@@ -113,13 +115,24 @@ class FakeTelnyx:
         return str(call.scenario.get("webhook_url") or self.webhook_url)
 
     def _deliver(self, call: FakeCall, event_type: str, body: str) -> None:
-        try:
-            status = requests.post(self._webhook_url(call), data=body.encode(), timeout=WEBHOOK_TIMEOUT_SECONDS, headers={
-                "Content-Type": "application/json", **self.signer.headers(body)}).status_code
-        except requests.RequestException as exc:
-            status = f"failed: {exc}"
-        with self.lock:
-            call.webhooks.append({"event": event_type, "status": status})
+        """POST one event; as Telnyx delivers at least once, an attempt that fails or gets a 5xx is made again
+        (``meta.attempt`` counting up, signed anew) up to :data:`WEBHOOK_ATTEMPTS` times."""
+        message = json.loads(body)
+        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+            if attempt > 1:
+                time.sleep(WEBHOOK_RETRY_SECONDS * (attempt - 1))
+                message["meta"]["attempt"] = attempt
+                body = json.dumps(message)
+            try:
+                status: int | str = requests.post(
+                    self._webhook_url(call), data=body.encode(), timeout=WEBHOOK_TIMEOUT_SECONDS,
+                    headers={"Content-Type": "application/json", **self.signer.headers(body)}).status_code
+            except requests.RequestException as exc:
+                status = f"failed: {exc}"
+            with self.lock:
+                call.webhooks.append({"event": event_type, "status": status, "attempt": attempt})
+            if isinstance(status, int) and status < 500:
+                return
 
     # ----- Telnyx's side of a call -----
     def place(self, call: FakeCall) -> None:
