@@ -280,3 +280,25 @@ def test_call_control_with_redis_down_answers_speaks_and_hangs_up(bridge_without
     assert {event: status for event, status in statuses.items() if event != "call.hangup"} == {
         "call.initiated": 200, "call.answered": 200, "call.speak.started": 200, "call.speak.ended": 200}, statuses
     assert emulator.sessions() == []
+
+
+# ----- the voice webhook fails (its worker killed mid-request): the failover URL answers ----------------------------
+class PrimaryDown(TexmlCallSimulator):
+    """Telnyx whose request to the voice webhook got no answer (the worker serving it was killed)."""
+
+    def post_form(self, url: str, params: dict[str, str], **kwargs) -> requests.Response:
+        if url.endswith("/telnyx/texml"):
+            raise requests.ConnectionError("Remote end closed connection without response")
+        return super().post_form(url, params, **kwargs)
+
+
+def test_texml_voice_webhook_failing_the_failover_url_says_why_and_hangs_up(
+        telnyx_bridge_server: RunningServer, telnyx_signer, emulator: EmulatorControl, numbers: CallNumbers) -> None:
+    simulator = PrimaryDown(telnyx_bridge_server.url, telnyx_signer)
+    result = simulator.place_call(*numbers, b"\xff" * 800,
+                                  fallback_url=telnyx_bridge_server.url + "/telnyx/texml/fallback")
+    assert result.webhook_status == 200 and result.said == [UNAVAILABLE_MESSAGE] and result.hung_up
+    assert result.legs == [] and emulator.sessions() == []
+    # Unsigned, the failover URL is refused like every Telnyx route.
+    assert requests.post(telnyx_bridge_server.url + "/telnyx/texml/fallback", data="CallSid=v3:abcdefgh",
+                         timeout=5, headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code == 403

@@ -102,7 +102,9 @@ class TelnyxChaos:
         # One simulator per call: calls run concurrently and the simulator keeps per-call options.
         simulator = TexmlCallSimulator(self.choose(self.bridges), self.signer, public_url=self.public_url,
                                        timeout=15)
-        return texml_heard(simulator.place_call(to, caller, audio, call_sid=new_call_control_id(), **options),
+        # The application configured as README says: its failover URL answers when the voice webhook fails.
+        return texml_heard(simulator.place_call(to, caller, audio, call_sid=new_call_control_id(),
+                                                fallback_url=self.public_url + "/telnyx/texml/fallback", **options),
                            audio)
 
     @staticmethod

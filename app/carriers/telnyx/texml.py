@@ -135,6 +135,15 @@ def texml_voice() -> Response:
                                profile=leg.profile))
 
 
+@bp.post("/texml/fallback")
+def texml_fallback() -> Response:
+    """The TeXML application's failover URL (Telnyx requests it when the voice webhook fails: a worker killed
+    mid-request, a deploy): the apology and a hang-up, without touching Kallglot or Redis — never dead air."""
+    form = texml_form()
+    log.error("telnyx texml call=%s failover URL used", call_id_of(form))
+    return xml(say_and_hang_up(ET.Element("Response"), UNAVAILABLE_MESSAGE))
+
+
 @bp.post("/texml/status")
 def texml_status() -> tuple[str, int]:
     """Call status and ``<Stream statusCallback>`` callbacks: record them; a final call status ends the leg.

@@ -348,7 +348,7 @@ class TexmlCallSimulator:
                    duplicate: bool = False, pace: bool = False, hangup_cause: str = "normal_clearing",
                    call_sid: str | None = None, parameters_as: str = "object", callbacks: str = "once",
                    hold_open: Callable[[TelnyxMediaLeg], None] | None = None,
-                   restore_audio: bytes = b"") -> TexmlCallResult:
+                   restore_audio: bytes = b"", fallback_url: str | None = None) -> TexmlCallResult:
         """Simulate a whole inbound TeXML call; ``payload`` is the caller's audio in ``encoding``.
 
         ``callbacks``: the stream and call status callbacks are sent ``once``, ``twice`` (each repeated, as an
@@ -356,7 +356,8 @@ class TexmlCallSimulator:
         side vanished: no callback ever comes). ``hold_open(leg)`` runs once, on the first stream, after the
         caller's audio was sent and before listening (it may inject frames, kill the relay's worker, or drop the
         socket with :meth:`TelnyxMediaLeg.close_abruptly`). A ``<Redirect>`` is followed (signed POST, its TeXML
-        run); ``restore_audio`` is what the caller says on a stream connected after the first.
+        run); ``restore_audio`` is what the caller says on a stream connected after the first. ``fallback_url``
+        is the application's failover URL, requested as Telnyx does when the voice webhook fails.
 
         ``parameters_as``: how ``<Parameter>`` children reach ``start.custom_parameters`` — Telnyx's ``<Stream>``
         page does not say, so ``object``, ``list`` (of name/value) and ``dropped`` (not delivered) are all tried.
@@ -366,11 +367,20 @@ class TexmlCallSimulator:
         run = _TexmlRun(result, to, from_, payload, restore_audio, encoding, sample_rate, listen_seconds, reorder,
                         duplicate, pace)
         status_url = self.public_url + "/telnyx/texml/status"
+        params = self.call_params(result.call_sid, to, from_, "ringing")
         try:
-            response = self.post_form(self.public_url + "/telnyx/texml",
-                                      self.call_params(result.call_sid, to, from_, "ringing"))
+            response: requests.Response | None = self.post_form(self.public_url + "/telnyx/texml", params)
         except requests.RequestException as exc:
             result.errors.append(f"voice webhook failed: {exc}")
+            response = None
+        if (response is None or not response.ok) and fallback_url:
+            result.errors.append("voice webhook failed: failover URL used")
+            try:
+                response = self.post_form(fallback_url, params)
+            except requests.RequestException as exc:
+                result.errors.append(f"failover URL failed: {exc}")
+                return result
+        if response is None:
             return result
         result.webhook_status = response.status_code
         sends: list[tuple[str, dict[str, str]]] = []
