@@ -36,8 +36,9 @@ from app.devtools.simulator.telnyx_contract import command_body_errors, payload_
 
 EXTENSION_KEY = "fake_telnyx"
 WEBHOOK_TIMEOUT_SECONDS = 10.0
-#: Attempts per webhook (Telnyx redelivers a webhook that failed or got a 5xx), and the wait before the second.
-WEBHOOK_ATTEMPTS, WEBHOOK_RETRY_SECONDS = 3, 1.0
+#: Attempts per webhook (Telnyx redelivers a webhook that failed or got a 5xx), and the wait before the second
+#: (doubling: 1, 2, 4, 8, 16 s — past the bridge's 20 s handling lease, as Telnyx's own retries reach further).
+WEBHOOK_ATTEMPTS, WEBHOOK_RETRY_SECONDS = 6, 1.0
 DIAL_RING_SECONDS = 0.3
 #: A vanishing caller waits at most this long to hear something before its side drops.
 VANISH_AFTER_SECONDS = 10.0
@@ -120,7 +121,7 @@ class FakeTelnyx:
         message = json.loads(body)
         for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
             if attempt > 1:
-                time.sleep(WEBHOOK_RETRY_SECONDS * (attempt - 1))
+                time.sleep(WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 2))
                 message["meta"]["attempt"] = attempt
                 body = json.dumps(message)
             try:
