@@ -48,9 +48,12 @@ class Services:
     carrier_controls: Mapping[str, CarrierControl]
 
 
-def init_services(app: Flask, settings: Settings, controls: Mapping[str, CarrierControl]) -> Services:
-    """Build the services for ``app`` (``controls``: each carrier's call control by name) and store them on
-    ``app.extensions``."""
+def init_services(app: Flask, settings: Settings, controls: Mapping[str, CarrierControl],
+                  other_legs: Mapping[str, CarrierControl] | None = None) -> Services:
+    """Build the services for ``app`` (``controls``: each carrier's call control by name; ``other_legs``: the
+    control of legs that are not a carrier's, e.g. browser agents, which the lifecycle may hang up too) and store
+    them on ``app.extensions``."""
+    leg_controls = {**controls, **(other_legs or {})}
     tls = {"ssl_cert_reqs": "required" if settings.redis_tls_verify else "none"} \
         if settings.redis_url.startswith("rediss://") else {}
     # A bounded, blocking pool: a flood (e.g. of /metrics scrapes) waits up to the timeout for a connection
@@ -70,7 +73,7 @@ def init_services(app: Flask, settings: Settings, controls: Mapping[str, Carrier
                               destination_problem=DestinationRules.of(settings.destination_countries).problem),
         lifecycle=SessionLifecycle(client, keys, kallglot,
                                    heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds,
-                                   hang_up=lambda carrier, call_id: controls[carrier].hang_up(call_id)),
+                                   hang_up=lambda carrier, call_id: leg_controls[carrier].hang_up(call_id)),
         carrier_controls=controls,
         relay_tokens=RelayTokenSealer(settings.secret_key),
         relay_guard=RelayGuard(client, keys, lease_seconds=settings.heartbeat_timeout_seconds),

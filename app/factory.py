@@ -55,7 +55,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
     register_cli(app)
     if command_line is None:
-        app.extensions["reaper"] = start_background_reaper(built.lifecycle)
+        from app.calls.agent import expire_agent_waits
+
+        app.extensions["reaper"] = start_background_reaper(built.lifecycle,
+                                                           extra_passes=[lambda: expire_agent_waits(built)])
     if settings.demo_mode and command_line is None:
         log.warning("DEMO MODE: Kallglot is the local emulator at %s and the secrets are demo values. "
                     "Set KALLGLOT_API_KEY and REDIS_URL for real calls.", settings.kallglot_api_url)
@@ -88,8 +91,11 @@ def template_folder() -> Path:
 
 def register_services(app: Flask, settings: Settings) -> Services:
     """Build the app's services, with every registered carrier's call control, and attach flask-sock."""
+    from app.agents.control import BrowserAgentControl
+
     controls = {carrier.name: carrier.control(settings) for carrier in CARRIERS}
-    built = init_services(app, settings, controls)
+    browser = BrowserAgentControl()
+    built = init_services(app, settings, controls, other_legs={browser.carrier: browser})
     init_sock(app)
     return built
 
@@ -104,6 +110,7 @@ def register_blueprints(app: Flask) -> None:
     """One blueprint per other entry point."""
     from app import metrics
     from app.admin import bp as admin_bp
+    from app.agents.media import bp as agents_bp
     from app.api import bp as api_bp
     from app.kallglot.webhooks import bp as kallglot_bp
     from app.ops import health
@@ -115,6 +122,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(api_bp)
     app.register_blueprint(web_bp)
     app.register_blueprint(admin_bp)
+    app.register_blueprint(agents_bp)
 
 
 def register_error_handlers(app: Flask) -> None:

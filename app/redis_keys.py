@@ -32,6 +32,8 @@ key                                            type    holds
 ``{ns}:live-changes``                          stream  "a live session appeared, changed or ended" (capped, TTL)
 ``{ns}:session:{id}:artifacts:{kind}``         string  JSON cache of the session's transcript/recordings (TTL)
 ``{ns}:usage:sessions``                        zset    sessions with a billed duration (score: ended at)
+``{ns}:agents:waiting``                        zset    sessions waiting for a browser agent (score: deadline)
+``{ns}:agents:offer:{session_id}``             hash    a waiting call as agents see it; who took it (TTL)
 =============================================  ======  =====================================================
 
 The lifecycle's keys change only through the Lua scripts in :mod:`app.calls.scripts`, whose invariants
@@ -170,6 +172,14 @@ class RedisKeys:
     def billed_sessions(self) -> str:
         """Key of the sorted set of sessions with a recorded billed duration (score: when they ended)."""
         return f"{self.namespace}:usage:sessions"
+
+    def agents_waiting(self) -> str:
+        """Key of the sorted set of sessions offered to browser agents (score: when the wait runs out)."""
+        return f"{self.namespace}:agents:waiting"
+
+    def agent_offer(self, session_id: str) -> str:
+        """Key of the hash describing a call offered to browser agents, and the agent leg that took it."""
+        return f"{self.namespace}:agents:offer:{session_id}"
 
 
 def first_seen(client: redis.Redis, key: str, value: str = "1", ttl_seconds: int = SEEN_TTL_SECONDS) -> bool:

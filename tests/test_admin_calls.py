@@ -12,21 +12,7 @@ from flask.testing import FlaskClient
 from app.admin.presenters import duration, outcome, relay_health
 from tests.support.admin import admin_post
 from tests.support.controls import EmulatorControl
-from tests.support.twilio_requests import FROM, TO, answer, call_params, new_call_sid, post_signed
-
-
-def start_call(client: FlaskClient, emulator: EmulatorControl) -> tuple[str, str]:
-    """Answer a simulated Twilio call; returns (call SID, Kallglot session id)."""
-    call_sid = new_call_sid()
-    answer(client, call_sid)
-    session_id = next(s["id"] for s in emulator.sessions() if s["metadata"].get("twilio_call_sid") == call_sid)
-    return call_sid, session_id
-
-
-def hang_up(client: FlaskClient, call_sid: str) -> None:
-    response = post_signed(client, "/twilio/status", call_params(call_sid, CallStatus="completed",
-                                                                 CallDuration="3"))
-    assert response.status_code in (200, 204)
+from tests.support.twilio_requests import FROM, TO, answer, call_params, hang_up, new_call_sid, post_signed, start_call
 
 
 def test_live_page_shows_calls_in_progress(admin_client: FlaskClient, emulator: EmulatorControl) -> None:

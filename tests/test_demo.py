@@ -23,7 +23,8 @@ from app.devtools.simulator import __main__ as twilio_cli
 from app.devtools.simulator.audio import speech_like_tone
 from app.devtools.simulator.twilio import TwilioCallSimulator
 from app.envfile import environment_with_demo, read_env_file, write_env_file
-from tests.conftest import TWILIO_ACCOUNT_SID, EmulatorControl, bridge_config
+from tests.support.controls import EmulatorControl
+from tests.support.settings import TWILIO_ACCOUNT_SID, bridge_config
 from tests.support.demo import demo_environment, run_demo, venv_workdir
 from tests.support.servers import RunningServer
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
@@ -17,6 +13,7 @@ import redis as redis_lib
 from app.calls.prompts import UNAVAILABLE_MESSAGE
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.support.bridge_state import BridgeState
+from tests.support.redis_server import PersistentRedis
 from tests.support.controls import EmulatorControl
 from tests.support.settings import E2E_GRACEFUL_TIMEOUT_SECONDS, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.waiting import wait_until
@@ -24,38 +21,6 @@ from tests.support.servers import RunningServer, free_port, run_gunicorn
 
 pytestmark = pytest.mark.e2e
 TO, FROM = "+15005550006", "+15551230000"
-
-
-class PersistentRedis:
-    """A private redis-server with an append-only file, so a restart keeps its data (like a managed Redis)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="kb-redis-")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is needed"
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--appendonly", "yes",
-             "--appendfsync", "always", "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
 
 
 @pytest.fixture(scope="module")

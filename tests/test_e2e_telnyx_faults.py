@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from app.devtools.simulator.telnyx import TexmlCallSimulator
-from tests.conftest import EmulatorControl, FakeCallControl
+from tests.support.controls import EmulatorControl, FakeCallControl
 from tests.support.controls import finished_call
 from tests.support.servers import RunningServer
 from tests.support.waiting import only_session, wait_until

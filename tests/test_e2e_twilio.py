@@ -198,15 +198,22 @@ def test_malformed_frames_mid_call(simulator: TwilioCallSimulator, emulator: Emu
         stream.send_raw(b"\x00binary")
         assert stream.wait_for(lambda s: s.server_closed, timeout=5)
 
-    result = simulator.place_call(*numbers, b"\x02" * 800, pace=False, hold_open=misbehave, listen_seconds=0.5)
+    def hear_kallglot_again(stream: SimulatedStream) -> None:
+        # The restored stream's relay reached Kallglot (its echo is heard) before the caller hangs up: otherwise
+        # the hang-up may end the session while a slow relay is still connecting, and there is nothing to check.
+        assert stream.wait_for(lambda s: len(s.heard) > 0, timeout=30), "the restored stream never reached Kallglot"
+
+    result = simulator.place_call(*numbers, b"\x02" * 800, pace=False, hold_open=misbehave, listen_seconds=0.5,
+                                  restore_audio=b"\x03" * 800, restore_hold_open=hear_kallglot_again)
     assert any("code 1003" in event for _, event in result.timeline)
     # <Connect action> restored the stream to the same session; that stream then ended normally.
     assert result.streams == 2
-    session = only_session(emulator)
+    session_id = only_session(emulator)["id"]
+    assert wait_until(lambda: emulator.session(session_id)["status"] == "ended")
+    session = emulator.session(session_id)  # the end state: both relays are over
     assert session["connections_total"] == 2
-    # The bad frame was dropped, the good one after it still arrived.
-    assert base64.b64decode(session["audio_received"]["customer"]) == b"\x02" * 800 + b"\x01" * 160
-    assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
+    # The bad frame was dropped, the good one after it still arrived, then the restored stream's audio.
+    assert base64.b64decode(session["audio_received"]["customer"]) == b"\x02" * 800 + b"\x01" * 160 + b"\x03" * 800
     assert requests.get(bridge_server.url + "/healthz", timeout=5).status_code == 200
 
 

@@ -23,7 +23,8 @@ from app.kallglot.client import KallglotClient, KallglotValidationError
 from app.profiles import NumberProfile, ProfileError
 from app.redis_keys import RedisKeys
 from app.relay.tokens import RelayGrant, RelayGuard, RelayTokenSealer
-from tests.conftest import PUBLIC_URL, TWILIO_ACCOUNT_SID, EmulatorControl, bridge_config, twilio_signature
+from tests.support.controls import EmulatorControl
+from tests.support.settings import PUBLIC_URL, TWILIO_ACCOUNT_SID, bridge_config, twilio_signature
 
 OURS, CUSTOMER = "+15005550006", "+14155550123"
 API_TOKEN = "api-token-for-hostile-tests"

@@ -1,7 +1,6 @@
 """The Kallglot REST client against the emulator: auth, idempotency, retries, typed errors."""
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 
 import pytest
@@ -13,6 +12,7 @@ from app.kallglot.client import (
 from tests.support.controls import EmulatorControl
 from tests.support.settings import EMULATOR_API_KEY
 from tests.support.servers import free_port
+from tests.support.virtual_time import TimedTransport, VirtualClock
 
 
 def client(emulator: EmulatorControl, **kwargs) -> KallglotClient:
@@ -63,9 +63,12 @@ def test_wrong_key_is_an_authentication_error(emulator: EmulatorControl) -> None
 def test_429_is_retried_after_retry_after(emulator: EmulatorControl) -> None:
     emulator.fault(endpoint="create", status=429, code="rate_limit_exceeded", type="rate_limit_error",
                    retry_after=1, times=1)
-    started = time.monotonic()
-    session = client(emulator).create_session(mode="ai_agent", idempotency_key="k")
-    assert session.id and time.monotonic() - started >= 1.0
+    clock = VirtualClock()
+    transport = TimedTransport(clock)
+    session = client(emulator, session=transport, clock=clock, sleep=clock.sleep).create_session(
+        mode="ai_agent", idempotency_key="k")
+    assert session.id and [a["outcome"] for a in transport.attempts] == ["429", "201"]
+    assert clock.slept == [1.0]  # waited what Retry-After said, once, before the retry
 
 
 def test_429_beyond_the_budget_is_raised(emulator: EmulatorControl) -> None:
@@ -83,12 +86,19 @@ def test_5xx_retries_are_bounded(emulator: EmulatorControl) -> None:
 
 def test_slow_kallglot_times_out_within_the_webhook_budget(emulator: EmulatorControl) -> None:
     emulator.fault(endpoint="create", delay_seconds=3, times=5)
-    started = time.monotonic()
-    # The first attempt times out; the retry may meet 409 idempotency_conflict (the first is still running).
+    clock = VirtualClock()
+    transport = TimedTransport(clock)
+    started = clock.now
+    # The first attempt times out; a retry may meet 409 idempotency_conflict (the first is still running).
     with pytest.raises(KallglotError):
-        client(emulator, read_timeout=0.5, total_budget_seconds=2.0).create_session(mode="ai_agent",
-                                                                                    idempotency_key="k")
-    assert time.monotonic() - started < 2.5
+        client(emulator, read_timeout=0.5, total_budget_seconds=2.0, session=transport, clock=clock,
+               sleep=clock.sleep).create_session(mode="ai_agent", idempotency_key="k")
+    attempts = transport.attempts
+    assert attempts[0]["outcome"] == "timeout" and len(attempts) >= 2  # timed out, then retried
+    # Every attempt was planned to end within the 2 s budget, backoffs included ...
+    assert all(a["at"] - started + a["read_timeout"] <= 2.0 for a in attempts), attempts
+    # ... and so the whole call gave up within it (timeouts and waits on the virtual clock).
+    assert clock.now - started <= 2.0, (attempts, clock.slept)
 
 
 def test_unreachable() -> None:

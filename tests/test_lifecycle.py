@@ -10,14 +10,10 @@ from flask import Flask
 from app.calls.leg_spec import LegSpec
 from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome
 from app.extensions import services
+from app.kallglot.client import KallglotClient
 from tests.support.controls import EmulatorControl
-
-TO, FROM = "+15005550006", "+15551230000"
-
-
-def leg(call_id: str, **extra: Any) -> LegSpec:
-    return LegSpec(carrier="twilio", call_id=call_id, speaker="customer", from_number=FROM, to_number=TO,
-                   mode="ai_agent", reconnect_window_seconds=60, **extra)
+from tests.support.legs import leg
+from tests.support.twilio_requests import FROM, TO
 
 
 def test_a_session_created_but_never_registered_is_ended_by_the_reaper(app: Flask, emulator: EmulatorControl) -> None:
@@ -97,44 +93,49 @@ class WorkerDied(BaseException):
     """Stands for the worker being killed at that instant (nothing in the product catches it)."""
 
 
-def test_a_worker_dying_mid_end_leaves_a_deadline_that_finishes_it(app: Flask, emulator: EmulatorControl,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS
+class WorkerKilled(BaseException):
+    """The worker's process dies here (SIGKILL): nothing after this point runs, no handler catches it."""
+
+
+class DyingKallglot:
+    """The worker's Kallglot client: its ``end`` kills the worker — before the request goes out, or just after
+    Kallglot processed it (``reaches_kallglot``)."""
+
+    def __init__(self, real: KallglotClient, *, reaches_kallglot: bool) -> None:
+        self.real, self.reaches_kallglot = real, reaches_kallglot
+
+    def end_session(self, session_id: str) -> dict:
+        if self.reaches_kallglot:
+            self.real.end_session(session_id)
+        raise WorkerKilled
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("reaches_kallglot", [False, True], ids=["died-before-kallglot", "died-after-kallglot"])
+def test_a_worker_dying_mid_end_leaves_a_deadline_that_finishes_it_once(app: Flask, emulator: EmulatorControl,
+                                                                        reaches_kallglot: bool) -> None:
+    from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, SessionLifecycle
 
     with app.app_context():
         svc = services()
-        lifecycle = svc.lifecycle
+        lifecycle = svc.lifecycle  # the surviving workers' (their reaper)
         session = lifecycle.create_session(carrier="twilio", call_id="CAd", idempotency_key="k-d", mode="ai_agent")
         lifecycle.register_leg(leg("CAd"), session_id=session.id)
-        # The last leg ends and this worker takes the end claim… then dies before calling Kallglot.
+        # The worker that hears the last leg end takes the end claim and dies inside its Kallglot end.
         now = time.time()
-        assert lifecycle._claim_end(keys=[svc.keys.session_end_claim(session.id), svc.keys.session(session.id),
-                                          svc.keys.deadlines()],
-                                    args=["dead-worker", END_CLAIM_LEASE_SECONDS, "1", session.id, f"{now:.3f}"]) == 1
+        dying = SessionLifecycle(svc.redis, svc.keys, DyingKallglot(svc.kallglot, reaches_kallglot=reaches_kallglot),
+                                 clock=lambda: now)
+        with pytest.raises(WorkerKilled):
+            dying.leg_ended("twilio", "CAd", "call_completed")
         # Within the lease nobody else may end it (the holder may only be slow)…
         assert lifecycle.end_session(session.id, "admin", now=now + 1) is EndOutcome.ALREADY
-        # …after it, a reaper takes the claim over, asks Kallglot (not ended) and ends it once.
+        assert emulator.session(session.id)["end_calls"] == (1 if reaches_kallglot else 0)
+        # …after it, a reaper takes the claim over, asks Kallglot whether the end landed, and finishes it once.
         assert lifecycle.end_due_sessions(now=now + END_CLAIM_LEASE_SECONDS + 2) == 1
         assert lifecycle.session_record(session.id)["status"] == "ended"
-    assert emulator.session(session.id)["end_calls"] == 1
-
-
-def test_a_worker_dying_after_its_end_reached_kallglot_is_not_ended_twice(app: Flask,
-                                                                          emulator: EmulatorControl) -> None:
-    from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS
-
-    with app.app_context():
-        svc = services()
-        lifecycle = svc.lifecycle
-        session = lifecycle.create_session(carrier="twilio", call_id="CAe", idempotency_key="k-e", mode="ai_agent")
-        lifecycle.register_leg(leg("CAe"), session_id=session.id)
-        now = time.time()
-        assert lifecycle._claim_end(keys=[svc.keys.session_end_claim(session.id), svc.keys.session(session.id),
-                                          svc.keys.deadlines()],
-                                    args=["dead-worker", END_CLAIM_LEASE_SECONDS, "1", session.id, f"{now:.3f}"]) == 1
-        svc.kallglot.end_session(session.id)  # its request reached Kallglot; then SIGKILL, nothing recorded
-        assert lifecycle.end_due_sessions(now=now + END_CLAIM_LEASE_SECONDS + 2) == 1
-        assert lifecycle.session_record(session.id)["status"] == "ended"
+        assert lifecycle.end_due_sessions(now=now + 3600) == 0  # nothing left due
     assert emulator.session(session.id)["end_calls"] == 1
 
 

@@ -10,8 +10,8 @@ from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome
 from app.calls.recovery import create_may_have_succeeded
 from app.extensions import services
 from app.kallglot.client import KallglotConflict, KallglotUnavailable, KallglotValidationError
-from tests.conftest import EmulatorControl
-from tests.test_lifecycle import leg
+from tests.support.controls import EmulatorControl
+from tests.support.legs import leg
 
 
 def _started(call_id: str, stream_id: str, **extra: object) -> str:

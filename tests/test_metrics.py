@@ -177,11 +177,9 @@ def test_sigterm_hands_live_calls_to_the_lifecycle_as_held(draining_bridge: Runn
                                                            redis_client: redis_lib.Redis,
                                                            emulator: EmulatorControl) -> None:
     simulator = TwilioCallSimulator(draining_bridge.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
-    terminated_at: list[float] = []
 
     def deploy_mid_call(stream: SimulatedStream) -> None:
         draining_bridge.process.send_signal(signal.SIGTERM)
-        terminated_at.append(time.monotonic())
         # gunicorn's --graceful-timeout is 5 s in tests: calls are handed over after half of it.
         assert stream.wait_for(lambda s: s.server_closed, timeout=10)
 

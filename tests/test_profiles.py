@@ -45,4 +45,8 @@ def test_cli_set_list_show_delete(app: Flask) -> None:
     assert "(default)" in runner.invoke(args=["numbers", "show", "+14155550111"]).output
     bad = runner.invoke(args=["numbers", "set", "+14155550100", "--source", "english"])
     assert bad.exit_code != 0 and "source_language" in bad.output
+    browser = runner.invoke(args=["numbers", "set", "+14155550100", "--browser-agents", "--browser-agent-wait", "45"])
+    assert browser.exit_code == 0 and "source=de target=fr browser-agents=45s" in browser.output
+    too_long = runner.invoke(args=["numbers", "set", "+14155550100", "--browser-agent-wait", "900"])
+    assert too_long.exit_code != 0 and "browser_agent_wait_seconds" in too_long.output
     assert "deleted" in runner.invoke(args=["numbers", "delete", "+14155550100"]).output

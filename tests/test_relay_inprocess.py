@@ -7,15 +7,12 @@ everything on the Kallglot side is real: sockets, the emulator's validation and 
 from __future__ import annotations
 
 import base64
-import json
-import queue
 import threading
 from collections.abc import Iterator
 
 import pytest
 import requests
 
-from app.carriers.twilio.media import TwilioMediaCodec
 from app.kallglot import stream_protocol
 from app.kallglot.client import KallglotClient, KallglotSession
 from app.kallglot.stream import KallglotStream
@@ -23,41 +20,9 @@ from app.relay.core import MediaRelay, RelayEnd
 from app.relay.outcome import RelayStats
 from app.relay.reopen import KALLGLOT_RECONNECT_BUFFER_MS, KallglotLink
 from tests.support.controls import EmulatorControl
+from tests.support.scripted_carrier import ScriptedCarrier, run_relay, started_codec
 from tests.support.settings import EMULATOR_API_KEY
 from tests.support.waiting import wait_until
-
-STREAM_SID = "MZ" + "7" * 32
-
-
-class ScriptedCarrier:
-    """A carrier socket the test writes frames into (as Twilio would send them) and reads the relay's out of."""
-
-    def __init__(self) -> None:
-        self.connected = True
-        self.inbox: queue.Queue[str | None] = queue.Queue()
-        self.sent: list[dict] = []
-        self.close_code: int | None = None
-
-    def receive(self, timeout: float | None = None) -> str | bytes | None:
-        try:
-            frame = self.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        return frame
-
-    def send(self, data: str | bytes) -> None:
-        self.sent.append(json.loads(data))
-
-    def close(self, reason: int | None = None, message: str | None = None) -> None:
-        self.connected, self.close_code = False, reason
-
-    def media(self, payload: bytes) -> None:
-        self.inbox.put(json.dumps({"event": "media", "streamSid": STREAM_SID,
-                                   "media": {"track": "inbound", "payload": base64.b64encode(payload).decode()}}))
-
-    def stop(self) -> None:
-        self.inbox.put(json.dumps({"event": "stop", "streamSid": STREAM_SID, "stop": {}}))
-
 
 @pytest.fixture
 def session(emulator: EmulatorControl) -> KallglotSession:
@@ -70,20 +35,6 @@ def carrier() -> Iterator[ScriptedCarrier]:
     scripted = ScriptedCarrier()
     yield scripted
     scripted.connected = False
-
-
-def started_codec() -> TwilioMediaCodec:
-    codec = TwilioMediaCodec()
-    codec.parse(json.dumps({"event": "start", "streamSid": STREAM_SID,
-                            "start": {"callSid": "CA" + "7" * 32, "streamSid": STREAM_SID}}))
-    return codec
-
-
-def run_relay(relay: MediaRelay) -> tuple[threading.Thread, list[RelayEnd]]:
-    ends: list[RelayEnd] = []
-    thread = threading.Thread(target=lambda: ends.append(relay.run()), daemon=True)
-    thread.start()
-    return thread, ends
 
 
 @pytest.mark.parametrize("chunk_ms", [20, 40, 200])

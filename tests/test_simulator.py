@@ -271,8 +271,10 @@ def test_echo_is_byte_exact_and_frames_follow_the_protocol(sim: TwilioCallSimula
 def test_paced_audio_is_sent_in_real_time(sim: TwilioCallSimulator, fake: RunningServer) -> None:
     result = sim.place_call(ECHO, CALLER, b"\x7e" * 4000, pace=True, listen_seconds=0.1)
     times = fake_log(fake, result.call_sid, until=lambda log: log["streams"][0]["ended"])["streams"][0]["media_times"]
-    # 25 frames = 24 intervals of 20 ms (0.48 s); the first frames may queue up while the server starts.
-    assert len(times) == 25 and 0.4 <= times[-1] - times[0] < 1.0
+    # 25 frames = 24 intervals of 20 ms (0.48 s); the first frames may queue up while the server starts. Only the
+    # lower bound is asserted: pacing means never faster than real time, and no machine load can break that
+    # (a slower arrival is the machine, not the simulator).
+    assert len(times) == 25 and times[-1] - times[0] >= 0.4
 
 
 @e2e
@@ -281,8 +283,11 @@ def test_marks_are_echoed_when_playback_reaches_them(sim: TwilioCallSimulator, f
                             hold_open=lambda s: s.wait_for(lambda st: len(st.marks_echoed) == 2, 3))
     assert result.marks_received == result.marks_echoed == ["idle", "after-audio"]
     assert result.heard_audio == result.played_audio == b"\x55" * 1600
-    delays = fake_log(fake, result.call_sid, until=lambda log: log["streams"][0]["ended"])["streams"][0]["mark_delays"]
-    assert delays["idle"] < 0.15 <= 0.19 <= delays["after-audio"] < 2.0
+    # Where playback stood when each mark came back: "idle" at once (nothing queued), "after-audio" only once
+    # the 0.2 s before it had played.
+    assert result.played_at_mark == {"idle": 0, "after-audio": 1600}
+    echoed = fake_log(fake, result.call_sid, until=lambda log: log["streams"][0]["ended"])["streams"][0]["mark_delays"]
+    assert set(echoed) == {"idle", "after-audio"}  # the service received both echoes
 
 
 @e2e
@@ -294,8 +299,10 @@ def test_clear_drops_unplayed_audio_and_returns_pending_marks(sim: TwilioCallSim
     # ~0.3 s (2400 bytes) played before the clear; the rest of the 2 s reply was dropped.
     assert 800 <= len(result.played_audio) <= 8000
     assert result.played_audio == result.heard_audio[: len(result.played_audio)]
-    delays = fake_log(fake, result.call_sid, until=lambda log: log["streams"][0]["ended"])["streams"][0]["mark_delays"]
-    assert delays["end-of-reply"] < 1.5  # returned by the clear, not after 2 s of playback
+    # The pending mark was returned by the clear, with playback cut short, not after the 2 s reply played.
+    assert result.played_at_mark == {"end-of-reply": len(result.played_audio)}
+    echoed = fake_log(fake, result.call_sid, until=lambda log: log["streams"][0]["ended"])["streams"][0]["mark_delays"]
+    assert set(echoed) == {"end-of-reply"}
 
 
 @e2e

@@ -18,7 +18,8 @@ from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_
 from app.extensions import services
 from app.factory import create_app
 from app.kallglot.signature import sign
-from tests.conftest import PUBLIC_URL, EmulatorControl, FakeCallControl, bridge_config, telnyx_config
+from tests.support.controls import EmulatorControl, FakeCallControl
+from tests.support.settings import PUBLIC_URL, bridge_config, telnyx_config
 
 TO, FROM = "+15005550006", "+15551230000"
 KALLGLOT_SECRET = "whsec_malformed_test"

@@ -19,7 +19,8 @@ from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_
 from app.extensions import services
 from app.factory import create_app
 from app.profiles import NumberProfile
-from tests.conftest import PUBLIC_URL, EmulatorControl, FakeCallControl, bridge_config, telnyx_config
+from tests.support.controls import EmulatorControl, FakeCallControl
+from tests.support.settings import PUBLIC_URL, bridge_config, telnyx_config
 
 TO, FROM = "+15005550006", "+15551230000"
 SPANISH = NumberProfile(fallback_message="Lo sentimos, no hay traducción ahora.", fallback_language="es-ES",

@@ -9,6 +9,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from app.calls.events import LEG, SessionEventLog
 from app.extensions import services
 from app.profiles import NumberProfile
 from tests.support.controls import EmulatorControl
@@ -230,6 +231,12 @@ def test_connect_action_after_kallglot_failure_uses_the_profile_fallback(client:
     root = restore(client, call_sid)
     assert root.find("Say").text == "Un momento" and root.find("Say").get("language") == "es-ES"
     assert root.find("Dial").text == "+14155550199"
+    with app.app_context():  # the supervisor's live view says the fallback was used, and why
+        svc = services()
+        session_id = svc.lifecycle.call_record("twilio", call_sid)["session_id"]
+        (event,) = [e for e in SessionEventLog(svc.redis, svc.keys).latest(session_id, 20) if e.kind == LEG]
+    assert (event.data["state"], event.data["detail"], event.data["call_id"]) == \
+        ("fallback", "relay_kallglot_unreachable", call_sid)
 
 
 @pytest.mark.parametrize("order", ["status-first", "action-only"])

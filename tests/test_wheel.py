@@ -19,9 +19,8 @@ import pytest
 import requests
 
 from app.devtools.simulator.twilio import TwilioCallSimulator
-from tests.conftest import (
-    ADMIN_PASSWORD, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, EmulatorControl, bridge_config,
-)
+from tests.support.controls import EmulatorControl
+from tests.support.settings import ADMIN_PASSWORD, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.servers import REPO_ROOT, RunningServer, free_port, run_gunicorn
 
 pytestmark = pytest.mark.e2e

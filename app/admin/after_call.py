@@ -15,6 +15,7 @@ from flask import Response, abort, render_template, request, stream_with_context
 from flask.typing import ResponseReturnValue
 
 from app.admin import presenters
+from app.admin.analysis import session_analysis
 from app.admin.blueprint import bp
 from app.admin.live import session_record_or_404, valid_session_id
 from app.calls.usage import clock, minutes, usage
@@ -60,7 +61,9 @@ def session_transcript(session_id: str) -> ResponseReturnValue:
     transcript, transcript_error = _cached(session_id, "transcript", lambda: kallglot.get_transcript(session_id))
     recordings, recordings_error = _recordings(session_id)
     turns = [t for t in (transcript or {}).get("turns", []) if isinstance(t, dict)]
+    analysis, analysis_error = session_analysis(session_id)
     return render_template("admin/transcript.html", session_id=session_id, record=record, transcript=transcript,
+                           analysis=analysis, analysis_error=analysis_error,
                            turns=turns, transcript_error=transcript_error, recordings=recordings,
                            recordings_error=recordings_error,
                            billed=(f"{clock(record['billed_seconds'])} ({minutes(record['billed_seconds'])} min)"

@@ -61,6 +61,13 @@ def _password_marker() -> str:
                     hashlib.sha256).hexdigest()[:32]
 
 
+def session_owner() -> str:
+    """A stable id of this admin session that is not its secret (a digest of its nonce): what a browser agent's
+    leg is bound to, so only the tab that took a call may stream into it. Empty when not signed in."""
+    nonce = session.get("admin_nonce")
+    return hashlib.sha256(b"agent:" + nonce.encode()).hexdigest()[:32] if isinstance(nonce, str) and nonce else ""
+
+
 def _session_key(nonce: str) -> str:
     # Redis holds a digest of the nonce, never the nonce itself (no bearer secret in Redis).
     return services().keys.admin_session(hashlib.sha256(nonce.encode()).hexdigest())

@@ -21,7 +21,7 @@ from app.profiles.transfer import profile_from_data
 
 TEXT_FIELDS = ("carrier", "mode", "source_language", "target_language", "greeting", "greeting_language",
                "agent_number", "fallback_message", "fallback_language", "fallback_number",
-               "reconnect_window_seconds", "hangup_grace_seconds")
+               "reconnect_window_seconds", "hangup_grace_seconds", "browser_agent_wait_seconds")
 #: Blank metadata rows offered for new entries (no JavaScript needed to add one).
 BLANK_METADATA_ROWS = 2
 #: Sign-in names are labels for the audit log, not identities: kept short.
@@ -65,6 +65,8 @@ class ProfileForm(AdminForm):
     greeting_language = StringField("Greeting language", filters=[_strip])
     agent_number = StringField("Agent number (E.164)", filters=[_strip])
     agent_hangup_ends_call = BooleanField("When the agent hangs up, end the whole call")
+    browser_agents = BooleanField("Offer calls to agents in the browser first (the Agent page)")
+    browser_agent_wait_seconds = StringField("Wait for a browser agent (seconds)", filters=[_strip])
     fallback_message = TextAreaField("Fallback message", filters=[_strip])
     fallback_language = StringField("Fallback message language", filters=[_strip])
     fallback_number = StringField("Fallback number (E.164)", filters=[_strip])
@@ -89,7 +91,8 @@ class ProfileForm(AdminForm):
         data = profile.to_dict()
         values = {name: "" if data[name] is None else str(data[name]) for name in TEXT_FIELDS}
         return cls(None, metadata=list(profile.metadata.items()), number=number,
-                   agent_hangup_ends_call=profile.agent_hangup_ends_call, **values)
+                   agent_hangup_ends_call=profile.agent_hangup_ends_call, browser_agents=profile.browser_agents,
+                   **values)
 
     @classmethod
     def from_request(cls, formdata: MultiDict[str, str], number: str | None = None) -> ProfileForm:
@@ -129,7 +132,8 @@ class ProfileForm(AdminForm):
                 problems["metadata"] = f"the key {key!r} appears twice"
             metadata[key] = value
         data: dict[str, Any] = {**self.values, "metadata": metadata,
-                                "agent_hangup_ends_call": bool(self.agent_hangup_ends_call.data)}
+                                "agent_hangup_ends_call": bool(self.agent_hangup_ends_call.data),
+                                "browser_agents": bool(self.browser_agents.data)}
         self._profile, found = profile_from_data(data, self._carriers)
         self.problems = {**found, **problems}
         return not self.problems

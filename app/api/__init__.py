@@ -20,7 +20,7 @@ from app.calls.leg_spec import LegSpec
 from app.carriers.contract import CarrierError, CarrierNotConfigured
 from app.extensions import services
 from app.redis_keys import as_text
-from app.kallglot.client import KallglotError
+from app.kallglot.client import KallglotError, customer_and_agent
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.profiles import E164
 
@@ -116,7 +116,9 @@ def _dial(svc: Any, carrier: str, profile: Any, key_hash: str, dialled: str, tok
             target_language=profile.target_language or None, phone_number=from_number,
             idempotency_key=f"api-call-{key_hash}",
             metadata={**profile.metadata, "direction": "outbound", "from_number": from_number,
-                      "to_number": to_number})
+                      "to_number": to_number},
+            **({"participants": customer_and_agent(profile.source_language, profile.target_language)}
+               if profile.has_agent else {}))
         if not svc.redis.set(dialled, "", nx=True, ex=IDEMPOTENCY_TTL_SECONDS):  # a retry: dial only once
             existing = as_text(svc.redis.get(dialled)) or None
             svc.lifecycle.confirm_create(carrier, call_key)

@@ -233,3 +233,17 @@ def event_log_for(app: Any) -> tuple[SessionEventLog, EventForwarder]:
         events = SessionEventLog(svc.redis, svc.keys)
         found = app.extensions.setdefault(EXTENSION_KEY, (events, EventForwarder(events)))
     return found
+
+
+def announce_fallback(client: redis.Redis, keys: RedisKeys, session_id: str, *, carrier: str, call_id: str,
+                      speaker: str, why: str) -> None:
+    """Put a "fallback used" leg event on the session's live stream (and the live list): the caller got the
+    profile's fallback (message, forward or hang-up) instead of translation, or no browser agent took the call.
+    Written at once (request handlers and the reaper, never the media path); a Redis failure only costs the line."""
+    if not session_id:
+        return
+    try:
+        SessionEventLog(client, keys).append(session_id, LEG, leg_event(
+            carrier=carrier, call_id=call_id, speaker=speaker, state="fallback", detail=why))
+    except redis.RedisError as exc:
+        log.warning("session=%s fallback event not written: %s", session_id, exc)

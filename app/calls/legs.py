@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from app.calls.leg_spec import LegSpec
 from app.calls.reattach import Reattach, caller_id_withheld, reattach_decision
 from app.extensions import Services
-from app.kallglot.client import KallglotError, KallglotNotFound, KallglotSession
+from app.kallglot.client import KallglotError, KallglotNotFound, KallglotSession, customer_and_agent
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
 from app.profiles import NumberProfile
 
@@ -70,7 +70,9 @@ def start_inbound_leg(svc: Services, *, carrier: str, call_id: str, to_number: s
         carrier=carrier, call_id=call_id, idempotency_key=f"{carrier}-call-{call_id}",
         mode=profile.mode, source_language=profile.source_language or None,
         target_language=profile.target_language or None, phone_number=to_number or None,
-        metadata={**profile.metadata, **metadata, "from_number": from_number, "to_number": to_number})
+        metadata={**profile.metadata, **metadata, "from_number": from_number, "to_number": to_number},
+        **({"participants": customer_and_agent(profile.source_language, profile.target_language)}
+           if profile.has_agent else {}))
     if session.stream is None:
         raise KallglotError("session has no stream", code="no_stream")
     if not svc.lifecycle.register_leg(leg, session_id=session.id):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 
 import redis
 
@@ -18,15 +19,21 @@ REAPER_INTERVAL_SECONDS = 1.0
 class Reaper:
     """Polls the lifecycle's deadlines and heartbeats."""
 
-    def __init__(self, lifecycle: SessionLifecycle, interval_seconds: float = REAPER_INTERVAL_SECONDS) -> None:
+    def __init__(self, lifecycle: SessionLifecycle, interval_seconds: float = REAPER_INTERVAL_SECONDS,
+                 extra_passes: Sequence[Callable[[], int]] = ()) -> None:
         self.lifecycle = lifecycle
+        #: More due work polled with the same cadence (calls whose browser-agent wait ran out).
+        self.extra_passes = tuple(extra_passes)
         self.interval_seconds = interval_seconds
         self._stop = threading.Event()
 
     def run_once(self) -> tuple[int, int, int]:
         """One pass: (lost legs handled, due sessions handled, orphaned creates handled)."""
-        return (self.lifecycle.expire_lost_legs(), self.lifecycle.end_due_sessions(),
-                self.lifecycle.end_orphaned_creates())
+        handled = (self.lifecycle.expire_lost_legs(), self.lifecycle.end_due_sessions(),
+                   self.lifecycle.end_orphaned_creates())
+        for extra in self.extra_passes:
+            extra()
+        return handled
 
     def run_forever(self) -> None:
         """Poll until :meth:`stop`; Redis outages are logged and waited out, never fatal."""
@@ -48,7 +55,8 @@ class Reaper:
         self._stop.set()
 
 
-def start_background_reaper(lifecycle: SessionLifecycle) -> Reaper | None:
+def start_background_reaper(lifecycle: SessionLifecycle,
+                            extra_passes: Sequence[Callable[[], int]] = ()) -> Reaper | None:
     """Start a reaper thread when running under gevent (gunicorn's gevent worker); else return None.
 
     Under the plain test client nothing is started; tests call :meth:`Reaper.run_once` themselves.
@@ -59,6 +67,6 @@ def start_background_reaper(lifecycle: SessionLifecycle) -> Reaper | None:
         return None
     if not monkey.is_module_patched("threading"):
         return None
-    reaper = Reaper(lifecycle)
+    reaper = Reaper(lifecycle, extra_passes=extra_passes)
     spawn(reaper.run_forever, name="session-reaper")
     return reaper

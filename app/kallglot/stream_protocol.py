@@ -21,6 +21,10 @@ Assumed where Kallglot's docs are silent (the project's working assumptions, num
    recordings ``{"object": "list", "data": [...]}``, audio at ``/v1/recordings/{id}/audio`` as ``audio/mpeg``;
    billed time is the end response's ``duration_seconds`` or the ``session.ended`` webhook's ``data.duration``
    (:mod:`app.kallglot.client`, :mod:`app.kallglot.webhooks`).
+8. A session that will have an agent declares ``participants: [{"type": "customer", "language": <source>},
+   {"type": "agent", "language": <target>}]`` at create (Kallglot's multi-participant example, as issue 19 quotes
+   it; not in the team's API notes): :func:`app.kallglot.client.customer_and_agent`. A browser agent's leg is one
+   more stream connection with ``speaker: "agent"`` (assumption 3).
 """
 from __future__ import annotations
 

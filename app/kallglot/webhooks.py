@@ -28,7 +28,8 @@ RECORDED_EVENTS = frozenset({
 MAX_BODY_BYTES = 256 * 1024
 #: Webhooks that make an after-call artifact available → the session-record field marking it.
 ARTIFACT_EVENTS = {"transcript.ready": "transcript_ready", "recording.ready": "recordings_ready",
-                   "recording.failed": "recordings_failed"}
+                   "recording.failed": "recordings_failed", "analysis.complete": "analysis_ready",
+                   "analysis.failed": "analysis_failed"}
 
 
 @bp.post("/webhooks")

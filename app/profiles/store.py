@@ -26,6 +26,9 @@ REATTACH_POLICIES = ("off", "caller_id", "caller_id_pin")
 PIN = re.compile(r"^\d{4,8}$")
 PIN_HASH_SCHEME = "pbkdf2_sha256"
 PIN_HASH_ITERATIONS = 100_000
+#: How long a call waits for a browser agent by default, and the bounds a profile may set.
+DEFAULT_BROWSER_AGENT_WAIT_SECONDS = 30
+MIN_BROWSER_AGENT_WAIT_SECONDS, MAX_BROWSER_AGENT_WAIT_SECONDS = 5, 600
 #: Profile fields naming a number the bridge dials out to (same toll-fraud rules as ``POST /api/calls``).
 DIALLED_FIELDS = ("agent_number", "fallback_number")
 
@@ -53,6 +56,11 @@ class NumberProfile:
     agent_number: str = ""
     #: When the agent hangs up, hang up the customer too (else the customer stays with Kallglot).
     agent_hangup_ends_call: bool = True
+    #: Offer calls to agents signed in to the admin's agent page first (a browser leg); if none takes the call
+    #: within :attr:`browser_agent_wait_seconds`, :attr:`agent_number` is dialled (or, without one, the
+    #: :attr:`fallback_number`).
+    browser_agents: bool = False
+    browser_agent_wait_seconds: int = DEFAULT_BROWSER_AGENT_WAIT_SECONDS
     #: Said when Kallglot cannot take the call (empty: the built-in apology).
     fallback_message: str = ""
     fallback_language: str = "en-US"
@@ -100,6 +108,9 @@ class NumberProfile:
         window = self.reconnect_window_seconds
         if window is not None and not 0 <= window <= MAX_RECONNECT_WINDOW_SECONDS:
             found["reconnect_window_seconds"] = f"must be between 0 and {MAX_RECONNECT_WINDOW_SECONDS} seconds"
+        if not MIN_BROWSER_AGENT_WAIT_SECONDS <= self.browser_agent_wait_seconds <= MAX_BROWSER_AGENT_WAIT_SECONDS:
+            found["browser_agent_wait_seconds"] = (f"must be between {MIN_BROWSER_AGENT_WAIT_SECONDS} and "
+                                                   f"{MAX_BROWSER_AGENT_WAIT_SECONDS} seconds")
         if not 0 <= self.hangup_grace_seconds <= MAX_HANGUP_GRACE_SECONDS:
             found["hangup_grace_seconds"] = f"must be between 0 and {MAX_HANGUP_GRACE_SECONDS} seconds"
         if len(self.metadata) > MAX_METADATA_ITEMS:
@@ -125,6 +136,11 @@ class NumberProfile:
             return False
         actual = hashlib.pbkdf2_hmac("sha256", given.encode(), salt.encode(), int(iterations)).hex()
         return hmac.compare_digest(actual, expected)
+
+    @property
+    def has_agent(self) -> bool:
+        """Whether calls to this number will have an agent (a browser agent or a dialled agent number)."""
+        return self.browser_agents or bool(self.agent_number)
 
     def effective_reconnect_window(self, default_seconds: int) -> int:
         """The reconnect window for this number: its own, else the service default."""
@@ -152,7 +168,10 @@ class NumberProfile:
                 values[name] = {str(k): str(v) for k, v in dict(value).items()}
             elif name in ("reconnect_window_seconds", "hangup_grace_seconds"):
                 values[name] = None if value in (None, "") else int(value)
-            elif name == "agent_hangup_ends_call":
+            elif name == "browser_agent_wait_seconds":
+                if value not in (None, ""):
+                    values[name] = int(value)
+            elif name in ("agent_hangup_ends_call", "browser_agents"):
                 values[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
             else:
                 values[name] = str(value).strip()

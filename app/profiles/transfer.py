@@ -12,7 +12,7 @@ from app.profiles.store import E164, NumberProfile, ProfileError, ProfileStore
 
 EXPORT_FORMAT = "kallglot-bridge/number-profiles"
 EXPORT_VERSION = 1
-INT_FIELDS = ("reconnect_window_seconds", "hangup_grace_seconds")
+INT_FIELDS = ("reconnect_window_seconds", "hangup_grace_seconds", "browser_agent_wait_seconds")
 
 
 class ProfileImportError(ValueError):

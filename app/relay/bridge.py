@@ -145,7 +145,7 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
     heartbeat.start()
     if grant.speaker == SPEAKER_CUSTOMER:
         # Off the hot path: a REST call to the carrier, once per session (re-attached streams find it done).
-        spawn(dial_agent_if_configured, svc, grant.session_id, codec.carrier, name="dial-agent")
+        spawn(dial_agent_if_configured, svc, grant.session_id, codec.carrier, grant.call_id, name="dial-agent")
     try:
         relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
                            context=context, on_end=record_end, reopen_kallglot=open_kallglot,

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,16 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 PAGE_TIMEOUT_SECONDS = 20.0
 
 
-@pytest.fixture
-def browser() -> Iterator[WebDriver]:
-    """Headless chromium with a fresh profile (skips only when chromium or its driver is not installed)."""
+@contextmanager
+def chromium(*extra_flags: str) -> Iterator[WebDriver]:
+    """Headless chromium with a fresh profile and ``extra_flags`` (skips only when chromium or its driver is not
+    installed)."""
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         pytest.skip(f"{CHROMIUM} and {CHROMEDRIVER} are not installed (apt-get install chromium chromium-driver)")
     profile = tempfile.mkdtemp(prefix="kb-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,900"]:
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,900", *extra_flags]:
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(PAGE_TIMEOUT_SECONDS)
@@ -41,6 +43,20 @@ def browser() -> Iterator[WebDriver]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def fake_microphone_flags(wav: Path) -> tuple[str, ...]:
+    """Chromium flags for a microphone that plays ``wav`` (looped), granted without a prompt, and audio that
+    plays without a user gesture."""
+    return ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required")
+
+
+@pytest.fixture
+def browser() -> Iterator[WebDriver]:
+    """Headless chromium with a fresh profile (skips only when chromium or its driver is not installed)."""
+    with chromium() as driver:
+        yield driver
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 
 from flask.testing import FlaskClient
 
+from tests.support.controls import EmulatorControl
 from tests.support.settings import PUBLIC_URL, TWILIO_ACCOUNT_SID, twilio_signature
 
 #: The numbers of in-process webhook tests (each test has a Redis namespace of its own, so they cannot leak).
@@ -35,3 +36,18 @@ def answer(client: FlaskClient, call_sid: str) -> ET.Element:
     response = post_signed(client, "/twilio/voice", call_params(call_sid))
     assert response.status_code == 200 and response.mimetype == "text/xml"
     return ET.fromstring(response.data)
+
+
+def start_call(client: FlaskClient, emulator: EmulatorControl) -> tuple[str, str]:
+    """Answer a simulated Twilio call; returns (call SID, Kallglot session id)."""
+    call_sid = new_call_sid()
+    answer(client, call_sid)
+    session_id = next(s["id"] for s in emulator.sessions() if s["metadata"].get("twilio_call_sid") == call_sid)
+    return call_sid, session_id
+
+
+def hang_up(client: FlaskClient, call_sid: str) -> None:
+    """The call's final status callback (completed), signed as Twilio signs it."""
+    response = post_signed(client, "/twilio/status", call_params(call_sid, CallStatus="completed",
+                                                                 CallDuration="3"))
+    assert response.status_code in (200, 204)

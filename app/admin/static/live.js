@@ -105,13 +105,19 @@
         cell(t.text, t.language), cell(t.translation, t.translation_language)]);
       row.dataset.receivedAt = String(Date.now());
       row.dataset.eventAt = String(t.at || "");
-      var partial = tbody.querySelector('tr.partial[data-slot="' + CSS.escape(slot) + '"]');
+      // A line with an id replaces its earlier copy (its partials, and the same final relayed by both legs).
+      var partial = tbody.querySelector('tr' + (t.item ? '' : '.partial') + '[data-slot="' + CSS.escape(slot) + '"]');
       if (partial) { tbody.replaceChild(row, partial); } else { tbody.appendChild(row); }
       while (tbody.rows.length > maxLines) { tbody.deleteRow(0); }  // bounded however long the call
       if (empty) { empty.hidden = true; }
     }
 
     function leg(l) {
+      if (l.state === "fallback") {  // a note about the call, not a leg state: the legs keep theirs
+        legs.appendChild(el("li", {"class": "fallback"}, [el("strong", {text: "fallback used"}),
+          l.detail ? el("small", {text: " (" + l.detail + ")"}) : null]));
+        return;
+      }
       var item = legs.querySelector('li[data-call="' + CSS.escape(l.call_id) + '"]');
       var state = {started: "live", agent_joined: "live", reattached: "live"}[l.state] || l.state;
       var fresh = el("li", {"data-call": l.call_id}, [l.carrier + " ", el("code", {text: l.call_id}),

@@ -8,6 +8,7 @@ import redis
 import telnyx
 from flask import abort, request
 
+from app.calls.events import announce_fallback
 from app.carriers.telnyx import CARRIER
 from app.carriers.telnyx.blueprint import bp
 from app.carriers.telnyx.codec import FLOW_PARAMETER, FLOW_TEXML, STREAM_AUTH_HEADER, FramedSocket, TelnyxMediaCodec
@@ -82,6 +83,9 @@ def _say_goodbye_if_left_up(svc: Services, codec: TelnyxMediaCodec, end: RelayEn
             goodbye = GOODBYE_SESSION_OVER
         else:
             return
+        if goodbye == GOODBYE_UNAVAILABLE:
+            announce_fallback(svc.redis, svc.keys, call.get("session_id", ""), carrier=CARRIER, call_id=call_id,
+                              speaker=call.get("speaker", ""), why=call.get("end_reason") or UNSUPPORTED_CODEC)
         to_number = call.get("to", "")
         profile = svc.profiles.for_number(to_number)
         telnyx_control().say_goodbye(call_id, goodbye, profile, to_number=to_number,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from app.calls.events import announce_fallback
 from app.calls.leg_spec import LegSpec
 from app.calls.lifecycle import LEG_ENDED
 from app.extensions import Services
@@ -119,6 +120,8 @@ def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, wh
     if int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
         log.error("telnyx call=%s %s after %d restores: fallback", event.call_id, why, MAX_STREAM_RESTARTS)
         svc.lifecycle.leg_ended(CARRIER, event.call_id, "stream_restarts_exhausted", clean=False)
+        announce_fallback(svc.redis, svc.keys, session_id, carrier=CARRIER, call_id=event.call_id, speaker=speaker,
+                          why="stream_restarts_exhausted")
         if speaker == SPEAKER_CUSTOMER:
             say_goodbye(svc, control, event, GOODBYE_UNAVAILABLE, _called_number(svc, event))
         else:

@@ -11,6 +11,7 @@ from flask import Response, abort, request
 
 from app import metrics
 from app.extensions import Services, services
+from app.calls.events import announce_fallback
 from app.calls.legs import live_session, reattach_pin_wanted, start_inbound_leg
 from app.calls.reasons import EndReason, kallglot_failed
 from app.carriers.contract import TERMINAL_CALL_STATUSES
@@ -191,6 +192,8 @@ def connect_action() -> Response:
             return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
         if kallglot_failed(reason) or int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
             svc.lifecycle.leg_ended(CARRIER, call_sid, reason or EndReason.STREAM_RESTARTS_EXHAUSTED, clean=False)
+            announce_fallback(svc.redis, svc.keys, session_id, carrier=CARRIER, call_id=call_sid,
+                              speaker=call.get("speaker", ""), why=reason or EndReason.STREAM_RESTARTS_EXHAUSTED.value)
             return _xml(twiml.fallback(profile))
         session = live_session(svc, session_id)
         if session is None or not svc.lifecycle.reattach_leg(CARRIER, call_sid):

@@ -168,3 +168,35 @@ def register_artifact_routes(app: Flask, state: EmulatorState) -> None:
                 raise ApiError(404, "invalid_request_error", "not_found", f"No recording {rec_id}.")
             pcm = mixed_pcm(session)
         return Response(encode_mp3(pcm), mimetype="audio/mpeg", headers={"Accept-Ranges": "none"})
+
+
+#: Analysis types Kallglot's analysis page shows.
+ANALYSIS_TYPES = ("default", "summary", "sentiment", "compliance", "keywords", "performance")
+
+
+def analysis_view(state: EmulatorState, analysis: dict[str, Any]) -> dict[str, Any]:
+    """An analysis object: ``processing`` while its session runs, then ``completed`` with a ``result`` made from
+    the session's transcript turns (a summary, a sentiment label and keywords: the emulator's own shape, the
+    docs show none)."""
+    with state.lock:
+        session = state.sessions.get(analysis["session_id"])
+        ended = session is not None and session.status == "ended"
+        turns = list(session.turns) if session else []
+    view: dict[str, Any] = {"id": analysis["id"], "object": "analysis", "session_id": analysis["session_id"],
+                            "type": analysis["type"], "status": "completed" if ended else "processing",
+                            "created_at": iso_utc(analysis["created_at"])}
+    if ended:
+        speakers = sorted({str(t.get("speaker", "")) for t in turns})
+        words: dict[str, int] = {}
+        for turn in turns:
+            for word in str(turn.get("text", "")).lower().split():
+                word = word.strip("().,…")
+                if len(word) > 3:
+                    words[word] = words.get(word, 0) + 1
+        view["result"] = {
+            "summary": f"{len(turns)} turns between {' and '.join(speakers) or 'nobody'} (emulated analysis).",
+            "sentiment": "neutral",
+            "keywords": [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:5]],
+        }
+        view["completed_at"] = iso_utc(time.time())
+    return view

@@ -4,14 +4,13 @@ from __future__ import annotations
 import hmac
 import json
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .artifacts import record_turn
+from .artifacts import ANALYSIS_TYPES, analysis_view, record_turn
 from .errors import ApiError
 from .state import (BEHAVIOURS, FAULT_ENDPOINTS, LANGUAGES, MODES, EmulatorState, Session, iso_utc,
                     random_id)
@@ -51,6 +50,7 @@ def validate_create(body: dict[str, Any]) -> dict[str, Any]:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise _invalid("invalid_field_value", "metadata must be an object.", "metadata")
+    participants = _validate_participants(body.get("participants"))
     routing = body.get("routing")
     provider = phone_number = None
     if routing is not None:
@@ -77,7 +77,32 @@ def validate_create(body: dict[str, Any]) -> dict[str, Any]:
             provider = "sip"
     return {"mode": mode, "source_language": body.get("source_language"),
             "target_language": body.get("target_language"), "routing": routing, "provider": provider,
-            "phone_number": phone_number, "metadata": metadata}
+            "phone_number": phone_number, "metadata": metadata, "participants": participants}
+
+
+#: The participant types of Kallglot's multi-participant example (assumption 8 in app/kallglot/stream_protocol.py).
+PARTICIPANT_TYPES = ("customer", "agent")
+
+
+def _validate_participants(raw: Any) -> list[dict[str, str]] | None:
+    """``participants``: a list of 1–10 objects ``{"type": "customer"|"agent", "language"?: <code>}``, one
+    customer at most; anything else is refused as Kallglot refuses invalid fields (422)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not 1 <= len(raw) <= 10:
+        raise _invalid("invalid_field_value", "participants must be a list of 1 to 10 objects.", "participants")
+    for index, item in enumerate(raw):
+        param = f"participants[{index}]"
+        if not isinstance(item, dict) or set(item) - {"type", "language"}:
+            raise _invalid("invalid_field_value", "a participant is an object with type and language only.", param)
+        if item.get("type") not in PARTICIPANT_TYPES:
+            raise _invalid("invalid_field_value", f"type must be one of {list(PARTICIPANT_TYPES)}.", param + ".type")
+        if "language" in item and item["language"] not in LANGUAGES:
+            raise _invalid("invalid_language_code", "language is not a supported ISO-639-1 code.",
+                           param + ".language")
+    if sum(item["type"] == "customer" for item in raw) > 1:
+        raise _invalid("invalid_field_value", "a session has one customer.", "participants")
+    return [dict(item) for item in raw]
 
 
 def normalise_fault(raw: Any) -> dict[str, Any]:
@@ -127,7 +152,7 @@ def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[s
         fault = state.take_fault(endpoint, (request.view_args or {}).get("session_id"))
         if fault is None:
             return None
-        time.sleep(fault["delay_seconds"])  # cooperative under gevent's monkey patching
+        state.pause(fault["delay_seconds"])  # cooperative under gevent's monkey patching
         if fault["status"] is None:
             return None  # a pure delay: carry on normally
         return ApiError(fault["status"], fault["type"], fault["code"], fault["message"],
@@ -226,6 +251,32 @@ def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[s
             return jsonify(summary)
 
         return run_idempotent(api_key, "end", produce)
+
+    @app.post("/v1/sessions/<session_id>/analysis")
+    def create_analysis(session_id: str) -> Response:
+        api_key = authenticate()
+
+        def produce() -> Response:
+            session = find_session(session_id)
+            body = _json_body() if request.get_data().strip() else {}
+            kind = body.get("type", "default")
+            if kind not in ANALYSIS_TYPES:
+                raise _invalid("invalid_field_value", f"type must be one of {list(ANALYSIS_TYPES)}.", "type")
+            analysis = state.add_analysis(session, kind)
+            response = jsonify(analysis_view(state, analysis))
+            response.status_code = 202
+            return response
+
+        return run_idempotent(api_key, "analysis", produce)
+
+    @app.get("/v1/analyses/<analysis_id>")
+    def retrieve_analysis(analysis_id: str) -> Response:
+        authenticate()
+        with state.lock:
+            analysis = state.analyses.get(analysis_id)
+        if analysis is None:
+            raise ApiError(404, "invalid_request_error", "not_found", f"No analysis {analysis_id}.")
+        return jsonify(analysis_view(state, analysis))
 
     # --- /_emulator control API (no auth; test-only) ------------------------------------------------
     @app.get("/_emulator/sessions")

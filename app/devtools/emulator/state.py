@@ -15,6 +15,7 @@ import socket
 import string
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -111,6 +112,7 @@ class Session:
     provider: str | None = None
     phone_number: str | None = None
     metadata: dict[str, Any] | None = None
+    participants: list[dict[str, str]] | None = None
     idempotency_key: str | None = None
     id: str = field(default_factory=lambda: random_id("sess_", 26))
     status: str = "created"
@@ -163,7 +165,7 @@ class Session:
         """Everything the control API exposes about this session (caller holds the state lock)."""
         view = self.public_view()
         view.update(
-            routing=self.routing, idempotency_key=self.idempotency_key, end_reason=self.end_reason,
+            routing=self.routing, participants=self.participants, idempotency_key=self.idempotency_key, end_reason=self.end_reason,
             duration_seconds=self.duration_seconds, end_calls=self.end_calls,
             connections_live=len(self.live_connections()), connections_total=len(self.connections),
             audio_input_messages=dict(self.audio_messages),
@@ -191,6 +193,9 @@ class EmulatorState:
     """All mutable emulator state behind one lock."""
 
     def __init__(self, api_key: str, token_ttl_seconds: float, public_url: str | None = None) -> None:
+        #: How an injected fault's ``delay_seconds`` is waited out (looked up per call, so gevent's patched
+        #: ``time.sleep`` is used under gunicorn); a test may record the delays instead of waiting them.
+        self.pause: Callable[[float], None] = lambda seconds: time.sleep(seconds)
         self.api_key = api_key
         self.token_ttl_seconds = token_ttl_seconds
         self.public_url = public_url.rstrip("/") if public_url else None
@@ -198,6 +203,7 @@ class EmulatorState:
         self.sessions: dict[str, Session] = {}
         self.idempotency: dict[tuple[str, str], IdempotencyRecord] = {}
         self.faults: list[dict[str, Any]] = []
+        self.analyses: dict[str, dict[str, Any]] = {}
         self.behaviour = "echo"
 
     # --- sessions and tokens -------------------------------------------------------------------
@@ -206,6 +212,13 @@ class EmulatorState:
         with self.lock:
             self.sessions[session.id] = session
         return session
+
+    def add_analysis(self, session: Session, kind: str) -> dict[str, Any]:
+        """Record an analysis request of ``session`` (complete once the session has ended)."""
+        analysis = {"id": random_id("anl_", 26), "session_id": session.id, "type": kind, "created_at": time.time()}
+        with self.lock:
+            self.analyses[analysis["id"]] = analysis
+        return analysis
 
     def get_session(self, session_id: str) -> Session | None:
         """The session with that id, or None."""

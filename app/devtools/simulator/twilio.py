@@ -86,7 +86,8 @@ class TwilioCallSimulator:
                    call_sid: str | None = None, listen_seconds: float = 0.5, dtmf: str = "",
                    status_callbacks: StatusCallbackMode = "normal", sign: bool = True,
                    hold_open: Callable[[SimulatedStream], None] | None = None, fallback_url: str | None = None,
-                   restore_audio: bytes = b"") -> CallResult:
+                   restore_audio: bytes = b"",
+                   restore_hold_open: Callable[[SimulatedStream], None] | None = None) -> CallResult:
         """Simulate a complete inbound call and return what happened.
 
         ``audio`` (μ-law 8 kHz) is streamed as 20 ms frames, paced in real time unless ``pace`` is
@@ -95,11 +96,12 @@ class TwilioCallSimulator:
         are delivered: normal (stream-status, then status), none, twice (status sent twice), reversed.
         ``fallback_url`` is the number's VoiceFallbackUrl, requested (with ``ErrorCode=11200``) when the
         voice webhook fails, as Twilio does. ``restore_audio`` is what the caller says on a restored stream
-        (a caller whose line went quiet says "hello?").
+        (a caller whose line went quiet says "hello?"); ``restore_hold_open`` is called on that restored stream
+        after it (e.g. to wait until the caller hears Kallglot again) before the listening and ``stop``.
         """
         run = CallRun(self, to, from_, call_sid or new_sid("CA"), audio, pace=pace,
                        listen_seconds=listen_seconds, dtmf=dtmf, sign=sign, hold_open=hold_open)
-        run.fallback_url, run.restore_audio = fallback_url, restore_audio
+        run.fallback_url, run.restore_audio, run.restore_hold_open = fallback_url, restore_audio, restore_hold_open
         run.execute(status_callbacks)
         return run.result
 

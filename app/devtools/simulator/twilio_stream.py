@@ -50,6 +50,8 @@ class CallResult:
     played_audio: bytes = b""
     marks_received: list[str] = field(default_factory=list)
     marks_echoed: list[str] = field(default_factory=list)
+    #: Bytes of returned audio played when each mark was echoed: where playback stood, not when.
+    played_at_mark: dict[str, int] = field(default_factory=dict)
     clears: int = 0
     server_closed_first: bool = False
     close_code: int | None = None
@@ -90,6 +92,7 @@ class SimulatedStream:
         self.played = bytearray()
         self.marks_received: list[str] = []
         self.marks_echoed: list[str] = []
+        self.played_at_mark: dict[str, int] = {}
         self.clears = 0
         self.protocol_errors: list[str] = []
         self.server_closed = False
@@ -271,6 +274,7 @@ class SimulatedStream:
     def _echo_marks(self, count: int) -> None:
         for _, name in self._pending_marks[:count]:
             self.marks_echoed.append(name)
+            self.played_at_mark[name] = len(self.played)
             self.send_event("mark", {"streamSid": self.stream_sid, "mark": {"name": name}})
             self._log(f"-> mark {name!r} echoed")
         del self._pending_marks[:count]

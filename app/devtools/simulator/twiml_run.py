@@ -70,6 +70,7 @@ class CallRun:
         self.hold_open = hold_open
         self.fallback_url: str | None = None
         self.restore_audio = b""
+        self.restore_hold_open: Callable[[SimulatedStream], None] | None = None  # see TwilioCallSimulator.place_call
         self.result = CallResult(call_sid=call_sid)
         self.t0 = time.monotonic()
         self._log_lock = threading.Lock()
@@ -233,6 +234,9 @@ class CallRun:
             if self.hold_open is not None and not stream.server_closed:
                 hook, self.hold_open = self.hold_open, None  # once per call, like the caller's audio
                 hook(stream)
+            elif not first and self.restore_hold_open is not None and not stream.server_closed:
+                hook, self.restore_hold_open = self.restore_hold_open, None
+                hook(stream)
             if not stream._closing:
                 stream.wait_for(lambda s: s.server_closed, self.listen_seconds)
         except BaseException:
@@ -249,6 +253,7 @@ class CallRun:
         r.played_audio += bytes(stream.played)
         r.marks_received += stream.marks_received
         r.marks_echoed += stream.marks_echoed
+        r.played_at_mark.update(stream.played_at_mark)
         r.clears += stream.clears
         r.protocol_errors += stream.protocol_errors
         r.server_closed_first, r.close_code = stream.server_closed, stream.close_code
