@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 import redis
 from flask import Response
 
+from app.calls.events import announce_fallback
 from app.calls.legs import live_session
 from app.calls.lifecycle import LEG_ENDED
 from app.calls.prompts import SESSION_OVER_MESSAGE
@@ -58,6 +59,8 @@ def texml_stream_ended() -> Response:
         if kallglot_failed(reason) or reason == UNSUPPORTED_CODEC \
                 or int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
             svc.lifecycle.leg_ended(CARRIER, call_id, reason or EndReason.STREAM_RESTARTS_EXHAUSTED, clean=False)
+            announce_fallback(svc.redis, svc.keys, session_id, carrier=CARRIER, call_id=call_id,
+                              speaker=call.get("speaker", ""), why=reason or EndReason.STREAM_RESTARTS_EXHAUSTED.value)
             return xml(fallback(profile))
         session = live_session(svc, session_id)
         if session is None or session.stream is None or not svc.lifecycle.reattach_leg(CARRIER, call_id):
