@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.redis_connection import redis_target_problems
+
 KALLGLOT_MODES = ("bidirectional_translation", "assistive_translation", "ai_agent", "help_chat_voice")
 DEFAULT_KALLGLOT_API_URL = "https://api.kallglot.com/v1"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
@@ -84,6 +86,11 @@ class Settings:
     kallglot_ping_interval_seconds: int = 20
     #: Heroku Redis serves ``rediss://`` with a self-signed certificate, so verification is opt-in.
     redis_tls_verify: bool = False
+    #: A CA bundle (PEM file) to verify a ``rediss://`` server against (a managed service's private CA);
+    #: setting it turns verification on.
+    redis_tls_ca: str = ""
+    #: ``REDIS_URL`` names seed nodes of a Redis Cluster (comma-separated host:port allowed).
+    redis_cluster: bool = False
     #: Largest request body accepted (bytes); Werkzeug enforces it on chunked bodies as well.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Redis connections per worker process; a flood waits for a free one instead of opening more.
@@ -141,6 +148,7 @@ class Settings:
                 found.append(f"{name.upper()} must be an http(s) URL, got {value!r}")
         if not self.redis_url:
             found.append("REDIS_URL is not set (e.g. redis://localhost:6379/0)")
+        found += redis_target_problems(self.redis_url, cluster=self.redis_cluster, tls_ca=self.redis_tls_ca)
         if not self.secret_key or len(self.secret_key) < 16:
             found.append("SECRET_KEY must be set to a random string of at least 16 characters")
         if self.default_mode not in KALLGLOT_MODES:

@@ -20,6 +20,7 @@ from app.calls.lifecycle import SessionLifecycle
 from app.config import Settings
 from app.kallglot.client import KallglotClient
 from app.profiles import NumberProfile, ProfileStore
+from app.redis_connection import connect, parse_redis_target
 from app.redis_keys import RedisKeys
 from app.relay.tokens import RelayGuard, RelayTokenSealer
 
@@ -54,15 +55,8 @@ def init_services(app: Flask, settings: Settings, controls: Mapping[str, Carrier
     control of legs that are not a carrier's, e.g. browser agents, which the lifecycle may hang up too) and store
     them on ``app.extensions``."""
     leg_controls = {**controls, **(other_legs or {})}
-    tls = {"ssl_cert_reqs": "required" if settings.redis_tls_verify else "none"} \
-        if settings.redis_url.startswith("rediss://") else {}
-    # A bounded, blocking pool: a flood (e.g. of /metrics scrapes) waits up to the timeout for a connection
-    # instead of opening one per concurrent request until Redis' maxclients locks every worker out.
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.redis_max_connections, timeout=REDIS_TIMEOUT_SECONDS,
-        socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-        health_check_interval=30, **tls)
-    client = redis.Redis(connection_pool=pool)
+    # Standalone, TLS, Cluster or Sentinel, as REDIS_URL says (validated with the settings).
+    client = connect_redis(settings)
     keys = RedisKeys(settings.redis_namespace)
     kallglot = KallglotClient(settings.kallglot_api_url, settings.kallglot_api_key)
     default_profile = NumberProfile(mode=settings.default_mode, source_language=settings.default_source_language,
@@ -80,6 +74,14 @@ def init_services(app: Flask, settings: Settings, controls: Mapping[str, Carrier
     )
     app.extensions[EXTENSION_KEY] = built
     return built
+
+
+def connect_redis(settings: Settings, timeout_seconds: float = REDIS_TIMEOUT_SECONDS) -> redis.Redis:
+    """The Redis client ``settings`` describe (:mod:`app.redis_connection`), ``REDIS_MAX_CONNECTIONS`` per
+    worker (per node on a cluster)."""
+    target = parse_redis_target(settings.redis_url, cluster=settings.redis_cluster)
+    return connect(target, max_connections=settings.redis_max_connections, timeout_seconds=timeout_seconds,
+                   tls_verify=settings.redis_tls_verify, tls_ca=settings.redis_tls_ca)
 
 
 def services() -> Services:

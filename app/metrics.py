@@ -145,12 +145,12 @@ def count_rejections(blueprint: Blueprint, carrier: str) -> None:
 
 
 def _live_sessions_exposition() -> bytes:
-    """``kallglot_bridge_live_sessions``: sessions not yet ended, fleet-wide (one Redis ZCARD per scrape)."""
+    """``kallglot_bridge_live_sessions``: sessions not yet ended, fleet-wide (one pipelined ZCARD per shard)."""
     svc = current_app.extensions.get("kallglot_bridge")
     if svc is None:
         return b""
     try:
-        count = int(svc.redis.zcard(svc.keys.live_sessions()))
+        count = svc.lifecycle.live_session_count()
     except redis.RedisError as exc:
         log.warning("metrics: live sessions not counted, Redis unreachable: %s", type(exc).__name__)
         return b""

@@ -1,52 +1,77 @@
 """Every Redis key the service uses is built here, so the whole layout can be read (and changed) in one place.
 
-Layout (``{ns}`` is ``REDIS_NAMESPACE``, default ``kb``):
+Layout (``{ns}`` is ``REDIS_NAMESPACE``, default ``kb``; ``{S}`` is a lifecycle shard's hash tag, below):
 
 =============================================  ======  =====================================================
 key                                            type    holds
 =============================================  ======  =====================================================
 ``{ns}:profile:{e164}``                        string  JSON number profile
 ``{ns}:profiles``                              set     E.164 numbers that have their own profile
-``{ns}:call:{carrier}:{call_id}``              hash    one carrier call leg: session id, numbers, state, stream
+``{ns}:call:{carrier}:{call_id}``              hash    one call leg's description: session id, numbers, speaker
+``{ns}:{S}:leg:{carrier}:{call_id}``           hash    the leg's state: live/ended, stream, epoch, end reason
 ``{ns}:call:{carrier}:{call_id}:events``       list    recorded carrier callbacks (capped)
-``{ns}:session:{session_id}``                  hash    our view of a Kallglot session and its legs
-``{ns}:session:{session_id}:end-claim``        string  end claim's fencing token, then ``ended:{reason}``
+``{ns}:{S}:session:{session_id}``              hash    our view of a Kallglot session and its legs
+``{ns}:{S}:session:{session_id}:end-claim``    string  end claim's fencing token, then ``ended:{reason}``
 ``{ns}:seen:{source}:{event_id}``              string  webhook de-duplication marker (SET NX, TTL)
-``{ns}:sessions:live``                         zset    sessions not yet ended (score: created at)
-``{ns}:calls:recent``                          zset    ``carrier:call_id`` of recent legs (score: created at)
+``{ns}:{S}:sessions:live``                     zset    the shard's sessions not yet ended (score: created at)
+``{ns}:{S}:calls:recent``                      zset    ``carrier:call_id`` of recent legs (score: created at)
 ``{ns}:admin:audit``                           list    admin audit entries, newest first (capped)
 ``{ns}:admin:session:{digest}``                string  a live admin session (SHA-256 of its nonce; TTL 12 h)
 ``{ns}:admin:signin-delay:{digest}``           hash    failure streak of one (name, address) pair (TTL 24 h)
 ``{ns}:admin:limiter:LIMITER/{address}/…``     string  Flask-Limiter's failed-sign-in window counters (TTL)
-``{ns}:deadlines``                             zset    sessions to end (held, or an ``end`` to retry) by when
-``{ns}:heartbeats``                            zset    ``carrier:call_id`` of live legs by when they expire
+``{ns}:{S}:deadlines``                         zset    the shard's sessions to end (held, ``end`` retry) by when
+``{ns}:{S}:heartbeats``                        zset    ``carrier:call_id`` of the shard's live legs by expiry
 ``{ns}:held:{to}:{from}``                      string  session a returning caller re-attaches to (TTL)
-``{ns}:pending-creates``                       zset    ``carrier:call_id`` whose session create is unconfirmed
-``{ns}:pending-creates:data``                  hash    ``carrier:call_id`` → the create's idempotency key and args
+``{ns}:{S}:pending-creates``                   zset    ``carrier:call_id`` whose session create is unconfirmed
+``{ns}:{S}:pending-creates:data``              hash    ``carrier:call_id`` → the create's idempotency key and args
 ``{ns}:api:idempotency:{key_hash}``            string  hash of the body first sent with an Idempotency-Key (TTL)
 ``{ns}:api:rate:{token_hash}:{minute}``        string  ``POST /api/calls`` requests of one token in one minute
 ``{ns}:api:live:{token_hash}``                 zset    sessions started through the API by one token
 ``{ns}:relay-nonce:{nonce}``                   string  a relay token's nonce, consumed by its one media socket
 ``{ns}:relay-lease:{carrier}:{call_id}``       string  nonce of the one relay serving a leg (TTL, renewed)
-``{ns}:session:{session_id}:live-events``      stream  the session's live transcript and leg events (capped, TTL)
+``{ns}:{S}:session:{id}:live-events``          stream  the session's live transcript and leg events (capped, TTL)
 ``{ns}:live-changes``                          stream  "a live session appeared, changed or ended" (capped, TTL)
-``{ns}:session:{id}:artifacts:{kind}``         string  JSON cache of the session's transcript/recordings (TTL)
-``{ns}:usage:sessions``                        zset    sessions with a billed duration (score: ended at)
-``{ns}:agents:waiting``                        zset    sessions waiting for a browser agent (score: deadline)
-``{ns}:agents:offer:{session_id}``             hash    a waiting call as agents see it; who took it (TTL)
+``{ns}:{S}:session:{id}:artifacts:{kind}``     string  JSON cache of the session's transcript/recordings (TTL)
+``{ns}:{S}:usage:sessions``                    zset    the shard's sessions with a billed duration (score: ended)
+``{ns}:{A}:agents:waiting``                    zset    sessions waiting for a browser agent (score: deadline)
+``{ns}:{A}:agents:offer:{session_id}``         hash    a waiting call as agents see it; who took it (TTL)
 =============================================  ======  =====================================================
 
 The lifecycle's keys change only through the Lua scripts in :mod:`app.calls.scripts`, whose invariants
-are written there. No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
+are written there.
+
+**Designed for Redis Cluster.** Every Lua script and every ``MULTI`` touches keys of one hash slot, so the same
+code runs on a standalone server, under Sentinel and on a cluster (ElastiCache/MemoryDB cluster mode, Redis
+Enterprise). The lifecycle is split into :data:`LIFECYCLE_SHARDS` shards; ``{S}`` is the shard's hash tag
+(``{kb.7.12}``, say: only the part in braces picks the slot). A session belongs to the shard
+``crc32(session_id) % LIFECYCLE_SHARDS``, and everything a lifecycle script touches for it lives under that tag:
+its session hash and end claim, its legs' state hashes, and the shard's own deadline, heartbeat and live-session
+sets — so a script's keys always share one slot, and the global indexes are ``LIFECYCLE_SHARDS`` sorted sets
+instead of one (at 10 000 live calls no single slot takes every heartbeat). Call-log and pending-create
+entries (``carrier:call_id``) are sharded the same way by their member. Each shard's tag is chosen so that its
+slot falls in the shard's own 1/``LIFECYCLE_SHARDS`` of the 16 384 slots: a cluster that splits the slot range
+evenly between its masters (``redis-cli --cluster create`` does, managed services do) gets an even share of
+shards on every master. Readers of a global view (the reaper, the live page, the call log, usage) read every
+shard and merge.
+
+The browser-agent queue (``{A}`` = ``{ns.agents}``) has one tag of its own: its claim script touches the
+waiting set and an offer. Three kinds of key stay outside the shards, because they are found by something other than the session: a
+call leg's description ``{ns}:call:…`` (found by the carrier's call id; it names the session, whose shard holds
+the leg's state), the held-caller hint ``{ns}:held:…`` (found by the numbers) and everything keyed by a
+webhook, relay token, API token or admin. Scripts never touch them; :mod:`app.calls.scripts` says how each
+invariant holds with those written beside, not inside, a script. Changing this layout means draining live
+calls first: keys of calls in progress under the old layout are not found under the new one. No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
 (:mod:`app.relay.tokens`), never through Redis.
 """
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, overload
 
 import redis
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 #: How long call and session records outlive the call, for the call log and late callbacks.
 RECORD_TTL_SECONDS = 7 * 24 * 3600
@@ -57,6 +82,22 @@ MAX_EVENTS_PER_CALL = 50
 #: Call-log retention: legs older than this drop out of the index (their records expire with RECORD_TTL).
 CALL_LOG_RETENTION_SECONDS = RECORD_TTL_SECONDS
 CALL_LOG_MAX_ENTRIES = 10_000
+#: Shards of the lifecycle (sessions, legs and their deadline/heartbeat/live indexes) — see the module text.
+#: Fixed: changing it moves every session to another key, like any layout change (drain calls first).
+LIFECYCLE_SHARDS = 16
+
+
+def shard_tags(namespace: str, shards: int = LIFECYCLE_SHARDS) -> tuple[str, ...]:
+    """The hash tag of each shard: ``{ns.i.n}`` with the smallest ``n`` whose slot lies in shard ``i``'s own
+    1/``shards`` of the slot range, so an evenly split cluster spreads the shards evenly over its masters."""
+    tags = []
+    for shard in range(shards):
+        low, high = shard * REDIS_CLUSTER_HASH_SLOTS // shards, (shard + 1) * REDIS_CLUSTER_HASH_SLOTS // shards
+        suffix = 0
+        while not low <= key_slot(f"{namespace}.{shard}.{suffix}".encode()) < high:
+            suffix += 1
+        tags.append(f"{{{namespace}.{shard}.{suffix}}}")
+    return tuple(tags)
 
 
 @dataclass(frozen=True)
@@ -64,6 +105,26 @@ class RedisKeys:
     """Builds namespaced key names; one instance per app (``app.extensions["redis_keys"]``)."""
 
     namespace: str = "kb"
+    #: Each lifecycle shard's hash tag (computed once from the namespace).
+    tags: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tags", shard_tags(self.namespace))
+
+    # -- sharding ------------------------------------------------------------------------------------------
+    def shard_of(self, name: str) -> int:
+        """The lifecycle shard of a session id (or of a ``carrier:call_id`` call-log / pending-create member)."""
+        return zlib.crc32(name.encode()) % LIFECYCLE_SHARDS
+
+    def _in_shard_of(self, name: str) -> str:
+        return f"{self.namespace}:{self.tags[self.shard_of(name)]}"
+
+    def shards(self) -> range:
+        """Every shard number, for readers of a global view (the reaper, the live page, the call log)."""
+        return range(LIFECYCLE_SHARDS)
+
+    def _shard(self, shard: int) -> str:
+        return f"{self.namespace}:{self.tags[shard]}"
 
     def profile(self, number: str) -> str:
         """Key of the profile JSON for an E.164 ``number``."""
@@ -74,8 +135,12 @@ class RedisKeys:
         return f"{self.namespace}:profiles"
 
     def call(self, carrier: str, call_id: str) -> str:
-        """Key of the hash describing one carrier call leg."""
+        """Key of the hash describing one carrier call leg (session id, numbers, speaker): found by the call id."""
         return f"{self.namespace}:call:{carrier}:{call_id}"
+
+    def leg(self, session_id: str, carrier: str, call_id: str) -> str:
+        """Key of the hash holding a leg's state (``state``, ``stream``, ``epoch``, end…), in its session's shard."""
+        return f"{self._in_shard_of(session_id)}:leg:{carrier}:{call_id}"
 
     def call_events(self, carrier: str, call_id: str) -> str:
         """Key of the capped list of callbacks recorded for one call leg."""
@@ -83,31 +148,32 @@ class RedisKeys:
 
     def session(self, session_id: str) -> str:
         """Key of the hash describing a Kallglot session as this service sees it."""
-        return f"{self.namespace}:session:{session_id}"
+        return f"{self._in_shard_of(session_id)}:session:{session_id}"
 
     def session_end_claim(self, session_id: str) -> str:
         """Key whose ``SET NX`` decides which worker calls Kallglot's ``end`` for a session."""
-        return f"{self.namespace}:session:{session_id}:end-claim"
+        return f"{self._in_shard_of(session_id)}:session:{session_id}:end-claim"
 
     def seen(self, source: str, event_id: str) -> str:
         """Key marking a webhook delivery from ``source`` as already handled."""
         return f"{self.namespace}:seen:{source}:{event_id}"
 
-    def live_sessions(self) -> str:
-        """Key of the sorted set of sessions not yet ended."""
-        return f"{self.namespace}:sessions:live"
+    def live_sessions(self, shard: int) -> str:
+        """Key of one shard's sorted set of sessions not yet ended (a session's: ``shard_of(session_id)``)."""
+        return f"{self._shard(shard)}:sessions:live"
 
-    def recent_calls(self) -> str:
-        """Key of the sorted set of recent call legs (the call log's index)."""
-        return f"{self.namespace}:calls:recent"
+    def recent_calls(self, shard: int) -> str:
+        """Key of one shard of the call log's index (a leg's: ``shard_of("carrier:call_id")``)."""
+        return f"{self._shard(shard)}:calls:recent"
 
-    def deadlines(self) -> str:
-        """Key of the sorted set of sessions due to be ended (score: when)."""
-        return f"{self.namespace}:deadlines"
+    def deadlines(self, shard: int) -> str:
+        """Key of one shard's sorted set of sessions due to be ended (score: when)."""
+        return f"{self._shard(shard)}:deadlines"
 
-    def heartbeats(self) -> str:
-        """Key of the sorted set of live legs (member ``carrier:call_id``, score: when the leg counts as lost)."""
-        return f"{self.namespace}:heartbeats"
+    def heartbeats(self, shard: int) -> str:
+        """Key of one shard's sorted set of live legs (member ``carrier:call_id``, score: when it counts as lost);
+        a leg beats in its session's shard."""
+        return f"{self._shard(shard)}:heartbeats"
 
     def held(self, to_number: str, from_number: str) -> str:
         """Key naming the held session a new call from ``from_number`` to ``to_number`` re-attaches to."""
@@ -129,9 +195,10 @@ class RedisKeys:
         """Prefix Flask-Limiter's storage puts before its own ``LIMITER/{address}/{endpoint}/…`` keys."""
         return f"{self.namespace}:admin:limiter"
 
-    def pending_creates(self) -> str:
-        """Key of the sorted set of legs whose Kallglot create is not yet matched by a registered leg."""
-        return f"{self.namespace}:pending-creates"
+    def pending_creates(self, shard: int) -> str:
+        """Key of one shard of the legs whose Kallglot create is not yet matched by a registered leg (a leg's
+        shard: ``shard_of("carrier:call_id")``)."""
+        return f"{self._shard(shard)}:pending-creates"
 
     def api_idempotency_body(self, key_hash: str) -> str:
         """Key holding the hash of the body first sent with an API ``Idempotency-Key`` (hashed too)."""
@@ -153,13 +220,13 @@ class RedisKeys:
         """Key naming the one relay (by token nonce) allowed to serve a leg right now."""
         return f"{self.namespace}:relay-lease:{carrier}:{call_id}"
 
-    def pending_create_data(self) -> str:
-        """Key of the hash holding each pending create's idempotency key and arguments (no secrets)."""
-        return f"{self.namespace}:pending-creates:data"
+    def pending_create_data(self, shard: int) -> str:
+        """Key of one shard's hash of each pending create's idempotency key and arguments (no secrets)."""
+        return f"{self._shard(shard)}:pending-creates:data"
 
     def session_live_events(self, session_id: str) -> str:
         """Key of the capped Redis Stream of a session's live transcript and leg events."""
-        return f"{self.namespace}:session:{session_id}:live-events"
+        return f"{self._in_shard_of(session_id)}:session:{session_id}:live-events"
 
     def live_changes(self) -> str:
         """Key of the capped Redis Stream announcing that a live session appeared, changed or ended."""
@@ -167,19 +234,25 @@ class RedisKeys:
 
     def session_artifacts(self, session_id: str, kind: str) -> str:
         """Key of the short-lived cache of a session's ``kind`` (``transcript`` or ``recordings``) from Kallglot."""
-        return f"{self.namespace}:session:{session_id}:artifacts:{kind}"
+        return f"{self._in_shard_of(session_id)}:session:{session_id}:artifacts:{kind}"
 
-    def billed_sessions(self) -> str:
-        """Key of the sorted set of sessions with a recorded billed duration (score: when they ended)."""
-        return f"{self.namespace}:usage:sessions"
+    def billed_sessions(self, shard: int) -> str:
+        """Key of one shard's sorted set of sessions with a billed duration (score: when they ended)."""
+        return f"{self._shard(shard)}:usage:sessions"
+
+    def _agents(self) -> str:
+        # One hash tag for the browser-agent queue: its claim script touches the waiting set and one offer
+        # (a few writes per offered call, so one slot is plenty).
+        return f"{self.namespace}:{{{self.namespace}.agents}}"
 
     def agents_waiting(self) -> str:
         """Key of the sorted set of sessions offered to browser agents (score: when the wait runs out)."""
-        return f"{self.namespace}:agents:waiting"
+        return f"{self._agents()}:agents:waiting"
 
     def agent_offer(self, session_id: str) -> str:
-        """Key of the hash describing a call offered to browser agents, and the agent leg that took it."""
-        return f"{self.namespace}:agents:offer:{session_id}"
+        """Key of the hash describing a call offered to browser agents, and the agent leg that took it (in the
+        waiting set's slot: taking an offer is one script over both)."""
+        return f"{self._agents()}:agents:offer:{session_id}"
 
 
 def first_seen(client: redis.Redis, key: str, value: str = "1", ttl_seconds: int = SEEN_TTL_SECONDS) -> bool:

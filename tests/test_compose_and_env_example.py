@@ -3,10 +3,12 @@ against the Compose Specification's top-level and service keys and the repositor
 environment against the settings the app reads."""
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -15,6 +17,8 @@ from app.envfile import read_env_file
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docs" / "deploy" / "compose.yaml"
+#: The Compose Specification's own JSON schema, vendored (tests/fixtures/compose-spec/README.md says from where).
+COMPOSE_SCHEMA = ROOT / "tests" / "fixtures" / "compose-spec" / "compose-spec.json"
 # From the Compose Specification (compose-spec/compose-spec, schema/compose-spec.json): allowed keys.
 COMPOSE_TOP_LEVEL = {"version", "name", "include", "services", "networks", "volumes", "secrets", "configs", "models"}
 COMPOSE_SERVICE_KEYS = {
@@ -44,6 +48,22 @@ def test_compose_file_uses_only_spec_keys(compose: dict[str, Any]) -> None:
             assert dependency in compose["services"]
         if isinstance(service.get("depends_on"), dict):
             assert all(d["condition"] in COMPOSE_DEPENDS_CONDITIONS for d in service["depends_on"].values())
+
+
+def test_compose_file_validates_against_the_compose_specification_schema(compose: dict[str, Any]) -> None:
+    # `docker compose config` would say the same, but needs the Compose plugin (absent here: the Docker CLI
+    # answers "unknown command"); the schema is what the plugin validates against.
+    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+    assert errors == []
+    broken = {**compose, "services": {**compose["services"], "app": {**compose["services"]["app"], "replica": 2}}}
+    assert list(validator.iter_errors(broken)), "the schema check cannot fail"
+
+
+def test_compose_runs_two_bridge_instances_behind_the_one_proxy(compose: dict[str, Any]) -> None:
+    assert compose["services"]["app"]["deploy"]["replicas"] == 2
+    assert "container_name" not in compose["services"]["app"]  # a fixed name would allow one instance only
+    assert "app" in compose["services"]["proxy"]["depends_on"]
 
 
 def test_compose_builds_the_repository_and_wires_redis_and_the_proxy(compose: dict[str, Any]) -> None:

@@ -222,7 +222,8 @@ def test_worker_and_caller_gone_without_any_callback_the_session_still_ends(clea
     budget = E2E_HEARTBEAT_TIMEOUT_SECONDS + E2E_RECONNECT_WINDOW_SECONDS + 20
     assert wait_until(lambda: clean_stack.state.settled_ended(session_id), timeout=budget), (
         clean_stack.state.session(session_id), clean_stack.state.deadline(session_id),
-        clean_stack.redis.zrange(clean_stack.state.keys.heartbeats(), 0, -1, withscores=True), time.time(),
+        clean_stack.redis.zrange(clean_stack.state.keys.heartbeats(clean_stack.state.keys.shard_of(session_id)), 0,
+                                 -1, withscores=True), time.time(),
         [line for line in clean_stack.bridge.log().splitlines() if "reaper" in line or "heartbeat" in line][-5:])
     assert emulator.session(session_id)["end_calls"] == 1
 

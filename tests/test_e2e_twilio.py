@@ -282,8 +282,9 @@ def test_exactly_one_end_when_every_end_path_races(simulator: TwilioCallSimulato
     with racer.app_context():
         lifecycle = services().lifecycle
     now = time.time()
-    bridge_state.redis.zadd(bridge_state.keys.heartbeats(), {f"twilio:{call_sid}": now - 1}, xx=True)
-    bridge_state.redis.zadd(bridge_state.keys.deadlines(), {session_id: now - 1})
+    shard = bridge_state.keys.shard_of(session_id)
+    bridge_state.redis.zadd(bridge_state.keys.heartbeats(shard), {f"twilio:{call_sid}": now - 1}, xx=True)
+    bridge_state.redis.zadd(bridge_state.keys.deadlines(shard), {session_id: now - 1})
 
     def deliver(status: str, sequence: int) -> int:
         params = {**simulator.base_params(*numbers, call_sid, status), "CallDuration": "3",

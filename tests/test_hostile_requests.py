@@ -168,12 +168,12 @@ def test_api_rate_and_concurrency_limits_per_token(api_app: Flask) -> None:
         svc = services()
         from app.api.limits import digest, track_api_call
         token_hash = digest("api-token", API_TOKEN)
-        svc.redis.zadd(svc.keys.live_sessions(), {"sess_live_one": time.time()})
+        svc.redis.zadd(svc.keys.live_sessions(svc.keys.shard_of("sess_live_one")), {"sess_live_one": time.time()})
         track_api_call(svc.redis, svc.keys, token_hash, "sess_live_one")
     busy = api_post(client, {"to": CUSTOMER, "from": OURS})
     assert busy.status_code == 429 and "CONCURRENT" in busy.json["message"]
     with api_app.app_context():
-        svc.redis.zrem(svc.keys.live_sessions(), "sess_live_one")  # that call ended
+        svc.redis.zrem(svc.keys.live_sessions(svc.keys.shard_of("sess_live_one")), "sess_live_one")  # it ended
     assert api_post(client, {"to": CUSTOMER, "from": OURS}).status_code == 502  # dialled (and the fake failed)
     limited = api_post(client, {"to": CUSTOMER, "from": OURS})
     assert limited.status_code == 429 and limited.headers["Retry-After"] == "60"

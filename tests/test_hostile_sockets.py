@@ -95,8 +95,9 @@ def test_forged_telnyx_start_for_a_failed_call_sends_nothing(bridge_server: Runn
     call_id = "v3:" + uuid.uuid4().hex
     client = redis_lib.Redis.from_url(redis_url)
     keys = RedisKeys("e2e")
-    client.hset(keys.call("telnyx", call_id), mapping={"session_id": "sess_x", "state": "ended",
-                                                         "end_reason": "relay_kallglot_unreachable"})
+    client.hset(keys.call("telnyx", call_id), mapping={"session_id": "sess_x"})
+    client.hset(keys.leg("sess_x", "telnyx", call_id), mapping={"state": "ended",
+                                                                 "end_reason": "relay_kallglot_unreachable"})
     ws = Client.connect(bridge_server.url.replace("http", "ws") + "/telnyx/media")
     ws.send(json.dumps({"event": "start", "stream_id": "s1", "start": {"call_control_id": call_id}}))
     with pytest.raises(ConnectionClosed):

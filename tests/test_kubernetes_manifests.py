@@ -8,6 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -91,3 +92,49 @@ def test_every_selector_selects_its_pods_and_every_variable_is_read(objects: dic
     known = {f.name.upper() for f in fields(Settings)} | PROCESS_VARIABLES
     env = objects[("Deployment", "app")]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {e["name"] for e in env} <= known
+
+
+#: The oldest Kubernetes the manifests promise to work on (autoscaling/v2 and policy/v1 are GA since 1.23/1.21)
+#: and the newest whose schemas kubernetes-validate ships (it vendors them: no network needed).
+KUBERNETES_VERSIONS = ("1.25", kubernetes_validate.latest_version())
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_object_validates_against_the_kubernetes_schemas(objects: dict, version: str) -> None:
+    for (kind, name), obj in objects.items():
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)  # strict: an unknown field is an error
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{kind}/{name} is not a valid Kubernetes {version} object: {exc.message}")
+
+
+def test_the_schema_check_can_fail(objects: dict) -> None:
+    broken = {**objects[("Deployment", "app")], "spec": {**objects[("Deployment", "app")]["spec"], "replica": 2}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_the_autoscaler_scales_the_bridge_within_what_the_disruption_budget_allows(objects: dict) -> None:
+    hpa = objects[("HorizontalPodAutoscaler", "app")]["spec"]
+    target = hpa["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "app")
+    pdb = objects[("PodDisruptionBudget", "app")]["spec"]
+    # Never fewer pods than the budget keeps plus one, so a voluntary eviction never takes the last instance.
+    assert hpa["minReplicas"] >= pdb["minAvailable"] + 1 and hpa["maxReplicas"] > hpa["minReplicas"]
+    assert objects[("Deployment", "app")]["spec"]["replicas"] == hpa["minReplicas"]
+    (metric,) = hpa["metrics"]
+    assert metric["resource"]["name"] == "cpu"  # utilization needs a CPU request on the bridge container
+    (container,) = objects[("Deployment", "app")]["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"]["cpu"]
+    # Scale-down hands live calls over: slower than scale-up, one pod at a time.
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    assert [p["value"] for p in hpa["behavior"]["scaleDown"]["policies"]] == [1]
+
+
+def test_the_proxy_keeps_media_sockets_open_as_long_as_calls_and_webhooks_short() -> None:
+    conf = (DEPLOY / "nginx.conf").read_text()
+    media = conf[conf.index("proxy_set_header Upgrade"):]
+    hours = int(re.search(r"proxy_read_timeout\s+(\d+)h;", media).group(1))
+    assert hours >= 1 and "proxy_buffering off;" in media
+    webhook_timeout = int(re.search(r"proxy_read_timeout\s+(\d+)s;", conf).group(1))
+    assert webhook_timeout <= 30  # carriers give up on a webhook after 10-15 s

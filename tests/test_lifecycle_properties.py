@@ -225,7 +225,8 @@ def test_lifecycle_invariants_hold_under_any_interleaving(redis_for_properties: 
                 return
             session_id = data.draw(st.sampled_from(sorted(self.kallglot.sessions)))
             claimed = self.lifecycle._claim_end(
-                keys=[self.keys.session_end_claim(session_id), self.keys.session(session_id), self.keys.deadlines()],
+                keys=[self.keys.session_end_claim(session_id), self.keys.session(session_id),
+                      self.keys.deadlines(self.keys.shard_of(session_id))],
                 args=[secrets.token_hex(4), END_CLAIM_LEASE_SECONDS, "1", session_id, f"{self.clock.now:.3f}"])
             if claimed in (1, 2) and reached_kallglot and self.kallglot.mode == "ok":
                 self.kallglot.end_session(session_id)  # the request landed; the worker died before recording it
@@ -252,7 +253,7 @@ def test_lifecycle_invariants_hold_under_any_interleaving(redis_for_properties: 
                 record = _decode(client.hgetall(self.keys.session(session_id)))
                 legs = {name[4:]: state for name, state in record.items() if name.startswith("leg:")}
                 for member, state in legs.items():
-                    call = _decode(client.hgetall(self.keys.call(*member.split(":", 1))))
+                    call = self.lifecycle.call_record(*member.split(":", 1))
                     assert state in ("live", "ended") and call.get("state") == state, (session_id, member, call)
                 live = [m for m, state in legs.items() if state == "live"]
                 if record.get("status") == "held":
@@ -262,9 +263,11 @@ def test_lifecycle_invariants_hold_under_any_interleaving(redis_for_properties: 
 
         @invariant()
         def every_created_session_is_registered_or_recoverable(self) -> None:  # I3
-            pending_keys = {json.loads(raw)["key"] for raw in client.hvals(self.keys.pending_create_data())}
-            deadlines = {m.decode() for m in client.zrange(self.keys.deadlines(), 0, -1)}
-            beating = {m.decode() for m in client.zrange(self.keys.heartbeats(), 0, -1)}
+            shards = self.keys.shards()
+            pending_keys = {json.loads(raw)["key"] for s in shards
+                            for raw in client.hvals(self.keys.pending_create_data(s))}
+            deadlines = {m.decode() for s in shards for m in client.zrange(self.keys.deadlines(s), 0, -1)}
+            beating = {m.decode() for s in shards for m in client.zrange(self.keys.heartbeats(s), 0, -1)}
             for key, session_id in self.kallglot.by_key.items():
                 if self.kallglot.sessions[session_id].status == "ended":
                     continue

@@ -18,6 +18,7 @@ from app.ops.draining import Drain, begin_worker_drain, drain_for
 from app.redis_keys import RedisKeys
 from app.relay.core import RelayStats
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
+from tests.support.bridge_state import BridgeState
 from tests.support.controls import EmulatorControl
 from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.servers import RunningServer, free_port, run_gunicorn
@@ -188,7 +189,7 @@ def test_sigterm_hands_live_calls_to_the_lifecycle_as_held(draining_bridge: Runn
                                   listen_seconds=0, status_callbacks="none")
     assert result.server_closed_first
     keys = RedisKeys(namespace)
-    call = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.call("twilio", call_sid)).items()}
+    call = BridgeState(redis_client, namespace).call("twilio", call_sid)
     assert call["end_reason"] == "relay_worker_draining" and call["clean"] == "0"
     session = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.session(call["session_id"])).items()}
     assert session["status"] == "held"  # held for a reconnect, not ended and not leaked

@@ -38,8 +38,7 @@ def _queue(svc: Services) -> AgentQueue:
 def _my_calls(svc: Services) -> list[dict[str, str]]:
     """Calls this admin session took that are still going (to rejoin after a closed tab)."""
     owner, mine = session_owner(), []
-    for session_id in (s.decode() if isinstance(s, bytes) else s
-                       for s in svc.redis.zrange(svc.keys.live_sessions(), 0, -1)):
+    for session_id in sorted(svc.lifecycle.live_session_ids()):
         for (carrier, call_id), state in svc.lifecycle.session_legs(session_id).items():
             if carrier == BROWSER_LEG and svc.lifecycle.call_record(carrier, call_id).get("agent_owner") == owner:
                 mine.append({"session_id": session_id, "leg": call_id, "state": state})

@@ -29,7 +29,6 @@ from app.calls.events import (
     LEG, RELAY_HEALTH, SESSION, TRANSCRIPT, LiveEvent, SessionEventLog, event_log_for, valid_stream_id,
 )
 from app.extensions import Services, services
-from app.redis_keys import as_text
 
 KEEPALIVE_SECONDS = 15.0
 #: ``XREAD BLOCK`` per round: below the Redis client's 2 s socket timeout.
@@ -85,7 +84,7 @@ def live_row(svc: Services, session_id: str) -> dict[str, Any] | None:
             _, carrier, call_id = name.split(":", 2)
             call = svc.lifecycle.call_record(carrier, call_id)
             # The same relay health the server-rendered list shows, so a live update never drops it.
-            deadline = svc.redis.zscore(svc.keys.heartbeats(), f"{carrier}:{call_id}") if state == "live" else None
+            deadline = svc.lifecycle.relay_deadline(session_id, carrier, call_id) if state == "live" else None
             legs.append({"carrier": carrier, "call_id": call_id, "state": state, "speaker": call.get("speaker", ""),
                          "from": call.get("from", ""),
                          "relay": relay_health(deadline, timeout, now) if state == "live" else ""})
@@ -95,7 +94,7 @@ def live_row(svc: Services, session_id: str) -> dict[str, Any] | None:
 
 
 def _live_ids(svc: Services) -> set[str]:
-    return {as_text(raw) for raw in svc.redis.zrange(svc.keys.live_sessions(), 0, -1)}
+    return svc.lifecycle.live_session_ids()
 
 
 def _list_stream(svc: Services, log: SessionEventLog, after: str) -> Iterator[str]:

@@ -83,7 +83,7 @@ def live_sessions(svc: Services) -> list[SessionRow]:
         for name, state in sorted(session.items()):
             if name.startswith("leg:"):
                 _, carrier, call_id = name.split(":", 2)
-                deadline = svc.redis.zscore(svc.keys.heartbeats(), f"{carrier}:{call_id}")
+                deadline = svc.lifecycle.relay_deadline(session["id"], carrier, call_id)
                 legs.append(LegRow(carrier, call_id, state, svc.lifecycle.call_record(carrier, call_id),
                                    relay_health(deadline, timeout, now) if state == "live" else ""))
         rows.append(SessionRow(session["id"], session, legs, duration(session.get("created_at"))))

@@ -26,6 +26,7 @@ from flask import Flask, Response, request
 from flask_limiter import Limiter, RequestLimit
 
 from app.config import Settings
+from app.redis_connection import limiter_storage, parse_redis_target
 from app.redis_keys import RedisKeys
 
 #: Failed sign-ins one address may make: a few typos an hour, not a guessing campaign.
@@ -64,9 +65,13 @@ def _failed(response: Response) -> bool:
 def init_sign_in_limiter(app: Flask, settings: Settings, keys: RedisKeys,
                          on_breach: OnBreach) -> Limiter:
     """Attach a Flask-Limiter to ``app`` that counts failed sign-ins per client address in Redis."""
+    # The same deployment (standalone, TLS, Cluster, Sentinel) as the service's own client.
+    storage_uri, options = limiter_storage(parse_redis_target(settings.redis_url, cluster=settings.redis_cluster),
+                                           tls_verify=settings.redis_tls_verify, tls_ca=settings.redis_tls_ca)
     limiter = Limiter(
-        client_address, app=app, storage_uri=settings.redis_url, strategy="fixed-window",
-        storage_options=_storage_options(settings, keys), default_limits=list(ADDRESS_LIMITS),
+        client_address, app=app, storage_uri=storage_uri, strategy="fixed-window",
+        storage_options={**options, "key_prefix": keys.admin_limiter_prefix(), "socket_timeout": 2,
+                         "socket_connect_timeout": 2}, default_limits=list(ADDRESS_LIMITS),
         default_limits_exempt_when=_not_a_sign_in_attempt, default_limits_deduct_when=_failed,
         application_limits=[f"{MAX_ATTEMPTS_PER_MINUTE} per minute"],
         application_limits_exempt_when=_not_a_sign_in_attempt,
@@ -75,14 +80,6 @@ def init_sign_in_limiter(app: Flask, settings: Settings, keys: RedisKeys,
         swallow_errors=False)
     app.extensions[LIMITER_EXTENSION] = limiter
     return limiter
-
-
-def _storage_options(settings: Settings, keys: RedisKeys) -> dict[str, str | int]:
-    options: dict[str, str | int] = {"key_prefix": keys.admin_limiter_prefix(), "socket_timeout": 2,
-                                     "socket_connect_timeout": 2}
-    if settings.redis_url.startswith("rediss://"):
-        options["ssl_cert_reqs"] = "required" if settings.redis_tls_verify else "none"
-    return options
 
 
 def retry_after_seconds(limit: RequestLimit) -> int:

@@ -56,7 +56,7 @@ def live_api_calls(client: redis.Redis, keys: RedisKeys, token_digest: str) -> i
         return 0
     with client.pipeline(transaction=False) as pipe:
         for session_id in members:
-            pipe.zscore(keys.live_sessions(), session_id)
+            pipe.zscore(keys.live_sessions(keys.shard_of(session_id)), session_id)
         scores = pipe.execute()
     ended = [m for m, score in zip(members, scores) if score is None]
     if ended:

@@ -95,9 +95,10 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         """
         member = _member(carrier, call_id)
         intent = json.dumps({"key": idempotency_key, "args": create_args, "attempts": 0})
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._keys.pending_create_data(), member, intent)
-            pipe.zadd(self._keys.pending_creates(), {member: self._clock() + PENDING_CREATE_GRACE_SECONDS})
+        shard = self._keys.shard_of(member)
+        with self._redis.pipeline(transaction=True) as pipe:  # one slot: both keys are in the member's shard
+            pipe.hset(self._keys.pending_create_data(shard), member, intent)
+            pipe.zadd(self._keys.pending_creates(shard), {member: self._clock() + PENDING_CREATE_GRACE_SECONDS})
             pipe.execute()
         try:
             return self._kallglot.create_session(idempotency_key=idempotency_key, **create_args)
@@ -120,10 +121,17 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         started = self._clock()
         carrier, call_id = leg.carrier, leg.call_id
         call_key, session_key = self._keys.call(carrier, call_id), self._keys.session(session_id)
+        member = _member(carrier, call_id)
+        log_shard = self._keys.shard_of(member)
+        # Three slots (the leg's description, the session's shard, the call log's shard), so three steps, each
+        # idempotent; the description (which names the session) comes first, as every later step is found by it.
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(call_key, mapping={"session_id": session_id, "carrier": carrier, "speaker": leg.speaker,
                                          "from": leg.from_number, "to": leg.to_number})
             pipe.hsetnx(call_key, "created_at", f"{started:.3f}")
+            pipe.expire(call_key, RECORD_TTL_SECONDS)
+            pipe.execute()
+        with self._redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(session_key, "created_at", f"{started:.3f}")
             pipe.hsetnx(session_key, "reconnect_window", str(leg.reconnect_window_seconds))
             pipe.hsetnx(session_key, "hangup_grace", str(leg.hangup_grace_seconds))
@@ -131,16 +139,20 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
             pipe.hset(session_key, mapping={"carrier": carrier, "mode": leg.mode})
             if leg.speaker == "customer":
                 pipe.hset(session_key, mapping={"to": leg.to_number, "from": leg.from_number})
-            pipe.expire(call_key, RECORD_TTL_SECONDS)
             pipe.expire(session_key, RECORD_TTL_SECONDS)
-            pipe.zadd(self._keys.recent_calls(), {f"{carrier}:{call_id}": started}, nx=True)
-            pipe.zremrangebyscore(self._keys.recent_calls(), 0, started - CALL_LOG_RETENTION_SECONDS)
-            pipe.zremrangebyrank(self._keys.recent_calls(), 0, -CALL_LOG_MAX_ENTRIES - 1)
             pipe.execute()
-        held_key = self._keys.held(*reattach_from) if reattach_from else ""
-        epoch = self._attach(session_id, carrier, call_id, held_key, started, restoring=False)
+        recent = self._keys.recent_calls(log_shard)
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(recent, {member: started}, nx=True)
+            pipe.zremrangebyscore(recent, 0, started - CALL_LOG_RETENTION_SECONDS)
+            pipe.zremrangebyrank(recent, 0, -(CALL_LOG_MAX_ENTRIES // len(self._keys.shards())) - 1)
+            pipe.execute()
+        epoch = self._attach(session_id, carrier, call_id, started, restoring=False,
+                             require_held=reattach_from is not None)
         if not epoch:
             return False
+        if reattach_from:  # the hold is over: drop the returning-caller hint (invariant I4)
+            self._redis.delete(self._keys.held(*reattach_from))
         # Attached: the create is accounted for (invariant I3). Not before: a refused attach leaves the
         # intent for the reaper, which ends the session if nobody else does.
         self._forget_pending_create(_member(carrier, call_id))
@@ -148,14 +160,16 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
             metrics.SESSIONS_REATTACHED.labels("returning_caller").inc()
         return True
 
-    def _attach(self, session_id: str, carrier: str, call_id: str, held_key: str, now: float, *,
-                restoring: bool) -> int:
+    def _attach(self, session_id: str, carrier: str, call_id: str, now: float, *, restoring: bool,
+                require_held: bool = False) -> int:
+        shard = self._keys.shard_of(session_id)
         return int(self._attach_leg(
             keys=[self._keys.session_end_claim(session_id), self._keys.session(session_id),
-                  self._keys.call(carrier, call_id), self._keys.deadlines(), self._keys.heartbeats(), held_key,
-                  self._keys.live_sessions()],
+                  self._keys.leg(session_id, carrier, call_id), self._keys.deadlines(shard),
+                  self._keys.heartbeats(shard), self._keys.live_sessions(shard)],
             args=[session_id, _leg_field(carrier, call_id), _member(carrier, call_id),
-                  now + STREAM_START_GRACE_SECONDS, f"{now:.3f}", "1" if restoring else "0"]))
+                  now + STREAM_START_GRACE_SECONDS, f"{now:.3f}", "1" if restoring else "0",
+                  "1" if require_held else "0"]))
 
     def reattach_leg(self, carrier: str, call_id: str) -> str | None:
         """Make a leg live again for a media stream being restored; returns the session or None.
@@ -163,7 +177,7 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         The leg's current stream is cleared, so a late end from the stream being replaced changes nothing.
         """
         session_id = self.session_for_call(carrier, call_id)
-        if not session_id or not self._attach(session_id, carrier, call_id, "", self._clock(), restoring=True):
+        if not session_id or not self._attach(session_id, carrier, call_id, self._clock(), restoring=True):
             return None
         self._redis.hincrby(self._keys.call(carrier, call_id), "stream_restarts", 1)
         metrics.SESSIONS_REATTACHED.labels("stream_restored").inc()
@@ -190,20 +204,33 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         return self._beat_stream(carrier, call_id, stream_id, bind=False) > 0
 
     def _beat_stream(self, carrier: str, call_id: str, stream_id: str, *, bind: bool) -> int:
-        call = self.call_record(carrier, call_id)
+        call = self.call_description(carrier, call_id)
         session_id = call.get("session_id")
         if not session_id:
             return 0
+        shard = self._keys.shard_of(session_id)
         result = int(self._beat(
-            keys=[self._keys.call(carrier, call_id), self._keys.session(session_id), self._keys.heartbeats(),
-                  self._keys.deadlines(), self._keys.session_end_claim(session_id), self._held_key(call)],
+            keys=[self._keys.leg(session_id, carrier, call_id), self._keys.session(session_id),
+                  self._keys.heartbeats(shard), self._keys.deadlines(shard), self._keys.session_end_claim(session_id)],
             args=[stream_id, _member(carrier, call_id), self._clock() + self.heartbeat_timeout_seconds,
                   _leg_field(carrier, call_id), session_id, "1" if bind else "0"]))
         if result == 2:
+            if held_key := self._held_key(call):  # held no more: drop the returning-caller hint (invariant I4)
+                self._redis.delete(held_key)
             log.warning("session=%s %s call=%s leg came back: its relay was slow, not gone", session_id, carrier,
                         call_id)
             metrics.SESSIONS_REATTACHED.labels("relay_recovered").inc()
         return result
+
+    def _write_held_hint(self, session_id: str, call: dict[str, str]) -> None:
+        """After END_LEG held the session: the returning-caller hint, for as long as the hold (invariant I4)."""
+        held_key = self._held_key(call)
+        if not held_key:
+            return
+        record = self.session_record(session_id)
+        if record.get("status") == SESSION_HELD:  # not re-attached (or ended) in the meantime
+            left = float(record.get("held_until") or 0) - self._clock()
+            self._redis.set(held_key, session_id, ex=max(1, int(left)))
 
     def _held_key(self, call: dict[str, str]) -> str:
         if call.get("speaker") == "customer" and call.get("to") and call.get("from"):
@@ -224,25 +251,27 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         return self._end_leg_now(carrier, call_id, reason_value(reason), clean=clean, stream_id=stream_id,
                                  due_by=None)
 
-    def _give_up_leg(self, carrier: str, call_id: str, now: float) -> bool:
+    def _give_up_leg(self, carrier: str, call_id: str, now: float, shard: int) -> bool:
         """End a leg whose heartbeat is due — checked inside the script, so a late beat wins."""
-        self._end_leg_now(carrier, call_id, EndReason.HEARTBEAT_LOST.value, clean=False, stream_id="", due_by=now)
+        self._end_leg_now(carrier, call_id, EndReason.HEARTBEAT_LOST.value, clean=False, stream_id="", due_by=now,
+                          heartbeat_shard=shard)
         # Either the leg was given up (its heartbeat removed) or a beat renewed it meanwhile.
-        return self._redis.zscore(self._keys.heartbeats(), _member(carrier, call_id)) is None
+        return self._redis.zscore(self._keys.heartbeats(shard), _member(carrier, call_id)) is None
 
     def _end_leg_now(self, carrier: str, call_id: str, reason: str, *, clean: bool, stream_id: str,
-                     due_by: float | None) -> EndOutcome | None:
+                     due_by: float | None, heartbeat_shard: int | None = None) -> EndOutcome | None:
         """End the leg (fenced by ``stream_id`` when set; only if its heartbeat is due by ``due_by`` when set)."""
-        call = self.call_record(carrier, call_id)
+        call = self.call_description(carrier, call_id)
         session_id = call.get("session_id")
         now = self._clock()
         if not session_id:
-            if due_by is not None:  # a heartbeat of a leg whose record expired: nothing to end
-                self._redis.zrem(self._keys.heartbeats(), _member(carrier, call_id))
+            if due_by is not None and heartbeat_shard is not None:  # a heartbeat of a leg whose record expired
+                self._redis.zrem(self._keys.heartbeats(heartbeat_shard), _member(carrier, call_id))
             return None
+        shard = self._keys.shard_of(session_id)
         changed, live, action = self._end_leg(
-            keys=[self._keys.call(carrier, call_id), self._keys.session(session_id), self._keys.heartbeats(),
-                  self._keys.deadlines(), self._held_key(call)],
+            keys=[self._keys.leg(session_id, carrier, call_id), self._keys.session(session_id),
+                  self._keys.heartbeats(shard), self._keys.deadlines(shard)],
             args=[_leg_field(carrier, call_id), reason, f"{now:.3f}", _member(carrier, call_id),
                   "1" if clean else "0", session_id, SAFETY_LEASE_SECONDS, stream_id,
                   "0" if due_by is None else f"{due_by:.3f}"])
@@ -260,6 +289,7 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         if action == _ACTION_END_NOW:
             return self.end_session(session_id, reason, force=False)
         if action == _ACTION_HELD:
+            self._write_held_hint(session_id, call)
             log.info("session=%s held for a reconnect (%s)", session_id, reason)
             metrics.SESSIONS_HELD.inc()
             return EndOutcome.HELD
@@ -283,7 +313,8 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         now = self._clock() if now is None else now
         token = secrets.token_hex(8)
         claim = self._keys.session_end_claim(session_id)
-        claimed = int(self._claim_end(keys=[claim, self._keys.session(session_id), self._keys.deadlines()],
+        claimed = int(self._claim_end(keys=[claim, self._keys.session(session_id),
+                                            self._keys.deadlines(self._keys.shard_of(session_id))],
                                       args=[token, END_CLAIM_LEASE_SECONDS, "1" if force else "0", session_id,
                                             f"{now:.3f}"]))
         if claimed == 0:
@@ -322,7 +353,8 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         attempts = int(self._redis.hget(self._keys.session(session_id), "end_attempts") or 0) + 1
         delay = min(END_RETRY_MAX_BACKOFF_SECONDS, 2 ** (attempts - 1))
         released = self._release_for_retry(
-            keys=[self._keys.session_end_claim(session_id), self._keys.session(session_id), self._keys.deadlines()],
+            keys=[self._keys.session_end_claim(session_id), self._keys.session(session_id),
+                  self._keys.deadlines(self._keys.shard_of(session_id))],
             args=[token, session_id, self._clock() + delay, str(error)[:200]])
         metrics.SESSION_END_RETRIES.inc()
         log.error("session=%s end failed (attempt %d%s), retrying in %ds: %s", session_id, attempts,
@@ -351,9 +383,10 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         return first
 
     def _mark_ended(self, session_id: str, reason: str) -> bool:
+        shard = self._keys.shard_of(session_id)
         return bool(self._mark_ended_script(
             keys=[self._keys.session_end_claim(session_id), self._keys.session(session_id),
-                  self._keys.live_sessions(), self._keys.deadlines()],
+                  self._keys.live_sessions(shard), self._keys.deadlines(shard)],
             args=[session_id, reason, f"{self._clock():.3f}", RECORD_TTL_SECONDS]))
 
 

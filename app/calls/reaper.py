@@ -3,6 +3,7 @@ legs whose relay stopped beating as lost. Every step is atomic in Redis, so any 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable, Sequence
 
@@ -38,7 +39,9 @@ class Reaper:
     def run_forever(self) -> None:
         """Poll until :meth:`stop`; Redis outages are logged and waited out, never fatal."""
         failures = 0
-        while not self._stop.wait(self.interval_seconds * (1 + min(failures, 10))):
+        # Jittered (0.5–1.5 × the interval): the reapers of every worker and instance poll out of step, so
+        # whichever wakes first after a deadline takes it and due work spreads over the fleet.
+        while not self._stop.wait(self.interval_seconds * random.uniform(0.5, 1.5) * (1 + min(failures, 10))):
             try:
                 self.run_once()
                 failures = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -51,14 +52,14 @@ class RecoveryPasses:
         """End (or retry ending) every session whose deadline passed; returns how many this call took."""
         now = self._clock() if now is None else now
         taken = 0
-        for session_id in self._take_due_members(self._keys.deadlines(), now, batch):
+        for shard, session_id in self._take_due_members(self._keys.deadlines, now, batch):
             taken += 1
             outcome = self.end_session(session_id, EndReason.HOLD_EXPIRED, force=False, now=now)
             # ALREADY with the session not ended means another worker's end is within its lease: the lease
             # deadline stays, so the session is looked at again if that worker dies or stalls.
             if outcome is EndOutcome.LEGS_LIVE or (
                     outcome is EndOutcome.ALREADY and self.session_record(session_id).get("status") == SESSION_ENDED):
-                self._redis.zrem(self._keys.deadlines(), session_id)
+                self._redis.zrem(self._keys.deadlines(shard), session_id)
         return taken
 
     def expire_lost_legs(self, now: float | None = None, batch: int = 50) -> int:
@@ -70,9 +71,9 @@ class RecoveryPasses:
         """
         now = self._clock() if now is None else now
         given_up = 0
-        for raw in self._redis.zrangebyscore(self._keys.heartbeats(), "-inf", now, start=0, num=batch):
-            carrier, _, call_id = as_text(raw).partition(":")
-            if self._give_up_leg(carrier, call_id, now):
+        for shard, member in self._due_members(self._keys.heartbeats, now, batch):
+            carrier, _, call_id = member.partition(":")
+            if self._give_up_leg(carrier, call_id, now, shard):
                 log.warning("%s call=%s relay heartbeat lost", carrier, call_id)
                 given_up += 1
         return given_up
@@ -81,10 +82,10 @@ class RecoveryPasses:
         """End sessions whose create was never followed by a registered leg; returns how many were taken."""
         now = self._clock() if now is None else now
         taken = 0
-        for member in self._take_due_members(self._keys.pending_creates(), now, batch):
+        for shard, member in self._take_due_members(self._keys.pending_creates, now, batch):
             taken += 1
             carrier, _, call_id = member.partition(":")
-            raw_intent = self._redis.hget(self._keys.pending_create_data(), member)
+            raw_intent = self._redis.hget(self._keys.pending_create_data(shard), member)
             session_id = self.session_for_call(carrier, call_id)
             if not raw_intent or (session_id and f"leg:{member}" in self.session_record(session_id)):
                 # Attached after all; from then on the leg's end and the deadlines account for the session.
@@ -125,21 +126,35 @@ class RecoveryPasses:
             return
         # Never given up while the session may exist (invariant I3): a Kallglot outage only spaces the replays.
         delay = min(PENDING_CREATE_MAX_BACKOFF_SECONDS, 2 ** min(intent["attempts"], 10))
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._keys.pending_create_data(), member, json.dumps(intent))
-            pipe.zadd(self._keys.pending_creates(), {member: now + delay})
+        shard = self._keys.shard_of(member)
+        with self._redis.pipeline(transaction=True) as pipe:  # one slot: both keys are in the member's shard
+            pipe.hset(self._keys.pending_create_data(shard), member, json.dumps(intent))
+            pipe.zadd(self._keys.pending_creates(shard), {member: now + delay})
             pipe.execute()
 
     def _forget_pending_create(self, member: str) -> None:
+        shard = self._keys.shard_of(member)
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._keys.pending_creates(), member)
-            pipe.hdel(self._keys.pending_create_data(), member)
+            pipe.zrem(self._keys.pending_creates(shard), member)
+            pipe.hdel(self._keys.pending_create_data(shard), member)
             pipe.execute()
 
-    def _take_due_members(self, zset: str, now: float, batch: int) -> Iterator[str]:
-        """Members of ``zset`` due by ``now`` that this caller took (their score pushed forward by a lease, so
+    def _due_members(self, zset_of: Callable[[int], str], now: float, batch: int) -> list[tuple[int, str]]:
+        """``(shard, member)`` due by ``now`` in every shard of an index (``zset_of(shard)`` names a shard's
+        sorted set), at most ``batch`` per shard: one pipelined read (a cluster client sends one per node).
+        The shards come in a random order, so reapers racing through the same due work rarely want the same
+        member at the same moment."""
+        shards = random.sample(self._keys.shards(), len(self._keys.shards()))
+        with self._redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.zrangebyscore(zset_of(shard), "-inf", now, start=0, num=batch)
+            replies = pipe.execute()
+        return [(shard, as_text(raw)) for shard, members in zip(shards, replies) for raw in members]
+
+    def _take_due_members(self, zset_of: Callable[[int], str], now: float,
+                          batch: int) -> Iterator[tuple[int, str]]:
+        """``(shard, member)`` due by ``now`` that this caller took (their score pushed forward by a lease, so
         no other worker takes them meanwhile, and they come due again if this one dies before finishing)."""
-        for raw in self._redis.zrangebyscore(zset, "-inf", now, start=0, num=batch):
-            member = as_text(raw)
-            if self._take_due(keys=[zset], args=[member, now, DEADLINE_LEASE_SECONDS]):
-                yield member
+        for shard, member in self._due_members(zset_of, now, batch):
+            if self._take_due(keys=[zset_of(shard)], args=[member, now, DEADLINE_LEASE_SECONDS]):
+                yield shard, member

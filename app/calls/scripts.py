@@ -25,8 +25,18 @@ I3. **Every created session is registered or recoverable.** A create's intent (i
     them through :data:`CLAIM_END` (``force`` off), so it never ends a session a slow worker attached
     meanwhile, and a slow worker never attaches a session the reaper ended (attach refuses any claim).
 
-Every deadline (hold, retry, lease) lives in the ``deadlines`` zset: a worker that dies mid-step leaves a
-deadline behind that another worker's reaper takes, so nothing depends on a process staying alive.
+I4. **One slot per script** (Redis Cluster; the layout is in :mod:`app.redis_keys`). Every key a script
+    touches lives in the session's shard: the session hash and end claim, the leg's state hash
+    (``{S}:leg:…``), and the shard's deadline, heartbeat and live-session sets. The returning-caller hint
+    (``{ns}:held:{to}:{from}``, found by the numbers, so in no session's shard) is written *after* a script
+    holds the session and deleted after one re-attaches it; it is only a hint: an attach through it
+    (``require_held``) is refused unless the session is still held (or the leg is already one of its legs,
+    a retried webhook), and a hint lost to a worker dying between the two steps only means a returning
+    caller gets a new session while the held one ends at its deadline.
+
+Every deadline (hold, retry, lease) lives in the session's shard's ``deadlines`` zset: a worker that dies
+mid-step leaves a deadline behind that another worker's reaper takes, so nothing depends on a process staying
+alive.
 """
 from __future__ import annotations
 
@@ -42,12 +52,12 @@ local function live_legs(session_key)
 end
 """
 
-# KEYS: call, session, heartbeats, deadlines, held key ('' when none).
+# KEYS: leg, session, heartbeats, deadlines (the session's shard).
 # ARGV: leg field, reason, now, heartbeat member, clean ('1'/'0'), session id, lease seconds,
 #       stream fence ('' = any stream), heartbeat due by ('0' = end regardless of the heartbeat).
 # Ends the leg unless it already ended or the fence says the end is stale. When it was the last live leg:
-# holds the session (status held, deadline, held key for a returning caller) when the profile gives a
-# window, else sets a safety deadline (a lease) and tells the caller to end the session now — should the
+# holds the session (status held, deadline; the caller then writes the returning-caller hint) when the
+# profile gives a window, else sets a safety deadline (a lease) and tells the caller to end the session now — should the
 # caller die before it does, a reaper finds the deadline. Returns {changed, live legs left, action} where
 # action is 0 nothing to do, 1 end the session now, 2 held; changed is 1, 0 (already ended), -1 (unknown leg),
 # -2 (stale: another stream is current), -3 (heartbeat not due any more).
@@ -69,7 +79,8 @@ redis.call('ZREM', KEYS[3], ARGV[4])
 local live = live_legs(KEYS[2])
 if live > 0 then return {1, live, 0} end
 local status = redis.call('HGET', KEYS[2], 'status')
-if status == 'ended' or status == 'ending' then return {1, 0, 0} end
+-- A failed end awaiting its retry is committed to ending too: holding it would let the retry skip asking Kallglot.
+if status == 'ended' or status == 'ending' or status == 'end_failed' then return {1, 0, 0} end
 local window_field = 'reconnect_window'
 if ARGV[5] == '1' then window_field = 'hangup_grace' end
 local window = tonumber(redis.call('HGET', KEYS[2], window_field) or '0') or 0
@@ -81,7 +92,6 @@ end
 redis.call('HSET', KEYS[2], 'status', 'held', 'held_until', string.format('%.3f', now + window),
            'hold_reason', ARGV[2])
 redis.call('ZADD', KEYS[4], now + window, ARGV[6])
-if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[6], 'EX', math.max(1, math.floor(window))) end
 return {1, 0, 2}
 """
 
@@ -109,7 +119,8 @@ local until_ = now + tonumber(ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], 'status', 'ending', 'end_lease_until', string.format('%.3f', until_))
 redis.call('ZADD', KEYS[3], until_ + 1, ARGV[4])
-if status == 'ending' or status == 'end_failed' then return 2 end
+-- Any earlier claim (lapsed, failed or awaiting its retry) may have reached Kallglot.
+if holder or status == 'ending' or status == 'end_failed' then return 2 end
 return 1
 """
 
@@ -126,7 +137,7 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 return attempts
 """
 
-# KEYS: end claim, session, live sessions, deadlines. ARGV: session id, reason, now, record ttl, only-first
+# KEYS: end claim, session, live sessions, deadlines (the session's shard). ARGV: session id, reason, now, record ttl, only-first
 # ('1': Kallglot ended it itself; do nothing if it is already recorded as ended).
 # Records the end for good. Returns 1 when this call recorded it, 0 when it was already recorded.
 MARK_ENDED = """
@@ -140,19 +151,20 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 return 1
 """
 
-# KEYS: end claim, session, call, deadlines, heartbeats, held key ('' when none), live sessions.
-# ARGV: session id, leg field, heartbeat member, heartbeat expiry, now, restoring a stream ('1'/'0').
+# KEYS: end claim, session, leg, deadlines, heartbeats, live sessions (the session's shard).
+# ARGV: session id, leg field, heartbeat member, heartbeat expiry, now, restoring a stream ('1'/'0'),
+#       require held ('1': a returning caller, through the held hint).
 # Attaches a (new or returning) leg to a session that is not ended or being ended; returns the leg's new
-# epoch (> 0) on success, else 0. A leg that was not live (or whose stream is being restored) waits for its
+# epoch (> 0) on success, else 0 (also when a returning caller finds the session no longer held). A leg that was not live (or whose stream is being restored) waits for its
 # stream: ``stream`` is cleared until one binds, so ends from the stream it replaces are ignored.
 ATTACH_LEG = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local status = redis.call('HGET', KEYS[2], 'status')
 if status == 'ended' or status == 'ending' then return 0 end
+if ARGV[7] == '1' and status ~= 'held' and not redis.call('HGET', KEYS[2], ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], 'live', 'status', 'active')
 redis.call('HDEL', KEYS[2], 'held_until')
 redis.call('ZREM', KEYS[4], ARGV[1])
-if KEYS[6] ~= '' then redis.call('DEL', KEYS[6]) end
 local epoch = redis.call('HINCRBY', KEYS[3], 'epoch', 1)
 -- A restored stream replaces the current one; a retried registration of a live leg keeps its stream.
 if ARGV[6] == '1' or redis.call('HGET', KEYS[3], 'state') ~= 'live' then
@@ -160,16 +172,16 @@ if ARGV[6] == '1' or redis.call('HGET', KEYS[3], 'state') ~= 'live' then
 end
 redis.call('HSET', KEYS[3], 'state', 'live', 'attached_at', ARGV[5])
 redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
-redis.call('ZADD', KEYS[7], 'NX', ARGV[5], ARGV[1])
+redis.call('ZADD', KEYS[6], 'NX', ARGV[5], ARGV[1])
 return epoch
 """
 
-# KEYS: call, session, heartbeats, deadlines, end claim, held key ('' when none).
+# KEYS: leg, session, heartbeats, deadlines, end claim (the session's shard).
 # ARGV: stream id, heartbeat member, heartbeat expiry, leg field, session id, bind ('1' at the stream's
 # start, '0' for a heartbeat).
 # The relay of ``stream id`` is alive. Returns 1 (beat recorded), 2 (the leg had been given up — its
 # heartbeat expired while the worker was merely slow — and is live again because its session was only
-# held), or 0 (this stream is not the leg's current one, or the session is over: the relay should stop).
+# held; the caller then deletes the returning-caller hint), or 0 (this stream is not the leg's current one, or the session is over: the relay should stop).
 # Binding at the stream's start makes the stream current; a plain beat never changes which stream is.
 BEAT = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -193,7 +205,6 @@ if status ~= 'held' then return 0 end
 redis.call('HSET', KEYS[2], ARGV[4], 'live', 'status', 'active')
 redis.call('HDEL', KEYS[2], 'held_until')
 redis.call('ZREM', KEYS[4], ARGV[5])
-if KEYS[6] ~= '' then redis.call('DEL', KEYS[6]) end
 redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'state', 'live')
 redis.call('HDEL', KEYS[1], 'end_reason', 'ended_at', 'clean')

@@ -36,10 +36,11 @@ def record_billed_seconds(client: redis.Redis, keys: RedisKeys, session_id: str,
     if not client.exists(key):
         return False
     ended = ended_at or float(client.hget(key, "ended_at") or time.time())
-    with client.pipeline(transaction=True) as pipe:
+    billed = keys.billed_sessions(keys.shard_of(session_id))
+    with client.pipeline(transaction=True) as pipe:  # one slot: the session's shard
         pipe.hset(key, "billed_seconds", f"{seconds:.1f}")
-        pipe.zadd(keys.billed_sessions(), {session_id: ended})
-        pipe.zremrangebyscore(keys.billed_sessions(), 0, time.time() - CALL_LOG_RETENTION_SECONDS)
+        pipe.zadd(billed, {session_id: ended})
+        pipe.zremrangebyscore(billed, 0, time.time() - CALL_LOG_RETENTION_SECONDS)
         pipe.execute()
     return True
 
@@ -82,8 +83,11 @@ class UsageRow:
 def usage(client: redis.Redis, keys: RedisKeys, *, since: float | None = None,
           until: float | None = None) -> list[UsageRow]:
     """Billed time per (UTC day, called number), newest day first, for sessions ended in [since, until]."""
-    ids = client.zrangebyscore(keys.billed_sessions(), since if since is not None else "-inf",
-                               until if until is not None else "+inf", withscores=True)
+    low, high = since if since is not None else "-inf", until if until is not None else "+inf"
+    with client.pipeline(transaction=False) as pipe:  # every shard (a cluster client sends one per node)
+        for shard in keys.shards():
+            pipe.zrangebyscore(keys.billed_sessions(shard), low, high, withscores=True)
+        ids = [pair for shard_ids in pipe.execute() for pair in shard_ids]
     with client.pipeline(transaction=False) as pipe:
         for session_id, _ in ids:
             pipe.hmget(keys.session(as_text(session_id)), "billed_seconds", "to")

@@ -1,10 +1,12 @@
-"""Chaos run: hundreds of simulated calls with faults mixed in, then a count of what leaked.
+"""Chaos run (long: every carrier's scenarios share one plan, stack and tally): simulated calls with faults mixed
+in, then a count of what leaked.
 
 ``python -m app.devtools.chaos --calls 300 --concurrency 24`` starts a private stack on loopback — redis-server, the
-Kallglot emulator, a fake Twilio REST API (for agent legs and hang-ups), the fake Telnyx (Call Control REST API
-and call side), and two bridge instances under gunicorn + gevent sharing that Redis — and places calls. Each call
-draws a carrier from ``--carriers`` (default ``twilio,texml,call-control``: Twilio through the Twilio simulator,
-Telnyx TeXML through the TeXML simulator, Telnyx Call Control through the fake Telnyx) and one scenario (both
+Kallglot emulator, a fake Twilio REST API (for agent legs and hang-ups), and two bridge instances under
+gunicorn + gevent sharing that Redis (``--instances N``; ``--redis cluster`` or ``sentinel`` for a 3-master
+Redis Cluster or a Sentinel-managed master + replica instead of one server), and the fake Telnyx — and places
+calls. Each call draws a carrier from ``--carriers`` (default ``twilio,texml,call-control``: Twilio through the
+Twilio simulator, Telnyx TeXML and Call Control through :mod:`app.devtools.chaos_telnyx`) and one scenario (both
 seeded, so a run can be repeated):
 
 ``normal``          talk, listen, hang up (status callbacks as Twilio sends them)
@@ -16,8 +18,6 @@ seeded, so a run can be repeated):
 ``agent``           the number has an agent: the agent leg is dialled, then hung up with the customer
 ``returning``       the caller drops, then calls back within the window (re-attaches to the held session)
 ``worker-kill``     the worker holding the media socket is killed with SIGKILL mid-call
-
-On Telnyx the scenarios take that carrier's shape (:mod:`app.devtools.chaos_telnyx`).
 
 It then waits for every hold window and heartbeat to run out and prints: sessions created, ended, leaked
 (not ended), double-ended (``end`` called more than once), and calls that heard nothing (neither audio nor a
@@ -48,19 +48,20 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import nacl.signing
-import redis as redis_lib
 import requests
 
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
 from app.devtools.chaos_report import (
-    call_of, call_timeline, load_average, per_carrier_lines, pid_of_relay, redis_view, session_timeline, stress,
+    call_of, call_timeline, load_average, per_carrier_lines, pid_of_relay, reaper_work_by_instance, redis_view,
+    session_timeline, stress,
 )
 from app.devtools.chaos_telnyx import (
     MODES, TEXML, TWILIO, HeardCall, TelnyxChaos, fake_telnyx_env, parse_modes, telnyx_bridge_env,
 )
 from app.devtools.simulator.telnyx import TelnyxSigner
-from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis, startup_timeout
+from app.devtools.localstack import RunningServer, free_port, run_gunicorn, startup_timeout
+from app.devtools.redis_topologies import RedisDeployment, run_redis_deployment
 from app.profiles import NumberProfile, ProfileStore
 from app.redis_keys import RedisKeys
 from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCallSimulator
@@ -101,7 +102,7 @@ class Outcome:
 class Chaos:
     """The running stack and the scenario implementations."""
 
-    def __init__(self, bridges: list[RunningServer], emulator: RunningServer, seed: int, redis_url: str,
+    def __init__(self, bridges: list[RunningServer], emulator: RunningServer, seed: int, redis: RedisDeployment,
                  listen_seconds: float = 1.0, fake_telnyx: RunningServer | None = None,
                  signer: TelnyxSigner | None = None) -> None:
         self.bridges, self.emulator = bridges, emulator
@@ -111,7 +112,7 @@ class Chaos:
         self.kills_spared = 0
         self.last_kill: dict[int, float] = {}
         self.listen_seconds = listen_seconds
-        self.redis = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+        self.redis = redis.client(decode_responses=True)
         self.keys = RedisKeys("chaos")
         self.telnyx = TelnyxChaos([b.url for b in bridges], bridges[0].url, fake_telnyx.url, signer, self._choose,
                                   self.kill_relay, self.drop_kallglot, listen_seconds) \
@@ -245,15 +246,17 @@ class Chaos:
 
 
 @contextmanager
-def stack(workers: int, signer: TelnyxSigner) -> Iterator[tuple[list[RunningServer], RunningServer, str, RunningServer]]:
-    """Redis, emulator, fake Twilio REST, fake Telnyx and two bridge instances, all on loopback."""
+def stack(workers: int, signer: TelnyxSigner, instances: int = 2, redis_kind: str = "standalone",
+          ) -> Iterator[tuple[list[RunningServer], RunningServer, RedisDeployment, RunningServer]]:
+    """Redis (standalone, a cluster or under Sentinel), emulator, fake Twilio REST, fake Telnyx and ``instances``
+    bridge instances sharing that Redis, all on loopback."""
     with ExitStack() as stack:
-        redis_url = stack.enter_context(run_redis())
+        redis = stack.enter_context(run_redis_deployment(redis_kind))
         emulator = stack.enter_context(run_gunicorn("app.devtools.emulator:create_emulator_app()",
                                                     {"KALLGLOT_EMULATOR_API_KEY": API_KEY},
                                                     ready_path="/_emulator/stats", print_log_on_error=False,
                                                     ready_timeout=startup_timeout()))
-        ports = [free_port(), free_port()]
+        ports = [free_port() for _ in range(instances)]
         public = f"http://127.0.0.1:{ports[0]}"
         fake = stack.enter_context(run_gunicorn("app.devtools.simulator.twilio_rest:create_fake_twilio_rest()", {
             "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "FAKE_TWILIO_BRIDGE_URL": public,
@@ -262,7 +265,7 @@ def stack(workers: int, signer: TelnyxSigner) -> Iterator[tuple[list[RunningServ
             "app.devtools.simulator.telnyx_api:create_fake_call_control_app()",
             fake_telnyx_env(public + "/telnyx/call-control", signer), ready_path="/_fake/health",
             print_log_on_error=False, ready_timeout=startup_timeout()))
-        env = {"KALLGLOT_API_URL": emulator.url + "/v1", "KALLGLOT_API_KEY": API_KEY, "REDIS_URL": redis_url,
+        env = {"KALLGLOT_API_URL": emulator.url + "/v1", "KALLGLOT_API_KEY": API_KEY, **redis.env,
                "REDIS_NAMESPACE": "chaos", "PUBLIC_URL": public, "SECRET_KEY": "chaos-secret-key-0123456789",
                "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_API_URL": fake.url,
                "RECONNECT_WINDOW_SECONDS": str(RECONNECT_WINDOW_SECONDS),
@@ -272,11 +275,10 @@ def stack(workers: int, signer: TelnyxSigner) -> Iterator[tuple[list[RunningServ
         bridges = [stack.enter_context(run_gunicorn("app:create_app()", env, workers=workers, port=port,
                                                     print_log_on_error=False, ready_timeout=startup_timeout()))
                    for port in ports]
-        client = redis_lib.Redis.from_url(redis_url)
-        profiles = ProfileStore(client, RedisKeys("chaos"), NumberProfile(), carriers=carrier_names())
+        profiles = ProfileStore(redis.client(), RedisKeys("chaos"), NumberProfile(), carriers=carrier_names())
         profiles.set(AGENT_LINE, NumberProfile(agent_number=AGENT_NUMBER))
         profiles.set(TELNYX_AGENT_LINE, NumberProfile(carrier="telnyx", agent_number=TELNYX_AGENT_NUMBER))
-        yield bridges, emulator, redis_url, fake_telnyx
+        yield bridges, emulator, redis, fake_telnyx
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=24)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per bridge instance")
+    parser.add_argument("--instances", type=int, default=2, help="bridge instances sharing the one Redis")
+    parser.add_argument("--redis", choices=("standalone", "cluster", "sentinel"), default="standalone",
+                        help="the Redis deployment: one server, a 3-master cluster, or master+replica under Sentinel")
     parser.add_argument("--stress", action="store_true", help="keep one more CPU busy for the whole run")
     parser.add_argument("--listen", type=float, default=1.0, help="seconds a caller listens after talking")
     parser.add_argument("--kill-weight", type=int, default=WEIGHTS[SCENARIOS.index("worker-kill")],
@@ -302,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load_at_start = load_average()
     signer = TelnyxSigner(nacl.signing.SigningKey(bytes(rng.randrange(256) for _ in range(32))))
-    with stress(args.stress), stack(args.workers, signer) as (bridges, emulator, redis_url, fake_telnyx):
-        chaos = Chaos(bridges, emulator, args.seed, redis_url, listen_seconds=args.listen, fake_telnyx=fake_telnyx,
+    with stress(args.stress), stack(args.workers, signer, args.instances, args.redis) as (
+            bridges, emulator, redis, fake_telnyx):
+        chaos = Chaos(bridges, emulator, args.seed, redis, listen_seconds=args.listen, fake_telnyx=fake_telnyx,
                       signer=signer)
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
             outcomes = list(pool.map(lambda planned: chaos.run(planned[0], audio, planned[1]), zip(plan, modes)))
@@ -322,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                 break
             time.sleep(1)
         sessions = requests.get(emulator.url + "/_emulator/sessions", timeout=60).json()["sessions"]
-        logs = "\n".join(bridge.log() for bridge in bridges).splitlines()
-        state = redis_view(redis_url, [s["id"] for s in sessions if s["status"] != "ended"]) if args.verbose else {}
+        instance_logs = [bridge.log() for bridge in bridges]
+        logs = "\n".join(instance_logs).splitlines()
+        state = redis_view(redis, [s["id"] for s in sessions if s["status"] != "ended"]) if args.verbose else {}
     duration = time.monotonic() - started
     leaked = [s for s in sessions if s["status"] != "ended"]
     double_ended = [s for s in sessions if s["end_calls"] > 1]
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = [o for o in outcomes if o.error]
     print(f"chaos run: {args.calls} calls ({Counter(o.scenario for o in outcomes).most_common()}; carriers "
           f"{Counter(o.carrier for o in outcomes).most_common()}), concurrency "
-          f"{args.concurrency}, 2 instances x {args.workers} workers, seed {args.seed}, "
+          f"{args.concurrency}, {args.instances} instances x {args.workers} workers, Redis {args.redis}, seed {args.seed}, "
           f"stress {'on' if args.stress else 'off'}, {placed:.1f}s to place, {duration:.0f}s in all, "
           f"{chaos.killed} workers killed ({chaos.kills_spared} kills spared: instance already lost one)")
     print(f"load average (1/5/15 min): {load_at_start} at start, {load_average()} at end")
@@ -342,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dead-air calls:   {len(dead_air)} {dict(Counter(o.scenario for o in dead_air))}")
     print(f"simulator errors: {len(errors)}")
     print("\n".join(per_carrier_lines(outcomes, sessions, args.carriers)))
+    for index, work in enumerate(reaper_work_by_instance(instance_logs)):
+        print(f"reaper, instance {index + 1}: {work['legs_lost']} lost legs given up, {work['holds_ended']} held "
+              f"sessions ended, {work['orphans_ended']} orphaned creates ended")
     for outcome in dead_air + errors:
         print(f"  - {outcome.scenario}: {outcome.error or 'heard nothing'}")
         print("\n".join(call_timeline(outcome.results, logs)))

@@ -1,5 +1,5 @@
-"""The chaos run's helpers: the ``--stress`` spin, load averages, the per-carrier tally and failure timelines
-(:mod:`app.devtools.chaos`)."""
+"""The chaos run's helpers: the ``--stress`` spin, load averages, the per-carrier tally, the Redis view and
+failure timelines (:mod:`app.devtools.chaos`)."""
 from __future__ import annotations
 
 import os
@@ -12,8 +12,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import redis as redis_lib
-
+from app.devtools.redis_topologies import RedisDeployment
 from app.redis_keys import RedisKeys
 
 #: The --stress spin never outlives this, even if the run is killed.
@@ -69,6 +68,17 @@ def session_timeline(session: dict[str, object], logs: list[str]) -> list[str]:
     return [f"      log  {line[:300]}" for line in logs if session_id in line or (call_sid and call_sid in line)]
 
 
+#: Log lines that only a reaper pass writes (app/calls/recovery.py and the end it triggers).
+REAPER_LINES = {"legs_lost": "relay heartbeat lost", "holds_ended": "ended at Kallglot (hold_expired)",
+                "orphans_ended": "was created but never registered"}
+
+
+def reaper_work_by_instance(instance_logs: list[str]) -> list[dict[str, int]]:
+    """What each bridge instance's reapers did, counted from its log: any instance may take any due deadline or
+    lost heartbeat, so with several instances the work spreads over them."""
+    return [{name: log.count(marker) for name, marker in REAPER_LINES.items()} for log in instance_logs]
+
+
 def call_of(session: dict[str, Any]) -> str:
     """The call a session was created for (Twilio CallSid or Telnyx call_control_id), from its metadata."""
     metadata = session.get("metadata") or {}
@@ -106,15 +116,17 @@ def per_carrier_lines(outcomes: list[Any], sessions: list[dict[str, Any]], carri
     return lines
 
 
-def redis_view(redis_url: str, session_ids: list[str], namespace: str = "chaos") -> dict[str, object]:
+def redis_view(redis: RedisDeployment, session_ids: list[str]) -> dict[str, object]:
     """What the bridge's Redis says about some sessions (for --verbose)."""
-    keys = RedisKeys(namespace)
-    client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    keys = RedisKeys("chaos")
+    client = redis.client(decode_responses=True)
     view: dict[str, object] = {}
     for session_id in session_ids:
         record = client.hgetall(keys.session(session_id))
-        legs = {name: client.hgetall(keys.call(*name[4:].split(":", 1))) for name in record if name.startswith("leg:")}
-        view[session_id] = {"session": record, "legs": legs, "deadline": client.zscore(keys.deadlines(), session_id),
-                            "heartbeats": {n: client.zscore(keys.heartbeats(), n[4:]) for n in legs},
+        shard = keys.shard_of(session_id)
+        legs = {name: client.hgetall(keys.leg(session_id, *name[4:].split(":", 1))) for name in record
+                if name.startswith("leg:")}
+        view[session_id] = {"session": record, "legs": legs, "deadline": client.zscore(keys.deadlines(shard), session_id),
+                            "heartbeats": {n: client.zscore(keys.heartbeats(shard), n[4:]) for n in legs},
                             "now": time.time()}
     return view

@@ -33,7 +33,7 @@ def readyz() -> ResponseReturnValue:
     except redis.RedisError as exc:
         problems.append(f"Redis unreachable: {type(exc).__name__}")
     else:
-        problems += store_script_problems(svc.redis, svc.keys.live_sessions())
+        problems += store_script_problems(svc.redis, svc.keys.live_sessions(0))
     kallglot_problem = kallglot_reachability(current_app, svc.settings.kallglot_api_url)
     if kallglot_problem:
         problems.append(kallglot_problem)

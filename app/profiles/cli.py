@@ -21,6 +21,7 @@ from app.config import KALLGLOT_MODES, ConfigError, Settings
 from app.envfile import DEMO_ENV_FILE, environment_with_demo
 from app.extensions import services
 from app.profiles.store import NumberProfile, ProfileError
+from app.redis_connection import connect, parse_redis_target
 from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 
 numbers_cli = AppGroup("numbers", help="Manage number profiles (mode and languages per called number).")
@@ -146,10 +147,9 @@ def settings_for_command_line() -> Settings | None:
 
 def _require_store(settings: Settings, source: str) -> None:
     """Fail with a sentence, not a traceback, when the store cannot be reached (e.g. a stopped demo's file)."""
-    # Heroku Redis (rediss://) has a self-signed certificate: verify only when asked, as the service does.
-    tls = {"ssl_cert_reqs": "required" if settings.redis_tls_verify else "none"} \
-        if settings.redis_url.startswith("rediss://") else {}
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3, **tls)
+    # The same deployment (standalone, TLS, Cluster, Sentinel) and TLS rules as the service.
+    client = connect(parse_redis_target(settings.redis_url, cluster=settings.redis_cluster), max_connections=5,
+                     timeout_seconds=3, tls_verify=settings.redis_tls_verify, tls_ca=settings.redis_tls_ca)
     try:
         client.ping()
     except redis.RedisError as exc:

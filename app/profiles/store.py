@@ -220,18 +220,16 @@ class ProfileStore:
         problems = self.problems(number, profile)
         if problems:
             raise ProfileError(problems)
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._keys.profile(number), profile.to_json())
-            pipe.sadd(self._keys.profiles_index(), number)
-            pipe.execute()
+        # Two keys in two hash slots (Redis Cluster), so two ordered steps instead of a MULTI: the index first,
+        # so a profile is never stored unlisted; a listed number without a profile is skipped by :meth:`all`.
+        self._redis.sadd(self._keys.profiles_index(), number)
+        self._redis.set(self._keys.profile(number), profile.to_json())
         return replace(profile, own=True)
 
     def delete(self, number: str) -> bool:
         """Remove ``number``'s own profile (it falls back to the default); True if there was one."""
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._keys.profile(number))
-            pipe.srem(self._keys.profiles_index(), number)
-            removed, _ = pipe.execute()
+        removed = self._redis.delete(self._keys.profile(number))  # profile first: see :meth:`set`
+        self._redis.srem(self._keys.profiles_index(), number)
         return bool(removed)
 
     def all(self) -> dict[str, NumberProfile]:

@@ -24,12 +24,18 @@ class BridgeState:
         return _text(self.redis.hgetall(self.keys.session(session_id)))
 
     def call(self, carrier: str, call_id: str) -> dict[str, str]:
-        """One leg's hash (``state``, ``end_reason``, ``clean``…)."""
-        return _text(self.redis.hgetall(self.keys.call(carrier, call_id)))
+        """One leg's description and state (``session_id``, ``state``, ``end_reason``, ``clean``…)."""
+        record = _text(self.redis.hgetall(self.keys.call(carrier, call_id)))
+        if "session_id" in record:
+            record.update(_text(self.redis.hgetall(self.keys.leg(record["session_id"], carrier, call_id))))
+        return record
 
     def heartbeat_expiry(self, carrier: str, call_id: str) -> float | None:
         """When the leg's heartbeat runs out (epoch seconds), or None when it has none."""
-        return self.redis.zscore(self.keys.heartbeats(), f"{carrier}:{call_id}")
+        session_id = self.call(carrier, call_id).get("session_id")
+        if session_id is None:
+            return None
+        return self.redis.zscore(self.keys.heartbeats(self.keys.shard_of(session_id)), f"{carrier}:{call_id}")
 
     def has_live_heartbeat(self, carrier: str, call_id: str) -> bool:
         """Whether the leg has a heartbeat that has not run out."""
@@ -38,7 +44,7 @@ class BridgeState:
 
     def deadline(self, session_id: str) -> float | None:
         """When the session is due to be ended (held, or an end to retry), or None when nothing is due."""
-        return self.redis.zscore(self.keys.deadlines(), session_id)
+        return self.redis.zscore(self.keys.deadlines(self.keys.shard_of(session_id)), session_id)
 
     def end_claim(self, session_id: str) -> str | None:
         """Who claimed (or recorded) the session's one end."""
