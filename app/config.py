@@ -36,6 +36,11 @@ PUBLISHED_DEMO_SECRETS = {"secret_key": DEMO_SECRET_KEY, "twilio_auth_token": DE
 #: Request bodies (webhooks, the call API, admin forms and imports) are refused above this size, chunked ones too.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 ISO_COUNTRY = re.compile(r"^[A-Z]{2}$")
+#: Kallglot's SIP domain (its SIP guide); ``sip`` numbers dial ``sip:{session_id}@{KALLGLOT_SIP_DOMAIN}``.
+DEFAULT_KALLGLOT_SIP_DOMAIN = "sip.kallglot.com"
+#: A host name, optionally with a port: what may follow the ``@`` of a SIP URI we put in TwiML/TeXML.
+SIP_DOMAIN = re.compile(r"^(?=.{1,253}(:|$))[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*(:\d{1,5})?$")
 
 
 class ConfigError(RuntimeError):
@@ -53,6 +58,8 @@ class Settings:
     kallglot_api_url: str = DEFAULT_KALLGLOT_API_URL
     kallglot_api_key: str = ""
     kallglot_webhook_secret: str = ""
+    #: The SIP domain ``sip`` numbers dial (README "Transports"); the demo points it at the emulator's.
+    kallglot_sip_domain: str = DEFAULT_KALLGLOT_SIP_DOMAIN
     redis_url: str = ""
     public_url: str = ""
     secret_key: str = ""
@@ -146,6 +153,8 @@ class Settings:
                 found.append(f"{name.upper()} is not set (the public https:// base URL carriers reach this service at)")
             elif parts.scheme not in ("http", "https") or not parts.netloc:
                 found.append(f"{name.upper()} must be an http(s) URL, got {value!r}")
+        if not SIP_DOMAIN.match(self.kallglot_sip_domain):
+            found.append(f"KALLGLOT_SIP_DOMAIN must be a host name like sip.kallglot.com, got {self.kallglot_sip_domain!r}")
         if not self.redis_url:
             found.append("REDIS_URL is not set (e.g. redis://localhost:6379/0)")
         found += redis_target_problems(self.redis_url, cluster=self.redis_cluster, tls_ca=self.redis_tls_ca)

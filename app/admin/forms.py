@@ -19,7 +19,7 @@ from wtforms.validators import Optional, Regexp, ValidationError
 from app.profiles.store import E164, NumberProfile
 from app.profiles.transfer import profile_from_data
 
-TEXT_FIELDS = ("carrier", "mode", "source_language", "target_language", "greeting", "greeting_language",
+TEXT_FIELDS = ("carrier", "transport", "mode", "source_language", "target_language", "greeting", "greeting_language",
                "agent_number", "fallback_message", "fallback_language", "fallback_number",
                "reconnect_window_seconds", "hangup_grace_seconds", "browser_agent_wait_seconds")
 #: Blank metadata rows offered for new entries (no JavaScript needed to add one).
@@ -58,6 +58,7 @@ class ProfileForm(AdminForm):
 
     number = StringField("Phone number (E.164)", filters=[_strip])
     carrier = StringField("Carrier", filters=[_strip])
+    transport = StringField("Transport", filters=[_strip])
     mode = StringField("Kallglot mode", filters=[_strip])
     source_language = StringField("Caller language", filters=[_strip])
     target_language = StringField("Agent language", filters=[_strip])

@@ -23,7 +23,7 @@ from app.carriers.contract import CarrierError
 from app.carriers.registry import CARRIERS, carrier, carrier_names
 from app.config import KALLGLOT_MODES
 from app.extensions import services
-from app.profiles.store import NumberProfile, ProfileError
+from app.profiles.store import TRANSPORT_TRADE_OFFS, TRANSPORTS, NumberProfile, ProfileError
 from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 
 #: Largest import accepted (a few thousand profiles).
@@ -39,7 +39,8 @@ def audit(action: str, target: str, changes: dict[str, Any] | None = None) -> No
 @bp.context_processor
 def page_globals() -> dict[str, Any]:
     """Values every admin template uses."""
-    return {"carriers": carrier_names(), "modes": KALLGLOT_MODES, "when": presenters.when}
+    return {"carriers": carrier_names(), "modes": KALLGLOT_MODES, "transports": TRANSPORTS,
+            "transport_trade_offs": TRANSPORT_TRADE_OFFS, "when": presenters.when}
 
 
 @bp.get("/")

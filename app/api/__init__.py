@@ -4,6 +4,7 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -22,7 +23,7 @@ from app.extensions import services
 from app.redis_keys import as_text
 from app.kallglot.client import KallglotError, customer_and_agent
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
-from app.profiles import E164
+from app.profiles import E164, TRANSPORT_RELAY
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,11 @@ def _dial(svc: Any, carrier: str, profile: Any, key_hash: str, dialled: str, tok
             svc.redis.delete(dialled)
             raise
         svc.redis.set(dialled, call_id, ex=IDEMPOTENCY_TTL_SECONDS)
-        svc.lifecycle.register_leg(LegSpec.from_profile(
+        # A call the bridge places streams through the relay whatever the number's transport (README "Transports").
+        svc.lifecycle.register_leg(replace(LegSpec.from_profile(
             profile, carrier=carrier, call_id=call_id, speaker=SPEAKER_CUSTOMER, from_number=from_number,
             to_number=to_number, default_reconnect_window_seconds=svc.settings.reconnect_window_seconds),
-            session_id=session.id)
+            transport=TRANSPORT_RELAY), session_id=session.id)
         svc.lifecycle.confirm_create(carrier, call_key)
     except KallglotError as exc:
         log.error("api call to=%s: Kallglot refused the session: %s", to_number, exc)

@@ -23,6 +23,14 @@ class LegSpec:
     reconnect_window_seconds: int
     hangup_grace_seconds: int = 0
     agent_hangup_ends_call: bool = True
+    #: How the leg's audio reaches Kallglot (``relay``, ``direct``, ``sip``: :data:`app.profiles.TRANSPORTS`).
+    #: Only a relayed leg has a relay beating its heartbeat; the carrier's callbacks end the others.
+    transport: str = "relay"
+
+    @property
+    def relayed(self) -> bool:
+        """Whether the bridge's relay carries this leg's audio (and so beats its heartbeat)."""
+        return self.transport == "relay"
 
     @classmethod
     def from_profile(cls, profile: NumberProfile, *, carrier: str, call_id: str, speaker: str, from_number: str,
@@ -32,7 +40,7 @@ class LegSpec:
                    mode=profile.mode,
                    reconnect_window_seconds=profile.effective_reconnect_window(default_reconnect_window_seconds),
                    hangup_grace_seconds=profile.hangup_grace_seconds,
-                   agent_hangup_ends_call=profile.agent_hangup_ends_call)
+                   agent_hangup_ends_call=profile.agent_hangup_ends_call, transport=profile.transport)
 
     @classmethod
     def joining(cls, session: Mapping[str, str], *, carrier: str, call_id: str, speaker: str, from_number: str,

@@ -10,7 +10,8 @@ from app.calls.reattach import Reattach, caller_id_withheld, reattach_decision
 from app.extensions import Services
 from app.kallglot.client import KallglotError, KallglotNotFound, KallglotSession, customer_and_agent
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
-from app.profiles import NumberProfile
+from app.kallglot.telephony import grant_fresh
+from app.profiles import TRANSPORT_DIRECT, TRANSPORT_SIP, NumberProfile
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,15 @@ def start_inbound_leg(svc: Services, *, carrier: str, call_id: str, to_number: s
         mode=profile.mode, source_language=profile.source_language or None,
         target_language=profile.target_language or None, phone_number=to_number or None,
         metadata={**profile.metadata, **metadata, "from_number": from_number, "to_number": to_number},
+        **({"sip_routing": True} if profile.transport == TRANSPORT_SIP else {}),
         **({"participants": customer_and_agent(profile.source_language, profile.target_language)}
            if profile.has_agent else {}))
-    if session.stream is None:
+    if session.stream is None and profile.transport != TRANSPORT_SIP:
         raise KallglotError("session has no stream", code="no_stream")
+    if profile.transport == TRANSPORT_DIRECT and not grant_fresh(session.stream):
+        # A replayed create (a retried webhook) answers with the first token, which may be near its 5 minutes:
+        # the carrier connects with it, so fetch a fresh one (assumption 4).
+        session = live_session(svc, session.id) or session
     if not svc.lifecycle.register_leg(leg, session_id=session.id):
         raise KallglotError("the call's session has already ended", code="session_ended")
     return StartedLeg(session, profile, reattached=False)

@@ -50,6 +50,10 @@ __all__ = [
 
 #: Before its media stream starts, a leg counts as lost after this long without a heartbeat.
 STREAM_START_GRACE_SECONDS = 60
+#: A leg whose audio bypasses the bridge (``direct``/``sip`` transports) has no relay to beat its heartbeat: the
+#: carrier's callbacks end it. Its heartbeat is a backstop for callbacks that never come, set past the longest
+#: call a carrier carries (Twilio's ``timeLimit`` maximum is 4 hours), so it never cuts a real call short.
+CARRIER_WATCHED_LEG_SECONDS = 4 * 3600 + 600
 #: A worker that claimed a session's end has this long before another may take the claim over: six times the
 #: Kallglot client's whole budget for one request (10 s), so only a holder stalled for a minute is overtaken.
 #: (A chaos run at load average 13 on 2 cores showed an end request arriving more than 30 s after its claim.)
@@ -127,7 +131,7 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         # idempotent; the description (which names the session) comes first, as every later step is found by it.
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(call_key, mapping={"session_id": session_id, "carrier": carrier, "speaker": leg.speaker,
-                                         "from": leg.from_number, "to": leg.to_number})
+                                         "from": leg.from_number, "to": leg.to_number, "transport": leg.transport})
             pipe.hsetnx(call_key, "created_at", f"{started:.3f}")
             pipe.expire(call_key, RECORD_TTL_SECONDS)
             pipe.execute()
@@ -148,7 +152,7 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
             pipe.zremrangebyrank(recent, 0, -(CALL_LOG_MAX_ENTRIES // len(self._keys.shards())) - 1)
             pipe.execute()
         epoch = self._attach(session_id, carrier, call_id, started, restoring=False,
-                             require_held=reattach_from is not None)
+                             require_held=reattach_from is not None, relayed=leg.relayed)
         if not epoch:
             return False
         if reattach_from:  # the hold is over: drop the returning-caller hint (invariant I4)
@@ -161,14 +165,15 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         return True
 
     def _attach(self, session_id: str, carrier: str, call_id: str, now: float, *, restoring: bool,
-                require_held: bool = False) -> int:
+                require_held: bool = False, relayed: bool = True) -> int:
         shard = self._keys.shard_of(session_id)
+        grace = STREAM_START_GRACE_SECONDS if relayed else CARRIER_WATCHED_LEG_SECONDS
         return int(self._attach_leg(
             keys=[self._keys.session_end_claim(session_id), self._keys.session(session_id),
                   self._keys.leg(session_id, carrier, call_id), self._keys.deadlines(shard),
                   self._keys.heartbeats(shard), self._keys.live_sessions(shard)],
             args=[session_id, _leg_field(carrier, call_id), _member(carrier, call_id),
-                  now + STREAM_START_GRACE_SECONDS, f"{now:.3f}", "1" if restoring else "0",
+                  now + grace, f"{now:.3f}", "1" if restoring else "0",
                   "1" if require_held else "0"]))
 
     def reattach_leg(self, carrier: str, call_id: str) -> str | None:
@@ -176,8 +181,11 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
 
         The leg's current stream is cleared, so a late end from the stream being replaced changes nothing.
         """
-        session_id = self.session_for_call(carrier, call_id)
-        if not session_id or not self._attach(session_id, carrier, call_id, self._clock(), restoring=True):
+        call = self.call_record(carrier, call_id)
+        session_id = call.get("session_id")
+        relayed = call.get("transport", "relay") == "relay"
+        if not session_id or not self._attach(session_id, carrier, call_id, self._clock(), restoring=True,
+                                              relayed=relayed):
             return None
         self._redis.hincrby(self._keys.call(carrier, call_id), "stream_restarts", 1)
         metrics.SESSIONS_REATTACHED.labels("stream_restored").inc()

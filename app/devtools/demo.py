@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
 
 import requests
 
@@ -110,6 +111,8 @@ def demo_settings(env: dict[str, str], port: int, stack: contextlib.ExitStack, l
         env.update(KALLGLOT_API_URL=stack.enter_context(emulator(
             logs / "emulator.log", base_url + "/kallglot/webhooks", env["KALLGLOT_WEBHOOK_SECRET"])),
                    KALLGLOT_API_KEY="sk_test_emulator")
+        # ``sip`` numbers dial the emulator's SIP endpoint, which the simulators reach at the URI's host:port.
+        env.setdefault("KALLGLOT_SIP_DOMAIN", urlsplit(env["KALLGLOT_API_URL"]).netloc)
         notes.append(f"KALLGLOT_API_KEY not set: the bundled Kallglot EMULATOR at {env['KALLGLOT_API_URL']}")
     if not env.get("REDIS_URL"):
         env["REDIS_URL"] = stack.enter_context(local_redis())
@@ -151,7 +154,7 @@ def demo_settings(env: dict[str, str], port: int, stack: contextlib.ExitStack, l
 def _bridge_settings(env: dict[str, str]) -> dict[str, str]:
     names = ("KALLGLOT_API_URL", "KALLGLOT_API_KEY", "REDIS_URL", "PUBLIC_URL", "SECRET_KEY", "TWILIO_ACCOUNT_SID",
              "TWILIO_AUTH_TOKEN", "TWILIO_API_URL", "TELNYX_API_KEY", "TELNYX_PUBLIC_KEY", "TELNYX_API_URL",
-             "TELNYX_CONNECTION_ID", "ADMIN_PASSWORD", "API_TOKEN", "REDIS_NAMESPACE", "DEMO_MODE", "DEMO_BASE_URL",
+             "TELNYX_CONNECTION_ID", "KALLGLOT_SIP_DOMAIN", "ADMIN_PASSWORD", "API_TOKEN", "REDIS_NAMESPACE", "DEMO_MODE", "DEMO_BASE_URL",
              "DEMO_FAKE_TWILIO_URL", "DEMO_FAKE_TELNYX_URL")
     return {name: env[name] for name in names if env.get(name)}
 

@@ -158,8 +158,10 @@ class KallglotClient:
     def create_session(self, *, mode: str, idempotency_key: str, phone_number: str | None = None,
                        source_language: str | None = None, target_language: str | None = None,
                        metadata: dict[str, str] | None = None,
-                       participants: list[dict[str, str]] | None = None) -> KallglotSession:
-        """``POST /v1/sessions`` with phone-number routing; returns the new (or idempotently replayed) session.
+                       participants: list[dict[str, str]] | None = None,
+                       sip_routing: bool = False) -> KallglotSession:
+        """``POST /v1/sessions`` with phone-number routing (or, with ``sip_routing``, ``routing.type = "sip"`` as
+        Kallglot's SIP guide asks: one routing method only); returns the new (or idempotently replayed) session.
 
         ``participants`` (sessions that will have an agent): see :func:`customer_and_agent`.
         """
@@ -168,7 +170,9 @@ class KallglotClient:
             body["source_language"] = source_language
         if target_language:
             body["target_language"] = target_language
-        if phone_number:
+        if sip_routing:
+            body["routing"] = {"type": "sip"}
+        elif phone_number:
             body["routing"] = {"phone_number": phone_number}
         if metadata:
             body["metadata"] = metadata

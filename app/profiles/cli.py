@@ -20,7 +20,7 @@ from app.audit import AuditLog, diff
 from app.config import KALLGLOT_MODES, ConfigError, Settings
 from app.envfile import DEMO_ENV_FILE, environment_with_demo
 from app.extensions import services
-from app.profiles.store import NumberProfile, ProfileError
+from app.profiles.store import TRANSPORT_TRADE_OFFS, TRANSPORTS, NumberProfile, ProfileError
 from app.redis_connection import connect, parse_redis_target
 from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 
@@ -32,16 +32,18 @@ numbers_cli = AppGroup("numbers", help="Manage number profiles (mode and languag
 @click.option("--mode", type=click.Choice(KALLGLOT_MODES), default=None, help="Kallglot session mode.")
 @click.option("--source", "source_language", default=None, help="Caller's language code, e.g. en.")
 @click.option("--target", "target_language", default=None, help="Agent's language code, e.g. es.")
+@click.option("--transport", type=click.Choice(TRANSPORTS), default=None,
+              help="How calls reach Kallglot. " + " ".join(f"{name}: {line}." for name, line in TRANSPORT_TRADE_OFFS.items()))
 @click.option("--browser-agents/--no-browser-agents", default=None,
               help="Offer calls to agents on the admin's Agent page first.")
 @click.option("--browser-agent-wait", type=int, default=None,
               help="Seconds a call waits for a browser agent before the agent number or fallback (5-600).")
 def set_profile(number: str, mode: str | None, source_language: str | None, target_language: str | None,
-                browser_agents: bool | None, browser_agent_wait: int | None) -> None:
+                transport: str | None, browser_agents: bool | None, browser_agent_wait: int | None) -> None:
     """Give NUMBER (E.164) its own profile; unset options keep the current values."""
     store = services().profiles
     current = store.for_number(number)
-    profile = replace(current, mode=mode or current.mode,
+    profile = replace(current, mode=mode or current.mode, transport=transport or current.transport,
                       source_language=current.source_language if source_language is None else source_language,
                       target_language=current.target_language if target_language is None else target_language,
                       browser_agents=current.browser_agents if browser_agents is None else browser_agents,
@@ -176,7 +178,8 @@ def _audit(action: str, number: str, changes: dict[str, list[object]]) -> None:
 def _describe(profile: NumberProfile) -> str:
     return (f"mode={profile.mode} source={profile.source_language or 'auto'} "
             f"target={profile.target_language or 'auto'}"
-            + (f" browser-agents={profile.browser_agent_wait_seconds}s" if profile.browser_agents else ""))
+            + (f" browser-agents={profile.browser_agent_wait_seconds}s" if profile.browser_agents else "")
+            + f" transport={profile.transport}")
 
 
 def register_cli(app: Flask) -> None:

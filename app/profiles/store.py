@@ -31,6 +31,21 @@ DEFAULT_BROWSER_AGENT_WAIT_SECONDS = 30
 MIN_BROWSER_AGENT_WAIT_SECONDS, MAX_BROWSER_AGENT_WAIT_SECONDS = 5, 600
 #: Profile fields naming a number the bridge dials out to (same toll-fraud rules as ``POST /api/calls``).
 DIALLED_FIELDS = ("agent_number", "fallback_number")
+#: How a number's calls reach Kallglot (README "Transports: relay, direct, sip"); the first is the default.
+TRANSPORT_RELAY, TRANSPORT_DIRECT, TRANSPORT_SIP = "relay", "direct", "sip"
+TRANSPORTS = (TRANSPORT_RELAY, TRANSPORT_DIRECT, TRANSPORT_SIP)
+#: One line per transport on what it gives and costs (the admin form and ``flask numbers set --help`` show them).
+TRANSPORT_TRADE_OFFS = {
+    TRANSPORT_RELAY: "the bridge relays the audio: codec conversion, reconnect buffering, agent legs, live "
+                     "transcripts and relay metrics; costs bridge CPU per call",
+    TRANSPORT_DIRECT: "the carrier streams straight to Kallglot with the session's stream token: no bridge CPU "
+                      "per call; no agent leg, live transcript or codec conversion",
+    TRANSPORT_SIP: "the carrier dials Kallglot's SIP endpoint for the session: no bridge media, Kallglot's own "
+                   "SIP leg; no agent leg or live transcript",
+}
+#: Modes whose value depends on the live transcript only the relay sees (assistive translation shows the agent
+#: subtitles: Kallglot's session-modes page).
+LIVE_TRANSCRIPT_MODES = ("assistive_translation",)
 
 
 class ProfileError(ValueError):
@@ -77,6 +92,8 @@ class NumberProfile:
     reattach_pin_hash: str = ""
     #: Extra key/values sent as Kallglot session metadata.
     metadata: dict[str, str] = field(default_factory=dict)
+    #: How calls reach Kallglot: ``relay`` (through the bridge), ``direct`` (carrier → Kallglot stream) or ``sip``.
+    transport: str = TRANSPORT_RELAY
     #: Whether this profile belongs to the number itself (False: the DEFAULT_* profile applied).
     own: bool = False
 
@@ -113,10 +130,34 @@ class NumberProfile:
                                                    f"{MAX_BROWSER_AGENT_WAIT_SECONDS} seconds")
         if not 0 <= self.hangup_grace_seconds <= MAX_HANGUP_GRACE_SECONDS:
             found["hangup_grace_seconds"] = f"must be between 0 and {MAX_HANGUP_GRACE_SECONDS} seconds"
+        found.update(self.transport_problems())
         if len(self.metadata) > MAX_METADATA_ITEMS:
             found["metadata"] = f"must have at most {MAX_METADATA_ITEMS} entries"
         elif any(not METADATA_KEY.match(k) or len(v) > 200 for k, v in self.metadata.items()):
             found["metadata"] = "keys must be letters, digits, '_', '.', '-' (≤ 40) and values ≤ 200 characters"
+        return found
+
+    def transport_problems(self) -> dict[str, str]:
+        """Why this profile's ``transport`` cannot carry its calls as configured (empty when it can).
+
+        ``direct`` and ``sip`` keep the audio off the bridge, so whatever needs the audio in the bridge is refused
+        rather than accepted and silently broken: an agent leg (the relay dials it and mixes it into the session)
+        and a live transcript (only the relay's stream socket receives Kallglot's transcript messages).
+        """
+        if self.transport not in TRANSPORTS:
+            return {"transport": f"must be one of {', '.join(TRANSPORTS)}"}
+        if self.transport == TRANSPORT_RELAY:
+            return {}
+        found = {}
+        if self.agent_number:
+            found["agent_number"] = (f"an agent leg needs the relay: with transport {self.transport} the bridge "
+                                     "carries no audio to connect an agent to; clear the agent number or use relay")
+        if self.browser_agents:
+            found["browser_agents"] = (f"browser agents need the relay: with transport {self.transport} the bridge "
+                                       "carries no audio to offer them; turn browser agents off or use relay")
+        if self.mode in LIVE_TRANSCRIPT_MODES:
+            found["mode"] = (f"{self.mode} gives the agent live subtitles from the transcript only the relay "
+                             f"receives; with transport {self.transport} use another mode, or relay")
         return found
 
     def with_reattach_pin(self, pin: str) -> NumberProfile:
@@ -164,6 +205,8 @@ class NumberProfile:
         for name, value in data.items():
             if name not in known or value is None and name != "reconnect_window_seconds":
                 continue
+            if name == "transport" and not str(value).strip():
+                continue  # not chosen (an older export, a form without the field): the default, relay
             if name == "metadata":
                 values[name] = {str(k): str(v) for k, v in dict(value).items()}
             elif name in ("reconnect_window_seconds", "hangup_grace_seconds"):

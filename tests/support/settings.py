@@ -1,6 +1,8 @@
 """The settings every bridge under test runs with: credentials of the fakes, URLs, short windows."""
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from twilio.request_validator import RequestValidator
 
 TWILIO_AUTH_TOKEN = "test-twilio-auth-token"
@@ -35,6 +37,8 @@ def bridge_config(redis_url: str, kallglot_api_url: str, namespace: str, public_
         "DEFAULT_MODE": "bidirectional_translation",
         "DEFAULT_SOURCE_LANGUAGE": "en",
         "DEFAULT_TARGET_LANGUAGE": "es",
+        # ``sip`` numbers dial the emulator's own SIP endpoint (app/devtools/emulator/sip.py), as in the demo.
+        "KALLGLOT_SIP_DOMAIN": urlsplit(kallglot_api_url).netloc,
     }
 
 

@@ -21,13 +21,13 @@ from flask.typing import ResponseReturnValue
 
 from app.extensions import Services, services
 from app.kallglot.client import KallglotError
-from app.calls.lifecycle import LEG_LIVE
+from app.calls.lifecycle import LEG_ENDED, LEG_LIVE
 from app.kallglot.stream_protocol import SPEAKER_AGENT, SPEAKER_CUSTOMER
 from app.redis_keys import SEEN_TTL_SECONDS, as_text, first_seen
 from app.carriers.telnyx import CARRIER
 from app.carriers.telnyx.blueprint import bp
 from app.carriers.telnyx.control import (
-    GOODBYE_AGENT_UNAVAILABLE, GOODBYE_KEY, GOODBYE_UNAVAILABLE, GREETING_KEY, TO_KEY, TelnyxControl,
+    GOODBYE_AGENT_UNAVAILABLE, GOODBYE_KEY, GOODBYE_UNAVAILABLE, GREETING_KEY, SIP_FOR_KEY, TO_KEY, TelnyxControl,
     telnyx_control,
 )
 from app.carriers.telnyx.events import CallEvent, command, parse_event, profile_for, record, say_goodbye
@@ -170,6 +170,9 @@ def _call_hangup(svc: Services, control: TelnyxControl, event: CallEvent) -> Non
     a loss — so the lifecycle does not hang up the customer — and the customer is told (then forwarded to the
     profile's ``fallback_number``, if any, or stays with the session)."""
     cause = str(event.payload.get("hangup_cause") or "unspecified")
+    if SIP_FOR_KEY in event.state:
+        _sip_leg_hung_up(svc, control, event, event.state[SIP_FOR_KEY])
+        return
     call = svc.lifecycle.call_record(CARRIER, event.call_id)
     never_answered = call.get("speaker") == SPEAKER_AGENT and not any(
         e.get("event") == "call.answered" for e in svc.lifecycle.events(CARRIER, event.call_id))
@@ -177,6 +180,24 @@ def _call_hangup(svc: Services, control: TelnyxControl, event: CallEvent) -> Non
                             clean=cause in CLEAN_HANGUP_CAUSES and not never_answered)
     if never_answered and call.get("session_id"):
         _tell_customer_agent_unavailable(svc, control, event, call["session_id"])
+
+
+def _sip_leg_hung_up(svc: Services, control: TelnyxControl, event: CallEvent, caller_id: str) -> None:
+    """The leg a ``sip`` transfer created hung up. Answered, it was the call itself: Telnyx hangs up the caller
+    too, whose ``call.hangup`` ends the leg. Never answered (Kallglot refused or did not pick up): the caller is
+    still on the line, so their leg ends and they hear the fallback instead of silence."""
+    if any(e.get("event") == "call.answered" for e in svc.lifecycle.events(CARRIER, event.call_id)):
+        return
+    call = svc.lifecycle.call_record(CARRIER, caller_id)
+    if not call.get("session_id") or call.get("state") == LEG_ENDED:
+        return
+    log.warning("telnyx call=%s SIP transfer to Kallglot failed (%s): fallback", caller_id,
+                event.payload.get("hangup_cause"))
+    svc.lifecycle.leg_ended(CARRIER, caller_id, "sip_transfer_failed", clean=True)  # refused: nothing to hold for
+    to_number = call.get("to", "")
+    command(event, "speak (sip transfer failed)", lambda: control.say_goodbye(
+        caller_id, GOODBYE_UNAVAILABLE, profile_for(svc, to_number), to_number=to_number,
+        command_id=event.command_id(f"sip-failed:{caller_id}")))
 
 
 def _tell_customer_agent_unavailable(svc: Services, control: TelnyxControl, event: CallEvent,

@@ -21,6 +21,7 @@ from app.config import Settings
 from app.carriers.contract import CarrierError, CarrierNotConfigured
 from app.calls.prompts import AGENT_UNAVAILABLE_MESSAGE, SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.profiles import NumberProfile
+from app.kallglot.telephony import DIRECT_SESSION_PARAMETER, DIRECT_TOKEN_PARAMETER
 from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 from app.carriers.telnyx import CARRIER
 
@@ -47,6 +48,8 @@ GOODBYE_KEY = "bye"
 TO_KEY = "to"
 #: client_state key: a greeting is due before streaming starts.
 GREETING_KEY = "g"
+#: client_state key of the leg a ``sip`` transfer creates: the call_control_id of the caller it serves.
+SIP_FOR_KEY = "sipfor"
 
 
 def encode_client_state(state: dict[str, str]) -> str:
@@ -105,6 +108,29 @@ class TelnyxControl:
             call_id, stream_url=self.settings.public_ws("/telnyx/media"), **STREAM_PARAMS,
             stream_auth_token=relay_token, custom_parameters=self._parameters(session_id, relay_token),
             client_state=encode_client_state({"s": session_id}), command_id=command_id)
+
+    def start_direct_streaming(self, call_id: str, *, stream_url: str, parameters: dict[str, str],
+                               command_id: str) -> None:
+        """Stream an answered call straight to Kallglot (the ``direct`` transport): ``stream_url`` is the session's
+        ``stream.url``, and Kallglot's stream token goes in ``stream_auth_token`` and, with the session id, in
+        ``custom_parameters`` under the names of Kallglot's own example. PCMU both ways (Kallglot takes μ-law
+        8 kHz only; Telnyx transcodes a PCMA leg)."""
+        self.client.calls.actions.start_streaming(
+            call_id, stream_url=stream_url, **STREAM_PARAMS,
+            stream_auth_token=parameters.get(DIRECT_TOKEN_PARAMETER, ""),
+            custom_parameters=[{"name": name, "value": value} for name, value in parameters.items()],
+            client_state=encode_client_state({"s": parameters.get(DIRECT_SESSION_PARAMETER, "")}),
+            command_id=command_id)
+
+    def transfer_to_sip(self, call_id: str, *, sip_uri: str, command_id: str) -> None:
+        """Transfer an answered call to its session's Kallglot SIP URI (the ``sip`` transport).
+
+        ``target_leg_client_state`` marks the new leg with the call it serves, so that leg's ``call.hangup``
+        before answering (Kallglot refused the dial) tells the caller instead of leaving them in silence.
+        """
+        self.client.calls.actions.transfer(
+            call_id, to=sip_uri, command_id=command_id,
+            target_leg_client_state=encode_client_state({SIP_FOR_KEY: call_id}))
 
     def answer_to_say_goodbye(self, call_id: str, goodbye: str, *, to_number: str, command_id: str) -> None:
         """Answer without streaming; ``call.answered`` then says ``goodbye`` (see :meth:`say_goodbye`)."""

@@ -6,19 +6,22 @@ from app.carriers.telnyx import CARRIER
 from app.extensions import Services
 from app.kallglot.client import StreamGrant
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.profiles import TRANSPORT_RELAY
 
 
 def start_leg(svc: Services, *, call_id: str, to_number: str, from_number: str,
               metadata: dict[str, str]) -> tuple[StartedLeg, str]:
     """Bridge an incoming call: re-attach it to the caller's held session, or create (or, for a retried
-    webhook, re-find) its session; register the leg. Returns the leg and its sealed relay token.
+    webhook, re-find) its session; register the leg. Returns the leg and its sealed relay token ("" when the
+    number's transport keeps the call off our relay).
 
     ``call_id`` is the call_control_id (TeXML's ``CallSid`` is one too). Raises :class:`KallglotError`
     or ``redis.RedisError``; the caller then apologises and hangs up.
     """
     started = start_inbound_leg(svc, carrier=CARRIER, call_id=call_id, to_number=to_number,
                                 from_number=from_number, metadata=metadata)
-    assert started.session.stream is not None
+    if started.profile.transport != TRANSPORT_RELAY or started.session.stream is None:
+        return started, ""  # direct and sip calls never reach our relay: nothing to seal
     return started, seal_relay_token(svc, started.session.id, call_id, started.session.stream)
 
 

@@ -15,8 +15,10 @@ from app.calls.events import announce_fallback
 from app.calls.leg_spec import LegSpec
 from app.calls.lifecycle import LEG_ENDED
 from app.extensions import Services
-from app.kallglot.client import KallglotError
+from app.kallglot.client import KallglotError, StreamGrant
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
+from app.kallglot.telephony import direct_parameters, sip_uri
+from app.profiles import TRANSPORT_DIRECT, TRANSPORT_RELAY, TRANSPORT_SIP
 from app.relay.bridge import KALLGLOT_UNREACHABLE
 from app.relay.core import RelayEnd
 from app.carriers.telnyx import CARRIER
@@ -50,8 +52,9 @@ def stream_leg(svc: Services, control: TelnyxControl, event: CallEvent, session_
         if call.get("state") == LEG_ENDED:
             log.info("telnyx call=%s answered after its leg ended; not streaming", event.call_id)
             return
-        stream = svc.kallglot.get_session(session_id).stream
-        if stream is None:
+        transport = call.get("transport") or TRANSPORT_RELAY
+        session = svc.kallglot.get_session(session_id)  # also a fresh stream token (5-minute tokens)
+        if session.status == "ended" or (session.stream is None and transport != TRANSPORT_SIP):
             raise KallglotError("session has no stream", code="no_stream")
         if call.get("session_id") != session_id:
             record = svc.lifecycle.session_record(session_id)
@@ -68,9 +71,28 @@ def stream_leg(svc: Services, control: TelnyxControl, event: CallEvent, session_
         else:
             command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
         return
+    _put_on_session(svc, control, event, session_id, session.stream, speaker, transport, "streaming_start")
+
+
+def _put_on_session(svc: Services, control: TelnyxControl, event: CallEvent, session_id: str,
+                    stream: StreamGrant | None, speaker: str, transport: str, label: str) -> None:
+    """The command that puts an answered leg on its session by its transport: ``start_streaming`` to our relay
+    (relay token) or straight to Kallglot (its fresh stream token), or ``transfer`` to the session's SIP URI."""
+    command_id = event.command_id("streaming_start")
+    if transport == TRANSPORT_SIP:
+        uri = sip_uri(session_id, svc.settings.kallglot_sip_domain)
+        command(event, "transfer (sip)", lambda: control.transfer_to_sip(event.call_id, sip_uri=uri,
+                                                                        command_id=command_id))
+        return
+    assert stream is not None
+    if transport == TRANSPORT_DIRECT:
+        command(event, f"{label} (direct)", lambda: control.start_direct_streaming(
+            event.call_id, stream_url=stream.url, parameters=direct_parameters(session_id, stream),
+            command_id=command_id))
+        return
     token = seal_relay_token(svc, session_id, event.call_id, stream, speaker=speaker)
-    command(event, "streaming_start", lambda: control.start_streaming(
-        event.call_id, session_id=session_id, relay_token=token, command_id=event.command_id("streaming_start")))
+    command(event, label, lambda: control.start_streaming(
+        event.call_id, session_id=session_id, relay_token=token, command_id=command_id))
 
 
 def _called_number(svc: Services, event: CallEvent) -> str:
@@ -111,7 +133,8 @@ def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, wh
     session_id = call.get("session_id")
     if not session_id or any(e.get("event") == "call.hangup" for e in svc.lifecycle.events(CARRIER, event.call_id)):
         return  # not ours, or the call is over
-    if call.get("state") != LEG_ENDED:
+    transport = call.get("transport") or TRANSPORT_RELAY
+    if call.get("state") != LEG_ENDED and transport == TRANSPORT_RELAY:  # no relay to settle for a direct stream
         call = _settled(svc, event.call_id, call)
     reason = call.get("end_reason", "") if call.get("state") == LEG_ENDED else ""
     if reason in NOT_RESTORED_ENDS or reason.startswith(("hangup_", "call_")):
@@ -139,6 +162,4 @@ def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, wh
         return
     log.info("telnyx call=%s session=%s %s while the call is up (%s): restoring the stream", event.call_id,
              session_id, why, reason or "relay gone")
-    token = seal_relay_token(svc, session_id, event.call_id, stream, speaker=speaker)
-    command(event, "streaming_start (restore)", lambda: control.start_streaming(
-        event.call_id, session_id=session_id, relay_token=token, command_id=event.command_id("streaming_start")))
+    _put_on_session(svc, control, event, session_id, stream, speaker, transport, "streaming_start (restore)")

@@ -20,9 +20,10 @@ from flask import Response, abort, request
 from app.config import Settings
 from app.extensions import services
 from app.kallglot.client import KallglotError
-from app.profiles import NumberProfile
+from app.kallglot.telephony import direct_parameters, sip_uri
+from app.profiles import TRANSPORT_DIRECT, TRANSPORT_SIP, NumberProfile
 from app.carriers.contract import TERMINAL_CALL_STATUSES
-from app.calls.prompts import UNAVAILABLE_MESSAGE
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 from app.carriers.telnyx import CARRIER
 from app.carriers.telnyx.blueprint import bp
@@ -67,6 +68,40 @@ def connect_stream(settings: Settings, *, session_id: str, relay_token: str,
                         (FLOW_PARAMETER, FLOW_TEXML)):
         ET.SubElement(stream, "Parameter", {"name": name, "value": value})
     ET.SubElement(root, "Redirect", {"method": "POST"}).text = settings.public("/telnyx/texml/stream-ended")
+    return root
+
+
+def connect_direct(settings: Settings, *, stream_url: str, parameters: dict[str, str],
+                   profile: NumberProfile | None = None) -> ET.Element:
+    """``<Connect><Stream>`` straight to Kallglot's ``stream.url`` with Kallglot's own ``<Parameter>`` pair (token,
+    session id) — the ``direct`` transport — then a goodbye and ``<Hangup/>`` for when Kallglot closes the stream.
+
+    As Kallglot's Telnyx example, except ``track``: ``inbound_track`` with ``bidirectionalMode="rtp"`` and PCMU
+    both ways, so Kallglot receives the caller alone (its example's ``both_tracks`` would send it its own
+    translation back) in the only encoding it accepts (μ-law 8 kHz; Telnyx transcodes a PCMA leg).
+    """
+    root = ET.Element("Response")
+    if profile is not None and profile.greeting:
+        ET.SubElement(root, "Say", {"language": profile.greeting_language or "en-US"}).text = profile.greeting
+    connect = ET.SubElement(root, "Connect")
+    stream = ET.SubElement(connect, "Stream", {
+        "url": stream_url, "track": "inbound_track", "codec": "PCMU", "bidirectionalMode": "rtp",
+        "bidirectionalCodec": "PCMU", "statusCallback": settings.public("/telnyx/texml/status"),
+        "statusCallbackMethod": "POST"})
+    for name, value in parameters.items():
+        ET.SubElement(stream, "Parameter", {"name": name, "value": value})
+    say_and_hang_up(root, SESSION_OVER_MESSAGE)
+    return root
+
+
+def dial_sip(settings: Settings, *, sip_uri: str, profile: NumberProfile | None = None) -> ET.Element:
+    """``<Dial><Sip>`` to the session's Kallglot SIP URI (the ``sip`` transport); ``<Dial action>`` reports how
+    the dial ended and answers with a hang-up or the fallback, never silence."""
+    root = ET.Element("Response")
+    if profile is not None and profile.greeting:
+        ET.SubElement(root, "Say", {"language": profile.greeting_language or "en-US"}).text = profile.greeting
+    dial = ET.SubElement(root, "Dial", {"action": settings.public("/telnyx/texml/dial-action"), "method": "POST"})
+    ET.SubElement(dial, "Sip").text = sip_uri
     return root
 
 
@@ -129,10 +164,43 @@ def texml_voice() -> Response:
         except redis.RedisError:
             profile = NumberProfile()  # Redis down too: the built-in apology, still an answer
         return xml(fallback(profile))
-    log.info("telnyx texml call=%s session=%s to=%s mode=%s answered", call_id, leg.session.id, to_number,
-             leg.profile.mode)
+    log.info("telnyx texml call=%s session=%s to=%s mode=%s transport=%s answered", call_id, leg.session.id,
+             to_number, leg.profile.mode, leg.profile.transport)
+    greeting = None if leg.reattached else leg.profile  # a returning caller is not greeted twice
+    if leg.profile.transport == TRANSPORT_SIP:
+        return xml(dial_sip(svc.settings, sip_uri=sip_uri(leg.session.id, svc.settings.kallglot_sip_domain),
+                             profile=greeting))
+    if leg.profile.transport == TRANSPORT_DIRECT and leg.session.stream is not None:
+        return xml(connect_direct(svc.settings, stream_url=leg.session.stream.url, profile=greeting,
+                                   parameters=direct_parameters(leg.session.id, leg.session.stream)))
     return xml(connect_stream(svc.settings, session_id=leg.session.id, relay_token=relay_token,
                                profile=leg.profile))
+
+
+@bp.post("/texml/dial-action")
+def texml_dial_action() -> Response:
+    """``<Dial action>`` of a ``sip`` call: the dial to Kallglot's SIP endpoint ended, so the leg did. Completed:
+    a hang-up; Kallglot never took it (busy, failed, no answer): the fallback."""
+    form = texml_form()
+    call_id = call_id_of(form)
+    svc = services()
+    dial_status = form.get("DialCallStatus", "")
+    completed = dial_status in ("completed", "answered")
+    try:
+        svc.lifecycle.record_event(CARRIER, call_id, "dial-status", {
+            "status": dial_status, "sip_response": form.get("DialSipResponseCode", "")[:8]})
+        # Clean either way: the carrier says the dial is over, and a refused dial is not a lost caller to hold for.
+        svc.lifecycle.leg_ended(CARRIER, call_id, f"dial_{dial_status or 'unknown'}"[:40], clean=True)
+        profile = svc.profiles.for_number(svc.lifecycle.call_record(CARRIER, call_id).get("to", form.get("To", "")))
+    except redis.RedisError as exc:
+        log.error("telnyx texml call=%s dial status %s not recorded: %s", call_id, dial_status, exc)
+        return xml(fallback(NumberProfile()))
+    if completed or form.get("CallStatus", "") in TERMINAL_CALL_STATUSES:
+        root = ET.Element("Response")
+        ET.SubElement(root, "Hangup")
+        return xml(root)
+    log.warning("telnyx texml call=%s SIP dial to Kallglot ended %s: fallback", call_id, dial_status)
+    return xml(fallback(profile))
 
 
 @bp.post("/texml/fallback")

@@ -1,7 +1,7 @@
 """TwiML answers, built with the twilio library's ``VoiceResponse``."""
 from __future__ import annotations
 
-from twilio.twiml.voice_response import Connect, VoiceResponse
+from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
 from app.config import Settings
 from app.profiles import NumberProfile
@@ -43,6 +43,42 @@ def agent_unavailable(settings: Settings, profile: NumberProfile, *, session_id:
         response.dial(profile.fallback_number)
     else:
         response.append(_connect(settings, session_id, relay_token))
+    return str(response)
+
+
+def connect_direct(settings: Settings, *, stream_url: str, parameters: dict[str, str], greeting: str = "",
+                   greeting_language: str = "en-US") -> str:
+    """(Greeting, then) ``<Connect><Stream>`` straight to Kallglot's ``stream.url`` with Kallglot's own
+    ``<Parameter>`` pair (token, session id) — the ``direct`` transport; the bridge carries no media.
+
+    Kallglot's example also sets ``track="both_tracks"``, which Twilio accepts only on ``<Start><Stream>``:
+    ``<Connect><Stream>`` is bidirectional and carries the inbound track, so it is left out. ``<Connect action>``
+    and the stream status callback are kept: a dropped stream is restored (fresh token) and never leaves silence.
+    """
+    response = VoiceResponse()
+    if greeting:
+        response.say(greeting, language=greeting_language)
+    connect = Connect(action=settings.public("/twilio/connect-action"), method="POST")
+    stream = connect.stream(url=stream_url, status_callback=settings.public("/twilio/stream-status"),
+                            status_callback_method="POST")
+    for name, value in parameters.items():
+        stream.parameter(name=name, value=value)
+    response.append(connect)
+    return str(response)
+
+
+def dial_sip(settings: Settings, *, sip_uri: str, greeting: str = "", greeting_language: str = "en-US") -> str:
+    """(Greeting, then) ``<Dial><Sip>`` to the session's Kallglot SIP URI — the ``sip`` transport.
+
+    ``<Dial action>`` reports how the dial ended (``DialCallStatus``), which ends the leg; its answer never
+    leaves the caller in silence.
+    """
+    response = VoiceResponse()
+    if greeting:
+        response.say(greeting, language=greeting_language)
+    dial = Dial(action=settings.public("/twilio/dial-action"), method="POST")
+    dial.sip(sip_uri)
+    response.append(dial)
     return str(response)
 
 

@@ -18,8 +18,9 @@ from app.carriers.contract import TERMINAL_CALL_STATUSES
 from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.kallglot.client import KallglotError, KallglotSession
 from app.kallglot.stream_protocol import SPEAKER_AGENT, SPEAKER_CUSTOMER
+from app.kallglot.telephony import direct_parameters, sip_uri
 from app.logging_setup import bind_log_context
-from app.profiles import NumberProfile
+from app.profiles import TRANSPORT_DIRECT, TRANSPORT_RELAY, TRANSPORT_SIP, NumberProfile
 from app.redis_keys import first_seen
 from app.carriers.twilio import CARRIER, twiml
 from app.carriers.twilio.blueprint import bp
@@ -56,14 +57,24 @@ def _call_sid() -> str:
 
 
 def _stream_twiml(svc: Services, session: KallglotSession, call_sid: str, profile: NumberProfile | None,
-                  speaker: str = SPEAKER_CUSTOMER) -> str:
-    """``<Connect><Stream>`` for ``session`` with a fresh relay token (and the greeting on a first answer)."""
+                  speaker: str = SPEAKER_CUSTOMER, transport: str = TRANSPORT_RELAY) -> str:
+    """The answer that puts the call on ``session`` by the leg's ``transport`` (the greeting on a first answer):
+    ``<Connect><Stream>`` to our relay with a fresh relay token, straight to Kallglot with the session's
+    (fresh) stream token, or ``<Dial><Sip>`` to the session's SIP URI."""
+    greeting = profile.greeting if profile else ""
+    greeting_language = profile.greeting_language if profile else "en-US"
+    if transport == TRANSPORT_SIP:
+        return twiml.dial_sip(svc.settings, sip_uri=sip_uri(session.id, svc.settings.kallglot_sip_domain),
+                              greeting=greeting, greeting_language=greeting_language)
     assert session.stream is not None
+    if transport == TRANSPORT_DIRECT:
+        return twiml.connect_direct(svc.settings, stream_url=session.stream.url,
+                                    parameters=direct_parameters(session.id, session.stream),
+                                    greeting=greeting, greeting_language=greeting_language)
     token = svc.relay_tokens.seal_stream(session.stream, session_id=session.id, carrier=CARRIER, call_id=call_sid,
                                          speaker=speaker)
-    return twiml.connect_stream(svc.settings, session_id=session.id, relay_token=token,
-                                greeting=profile.greeting if profile else "",
-                                greeting_language=profile.greeting_language if profile else "en-US")
+    return twiml.connect_stream(svc.settings, session_id=session.id, relay_token=token, greeting=greeting,
+                                greeting_language=greeting_language)
 
 
 @bp.post("/voice")
@@ -110,7 +121,8 @@ def _answer_inbound(reattach_pin: str | None) -> Response:
     log.info("twilio call=%s session=%s to=%s mode=%s answered%s", call_sid, session.id, to_number, profile.mode,
              " (re-attached)" if started.reattached else "")
     # A returning caller is not greeted twice.
-    return _xml(_stream_twiml(svc, session, call_sid, None if started.reattached else profile))
+    return _xml(_stream_twiml(svc, session, call_sid, None if started.reattached else profile,
+                              transport=started.profile.transport))
 
 
 def _first_delivery(svc: Services) -> bool:
@@ -196,6 +208,8 @@ def connect_action() -> Response:
                               speaker=call.get("speaker", ""), why=reason or EndReason.STREAM_RESTARTS_EXHAUSTED.value)
             return _xml(twiml.fallback(profile))
         session = live_session(svc, session_id)
+        if session is None:  # Kallglot has no live session (it ended it, e.g. a direct stream's end): no end call
+            svc.lifecycle.ended_by_kallglot(session_id, "stream_closed")
         if session is None or not svc.lifecycle.reattach_leg(CARRIER, call_sid):
             svc.lifecycle.leg_ended(CARRIER, call_sid, EndReason.STREAM_CLOSED)
             return _xml(twiml.say_and_hang_up(SESSION_OVER_MESSAGE))
@@ -207,7 +221,43 @@ def connect_action() -> Response:
         return _xml(twiml.fallback(NumberProfile()))
     log.info("twilio call=%s session=%s restoring the media stream (%s)", call_sid, session_id,
              reason or "relay gone")
-    return _xml(_stream_twiml(svc, session, call_sid, None))
+    # A direct stream is restored straight to Kallglot with the token the GET above just gave (5-minute tokens).
+    return _xml(_stream_twiml(svc, session, call_sid, None, transport=call.get("transport") or TRANSPORT_RELAY))
+
+
+@bp.post("/dial-action")
+def dial_action() -> Response:
+    """``<Dial action>`` of a ``sip`` call: the dial to Kallglot's SIP endpoint ended, so the leg did.
+
+    A completed dial hangs up; a dial Kallglot never took (``busy``, ``failed``, ``no-answer``) gives the caller
+    the number's fallback rather than silence. ``CallStatus`` says whether the caller is
+    still there to hear anything.
+    """
+    call_sid = _call_sid()
+    dial_status = request.form.get("DialCallStatus", "")
+    svc = services()
+    try:
+        if not _first_delivery(svc):
+            return _xml(str(VoiceResponse()))
+        svc.lifecycle.record_event(CARRIER, call_sid, "dial-status", {
+            "status": dial_status, "sip_response": request.form.get("DialSipResponseCode", "")[:8],
+            "duration": request.form.get("DialCallDuration", "")})
+        completed = dial_status in ("completed", "answered")
+        # Clean either way: the carrier says the dial is over, and a refused dial is not a lost caller to hold for.
+        svc.lifecycle.leg_ended(CARRIER, call_sid, f"dial_{dial_status or 'unknown'}"[:40], clean=True)
+        call = svc.lifecycle.call_record(CARRIER, call_sid)
+        profile = svc.profiles.for_number(call.get("to", request.form.get("To", "")))
+    except redis.RedisError as exc:
+        log.error("twilio call=%s dial status %s not recorded: %s", call_sid, dial_status, exc)
+        return _xml(twiml.fallback(NumberProfile()))
+    if completed or request.form.get("CallStatus", "") in TERMINAL_CALL_STATUSES:
+        response = VoiceResponse()
+        response.hangup()
+        return _xml(str(response))
+    log.warning("twilio call=%s SIP dial to Kallglot ended %s (SIP %s): fallback", call_sid, dial_status,
+                request.form.get("DialSipResponseCode", "?"))
+    metrics.count_fallback(CARRIER, "sip_dial_failed")
+    return _xml(twiml.fallback(profile))
 
 
 @bp.post("/outbound-answer")

@@ -22,6 +22,8 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     # unset: no webhooks (the bridge's KALLGLOT_WEBHOOK_SECRET must match).
     "KALLGLOT_EMULATOR_WEBHOOK_URL": None,
     "KALLGLOT_EMULATOR_WEBHOOK_SECRET": None,
+    # The SIP domain the emulated SIP endpoint answers for (unset: its own host:port, which the simulators dial).
+    "KALLGLOT_EMULATOR_SIP_DOMAIN": None,
 }
 
 
@@ -32,6 +34,8 @@ def create_emulator_app(config: dict[str, Any] | None = None) -> Flask:
     from flask_sock import Sock
 
     from .artifacts import notify_ended, register_artifact_routes
+    from .carrier_stream import serve_direct
+    from .sip import register_sip_routes
     from .rest import register_rest_routes
     from .state import EmulatorState
     from .stream import register_stream_route
@@ -52,5 +56,7 @@ def create_emulator_app(config: dict[str, Any] | None = None) -> Flask:
 
     register_rest_routes(app, state, on_ended=ended)
     register_artifact_routes(app, state)
-    register_stream_route(Sock(app), state, on_ended=ended)
+    register_stream_route(Sock(app), state, on_ended=ended,
+                          direct=lambda ws, session_id: serve_direct(state, ws, session_id))
+    register_sip_routes(app, state, domain=settings["KALLGLOT_EMULATOR_SIP_DOMAIN"] or None)
     return app

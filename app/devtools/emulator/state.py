@@ -129,6 +129,7 @@ class Session:
     errors_sent: list[str] = field(default_factory=list)
     turns: list[dict[str, Any]] = field(default_factory=list)  # transcript turns said on the stream
     webhooks_sent: bool = False  # the after-call webhooks went out (artifacts.notify_ended)
+    sip_legs: list[dict[str, Any]] = field(default_factory=list)  # SIP calls to the session (emulator/sip.py)
 
     @property
     def duration_seconds(self) -> float | None:
@@ -174,9 +175,10 @@ class Session:
             sequences_increasing=all(conn.sequences_increasing for conn in self.connections),
             connections=[{"live": conn.live, "sequences_increasing": conn.sequences_increasing,
                           "audio_bytes": conn.audio_bytes, "outputs_sent": conn.outputs_sent,
-                          "close_code": conn.close_code, "pings_received": conn.pings_received}
+                          "close_code": conn.close_code, "pings_received": conn.pings_received,
+                          "carrier": getattr(conn, "carrier", "")}
                          for conn in self.connections],
-            errors_sent=list(self.errors_sent),
+            errors_sent=list(self.errors_sent), sip_legs=[dict(leg) for leg in self.sip_legs],
         )
         return view
 

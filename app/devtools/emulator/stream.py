@@ -167,10 +167,15 @@ class StreamHandler:
             conn.close(1000, "session ended")
 
 
-def register_stream_route(sock: Sock, state: EmulatorState, on_ended: Callable[[str], None] | None = None) -> None:
-    """Attach the stream WebSocket route to the app behind ``sock``."""
+def register_stream_route(sock: Sock, state: EmulatorState, on_ended: Callable[[str], None] | None = None,
+                          direct: Callable[[Any, str], None] | None = None) -> None:
+    """Attach the stream WebSocket route to the app behind ``sock``; a connect without ``?token=`` is a carrier's
+    direct stream and goes to ``direct`` (:mod:`.carrier_stream`)."""
 
     @sock.route("/v1/sessions/<session_id>/connect")
     def stream(ws: Any, session_id: str) -> None:
+        if direct is not None and "token" not in request.args:  # a carrier streaming here, token in its start
+            direct(ws, session_id)
+            return
         StreamHandler(state, StreamConnection(ws=ws, session_id=session_id), on_ended).serve(
             request.args.get("token", ""))

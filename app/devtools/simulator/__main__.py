@@ -19,7 +19,8 @@ FORBIDDEN_HINT = ("HINT: the service refused the webhook's signature (403). Most
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; exit status 0 when a stream was established and audio came back, else 1."""
+    """Run the CLI; exit status 0 when a stream (or, for a ``sip`` number, a SIP dial) was established and audio
+    came back, else 1."""
     env = environment_with_demo()
     p = argparse.ArgumentParser(prog="kallglot-simulate-call", description=__doc__.splitlines()[0])
     p.add_argument("--base-url", default=env.get("DEMO_BASE_URL") or "http://127.0.0.1:5000",
@@ -53,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"marks received {result.marks_received}, echoed {result.marks_echoed}; clears {result.clears}")
     print(f"said: {result.said}  hung up: {result.hung_up}  server closed first: {result.server_closed_first}")
     print(f"callbacks: {result.callbacks}")
+    for dial in result.sip_dials:
+        print(f"SIP dial {dial.uri} -> {dial.sip_status} {dial.reason}")
     for problem in result.errors + result.protocol_errors:
         print(f"ERROR {problem}", file=sys.stderr)
     if result.webhook_status == 403:
         print(FORBIDDEN_HINT, file=sys.stderr)
-    return 0 if result.stream_sid and result.heard_audio else 1
+    connected = result.stream_sid or any(dial.answered for dial in result.sip_dials)
+    return 0 if connected and result.heard_audio else 1
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import nacl.signing
 import requests
 from simple_websocket import ConnectionClosed
 
+from app.devtools.simulator.sip import SipDialer
 from app.devtools.simulator.telnyx_contract import media_frame_errors
 from app.devtools.simulator.websocket import TimedClient, ws_scheme
 
@@ -299,6 +300,8 @@ class TexmlCallResult:
     dialled: list[str] = field(default_factory=list)  # numbers <Dial>ed (the caller went on there)
     callbacks: list[tuple[str, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    sip_dials: list[Any] = field(default_factory=list)  # SipDial of each <Dial><Sip> (app.devtools.simulator.sip)
+    last_response: requests.Response | None = None  # the answer to the latest callback (a <Dial action>'s TeXML)
 
     @property
     def heard(self) -> bytes:
@@ -406,9 +409,29 @@ class TexmlCallSimulator:
 
     def _callback(self, result: TexmlCallResult, url: str, params: dict[str, str]) -> None:
         try:
-            result.callbacks.append((url, self.post_form(url, params).status_code))
+            result.last_response = self.post_form(url, params)
+            result.callbacks.append((url, result.last_response.status_code))
         except requests.RequestException as exc:
             result.errors.append(f"callback {url} failed: {exc}")
+
+    def _run_dial_sip(self, run: _TexmlRun, dial: ET.Element, depth: int) -> None:
+        """``<Dial><Sip>``: INVITE the URI at the emulator's SIP endpoint, talk, hang up, then ``<Dial action>``
+        with ``DialCallStatus`` (TwiML-compatible fields); its TeXML runs only while the caller is still on."""
+        result = run.result
+        dialer = SipDialer(timeout=self.timeout)
+        outcome = dialer.dial((dial.findtext("Sip") or "").strip(), from_="", audio=run.payload)
+        result.sip_dials.append(outcome)
+        caller_left = False
+        if outcome.answered:
+            time.sleep(run.listen_seconds)
+            caller_left = not dialer.hang_up(outcome)
+        if dial.get("action"):
+            params = {**self.call_params(result.call_sid, "", "", "completed" if caller_left else "in-progress"),
+                      "DialCallStatus": outcome.dial_status, "DialSipResponseCode": str(outcome.sip_status)}
+            self._callback(result, dial.get("action", ""), params)
+            answer = result.last_response
+            if answer is not None and answer.ok and not caller_left:
+                self._run_texml(run, answer.text, depth + 1)
 
     def _run_texml(self, run: _TexmlRun, text: str, depth: int) -> None:
         """Run the TeXML verbs in order, as Telnyx does, until the document or the call ends."""
@@ -424,6 +447,9 @@ class TexmlCallSimulator:
                 result.said.append((verb.text or "").strip())
             elif verb.tag == "Hangup":
                 result.hung_up = True
+                return
+            elif verb.tag == "Dial" and verb.find("Sip") is not None:
+                self._run_dial_sip(run, verb, depth)
                 return
             elif verb.tag == "Dial":
                 result.dialled.append((verb.text or "").strip())

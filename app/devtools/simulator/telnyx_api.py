@@ -31,6 +31,7 @@ import requests
 from flask import Flask, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.devtools.simulator.sip import SipDialer
 from app.devtools.simulator.telnyx import TelnyxMediaLeg, TelnyxSigner, new_call_control_id
 from app.devtools.simulator.telnyx_contract import command_body_errors, payload_field_names, webhook_errors
 
@@ -63,6 +64,7 @@ class FakeCall:
     close_codes: list[int | None] = field(default_factory=list)
     hung_up: bool = False
     transferred_to: str = ""
+    sip_dials: list[dict[str, Any]] = field(default_factory=list)  # a transfer to a SIP URI: how each dial went
     leg: TelnyxMediaLeg | None = None
 
     def view(self) -> dict[str, Any]:
@@ -70,7 +72,7 @@ class FakeCall:
         return {"call_control_id": self.call_control_id, "commands": self.commands, "webhooks": self.webhooks,
                 "spoken": self.spoken, "heard": base64.b64encode(bytes(self.heard)).decode(),
                 "protocol_errors": self.protocol_errors, "streams": self.streams, "close_codes": self.close_codes,
-                "hung_up": self.hung_up, "transferred_to": self.transferred_to}
+                "hung_up": self.hung_up, "transferred_to": self.transferred_to, "sip_dials": self.sip_dials}
 
 
 class FakeTelnyx:
@@ -167,6 +169,9 @@ class FakeTelnyx:
             self.webhook(call, "call.speak.ended", client_state=state, status="completed")
         elif action == "hangup":
             self.hang_up(call, "normal_clearing", source="callee")
+        elif action == "transfer" and str(body.get("to", "")).startswith("sip:"):
+            call.transferred_to = str(body["to"])
+            self.transfer_to_sip(call, body)
         elif action == "transfer":  # the caller now talks to the transfer target; our leg's part is over
             call.transferred_to = str(body.get("to", ""))
             self.hang_up(call, "normal_clearing", source="callee")
@@ -220,6 +225,28 @@ class FakeTelnyx:
         if caller_hung_up:
             self.hang_up(call, "normal_clearing", source="caller")
         # Otherwise our side closed the stream while the caller is still on: wait for speak/hangup commands.
+
+    def transfer_to_sip(self, call: FakeCall, body: dict[str, Any]) -> None:
+        """Dial the SIP URI as the transfer's new leg (the emulator's SIP endpoint) and bridge the caller to it.
+
+        Refused: the new leg's ``call.hangup`` (carrying ``target_leg_client_state``) and the caller stays on,
+        waiting for commands, as Telnyx keeps the original call when a transfer fails. Answered: the caller talks,
+        then one side hangs up and the caller's ``call.hangup`` follows (the far end first if the session ended).
+        """
+        scenario = call.scenario
+        dial = SipDialer().dial(call.transferred_to, from_=call.from_,
+                                audio=base64.b64decode(scenario.get("payload", "")))
+        call.sip_dials.append({"uri": dial.uri, "sip_status": dial.sip_status, "reason": dial.reason})
+        if not dial.answered:
+            target = FakeCall(new_call_control_id(), to=call.transferred_to, from_=call.from_, scenario={})
+            self.webhook(target, "call.hangup", hangup_cause="call_rejected", hangup_source="callee",
+                         sip_hangup_cause=str(dial.sip_status), state="hangup",
+                         client_state=body.get("target_leg_client_state"))
+            return
+        call.heard += dial.heard
+        time.sleep(float(scenario.get("listen_seconds", 0.5)))
+        ended_first = SipDialer().hang_up(dial)
+        self.hang_up(call, "normal_clearing", source="callee" if ended_first else "caller")
 
     def hang_up(self, call: FakeCall, cause: str, *, source: str) -> None:
         """The call ends (once): ``call.hangup`` with a cause."""

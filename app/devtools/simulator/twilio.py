@@ -13,6 +13,7 @@ from urllib.parse import urlencode, urljoin
 import requests
 from twilio.request_validator import RequestValidator
 
+from app.devtools.simulator.sip import SipDial, SipDialer
 from app.devtools.simulator.twilio_stream import CallResult, SimulatedStream, StatusCallbackMode, new_sid
 from app.devtools.simulator.twiml_run import CallRun
 from app.devtools.simulator.websocket import ws_scheme
@@ -28,13 +29,15 @@ class TwilioCallSimulator:
     """
 
     def __init__(self, base_url: str, auth_token: str, *, public_url: str | None = None,
-                 account_sid: str | None = None, timeout: float = 10.0) -> None:
+                 account_sid: str | None = None, timeout: float = 10.0, sip_gateway_url: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.public_url = (public_url or base_url).rstrip("/")
         self.auth_token = auth_token
         self.account_sid = account_sid or new_sid("AC")
         self.timeout = timeout
         self.validator = RequestValidator(auth_token)
+        #: Where ``<Dial><Sip>`` INVITEs go (None: the URI's host, i.e. the emulator named in KALLGLOT_SIP_DOMAIN).
+        self.sip = SipDialer(sip_gateway_url, timeout=timeout)
 
     # ----- URLs and signed HTTP -----
     def _real_url(self, url: str) -> str:
@@ -87,7 +90,8 @@ class TwilioCallSimulator:
                    status_callbacks: StatusCallbackMode = "normal", sign: bool = True,
                    hold_open: Callable[[SimulatedStream], None] | None = None, fallback_url: str | None = None,
                    restore_audio: bytes = b"",
-                   restore_hold_open: Callable[[SimulatedStream], None] | None = None) -> CallResult:
+                   restore_hold_open: Callable[[SimulatedStream], None] | None = None,
+                   hold_sip: Callable[[SipDial], None] | None = None) -> CallResult:
         """Simulate a complete inbound call and return what happened.
 
         ``audio`` (μ-law 8 kHz) is streamed as 20 ms frames, paced in real time unless ``pace`` is
@@ -98,10 +102,12 @@ class TwilioCallSimulator:
         voice webhook fails, as Twilio does. ``restore_audio`` is what the caller says on a restored stream
         (a caller whose line went quiet says "hello?"); ``restore_hold_open`` is called on that restored stream
         after it (e.g. to wait until the caller hears Kallglot again) before the listening and ``stop``.
+        ``hold_sip`` is called while a ``<Dial><Sip>`` leg is up.
         """
         run = CallRun(self, to, from_, call_sid or new_sid("CA"), audio, pace=pace,
                        listen_seconds=listen_seconds, dtmf=dtmf, sign=sign, hold_open=hold_open)
         run.fallback_url, run.restore_audio, run.restore_hold_open = fallback_url, restore_audio, restore_hold_open
+        run.hold_sip = hold_sip
         run.execute(status_callbacks)
         return run.result
 

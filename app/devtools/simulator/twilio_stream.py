@@ -62,6 +62,7 @@ class CallResult:
     webhook_status: int | None = None
     errors: list[str] = field(default_factory=list)
     streams: int = 0
+    sip_dials: list[Any] = field(default_factory=list)  # SipDial of each <Dial><Sip> (app.devtools.simulator.sip)
 
     def print_timeline(self) -> None:
         """Print the call's timeline as ``t+seconds  event`` lines."""

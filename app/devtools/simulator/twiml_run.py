@@ -25,6 +25,7 @@ from app.devtools.simulator.twilio_stream import (
     StatusCallbackMode,
     new_sid,
 )
+from app.devtools.simulator.sip import SipDial, SipDialer
 from app.devtools.simulator.websocket import TimedClient
 
 
@@ -39,6 +40,7 @@ class TwilioWebhooks(Protocol):
     account_sid: str
     timeout: float
     validator: RequestValidator
+    sip: SipDialer
 
     def absolute_url(self, url: str, *, websocket: bool = False) -> str: ...
 
@@ -71,6 +73,7 @@ class CallRun:
         self.fallback_url: str | None = None
         self.restore_audio = b""
         self.restore_hold_open: Callable[[SimulatedStream], None] | None = None  # see TwilioCallSimulator.place_call
+        self.hold_sip: Callable[[SipDial], None] | None = None  # called while a <Dial><Sip> leg is up
         self.result = CallResult(call_sid=call_sid)
         self.t0 = time.monotonic()
         self._log_lock = threading.Lock()
@@ -167,6 +170,9 @@ class CallRun:
             elif verb.tag == "Connect":
                 if self.run_connect(verb, depth):
                     return  # control moved to the <Connect action> document, or the call ended
+            elif verb.tag == "Dial" and verb.find("Sip") is not None:
+                if self.run_dial_sip(verb, depth):
+                    return  # control moved to the <Dial action> document, or the call ended
             else:
                 self.log(f"TwiML <{verb.tag}> {dict(verb.attrib)} (recorded, not simulated)")
 
@@ -194,6 +200,38 @@ class CallRun:
         self.result.callbacks.append((urlsplit(self.sim.absolute_url(action)).path,
                                       resp.status_code if resp is not None else 0))
         if resp is not None and resp.ok:
+            self.run_twiml(resp.text, depth + 1)
+        return True
+
+    def run_dial_sip(self, dial: ET.Element, depth: int) -> bool:
+        """Run a ``<Dial><Sip>``: INVITE the URI (the emulator's SIP endpoint), talk, hang up — or be hung up on
+        when the far end ended first — then request ``<Dial action>`` with ``DialCallStatus`` as Twilio does (also
+        after the caller hung up; its answer is then ignored). True if the rest of the document is skipped."""
+        uri = (dial.findtext("Sip") or "").strip()
+        self.log(f"TwiML <Dial><Sip>{uri}</Sip>")
+        started = time.monotonic()
+        outcome = self.sim.sip.dial(uri, from_=self.from_, audio=self.audio)
+        self.result.sip_dials.append(outcome)
+        self.log(f"SIP INVITE {uri} -> {outcome.sip_status} {outcome.reason}")
+        if outcome.answered:
+            self.result.sent_audio, self.result.heard_audio = self.audio, self.result.heard_audio + outcome.heard
+            if self.hold_sip is not None:
+                hook, self.hold_sip = self.hold_sip, None
+                hook(outcome)
+            ended_first = self.sim.sip.hang_up(outcome)
+            self.call_over = not ended_first
+            self.log("SIP BYE from the far end (session ended)" if ended_first else "SIP BYE: caller hung up")
+        action = dial.get("action")
+        if not action:
+            return self.call_over
+        params = {**self.params("completed" if self.call_over else "in-progress"),
+                  "DialCallStatus": outcome.dial_status, "DialCallSid": new_sid("CA"),
+                  "DialCallDuration": str(math.ceil(time.monotonic() - started)) if outcome.answered else "0",
+                  "DialSipResponseCode": str(outcome.sip_status)}
+        resp = self.post(self.sim.absolute_url(action), params, dial.get("method", "POST"))
+        self.result.callbacks.append((urlsplit(self.sim.absolute_url(action)).path,
+                                      resp.status_code if resp is not None else 0))
+        if resp is not None and resp.ok and not self.call_over:
             self.run_twiml(resp.text, depth + 1)
         return True
 
