@@ -1,5 +1,6 @@
-"""A fake Telnyx (Call Control) for tests and the demo: the REST API our SDK client talks to, plus Telnyx's
-side of the call — signed webhooks to the bridge and the media-streaming socket the ``answer`` asks for.
+"""A fake Telnyx Call Control (long: REST API, call side and control API share one in-memory state) for tests and
+the demo: the REST API our SDK client talks to, plus Telnyx's side of the call — signed webhooks to the bridge
+and the media-streaming socket the ``answer`` asks for.
 
 Run as ONE process (state is in memory): ``gunicorn -k gevent -w 1 'app.devtools.simulator.telnyx_api:create_fake_call_control_app()'``
 with ``FAKE_TELNYX_WEBHOOK_URL`` (where the bridge's ``/telnyx/call-control`` really listens),

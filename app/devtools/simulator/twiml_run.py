@@ -163,7 +163,7 @@ class CallRun:
                 self.result.hung_up = True
                 self.log(f"TwiML <{verb.tag}/>: call hung up")
                 return
-            elif verb.tag == "Dial":
+            elif verb.tag == "Dial" and verb.find("Sip") is None:
                 self.result.dialled.append((verb.text or "").strip())
                 self.log(f"TwiML <Dial>: {(verb.text or '').strip()!r} (the caller now talks there)")
                 return
