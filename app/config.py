@@ -21,6 +21,11 @@ DEFAULT_TELNYX_API_URL = "https://api.telnyx.com/v2"
 MAX_RECONNECT_WINDOW_SECONDS = 300
 #: Uplink chunk bounds: Kallglot asks for a chunk every 100–200 ms; 20 ms is one carrier frame.
 MIN_CHUNK_MS, MAX_CHUNK_MS = 20, 200
+#: Longest quiet time before a half-full uplink batch is sent; beyond a chunk's length it would only add delay.
+MAX_QUIET_FLUSH_MS = 200
+#: The WebSocket layer under the media routes (app/websocket.py): flask-sock's simple-websocket, or websockets'
+#: sans-I/O protocol read in the handler's greenlet.
+WEBSOCKET_LAYERS = ("simple-websocket", "sansio")
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
 #: The admin password is the only thing between the internet and the admin UI: refuse short ones at start-up.
 MIN_ADMIN_PASSWORD_LENGTH = 12
@@ -84,6 +89,10 @@ class Settings:
     reconnect_window_seconds: int = MAX_RECONNECT_WINDOW_SECONDS
     #: Milliseconds of caller audio batched into one Kallglot ``audio.input`` (README, Configuration).
     uplink_chunk_ms: int = 100
+    #: Milliseconds without a carrier frame after which a half-full batch is sent (0: wait for the next frame).
+    uplink_quiet_flush_ms: int = 40
+    #: ``simple-websocket`` or ``sansio`` (README, Capacity).
+    websocket_layer: str = "simple-websocket"
     #: A leg whose relay has not beaten its heartbeat for this long is treated as lost (worker died).
     heartbeat_timeout_seconds: int = 15
     redis_namespace: str = "kb"
@@ -176,6 +185,11 @@ class Settings:
                 f"UPLINK_CHUNK_MS must be a multiple of 20 between {MIN_CHUNK_MS} and {MAX_CHUNK_MS}, "
                 f"got {self.uplink_chunk_ms}"
             )
+        if not 0 <= self.uplink_quiet_flush_ms <= MAX_QUIET_FLUSH_MS:
+            found.append(f"UPLINK_QUIET_FLUSH_MS must be between 0 (off) and {MAX_QUIET_FLUSH_MS}, "
+                         f"got {self.uplink_quiet_flush_ms}")
+        if self.websocket_layer not in WEBSOCKET_LAYERS:
+            found.append(f"WEBSOCKET_LAYER must be one of {', '.join(WEBSOCKET_LAYERS)}, got {self.websocket_layer!r}")
         if not 3 <= self.heartbeat_timeout_seconds <= 120:
             found.append(f"HEARTBEAT_TIMEOUT_SECONDS must be between 3 and 120, got {self.heartbeat_timeout_seconds}")
         try:

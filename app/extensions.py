@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import redis
 from flask import Flask, current_app
-from flask_sock import Sock
 
 from app.carriers.contract import CarrierControl
 from app.calls.destinations import DestinationRules
@@ -23,11 +22,12 @@ from app.profiles import NumberProfile, ProfileStore
 from app.redis_connection import connect, parse_redis_target
 from app.redis_keys import RedisKeys
 from app.relay.tokens import RelayGuard, RelayTokenSealer
+from app.websocket import LAYERS, MediaSock
 
 EXTENSION_KEY = "kallglot_bridge"
 #: The flask-sock extension object, the usual Flask-extension pattern (like ``db = SQLAlchemy()``): it holds
 #: no state of its own; WebSocket routes are declared with ``sock.route(path, bp=blueprint)``.
-sock = Sock()
+sock = MediaSock()
 #: Redis calls sit on the webhook path, inside the carrier's 15 s budget: fail fast when Redis is gone.
 REDIS_TIMEOUT_SECONDS = 2.0
 
@@ -89,8 +89,9 @@ def services() -> Services:
     return current_app.extensions[EXTENSION_KEY]
 
 
-def init_sock(app: Flask) -> None:
-    """Attach flask-sock to ``app`` with limits that suit carrier media sockets."""
+def init_sock(app: Flask, layer: str = "simple-websocket") -> None:
+    """Attach flask-sock to ``app`` with limits that suit carrier media sockets, on the ``WEBSOCKET_LAYER``."""
     # Carrier frames are small (a 20 ms frame is ~300 B of JSON); refuse anything absurd.
     app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": 256 * 1024})
+    app.config.setdefault("SOCK_SERVER_CLASS", LAYERS[layer])
     sock.init_app(app)

@@ -96,7 +96,7 @@ def register_services(app: Flask, settings: Settings) -> Services:
     controls = {carrier.name: carrier.control(settings) for carrier in CARRIERS}
     browser = BrowserAgentControl()
     built = init_services(app, settings, controls, other_legs={browser.carrier: browser})
-    init_sock(app)
+    init_sock(app, settings.websocket_layer)
     return built
 
 

@@ -29,6 +29,7 @@ bp = Blueprint("metrics", __name__)
 
 #: Seconds; the relay hop is sub-millisecond when healthy, the Kallglot API tens to hundreds of ms.
 HOP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+PLAYBACK_BUCKETS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 CALLS = Counter("kallglot_bridge_calls_total",
@@ -60,6 +61,10 @@ RELAY_HOP_SECONDS = Histogram("kallglot_bridge_relay_hop_seconds",
                               "Time a message spends inside the relay (sampled): uplink = last carrier frame of a "
                               "chunk in → audio.input sent; downlink = audio.output in → carrier frame sent.",
                               ["direction"], buckets=HOP_BUCKETS)
+PLAYBACK_LAG_SECONDS = Histogram("kallglot_bridge_playback_lag_seconds",
+                                 "Playback lag: a mark sent to the carrier at the end of an utterance of return audio "
+                                 "→ the carrier's echo that it played everything before it.", ["carrier"],
+                                 buckets=PLAYBACK_BUCKETS)
 KALLGLOT_API_SECONDS = Histogram("kallglot_bridge_kallglot_api_seconds",
                                  "Kallglot REST request latency, per attempt.", ["operation"], buckets=API_BUCKETS)
 KALLGLOT_API_ERRORS = Counter("kallglot_bridge_kallglot_api_errors_total",

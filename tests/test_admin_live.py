@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app.admin.live import PAGE_EVENTS, RECONCILE_SECONDS
-from app.calls.events import LEG, TRANSCRIPT, EventForwarder, SessionEventLog, leg_event, transcript_event
+from app.calls.events import LEG, RELAY_HEALTH, TRANSCRIPT, EventForwarder, SessionEventLog, leg_event, transcript_event
 from app.calls.usage import record_billed_seconds
 from app.kallglot.signature import sign
 from app.redis_keys import RedisKeys
@@ -127,6 +127,23 @@ def test_a_session_with_10000_transcript_events_stays_bounded_in_the_page(
     policy = page.headers["Content-Security-Policy"]
     assert all(d in policy for d in ("script-src 'self'", "connect-src 'self'", "media-src 'self'"))
     assert "unsafe-inline" not in policy
+    hang_up(admin_client, call_sid)
+
+
+def test_the_live_page_shows_each_legs_latest_playback_lag(admin_app: Flask, admin_client: FlaskClient,
+                                                           emulator: EmulatorControl) -> None:
+    """The relay publishes playback lag per leg as marks echo (app/relay/core.py); the page shows the latest."""
+    call_sid, session_id = start_call(admin_client, emulator)
+    forwarder = EventForwarder(event_log(admin_app))
+    for lag in (240, 180):
+        forwarder.publish(session_id, RELAY_HEALTH, {"call_id": call_sid, "speaker": "customer",
+                                                     "playback_lag_ms": lag, "kallglot_reconnects": 0})
+    assert forwarder.flush(timeout=10)
+    html = admin_client.get(f"/admin/live/{session_id}").get_data(as_text=True)
+    assert "customer: playback lag 180 ms, 0 Kallglot reconnects" in html and "240 ms" not in html
+    streamed = sse_events(admin_client, f"/admin/live/events?session={session_id}", 2)
+    assert [(kind, data["playback_lag_ms"]) for _, kind, data in streamed if kind == RELAY_HEALTH] == \
+        [(RELAY_HEALTH, 240), (RELAY_HEALTH, 180)]
     hang_up(admin_client, call_sid)
 
 

@@ -66,3 +66,15 @@ def test_trusted_proxy_hops_are_bounded(hops: str, refused: bool) -> None:
 
 def test_no_proxy_is_trusted_by_default() -> None:
     assert Settings.from_env(GOOD).trusted_proxy_hops == 0
+
+
+@pytest.mark.parametrize("quiet_ms, refused", [("0", False), ("40", False), ("200", False), ("-1", True),
+                                               ("201", True)])
+def test_uplink_quiet_flush_is_off_or_at_most_200_ms(quiet_ms: str, refused: bool) -> None:
+    settings = Settings.from_env({**GOOD, "UPLINK_QUIET_FLUSH_MS": quiet_ms})
+    assert settings.uplink_quiet_flush_ms == int(quiet_ms)
+    assert any("UPLINK_QUIET_FLUSH_MS must be between 0 (off) and 200" in p for p in settings.problems()) is refused
+
+
+def test_uplink_quiet_flush_defaults_to_40_ms() -> None:
+    assert Settings.from_env(GOOD).uplink_quiet_flush_ms == 40

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import requests
+from prometheus_client import REGISTRY
 
 from app.kallglot import stream_protocol
 from app.kallglot.client import KallglotClient, KallglotSession
 from app.kallglot.stream import KallglotStream
 from app.relay.core import MediaRelay, RelayEnd
 from app.relay.outcome import RelayStats
+from app.relay.playback import PlaybackTracker
 from app.relay.reopen import KALLGLOT_RECONNECT_BUFFER_MS, KallglotLink
 from tests.support.controls import EmulatorControl
 from tests.support.scripted_carrier import ScriptedCarrier, run_relay, started_codec
@@ -41,8 +44,9 @@ def carrier() -> Iterator[ScriptedCarrier]:
 def test_uplink_chunks_follow_uplink_chunk_ms(emulator: EmulatorControl, session: KallglotSession,
                                               carrier: ScriptedCarrier, chunk_ms: int) -> None:
     emulator.behaviour("silent")
+    # No quiet-time flush: the count below must not depend on how the test's frames are spaced in time.
     relay = MediaRelay(carrier, started_codec(), KallglotStream.open(session.stream.url, session.stream.token),
-                       speaker="customer", chunk_ms=chunk_ms, context="test")
+                       speaker="customer", chunk_ms=chunk_ms, context="test", quiet_flush_ms=0)
     thread, ends = run_relay(relay)
     audio = bytes(range(256)) * 25  # 6400 bytes = 40 frames = 800 ms
     for n in range(0, len(audio), 160):
@@ -55,6 +59,56 @@ def test_uplink_chunks_follow_uplink_chunk_ms(emulator: EmulatorControl, session
     # Every message but the flushed last one carries exactly chunk_ms of audio.
     assert record["audio_input_messages"]["customer"] == -(-len(audio) // (chunk_ms * 8))
     assert record["sequences_increasing"] is True
+
+
+def test_after_the_quiet_time_a_half_full_batch_goes_out_while_the_call_goes_on(
+        emulator: EmulatorControl, session: KallglotSession, carrier: ScriptedCarrier) -> None:
+    """A carrier that suppresses silence sends nothing after the caller's last word: that word still reaches
+    Kallglot (README, UPLINK_QUIET_FLUSH_MS) — with the carrier socket open and no ``stop``."""
+    emulator.behaviour("silent")
+    relay = MediaRelay(carrier, started_codec(), KallglotStream.open(session.stream.url, session.stream.token),
+                       speaker="customer", chunk_ms=100, context="test", quiet_flush_ms=40)
+    thread, ends = run_relay(relay)
+    try:
+        said = [bytes([n]) * 160 for n in range(1, 4)]  # 60 ms: less than one 100 ms batch, then silence
+        for frame in said:
+            carrier.media(frame)
+        record = wait_until(lambda: (r := emulator.session(session.id))["audio_input_messages"].get(
+            "customer", 0) == 1 and r, timeout=5)
+        assert record, emulator.session(session.id)
+        assert base64.b64decode(record["audio_received"]["customer"]) == b"".join(said)
+        assert thread.is_alive() and not ends and carrier.connected  # the call goes on
+        assert relay.uplink.quiet_flushes == 1
+        # The caller speaks again: batching starts afresh, and nothing is lost or repeated.
+        again = [bytes([n]) * 160 for n in range(10, 15)]
+        for frame in again:
+            carrier.media(frame)
+        carrier.stop()
+        thread.join(timeout=10)
+        assert ends == [RelayEnd.CARRIER_STOP]
+        assert base64.b64decode(emulator.session(session.id)["audio_received"]["customer"]) == b"".join(said + again)
+    finally:
+        carrier.stop()
+        thread.join(timeout=10)
+
+
+def test_with_the_quiet_flush_off_a_half_full_batch_waits_for_the_next_frame(
+        emulator: EmulatorControl, session: KallglotSession, carrier: ScriptedCarrier) -> None:
+    emulator.behaviour("silent")
+    relay = MediaRelay(carrier, started_codec(), KallglotStream.open(session.stream.url, session.stream.token),
+                       speaker="customer", chunk_ms=100, context="test", quiet_flush_ms=0)
+    thread, ends = run_relay(relay)
+    for n in range(3):
+        carrier.media(bytes([n]) * 160)
+    assert wait_until(lambda: carrier.inbox.empty(), timeout=5)  # the relay has read them, and holds them
+    for n in range(3, 5):
+        carrier.media(bytes([n]) * 160)
+    carrier.stop()
+    thread.join(timeout=10)
+    assert ends == [RelayEnd.CARRIER_STOP]
+    record = emulator.session(session.id)
+    assert record["audio_input_messages"]["customer"] == 1  # one full batch: the first three frames waited
+    assert relay.uplink.quiet_flushes == 0
 
 
 def test_the_relay_keeps_a_quiet_kallglot_stream_alive(emulator: EmulatorControl, session: KallglotSession,
@@ -102,3 +156,63 @@ def test_a_reopened_stream_gets_the_last_5_s_in_order_and_older_audio_is_counted
         assert stats.kallglot_reconnects == 1 and stats.chunks_to_kallglot == 50
     finally:
         link.close()
+
+
+def playback_lags_observed() -> float:
+    return REGISTRY.get_sample_value("kallglot_bridge_playback_lag_seconds_count", {"carrier": "twilio"}) or 0.0
+
+
+def test_playback_lag_runs_from_each_mark_to_its_echo_and_knows_when_the_caller_heard_everything(
+        emulator: EmulatorControl, session: KallglotSession, carrier: ScriptedCarrier) -> None:
+    """Two utterances of return audio (the emulator's echo), each ended by a mark; the carrier echoes them late."""
+    health: list[dict[str, float]] = []
+    relay = MediaRelay(carrier, started_codec(), KallglotStream.open(session.stream.url, session.stream.token),
+                       speaker="customer", chunk_ms=100, context="test", on_health=health.append)
+    observed_before = playback_lags_observed()
+    thread, ends = run_relay(relay)
+    try:
+        for utterance in (1, 2):
+            for n in range(5):  # one full 100 ms batch: echoed as one utterance, then a mark
+                carrier.media(bytes([utterance * 10 + n]) * 160)
+            assert wait_until(lambda: len(carrier.events("mark")) == utterance, timeout=5), carrier.sent
+        assert [m["mark"]["name"] for m in carrier.events("mark")] == ["utt-1", "utt-2"]
+        time.sleep(0.1)  # the caller's ear trails: the carrier echoes utt-1 at least 100 ms after it was sent
+        carrier.mark_played("utt-1")
+        assert wait_until(lambda: relay.stats.marks_played == 1, timeout=5)
+        assert wait_until(lambda: any("playback_lag_ms" in h for h in health), timeout=5)
+        assert health[-1]["playback_lag_ms"] >= 100
+        assert relay.stats.playback_caught_up == 0  # utt-2 is still queued at the carrier
+        carrier.mark_played("utt-2")
+        assert wait_until(lambda: relay.stats.playback_caught_up == 1, timeout=5)
+        assert relay.playback.in_flight == 0
+        assert playback_lags_observed() - observed_before == 2
+        carrier.mark_played("utt-99")  # a mark the relay never sent is ignored
+        carrier.stop()
+        thread.join(timeout=10)
+        assert ends == [RelayEnd.CARRIER_STOP] and relay.stats.marks_played == 3
+        assert playback_lags_observed() - observed_before == 2
+    finally:
+        carrier.stop()
+        thread.join(timeout=10)
+
+
+def test_the_caller_has_not_heard_everything_while_audio_after_the_last_mark_is_unmarked() -> None:
+    tracker = PlaybackTracker()
+    first = tracker.next_mark()
+    tracker.audio_sent()  # the next utterance has begun playing out; its mark is not sent yet
+    played = tracker.played(first)
+    assert played is not None and not played.heard_everything
+    second = tracker.next_mark()
+    played = tracker.played(second)
+    assert played is not None and played.heard_everything and played.lag_seconds >= 0
+
+
+def test_an_echo_settles_earlier_marks_a_clear_discarded_and_marks_in_flight_are_bounded() -> None:
+    tracker = PlaybackTracker()
+    names = [tracker.next_mark() for _ in range(3)]
+    played = tracker.played(names[2])
+    assert played is not None and played.heard_everything and tracker.in_flight == 0
+    assert tracker.played(names[0]) is None
+    for _ in range(200):  # a carrier that never echoes
+        tracker.next_mark()
+    assert tracker.in_flight == 64

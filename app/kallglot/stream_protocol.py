@@ -25,6 +25,10 @@ Assumed where Kallglot's docs are silent (the project's working assumptions, num
    {"type": "agent", "language": <target>}]`` at create (Kallglot's multi-participant example, as issue 19 quotes
    it; not in the team's API notes): :func:`app.kallglot.client.customer_and_agent`. A browser agent's leg is one
    more stream connection with ``speaker: "agent"`` (assumption 3).
+9. Kallglot's stream protocol has no client message saying "the caller has now heard all the audio you sent"
+   (the documented client messages are ``audio.input``, ``ping`` and ``session.end``; v1 has no control
+   messages). The relay knows the moment (the carrier's echo of its last ``mark``) and asks
+   :func:`playback_finished` for the message to send: none, until Kallglot documents one.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ import binascii
 import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 AUDIO_INPUT = "audio.input"
 AUDIO_OUTPUT = "audio.output"  # assumption 1
@@ -109,14 +115,26 @@ ServerMessage = AudioOutput | ClearAudio | SessionEnded | SessionError | Transcr
 
 
 def audio_input(payload_b64: str, *, sequence: int, timestamp_ms: int, speaker: str) -> str:
-    """Serialize one ``audio.input`` message; ``payload_b64`` is base64 of raw μ-law 8 kHz mono bytes."""
-    return json.dumps({
-        "type": AUDIO_INPUT, "sequence": sequence, "timestamp_ms": timestamp_ms, "speaker": speaker,
-        "audio": {"encoding": INPUT_ENCODING, "sample_rate_hz": INPUT_SAMPLE_RATE_HZ, "payload": payload_b64},
-    }, separators=(",", ":"))
+    """Serialize one ``audio.input`` message; ``payload_b64`` is base64 of raw μ-law 8 kHz mono bytes.
+
+    Built as a string (the hot path's one message, ten a second per leg): the same bytes ``json.dumps`` with
+    compact separators gives; base64 needs no escaping.
+    """
+    return (f'{{"type":"{AUDIO_INPUT}","sequence":{int(sequence)},"timestamp_ms":{int(timestamp_ms)},'
+            f'"speaker":{json.dumps(speaker)},"audio":{{"encoding":"{INPUT_ENCODING}",'
+            f'"sample_rate_hz":{INPUT_SAMPLE_RATE_HZ},"payload":"{payload_b64}"}}}}')
 
 
 PING = json.dumps({"type": "ping"})
+
+
+def playback_finished(mark: str) -> str | None:
+    """The message telling Kallglot the caller has heard all its audio (up to ``mark``), or None: none exists.
+
+    Assumption 9: the stream reference documents no such client message, and inventing one would earn a
+    ``session.error`` (``unknown_message_type``) at best. Return the serialized message here once it exists.
+    """
+    return None
 
 
 def parse_server_message(raw: str | bytes) -> ServerMessage:
@@ -124,7 +142,7 @@ def parse_server_message(raw: str | bytes) -> ServerMessage:
     if isinstance(raw, bytes):
         return UnknownMessage("binary-frame")
     try:
-        message: Any = json.loads(raw)
+        message: Any = orjson.loads(raw)
     except ValueError:
         return UnknownMessage("invalid-json")
     if not isinstance(message, dict):

@@ -148,6 +148,7 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
         spawn(dial_agent_if_configured, svc, grant.session_id, codec.carrier, grant.call_id, name="dial-agent")
     try:
         relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
+                           quiet_flush_ms=svc.settings.uplink_quiet_flush_ms,
                            context=context, on_end=record_end, reopen_kallglot=open_kallglot,
                            reconnect_backoff_seconds=svc.settings.kallglot_reconnect_backoff_seconds,
                            ping_interval_seconds=svc.settings.kallglot_ping_interval_seconds,

@@ -24,9 +24,12 @@ from app.kallglot.stream_protocol import (
 )
 from app.relay.audio import DownlinkTranscoder, UnsupportedAudio
 from app.relay.outcome import RelayEnd, RelayStats
+from app.relay.playback import PlaybackTracker
 from app.relay.reopen import KALLGLOT_RECONNECT_BACKOFF_SECONDS, KALLGLOT_RECONNECT_BUFFER_MS, KallglotLink
 from app.relay.sockets import START_TIMEOUT_SECONDS, CarrierSocket, await_start, close_quietly, set_tcp_nodelay
-from app.relay.uplink import HOP_SAMPLE_EVERY, MULAW_BYTES_PER_MS, UPLINK_POLL_SECONDS, Uplink
+from app.relay.uplink import (
+    DEFAULT_QUIET_FLUSH_MS, HOP_SAMPLE_EVERY, MULAW_BYTES_PER_MS, UPLINK_POLL_SECONDS, Uplink,
+)
 
 # Re-exported: the carriers' media routes and the bridge import these from here.
 __all__ = [
@@ -45,7 +48,7 @@ class MediaRelay:
     """Bridges one started carrier stream to one Kallglot stream socket until either side ends."""
 
     def __init__(self, carrier_ws: CarrierSocket, codec: CarrierCodec, kallglot: KallglotStream, *,
-                 speaker: str, chunk_ms: int, context: str,
+                 speaker: str, chunk_ms: int, context: str, quiet_flush_ms: int = DEFAULT_QUIET_FLUSH_MS,
                  on_end: Callable[[RelayEnd, str], None] | None = None,
                  reopen_kallglot: Callable[[], KallglotStream] | None = None,
                  reconnect_backoff_seconds: Sequence[float] = KALLGLOT_RECONNECT_BACKOFF_SECONDS,
@@ -56,7 +59,7 @@ class MediaRelay:
         # Live-console hooks; both must return at once (they queue, never touch Redis: app/calls/events.py).
         self.on_transcript = on_transcript
         self.on_health = on_health
-        self._marks_sent_at: dict[str, float] = {}  # mark name → when sent, for the playback lag
+        self.playback = PlaybackTracker()  # each mark's send time and echo: the playback lag
         # Called with why the relay ended (and Kallglot's reason, if it ended the session) after the last
         # audio went to Kallglot but *before* the carrier socket closes: the carrier reacts to that close at
         # once (Twilio requests <Connect action>), and must find the leg's end already recorded.
@@ -78,7 +81,8 @@ class MediaRelay:
                                  backoff_seconds=reconnect_backoff_seconds, on_reopened=self._reopened)
         self.uplink = Uplink(carrier_ws, codec, self.link, speaker=speaker, chunk_ms=chunk_ms, stats=self.stats,
                              context=context, ending=self._ending, finish=self._finish,
-                             protocol_error=self._protocol_error, mark_played=self._mark_played)
+                             protocol_error=self._protocol_error, mark_played=self._mark_played,
+                             quiet_flush_ms=quiet_flush_ms)
 
     @property
     def kallglot(self) -> KallglotStream:
@@ -156,11 +160,20 @@ class MediaRelay:
 
     # -- live-console health ---------------------------------------------------------------------------------
     def _mark_played(self, name: str) -> None:
-        """The carrier played up to mark ``name``: report how long after sending (the playback lag)."""
-        sent_at = self._marks_sent_at.pop(name, None)
-        if sent_at is not None and self.on_health is not None:
-            self.on_health({"playback_lag_ms": round((time.monotonic() - sent_at) * 1000),
+        """The carrier played up to mark ``name``: publish how long after sending (the playback lag), and tell
+        Kallglot once the caller has heard everything — if its protocol has a message for it (assumption 9)."""
+        played = self.playback.played(name)
+        if played is None:
+            return
+        metrics.PLAYBACK_LAG_SECONDS.labels(self.codec.carrier).observe(played.lag_seconds)
+        if self.on_health is not None:
+            self.on_health({"playback_lag_ms": round(played.lag_seconds * 1000),
                             "kallglot_reconnects": self.stats.kallglot_reconnects})
+        if played.heard_everything:
+            self.stats.playback_caught_up += 1
+            notice = stream_protocol.playback_finished(played.name)
+            if notice is not None:  # none today: Kallglot documents no such message
+                self.link.send_audio(notice)  # in order with the caller's audio, queued like it while reconnecting
 
     def _reopened(self) -> None:
         if self.on_health is not None:
@@ -181,7 +194,6 @@ class MediaRelay:
         next_ping = time.monotonic() + self.ping_interval_seconds
         utterance_open = False
         last_audio_at = 0.0
-        marks = 0
         warned_formats: set[str] = set()
         while not self._ending.is_set():
             now = time.monotonic()
@@ -204,12 +216,10 @@ class MediaRelay:
                     if tail:
                         if not self._to_carrier(self.codec.media(tail)):
                             return
+                        self.playback.audio_sent()
                         self.stats.frames_to_carrier += 1
                         self.stats.bytes_to_carrier += len(tail)
-                    marks += 1
-                    if len(self._marks_sent_at) < 64:  # bounded: a carrier that never echoes marks
-                        self._marks_sent_at[f"utt-{marks}"] = time.monotonic()
-                    if not self._to_carrier(self.codec.mark(f"utt-{marks}")):
+                    if not self._to_carrier(self.codec.mark(self.playback.next_mark())):
                         return
                     self.stats.marks_sent += 1
                     utterance_open = False
@@ -236,6 +246,7 @@ class MediaRelay:
                     continue
                 if not self._to_carrier(self.codec.media(mulaw)):
                     return
+                self.playback.audio_sent()
                 self.stats.frames_to_carrier += 1
                 self.stats.bytes_to_carrier += len(mulaw)
                 if self.stats.frames_to_carrier % HOP_SAMPLE_EVERY == 0:

@@ -29,6 +29,7 @@ class RelayStats:
     bytes_to_carrier: int = 0
     marks_sent: int = 0
     marks_played: int = 0
+    playback_caught_up: int = 0  # echoed marks after which the caller had heard all return audio
     clears: int = 0
     dtmf: int = 0
     frames_dropped: int = 0

@@ -1,7 +1,7 @@
 """The relay's uplink (carrier → Kallglot): read carrier frames, batch caller audio into ``audio.input`` chunks."""
 from __future__ import annotations
 
-import base64
+import binascii
 import logging
 import threading
 import time
@@ -26,6 +26,8 @@ MULAW_BYTES_PER_MS = 8
 METRICS_FLUSH_FRAMES = 250
 #: One in this many uplink chunks / downlink frames has its time inside the relay observed.
 HOP_SAMPLE_EVERY = 10
+#: Default quiet time after which a half-full batch goes to Kallglot (``UPLINK_QUIET_FLUSH_MS``).
+DEFAULT_QUIET_FLUSH_MS = 40
 
 
 class Uplink:
@@ -34,7 +36,8 @@ class Uplink:
     def __init__(self, carrier_ws: CarrierSocket, codec: CarrierCodec, link: KallglotLink, *, speaker: str,
                  chunk_ms: int, stats: RelayStats, context: str, ending: threading.Event,
                  finish: Callable[[RelayEnd], None], protocol_error: Callable[[int, str], None],
-                 mark_played: Callable[[str], None] | None = None) -> None:
+                 mark_played: Callable[[str], None] | None = None,
+                 quiet_flush_ms: int = DEFAULT_QUIET_FLUSH_MS) -> None:
         self._carrier_ws = carrier_ws
         self._codec = codec
         self._link = link
@@ -47,6 +50,10 @@ class Uplink:
         # Records the leg's end, then closes the carrier socket with this code (see MediaRelay.protocol_error).
         self._protocol_error = protocol_error
         self._mark_played = mark_played
+        # A carrier that suppresses silence sends nothing after the caller stops talking: a half-full batch
+        # goes out once no frame has come for this long (0: never; it waits for the next frame or the end).
+        self._quiet_flush_seconds = quiet_flush_ms / 1000
+        self.quiet_flushes = 0
         self._pending = bytearray()
         self._sequence = 0
         self._bytes_sent = 0
@@ -57,9 +64,15 @@ class Uplink:
         parse = self._codec.parse
         clock = time.perf_counter
         stats = self._stats
+        quiet = self._quiet_flush_seconds
+        last_media_at = 0.0
         while not self._ending.is_set():
+            # The quiet-time flush needs no timer of its own: the wait for the next frame is cut short instead.
+            timeout = UPLINK_POLL_SECONDS
+            if self._pending and quiet:
+                timeout = min(timeout, max(last_media_at + quiet - clock(), 0.0))
             try:
-                raw = self._carrier_ws.receive(timeout=UPLINK_POLL_SECONDS)
+                raw = self._carrier_ws.receive(timeout=timeout)
                 received_at = clock()
             except ConnectionClosed:
                 self._finish(RelayEnd.CARRIER_LOST)
@@ -68,9 +81,14 @@ class Uplink:
                 if not self._carrier_ws.connected:
                     self._finish(RelayEnd.CARRIER_LOST)
                     return
+                if self._pending and quiet and received_at - last_media_at >= quiet:
+                    self.quiet_flushes += 1
+                    if not self.flush():
+                        return
                 continue
             event = parse(raw)
             if isinstance(event, Media):
+                last_media_at = received_at
                 stats.frames_in += 1
                 stats.bytes_in += len(event.payload)
                 self._pending += event.payload
@@ -101,11 +119,15 @@ class Uplink:
                     log.warning("%s dropping carrier frame: %s", self._context, event.reason)
             # Connected, a second StreamStarted and Ignored need nothing.
 
-    def flush(self) -> None:
-        """Send whatever is left (less than a chunk) so Kallglot gets every byte the caller said."""
+    def flush(self) -> bool:
+        """Send whatever is left (less than a chunk) so Kallglot gets every byte the caller said.
+
+        False if Kallglot is gone for good (the relay is then ending as ``KALLGLOT_LOST``).
+        """
         while self._pending:
             if not self._send_chunk(min(len(self._pending), self.chunk_bytes)):
-                return
+                return False
+        return True
 
     def _send_chunk(self, size: int) -> bool:
         """Send the first ``size`` pending bytes as one ``audio.input``; False if Kallglot is gone for good."""
@@ -113,7 +135,7 @@ class Uplink:
         del self._pending[:size]
         self._sequence += 1
         message = stream_protocol.audio_input(
-            base64.b64encode(chunk).decode("ascii"), sequence=self._sequence,
+            binascii.b2a_base64(chunk, newline=False).decode("ascii"), sequence=self._sequence,
             timestamp_ms=self._origin_ms + self._bytes_sent // MULAW_BYTES_PER_MS, speaker=self._speaker)
         self._bytes_sent += len(chunk)
         if self._link.send_audio(message):

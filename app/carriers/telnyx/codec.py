@@ -195,7 +195,7 @@ class TelnyxMediaCodec:
 
 
 def _media_message(mulaw: bytes) -> str:
-    return json.dumps({"event": "media", "media": {"payload": base64.b64encode(mulaw).decode("ascii")}})
+    return '{"event":"media","media":{"payload":"' + binascii.b2a_base64(mulaw, newline=False).decode("ascii") + '"}}'
 
 
 class FramedSocket:

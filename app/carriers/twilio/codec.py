@@ -19,6 +19,7 @@ class TwilioMediaCodec:
 
     def __init__(self) -> None:
         self.stream_sid: str | None = None
+        self._media_prefix = ""  # the outbound media frame up to its payload, built once per stream
 
     def parse(self, raw: str | bytes) -> CarrierEvent:
         """Turn one Twilio frame into a relay event; never raises."""
@@ -45,6 +46,7 @@ class TwilioMediaCodec:
                 return Malformed("start without callSid and streamSid", close_code=1008)
             params = start.get("customParameters")
             self.stream_sid = str(start.get("streamSid") or message.get("streamSid"))
+            self._media_prefix = ""
             return StreamStarted(call_id=start["callSid"], stream_id=self.stream_sid,
                                  parameters={str(k): str(v) for k, v in params.items()}
                                  if isinstance(params, dict) else {})
@@ -57,8 +59,9 @@ class TwilioMediaCodec:
 
     def media(self, mulaw: bytes) -> str:
         """Play headerless μ-law 8 kHz to the caller."""
-        return json.dumps({"event": "media", "streamSid": self.stream_sid,
-                           "media": {"payload": base64.b64encode(mulaw).decode("ascii")}})
+        if not self._media_prefix:
+            self._media_prefix = '{"event":"media","streamSid":' + json.dumps(self.stream_sid) + ',"media":{"payload":"'
+        return self._media_prefix + binascii.b2a_base64(mulaw, newline=False).decode("ascii") + '"}}'
 
     def mark(self, name: str) -> str:
         """Ask Twilio to echo ``name`` once playback reaches this point."""

@@ -28,7 +28,8 @@ LANGUAGES = frozenset(
     "en es de fr it pt nl pl ru uk tr ar he hi bn ur zh ja ko vi th id ms sv da no fi el cs ro hu".split()
 )
 SPEAKERS = frozenset({"customer", "agent"})
-BEHAVIOURS = frozenset({"echo", "silent"})
+#: ``echo_no_transcripts``: echo, without the transcript lines (the load benchmark's transcript-cost toggle).
+BEHAVIOURS = frozenset({"echo", "echo_no_transcripts", "silent"})
 FAULT_ENDPOINTS = frozenset({"create", "get", "end", "connect"})
 BYTES_PER_SECOND = 8000  # mu-law at 8 kHz mono is one byte per sample
 _ID_ALPHABET = string.ascii_uppercase + string.digits

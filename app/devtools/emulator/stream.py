@@ -140,13 +140,13 @@ class StreamHandler:
         with self.state.lock:
             behaviour = self.state.behaviour
             session = self.state.sessions.get(self.session_id)
-        if behaviour == "echo":
+        if behaviour in ("echo", "echo_no_transcripts"):
             self.conn.outputs_sent += 1
             self.conn.send({"type": "audio.output", "sequence": self.conn.outputs_sent,
                             "audio": {"encoding": "mulaw", "sample_rate_hz": 8000, "payload": payload}})
         source = (session.source_language if session else None) or "en"
         target = (session.target_language if session else None) or "es"
-        for number in seconds:
+        for number in seconds if behaviour != "echo_no_transcripts" else ():
             # Each second's final replaces its partial (same id); the next second's partial opens at once.
             final = {"type": "transcript.final", "id": f"utt_{speaker}_{number}", "speaker": speaker,
                      "language": source, "text": f"(emulated utterance {number})",

@@ -15,6 +15,12 @@ measures for ``--steady`` seconds, hangs up, and prints:
   call-second, RSS per live call (worker RSS at steady state minus idle RSS before the step, over N),
 - ``/twilio/voice`` latency during the ramp (a setup burst at ``--rate``) next to Kallglot's create time.
 
+With ``--reference`` every step runs twice in the same run, same machine, same generator and core: against the
+bridge and against a reference relay in the style of Twilio's own sample (FastAPI/uvicorn/websockets,
+:mod:`app.devtools.loadtest.reference_relay`, the ``[loadtest]`` extra). ``--transcripts both`` runs each bridge
+step with and without the emulator's transcript lines (one final and one partial per second per call), which the
+bridge forwards to the live console's Redis Stream: the difference is what that forwarding costs.
+
 Loopback only; every phase is bounded and the run ends by itself. Needs ``node`` and ``npm`` (it runs
 ``npm install`` in this directory once, for ``ws``), ``redis-server``, and Linux ``/proc``.
 """
@@ -36,6 +42,8 @@ from typing import Any
 
 import requests
 
+from app.devtools.loadtest import profile
+from app.devtools.loadtest.targets import Target, run_reference
 from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis
 
 HERE = Path(__file__).resolve().parent
@@ -123,8 +131,9 @@ def histogram_mean(before: str, after: str, name: str, labels: str) -> float | N
 
 
 @contextlib.contextmanager
-def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int) -> Iterator[tuple[RunningServer, RunningServer, int]]:
-    """Redis, the emulator and the bridge, pinned; yields (bridge, emulator, bridge worker pid)."""
+def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int, reference: bool,
+          layers: list[str], logs: Path | None = None) -> Iterator[tuple[list[Target], RunningServer]]:
+    """Redis, the emulator, the bridge and (``reference``) the reference relay, pinned; yields (targets, emulator)."""
     with run_redis() as redis_url:
         if not os.environ.get("REDIS_URL"):
             redis_pids = subprocess.run(["pgrep", "-f", f"redis-server.*{redis_url.split(':')[2].split('/')[0]}"],
@@ -141,25 +150,42 @@ def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int) -> Iterator[tuple[Runn
                    "PUBLIC_URL": f"http://127.0.0.1:{port}", "SECRET_KEY": "loadtest-secret-key-0123456789",
                    "TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT_SID, "TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
                    "UPLINK_CHUNK_MS": str(chunk_ms), "LOG_LEVEL": "WARNING"}
-            with run_gunicorn("app:create_app()", env, workers=1, port=port) as bridge:
-                pin(bridge.process.pid, bridge_cpu)
-                (worker,) = children(bridge.process.pid)
-                yield bridge, emulator, worker
+            with contextlib.ExitStack() as servers:
+                targets = []
+                for layer in layers:  # one bridge per WebSocket layer, each with its own port and namespace
+                    port = free_port()
+                    bridge = servers.enter_context(run_gunicorn("app:create_app()", {
+                        **env, "WEBSOCKET_LAYER": layer, "PUBLIC_URL": f"http://127.0.0.1:{port}",
+                        "REDIS_NAMESPACE": f"loadtest-{os.getpid()}-{layer}", "LOG_LEVEL": "INFO" if logs else "WARNING"},
+                        workers=1, port=port, log_path=logs / f"bridge-{layer}.log" if logs else None))
+                    pin(bridge.process.pid, bridge_cpu)
+                    (worker,) = children(bridge.process.pid)
+                    targets.append(Target(f"bridge[{layer}]", bridge.url, worker))
+                reference_server = servers.enter_context(run_reference(env, enabled=reference))
+                if reference_server is not None:
+                    pin(reference_server.process.pid, bridge_cpu)
+                    targets.append(Target("reference", reference_server.url, reference_server.process.pid))
+                yield targets, emulator
 
 
-def run_step(calls: int, args: argparse.Namespace, bridge: RunningServer, emulator: RunningServer,
-             worker: int) -> dict[str, Any]:
-    """One step: N calls through the generator; returns the measured figures."""
+def run_step(calls: int, args: argparse.Namespace, target: Target, emulator: RunningServer,
+             transcripts: bool = True) -> dict[str, Any]:
+    """One step: N calls through the generator against ``target``; returns the measured figures."""
     (emulator_worker,) = children(emulator.process.pid)
+    requests.post(emulator.url + "/_emulator/behaviour", timeout=10,
+                  json={"behaviour": "echo" if transcripts else "echo_no_transcripts"}).raise_for_status()
+    worker = target.worker_pid
     idle = sample(worker)
-    metrics_before = requests.get(bridge.url + "/metrics", timeout=10).text
-    config = {"baseUrl": bridge.url, "authToken": TWILIO_AUTH_TOKEN, "accountSid": TWILIO_ACCOUNT_SID,
+    metrics_before = requests.get(target.url + "/metrics", timeout=10).text
+    config = {"baseUrl": target.url, "authToken": TWILIO_AUTH_TOKEN, "accountSid": TWILIO_ACCOUNT_SID,
               "to": "+15005550006", "calls": calls, "rate": args.rate, "settleSeconds": args.settle,
               "steadySeconds": args.steady, "emulatorUrl": emulator.url, "emulatorApiKey": EMULATOR_API_KEY,
               "probes": args.probes, "chunkMs": args.chunk_ms}
     generator = subprocess.Popen(["taskset", "-c", str(args.other_cpu), "node", str(HERE / "generator.mjs"),
                                   json.dumps(config)], stdout=subprocess.PIPE, text=True, cwd=HERE)
     marks: dict[str, tuple[float, ProcSample, ProcSample, ProcSample]] = {}
+    sampler: subprocess.Popen[bytes] | None = None
+    profile_path = Path()
     result: dict[str, Any] = {}
     assert generator.stdout is not None
     for line in generator.stdout:
@@ -168,10 +194,18 @@ def run_step(calls: int, args: argparse.Namespace, bridge: RunningServer, emulat
             result["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
         if line in ("STEADY_START", "STEADY_END"):
             marks[line] = (time.monotonic(), sample(worker), sample(emulator_worker), sample(generator.pid))
+        if line == "STEADY_START" and args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            profile_path = args.profile / f"{target.name}-{calls}{'' if transcripts else '-no-transcripts'}.txt"
+            sampler = profile.record(worker, args.steady, profile_path)
         elif line.startswith("RESULT "):
             result = {**result, **json.loads(line[len("RESULT "):])}
     generator.wait(timeout=60)
-    metrics_after = requests.get(bridge.url + "/metrics", timeout=10).text
+    if sampler is not None:
+        sampler.wait(timeout=60)
+        result["profile"] = profile.format_summary(profile_path)
+    metrics_after = requests.get(target.url + "/metrics", timeout=10).text
+    result = {**result, "target": target.name, "transcripts": transcripts}
     if "STEADY_END" not in marks or "error" in result:
         return {"calls": calls, "error": result.get("error", "generator ended early"), **result}
     (t0, w0, e0, g0), (t1, w1, e1, g1) = marks["STEADY_START"], marks["STEADY_END"]
@@ -189,6 +223,10 @@ def run_step(calls: int, args: argparse.Namespace, bridge: RunningServer, emulat
         **result, "seconds": seconds, "added_ms": added, "relay_hop_s": hop,
         "bridge_cpu_core": (w1.cpu_seconds - w0.cpu_seconds) / seconds,
         "bridge_cpu_ms_per_call_s": (w1.cpu_seconds - w0.cpu_seconds) * 1000 / (held * seconds) if held else None,
+        # Per caller frame the generator sent in the window (each brings 1/5 of an audio.input and of an echo):
+        # unlike per call-second, this does not fall when a starved machine delivers fewer frames.
+        "bridge_cpu_us_per_frame": ((w1.cpu_seconds - w0.cpu_seconds) * 1e6 / result["framesSentInSteady"]
+                                    if result.get("framesSentInSteady") else None),
         "emulator_cpu_core": (e1.cpu_seconds - e0.cpu_seconds) / seconds,
         "generator_cpu_core": (g1.cpu_seconds - g0.cpu_seconds) / seconds,
         "rss_idle_kb": idle.rss_kb, "rss_steady_kb": w1.rss_kb,
@@ -203,25 +241,31 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def ms(seconds: float | None) -> float | None:
+    """Seconds as milliseconds, None kept."""
+    return None if seconds is None else seconds * 1000
+
+
 def print_step(r: dict[str, Any]) -> None:
     """One step's figures as a few readable lines."""
+    label = f"{r.get('target', 'bridge')}{'' if r.get('transcripts', True) else ' (no transcripts)'} "
     if "error" in r:
-        print(f"N={r['calls']}: FAILED: {r['error']}", flush=True)
+        print(f"{label}N={r['calls']}: FAILED: {r['error']}", flush=True)
         return
     e2e, probe, added, voice = r["e2eMs"] or {}, r["probeMs"] or {}, r["added_ms"], r["voiceMs"] or {}
     hop_up, hop_down = r["relay_hop_s"]["uplink"], r["relay_hop_s"]["downlink"]
-    print(f"N={r['calls']}: held {r['held']}/{r['calls']} (closed early {r['closedEarly']}), "
+    print(f"{label}N={r['calls']}: held {r['held']}/{r['calls']} (closed early {r['closedEarly']}), "
           f"frames lost {r['framesLost']} of {r['framesSent']}, errors {r['errors'] or 'none'}, "
           f"machine load average {r.get('loadavg_1m')}\n"
           f"  end-to-end echo ms p50/p95/p99 {fmt(e2e.get('p50'))}/{fmt(e2e.get('p95'))}/{fmt(e2e.get('p99'))}"
           f" (n={e2e.get('n')}); emulator alone {fmt(probe.get('p50'))}/{fmt(probe.get('p95'))}/"
           f"{fmt(probe.get('p99'))}; added by the relay {fmt(added.get('p50'))}/{fmt(added.get('p95'))}/"
           f"{fmt(added.get('p99'))}\n"
-          f"  relay hop (in-process histogram) ms p50/p99: uplink {fmt((hop_up[50] or 0) * 1000, 2)}/"
-          f"{fmt((hop_up[99] or 0) * 1000, 2)}, downlink {fmt((hop_down[50] or 0) * 1000, 2)}/"
-          f"{fmt((hop_down[99] or 0) * 1000, 2)}\n"
+          f"  relay hop (in-process histogram) ms p50/p99: uplink {fmt(ms(hop_up[50]), 2)}/"
+          f"{fmt(ms(hop_up[99]), 2)}, downlink {fmt(ms(hop_down[50]), 2)}/{fmt(ms(hop_down[99]), 2)}\n"
           f"  bridge worker CPU {r['bridge_cpu_core'] * 100:.0f}% of a core = "
-          f"{fmt(r['bridge_cpu_ms_per_call_s'], 2)} ms per call-second; emulator {r['emulator_cpu_core'] * 100:.0f}%, "
+          f"{fmt(r['bridge_cpu_ms_per_call_s'], 2)} ms per call-second = {fmt(r['bridge_cpu_us_per_frame'], 0)} µs "
+          f"per caller frame sent; emulator {r['emulator_cpu_core'] * 100:.0f}%, "
           f"generator {r['generator_cpu_core'] * 100:.0f}% (other core; generator max lag "
           f"{fmt(r['generatorMaxLagMs'])} ms, late ticks {r['generatorLateTicks']})\n"
           f"  RSS {r['rss_steady_kb'] / 1024:.0f} MB (idle {r['rss_idle_kb'] / 1024:.0f} MB) = "
@@ -229,6 +273,8 @@ def print_step(r: dict[str, Any]) -> None:
           f"  /twilio/voice at {r.get('rate', '?')} calls/s ms p50/p95/p99 {fmt(voice.get('p50'))}/"
           f"{fmt(voice.get('p95'))}/{fmt(voice.get('p99'))} (n={voice.get('n')}); Kallglot create mean "
           f"{r['kallglot_create_mean_ms']:.1f} ms", flush=True)
+    if r.get("profile"):
+        print(r["profile"], flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bridge-cpu", type=int, default=0)
     parser.add_argument("--other-cpu", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write every step's figures to this file")
+    parser.add_argument("--reference", action="store_true",
+                        help="run every step against the reference relay too (needs the [loadtest] extra)")
+    parser.add_argument("--profile", type=Path, help="py-spy each measured step into this folder (and summarize)")
+    parser.add_argument("--logs", type=Path, help="keep each bridge's log (at INFO) in this folder")
+    parser.add_argument("--layers", default="simple-websocket",
+                        help="WEBSOCKET_LAYER of the bridge; several (comma-separated) run one bridge each, side by side")
+    parser.add_argument("--transcripts", choices=("on", "off", "both"), default="on",
+                        help="the emulator's transcript lines during the bridge's steps (both: two runs per step)")
     args = parser.parse_args(argv)
     if not shutil.which("node") or not shutil.which("taskset"):
         print("needs node (and npm) and taskset on the PATH", file=sys.stderr)
@@ -256,14 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores ({Path('/proc/cpuinfo').read_text().split('model name')[1].split(':')[1].splitlines()[0].strip()}); "
           f"bridge: 1 gevent worker on cpu {args.bridge_cpu}; Redis, emulator, generator on cpu {args.other_cpu}",
           flush=True)
-    with stack(args.bridge_cpu, args.other_cpu, args.chunk_ms) as (bridge, emulator, worker):
-        # Warm-up (imports, caches, connection pools), short and unreported.
-        run_step(10, argparse.Namespace(**{**vars(args), "steady": 2.0, "settle": 1.0}), bridge, emulator, worker)
+    layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+    with stack(args.bridge_cpu, args.other_cpu, args.chunk_ms, args.reference, layers,
+               args.logs) as (targets, emulator):
+        for target in targets:  # warm-up (imports, caches, connection pools), short and unreported
+            run_step(10, argparse.Namespace(**{**vars(args), "steady": 2.0, "settle": 1.0}), target, emulator)
         for calls in steps:
-            result = {**run_step(calls, args, bridge, emulator, worker), "rate": args.rate}
-            results.append(result)
-            print_step(result)
-            time.sleep(2)  # the previous step's sessions end
+            for target in targets:
+                modes = {"on": [True], "off": [False], "both": [True, False]}[args.transcripts]
+                for transcripts in modes if target.name.startswith("bridge") else [True]:
+                    result = {**run_step(calls, args, target, emulator, transcripts), "rate": args.rate}
+                    results.append(result)
+                    print_step(result)
+                    time.sleep(2)  # the previous step's sessions end
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
