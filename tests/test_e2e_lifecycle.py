@@ -246,5 +246,82 @@ def test_a_caller_talking_while_kallglot_refuses_the_first_stream_connect_is_sti
     # The refused stream (never attached), then the reopened one.
     assert session["errors_sent"] == ["service_unavailable"] and session["connections_total"] == 1
     assert base64.b64decode(session["audio_received"]["customer"]) == audio  # once, not twice
+
+
+# ----- issue 12 item 10 on Twilio: an agent who does not answer does not hang up the customer ---------------------
+def fake_twilio(stack: Stack, path: str, body: dict) -> dict:
+    response = requests.post(stack.fake_twilio.url + path, json=body, timeout=5)
+    response.raise_for_status()
+    return response.json()
+
+
+def placed_call(stack: Stack, sid: str) -> dict:
+    return next(c for c in stack.placed_calls() if c["sid"] == sid)
+
+
+def customer_call(stack: Stack, listen_seconds: float = 4.0) -> str:
+    """An inbound customer call run by the fake Twilio (so the bridge's REST ``update`` reaches it); its sid."""
+    return fake_twilio(stack, "/_fake/inbound", {"to": TO, "from": FROM, "audio_byte": 1, "audio_seconds": 0.3,
+                                                 "listen_seconds": listen_seconds})["sid"]
+
+
+def finished(stack: Stack, sid: str, timeout: float = 30.0) -> dict:
+    call = wait_until(lambda: (c := placed_call(stack, sid))["status"] == "completed" and c, timeout)
+    assert call, placed_call(stack, sid)
+    return call
+
+
+@pytest.mark.parametrize("status", ["no-answer", "busy", "failed"])
+def test_agent_who_does_not_answer_leaves_the_customer_told_and_on_the_session(clean_stack: Stack,
+                                                                                emulator: EmulatorControl,
+                                                                                status: str) -> None:
+    from app.calls.prompts import AGENT_UNAVAILABLE_MESSAGE
+
+    clean_stack.profiles.set(TO, NumberProfile(agent_number=AGENT, agent_hangup_ends_call=True,
+                                               fallback_language="en-GB"))
+    fake_twilio(clean_stack, "/_fake/numbers", {AGENT: status})
+    sid = customer_call(clean_stack)
+    call = finished(clean_stack, sid)
+    # Told in the profile's language, then back on the same session (a second stream), never hung up by us.
+    assert call["said"] == [AGENT_UNAVAILABLE_MESSAGE] and call["dialled"] == [] and call["streams"] == 2, call
+    assert 'language="en-GB"' in call["redirects"][0] and not call["hung_up_by_api"]
+    assert call["protocol_errors"] == [] and call["errors"] == []
+    session = only_session(emulator)
+    assert session["connections_total"] == 2 and emulator.stats()["created"] == 1
+    agent_sid = next(c["sid"] for c in clean_stack.placed_calls() if c["to"] == AGENT)
+    assert clean_stack.state.call("twilio", agent_sid)["end_reason"] == f"call_{status}"
+    # The customer hung up at the end: the session ended then, once, for good.
+    assert wait_until(lambda: clean_stack.state.settled_ended(session["id"]))
+    assert emulator.session(session["id"])["end_calls"] == 1
+
+
+def test_agent_unavailable_forwards_the_customer_to_the_fallback_number(clean_stack: Stack,
+                                                                        emulator: EmulatorControl) -> None:
+    from app.calls.prompts import AGENT_UNAVAILABLE_MESSAGE
+
+    fallback = "+14155550199"
+    clean_stack.profiles.set(TO, NumberProfile(agent_number=AGENT, fallback_number=fallback))
+    fake_twilio(clean_stack, "/_fake/numbers", {AGENT: "busy"})
+    call = finished(clean_stack, customer_call(clean_stack))
+    assert (call["said"], call["dialled"], call["streams"]) == ([AGENT_UNAVAILABLE_MESSAGE], [fallback], 1), call
+    session = only_session(emulator)
+    # Forwarded: the translation session is over (its one customer leg stopped cleanly), ended once.
+    assert wait_until(lambda: clean_stack.state.settled_ended(session["id"]))
+    assert emulator.session(session["id"])["end_calls"] == 1
+
+
+@pytest.mark.parametrize("ends_call", [True, False])
+def test_agent_hangup_ends_call_both_ways(clean_stack: Stack, emulator: EmulatorControl, ends_call: bool) -> None:
+    """An agent who answered, talked and hung up ends the customer's call only when the profile says so."""
+    clean_stack.profiles.set(TO, NumberProfile(agent_number=AGENT, agent_hangup_ends_call=ends_call))
+    fake_twilio(clean_stack, "/_fake/numbers", {AGENT: "hangs-up"})
+    sid = customer_call(clean_stack, listen_seconds=6.0)
+    agent = wait_until(lambda: next((c for c in clean_stack.placed_calls() if c["to"] == AGENT
+                                     and c["status"] == "completed"), None), 20)
+    assert agent and not agent["hung_up_by_api"]  # the agent hung up by itself
+    call = finished(clean_stack, sid)
+    assert call["hung_up_by_api"] is ends_call, call
+    assert call["said"] == [] and call["redirects"] == []
+    session = only_session(emulator)
     assert wait_until(lambda: clean_stack.state.settled_ended(session["id"]))
     assert emulator.session(session["id"])["end_calls"] == 1

@@ -166,7 +166,10 @@ def test_call_control_l16_leg_with_duplicate_webhooks(fake_call_control: FakeCal
     assert len(got) == 12000  # 1.5 s at 8 kHz
     assert snr_db(voiced(8000, 1.5), samples(audioop.ulaw2lin(got, 2)), lag=16) > 30
     assert len(base64.b64decode(call["heard"])) >= 8000  # Kallglot's echo came back as PCMU
-    assert all(w["status"] == 200 for w in call["webhooks"])
+    # Every event was handled (a 200); a copy that arrived while its twin was being handled got 503 and is
+    # redelivered (its later attempts may land after the call is over): nothing else, no failure.
+    assert {w["status"] for w in call["webhooks"]} <= {200, 503}, call["webhooks"]
+    assert {w["event"] for w in call["webhooks"] if w["status"] == 200} == {w["event"] for w in call["webhooks"]}
     ended_once(emulator, telnyx_state)
     session = only_session(emulator)
     assert session["metadata"]["telnyx_call_control_id"] == call_id

@@ -246,3 +246,33 @@ def test_agent_hangup_ends_call_both_ways(telnyx_app: Flask, client: FlaskClient
     hung_up = [c["call_control_id"] for c in fake_call_control.commands("hangup")]
     assert hung_up == ([customer] if ends_call else [])
     assert [c for c in fake_call_control.commands("speak") if c["call_control_id"] == customer] == []
+
+
+def test_an_event_whose_worker_died_mid_handler_is_handled_when_telnyx_redelivers_it(
+        telnyx_app: Flask, client: FlaskClient, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        fake_call_control: FakeCallControl) -> None:
+    """Chaos (1000 calls, a worker killed mid-``call.answered``): the event was marked seen before its handler
+    ran, so Telnyx's redelivery was dropped as a duplicate and the caller sat in silence. Now the mark is a
+    short "being handled" lease: a redelivery meanwhile gets 503 (Telnyx tries again), one after the lease is
+    handled, and only a handled event is a duplicate."""
+    from app.carriers.telnyx.call_control import HANDLED, HANDLING
+
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    state = last(fake_call_control, "answer")["client_state"]
+    answered = event("call.answered", call_id, state="answered", client_state=state)
+    with telnyx_app.app_context():
+        svc = services()
+        seen = svc.keys.seen("telnyx", json.loads(answered)["data"]["id"])
+        svc.redis.set(seen, HANDLING, ex=20)  # a worker took it, then was killed before it streamed
+    first = cc(client, telnyx_signer, answered)
+    assert first.status_code == 503 and fake_call_control.commands("streaming_start") == []
+    with telnyx_app.app_context():
+        services().redis.delete(seen)  # the lease lapsed
+    again = cc(client, telnyx_signer, answered)
+    assert again.status_code == 200 and len(fake_call_control.commands("streaming_start")) == 1
+    with telnyx_app.app_context():
+        assert services().redis.get(seen) == HANDLED.encode()
+    duplicate = cc(client, telnyx_signer, answered)
+    assert (duplicate.status_code, duplicate.json["status"]) == (200, "duplicate")
+    assert len(fake_call_control.commands("streaming_start")) == 1

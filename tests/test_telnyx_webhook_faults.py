@@ -109,11 +109,13 @@ def test_texml_with_kallglot_and_redis_both_down_still_answers_with_the_builtin_
     assert [child.tag for child in root] == ["Say", "Hangup"] and root.find("Say").text == UNAVAILABLE_MESSAGE
 
 
-@pytest.mark.parametrize("stream_event, clean", [("stream-error", False), ("stream-failed", False),
-                                                 ("stream-stopped", True)])
-def test_a_texml_stream_ending_ends_the_leg_lost_or_clean(client: FlaskClient, telnyx_app: Flask,
-                                                          telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
-                                                          stream_event: str, clean: bool) -> None:
+@pytest.mark.parametrize("stream_event", ["stream-error", "stream-failed", "stream-stopped"])
+@pytest.mark.parametrize("cause, clean", [("normal_clearing", True), ("destination_out_of_order", False)])
+def test_a_texml_stream_ending_is_recorded_and_the_calls_end_ends_the_leg_lost_or_clean(
+        client: FlaskClient, telnyx_app: Flask, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        stream_event: str, cause: str, clean: bool) -> None:
+    """A stream's status callback ends nothing (the <Redirect> after <Connect> restores a stream lost with the
+    caller still on: texml_restore.py); the call's own final status ends the leg, lost or clean by its cause."""
     call_id = new_call_control_id()
     post(client, "/telnyx/texml", texml_body(call_id), telnyx_signer)
     (session,) = emulator.sessions()
@@ -121,11 +123,17 @@ def test_a_texml_stream_ending_ends_the_leg_lost_or_clean(client: FlaskClient, t
     assert post(client, "/telnyx/texml/status", body, telnyx_signer).status_code == 200
     with telnyx_app.app_context():
         svc = services()
+        assert svc.lifecycle.call_record("telnyx", call_id)["state"] == "live"
+        assert [e.get("event") for e in svc.lifecycle.events("telnyx", call_id)] == [stream_event]
+    completed = texml_body(call_id, CallStatus="completed", HangupCause=cause)
+    assert post(client, "/telnyx/texml/status", completed, telnyx_signer).status_code == 200
+    with telnyx_app.app_context():
+        svc = services()
         call = svc.lifecycle.call_record("telnyx", call_id)
         record = svc.lifecycle.session_record(session["id"])
-    assert call["state"] == "ended" and call["end_reason"] == stream_event.replace("-", "_")
+    assert call["state"] == "ended" and call["end_reason"] == f"call_completed_{cause}"
     assert call["clean"] == ("1" if clean else "0")
-    # A lost stream holds the session for a reconnect; the caller's own stop ends it at once.
+    # A lost call holds the session for a reconnect; an ordinary hang-up ends it at once.
     assert record["status"] == ("ended" if clean else "held")
     assert (emulator.session(session["id"])["status"] == "ended") is clean
 

@@ -112,7 +112,9 @@ def test_texml_answer_connects_a_bidirectional_rtp_stream(client: FlaskClient, t
         ("rtp", "PCMU", "PCMU")
     assert stream.get("statusCallback") == "https://bridge.example.com/telnyx/texml/status"
     params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
-    assert [child.tag for child in root] == ["Connect", "Say", "Hangup"]  # goodbye if our side ends the stream
+    # The stream over with the caller still on: <Redirect> restores it or says why (texml_restore.py).
+    assert [child.tag for child in root] == ["Connect", "Redirect"]
+    assert root[1].text == "https://bridge.example.com/telnyx/texml/stream-ended"
     (session,) = emulator.sessions()
     assert params["session_id"] == session["id"] and session["routing"] == {"phone_number": TO}
     assert parse_qs(query) == {"relay_token": [params["relay_token"]]}  # the token by the documented url, too

@@ -96,6 +96,19 @@ def test_every_webhook_the_fake_sends_is_an_sdk_event_with_only_its_fields() -> 
     assert "direction" not in answered["data"]["payload"]
 
 
+def test_the_fakes_new_behaviours_send_only_sdk_events() -> None:
+    """A dialled number that never answers, and webhooks delivered out of order, are still SDK events."""
+    fake = RecordingFake()
+    fake.unanswered["+14155557770"] = "no_answer"
+    dialled = FakeCall(call_control_id=CALL_ID, to="+14155557770", from_="+15005550006", scenario={})
+    fake.answer_dialled(dialled, "e30=")
+    assert [b["data"]["event_type"] for b in fake.sent] == ["call.initiated", "call.hangup"]
+    assert fake.sent[-1]["data"]["payload"]["hangup_cause"] == "no_answer"
+    for body in fake.sent:
+        assert webhook_errors(body) == [], body
+        EVENT_TYPES[body["data"]["event_type"]].model_validate(body["data"])
+
+
 def test_the_fake_cannot_send_a_field_telnyx_does_not_define() -> None:
     fake = RecordingFake()
     call = FakeCall(call_control_id=CALL_ID, to="+1", from_="+2", scenario={})
@@ -120,6 +133,22 @@ def test_fake_twilio_rest_accepts_exactly_the_twilio_librarys_parameters() -> No
     refused = client.post("/2010-04-01/Accounts/AC1/Calls.json", auth=("AC1", "t"),
                           data={"To": "+1", "From": "+2", "Url": "https://x", "StatusCallbackEvents": "answered"})
     assert refused.status_code == 400 and "StatusCallbackEvents" in refused.json["message"]
+    # update(twiml=…) sends ``Twiml``; a spelling the library never sends is refused like any unknown parameter.
+    assert "Twiml" in update_call_parameters()
+    misspelt = client.post("/2010-04-01/Accounts/AC1/Calls/CA" + "0" * 32 + ".json", auth=("AC1", "t"),
+                           data={"TwiML": "<Response/>"})
+    assert misspelt.status_code == 400 and "TwiML" in misspelt.json["message"]
+
+
+def test_the_texml_simulator_refuses_verbs_telnyx_does_not_document() -> None:
+    from app.devtools.simulator.telnyx import TexmlCallResult, TexmlCallSimulator, _TexmlRun
+
+    simulator = TexmlCallSimulator("http://127.0.0.1:9", TelnyxSigner())
+    result = TexmlCallResult(call_sid=CALL_ID)
+    run = _TexmlRun(result, "+1", "+2", b"", b"", "PCMU", 8000, 0.0, False, False, False)
+    simulator._run_texml(run, "<Response><Say>hi</Say><Client>x</Client><Hangup/></Response>", depth=0)
+    assert result.said == ["hi"] and result.hung_up
+    assert result.errors == ["<Client> is not a TeXML verb Telnyx documents"]
 
 
 @pytest.mark.parametrize("assumptions", [TELNYX_ASSUMPTIONS, TWILIO_ASSUMPTIONS])

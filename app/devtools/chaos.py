@@ -1,10 +1,13 @@
-"""Chaos run: hundreds of simulated calls with faults mixed in, then a count of what leaked.
+"""Chaos run (long: every carrier's scenarios share one plan, stack and tally): simulated calls with faults mixed
+in, then a count of what leaked.
 
 ``python -m app.devtools.chaos --calls 300 --concurrency 24`` starts a private stack on loopback — redis-server, the
 Kallglot emulator, a fake Twilio REST API (for agent legs and hang-ups), and two bridge instances under
 gunicorn + gevent sharing that Redis (``--instances N``; ``--redis cluster`` or ``sentinel`` for a 3-master
-Redis Cluster or a Sentinel-managed master + replica instead of one server) — and places calls through the Twilio simulator. Each call draws one
-scenario (seeded, so a run can be repeated):
+Redis Cluster or a Sentinel-managed master + replica instead of one server), and the fake Telnyx — and places
+calls. Each call draws a carrier from ``--carriers`` (default ``twilio,texml,call-control``: Twilio through the
+Twilio simulator, Telnyx TeXML and Call Control through :mod:`app.devtools.chaos_telnyx`) and one scenario (both
+seeded, so a run can be repeated):
 
 ``normal``          talk, listen, hang up (status callbacks as Twilio sends them)
 ``callbacks``       hang up with the callbacks repeated or in reverse order
@@ -18,7 +21,7 @@ scenario (seeded, so a run can be repeated):
 
 It then waits for every hold window and heartbeat to run out and prints: sessions created, ended, leaked
 (not ended), double-ended (``end`` called more than once), and calls that heard nothing (neither audio nor a
-message), each failure with its timeline (the simulator's view, then the bridges' log lines for that call and
+message), overall and per carrier, each failure with its timeline (the simulator's view, then the bridges' log lines for that call and
 session). Exit status 0 only when leaked, double-ended and dead air are all 0. Loopback only; bounded; stops
 by itself.
 
@@ -34,7 +37,6 @@ import argparse
 import base64
 import os
 import random
-import re
 import signal
 import sys
 import threading
@@ -45,11 +47,19 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
+import nacl.signing
 import requests
 
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
-from app.devtools.chaos_report import call_timeline, load_average, reaper_work_by_instance, session_timeline, stress
+from app.devtools.chaos_report import (
+    call_of, call_timeline, load_average, per_carrier_lines, pid_of_relay, reaper_work_by_instance, redis_view,
+    session_timeline, stress,
+)
+from app.devtools.chaos_telnyx import (
+    MODES, TEXML, TWILIO, HeardCall, TelnyxChaos, fake_telnyx_env, parse_modes, telnyx_bridge_env,
+)
+from app.devtools.simulator.telnyx import TelnyxSigner
 from app.devtools.localstack import RunningServer, free_port, run_gunicorn, startup_timeout
 from app.devtools.redis_topologies import RedisDeployment, run_redis_deployment
 from app.profiles import NumberProfile, ProfileStore
@@ -70,6 +80,8 @@ NUMBER, AGENT_LINE = "+15005550006", "+15005550008"
 #: A number the bridge's toll-fraud rules dial (app/calls/destinations.py): a +1 500 "personal number" is refused,
 #: which left the ``agent`` scenario without an agent leg.
 AGENT_NUMBER = "+14155557770"
+#: The Telnyx number with an agent (dialled through Call Control, for TeXML and Call Control customers alike).
+TELNYX_AGENT_LINE, TELNYX_AGENT_NUMBER = "+15005550108", "+15005550109"
 RECONNECT_WINDOW_SECONDS, HEARTBEAT_TIMEOUT_SECONDS = 3, 4
 
 
@@ -78,20 +90,24 @@ class Outcome:
     """What one simulated call experienced."""
 
     scenario: str
-    results: list[CallResult]
+    results: list[CallResult | HeardCall]
     error: str = ""
+    carrier: str = TWILIO
 
     @property
     def dead_air(self) -> bool:
-        """Neither audio nor a spoken message reached the caller on any of its calls."""
-        return not any(r.heard_audio or r.said for r in self.results)
+        """Neither audio nor a spoken message reached the caller on any of its calls, or a call was left up
+        in silence with nothing more coming from the bridge."""
+        return not any(r.heard_audio or r.said for r in self.results) or \
+            any(getattr(r, "stranded", False) for r in self.results)
 
 
 class Chaos:
     """The running stack and the scenario implementations."""
 
     def __init__(self, bridges: list[RunningServer], emulator: RunningServer, seed: int, redis: RedisDeployment,
-                 listen_seconds: float = 1.0) -> None:
+                 listen_seconds: float = 1.0, fake_telnyx: RunningServer | None = None,
+                 signer: TelnyxSigner | None = None) -> None:
         self.bridges, self.emulator = bridges, emulator
         self.random = random.Random(seed)
         self.lock = threading.Lock()
@@ -101,6 +117,13 @@ class Chaos:
         self.listen_seconds = listen_seconds
         self.redis = redis.client(decode_responses=True)
         self.keys = RedisKeys("chaos")
+        self.telnyx = TelnyxChaos([b.url for b in bridges], bridges[0].url, fake_telnyx.url, signer, self._choose,
+                                  self.kill_relay, self.drop_kallglot, listen_seconds) \
+            if fake_telnyx is not None and signer is not None else None
+
+    def _choose(self, options: list[str]) -> str:
+        with self.lock:
+            return self.random.choice(options)
 
     def simulator(self) -> TwilioCallSimulator:
         with self.lock:
@@ -111,13 +134,15 @@ class Chaos:
     def fault(self, **fault: object) -> None:
         requests.post(self.emulator.url + "/_emulator/faults", json={"faults": [fault]}, timeout=5).raise_for_status()
 
-    def session_of(self, call_sid: str) -> str | None:
+    def session_of(self, call_sid: str, carrier: str = "twilio") -> str | None:
         """The call's session as the bridge recorded it (one Redis read, not a scan of every session)."""
-        value = self.redis.hget(self.keys.call("twilio", call_sid), "session_id")
+        value = self.redis.hget(self.keys.call(carrier, call_sid), "session_id")
         return str(value) if value else None
 
-    def run(self, scenario: str, audio: bytes) -> Outcome:
-        """Place one call (or two, for ``returning``) under ``scenario``."""
+    def run(self, scenario: str, audio: bytes, mode: str = TWILIO) -> Outcome:
+        """Place one call (or two, for ``returning``) under ``scenario`` through ``mode``'s carrier."""
+        if mode != TWILIO:
+            return self._run_telnyx(scenario, audio, mode)
         sim = self.simulator()
         caller = f"+1555{self.random.randrange(10**6, 10**7)}"
         to = AGENT_LINE if scenario == "agent" else NUMBER
@@ -151,6 +176,28 @@ class Chaos:
         except Exception as exc:  # a simulator failure is reported, never hidden
             return Outcome(scenario, [], error=f"{type(exc).__name__}: {exc}")
 
+    def _run_telnyx(self, scenario: str, audio: bytes, mode: str) -> Outcome:
+        assert self.telnyx is not None
+        with self.lock:
+            caller = f"+1555{self.random.randrange(10**6, 10**7)}"
+            choice = self.random.choice(["twice", "reversed"])
+        to = TELNYX_AGENT_LINE if scenario == "agent" else NUMBER
+        try:
+            if scenario == "create-fault":
+                self.fault(endpoint="create", status=503, code="service_unavailable", times=3)
+            elif scenario == "connect-fault":
+                self.fault(endpoint="connect", status=503, code="service_unavailable", times=1)
+            place = self.telnyx.texml if mode == TEXML else self.telnyx.call_control
+            return Outcome(scenario, list(place(scenario, to, caller, audio, choice)), carrier=mode)
+        except Exception as exc:  # a simulator failure is reported, never hidden
+            return Outcome(scenario, [], error=f"{type(exc).__name__}: {exc}", carrier=mode)
+
+    def drop_kallglot(self, carrier: str, call_id: str) -> None:
+        """Drop the Kallglot stream socket of ``call_id``'s session (the relay must reopen it)."""
+        session_id = self._wait(lambda: self.session_of(call_id, carrier))
+        if session_id:
+            requests.post(f"{self.emulator.url}/_emulator/sessions/{session_id}/drop", timeout=5)
+
     @staticmethod
     def _drop_caller(stream: SimulatedStream) -> None:
         # The caller drops mid-call: once the call got going (they heard something), or after 10 s of
@@ -161,15 +208,17 @@ class Chaos:
 
     def _drop_kallglot(self, stream: SimulatedStream) -> None:
         stream.wait_for(lambda s: bool(s.heard), FIRST_AUDIO_TIMEOUT_SECONDS)
-        session_id = self._wait(lambda: self.session_of(stream.call_sid))
-        if session_id:
-            requests.post(f"{self.emulator.url}/_emulator/sessions/{session_id}/drop", timeout=5)
+        self.drop_kallglot("twilio", stream.call_sid)
         time.sleep(0.6)
 
     def _kill_relay_worker(self, stream: SimulatedStream) -> None:
+        self.kill_relay(stream.call_sid, lambda: stream.wait_for(lambda s: s.server_closed, 5))
+
+    def kill_relay(self, call_id: str, wait_closed: Callable[[], object]) -> None:
+        """SIGKILL the worker whose relay carries ``call_id`` (spaced per instance), then ``wait_closed()``."""
         time.sleep(0.3)  # let the relay start and log its line
         for index, bridge in enumerate(self.bridges):
-            pid = _pid_of_relay(bridge.log(), stream.call_sid)
+            pid = pid_of_relay(bridge.log(), call_id)
             if pid:
                 with self.lock:
                     # The run has no load balancer: an instance whose every worker is dead (the replacement
@@ -185,7 +234,7 @@ class Chaos:
                     return  # that worker was already killed (its call moved on): nothing more to do
                 with self.lock:
                     self.killed += 1
-                stream.wait_for(lambda s: s.server_closed, 5)
+                wait_closed()
                 return
 
     @staticmethod
@@ -199,20 +248,11 @@ class Chaos:
         return None
 
 
-def _pid_of_relay(log: str, call_sid: str) -> int | None:
-    for line in log.splitlines():
-        if call_sid in line and "relay started" in line:
-            match = re.search(r'"pid":\s*(\d+)', line) or re.search(r"\[pid (\d+)\]", line)
-            if match:
-                return int(match.group(1))
-    return None
-
-
 @contextmanager
-def stack(workers: int, instances: int = 2,
-          redis_kind: str = "standalone") -> Iterator[tuple[list[RunningServer], RunningServer, RedisDeployment]]:
-    """Redis (standalone, a cluster or under Sentinel), emulator, fake Twilio REST and ``instances`` bridge
-    instances sharing that Redis, all on loopback."""
+def stack(workers: int, signer: TelnyxSigner, instances: int = 2, redis_kind: str = "standalone",
+          ) -> Iterator[tuple[list[RunningServer], RunningServer, RedisDeployment, RunningServer]]:
+    """Redis (standalone, a cluster or under Sentinel), emulator, fake Twilio REST, fake Telnyx and ``instances``
+    bridge instances sharing that Redis, all on loopback."""
     with ExitStack() as stack:
         redis = stack.enter_context(run_redis_deployment(redis_kind))
         emulator = stack.enter_context(run_gunicorn("app.devtools.emulator:create_emulator_app()",
@@ -224,35 +264,24 @@ def stack(workers: int, instances: int = 2,
         fake = stack.enter_context(run_gunicorn("app.devtools.simulator.twilio_rest:create_fake_twilio_rest()", {
             "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "FAKE_TWILIO_BRIDGE_URL": public,
             "FAKE_TWILIO_MAX_CALL_SECONDS": "30"}, print_log_on_error=False, ready_timeout=startup_timeout()))
+        fake_telnyx = stack.enter_context(run_gunicorn(
+            "app.devtools.simulator.telnyx_api:create_fake_call_control_app()",
+            fake_telnyx_env(public + "/telnyx/call-control", signer), ready_path="/_fake/health",
+            print_log_on_error=False, ready_timeout=startup_timeout()))
         env = {"KALLGLOT_API_URL": emulator.url + "/v1", "KALLGLOT_API_KEY": API_KEY, **redis.env,
                "REDIS_NAMESPACE": "chaos", "PUBLIC_URL": public, "SECRET_KEY": "chaos-secret-key-0123456789",
                "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_API_URL": fake.url,
                "RECONNECT_WINDOW_SECONDS": str(RECONNECT_WINDOW_SECONDS),
-               "HEARTBEAT_TIMEOUT_SECONDS": str(HEARTBEAT_TIMEOUT_SECONDS), "LOG_LEVEL": "INFO"}
+               "HEARTBEAT_TIMEOUT_SECONDS": str(HEARTBEAT_TIMEOUT_SECONDS), "LOG_LEVEL": "INFO",
+               **telnyx_bridge_env(fake_telnyx.url, signer)}
         # Start-up waits scale with the load average: on a busy machine a bridge takes 20 s and more to import.
         bridges = [stack.enter_context(run_gunicorn("app:create_app()", env, workers=workers, port=port,
                                                     print_log_on_error=False, ready_timeout=startup_timeout()))
                    for port in ports]
-        client = redis.client()
-        ProfileStore(client, RedisKeys("chaos"), NumberProfile(), carriers=carrier_names()).set(AGENT_LINE,
-                                                                     NumberProfile(agent_number=AGENT_NUMBER))
-        yield bridges, emulator, redis
-
-
-def _redis_view(redis: RedisDeployment, session_ids: list[str]) -> dict[str, object]:
-    """What the bridge's Redis says about some sessions (for --verbose)."""
-    keys = RedisKeys("chaos")
-    client = redis.client(decode_responses=True)
-    view: dict[str, object] = {}
-    for session_id in session_ids:
-        record = client.hgetall(keys.session(session_id))
-        shard = keys.shard_of(session_id)
-        legs = {name: client.hgetall(keys.leg(session_id, *name[4:].split(":", 1))) for name in record
-                if name.startswith("leg:")}
-        view[session_id] = {"session": record, "legs": legs, "deadline": client.zscore(keys.deadlines(shard), session_id),
-                            "heartbeats": {n: client.zscore(keys.heartbeats(shard), n[4:]) for n in legs},
-                            "now": time.time()}
-    return view
+        profiles = ProfileStore(redis.client(), RedisKeys("chaos"), NumberProfile(), carriers=carrier_names())
+        profiles.set(AGENT_LINE, NumberProfile(agent_number=AGENT_NUMBER))
+        profiles.set(TELNYX_AGENT_LINE, NumberProfile(carrier="telnyx", agent_number=TELNYX_AGENT_NUMBER))
+        yield bridges, emulator, redis, fake_telnyx
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,18 +298,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", type=float, default=1.0, help="seconds a caller listens after talking")
     parser.add_argument("--kill-weight", type=int, default=WEIGHTS[SCENARIOS.index("worker-kill")],
                         help="weight of the worker-kill scenario (the others weigh 94 together)")
+    parser.add_argument("--carriers", type=parse_modes, default=MODES,
+                        help=f"carriers each call picks from, comma-separated (default: {','.join(MODES)})")
     parser.add_argument("--verbose", action="store_true", help="also print the Redis view of leaked sessions")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     weights = [args.kill_weight if name == "worker-kill" else w for name, w in zip(SCENARIOS, WEIGHTS)]
     plan = rng.choices(SCENARIOS, weights=weights, k=args.calls)
+    modes = [rng.choice(args.carriers) for _ in plan]
     audio = base64.b64decode(base64.b64encode(bytes(rng.randrange(256) for _ in range(4000))))
     started = time.monotonic()
     load_at_start = load_average()
-    with stress(args.stress), stack(args.workers, args.instances, args.redis) as (bridges, emulator, redis):
-        chaos = Chaos(bridges, emulator, args.seed, redis, listen_seconds=args.listen)
+    signer = TelnyxSigner(nacl.signing.SigningKey(bytes(rng.randrange(256) for _ in range(32))))
+    with stress(args.stress), stack(args.workers, signer, args.instances, args.redis) as (
+            bridges, emulator, redis, fake_telnyx):
+        chaos = Chaos(bridges, emulator, args.seed, redis, listen_seconds=args.listen, fake_telnyx=fake_telnyx,
+                      signer=signer)
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-            outcomes = list(pool.map(lambda scenario: chaos.run(scenario, audio), plan))
+            outcomes = list(pool.map(lambda planned: chaos.run(planned[0], audio, planned[1]), zip(plan, modes)))
         placed = time.monotonic() - started
         # Let every hold window, heartbeat expiry, end retry and end-claim lease run out before counting.
         settle = RECONNECT_WINDOW_SECONDS + HEARTBEAT_TIMEOUT_SECONDS + 6
@@ -298,13 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         sessions = requests.get(emulator.url + "/_emulator/sessions", timeout=60).json()["sessions"]
         instance_logs = [bridge.log() for bridge in bridges]
         logs = "\n".join(instance_logs).splitlines()
-        state = _redis_view(redis, [s["id"] for s in sessions if s["status"] != "ended"]) if args.verbose else {}
+        state = redis_view(redis, [s["id"] for s in sessions if s["status"] != "ended"]) if args.verbose else {}
     duration = time.monotonic() - started
     leaked = [s for s in sessions if s["status"] != "ended"]
     double_ended = [s for s in sessions if s["end_calls"] > 1]
     dead_air = [o for o in outcomes if o.dead_air]
     errors = [o for o in outcomes if o.error]
-    print(f"chaos run: {args.calls} calls ({Counter(o.scenario for o in outcomes).most_common()}), concurrency "
+    print(f"chaos run: {args.calls} calls ({Counter(o.scenario for o in outcomes).most_common()}; carriers "
+          f"{Counter(o.carrier for o in outcomes).most_common()}), concurrency "
           f"{args.concurrency}, {args.instances} instances x {args.workers} workers, Redis {args.redis}, seed {args.seed}, "
           f"stress {'on' if args.stress else 'off'}, {placed:.1f}s to place, {duration:.0f}s in all, "
           f"{chaos.killed} workers killed ({chaos.kills_spared} kills spared: instance already lost one)")
@@ -315,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"double-ended:     {len(double_ended)}")
     print(f"dead-air calls:   {len(dead_air)} {dict(Counter(o.scenario for o in dead_air))}")
     print(f"simulator errors: {len(errors)}")
+    print("\n".join(per_carrier_lines(outcomes, sessions, args.carriers)))
     for index, work in enumerate(reaper_work_by_instance(instance_logs)):
         print(f"reaper, instance {index + 1}: {work['legs_lost']} lost legs given up, {work['holds_ended']} held "
               f"sessions ended, {work['orphans_ended']} orphaned creates ended")
@@ -324,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, found in (("leaked", leaked), ("double-ended", double_ended)):
         for s in found:
             print(f"  - {kind} session {s['id']} status={s['status']} end_calls={s['end_calls']} "
-                  f"connections={s['connections_total']} call={(s.get('metadata') or {}).get('twilio_call_sid')}")
+                  f"connections={s['connections_total']} call={call_of(s)}")
             if args.verbose:
                 print(f"      redis: {state.get(str(s['id']))}")
             print("\n".join(session_timeline(s, logs)))

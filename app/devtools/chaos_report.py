@@ -1,15 +1,19 @@
-"""The chaos run's helpers: the ``--stress`` spin, load averages and failure timelines
-(:mod:`app.devtools.chaos`)."""
+"""The chaos run's helpers: the ``--stress`` spin, load averages, the per-carrier tally, the Redis view and
+failure timelines (:mod:`app.devtools.chaos`)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from app.devtools.simulator.twilio import CallResult
+from app.devtools.redis_topologies import RedisDeployment
+from app.redis_keys import RedisKeys
 
 #: The --stress spin never outlives this, even if the run is killed.
 STRESS_MAX_SECONDS = 3600
@@ -44,7 +48,7 @@ def load_average() -> str:
         return "n/a"
 
 
-def call_timeline(results: list[CallResult], logs: list[str]) -> list[str]:
+def call_timeline(results: Iterable[Any], logs: list[str]) -> list[str]:
     """One failed call: the simulator's timeline, then every bridge log line naming its call or session."""
     lines = []
     for result in results:
@@ -59,7 +63,7 @@ def call_timeline(results: list[CallResult], logs: list[str]) -> list[str]:
 
 def session_timeline(session: dict[str, object], logs: list[str]) -> list[str]:
     """Every bridge log line naming a session or the call it was created for."""
-    call_sid = str((session.get("metadata") or {}).get("twilio_call_sid") or "")  # type: ignore[union-attr]
+    call_sid = call_of(session)
     session_id = str(session["id"])
     return [f"      log  {line[:300]}" for line in logs if session_id in line or (call_sid and call_sid in line)]
 
@@ -73,3 +77,56 @@ def reaper_work_by_instance(instance_logs: list[str]) -> list[dict[str, int]]:
     """What each bridge instance's reapers did, counted from its log: any instance may take any due deadline or
     lost heartbeat, so with several instances the work spreads over them."""
     return [{name: log.count(marker) for name, marker in REAPER_LINES.items()} for log in instance_logs]
+
+
+def call_of(session: dict[str, Any]) -> str:
+    """The call a session was created for (Twilio CallSid or Telnyx call_control_id), from its metadata."""
+    metadata = session.get("metadata") or {}
+    return str(metadata.get("twilio_call_sid") or metadata.get("telnyx_call_control_id") or "")
+
+
+def pid_of_relay(log: str, call_id: str) -> int | None:
+    """The worker whose relay carries ``call_id``, from its "relay started" log line."""
+    for line in log.splitlines():
+        if call_id in line and "relay started" in line:
+            match = re.search(r'"pid":\s*(\d+)', line) or re.search(r"\[pid (\d+)\]", line)
+            if match:
+                return int(match.group(1))
+    return None
+
+
+def per_carrier_lines(outcomes: list[Any], sessions: list[dict[str, Any]], carriers: Iterable[str]) -> list[str]:
+    """The tally per carrier: calls, sessions created/ended/leaked/double-ended, dead air, simulator errors.
+
+    A session belongs to the carrier of the call it was created for (a returning caller's second call and an
+    agent leg join their customer's session and count there).
+    """
+    mode_of_call = {result.call_sid: outcome.carrier for outcome in outcomes for result in outcome.results}
+    lines = ["per carrier:      calls  created  ended  leaked  double-ended  dead-air  errors"]
+    for carrier in carriers:
+        mine = [o for o in outcomes if o.carrier == carrier]
+        owned = [s for s in sessions if mode_of_call.get(call_of(s)) == carrier]
+        lines.append(f"  {carrier:<14} {len(mine):>6} {len(owned):>8} "
+                     f"{sum(s['status'] == 'ended' for s in owned):>6} "
+                     f"{sum(s['status'] != 'ended' for s in owned):>7} {sum(s['end_calls'] > 1 for s in owned):>13} "
+                     f"{sum(o.dead_air for o in mine):>9} {sum(bool(o.error) for o in mine):>7}")
+    unowned = [s for s in sessions if call_of(s) not in mode_of_call]
+    if unowned:
+        lines.append(f"  (sessions of no placed call: {len(unowned)})")
+    return lines
+
+
+def redis_view(redis: RedisDeployment, session_ids: list[str]) -> dict[str, object]:
+    """What the bridge's Redis says about some sessions (for --verbose)."""
+    keys = RedisKeys("chaos")
+    client = redis.client(decode_responses=True)
+    view: dict[str, object] = {}
+    for session_id in session_ids:
+        record = client.hgetall(keys.session(session_id))
+        shard = keys.shard_of(session_id)
+        legs = {name: client.hgetall(keys.leg(session_id, *name[4:].split(":", 1))) for name in record
+                if name.startswith("leg:")}
+        view[session_id] = {"session": record, "legs": legs, "deadline": client.zscore(keys.deadlines(shard), session_id),
+                            "heartbeats": {n: client.zscore(keys.heartbeats(shard), n[4:]) for n in legs},
+                            "now": time.time()}
+    return view

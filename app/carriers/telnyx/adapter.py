@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from app.carriers.contract import CarrierAdapter
-from app.carriers.telnyx import CARRIER, call_control, media, signature, texml  # noqa: F401  (routes register on bp)
+from app.carriers.telnyx import (  # noqa: F401  (routes register on bp)
+    CARRIER, call_control, media, signature, texml, texml_restore,
+)
 from app.carriers.telnyx.blueprint import bp
 from app.carriers.telnyx.codec import TelnyxMediaCodec
 from app.carriers.telnyx.control import TelnyxControl

@@ -72,7 +72,14 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
         "stream status event names",
         "The stream callback's StreamEvent is stream-started/stream-stopped/stream-error; a docs digest says "
         "stream-failed.",
-        "TeXML stream callback page; secondary digest", False, "stream-stopped, stream-error and stream-failed all end."),
+        "TeXML stream callback page; secondary digest", False,
+        "All are recorded, none ends the leg: the <Redirect> after <Connect> decides (texml_restore.py)."),
+    Assumption(
+        "TeXML lost stream",
+        "<Connect> has no documented `action`; <Redirect> is a documented verb and the verbs after <Connect> "
+        "run once the stream is over with the call still up.",
+        "TeXML Redirect and Stream pages; TeXML streams REST page (<Connect><Stream> is synchronous)", True,
+        "A <Redirect> to /telnyx/texml/stream-ended restores the stream (at most 3 times), else says why."),
     Assumption(
         "webhook delivery",
         "Call Control webhooks may be duplicated, concurrent and out of order; `command_id` repeats are ignored "

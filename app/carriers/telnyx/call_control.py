@@ -23,7 +23,7 @@ from app.extensions import Services, services
 from app.kallglot.client import KallglotError
 from app.calls.lifecycle import LEG_ENDED, LEG_LIVE
 from app.kallglot.stream_protocol import SPEAKER_AGENT, SPEAKER_CUSTOMER
-from app.redis_keys import first_seen
+from app.redis_keys import SEEN_TTL_SECONDS, as_text, first_seen
 from app.carriers.telnyx import CARRIER
 from app.carriers.telnyx.blueprint import bp
 from app.carriers.telnyx.control import (
@@ -37,10 +37,18 @@ from app.carriers.telnyx.texml import CLEAN_HANGUP_CAUSES
 
 log = logging.getLogger(__name__)
 
+#: An event is marked "being handled" for this long before it is marked handled: a worker killed mid-handler
+#: leaves only this lease behind, so Telnyx's redelivery after it lapses is handled instead of dropped as a
+#: duplicate. Longer than a handler's worst case (a 3 s relay settle plus two 5 s Telnyx commands).
+HANDLING_LEASE_SECONDS = 20
+HANDLING, HANDLED = "handling", "handled"
+
 
 @bp.post("/call-control")
 def call_control_webhook() -> ResponseReturnValue:
-    """Handle one Call Control event exactly once; duplicates get 200 and do nothing.
+    """Handle one Call Control event exactly once; duplicates of a handled event get 200 and do nothing, a
+    redelivery of one still being handled gets 503 (Telnyx delivers it again; if the worker handling it died,
+    the lease has lapsed by then and it is handled).
 
     Redis being down does not leave the caller ringing: the handlers answer and speak the fallback without it
     (command_ids derived from the event id make Telnyx drop repeats of commands we could not de-duplicate).
@@ -49,11 +57,16 @@ def call_control_webhook() -> ResponseReturnValue:
     svc = services()
     seen = svc.keys.seen(CARRIER, event.id)
     try:
-        first = first_seen(svc.redis, seen, event.event_type)
+        first = first_seen(svc.redis, seen, HANDLING, ttl_seconds=HANDLING_LEASE_SECONDS)
+        handled = first or as_text(svc.redis.get(seen)) == HANDLED
     except redis.RedisError as exc:
         log.error("telnyx event %s not de-duplicated: %s", event.id, exc)
-        first = True
+        first = handled = True
     if not first:
+        if not handled:
+            log.info("telnyx call=%s %s %s redelivered while being handled: try later", event.call_id,
+                     event.event_type, event.id)
+            return jsonify(status="being handled"), 503
         return jsonify(status="duplicate")
     try:
         record(svc, event)
@@ -68,6 +81,10 @@ def call_control_webhook() -> ResponseReturnValue:
         except redis.RedisError:
             pass
         return jsonify(status="state store unavailable"), 503
+    try:
+        svc.redis.set(seen, HANDLED, ex=SEEN_TTL_SECONDS)
+    except redis.RedisError:
+        pass  # the lease lapses: a redelivery would be handled again, and command_ids make that harmless
     return jsonify(status="ok")
 
 

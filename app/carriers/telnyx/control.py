@@ -19,7 +19,7 @@ import telnyx
 
 from app.config import Settings
 from app.carriers.contract import CarrierError, CarrierNotConfigured
-from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
+from app.calls.prompts import AGENT_UNAVAILABLE_MESSAGE, SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.profiles import NumberProfile
 from app.kallglot.telephony import DIRECT_SESSION_PARAMETER, DIRECT_TOKEN_PARAMETER
 from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
@@ -43,7 +43,6 @@ GOODBYE_UNAVAILABLE = "unavailable"
 GOODBYE_SESSION_OVER = "session_over"
 #: Told to the customer when the agent leg we dialled did not answer, was busy or failed (the call goes on).
 GOODBYE_AGENT_UNAVAILABLE = "agent_unavailable"
-AGENT_UNAVAILABLE_MESSAGE = "The agent is not available right now."
 GOODBYE_KEY = "bye"
 #: client_state key: the number called (the profile to apply when the goodbye has been said).
 TO_KEY = "to"

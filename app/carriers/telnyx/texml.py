@@ -36,24 +36,25 @@ log = logging.getLogger(__name__)
 CALL_CONTROL_ID = re.compile(r"^[A-Za-z0-9:_\-]{8,256}$")
 #: Hang-up causes of an ordinary end; any other cause is a loss the lifecycle may hold for a reconnect.
 CLEAN_HANGUP_CAUSES = frozenset({"normal_clearing", "originator_cancel"})
-#: Telnyx's docs name the stream failure both ways; accept both.
-STREAM_OVER_EVENTS = frozenset({"stream-stopped", "stream-error", "stream-failed"})
 
 
-def _xml(root: ET.Element) -> Response:
+def xml(root: ET.Element) -> Response:
+    """A TeXML document as the response."""
     return Response(ET.tostring(root, encoding="unicode", xml_declaration=True), mimetype="text/xml")
 
 
 def connect_stream(settings: Settings, *, session_id: str, relay_token: str,
                    profile: NumberProfile | None = None) -> ET.Element:
-    """``<Connect><Stream>`` to our relay (bidirectional RTP, PCMU back), then a goodbye and ``<Hangup/>``.
+    """``<Connect><Stream>`` to our relay (bidirectional RTP, PCMU back), then ``<Redirect>`` to
+    ``/telnyx/texml/stream-ended`` (:mod:`app.carriers.telnyx.texml_restore`).
 
     ``bidirectionalMode="rtp"``: in the default ``mp3`` mode Telnyx silently drops raw return audio.
     ``codec="PCMU"``: Telnyx transcodes the caller's leg to μ-law where it can (PCMU↔PCMA only).
     The relay token travels twice: in the URL's query (the ``url`` attribute is documented; the page documents no
     ``<Parameter>`` child) and as a ``<Parameter>`` (TwiML-compatible); the relay accepts either.
-    ``<Connect>`` waits until the stream stops, so the verbs after it run only when our relay closed the
-    stream with the caller still on the line (Kallglot ended or failed): never dead air.
+    ``<Connect>`` waits until the stream stops, so the verbs after it run only when the stream ended with the
+    caller still on the line (Kallglot ended or failed, or the relay's worker died): the redirect restores the
+    stream or says why not — never dead air.
     """
     root = ET.Element("Response")
     if profile is not None and profile.greeting:  # said before the stream connects, as on Twilio
@@ -66,7 +67,7 @@ def connect_stream(settings: Settings, *, session_id: str, relay_token: str,
     for name, value in ((SESSION_PARAMETER, session_id), (RELAY_TOKEN_PARAMETER, relay_token),
                         (FLOW_PARAMETER, FLOW_TEXML)):
         ET.SubElement(stream, "Parameter", {"name": name, "value": value})
-    _say_and_hang_up(root, SESSION_OVER_MESSAGE)
+    ET.SubElement(root, "Redirect", {"method": "POST"}).text = settings.public("/telnyx/texml/stream-ended")
     return root
 
 
@@ -89,7 +90,7 @@ def connect_direct(settings: Settings, *, stream_url: str, parameters: dict[str,
         "statusCallbackMethod": "POST"})
     for name, value in parameters.items():
         ET.SubElement(stream, "Parameter", {"name": name, "value": value})
-    _say_and_hang_up(root, SESSION_OVER_MESSAGE)
+    say_and_hang_up(root, SESSION_OVER_MESSAGE)
     return root
 
 
@@ -117,13 +118,14 @@ def fallback(profile: NumberProfile) -> ET.Element:
     return root
 
 
-def _say_and_hang_up(root: ET.Element, message: str) -> ET.Element:
+def say_and_hang_up(root: ET.Element, message: str) -> ET.Element:
+    """Append ``<Say>message</Say><Hangup/>`` to ``root``."""
     ET.SubElement(root, "Say", {"language": "en-US"}).text = message
     ET.SubElement(root, "Hangup")
     return root
 
 
-def _form() -> dict[str, str]:
+def texml_form() -> dict[str, str]:
     """The verified raw body as form fields; 400 for a body that is not a form of single-valued fields."""
     try:
         fields = parse_qs(request.get_data(as_text=True), keep_blank_values=True, max_num_fields=200)
@@ -135,7 +137,8 @@ def _form() -> dict[str, str]:
     return {name: values[0] for name, values in fields.items()}
 
 
-def _call_id(form: dict[str, str]) -> str:
+def call_id_of(form: dict[str, str]) -> str:
+    """The form's ``CallSid`` (a call_control_id), or 400."""
     call_id = form.get("CallSid", "")
     if not CALL_CONTROL_ID.match(call_id):
         abort(400, description="CallSid missing or not a Telnyx call_control_id")
@@ -145,8 +148,8 @@ def _call_id(form: dict[str, str]) -> str:
 @bp.post("/texml")
 def texml_voice() -> Response:
     """A call came in on the TeXML application: create its session and connect the media stream."""
-    form = _form()
-    call_id = _call_id(form)
+    form = texml_form()
+    call_id = call_id_of(form)
     to_number, from_number = form.get("To", ""), form.get("From", "")
     svc = services()
     metadata = {"telnyx_call_control_id": call_id, "telnyx_call_session_id": form.get("CallSessionId", ""),
@@ -160,17 +163,17 @@ def texml_voice() -> Response:
             profile = svc.profiles.for_number(to_number)
         except redis.RedisError:
             profile = NumberProfile()  # Redis down too: the built-in apology, still an answer
-        return _xml(fallback(profile))
+        return xml(fallback(profile))
     log.info("telnyx texml call=%s session=%s to=%s mode=%s transport=%s answered", call_id, leg.session.id,
              to_number, leg.profile.mode, leg.profile.transport)
     greeting = None if leg.reattached else leg.profile  # a returning caller is not greeted twice
     if leg.profile.transport == TRANSPORT_SIP:
-        return _xml(dial_sip(svc.settings, sip_uri=sip_uri(leg.session.id, svc.settings.kallglot_sip_domain),
+        return xml(dial_sip(svc.settings, sip_uri=sip_uri(leg.session.id, svc.settings.kallglot_sip_domain),
                              profile=greeting))
     if leg.profile.transport == TRANSPORT_DIRECT and leg.session.stream is not None:
-        return _xml(connect_direct(svc.settings, stream_url=leg.session.stream.url, profile=greeting,
+        return xml(connect_direct(svc.settings, stream_url=leg.session.stream.url, profile=greeting,
                                    parameters=direct_parameters(leg.session.id, leg.session.stream)))
-    return _xml(connect_stream(svc.settings, session_id=leg.session.id, relay_token=relay_token,
+    return xml(connect_stream(svc.settings, session_id=leg.session.id, relay_token=relay_token,
                                profile=leg.profile))
 
 
@@ -178,8 +181,8 @@ def texml_voice() -> Response:
 def texml_dial_action() -> Response:
     """``<Dial action>`` of a ``sip`` call: the dial to Kallglot's SIP endpoint ended, so the leg did. Completed:
     a hang-up; Kallglot never took it (busy, failed, no answer): the fallback."""
-    form = _form()
-    call_id = _call_id(form)
+    form = texml_form()
+    call_id = call_id_of(form)
     svc = services()
     dial_status = form.get("DialCallStatus", "")
     completed = dial_status in ("completed", "answered")
@@ -191,21 +194,35 @@ def texml_dial_action() -> Response:
         profile = svc.profiles.for_number(svc.lifecycle.call_record(CARRIER, call_id).get("to", form.get("To", "")))
     except redis.RedisError as exc:
         log.error("telnyx texml call=%s dial status %s not recorded: %s", call_id, dial_status, exc)
-        return _xml(fallback(NumberProfile()))
+        return xml(fallback(NumberProfile()))
     if completed or form.get("CallStatus", "") in TERMINAL_CALL_STATUSES:
         root = ET.Element("Response")
         ET.SubElement(root, "Hangup")
-        return _xml(root)
+        return xml(root)
     log.warning("telnyx texml call=%s SIP dial to Kallglot ended %s: fallback", call_id, dial_status)
-    return _xml(fallback(profile))
+    return xml(fallback(profile))
+
+
+@bp.post("/texml/fallback")
+def texml_fallback() -> Response:
+    """The TeXML application's failover URL (Telnyx requests it when the voice webhook fails: a worker killed
+    mid-request, a deploy): the apology and a hang-up, without touching Kallglot or Redis — never dead air."""
+    form = texml_form()
+    log.error("telnyx texml call=%s failover URL used", call_id_of(form))
+    return xml(say_and_hang_up(ET.Element("Response"), UNAVAILABLE_MESSAGE))
 
 
 @bp.post("/texml/status")
 def texml_status() -> tuple[str, int]:
-    """Call status and ``<Stream statusCallback>`` callbacks: record them; a final one ends the leg. Answers 200
-    (Telnyx's TeXML callback pages require it; any other status is re-sent to the failover URL)."""
-    form = _form()
-    call_id = _call_id(form)
+    """Call status and ``<Stream statusCallback>`` callbacks: record them; a final call status ends the leg.
+    Answers 200 (Telnyx's TeXML callback pages require it; any other status is re-sent to the failover URL).
+
+    A stream's end decides nothing here (as on Twilio): the relay records why it closed, and with the caller
+    still on Telnyx follows the ``<Redirect>`` after ``<Connect>``, which restores the stream — a
+    ``stream-stopped`` that ended the leg first would end the session under a caller about to be restored.
+    The call's own final status (or the leg's heartbeat) ends the leg when the caller is gone."""
+    form = texml_form()
+    call_id = call_id_of(form)
     lifecycle = services().lifecycle
     stream_event = form.get("StreamEvent", "")
     try:
@@ -213,9 +230,6 @@ def texml_status() -> tuple[str, int]:
             lifecycle.record_event(CARRIER, call_id, "stream-status", {
                 "event": stream_event, "stream_sid": form.get("StreamSid", ""),
                 "error": form.get("StreamError", "")[:200]})
-            if stream_event in STREAM_OVER_EVENTS:
-                lifecycle.leg_ended(CARRIER, call_id, stream_event.replace("-", "_"),
-                                    clean=stream_event == "stream-stopped")
             return "", 200
         status, cause = form.get("CallStatus", ""), form.get("HangupCause", "")
         lifecycle.record_event(CARRIER, call_id, "call-status", {

@@ -39,4 +39,11 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
         "CallContext.update send.",
         "twilio/rest/api/v2010/account/call/__init__.py", True,
         "app/devtools/simulator/twilio_contract.py reads them from the library."),
+    Assumption(
+        "redirecting a streaming call",
+        "Updating a live call's TwiML (`calls(sid).update(twiml=…)`) ends its <Connect><Stream> (a `stop` "
+        "message, then the socket closes) without requesting the <Connect action>, and runs the new TwiML.",
+        "Call resource page (update with Twiml/Url); how the stream ends is not stated", False,
+        "Agent unavailable: the customer's leg is re-attached before the redirect, so the old stream's end, "
+        "whichever way it comes, is stale and ends nothing (agent_unavailable.py)."),
 )

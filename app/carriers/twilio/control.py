@@ -1,4 +1,4 @@
-"""Twilio call control through the twilio library: hang up a leg, dial an outbound leg.
+"""Twilio call control through the twilio library: hang up a leg, dial an outbound leg, redirect a live call.
 
 This is Twilio's :class:`app.carriers.contract.CarrierControl`. ``TWILIO_API_URL`` points the library at
 another base URL (tests and the demo use a local fake of Twilio's REST API).
@@ -66,6 +66,16 @@ class TwilioControl:
             if exc.status != 404 and exc.code not in CALL_GONE_CODES:
                 raise CarrierError.of(LABEL, exc) from exc
             log.info("twilio call=%s already gone at hang-up (%s)", call_id, exc.code or exc.status)
+        except (TwilioException, requests.RequestException) as exc:
+            raise CarrierError.of(LABEL, exc) from exc
+
+    def redirect(self, call_id: str, twiml: str) -> None:
+        """Replace a live call's TwiML (Twilio stops its current verb — a stream sends ``stop`` — and runs
+        ``twiml``). Raises :class:`CarrierError`, also when the call is already over."""
+        if not CALL_SID.match(call_id or ""):
+            raise ValueError(f"not a Twilio call SID: {str(call_id)[:40]!r}")
+        try:
+            self.client.calls(call_id).update(twiml=twiml)
         except (TwilioException, requests.RequestException) as exc:
             raise CarrierError.of(LABEL, exc) from exc
 

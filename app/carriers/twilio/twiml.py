@@ -5,7 +5,7 @@ from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
 from app.config import Settings
 from app.profiles import NumberProfile
-from app.calls.prompts import UNAVAILABLE_MESSAGE
+from app.calls.prompts import AGENT_UNAVAILABLE_MESSAGE, UNAVAILABLE_MESSAGE
 from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 
 
@@ -19,13 +19,30 @@ def connect_stream(settings: Settings, *, session_id: str, relay_token: str, gre
     response = VoiceResponse()
     if greeting:
         response.say(greeting, language=greeting_language)
+    response.append(_connect(settings, session_id, relay_token))
+    return str(response)
+
+
+def _connect(settings: Settings, session_id: str, relay_token: str) -> Connect:
     connect = Connect(action=settings.public("/twilio/connect-action"), method="POST")
     stream = connect.stream(url=settings.public_ws("/twilio/media"),
                             status_callback=settings.public("/twilio/stream-status"),
                             status_callback_method="POST")
     stream.parameter(name=SESSION_PARAMETER, value=session_id)
     stream.parameter(name=RELAY_TOKEN_PARAMETER, value=relay_token)
-    response.append(connect)
+    return connect
+
+
+def agent_unavailable(settings: Settings, profile: NumberProfile, *, session_id: str = "",
+                      relay_token: str = "") -> str:
+    """The agent did not answer (busy, failed): say so in the profile's language, then ``<Dial>`` its fallback
+    number or — without one — go back to the session (a new ``<Connect><Stream>`` with ``relay_token``)."""
+    response = VoiceResponse()
+    response.say(AGENT_UNAVAILABLE_MESSAGE, language=profile.fallback_language or "en-US")
+    if profile.fallback_number:
+        response.dial(profile.fallback_number)
+    else:
+        response.append(_connect(settings, session_id, relay_token))
     return str(response)
 
 

@@ -24,6 +24,7 @@ from app.profiles import TRANSPORT_DIRECT, TRANSPORT_RELAY, TRANSPORT_SIP, Numbe
 from app.redis_keys import first_seen
 from app.carriers.twilio import CARRIER, twiml
 from app.carriers.twilio.blueprint import bp
+from app.carriers.twilio.agent_unavailable import tell_customers_agent_unavailable
 from app.carriers.twilio.signature import request_is_from_twilio
 from twilio.twiml.voice_response import VoiceResponse
 
@@ -152,9 +153,11 @@ def call_status() -> tuple[str, int]:
         if status in TERMINAL_CALL_STATUSES:
             # An agent leg that was busy, not answered or failed hung up on nobody: not a clean end, so the
             # lifecycle does not hang up the customer with it (issue 12 item 10).
-            agent_never_answered = status != "completed" and \
-                lifecycle.call_record(CARRIER, call_sid).get("speaker") == SPEAKER_AGENT
+            call = lifecycle.call_record(CARRIER, call_sid)
+            agent_never_answered = status != "completed" and call.get("speaker") == SPEAKER_AGENT
             lifecycle.leg_ended(CARRIER, call_sid, f"call_{status}", clean=not agent_never_answered)
+            if agent_never_answered and call.get("session_id"):
+                tell_customers_agent_unavailable(svc, call["session_id"], agent_call=call_sid, status=status)
     except redis.RedisError as exc:
         log.error("twilio call=%s status %s not recorded: %s", call_sid, status, exc)
         return "state store unavailable", 503

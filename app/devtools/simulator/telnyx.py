@@ -15,10 +15,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
 import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -40,9 +42,18 @@ SILENCE = {"PCMU": b"\xff", "PCMA": b"\xd5", "L16": b"\x00", "G722": b"\x00"}
 #: (https://developers.telnyx.com/docs/voice/programmable-voice/texml-verbs/stream).
 TEXML_STREAM_ATTRIBUTES = frozenset({"url", "track", "name", "codec", "bidirectionalMode", "bidirectionalCodec",
                                      "bidirectionalSamplingRate", "statusCallback", "statusCallbackMethod"})
+#: Verbs of Telnyx's TeXML/TwiML compatibility table
+#: (https://developers.telnyx.com/docs/voice/programmable-voice/texml-twiml-compatibility), plus ``<Connect>`` and
+#: ``<Start>`` (holding ``<Stream>``, the TeXML streams page). The simulator runs Say, Hangup, Dial, Redirect and
+#: Connect/Stream and records any verb not listed as an error (``<Pay>`` is TwiML only, for one).
+TEXML_VERBS = frozenset({"AIGather", "Connect", "Dial", "Enqueue", "Gather", "Hangup", "HttpRequest", "Leave",
+                         "Pause", "Play", "Record", "Redirect", "Refer", "Reject", "Say", "Siprec", "Start", "Stop",
+                         "Stream", "Suppression", "Transcription"})
 #: RTP-mode media messages back to Telnyx hold 20 ms to 30 s of audio (AsyncAPI page), here PCMU 8 kHz.
 MIN_RETURN_BYTES = 160
 MAX_RETURN_BYTES = 30 * 8000
+#: A TeXML call follows at most this many ``<Redirect>``s, and opens at most this many streams.
+MAX_REDIRECTS, MAX_STREAMS_PER_CALL = 6, 5
 #: The demo's signing key: deterministic so the demo bridge can be given its public key up front.
 DEMO_SIGNING_SEED = hashlib.sha256(b"kallglot-bridge demo Telnyx webhook signing key").digest()
 
@@ -149,7 +160,10 @@ class TelnyxMediaLeg:
         # The AsyncAPI page's ``connected`` has ``event`` and ``version`` only; the auth token came as a header.
         connected: dict[str, Any] = {"event": "connected", "version": "1.0.0"}
         with self._send_lock:
-            self.ws.send(json.dumps(connected))
+            try:
+                self.ws.send(json.dumps(connected))
+            except (ConnectionClosed, OSError):
+                return  # refused or closed already: the reader records how
         self.send("start", {"start": {
             "user_id": str(uuid.uuid4()), "call_control_id": self.call_control_id,
             "call_session_id": str(uuid.uuid4()), "from": from_, "to": to, "tags": [],
@@ -196,6 +210,16 @@ class TelnyxMediaLeg:
             self.ws.close()
         except (ConnectionClosed, OSError):
             pass
+        self._reader.join(timeout=2.0)
+
+    def close_abruptly(self) -> None:
+        """Drop the TCP connection without ``stop`` or a close frame (the carrier lost the call's media)."""
+        self._closing = True
+        try:
+            self.ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.ws.sock.close()
         self._reader.join(timeout=2.0)
 
     def finish(self, listen_seconds: float) -> LegResult:
@@ -271,11 +295,18 @@ class TexmlCallResult:
     hung_up: bool = False
     stream_attributes: dict[str, str] = field(default_factory=dict)
     custom_parameters: dict[str, str] = field(default_factory=dict)
-    leg: LegResult | None = None
+    leg: LegResult | None = None  # the last stream's
+    legs: list[LegResult] = field(default_factory=list)  # every stream's, in order (a restored stream adds one)
+    dialled: list[str] = field(default_factory=list)  # numbers <Dial>ed (the caller went on there)
     callbacks: list[tuple[str, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     sip_dials: list[Any] = field(default_factory=list)  # SipDial of each <Dial><Sip> (app.devtools.simulator.sip)
     last_response: requests.Response | None = None  # the answer to the latest callback (a <Dial action>'s TeXML)
+
+    @property
+    def heard(self) -> bytes:
+        """Everything the caller heard on all of its streams."""
+        return b"".join(bytes(leg.heard) for leg in self.legs)
 
 
 class TexmlCallSimulator:
@@ -290,6 +321,7 @@ class TexmlCallSimulator:
         self.public_url = (public_url or base_url).rstrip("/")
         self.signer, self.timeout = signer, timeout
         self.parameters_as = "object"
+        self.hold_open: Callable[[TelnyxMediaLeg], None] | None = None
 
     def real_url(self, url: str) -> str:
         """Map a public http(s)/ws(s) URL onto the address we really connect to."""
@@ -317,34 +349,62 @@ class TexmlCallSimulator:
     def place_call(self, to: str, from_: str, payload: bytes = b"", *, encoding: str = "PCMU",
                    sample_rate: int = 8000, listen_seconds: float = 0.5, reorder: bool = False,
                    duplicate: bool = False, pace: bool = False, hangup_cause: str = "normal_clearing",
-                   call_sid: str | None = None, parameters_as: str = "object") -> TexmlCallResult:
+                   call_sid: str | None = None, parameters_as: str = "object", callbacks: str = "once",
+                   hold_open: Callable[[TelnyxMediaLeg], None] | None = None,
+                   restore_audio: bytes = b"", fallback_url: str | None = None) -> TexmlCallResult:
         """Simulate a whole inbound TeXML call; ``payload`` is the caller's audio in ``encoding``.
+
+        ``callbacks``: the stream and call status callbacks are sent ``once``, ``twice`` (each repeated, as an
+        at-least-once delivery does), ``reversed`` (the call's before the stream's) or ``none`` (the caller's
+        side vanished: no callback ever comes). ``hold_open(leg)`` runs once, on the first stream, after the
+        caller's audio was sent and before listening (it may inject frames, kill the relay's worker, or drop the
+        socket with :meth:`TelnyxMediaLeg.close_abruptly`). A ``<Redirect>`` is followed (signed POST, its TeXML
+        run); ``restore_audio`` is what the caller says on a stream connected after the first. ``fallback_url``
+        is the application's failover URL, requested as Telnyx does when the voice webhook fails.
 
         ``parameters_as``: how ``<Parameter>`` children reach ``start.custom_parameters`` — Telnyx's ``<Stream>``
         page does not say, so ``object``, ``list`` (of name/value) and ``dropped`` (not delivered) are all tried.
         """
-        self.parameters_as = parameters_as
+        self.parameters_as, self.hold_open = parameters_as, hold_open
         result = TexmlCallResult(call_sid=call_sid or new_call_control_id())
+        run = _TexmlRun(result, to, from_, payload, restore_audio, encoding, sample_rate, listen_seconds, reorder,
+                        duplicate, pace)
         status_url = self.public_url + "/telnyx/texml/status"
+        params = self.call_params(result.call_sid, to, from_, "ringing")
         try:
-            response = self.post_form(self.public_url + "/telnyx/texml",
-                                      self.call_params(result.call_sid, to, from_, "ringing"))
+            response: requests.Response | None = self.post_form(self.public_url + "/telnyx/texml", params)
         except requests.RequestException as exc:
             result.errors.append(f"voice webhook failed: {exc}")
+            response = None
+        if (response is None or not response.ok) and fallback_url:
+            result.errors.append("voice webhook failed: failover URL used")
+            try:
+                response = self.post_form(fallback_url, params)
+            except requests.RequestException as exc:
+                result.errors.append(f"failover URL failed: {exc}")
+                return result
+        if response is None:
             return result
         result.webhook_status = response.status_code
+        sends: list[tuple[str, dict[str, str]]] = []
         if response.ok:
-            stream_callback = self._run_texml(result, response.text, payload, encoding, sample_rate,
-                                              listen_seconds, reorder, duplicate, pace)
-            if stream_callback:
-                self._callback(result, stream_callback, {
-                    **self.call_params(result.call_sid, to, from_, "in-progress"),
-                    "StreamEvent": "stream-stopped", "StreamSid": result.leg.stream_id if result.leg else ""})
+            self._run_texml(run, response.text, depth=0)
+            sends += [(url, {**self.call_params(result.call_sid, to, from_, "in-progress"),
+                             "StreamEvent": "stream-stopped", "StreamSid": stream_id})
+                      for url, stream_id in run.stream_callbacks]
         else:
             result.errors.append(f"voice webhook returned HTTP {response.status_code}")
-        self._callback(result, status_url, {**self.call_params(result.call_sid, to, from_, "completed"),
-                                            "CallDuration": "3", "HangupCause": hangup_cause,
-                                            "HangupSource": "caller", "CallbackSource": "call-progress-events"})
+        sends.append((status_url, {**self.call_params(result.call_sid, to, from_, "completed"),
+                                   "CallDuration": "3", "HangupCause": hangup_cause,
+                                   "HangupSource": "caller", "CallbackSource": "call-progress-events"}))
+        if callbacks == "none":
+            sends = []
+        elif callbacks == "reversed":
+            sends.reverse()
+        elif callbacks == "twice":  # a redelivery repeats the same signed form
+            sends = [send for send in sends for _ in range(2)]
+        for url, params in sends:
+            self._callback(result, url, params)
         return result
 
     def _callback(self, result: TexmlCallResult, url: str, params: dict[str, str]) -> None:
@@ -354,15 +414,16 @@ class TexmlCallSimulator:
         except requests.RequestException as exc:
             result.errors.append(f"callback {url} failed: {exc}")
 
-    def _run_dial_sip(self, result: TexmlCallResult, dial: ET.Element, payload: bytes, listen_seconds: float) -> None:
+    def _run_dial_sip(self, run: _TexmlRun, dial: ET.Element, depth: int) -> None:
         """``<Dial><Sip>``: INVITE the URI at the emulator's SIP endpoint, talk, hang up, then ``<Dial action>``
         with ``DialCallStatus`` (TwiML-compatible fields); its TeXML runs only while the caller is still on."""
+        result = run.result
         dialer = SipDialer(timeout=self.timeout)
-        outcome = dialer.dial((dial.findtext("Sip") or "").strip(), from_="", audio=payload)
+        outcome = dialer.dial((dial.findtext("Sip") or "").strip(), from_="", audio=run.payload)
         result.sip_dials.append(outcome)
         caller_left = False
         if outcome.answered:
-            time.sleep(listen_seconds)
+            time.sleep(run.listen_seconds)
             caller_left = not dialer.hang_up(outcome)
         if dial.get("action"):
             params = {**self.call_params(result.call_sid, "", "", "completed" if caller_left else "in-progress"),
@@ -370,48 +431,102 @@ class TexmlCallSimulator:
             self._callback(result, dial.get("action", ""), params)
             answer = result.last_response
             if answer is not None and answer.ok and not caller_left:
-                self._run_texml(result, answer.text, b"", "PCMU", 8000, 0.0, False, False, False)
+                self._run_texml(run, answer.text, depth + 1)
 
-    def _run_texml(self, result: TexmlCallResult, text: str, payload: bytes, encoding: str, sample_rate: int,
-                   listen_seconds: float, reorder: bool, duplicate: bool, pace: bool) -> str | None:
-        """Run the TeXML verbs in order; returns the stream's status callback URL, if a stream ran."""
+    def _run_texml(self, run: _TexmlRun, text: str, depth: int) -> None:
+        """Run the TeXML verbs in order, as Telnyx does, until the document or the call ends."""
+        result = run.result
         result.texml.append(text)
-        stream_callback = None
         try:
             root = ET.fromstring(text)
         except ET.ParseError as exc:
             result.errors.append(f"TeXML parse error: {exc}")
-            return None
+            return
         for verb in root:
             if verb.tag == "Say":
                 result.said.append((verb.text or "").strip())
             elif verb.tag == "Hangup":
                 result.hung_up = True
-                break
+                return
             elif verb.tag == "Dial" and verb.find("Sip") is not None:
-                self._run_dial_sip(result, verb, payload, listen_seconds)
-                break
+                self._run_dial_sip(run, verb, depth)
+                return
+            elif verb.tag == "Dial":
+                result.dialled.append((verb.text or "").strip())
+                return  # the caller now talks to that number; our part of the call is over
+            elif verb.tag == "Redirect":
+                self._redirect(run, (verb.text or "").strip(), depth)
+                return  # nothing after <Redirect> runs
             elif verb.tag == "Connect" and (stream := verb.find("Stream")) is not None:
-                result.stream_attributes = dict(stream.attrib)
-                unknown = sorted(set(stream.attrib) - TEXML_STREAM_ATTRIBUTES)
-                if unknown:
-                    result.errors.append(f"<Stream> attributes Telnyx does not document: {unknown}")
-                result.custom_parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
-                if stream.get("bidirectionalMode") != "rtp":
-                    result.errors.append("bidirectionalMode is not rtp: Telnyx would drop the return audio")
-                try:
-                    delivered = {} if self.parameters_as == "dropped" else result.custom_parameters
-                    leg = TelnyxMediaLeg(self.real_url(stream.get("url", "")), call_control_id=result.call_sid,
-                                         custom_parameters=delivered, encoding=encoding, sample_rate=sample_rate,
-                                         timeout=self.timeout,
-                                         parameters_as="list" if self.parameters_as == "list" else "object")
-                except Exception as exc:  # noqa: BLE001 — any handshake failure is a stream failure
-                    result.errors.append(f"media WebSocket handshake failed: {exc!r}")
-                    continue
-                leg.begin()
-                leg.stream(payload, pace=pace, reorder=reorder, duplicate=duplicate)
-                result.leg = leg.finish(listen_seconds)
-                stream_callback = stream.get("statusCallback")
-                if not result.leg.server_closed_first:
-                    break  # the caller hung up: the rest of the document never runs
-        return stream_callback
+                if not self._run_stream(run, stream):
+                    return  # the caller hung up: the rest of the document never runs
+            elif verb.tag not in TEXML_VERBS:
+                result.errors.append(f"<{verb.tag}> is not a TeXML verb Telnyx documents")
+
+    def _redirect(self, run: _TexmlRun, url: str, depth: int) -> None:
+        result = run.result
+        if depth >= MAX_REDIRECTS:
+            result.errors.append(f"more than {MAX_REDIRECTS} redirects")
+            return
+        try:
+            response = self.post_form(url, self.call_params(result.call_sid, run.to, run.from_, "in-progress"))
+        except requests.RequestException as exc:
+            result.errors.append(f"<Redirect> {url} failed: {exc}")
+            return
+        result.callbacks.append((url, response.status_code))
+        if response.ok:
+            self._run_texml(run, response.text, depth + 1)
+        else:
+            result.errors.append(f"<Redirect> {url} returned HTTP {response.status_code}")
+
+    def _run_stream(self, run: _TexmlRun, stream: ET.Element) -> bool:
+        """Run one ``<Connect><Stream>``; True when the stream ended with the caller still on."""
+        result = run.result
+        result.stream_attributes = dict(stream.attrib)
+        unknown = sorted(set(stream.attrib) - TEXML_STREAM_ATTRIBUTES)
+        if unknown:
+            result.errors.append(f"<Stream> attributes Telnyx does not document: {unknown}")
+        result.custom_parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+        if stream.get("bidirectionalMode") != "rtp":
+            result.errors.append("bidirectionalMode is not rtp: Telnyx would drop the return audio")
+        if len(result.legs) >= MAX_STREAMS_PER_CALL:
+            result.errors.append(f"stream limit ({MAX_STREAMS_PER_CALL}) reached")
+            return False
+        try:
+            delivered = {} if self.parameters_as == "dropped" else result.custom_parameters
+            leg = TelnyxMediaLeg(self.real_url(stream.get("url", "")), call_control_id=result.call_sid,
+                                 custom_parameters=delivered, encoding=run.encoding, sample_rate=run.sample_rate,
+                                 timeout=self.timeout,
+                                 parameters_as="list" if self.parameters_as == "list" else "object")
+        except Exception as exc:  # noqa: BLE001 — any handshake failure is a stream failure
+            result.errors.append(f"media WebSocket handshake failed: {exc!r}")
+            return True
+        first = not result.legs
+        leg.begin()
+        leg.stream(run.payload if first else run.restore_audio, pace=run.pace, reorder=run.reorder,
+                   duplicate=run.duplicate)
+        if first and self.hold_open is not None:
+            self.hold_open(leg)
+        result.leg = leg.finish(run.listen_seconds)
+        result.legs.append(result.leg)
+        if stream.get("statusCallback"):
+            run.stream_callbacks.append((stream.get("statusCallback", ""), result.leg.stream_id))
+        return result.leg.server_closed_first
+
+
+@dataclass
+class _TexmlRun:
+    """One TeXML call while it runs: what the caller says and does, and the stream callbacks to send."""
+
+    result: TexmlCallResult
+    to: str
+    from_: str
+    payload: bytes
+    restore_audio: bytes
+    encoding: str
+    sample_rate: int
+    listen_seconds: float
+    reorder: bool
+    duplicate: bool
+    pace: bool
+    stream_callbacks: list[tuple[str, str]] = field(default_factory=list)

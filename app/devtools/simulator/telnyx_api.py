@@ -1,14 +1,21 @@
-"""A fake Telnyx (Call Control) for tests and the demo: the REST API our SDK client talks to, plus Telnyx's
-side of the call — signed webhooks to the bridge and the media-streaming socket the ``answer`` asks for.
+"""A fake Telnyx Call Control (long: REST API, call side and control API share one in-memory state) for tests and
+the demo: the REST API our SDK client talks to, plus Telnyx's side of the call — signed webhooks to the bridge
+and the media-streaming socket the ``answer`` asks for.
 
 Run as ONE process (state is in memory): ``gunicorn -k gevent -w 1 'app.devtools.simulator.telnyx_api:create_fake_call_control_app()'``
 with ``FAKE_TELNYX_WEBHOOK_URL`` (where the bridge's ``/telnyx/call-control`` really listens),
 ``FAKE_TELNYX_SIGNING_SEED`` (base64 Ed25519 seed; the bridge gets its public key) and ``FAKE_TELNYX_API_KEY``.
 
-Control API (tests and the CLI): ``POST /_fake/calls`` places an inbound call (``to``, ``from``, ``encoding``,
-``sample_rate``, ``payload`` base64 in that codec, ``listen_seconds``, ``reorder_media``, ``duplicate_webhooks``,
-``fail_first_stream``), ``GET /_fake/calls/<id>`` reports it (commands, webhooks, what the caller heard),
-``GET /_fake/commands``, ``POST /_fake/reset``.
+Control API (tests, the CLI and the chaos run): ``POST /_fake/calls`` places an inbound call (``to``, ``from``,
+``encoding``, ``sample_rate``, ``payload`` base64 in that codec, ``pace`` (in real time), ``listen_seconds``,
+``reorder_media``,
+``duplicate_webhooks``, ``reverse_final_webhooks`` (``call.hangup`` before the ``streaming.stopped`` it follows),
+``fail_first_stream``, ``vanish`` (after talking, the caller's side drops the media socket without ``stop`` and
+no further webhook comes), ``webhook_url`` (this call's webhooks go there instead of
+``FAKE_TELNYX_WEBHOOK_URL``)), ``GET /_fake/calls/<id>`` reports it (commands, webhooks, what the caller heard),
+``GET /_fake/commands``, ``POST /_fake/unanswered`` (``{number: hangup_cause}``: calls dialled to that number
+ring and end with that cause — ``no_answer``, ``user_busy``, ``call_rejected`` — instead of answering),
+``POST /_fake/reset``.
 """
 from __future__ import annotations
 
@@ -31,7 +38,12 @@ from app.devtools.simulator.telnyx_contract import command_body_errors, payload_
 
 EXTENSION_KEY = "fake_telnyx"
 WEBHOOK_TIMEOUT_SECONDS = 10.0
+#: Attempts per webhook (Telnyx redelivers a webhook that failed or got a 5xx), and the wait before the second
+#: (doubling: 1, 2, 4, 8, 16 s — past the bridge's 20 s handling lease, as Telnyx's own retries reach further).
+WEBHOOK_ATTEMPTS, WEBHOOK_RETRY_SECONDS = 6, 1.0
 DIAL_RING_SECONDS = 0.3
+#: A vanishing caller waits at most this long to hear something before its side drops.
+VANISH_AFTER_SECONDS = 10.0
 
 
 @dataclass
@@ -73,6 +85,7 @@ class FakeTelnyx:
         self.calls: dict[str, FakeCall] = {}
         self.commands: list[dict[str, Any]] = []
         self.refused: list[dict[str, Any]] = []  # commands answered 422 (fields the SDK's types do not define)
+        self.unanswered: dict[str, str] = {}  # dialled number -> the hangup_cause it ends with, unanswered
 
     # ----- webhooks to the bridge -----
     def webhook(self, call: FakeCall, event_type: str, **payload: Any) -> None:
@@ -89,7 +102,7 @@ class FakeTelnyx:
             "record_type": "event", "event_type": event_type, "id": str(uuid.uuid4()),
             "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
             "payload": {**{k: v for k, v in common.items() if k in defined}, **payload}},
-            "meta": {"attempt": 1, "delivered_to": self.webhook_url}}
+            "meta": {"attempt": 1, "delivered_to": self._webhook_url(call)}}
         errors = webhook_errors(message)
         if errors:
             raise ValueError(f"the fake would send what Telnyx does not define: {errors}")
@@ -102,14 +115,28 @@ class FakeTelnyx:
         for thread in threads:
             thread.join(WEBHOOK_TIMEOUT_SECONDS + 1)
 
+    def _webhook_url(self, call: FakeCall) -> str:
+        return str(call.scenario.get("webhook_url") or self.webhook_url)
+
     def _deliver(self, call: FakeCall, event_type: str, body: str) -> None:
-        try:
-            status = requests.post(self.webhook_url, data=body.encode(), timeout=WEBHOOK_TIMEOUT_SECONDS, headers={
-                "Content-Type": "application/json", **self.signer.headers(body)}).status_code
-        except requests.RequestException as exc:
-            status = f"failed: {exc}"
-        with self.lock:
-            call.webhooks.append({"event": event_type, "status": status})
+        """POST one event; as Telnyx delivers at least once, an attempt that fails or gets a 5xx is made again
+        (``meta.attempt`` counting up, signed anew) up to :data:`WEBHOOK_ATTEMPTS` times."""
+        message = json.loads(body)
+        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+            if attempt > 1:
+                time.sleep(WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 2))
+                message["meta"]["attempt"] = attempt
+                body = json.dumps(message)
+            try:
+                status: int | str = requests.post(
+                    self._webhook_url(call), data=body.encode(), timeout=WEBHOOK_TIMEOUT_SECONDS,
+                    headers={"Content-Type": "application/json", **self.signer.headers(body)}).status_code
+            except requests.RequestException as exc:
+                status = f"failed: {exc}"
+            with self.lock:
+                call.webhooks.append({"event": event_type, "status": status, "attempt": attempt})
+            if isinstance(status, int) and status < 500:
+                return
 
     # ----- Telnyx's side of a call -----
     def place(self, call: FakeCall) -> None:
@@ -118,9 +145,14 @@ class FakeTelnyx:
                      offered_codecs="PCMA,PCMU", start_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def answer_dialled(self, call: FakeCall, client_state: Any) -> None:
-        """A call the bridge dialled rings, then is answered: ``call.initiated`` and ``call.answered`` (outgoing)."""
+        """A call the bridge dialled rings, then is answered: ``call.initiated`` and ``call.answered`` (outgoing);
+        or, for a number set up as unanswered, ends with its cause without ever being answered."""
         self.webhook(call, "call.initiated", direction="outgoing", state="bridging", client_state=client_state)
         time.sleep(DIAL_RING_SECONDS)
+        cause = self.unanswered.get(call.to)
+        if cause:
+            self.hang_up(call, cause, source="callee")
+            return
         self.webhook(call, "call.answered", state="answered", client_state=client_state)  # no direction (SDK)
 
     def command(self, call: FakeCall, action: str, body: dict[str, Any]) -> None:
@@ -166,17 +198,32 @@ class FakeTelnyx:
             self.webhook(call, "streaming.failed", client_state=state, failure_reason=repr(exc)[:100])
             return
         call.leg = leg
-        self.webhook(call, "streaming.started", client_state=state, stream_url=body.get("stream_url"))
+        # Telnyx opens the stream with connected/start at once and reports streaming.started on its own
+        # schedule: the media never waits for our webhook to be answered (a slow answer would otherwise hold
+        # ``start`` back past the relay's 2 s limit and the stream would be refused — a fake's artifact).
         leg.begin(call.from_, call.to)
-        leg.stream(base64.b64decode(scenario.get("payload", "")) if first else b"",
+        _spawn(self.webhook, call, "streaming.started", client_state=state, stream_url=body.get("stream_url"))
+        leg.stream(base64.b64decode(scenario.get("payload", "")) if first else b"", pace=bool(scenario.get("pace")),
                    reorder=bool(scenario.get("reorder_media")), duplicate=bool(scenario.get("reorder_media")))
+        if first and scenario.get("vanish"):
+            # The caller's side is lost: heard something (or gave up waiting), then the socket drops; Telnyx
+            # never reports anything more about this call.
+            leg.wait_for(lambda r: bool(r.heard) or r.server_closed_first, VANISH_AFTER_SECONDS)
+            leg.close_abruptly()
+            call.leg, call.hung_up = None, True
+            call.heard += leg.result.heard
+            call.protocol_errors += leg.result.protocol_errors
+            return
         result = leg.finish(float(scenario.get("listen_seconds", 0.5)))
         call.leg = None
         call.heard += result.heard
         call.protocol_errors += result.protocol_errors
         call.close_codes.append(result.close_code)
+        caller_hung_up = not result.server_closed_first
+        if caller_hung_up and scenario.get("reverse_final_webhooks"):  # delivered out of order
+            self.hang_up(call, "normal_clearing", source="caller")
         self.webhook(call, "streaming.stopped", client_state=state, stream_url=body.get("stream_url"))
-        if not result.server_closed_first:
+        if caller_hung_up:
             self.hang_up(call, "normal_clearing", source="caller")
         # Otherwise our side closed the stream while the caller is still on: wait for speak/hangup commands.
 
@@ -214,8 +261,9 @@ class FakeTelnyx:
                      state="hangup", client_state=None)
 
 
-def _spawn(target: Any, *args: Any) -> None:
-    threading.Thread(target=target, args=args, daemon=True).start()  # a greenlet under gunicorn's gevent worker
+def _spawn(target: Any, *args: Any, **kwargs: Any) -> None:
+    # A greenlet under gunicorn's gevent worker.
+    threading.Thread(target=target, args=args, kwargs=kwargs, daemon=True).start()
 
 
 def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
@@ -292,6 +340,15 @@ def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
         call = fake.calls.get(call_control_id) or abort(404)
         return jsonify(call.view())
 
+    @app.post("/_fake/unanswered")
+    def unanswered() -> ResponseReturnValue:
+        numbers = request.get_json(force=True)
+        if not isinstance(numbers, dict):
+            abort(400)
+        with fake.lock:
+            fake.unanswered.update({str(k): str(v) for k, v in numbers.items()})
+        return jsonify(unanswered=fake.unanswered)
+
     @app.get("/_fake/commands")
     def commands() -> ResponseReturnValue:
         return jsonify(commands=fake.commands, refused=fake.refused)
@@ -302,6 +359,7 @@ def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
             fake.calls.clear()
             fake.commands.clear()
             fake.refused.clear()
+            fake.unanswered.clear()
         return jsonify(status="reset")
 
     @app.get("/_fake/health")

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         sim = TexmlCallSimulator(args.base_url, signer, public_url=args.public_url, timeout=args.timeout)
         result = sim.place_call(args.to, args.from_, payload, encoding=args.codec, sample_rate=rate, pace=True,
                                 listen_seconds=args.listen)
-        heard = bytes(result.leg.heard) if result.leg else b""
+        heard = result.heard  # every stream of the call (a restored stream adds one)
         spoken, errors = result.said, result.errors + (result.leg.protocol_errors if result.leg else [])
         forbidden = result.webhook_status == 403 or any(status == 403 for _, status in result.callbacks)
         print(f"call {result.call_sid}  TeXML HTTP {result.webhook_status}  callbacks {result.callbacks}")

@@ -42,6 +42,7 @@ class CallResult:
     stream_sid: str | None = None
     twiml: list[str] = field(default_factory=list)
     said: list[str] = field(default_factory=list)
+    dialled: list[str] = field(default_factory=list)  # numbers <Dial>ed (the call went on there)
     hung_up: bool = False
     custom_parameters: dict[str, str] = field(default_factory=dict)
     sent_audio: bytes = b""
@@ -98,6 +99,8 @@ class SimulatedStream:
         self.server_closed = False
         self.close_code: int | None = None
         self._closing = False  # set when we (the caller side) end the socket
+        #: TwiML that replaced the call's (a REST ``update(twiml=…)``): the stream stops, the call goes on there.
+        self.redirect_twiml: str | None = None
         self._segments: list[tuple[float, bytes]] = []  # (play start, audio) not yet fully played
         self._tail = 0.0  # monotonic time at which all queued audio will have played
         self._pending_marks: list[tuple[float, str]] = []  # (due time, name)
@@ -167,6 +170,13 @@ class SimulatedStream:
             self._log("caller side closed the media socket")
         except (ConnectionClosed, OSError):
             pass
+
+    def redirect(self, twiml: str) -> None:
+        """The call's TwiML is replaced through the REST API: Twilio stops this stream (``stop``, close) and
+        runs ``twiml`` next, the caller still on the line."""
+        self.redirect_twiml = twiml
+        self._log("call redirected by the REST API: stream stopped")
+        self.hang_up()
 
     def finish(self) -> None:
         """Wait for the reader thread and settle the playback model at the end of the stream."""

@@ -79,6 +79,7 @@ class CallRun:
         self._log_lock = threading.Lock()
         self.stream_callbacks: list[tuple[str, str, dict[str, str]]] = []  # (url, method, params)
         self.call_over = False  # the caller hung up (we sent stop / dropped the socket)
+        self.redirect_twiml: str | None = None  # TwiML a REST update put in place of the stream's
 
     def log(self, event: str, coalesce: str | None = None) -> None:
         """Append to the timeline; with ``coalesce``, replace a directly preceding line with that prefix."""
@@ -162,6 +163,10 @@ class CallRun:
                 self.result.hung_up = True
                 self.log(f"TwiML <{verb.tag}/>: call hung up")
                 return
+            elif verb.tag == "Dial" and verb.find("Sip") is None:
+                self.result.dialled.append((verb.text or "").strip())
+                self.log(f"TwiML <Dial>: {(verb.text or '').strip()!r} (the caller now talks there)")
+                return
             elif verb.tag == "Connect":
                 if self.run_connect(verb, depth):
                     return  # control moved to the <Connect action> document, or the call ended
@@ -183,6 +188,10 @@ class CallRun:
             return True
         self.run_stream(stream_el, first=self.result.streams == 0)
         if self.call_over:
+            return True
+        if self.redirect_twiml is not None:  # a REST update replaced the document: no <Connect action>
+            text, self.redirect_twiml = self.redirect_twiml, None
+            self.run_twiml(text, depth + 1)
             return True
         action = connect.get("action")
         if not action:
@@ -275,7 +284,8 @@ class CallRun:
             raise
         if not stream.server_closed and not stream._closing:
             stream.hang_up()
-        self.call_over = not stream.server_closed
+        self.redirect_twiml = stream.redirect_twiml
+        self.call_over = not stream.server_closed and self.redirect_twiml is None
         stream.finish()
         r.heard_audio += bytes(stream.heard)
         r.played_audio += bytes(stream.played)
