@@ -35,6 +35,8 @@ CLOSE_HANDSHAKE_SECONDS = 1.0
 #: One ``recv`` takes up to this much: every frame a busy socket has queued, parsed in one pass.
 RECEIVE_BYTES = 65536
 
+log = logging.getLogger(__name__)
+
 
 class _ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """websockets logs every connection's open and close at INFO; the relay logs each leg's end itself."""
@@ -260,6 +262,9 @@ class MediaSock(Sock):
                     ws.close()
                 except Exception:  # already closed: nothing left to do
                     pass
+                # The socket's last line, after everything its handler did (a relay's end, a goodbye to the
+                # caller): with the call's log context, it tells an operator (and a test) the socket is done.
+                log.info("media socket %s closed", request.path)
                 return _AlreadyAnswered(mode=ws.mode)
 
             kwargs["websocket"] = True

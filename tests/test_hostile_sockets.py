@@ -6,7 +6,6 @@ import json
 import shutil
 import socket
 import subprocess
-import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from app.redis_keys import RedisKeys
 from tests.support.controls import EmulatorControl
 from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN
+from tests.support.server_log import closed_media_sockets, log_records
 from tests.support.servers import REPO_ROOT, RunningServer, free_port, wait_for_http
 from tests.support.waiting import wait_until
 
@@ -93,29 +93,41 @@ def test_forged_stream_auth_token_is_refused_at_the_upgrade(bridge_server: Runni
 def test_forged_telnyx_start_for_a_failed_call_sends_nothing(bridge_server: RunningServer,
                                                              redis_url: str) -> None:
     call_id = "v3:" + uuid.uuid4().hex
+    request_id = "forged-" + uuid.uuid4().hex[:12]
     client = redis_lib.Redis.from_url(redis_url)
     keys = RedisKeys("e2e")
     client.hset(keys.call("telnyx", call_id), mapping={"session_id": "sess_x"})
     client.hset(keys.leg("sess_x", "telnyx", call_id), mapping={"state": "ended",
                                                                  "end_reason": "relay_kallglot_unreachable"})
-    ws = Client.connect(bridge_server.url.replace("http", "ws") + "/telnyx/media")
+    ws = Client.connect(bridge_server.url.replace("http", "ws") + "/telnyx/media",
+                        headers={"X-Request-ID": request_id})
     ws.send(json.dumps({"event": "start", "stream_id": "s1", "start": {"call_control_id": call_id}}))
     with pytest.raises(ConnectionClosed):
         for _ in range(20):
             ws.receive(timeout=0.5)
-    time.sleep(1.0)
-    # Before the fix the bridge asked Telnyx to say goodbye on that call (and logged the attempt's failure).
-    assert not [line for line in bridge_server.log().splitlines() if call_id in line and "goodbye" in line]
+    assert ws.close_reason == 1008  # refused: the start carried no relay token
+    # The socket's last line is written after the handler's goodbye step: once it is there, a goodbye attempt
+    # (before the fix the bridge asked Telnyx to say goodbye on that call, and logged the attempt) would be too.
+    assert wait_until(lambda: closed_media_sockets(bridge_server, request_id=request_id), timeout=10)
+    lines = [r["message"] for r in log_records(bridge_server) if r.get("request_id") == request_id]
+    assert any("media socket refused" in line for line in lines), lines
+    assert not [line for line in lines if "goodbye" in line], lines
 
 
 def test_unauthenticated_start_with_a_huge_id_logs_a_short_line(bridge_server: RunningServer) -> None:
-    marker = "X" * 200_000
-    ws = Client.connect(bridge_server.url.replace("http", "ws") + "/telnyx/media")
+    # Big, but within the socket's 256 KiB message limit (a bigger frame is refused with 1009, never parsed).
+    marker = "X" * 100_000
+    request_id = "huge-" + uuid.uuid4().hex[:12]
+    ws = Client.connect(bridge_server.url.replace("http", "ws") + "/telnyx/media",
+                        headers={"X-Request-ID": request_id})
     ws.send(json.dumps({"event": "start", "stream_id": marker, "start": {"call_control_id": marker}}))
     with pytest.raises(ConnectionClosed):
         for _ in range(20):
             ws.receive(timeout=0.5)
-    time.sleep(0.3)
+    assert ws.close_reason == 1008  # the start was parsed and refused (no relay token), not cut short as too big
+    # Every line the socket's handler wrote is in the log once its last line is (see above).
+    assert wait_until(lambda: closed_media_sockets(bridge_server, request_id=request_id), timeout=10)
+    assert any("X" * 40 in r["message"] for r in log_records(bridge_server) if r.get("request_id") == request_id)
     assert max(len(line) for line in bridge_server.log().splitlines()) < 4096
 
 
