@@ -22,6 +22,7 @@ from tests.support.settings import (
 )
 from tests.support.bridge_state import BridgeState
 from tests.support.numbers import new_numbers
+from tests.support.server_log import closed_media_sockets
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 from tests.support.waiting import only_session, wait_until
 
@@ -117,13 +118,14 @@ def test_a_restored_leg_after_a_fatal_frame_is_live_and_a_clean_stop_ends_the_se
                           and only_session(emulator)["connections_total"] == 2
                           and only_session(emulator)["connections_live"] == 1, timeout=8)
         session_id = only_session(emulator)["id"]
-        # The old relay's end was recorded before its socket closed, so nothing ends the restored leg:
-        # it stays live, with a running heartbeat, through the old relay's whole teardown.
-        for _ in range(5):
-            assert state.call("twilio", call_sid)["state"] == "live"
-            assert state.has_live_heartbeat("twilio", call_sid)
-            assert state.session(session_id)["status"] == "active"
-            time.sleep(0.1)
+        # The old relay's end was recorded before its socket closed, so nothing ends the restored leg: it is
+        # live, with a running heartbeat, once the old socket's handler has finished its whole teardown (its
+        # last log line); the restored socket is still open (it listens for 3 s).
+        assert wait_until(lambda: closed_media_sockets(bridge_server, call_id=call_sid), timeout=8)
+        assert len(closed_media_sockets(bridge_server, call_id=call_sid)) == 1
+        assert state.call("twilio", call_sid)["state"] == "live"
+        assert state.has_live_heartbeat("twilio", call_sid)
+        assert state.session(session_id)["status"] == "active"
         result = call.result(timeout=30)
     assert result.streams == 2
     assert any("code 1003" in event for _, event in result.timeline)

@@ -3,17 +3,48 @@ registrations after an orphan was ended, and creates whose answer never came (re
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from flask import Flask
 
 from app.calls.leg_spec import LegSpec
-from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome
+from app.calls.lifecycle import PENDING_CREATE_GRACE_SECONDS, EndOutcome, SessionLifecycle
 from app.calls.recovery import create_may_have_succeeded
 from app.extensions import services
-from app.kallglot.client import KallglotConflict, KallglotUnavailable, KallglotValidationError
+from app.kallglot.client import (
+    KallglotClient, KallglotConflict, KallglotSession, KallglotUnavailable, KallglotValidationError,
+)
 from tests.support.controls import EmulatorControl
 from tests.support.legs import leg
 from tests.support.twilio_requests import TO
+from tests.support.virtual_time import VirtualClock
+
+
+def another_worker(clock: Callable[[], float] = time.time, *, kallglot: Any = None,
+                   hang_up: Callable[[str, str], None] | None = None) -> SessionLifecycle:
+    """The lifecycle as another worker of the app builds it (its public constructor, the app's Redis and
+    settings), with this test's clock, Kallglot client or carrier hang-up."""
+    svc = services()
+    return SessionLifecycle(svc.redis, svc.keys, kallglot or svc.kallglot,
+                            heartbeat_timeout_seconds=svc.settings.heartbeat_timeout_seconds, hang_up=hang_up,
+                            clock=clock)
+
+
+class AttachesDuringTheReplay:
+    """The real Kallglot client of a reaper's worker; while the reaper replays an orphan's create, the slow
+    webhook worker registers its leg (``attach``): the interleaving the reaper must survive."""
+
+    def __init__(self, real: KallglotClient, attach: Callable[[], None]) -> None:
+        self._real, self._attach = real, attach
+
+    def create_session(self, **kwargs: Any) -> KallglotSession:
+        session = self._real.create_session(**kwargs)
+        self._attach()
+        return session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
 
 
 def _started(call_id: str, stream_id: str, **extra: object) -> str:
@@ -47,9 +78,8 @@ def test_a_beat_that_lands_before_the_expiry_script_wins(app: Flask, emulator: E
         lifecycle = services().lifecycle
         session_id = _started("CAb", "MZb")
         due = time.time() + lifecycle.heartbeat_timeout_seconds + 1
-        # A reaper found the heartbeat due as of `due`; the relay beats (at a later time) before it acts.
-        lifecycle._clock = lambda: due + 10
-        assert lifecycle.heartbeat("twilio", "CAb", "MZb")
+        # A reaper found the heartbeat due as of `due`; the relay's worker beats (at a later time) before it acts.
+        assert another_worker(VirtualClock(now=due + 10)).heartbeat("twilio", "CAb", "MZb")
         assert lifecycle.expire_lost_legs(now=due) == 0
         assert lifecycle.call_record("twilio", "CAb")["state"] == "live"
     assert emulator.session(session_id)["status"] != "ended"
@@ -98,11 +128,18 @@ def test_an_orphan_attached_by_a_slow_worker_meanwhile_is_left_alone(app: Flask,
         lifecycle = services().lifecycle
         session = lifecycle.create_session(carrier="twilio", call_id="CAslow", idempotency_key="k-slow",
                                            mode="ai_agent")
-        assert lifecycle.register_leg(leg("CAslow"), session_id=session.id)
-        # A reaper that read the intent before the attach replays and tries to end it: the live leg wins.
-        lifecycle._end_orphan("twilio:CAslow", "twilio", "CAslow", session, {}, time.time())
+        attached: list[bool] = []
+        reaper = another_worker(kallglot=AttachesDuringTheReplay(services().kallglot, lambda: attached.append(
+            lifecycle.register_leg(leg("CAslow"), session_id=session.id))))
+        # A reaper read the intent before the attach, and replays the create while the slow worker attaches:
+        # the live leg wins, and the intent is forgotten (a later pass takes nothing).
+        later = time.time() + PENDING_CREATE_GRACE_SECONDS + 1
+        assert reaper.end_orphaned_creates(now=later) == 1
+        assert attached == [True]
         assert lifecycle.call_record("twilio", "CAslow")["state"] == "live"
+        assert lifecycle.end_orphaned_creates(now=later + 3600) == 0
     assert emulator.session(session.id)["status"] != "ended"
+    assert emulator.session(session.id)["end_calls"] == 0
 
 
 def test_a_create_is_recoverable_whenever_kallglot_may_have_processed_it() -> None:
@@ -133,12 +170,12 @@ def _agent_joins(session_id: str, call_id: str, stream_id: str) -> None:
     assert lifecycle.stream_started("twilio", call_id, stream_id)
 
 
-def _only_the_customer_misses_its_beats(customer: str, agent: str) -> float:
-    """The customer's relay stalls past its heartbeat while the agent's keeps beating: a reaper gives up the
-    customer's leg alone, and the agent's leg keeps the session active (not held)."""
-    lifecycle = services().lifecycle
-    later = time.time() + 3600
-    lifecycle._clock = lambda: later
+def _only_the_customer_misses_its_beats(lifecycle: SessionLifecycle, clock: VirtualClock, customer: str,
+                                       agent: str) -> float:
+    """The customer's relay stalls past its heartbeat while the agent's keeps beating: an hour passes on
+    ``clock`` (``lifecycle``'s), a reaper gives up the customer's leg alone, and the agent's leg keeps the session
+    active (not held)."""
+    later = clock.now = time.time() + 3600
     assert lifecycle.heartbeat("twilio", agent, "MZagent")
     assert lifecycle.expire_lost_legs(now=later) == 1
     assert lifecycle.call_record("twilio", customer)["end_reason"] == "heartbeat_lost"
@@ -151,10 +188,11 @@ def test_a_slow_relay_brings_its_leg_back_while_another_leg_keeps_the_session_ac
     """Its beat used to be refused because the session was not *held*: the customer's leg stayed "ended"
     while its relay went on relaying, so the call's end was missed when the customer hung up."""
     with app.app_context():
-        lifecycle = services().lifecycle
+        clock = VirtualClock(now=time.time())
+        lifecycle = another_worker(clock)
         session_id = _started("CAcust1", "MZcust", hangup_grace_seconds=0)
         _agent_joins(session_id, "CAagent1", "MZagent")
-        _only_the_customer_misses_its_beats("CAcust1", "CAagent1")
+        _only_the_customer_misses_its_beats(lifecycle, clock, "CAcust1", "CAagent1")
         assert lifecycle.session_record(session_id)["status"] == "active"
         assert lifecycle.heartbeat("twilio", "CAcust1", "MZcust")  # the stalled worker wakes up
         assert lifecycle.call_record("twilio", "CAcust1")["state"] == "live"
@@ -169,11 +207,11 @@ def test_a_slow_relays_own_hang_up_after_its_leg_was_given_up_hangs_up_the_agent
     it used to change nothing, leaving the agent on the line."""
     hung_up: list[tuple[str, str]] = []
     with app.app_context():
-        lifecycle = services().lifecycle
-        lifecycle._hang_up = lambda carrier, call_id: hung_up.append((carrier, call_id))
+        clock = VirtualClock(now=time.time())
+        lifecycle = another_worker(clock, hang_up=lambda carrier, call_id: hung_up.append((carrier, call_id)))
         session_id = _started("CAcust2", "MZcust", hangup_grace_seconds=0)
         _agent_joins(session_id, "CAagent2", "MZagent")
-        _only_the_customer_misses_its_beats("CAcust2", "CAagent2")
+        _only_the_customer_misses_its_beats(lifecycle, clock, "CAcust2", "CAagent2")
         # A late end from another stream still changes nothing (the fence holds).
         assert lifecycle.leg_ended("twilio", "CAcust2", "relay_carrier_stop", clean=True, stream_id="MZold") is None
         assert hung_up == []
