@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule, run_state_machine_as_test
 
 from app.calls.leg_spec import LegSpec
-from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, SessionLifecycle
+from app.calls.lifecycle import SessionLifecycle
 from app.kallglot.client import KallglotNotFound, KallglotSession, KallglotUnavailable, StreamGrant
 from app.redis_keys import RedisKeys
 
@@ -43,6 +42,10 @@ class FakeClock:
         return self.now
 
 
+class WorkerDied(Exception):
+    """The worker running the lifecycle died here: nothing after this point of its code runs."""
+
+
 @dataclass
 class FakeSession:
     status: str = "active"
@@ -57,6 +60,9 @@ class FakeKallglot:
     by_key: dict[str, str] = field(default_factory=dict)
     #: "ok", "down" (requests fail unprocessed) or "slow" (processed, but the answer never arrives).
     mode: str = "ok"
+    #: A worker that dies inside ``end_session``: "before" its request reaches Kallglot, or "after" Kallglot
+    #: ended the session (before the worker could record it); "" for a worker that lives.
+    dies: str = ""
 
     def create_session(self, *, idempotency_key: str, **_: object) -> KallglotSession:
         if self.mode == "down":
@@ -72,6 +78,8 @@ class FakeKallglot:
         return self._view(session_id)
 
     def get_session(self, session_id: str) -> KallglotSession:
+        if self.dies == "before":
+            raise WorkerDied(session_id)
         if self.mode != "ok":
             raise KallglotUnavailable("down", status=503, code="service_unavailable")
         if session_id not in self.sessions:
@@ -79,6 +87,12 @@ class FakeKallglot:
         return self._view(session_id)
 
     def end_session(self, session_id: str) -> dict[str, object]:
+        if self.dies == "before":
+            raise WorkerDied(session_id)
+        if self.dies == "after":
+            self.sessions[session_id].end_calls += 1
+            self.sessions[session_id].status = "ended"
+            raise WorkerDied(session_id)
         if self.mode == "down":
             raise KallglotUnavailable("down", status=503, code="service_unavailable")
         session = self.sessions[session_id]
@@ -237,12 +251,15 @@ def test_lifecycle_invariants_hold_under_any_interleaving(redis_for_properties: 
             if not self.kallglot.sessions:
                 return
             session_id = data.draw(st.sampled_from(sorted(self.kallglot.sessions)))
-            claimed = self.lifecycle._claim_end(
-                keys=[self.keys.session_end_claim(session_id), self.keys.session(session_id),
-                      self.keys.deadlines(self.keys.shard_of(session_id))],
-                args=[secrets.token_hex(4), END_CLAIM_LEASE_SECONDS, "1", session_id, f"{self.clock.now:.3f}"])
-            if claimed in (1, 2) and reached_kallglot and self.kallglot.mode == "ok":
-                self.kallglot.end_session(session_id)  # the request landed; the worker died before recording it
+            # An admin's end (the public path): the worker takes the end claim, then dies before its Kallglot
+            # request, or after it landed but before recording it. Its claim is left for the reapers.
+            self.kallglot.dies = "after" if reached_kallglot and self.kallglot.mode == "ok" else "before"
+            try:
+                self.lifecycle.end_session(session_id, "admin")
+            except WorkerDied:
+                pass
+            finally:
+                self.kallglot.dies = ""
 
         # -- time and reapers ------------------------------------------------------------------------------
         @rule(seconds=st.sampled_from([0.0, 0.5, 2.0, 5.0, 20.0, 35.0, 70.0]), reap=st.booleans())
