@@ -13,6 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app.calls.lifecycle import CARRIER_WATCHED_LEG_SECONDS
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.carriers.telnyx.control import SIP_FOR_KEY, decode_client_state, encode_client_state
 from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
 from app.extensions import services
@@ -203,7 +204,7 @@ def test_twilio_direct_stream_restored_with_a_fresh_token_then_session_over(
         services().kallglot.end_session(session["id"])  # Kallglot's side ends it (as its dashboard would)
     over = ET.fromstring(post_signed(client, "/twilio/connect-action",
                                      call_params(call_sid, CallStatus="in-progress")).data)
-    assert [verb.tag for verb in over] == ["Say", "Hangup"]
+    assert [verb.tag for verb in over] == ["Say", "Hangup"] and over.findtext("Say") == SESSION_OVER_MESSAGE
     assert emulator.session(session["id"])["end_calls"] == 1  # only the test's own end
 
 
@@ -244,7 +245,8 @@ def test_texml_direct_streams_to_kallglot_with_its_parameters(telnyx_client: Fla
         ("rtp", "PCMU", "inbound_track")
     params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
     assert list(params) == ["token", "session_id"] and params["token"].startswith("kst_")
-    assert [verb.tag for verb in root][-2:] == ["Say", "Hangup"]  # Kallglot closing the stream is never silence
+    # Kallglot closing the stream is never silence
+    assert [verb.tag for verb in root][-2:] == ["Say", "Hangup"] and root[-2].text == SESSION_OVER_MESSAGE
 
 
 @pytest.mark.parametrize(("dial_status", "ends_with"), [("completed", "Hangup"), ("failed", "Hangup")])
@@ -264,7 +266,7 @@ def test_texml_sip_dials_and_its_dial_action_ends_the_session_once(
     if dial_status == "completed":
         assert [verb.tag for verb in answered] == ["Hangup"]
     else:  # Kallglot never took it: the fallback, not silence
-        assert [verb.tag for verb in answered] == ["Say", "Hangup"]
+        assert [verb.tag for verb in answered] == ["Say", "Hangup"] and answered[0].text == UNAVAILABLE_MESSAGE
     completed = texml_body(call_id, CallStatus="completed", HangupCause="normal_clearing")
     assert post(telnyx_client, "/telnyx/texml/status", completed, telnyx_signer).status_code == 200
     assert emulator.session(session["id"])["status"] == "ended"
