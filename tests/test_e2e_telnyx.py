@@ -13,6 +13,7 @@ import pytest
 import redis as redis_lib
 import requests
 
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.carriers.registry import carrier_names
 from app.devtools.simulator.telnyx import TelnyxMediaLeg, TexmlCallSimulator, new_call_control_id
 from tests.support.waiting import only_session, wait_until
@@ -75,7 +76,9 @@ def test_texml_call_bridges_audio_both_ways_and_ends_once(texml: TexmlCallSimula
     assert session["idempotency_key"] == f"telnyx-call-{result.call_sid}"
     # Kallglot's echo of everything: the remainder went after UPLINK_QUIET_FLUSH_MS of quiet, mid-call.
     assert bytes(result.leg.heard) == audio
-    assert result.leg.marks_received
+    # One mark per utterance of return audio, named in order (the echo of 53 frames is at least one utterance).
+    marks = result.leg.marks_received
+    assert len(marks) >= 1 and marks == [f"utt-{n}" for n in range(1, len(marks) + 1)], marks
     assert all(status == 200 for _, status in result.callbacks)  # Telnyx retries anything else at the failover URL
     ended_once(emulator, telnyx_state)
 
@@ -98,7 +101,7 @@ def test_texml_kallglot_down_says_something_and_hangs_up(texml: TexmlCallSimulat
     emulator.fault(endpoint="create", status=503, code="service_unavailable", times=5)
     result = texml.place_call(TO, FROM, b"\xff" * 800)
     assert result.webhook_status == 200 and result.leg is None
-    assert result.said and "not available" in result.said[0] and result.hung_up
+    assert result.said == [UNAVAILABLE_MESSAGE] and result.hung_up
     assert emulator.sessions() == []
 
 
@@ -115,7 +118,7 @@ def test_texml_kallglot_ending_the_session_runs_the_goodbye(texml: TexmlCallSimu
     result = texml.place_call(TO, FROM, b"\xff" * 800, listen_seconds=5)
     ender.join(timeout=5)
     assert result.leg is not None and result.leg.server_closed_first
-    assert result.said and result.hung_up  # the verbs after <Connect>: never dead air
+    assert result.said == [SESSION_OVER_MESSAGE] and result.hung_up  # the verbs after <Connect>: never dead air
     session_id = only_session(emulator)["id"]
     assert wait_until(lambda: telnyx_state.settled_ended(session_id))
     assert telnyx_state.end_claim(session_id).startswith("ended:kallglot:")
