@@ -319,9 +319,11 @@ def test_lifecycle_invariants_hold_under_any_interleaving(redis_for_properties: 
                 self.lifecycle.end_orphaned_creates()
             for session_id, session in self.kallglot.sessions.items():
                 assert session.status == "ended", f"{session_id} leaked"
+                # Ended by Kallglot itself: the bridge never calls end (a session it ended is no longer live, so
+                # Kallglot could not end it); otherwise the bridge ended it exactly once.
                 expected = 0 if session_id in self.ended_by_kallglot else 1
-                assert session.end_calls <= 1 and (session.end_calls == expected or expected == 0), (
-                    f"{session_id} ended {session.end_calls} times")
+                assert session.end_calls == expected, (
+                    f"{session_id} ended {session.end_calls} times by the bridge, expected {expected}")
 
     run_state_machine_as_test(LifecycleMachine, settings=settings(
         max_examples=80, stateful_step_count=30, deadline=None, derandomize=True, database=None,
