@@ -80,8 +80,9 @@ NUMBER, AGENT_LINE = "+15005550006", "+15005550008"
 #: A number the bridge's toll-fraud rules dial (app/calls/destinations.py): a +1 500 "personal number" is refused,
 #: which left the ``agent`` scenario without an agent leg.
 AGENT_NUMBER = "+14155557770"
-#: The Telnyx number with an agent (dialled through Call Control, for TeXML and Call Control customers alike).
-TELNYX_AGENT_LINE, TELNYX_AGENT_NUMBER = "+15005550108", "+15005550109"
+#: The Telnyx number with an agent (dialled through Call Control, for TeXML and Call Control customers alike);
+#: its agent is dialable for the same reason as ``AGENT_NUMBER`` (``+15005550109`` was refused as toll fraud).
+TELNYX_AGENT_LINE, TELNYX_AGENT_NUMBER = "+15005550108", "+14155557771"
 RECONNECT_WINDOW_SECONDS, HEARTBEAT_TIMEOUT_SECONDS = 3, 4
 
 
