@@ -53,8 +53,8 @@ import requests
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
 from app.devtools.chaos_report import (
-    call_of, call_timeline, load_average, per_carrier_lines, pid_of_relay, reaper_work_by_instance, redis_view,
-    session_timeline, stress,
+    agent_leg_lines, call_of, call_timeline, load_average, per_carrier_lines, pid_of_relay, reaper_work_by_instance,
+    redis_view, session_timeline, stress,
 )
 from app.devtools.chaos_telnyx import (
     MODES, TEXML, TWILIO, HeardCall, TelnyxChaos, fake_telnyx_env, parse_modes, telnyx_bridge_env,
@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dead-air calls:   {len(dead_air)} {dict(Counter(o.scenario for o in dead_air))}")
     print(f"simulator errors: {len(errors)}")
     print("\n".join(per_carrier_lines(outcomes, sessions, args.carriers)))
+    print("\n".join(agent_leg_lines(outcomes, sessions, args.carriers)))
     for index, work in enumerate(reaper_work_by_instance(instance_logs)):
         print(f"reaper, instance {index + 1}: {work['legs_lost']} lost legs given up, {work['holds_ended']} held "
               f"sessions ended, {work['orphans_ended']} orphaned creates ended")

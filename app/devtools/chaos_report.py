@@ -116,6 +116,21 @@ def per_carrier_lines(outcomes: list[Any], sessions: list[dict[str, Any]], carri
     return lines
 
 
+def agent_leg_lines(outcomes: list[Any], sessions: list[dict[str, Any]], carriers: Iterable[str]) -> list[str]:
+    """Per carrier: of the ``agent`` calls, how many sessions got a second stream (the agent's leg) and agent audio.
+
+    The run's agent numbers must be ones the bridge dials: a refused number leaves these at 0.
+    """
+    session_of_call = {call_of(s): s for s in sessions}
+    lines = ["agent calls:      calls  2nd stream  agent audio"]
+    for carrier in carriers:
+        mine = [result for o in outcomes if o.carrier == carrier and o.scenario == "agent" for result in o.results]
+        seen = [session_of_call[r.call_sid] for r in mine if r.call_sid in session_of_call]
+        lines.append(f"  {carrier:<14} {len(mine):>6} {sum(s['connections_total'] >= 2 for s in seen):>11} "
+                     f"{sum('agent' in s.get('audio_input_messages', {}) for s in seen):>12}")
+    return lines
+
+
 def redis_view(redis: RedisDeployment, session_ids: list[str]) -> dict[str, object]:
     """What the bridge's Redis says about some sessions (for --verbose)."""
     keys = RedisKeys("chaos")
