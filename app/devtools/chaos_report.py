@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -55,10 +56,19 @@ def call_timeline(results: Iterable[Any], logs: list[str]) -> list[str]:
         session_id = result.custom_parameters.get("session_id", "")
         lines.append(f"    call {result.call_sid} session={session_id or '?'} streams={result.streams} "
                      f"sent={len(result.sent_audio)} heard={len(result.heard_audio)} said={result.said}")
-        lines += [f"      sim  {event[:200]}" for _, event in result.timeline]
+        # Stamped like the bridge's log lines (UTC), so one can tell e.g. whether the caller's stop went out
+        # before the relay even started; a timeline without a wall-clock start keeps its t+ offsets.
+        started_at = getattr(result, "started_at", 0.0)
+        lines += [f"      sim  {_utc_stamp(started_at + t) if started_at else f't+{t:.3f}s'}  {event[:200]}"
+                  for t, event in result.timeline]
         lines += [f"      log  {line[:300]}" for line in logs
                   if result.call_sid in line or (session_id and session_id in line)]
     return lines
+
+
+def _utc_stamp(when: float) -> str:
+    """``2026-11-29T03:26:22.275Z``, the bridge's JSON log ``ts`` format."""
+    return datetime.fromtimestamp(when, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def session_timeline(session: dict[str, object], logs: list[str]) -> list[str]:

@@ -58,6 +58,8 @@ class CallResult:
     close_code: int | None = None
     protocol_errors: list[str] = field(default_factory=list)
     timeline: list[tuple[float, str]] = field(default_factory=list)
+    #: Wall-clock time (``time.time()``) of the timeline's t+0, to line it up with the bridge's log timestamps.
+    started_at: float = 0.0
     callbacks: list[tuple[str, int]] = field(default_factory=list)
     # Additions: HTTP status of the voice webhook, and Twilio-side failures (webhook/TwiML/handshake).
     webhook_status: int | None = None
