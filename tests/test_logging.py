@@ -19,7 +19,9 @@ from app.logging_setup import (
 from app.devtools.simulator.twilio import TwilioCallSimulator
 from tests.support.controls import EmulatorControl
 from tests.support.settings import EMULATOR_API_KEY, SECRET_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
+from tests.support.server_log import closed_media_sockets
 from tests.support.servers import RunningServer, free_port, run_gunicorn
+from tests.support.waiting import wait_until
 
 TO, FROM = "+15005550006", "+15551230000"
 STREAM_TOKEN = re.compile(r"kst_test_[0-9a-f]{24}")  # the emulator's stream-token shape
@@ -108,6 +110,8 @@ def test_a_whole_call_logs_json_with_its_fields_and_no_secret(logging_bridge: Ru
     result = simulator.place_call(TO, FROM, os.urandom(30 * 160), pace=False, listen_seconds=1.0)
     assert result.errors == []
     requests.get(logging_bridge.url + "/twilio/voice", timeout=5)  # an unsigned request: logged refusal
+    # The relay logs its end after the caller's side has closed: read the log once the socket's last line is in.
+    assert wait_until(lambda: closed_media_sockets(logging_bridge, call_id=result.call_sid), timeout=10)
     relay_token = result.custom_parameters["relay_token"]
     session_id = result.custom_parameters["session_id"]
     lines = [line for line in logging_bridge.log().splitlines() if line.strip()]
