@@ -166,6 +166,32 @@ def test_a_loss_echoing_another_commands_client_state_is_the_newest_streams(
     assert restore_state(telnyx_app, call_id) == ("live", "2", "2")
 
 
+def test_a_restore_frees_the_killed_relays_lease_and_a_stale_stop_keeps_the_live_ones(
+        telnyx_app: Flask, client: FlaskClient, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        fake_call_control: FakeCallControl) -> None:
+    """Chaos (Call Control, a worker killed): the restored stream was refused "another relay is live" — the dead
+    relay's lease outlives it — and only a second restore, 3 s later, got through (the caller heard nothing).
+    The loss of the newest stream frees the lease, as Twilio's and TeXML's restores do; a stale stop must not
+    free the lease of the relay serving the newer stream."""
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    cc(client, telnyx_signer, event("call.answered", call_id, state="answered",
+                                    client_state=last(fake_call_control, "answer")["client_state"]))
+    first = last(fake_call_control, "streaming_start")["client_state"]
+    with telnyx_app.app_context():
+        svc = services()
+        lease = svc.keys.relay_lease("telnyx", call_id)
+        svc.redis.set(lease, "nonce-of-the-killed-relay", ex=30)
+    stream_lost(client, telnyx_signer, call_id, first, "streaming.stopped")
+    assert len(fake_call_control.commands("streaming_start")) == 2
+    with telnyx_app.app_context():
+        assert svc.redis.get(lease) is None
+        svc.redis.set(lease, "nonce-of-the-restored-relay", ex=30)
+    stream_lost(client, telnyx_signer, call_id, first, "streaming.failed")  # the killed stream's, late
+    with telnyx_app.app_context():
+        assert svc.redis.get(lease) == b"nonce-of-the-restored-relay"
+
+
 def test_two_reports_of_one_loss_at_once_restore_it_once(telnyx_app: Flask, client: FlaskClient,
                                                          telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
                                                          fake_call_control: FakeCallControl) -> None:

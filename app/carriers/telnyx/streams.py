@@ -177,6 +177,9 @@ def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, wh
         if speaker == SPEAKER_CUSTOMER:
             say_goodbye(svc, control, event, GOODBYE_SESSION_OVER, _called_number(svc, event))
         return
+    # Telnyx reported this (the newest) stream over: a killed worker's relay lease must not refuse the restored
+    # stream as "another relay is live" (a stale event never gets here, so a live newer relay keeps its lease).
+    svc.relay_guard.forget_leg(CARRIER, event.call_id)
     log.info("telnyx call=%s session=%s %s while the call is up (%s): restoring the stream", event.call_id,
              session_id, why, reason or "relay gone")
     _put_on_session(svc, control, event, session_id, stream, speaker, transport, "streaming_start (restore)",
