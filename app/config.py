@@ -95,6 +95,8 @@ class Settings:
     websocket_layer: str = "simple-websocket"
     #: A leg whose relay has not beaten its heartbeat for this long is treated as lost (worker died).
     heartbeat_timeout_seconds: int = 15
+    #: A browser agent who took a call must open its media socket within this long, else the call is offered again.
+    agent_socket_open_seconds: int = 15
     redis_namespace: str = "kb"
     #: Waits (ms, comma-separated) between attempts to reopen a dropped Kallglot stream; tests shorten them.
     kallglot_reconnect_backoff_ms: str = "200,500,1000,2000,4000"
@@ -192,6 +194,8 @@ class Settings:
             found.append(f"WEBSOCKET_LAYER must be one of {', '.join(WEBSOCKET_LAYERS)}, got {self.websocket_layer!r}")
         if not 3 <= self.heartbeat_timeout_seconds <= 120:
             found.append(f"HEARTBEAT_TIMEOUT_SECONDS must be between 3 and 120, got {self.heartbeat_timeout_seconds}")
+        if not 3 <= self.agent_socket_open_seconds <= 120:
+            found.append(f"AGENT_SOCKET_OPEN_SECONDS must be between 3 and 120, got {self.agent_socket_open_seconds}")
         try:
             backoff = self.kallglot_reconnect_backoff_seconds
             if not backoff or any(not 0 < wait <= 60 for wait in backoff):

@@ -55,10 +55,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
     register_cli(app)
     if command_line is None:
-        from app.calls.agent import expire_agent_waits
+        from app.calls.agent import browser_leg_lost, expire_agent_waits
 
-        app.extensions["reaper"] = start_background_reaper(built.lifecycle,
-                                                           extra_passes=[lambda: expire_agent_waits(built)])
+        app.extensions["reaper"] = start_background_reaper(
+            built.lifecycle, extra_passes=[lambda: expire_agent_waits(built)],
+            on_leg_lost=lambda carrier, call_id: browser_leg_lost(built, carrier, call_id))
     if settings.demo_mode and command_line is None:
         log.warning("DEMO MODE: Kallglot is the local emulator at %s and the secrets are demo values. "
                     "Set KALLGLOT_API_KEY and REDIS_URL for real calls.", settings.kallglot_api_url)

@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-import redis
-from redis.cluster import ClusterNode, RedisCluster
-from redis.sentinel import Sentinel
 
 STANDALONE, CLUSTER, SENTINEL = "standalone", "cluster", "sentinel"
 _SCHEMES = {"redis": False, "rediss": True}
@@ -160,6 +157,13 @@ def connect(target: RedisTarget, *, max_connections: int, timeout_seconds: float
     ``max_connections`` bounds the connections per worker process (per node on a cluster); ``timeout_seconds``
     bounds connecting, each command, and waiting for a free pooled connection.
     """
+    # Imported here, not at the top: app.config imports this module for its URL checks, and gunicorn's master
+    # runs those checks before the gevent worker monkey-patches; importing redis there imports ssl unpatched
+    # (gevent's MonkeyPatchWarning, a non-JSON line in the log, and ssl left unpatched in the workers).
+    import redis
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.sentinel import Sentinel
+
     common: dict[str, Any] = {"socket_timeout": timeout_seconds, "socket_connect_timeout": timeout_seconds,
                               "username": target.username, "password": target.password}
     if target.kind == CLUSTER:

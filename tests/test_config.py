@@ -78,3 +78,14 @@ def test_uplink_quiet_flush_is_off_or_at_most_200_ms(quiet_ms: str, refused: boo
 
 def test_uplink_quiet_flush_defaults_to_40_ms() -> None:
     assert Settings.from_env(GOOD).uplink_quiet_flush_ms == 40
+
+
+def test_gunicorns_master_config_check_imports_neither_redis_nor_ssl() -> None:
+    """gunicorn.conf.py validates Settings in the master, before the gevent worker monkey-patches: importing
+    redis (and so ssl) there leaves ssl unpatched in the workers and prints a non-JSON MonkeyPatchWarning."""
+    import subprocess
+    import sys
+
+    probe = "import sys, app.config; print(sorted({'redis', 'ssl'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -341,3 +341,37 @@ def test_an_echo_settles_earlier_marks_a_clear_discarded_and_marks_in_flight_are
     for _ in range(200):  # a carrier that never echoes
         tracker.next_mark()
     assert tracker.in_flight == 64
+
+
+def test_a_caller_who_hangs_up_while_a_refused_stream_waits_to_be_reopened_is_logged_not_silent(
+        emulator: EmulatorControl, session: KallglotSession, carrier: ScriptedCarrier,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Chaos-run "open bug": Kallglot refused the first stream at once, the caller's audio and ``stop`` were
+    already queued (the relay started late), and the leg ended with "0 chunks, 0 kallglot reconnects" and no
+    other line, like a downlink that stalled. It is the caller leaving inside the reopen's backoff: the relay
+    now says that the reopen was abandoned and how much of the caller's audio never reached Kallglot."""
+    emulator.fault(endpoint="connect", status=503, code="service_unavailable", delay_seconds=0.0, times=1)
+    stream = KallglotStream.open(session.stream.url, session.stream.token)
+    refused = wait_until(lambda: not stream.connected or None, timeout=5)  # session.error + close, read
+    assert refused
+    opened: list[KallglotStream] = []
+
+    def reopen() -> KallglotStream:
+        opened.append(KallglotStream.open(session.stream.url, session.stream.token))
+        return opened[-1]
+
+    relay = MediaRelay(carrier, started_codec(), stream, speaker="customer", chunk_ms=100, context="late-relay",
+                       reopen_kallglot=reopen, reconnect_backoff_seconds=(2.0,))
+    caplog.set_level("INFO", logger="app.relay")
+    thread, ends = run_relay(relay)
+    assert wait_until(lambda: relay.link.reconnecting, timeout=5)  # the downlink read the refusal: backoff
+    for _ in range(3):
+        carrier.media(b"\x05" * 800)
+    carrier.stop()  # the caller talked and left inside the backoff, as when the relay started late
+    thread.join(timeout=10)
+    assert ends == [RelayEnd.CARRIER_STOP] and opened == []
+    assert relay.stats.kallglot_reconnects == 0 and relay.stats.chunks_to_kallglot == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("late-relay")]
+    assert any("kallglot stream not reopened: the relay ended during the 2.0 s backoff" in line
+               for line in lines), lines
+    assert any("3 chunks of customer audio never reached Kallglot" in line for line in lines), lines

@@ -22,6 +22,7 @@ import requests
 from flask import Flask, jsonify, request
 from flask_sock import Sock
 from twilio.request_validator import RequestValidator
+from wsproto.events import CloseConnection
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from app.devtools.simulator import SimulatedStream, TwilioCallSimulator, speech_like_tone
@@ -415,3 +416,26 @@ def test_audio_helpers_round_trip_and_convert() -> None:
     assert len(wav_bytes_to_ulaw(_wav(1, 16, 16000, pcm16k))) == 800  # resampled to 8 kHz
     with pytest.raises(ValueError):
         wav_bytes_to_ulaw(b"not a wav file")
+
+
+@e2e
+def test_a_mark_due_while_the_socket_is_closing_ends_the_echo_loop_quietly(sim: TwilioCallSimulator) -> None:
+    """Chaos-run bug: a mark fell due in the instant between the close frame going out and simple-websocket
+    saying ``connected = False``; the echo's send raised ``LocalProtocolError`` and killed the reader thread."""
+    seen: dict[str, Any] = {}
+
+    def close_half_way(stream: SimulatedStream) -> None:
+        assert stream.wait_for(lambda st: len(st.marks_echoed) == 2, 3)
+        with stream._send_lock:  # where Client.close() stands after wsproto built its close frame
+            stream.ws.sock.sendall(stream.ws.ws.send(CloseConnection(1000)))
+        assert stream.ws.connected  # the window: closing, yet still "connected"
+        seen["sent"] = stream.send_event("mark", {"streamSid": stream.stream_sid, "mark": {"name": "late"}})
+        with stream._cond:
+            stream._pending_marks.append((0.0, "late"))
+            stream._echo_marks(1)  # raised LocalProtocolError in the reader thread before the fix
+            seen["pending"] = list(stream._pending_marks)
+        seen["closed"] = stream.wait_for(lambda st: not st.ws.connected, 3)
+
+    result = sim.place_call(MARKS, CALLER, listen_seconds=0, hold_open=close_half_way)
+    assert seen == {"sent": False, "pending": [], "closed": True}
+    assert result.marks_echoed == ["idle", "after-audio"]  # "late" was never echoed

@@ -8,6 +8,7 @@ an agent whose tab closed rejoins by opening the page again while the session li
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -74,8 +75,12 @@ def agent_take(session_id: str) -> ResponseReturnValue:
         flash(f"{taken_by} took that call first." if taken_by else "That call is no longer waiting.", "error")
         return redirect(url_for("admin.agent_page")), 303
     record = svc.lifecycle.session_record(session_id)
-    leg = LegSpec.joining(record, carrier=BROWSER_LEG, call_id=leg_id, speaker=SPEAKER_AGENT,
-                          from_number=admin_name(), to_number=record.get("to", ""))
+    # The page opens its media socket at once; a tab closed right after Take must not keep the call for the
+    # lifecycle's 60 s stream-start grace: the reaper gives the leg up after the short bound and offers it again.
+    leg = dataclasses.replace(
+        LegSpec.joining(record, carrier=BROWSER_LEG, call_id=leg_id, speaker=SPEAKER_AGENT,
+                        from_number=admin_name(), to_number=record.get("to", "")),
+        start_grace_seconds=svc.settings.agent_socket_open_seconds)
     if record.get("status") == "ended" or not svc.lifecycle.register_leg(leg, session_id=session_id):
         flash("That call has just ended.", "error")
         return redirect(url_for("admin.agent_page")), 303

@@ -103,6 +103,22 @@ def expire_agent_waits(svc: Services) -> int:
     return AgentQueue(svc.redis, svc.keys).expire_due(lambda sid, offer: no_browser_agent(svc, sid, offer))
 
 
+def browser_leg_lost(svc: Services, carrier: str, call_id: str) -> bool:
+    """The reaper gave up a leg whose heartbeat ran out: when it is a browser agent's (its worker died, or its
+    page never opened the media socket after Take), offer the call again. True when offered."""
+    if carrier != BROWSER_LEG:
+        return False
+    try:
+        call = svc.lifecycle.call_record(carrier, call_id)
+    except redis.RedisError as exc:
+        log.error("browser agent leg %s lost, not offered again: %s", call_id, exc)
+        return False
+    # The leg's heartbeat may also have gone because it ended otherwise meanwhile (hung up, given back).
+    if call.get("state") != "ended" or call.get("end_reason") != "heartbeat_lost":
+        return False
+    return offer_again(svc, call.get("session_id", ""), call_id)
+
+
 def offer_again(svc: Services, session_id: str, leg_id: str, reason: str = "agent_lost") -> bool:
     """A browser agent's leg was lost (``agent_lost``) or given back (``agent_gave_back``) while the customer is
     still on: offer the call to agents again for the profile's wait (the same agent may rejoin by reopening the
@@ -115,6 +131,8 @@ def offer_again(svc: Services, session_id: str, leg_id: str, reason: str = "agen
             return False
         queue = AgentQueue(svc.redis, svc.keys)
         first = queue.offer_record(session_id)
+        if first.get("state") == "waiting":  # offered again already (by another path): keep its deadline
+            return True
         profile = svc.profiles.for_number(session.get("to", ""))
         queue.offer(session_id, carrier=first.get("carrier") or session.get("carrier", ""),
                     call_id=first.get("call_id", ""), to_number=session.get("to", ""),

@@ -26,6 +26,9 @@ class LegSpec:
     #: How the leg's audio reaches Kallglot (``relay``, ``direct``, ``sip``: :data:`app.profiles.TRANSPORTS`).
     #: Only a relayed leg has a relay beating its heartbeat; the carrier's callbacks end the others.
     transport: str = "relay"
+    #: How long the leg may wait for its media stream to start before it counts as lost (0: the lifecycle's
+    #: default). A browser agent's page opens its socket at once, so it gets a short bound.
+    start_grace_seconds: int = 0
 
     @property
     def relayed(self) -> bool:

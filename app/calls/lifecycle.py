@@ -137,6 +137,8 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
             pipe.hset(call_key, mapping={"session_id": session_id, "carrier": carrier, "speaker": leg.speaker,
                                          "from": leg.from_number, "to": leg.to_number, "transport": leg.transport})
             pipe.hsetnx(call_key, "created_at", f"{started:.3f}")
+            if leg.start_grace_seconds:
+                pipe.hset(call_key, "start_grace", str(leg.start_grace_seconds))
             pipe.expire(call_key, RECORD_TTL_SECONDS)
             pipe.execute()
         with self._redis.pipeline(transaction=True) as pipe:
@@ -156,7 +158,8 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
             pipe.zremrangebyrank(recent, 0, -(CALL_LOG_MAX_ENTRIES // len(self._keys.shards())) - 1)
             pipe.execute()
         epoch = self._attach(session_id, carrier, call_id, started, restoring=False,
-                             require_held=reattach_from is not None, relayed=leg.relayed)
+                             require_held=reattach_from is not None, relayed=leg.relayed,
+                             start_grace=leg.start_grace_seconds)
         if not epoch:
             return False
         if reattach_from:  # the hold is over: drop the returning-caller hint (invariant I4)
@@ -169,9 +172,9 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         return True
 
     def _attach(self, session_id: str, carrier: str, call_id: str, now: float, *, restoring: bool,
-                require_held: bool = False, relayed: bool = True) -> int:
+                require_held: bool = False, relayed: bool = True, start_grace: float = 0) -> int:
         shard = self._keys.shard_of(session_id)
-        grace = STREAM_START_GRACE_SECONDS if relayed else CARRIER_WATCHED_LEG_SECONDS
+        grace = (start_grace or STREAM_START_GRACE_SECONDS) if relayed else CARRIER_WATCHED_LEG_SECONDS
         return int(self._attach_leg(
             keys=[self._keys.session_end_claim(session_id), self._keys.session(session_id),
                   self._keys.leg(session_id, carrier, call_id), self._keys.deadlines(shard),
@@ -192,7 +195,7 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         session_id = call.get("session_id")
         relayed = call.get("transport", "relay") == "relay"
         if not session_id or not self._attach(session_id, carrier, call_id, self._clock(), restoring=True,
-                                              relayed=relayed):
+                                              relayed=relayed, start_grace=float(call.get("start_grace") or 0)):
             return None
         if restoring_lost_stream:
             self._redis.hincrby(self._keys.call(carrier, call_id), "stream_restarts", 1)

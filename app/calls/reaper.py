@@ -21,8 +21,11 @@ class Reaper:
     """Polls the lifecycle's deadlines and heartbeats."""
 
     def __init__(self, lifecycle: SessionLifecycle, interval_seconds: float = REAPER_INTERVAL_SECONDS,
-                 extra_passes: Sequence[Callable[[], int]] = ()) -> None:
+                 extra_passes: Sequence[Callable[[], int]] = (),
+                 on_leg_lost: Callable[[str, str], object] | None = None) -> None:
         self.lifecycle = lifecycle
+        #: Runs for each leg a pass gave up as lost, (carrier, call id): a browser agent's call is offered again.
+        self.on_leg_lost = on_leg_lost
         #: More due work polled with the same cadence (calls whose browser-agent wait ran out).
         self.extra_passes = tuple(extra_passes)
         self.interval_seconds = interval_seconds
@@ -30,7 +33,7 @@ class Reaper:
 
     def run_once(self) -> tuple[int, int, int]:
         """One pass: (lost legs handled, due sessions handled, orphaned creates handled)."""
-        handled = (self.lifecycle.expire_lost_legs(), self.lifecycle.end_due_sessions(),
+        handled = (self.lifecycle.expire_lost_legs(on_lost=self.on_leg_lost), self.lifecycle.end_due_sessions(),
                    self.lifecycle.end_orphaned_creates())
         for extra in self.extra_passes:
             extra()
@@ -59,7 +62,8 @@ class Reaper:
 
 
 def start_background_reaper(lifecycle: SessionLifecycle,
-                            extra_passes: Sequence[Callable[[], int]] = ()) -> Reaper | None:
+                            extra_passes: Sequence[Callable[[], int]] = (),
+                            on_leg_lost: Callable[[str, str], object] | None = None) -> Reaper | None:
     """Start a reaper thread when running under gevent (gunicorn's gevent worker); else return None.
 
     Under the plain test client nothing is started; tests call :meth:`Reaper.run_once` themselves.
@@ -70,6 +74,6 @@ def start_background_reaper(lifecycle: SessionLifecycle,
         return None
     if not monkey.is_module_patched("threading"):
         return None
-    reaper = Reaper(lifecycle, extra_passes=extra_passes)
+    reaper = Reaper(lifecycle, extra_passes=extra_passes, on_leg_lost=on_leg_lost)
     spawn(reaper.run_forever, name="session-reaper")
     return reaper

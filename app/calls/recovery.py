@@ -62,8 +62,10 @@ class RecoveryPasses:
                 self._redis.zrem(self._keys.deadlines(shard), session_id)
         return taken
 
-    def expire_lost_legs(self, now: float | None = None, batch: int = 50) -> int:
+    def expire_lost_legs(self, now: float | None = None, batch: int = 50,
+                         on_lost: Callable[[str, str], object] | None = None) -> int:
         """Treat legs whose relay stopped beating as lost abnormally; returns how many were given up.
+        ``on_lost(carrier, call_id)`` runs for each leg this pass gave up (a browser agent's: offer the call again).
 
         The check "still due?" and the end are one script, so a beat (or a restored stream) that lands after
         this pass read the heartbeats wins; a relay that was merely slow revives its leg on its next beat
@@ -76,6 +78,8 @@ class RecoveryPasses:
             if self._give_up_leg(carrier, call_id, now, shard):
                 log.warning("%s call=%s relay heartbeat lost", carrier, call_id)
                 given_up += 1
+                if on_lost is not None:
+                    on_lost(carrier, call_id)
         return given_up
 
     def end_orphaned_creates(self, now: float | None = None, batch: int = 20) -> int:

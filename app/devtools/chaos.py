@@ -53,8 +53,8 @@ import requests
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
 from app.devtools.chaos_report import (
-    call_of, call_timeline, load_average, per_carrier_lines, pid_of_relay, reaper_work_by_instance, redis_view,
-    session_timeline, stress,
+    agent_leg_lines, call_of, call_timeline, load_average, per_carrier_lines, pid_of_relay, reaper_work_by_instance,
+    redis_view, session_timeline, stress,
 )
 from app.devtools.chaos_telnyx import (
     MODES, TEXML, TWILIO, HeardCall, TelnyxChaos, fake_telnyx_env, parse_modes, telnyx_bridge_env,
@@ -80,8 +80,9 @@ NUMBER, AGENT_LINE = "+15005550006", "+15005550008"
 #: A number the bridge's toll-fraud rules dial (app/calls/destinations.py): a +1 500 "personal number" is refused,
 #: which left the ``agent`` scenario without an agent leg.
 AGENT_NUMBER = "+14155557770"
-#: The Telnyx number with an agent (dialled through Call Control, for TeXML and Call Control customers alike).
-TELNYX_AGENT_LINE, TELNYX_AGENT_NUMBER = "+15005550108", "+15005550109"
+#: The Telnyx number with an agent (dialled through Call Control, for TeXML and Call Control customers alike);
+#: its agent is dialable for the same reason as ``AGENT_NUMBER`` (``+15005550109`` was refused as toll fraud).
+TELNYX_AGENT_LINE, TELNYX_AGENT_NUMBER = "+15005550108", "+14155557771"
 RECONNECT_WINDOW_SECONDS, HEARTBEAT_TIMEOUT_SECONDS = 3, 4
 
 
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dead-air calls:   {len(dead_air)} {dict(Counter(o.scenario for o in dead_air))}")
     print(f"simulator errors: {len(errors)}")
     print("\n".join(per_carrier_lines(outcomes, sessions, args.carriers)))
+    print("\n".join(agent_leg_lines(outcomes, sessions, args.carriers)))
     for index, work in enumerate(reaper_work_by_instance(instance_logs)):
         print(f"reaper, instance {index + 1}: {work['legs_lost']} lost legs given up, {work['holds_ended']} held "
               f"sessions ended, {work['orphans_ended']} orphaned creates ended")

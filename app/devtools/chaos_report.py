@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -55,10 +56,19 @@ def call_timeline(results: Iterable[Any], logs: list[str]) -> list[str]:
         session_id = result.custom_parameters.get("session_id", "")
         lines.append(f"    call {result.call_sid} session={session_id or '?'} streams={result.streams} "
                      f"sent={len(result.sent_audio)} heard={len(result.heard_audio)} said={result.said}")
-        lines += [f"      sim  {event[:200]}" for _, event in result.timeline]
+        # Stamped like the bridge's log lines (UTC), so one can tell e.g. whether the caller's stop went out
+        # before the relay even started; a timeline without a wall-clock start keeps its t+ offsets.
+        started_at = getattr(result, "started_at", 0.0)
+        lines += [f"      sim  {_utc_stamp(started_at + t) if started_at else f't+{t:.3f}s'}  {event[:200]}"
+                  for t, event in result.timeline]
         lines += [f"      log  {line[:300]}" for line in logs
                   if result.call_sid in line or (session_id and session_id in line)]
     return lines
+
+
+def _utc_stamp(when: float) -> str:
+    """``2026-11-29T03:26:22.275Z``, the bridge's JSON log ``ts`` format."""
+    return datetime.fromtimestamp(when, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def session_timeline(session: dict[str, object], logs: list[str]) -> list[str]:
@@ -113,6 +123,21 @@ def per_carrier_lines(outcomes: list[Any], sessions: list[dict[str, Any]], carri
     unowned = [s for s in sessions if call_of(s) not in mode_of_call]
     if unowned:
         lines.append(f"  (sessions of no placed call: {len(unowned)})")
+    return lines
+
+
+def agent_leg_lines(outcomes: list[Any], sessions: list[dict[str, Any]], carriers: Iterable[str]) -> list[str]:
+    """Per carrier: of the ``agent`` calls, how many sessions got a second stream (the agent's leg) and agent audio.
+
+    The run's agent numbers must be ones the bridge dials: a refused number leaves these at 0.
+    """
+    session_of_call = {call_of(s): s for s in sessions}
+    lines = ["agent calls:      calls  2nd stream  agent audio"]
+    for carrier in carriers:
+        mine = [result for o in outcomes if o.carrier == carrier and o.scenario == "agent" for result in o.results]
+        seen = [session_of_call[r.call_sid] for r in mine if r.call_sid in session_of_call]
+        lines.append(f"  {carrier:<14} {len(mine):>6} {sum(s['connections_total'] >= 2 for s in seen):>11} "
+                     f"{sum('agent' in s.get('audio_input_messages', {}) for s in seen):>12}")
     return lines
 
 

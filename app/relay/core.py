@@ -112,6 +112,10 @@ class MediaRelay:
             self.link.close()
             downlink.join(timeout=DOWNLINK_JOIN_SECONDS)
             end = self._end or RelayEnd.CARRIER_LOST
+            unsent = self.link.unsent_chunks()
+            if unsent:  # the stream was refused or dropped and not reopened before the leg ended
+                log.warning("%s %d chunks of %s audio never reached Kallglot (stream lost, not reopened before "
+                            "the relay ended)", self.context, unsent, self.uplink.speaker)
             self._record_end(end)
             self._close_carrier()
             metrics.RELAYS_LIVE.labels(self.codec.carrier).dec()

@@ -78,6 +78,17 @@ class KallglotLink:
             self._backlog.append(message)
         return True
 
+    @property
+    def reconnecting(self) -> bool:
+        """Whether the stream is dropped and being reopened (caller audio is queued meanwhile)."""
+        return self._reconnecting
+
+    def unsent_chunks(self) -> int:
+        """Caller audio that has not reached an accepted Kallglot stream: queued while reconnecting, or written to
+        a stream that then dropped before Kallglot confirmed it (0 while the current stream is healthy)."""
+        with self._lock:
+            return len(self._backlog) + len(self._unconfirmed) if self._reconnecting else 0
+
     def receive(self, timeout: float | None) -> ServerMessage | None:
         """Next message on the current stream (see :meth:`KallglotStream.receive`)."""
         return self.stream.receive(timeout)
@@ -112,6 +123,11 @@ class KallglotLink:
             delay = self._backoff_seconds[self._attempts]
             self._attempts += 1
             if ending.wait(delay):
+                # The chaos run's "refused and never reopened" calls end here: the caller hung up inside the
+                # backoff (their stop was already queued when the relay read the refusal). Say so, or the leg's
+                # last line ("0 chunks, 0 kallglot reconnects") looks like a stall.
+                log.info("%s kallglot stream not reopened: the relay ended during the %.1f s backoff "
+                         "(attempt %d)", self._context, delay, self._attempts)
                 return False
             try:
                 stream = self._reopen_stream()

@@ -41,7 +41,7 @@ class Uplink:
         self._carrier_ws = carrier_ws
         self._codec = codec
         self._link = link
-        self._speaker = speaker
+        self.speaker = speaker
         self.chunk_bytes = chunk_ms * MULAW_BYTES_PER_MS
         self._stats = stats
         self._context = context
@@ -136,7 +136,7 @@ class Uplink:
         self._sequence += 1
         message = stream_protocol.audio_input(
             binascii.b2a_base64(chunk, newline=False).decode("ascii"), sequence=self._sequence,
-            timestamp_ms=self._origin_ms + self._bytes_sent // MULAW_BYTES_PER_MS, speaker=self._speaker)
+            timestamp_ms=self._origin_ms + self._bytes_sent // MULAW_BYTES_PER_MS, speaker=self.speaker)
         self._bytes_sent += len(chunk)
         if self._link.send_audio(message):
             return True

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from simple_websocket import Client, ConnectionClosed
+from wsproto.utilities import LocalProtocolError
 
 FRAME_BYTES = 160  # 20 ms of μ-law at 8 kHz: Twilio's inbound frame size
 BYTES_PER_SECOND = 8000
@@ -57,6 +58,8 @@ class CallResult:
     close_code: int | None = None
     protocol_errors: list[str] = field(default_factory=list)
     timeline: list[tuple[float, str]] = field(default_factory=list)
+    #: Wall-clock time (``time.time()``) of the timeline's t+0, to line it up with the bridge's log timestamps.
+    started_at: float = 0.0
     callbacks: list[tuple[str, int]] = field(default_factory=list)
     # Additions: HTTP status of the voice webhook, and Twilio-side failures (webhook/TwiML/handshake).
     webhook_status: int | None = None
@@ -156,7 +159,9 @@ class SimulatedStream:
             try:
                 self.ws.send(json.dumps(msg))
                 return True
-            except (ConnectionClosed, OSError):
+            # LocalProtocolError: the socket is closing but simple-websocket still says ``connected`` (a close
+            # frame went out or came in a moment ago); for a caller that is a socket gone, like the others.
+            except (ConnectionClosed, OSError, LocalProtocolError):
                 return False
 
     def hang_up(self) -> None:
@@ -166,9 +171,10 @@ class SimulatedStream:
                                  "stop": {"accountSid": self.account_sid, "callSid": self.call_sid}})
         self._log("-> stop")
         try:
-            self.ws.close()
+            with self._send_lock:  # not between a mark echo's connected-check and its frame (see send_event)
+                self.ws.close()
             self._log("caller side closed the media socket")
-        except (ConnectionClosed, OSError):
+        except (ConnectionClosed, OSError, LocalProtocolError):
             pass
 
     def redirect(self, twiml: str) -> None:
@@ -273,9 +279,13 @@ class SimulatedStream:
         self._echo_marks(sum(1 for due, _ in self._pending_marks if due <= now))
 
     def _echo_marks(self, count: int) -> None:
+        """Echo the first ``count`` pending marks; a closed socket ends the loop quietly (those marks are dropped,
+        never echoed, and the reader goes on to notice the close)."""
         for _, name in self._pending_marks[:count]:
+            if not self.send_event("mark", {"streamSid": self.stream_sid, "mark": {"name": name}}):
+                self._log(f"mark {name!r} not echoed: the media socket is closed")
+                break
             self.marks_echoed.append(name)
             self.played_at_mark[name] = len(self.played)
-            self.send_event("mark", {"streamSid": self.stream_sid, "mark": {"name": name}})
             self._log(f"-> mark {name!r} echoed")
         del self._pending_marks[:count]

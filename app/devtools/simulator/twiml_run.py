@@ -74,7 +74,7 @@ class CallRun:
         self.restore_audio = b""
         self.restore_hold_open: Callable[[SimulatedStream], None] | None = None  # see TwilioCallSimulator.place_call
         self.hold_sip: Callable[[SipDial], None] | None = None  # called while a <Dial><Sip> leg is up
-        self.result = CallResult(call_sid=call_sid)
+        self.result = CallResult(call_sid=call_sid, started_at=time.time())
         self.t0 = time.monotonic()
         self._log_lock = threading.Lock()
         self.stream_callbacks: list[tuple[str, str, dict[str, str]]] = []  # (url, method, params)
