@@ -92,7 +92,7 @@ class Settings:
     #: Milliseconds without a carrier frame after which a half-full batch is sent (0: wait for the next frame).
     uplink_quiet_flush_ms: int = 40
     #: ``simple-websocket`` or ``sansio`` (README, Capacity).
-    websocket_layer: str = "simple-websocket"
+    websocket_layer: str = "sansio"
     #: A leg whose relay has not beaten its heartbeat for this long is treated as lost (worker died).
     heartbeat_timeout_seconds: int = 15
     #: A browser agent who took a call must open its media socket within this long, else the call is offered again.

@@ -9,6 +9,7 @@ key                                            type    holds
 ``{ns}:profiles``                              set     E.164 numbers that have their own profile
 ``{ns}:call:{carrier}:{call_id}``              hash    one call leg's description: session id, numbers, speaker
 ``{ns}:{S}:leg:{carrier}:{call_id}``           hash    the leg's state: live/ended, stream, epoch, end reason
+``{ns}:{S}:leg:{carrier}:{call_id}:gen``       string  generation of the leg's newest carrier stream (Telnyx)
 ``{ns}:call:{carrier}:{call_id}:events``       list    recorded carrier callbacks (capped)
 ``{ns}:{S}:session:{session_id}``              hash    our view of a Kallglot session and its legs
 ``{ns}:{S}:session:{session_id}:end-claim``    string  end claim's fencing token, then ``ended:{reason}``
@@ -141,6 +142,11 @@ class RedisKeys:
     def leg(self, session_id: str, carrier: str, call_id: str) -> str:
         """Key of the hash holding a leg's state (``state``, ``stream``, ``epoch``, end…), in its session's shard."""
         return f"{self._in_shard_of(session_id)}:leg:{carrier}:{call_id}"
+
+    def stream_generation(self, session_id: str, carrier: str, call_id: str) -> str:
+        """Key of the generation number of a leg's newest carrier media stream (which stream a carrier's stop or
+        failure event is about), in its session's shard beside the leg's state."""
+        return f"{self._in_shard_of(session_id)}:leg:{carrier}:{call_id}:gen"
 
     def call_events(self, carrier: str, call_id: str) -> str:
         """Key of the capped list of callbacks recorded for one call leg."""

@@ -286,6 +286,8 @@ def test_agent_who_does_not_answer_leaves_the_customer_told_and_on_the_session(c
     assert call["said"] == [AGENT_UNAVAILABLE_MESSAGE] and call["dialled"] == [] and call["streams"] == 2, call
     assert 'language="en-GB"' in call["redirects"][0] and not call["hung_up_by_api"]
     assert call["protocol_errors"] == [] and call["errors"] == []
+    # The second stream replaced the first on purpose: not one of the 3 restores the customer has for losses.
+    assert clean_stack.state.call("twilio", sid).get("stream_restarts", "0") == "0"
     session = only_session(emulator)
     assert session["connections_total"] == 2 and emulator.stats()["created"] == 1
     agent_sid = next(c["sid"] for c in clean_stack.placed_calls() if c["to"] == AGENT)

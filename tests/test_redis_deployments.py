@@ -100,7 +100,8 @@ def test_every_lifecycle_key_of_a_session_shares_one_slot_and_shards_spread_even
     shard = keys.shard_of(session_id)
     slot_keys = [keys.session(session_id), keys.session_end_claim(session_id), keys.leg(session_id, "twilio", "CA1"),
                  keys.leg(session_id, "telnyx", "v3:x"), keys.deadlines(shard), keys.heartbeats(shard),
-                 keys.live_sessions(shard), keys.billed_sessions(shard), keys.session_live_events(session_id)]
+                 keys.live_sessions(shard), keys.billed_sessions(shard), keys.session_live_events(session_id),
+                 keys.stream_generation(session_id, "telnyx", "v3:x")]
     assert len({redis_lib.crc.key_slot(k.encode()) for k in slot_keys}) == 1
     member = "twilio:CA1"
     assert len({redis_lib.crc.key_slot(k.encode()) for k in (

@@ -96,14 +96,120 @@ def test_streaming_lost_on_a_live_call_is_restored_three_times_then_the_fallback
     cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
     state = last(fake_call_control, "answer")["client_state"]
     cc(client, telnyx_signer, event("call.answered", call_id, state="answered", client_state=state))
-    for _ in range(MAX_STREAM_RESTARTS):  # the relay's worker died: no end recorded, the stream just stopped
-        cc(client, telnyx_signer, event("streaming.stopped", call_id, client_state=state, stream_url="wss://x"))
+    for _ in range(MAX_STREAM_RESTARTS):  # the relay's worker died: no end recorded, the newest stream stopped
+        newest = last(fake_call_control, "streaming_start")["client_state"]
+        cc(client, telnyx_signer, event("streaming.stopped", call_id, client_state=newest, stream_url="wss://x"))
     assert len(fake_call_control.commands("streaming_start")) == 1 + MAX_STREAM_RESTARTS
+    assert [decode_client_state(c["body"]["client_state"])["sg"] for c in fake_call_control.commands(
+        "streaming_start")] == [str(n) for n in range(1 + MAX_STREAM_RESTARTS)]
     assert fake_call_control.commands("speak") == []
-    cc(client, telnyx_signer, event("streaming.failed", call_id, client_state=state, failure_reason="gone"))
+    newest = last(fake_call_control, "streaming_start")["client_state"]
+    cc(client, telnyx_signer, event("streaming.failed", call_id, client_state=newest, failure_reason="gone"))
     assert len(fake_call_control.commands("streaming_start")) == 1 + MAX_STREAM_RESTARTS
     assert "not available" in last(fake_call_control, "speak")["payload"]
     assert len(emulator.sessions()) == 1 and refused(fake_call_control) == []
+
+
+def stream_lost(client: FlaskClient, signer: TelnyxSigner, call_id: str, client_state: str, kind: str) -> Any:
+    """Telnyx reports a stream lost (``streaming.stopped`` or ``.failed``) with the client_state it started with."""
+    fields = {"stream_url": "wss://x"} if kind == "streaming.stopped" else {"failure_reason": "gone"}
+    return cc(client, signer, event(kind, call_id, client_state=client_state, **fields))
+
+
+def restore_state(telnyx_app: Flask, call_id: str) -> tuple[str, str, str]:
+    """The leg's state, restores counted and stream generation, as Redis holds them."""
+    with telnyx_app.app_context():
+        svc = services()
+        call = svc.lifecycle.call_record("telnyx", call_id)
+        generation = svc.redis.get(svc.keys.stream_generation(call["session_id"], "telnyx", call_id))
+    return call["state"], call.get("stream_restarts", "0"), (generation or b"0").decode()
+
+
+@pytest.mark.parametrize("kind", ["streaming.stopped", "streaming.failed"])
+def test_a_replaced_streams_late_loss_changes_nothing(telnyx_app: Flask, client: FlaskClient,
+                                                      telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+                                                      fake_call_control: FakeCallControl, kind: str) -> None:
+    """Under load, the stop of a stream already restored arrived late and was taken for a new loss: a second
+    ``start_streaming``, whose stream was refused ("another relay is live"), and a restore counted twice. Each
+    stream's generation travels in its client_state; only the newest one's loss restores."""
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    cc(client, telnyx_signer, event("call.answered", call_id, state="answered",
+                                    client_state=last(fake_call_control, "answer")["client_state"]))
+    first = last(fake_call_control, "streaming_start")["client_state"]
+    stream_lost(client, telnyx_signer, call_id, first, "streaming.stopped")  # the relay's worker died
+    assert len(fake_call_control.commands("streaming_start")) == 2
+    assert restore_state(telnyx_app, call_id) == ("live", "1", "1")
+    assert stream_lost(client, telnyx_signer, call_id, first, kind).status_code == 200  # the old stream, late
+    assert len(fake_call_control.commands("streaming_start")) == 2 and fake_call_control.commands("speak") == []
+    assert restore_state(telnyx_app, call_id) == ("live", "1", "1")
+    # The restored stream's own loss still restores.
+    stream_lost(client, telnyx_signer, call_id, last(fake_call_control, "streaming_start")["client_state"], kind)
+    assert len(fake_call_control.commands("streaming_start")) == 3
+    assert restore_state(telnyx_app, call_id) == ("live", "2", "2") and refused(fake_call_control) == []
+
+
+def test_a_loss_echoing_another_commands_client_state_is_the_newest_streams(
+        telnyx_app: Flask, client: FlaskClient, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        fake_call_control: FakeCallControl) -> None:
+    """A stop carrying a later command's client_state (the agent-unavailable notice spoken on the streaming leg)
+    names no generation: it is the newest stream's loss, restored — never taken for a stale one (dead air)."""
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    cc(client, telnyx_signer, event("call.answered", call_id, state="answered",
+                                    client_state=last(fake_call_control, "answer")["client_state"]))
+    stream_lost(client, telnyx_signer, call_id, last(fake_call_control, "streaming_start")["client_state"],
+                "streaming.stopped")
+    spoken = encode_client_state({"bye": "agent_unavailable", "to": TO})
+    stream_lost(client, telnyx_signer, call_id, spoken, "streaming.stopped")
+    assert len(fake_call_control.commands("streaming_start")) == 3
+    assert restore_state(telnyx_app, call_id) == ("live", "2", "2")
+
+
+def test_a_restore_frees_the_killed_relays_lease_and_a_stale_stop_keeps_the_live_ones(
+        telnyx_app: Flask, client: FlaskClient, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        fake_call_control: FakeCallControl) -> None:
+    """Chaos (Call Control, a worker killed): the restored stream was refused "another relay is live" — the dead
+    relay's lease outlives it — and only a second restore, 3 s later, got through (the caller heard nothing).
+    The loss of the newest stream frees the lease, as Twilio's and TeXML's restores do; a stale stop must not
+    free the lease of the relay serving the newer stream."""
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    cc(client, telnyx_signer, event("call.answered", call_id, state="answered",
+                                    client_state=last(fake_call_control, "answer")["client_state"]))
+    first = last(fake_call_control, "streaming_start")["client_state"]
+    with telnyx_app.app_context():
+        svc = services()
+        lease = svc.keys.relay_lease("telnyx", call_id)
+        svc.redis.set(lease, "nonce-of-the-killed-relay", ex=30)
+    stream_lost(client, telnyx_signer, call_id, first, "streaming.stopped")
+    assert len(fake_call_control.commands("streaming_start")) == 2
+    with telnyx_app.app_context():
+        assert svc.redis.get(lease) is None
+        svc.redis.set(lease, "nonce-of-the-restored-relay", ex=30)
+    stream_lost(client, telnyx_signer, call_id, first, "streaming.failed")  # the killed stream's, late
+    with telnyx_app.app_context():
+        assert svc.redis.get(lease) == b"nonce-of-the-restored-relay"
+
+
+def test_two_reports_of_one_loss_at_once_restore_it_once(telnyx_app: Flask, client: FlaskClient,
+                                                         telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+                                                         fake_call_control: FakeCallControl) -> None:
+    """``streaming.failed`` and ``streaming.stopped`` of the same stream handled by two workers at once: both
+    wait for the relay to settle, then exactly one claims the loss."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    call_id = new_call_control_id()
+    cc(client, telnyx_signer, event("call.initiated", call_id, direction="incoming", state="parked"))
+    cc(client, telnyx_signer, event("call.answered", call_id, state="answered",
+                                    client_state=last(fake_call_control, "answer")["client_state"]))
+    first = last(fake_call_control, "streaming_start")["client_state"]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda kind: stream_lost(telnyx_app.test_client(), telnyx_signer, call_id, first,
+                                                         kind), ["streaming.stopped", "streaming.failed"]))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert len(fake_call_control.commands("streaming_start")) == 2
+    assert restore_state(telnyx_app, call_id) == ("live", "1", "1")
 
 
 def test_stream_stopped_by_the_callers_hang_up_is_not_restored(telnyx_app: Flask, client: FlaskClient,

@@ -167,7 +167,8 @@ def test_call_initiated_answers_then_call_answered_streams_once(client: FlaskCli
     assert answer["call_control_id"] == call_id
     sent = answer["body"]
     (session,) = emulator.sessions()
-    assert decode_client_state(sent["client_state"]) == {"s": session["id"], "p": "customer"}
+    # The session, the speaker, and the first stream's generation (which stream a later stop is about).
+    assert decode_client_state(sent["client_state"]) == {"s": session["id"], "p": "customer", "sg": "0"}
     assert sent["command_id"] == f"{json.loads(body)['data']['id']}:answer"
     # answer defines neither stream_auth_token nor custom_parameters: no stream is requested there.
     assert not {"stream_url", "stream_auth_token", "custom_parameters"} & set(sent)
@@ -180,6 +181,7 @@ def test_call_initiated_answers_then_call_answered_streams_once(client: FlaskCli
     assert sent["stream_auth_token"] == next(p["value"] for p in sent["custom_parameters"]
                                              if p["name"] == "relay_token")
     assert (sent["stream_codec"], sent["stream_bidirectional_mode"]) == ("PCMU", "rtp")
+    assert decode_client_state(sent["client_state"]) == {"s": session["id"], "sg": "0"}
 
 
 def test_out_of_order_hangup_before_initiated_creates_nothing(client: FlaskClient, telnyx_signer: TelnyxSigner,

@@ -209,6 +209,23 @@ def test_connect_action_restores_the_stream_then_gives_up(client: FlaskClient, a
     assert len(emulator.sessions()) == 1
 
 
+def test_a_stream_replaced_on_purpose_leaves_all_three_restores(client: FlaskClient, app: Flask,
+                                                                 emulator: EmulatorControl) -> None:
+    """The agent-unavailable redirect re-attaches the customer for a new stream (agent_unavailable.py): that is
+    not a lost stream, so a customer whose agent was busy still gets 3 restores when streams are then lost."""
+    call_sid = new_call_sid()
+    answer(client, call_sid)
+    with app.app_context():
+        assert services().lifecycle.reattach_leg("twilio", call_sid, restoring_lost_stream=False)
+        assert services().lifecycle.call_record("twilio", call_sid).get("stream_restarts", "0") == "0"
+    for _ in range(3):
+        assert restore(client, call_sid).find("Connect/Stream") is not None
+    root = restore(client, call_sid)
+    assert root.find("Connect") is None and root.find("Say") is not None
+    with app.app_context():
+        assert services().lifecycle.call_record("twilio", call_sid)["stream_restarts"] == "3"
+
+
 def test_connect_action_after_kallglot_ended_says_goodbye(client: FlaskClient, app: Flask,
                                                           emulator: EmulatorControl) -> None:
     call_sid = new_call_sid()

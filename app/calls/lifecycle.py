@@ -183,10 +183,13 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
                   now + grace, f"{now:.3f}", "1" if restoring else "0",
                   "1" if require_held else "0"]))
 
-    def reattach_leg(self, carrier: str, call_id: str) -> str | None:
+    def reattach_leg(self, carrier: str, call_id: str, *, restoring_lost_stream: bool = True) -> str | None:
         """Make a leg live again for a media stream being restored; returns the session or None.
 
         The leg's current stream is cleared, so a late end from the stream being replaced changes nothing.
+        Only a lost stream counts towards the call's ``stream_restarts`` (the carriers' limit of restores): a
+        stream we replace on purpose (``restoring_lost_stream=False``: a redirect to tell the caller something)
+        is not a loss.
         """
         call = self.call_record(carrier, call_id)
         session_id = call.get("session_id")
@@ -194,8 +197,9 @@ class SessionLifecycle(LifecycleReads, RecoveryPasses):
         if not session_id or not self._attach(session_id, carrier, call_id, self._clock(), restoring=True,
                                               relayed=relayed, start_grace=float(call.get("start_grace") or 0)):
             return None
-        self._redis.hincrby(self._keys.call(carrier, call_id), "stream_restarts", 1)
-        metrics.SESSIONS_REATTACHED.labels("stream_restored").inc()
+        if restoring_lost_stream:
+            self._redis.hincrby(self._keys.call(carrier, call_id), "stream_restarts", 1)
+            metrics.SESSIONS_REATTACHED.labels("stream_restored").inc()
         return session_id
 
     def claim_agent_dial(self, session_id: str) -> bool:

@@ -93,6 +93,17 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
         "SDK types/call_streaming_stopped.py, call_streaming_failed.py (payloads only)", False,
         "Both restore the stream on a live call (at most 3 times), then the profile's fallback (streams.py)."),
     Assumption(
+        "which stream a stop is about",
+        "`streaming.stopped` has no `stream_id` (`streaming.failed` has one, but `start_streaming`'s response "
+        "names none to compare it with); both carry `client_state` ('state received from a command'), and "
+        "`start_streaming`'s client_state is 'added to every subsequent webhook'. That the stream's events echo "
+        "the client_state of the start_streaming that started it (not a later command's) is not stated.",
+        "SDK types/call_streaming_stopped.py, call_streaming_failed.py, calls/action_start_streaming_params.py, "
+        "calls/action_start_streaming_response.py", False,
+        "Each start_streaming (and answer) carries the leg's stream generation in client_state; a stop or failure "
+        "of an older generation than the leg's newest (Redis) changes nothing; one naming no generation (another "
+        "command's client_state) is taken as the newest stream's, never ignored (stream_generations.py)."),
+    Assumption(
         "speak language",
         "`speak.language` takes Telnyx's language codes (en-US, es-ES…); the profile's `fallback_language` and "
         "`greeting_language` are passed as they are.",

@@ -50,6 +50,9 @@ TO_KEY = "to"
 GREETING_KEY = "g"
 #: client_state key of the leg a ``sip`` transfer creates: the call_control_id of the caller it serves.
 SIP_FOR_KEY = "sipfor"
+#: client_state key: the stream generation a command starts (which stream a ``streaming.stopped`` is about; see
+#: :mod:`app.carriers.telnyx.stream_generations`).
+GENERATION_KEY = "sg"
 
 
 def encode_client_state(state: dict[str, str]) -> str:
@@ -90,27 +93,32 @@ class TelnyxControl:
         return cls(settings, connection_id=settings.telnyx_connection_id)
 
     def answer_for_session(self, call_id: str, *, session_id: str, speaker: str, greeting: bool = False,
-                           command_id: str) -> None:
+                           generation: int = 0, command_id: str) -> None:
         """Answer an incoming call for ``session_id``; its ``call.answered`` then starts streaming.
 
         ``answer`` does not define ``stream_auth_token`` or ``custom_parameters`` (only ``start_streaming`` and
         ``dial`` do, in the SDK's types), so the stream is not requested here: ``client_state`` carries the
         session and speaker (and whether a greeting is due) to ``call.answered``, which calls
-        :meth:`start_streaming` with both fields.
+        :meth:`start_streaming` with both fields. ``generation`` tags any stream event Telnyx relates to the answer
+        with the leg's first stream generation.
         """
-        state = {"s": session_id, "p": speaker, **({GREETING_KEY: "1"} if greeting else {})}
+        state = {"s": session_id, "p": speaker, GENERATION_KEY: str(generation),
+                 **({GREETING_KEY: "1"} if greeting else {})}
         self.client.calls.actions.answer(call_id, client_state=encode_client_state(state), command_id=command_id)
 
-    def start_streaming(self, call_id: str, *, session_id: str, relay_token: str, command_id: str) -> None:
+    def start_streaming(self, call_id: str, *, session_id: str, relay_token: str, generation: int,
+                        command_id: str) -> None:
         """Start (or restore) streaming on an answered call into ``session_id``: the relay token goes both in
-        ``stream_auth_token`` and in ``custom_parameters`` (the relay reads whichever arrives)."""
+        ``stream_auth_token`` and in ``custom_parameters`` (the relay reads whichever arrives); ``client_state``
+        names the stream's ``generation``, which Telnyx echoes on its ``streaming.*`` events."""
         self.client.calls.actions.start_streaming(
             call_id, stream_url=self.settings.public_ws("/telnyx/media"), **STREAM_PARAMS,
             stream_auth_token=relay_token, custom_parameters=self._parameters(session_id, relay_token),
-            client_state=encode_client_state({"s": session_id}), command_id=command_id)
+            client_state=encode_client_state({"s": session_id, GENERATION_KEY: str(generation)}),
+            command_id=command_id)
 
     def start_direct_streaming(self, call_id: str, *, stream_url: str, parameters: dict[str, str],
-                               command_id: str) -> None:
+                               generation: int, command_id: str) -> None:
         """Stream an answered call straight to Kallglot (the ``direct`` transport): ``stream_url`` is the session's
         ``stream.url``, and Kallglot's stream token goes in ``stream_auth_token`` and, with the session id, in
         ``custom_parameters`` under the names of Kallglot's own example. PCMU both ways (Kallglot takes μ-law
@@ -119,7 +127,8 @@ class TelnyxControl:
             call_id, stream_url=stream_url, **STREAM_PARAMS,
             stream_auth_token=parameters.get(DIRECT_TOKEN_PARAMETER, ""),
             custom_parameters=[{"name": name, "value": value} for name, value in parameters.items()],
-            client_state=encode_client_state({"s": parameters.get(DIRECT_SESSION_PARAMETER, "")}),
+            client_state=encode_client_state({"s": parameters.get(DIRECT_SESSION_PARAMETER, ""),
+                                              GENERATION_KEY: str(generation)}),
             command_id=command_id)
 
     def transfer_to_sip(self, call_id: str, *, sip_uri: str, command_id: str) -> None:

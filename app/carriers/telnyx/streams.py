@@ -4,7 +4,9 @@ A leg streams once answered (``start_streaming`` with the relay token in ``strea
 ``custom_parameters``). When its stream stops or fails with the call still up and no end of ours behind it
 (the relay's worker was killed, a deploy drained it, the socket dropped), the stream is started again into the
 same session, at most :data:`MAX_STREAM_RESTARTS` times per call; then the profile's fallback (message, then
-forward or hang up) — as Twilio's ``<Connect action>`` does. Never silence.
+forward or hang up) — as Twilio's ``<Connect action>`` does. Never silence. A stop or failure of a stream that
+was already replaced (its generation is not the leg's newest: :mod:`app.carriers.telnyx.stream_generations`)
+changes nothing.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from app.carriers.telnyx.control import GOODBYE_SESSION_OVER, GOODBYE_UNAVAILABL
 from app.carriers.telnyx.events import CallEvent, command, say_goodbye
 from app.carriers.telnyx.media import UNSUPPORTED_CODEC
 from app.carriers.telnyx.session import seal_relay_token
+from app.carriers.telnyx.stream_generations import claim_loss, current_generation, generation_of
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +74,15 @@ def stream_leg(svc: Services, control: TelnyxControl, event: CallEvent, session_
         else:
             command(event, "hangup", lambda: control.hang_up(event.call_id, event.command_id("hangup")))
         return
-    _put_on_session(svc, control, event, session_id, session.stream, speaker, transport, "streaming_start")
+    _put_on_session(svc, control, event, session_id, session.stream, speaker, transport, "streaming_start",
+                    current_generation(svc, session_id, event.call_id))
 
 
 def _put_on_session(svc: Services, control: TelnyxControl, event: CallEvent, session_id: str,
-                    stream: StreamGrant | None, speaker: str, transport: str, label: str) -> None:
+                    stream: StreamGrant | None, speaker: str, transport: str, label: str, generation: int) -> None:
     """The command that puts an answered leg on its session by its transport: ``start_streaming`` to our relay
-    (relay token) or straight to Kallglot (its fresh stream token), or ``transfer`` to the session's SIP URI."""
+    (relay token) or straight to Kallglot (its fresh stream token), as stream ``generation``; or ``transfer`` to
+    the session's SIP URI."""
     command_id = event.command_id("streaming_start")
     if transport == TRANSPORT_SIP:
         uri = sip_uri(session_id, svc.settings.kallglot_sip_domain)
@@ -88,11 +93,11 @@ def _put_on_session(svc: Services, control: TelnyxControl, event: CallEvent, ses
     if transport == TRANSPORT_DIRECT:
         command(event, f"{label} (direct)", lambda: control.start_direct_streaming(
             event.call_id, stream_url=stream.url, parameters=direct_parameters(session_id, stream),
-            command_id=command_id))
+            generation=generation, command_id=command_id))
         return
     token = seal_relay_token(svc, session_id, event.call_id, stream, speaker=speaker)
     command(event, label, lambda: control.start_streaming(
-        event.call_id, session_id=session_id, relay_token=token, command_id=command_id))
+        event.call_id, session_id=session_id, relay_token=token, generation=generation, command_id=command_id))
 
 
 def _called_number(svc: Services, event: CallEvent) -> str:
@@ -133,6 +138,14 @@ def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, wh
     session_id = call.get("session_id")
     if not session_id or any(e.get("event") == "call.hangup" for e in svc.lifecycle.events(CARRIER, event.call_id)):
         return  # not ours, or the call is over
+    newest = current_generation(svc, session_id, event.call_id)
+    generation = generation_of(event)
+    if generation is None:  # another command's client_state: about the newest stream (see stream_generations)
+        generation = newest
+    if generation < newest:  # checked before the settle wait: a stale event must not hold its webhook 3 s
+        log.info("telnyx call=%s %s for stream generation %d, replaced by %d: nothing to restore", event.call_id,
+                 why, generation, newest)
+        return
     transport = call.get("transport") or TRANSPORT_RELAY
     if call.get("state") != LEG_ENDED and transport == TRANSPORT_RELAY:  # no relay to settle for a direct stream
         call = _settled(svc, event.call_id, call)
@@ -140,6 +153,10 @@ def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, wh
     if reason in NOT_RESTORED_ENDS or reason.startswith(("hangup_", "call_")):
         return
     speaker = call.get("speaker") or SPEAKER_CUSTOMER
+    next_generation = claim_loss(svc, session_id, event.call_id, generation)
+    if next_generation is None:  # a newer stream replaced this one meanwhile (another report of the same loss)
+        log.info("telnyx call=%s %s for stream generation %d: already handled", event.call_id, why, generation)
+        return
     if int(call.get("stream_restarts") or 0) >= MAX_STREAM_RESTARTS:
         log.error("telnyx call=%s %s after %d restores: fallback", event.call_id, why, MAX_STREAM_RESTARTS)
         svc.lifecycle.leg_ended(CARRIER, event.call_id, "stream_restarts_exhausted", clean=False)
@@ -160,6 +177,10 @@ def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, wh
         if speaker == SPEAKER_CUSTOMER:
             say_goodbye(svc, control, event, GOODBYE_SESSION_OVER, _called_number(svc, event))
         return
+    # Telnyx reported this (the newest) stream over: a killed worker's relay lease must not refuse the restored
+    # stream as "another relay is live" (a stale event never gets here, so a live newer relay keeps its lease).
+    svc.relay_guard.forget_leg(CARRIER, event.call_id)
     log.info("telnyx call=%s session=%s %s while the call is up (%s): restoring the stream", event.call_id,
              session_id, why, reason or "relay gone")
-    _put_on_session(svc, control, event, session_id, stream, speaker, transport, "streaming_start (restore)")
+    _put_on_session(svc, control, event, session_id, stream, speaker, transport, "streaming_start (restore)",
+                    next_generation)

@@ -6,7 +6,8 @@ profile's "agent unavailable" message in its language, then either ``<Dial>``s t
 ``fallback_number`` (the translation session ends with that stream, as a clean end of its last leg) or connects
 a new stream to the same session, so the call goes on with Kallglot alone. For the second, the customer's leg is
 re-attached *before* the redirect: that clears the leg's current stream, so the ``stop`` of the stream being
-replaced is a stale end that changes nothing (see invariant I2 in :mod:`app.calls.scripts`).
+replaced is a stale end that changes nothing (see invariant I2 in :mod:`app.calls.scripts`). That stream was
+replaced, not lost: it is not one of the call's stream restores (``<Connect action>`` still restores 3 losses).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def tell_customers_agent_unavailable(svc: Services, session_id: str, *, agent_ca
             else:
                 kallglot_session = live_session(svc, session_id)
                 if kallglot_session is None or kallglot_session.stream is None \
-                        or not lifecycle.reattach_leg(CARRIER, call_id):
+                        or not lifecycle.reattach_leg(CARRIER, call_id, restoring_lost_stream=False):
                     continue  # the session is over: the relay tells the caller as it closes
                 svc.relay_guard.forget_leg(CARRIER, call_id)  # the new stream must find the leg free
                 token = svc.relay_tokens.seal_stream(kallglot_session.stream, session_id=session_id, carrier=CARRIER,
