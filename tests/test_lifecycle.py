@@ -29,6 +29,27 @@ def test_a_session_created_but_never_registered_is_ended_by_the_reaper(app: Flas
     assert len(emulator.sessions()) == 1  # the replayed create found the same session
 
 
+def test_an_orphaned_create_outlives_a_kallglot_outage_at_its_replay(app: Flask, emulator: EmulatorControl) -> None:
+    # Issue 11's property-test failure: the create reached Kallglot but the webhook never registered its leg (its
+    # answer timed out, or the worker died); the caller hung up. When the reaper replays the create Kallglot is
+    # down: a 503 to the replay says nothing about the first create, so the intent must stay until a replay lands.
+    with app.app_context():
+        lifecycle = services().lifecycle
+        session = lifecycle.create_session(carrier="twilio", call_id="CAtimedout",
+                                           idempotency_key="twilio-call-CAtimedout", mode="ai_agent")
+        assert lifecycle.leg_ended("twilio", "CAtimedout", "call_completed") is None  # never registered
+        now = time.time()
+        emulator.fault(endpoint="create", status=503, code="service_unavailable", times=50, outage=True)
+        assert lifecycle.end_orphaned_creates(now=now + PENDING_CREATE_GRACE_SECONDS + 1) == 1
+        assert emulator.session(session.id)["status"] != "ended"
+        emulator.clear_faults()
+        assert lifecycle.end_orphaned_creates(now=now + 3600) == 1  # Kallglot is back: replayed and ended
+        assert lifecycle.end_orphaned_creates(now=now + 7200) == 0  # nothing left pending
+    ended = emulator.session(session.id)
+    assert ended["status"] == "ended" and ended["end_calls"] == 1
+    assert len(emulator.sessions()) == 1
+
+
 def test_a_registered_create_is_left_alone(app: Flask, emulator: EmulatorControl) -> None:
     with app.app_context():
         lifecycle = services().lifecycle

@@ -38,6 +38,18 @@ def create_may_have_succeeded(exc: KallglotError) -> bool:
     return exc.maybe_processed or exc.status is None or isinstance(exc, KallglotConflict)
 
 
+def replay_proves_no_session(exc: KallglotError) -> bool:
+    """True when a replayed create's failure shows that no session exists under its idempotency key.
+
+    The create being replayed may have succeeded, and Kallglot answers a replay of a processed create with that
+    create's response: so only a refusal of the request itself proves nothing was created — invalid (400/422,
+    but not ``idempotency_mismatch``, which says the key was used), out of credits (402), not found (404).
+    A failure that never reached the idempotency check (unreachable, a 5xx, which is not remembered, 409 still
+    running, 429, 401/403) says nothing about the first create, however definitive it is about the replay.
+    """
+    return exc.status in (400, 402, 404, 422) and exc.code != "idempotency_mismatch"
+
+
 class RecoveryPasses:
     """The reaper's passes; mixed into :class:`~app.calls.lifecycle.SessionLifecycle`, which provides the state
     below and ``end_session``, ``_give_up_leg``, ``session_for_call`` and ``session_record``."""
@@ -124,7 +136,7 @@ class RecoveryPasses:
     def _retry_orphan_later(self, member: str, intent: dict[str, Any], exc: KallglotError,
                             now: float) -> None:
         intent["attempts"] += 1
-        if not create_may_have_succeeded(exc):
+        if replay_proves_no_session(exc):
             log.error("%s orphaned create given up: %s", member, exc)
             self._forget_pending_create(member)
             return

@@ -24,9 +24,10 @@ I2. **A leg is live, held or ended — never two.** The call hash's ``state`` is
 
 I3. **Every created session is registered or recoverable.** A create's intent (idempotency key and
     arguments) is stored before the request and removed only once a leg is attached, or once Kallglot gave
-    a definitive refusal. A reaper replays due intents (Kallglot answers with the same session) and ends
-    them through :data:`CLAIM_END` (``force`` off), so it never ends a session a slow worker attached
-    meanwhile, and a slow worker never attaches a session the reaper ended (attach refuses any claim).
+    a definitive refusal (a replay's 5xx or timeout is none: the first create may still have succeeded).
+    A reaper replays due intents (Kallglot answers with the same session) and ends them through
+    :data:`CLAIM_END` (``force`` off), so it never ends a session a slow worker attached meanwhile, and a slow
+    worker never attaches a session the reaper ended (attach refuses any claim).
 
 I4. **One slot per script** (Redis Cluster; the layout is in :mod:`app.redis_keys`). Every key a script
     touches lives in the session's shard: the session hash and end claim, the leg's state hash

@@ -37,8 +37,12 @@ class EmulatorControl:
         return self._call("GET", "/_emulator/stats")
 
     def fault(self, **fault: Any) -> None:
-        """Queue one fault (endpoint, status, times, retry_after, delay_seconds)."""
+        """Queue one fault (endpoint, status, times, retry_after, delay_seconds, session_id, outage)."""
         self._call("POST", "/_emulator/faults", json={"faults": [fault]})
+
+    def clear_faults(self) -> None:
+        """Drop the faults not yet taken (Kallglot is healthy again)."""
+        self._call("DELETE", "/_emulator/faults")
 
     def behaviour(self, behaviour: str) -> None:
         """``echo`` or ``silent``."""

@@ -118,7 +118,10 @@ def normalise_fault(raw: Any) -> dict[str, Any]:
             "retry_after": raw.get("retry_after"), "delay_seconds": float(raw.get("delay_seconds") or 0),
             # Optional: only requests about this session (get, end, connect) take the fault, so one test's
             # fault is not consumed by another server's background work against the same emulator.
-            "session_id": raw.get("session_id")}
+            "session_id": raw.get("session_id"),
+            # Optional: an outage at Kallglot's edge, answered before the idempotency check, so even a replay
+            # of a remembered request fails (a plain fault is taken after it: a replay is answered as before).
+            "outage": bool(raw.get("outage"))}
 
 
 def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[str], None] | None = None) -> None:
@@ -148,8 +151,8 @@ def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[s
             raise ApiError(401, "authentication_error", "invalid_api_key", "Invalid or missing API key.")
         return key
 
-    def apply_fault(endpoint: str) -> Response | None:
-        fault = state.take_fault(endpoint, (request.view_args or {}).get("session_id"))
+    def apply_fault(endpoint: str, *, outage_only: bool = False) -> Response | None:
+        fault = state.take_fault(endpoint, (request.view_args or {}).get("session_id"), outage_only=outage_only)
         if fault is None:
             return None
         state.pause(fault["delay_seconds"])  # cooperative under gevent's monkey patching
@@ -164,6 +167,9 @@ def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[s
         if not idempotency_key:
             fault = apply_fault(endpoint)
             return fault if fault is not None else produce()
+        outage = apply_fault(endpoint, outage_only=True)
+        if outage is not None:
+            return outage
         raw = request.get_data()
         try:
             canonical = json.dumps(json.loads(raw), sort_keys=True) if raw.strip() else ""

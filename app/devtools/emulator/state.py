@@ -327,11 +327,14 @@ class EmulatorState:
         with self.lock:
             self.faults.extend(faults)
 
-    def take_fault(self, endpoint: str, session_id: str | None = None) -> dict[str, Any] | None:
-        """Consume one use of the first queued fault for ``endpoint`` (and ``session_id``, if the fault names one)."""
+    def take_fault(self, endpoint: str, session_id: str | None = None, *,
+                   outage_only: bool = False) -> dict[str, Any] | None:
+        """Consume one use of the first queued fault for ``endpoint`` (and ``session_id``, if the fault names one);
+        with ``outage_only``, of the first outage fault (answered before the idempotency check)."""
         with self.lock:
             for fault in self.faults:
-                if fault["endpoint"] == endpoint and fault.get("session_id") in (None, session_id):
+                if (fault["endpoint"] == endpoint and fault.get("session_id") in (None, session_id)
+                        and (fault.get("outage") or not outage_only)):
                     fault["times"] -= 1
                     if fault["times"] <= 0:
                         self.faults.remove(fault)
