@@ -94,6 +94,11 @@ def test_events_published_within_the_linger_share_one_pipeline(redis_client: red
     changes = log.wait(keys.live_changes(), "0-0", block_ms=100)
     assert [(c.session_id, c.data["state"]) for c in changes] == [("sess_0", "ended")]
     assert 0 < redis_client.ttl(keys.live_changes()) <= log.ttl_seconds
+    # A later batch on the same streams skips the EXPIRE it sent a moment ago: the TTL stays set.
+    redis_client.expire(keys.session_live_events("sess_0"), 100)
+    assert forwarder.publish("sess_0", TRANSCRIPT, {"text": "later"}) and forwarder.flush(timeout=10)
+    assert forwarder.batches == 2 and 0 < redis_client.ttl(keys.session_live_events("sess_0")) <= 100
+    assert log.latest("sess_0", 1)[0].data["text"] == "later"
 
 
 def test_a_full_queue_drops_and_counts_while_the_writer_lingers(redis_client: redis_lib.Redis,

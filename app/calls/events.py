@@ -6,7 +6,8 @@ to ``RedisKeys.session_live_events``; the admin's Server-Sent Events endpoint re
 (``XREAD BLOCK``), so a page served by one instance follows a leg relayed by another.
 
 Both streams are bounded twice: ``XADD MAXLEN ~`` keeps about :data:`MAX_EVENTS_PER_SESSION` entries, and an
-``EXPIRE`` refreshed with every write (once per stream per batch) lets an abandoned stream vanish. The after-call transcript comes from
+``EXPIRE`` lets an abandoned stream vanish (request handlers refresh it with every append; the relay's
+forwarder at most once a minute per stream, :data:`TTL_REFRESH_SECONDS`). The after-call transcript comes from
 Kallglot's REST API, not from here.
 
 The relay must never wait on Redis per frame: :class:`EventForwarder` takes events with a non-blocking
@@ -28,7 +29,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,11 @@ FORWARD_QUEUE_SIZE = 10_000
 FORWARD_BATCH = 1000
 #: How long the writer waits after a batch's first event for more to join it (one pipeline carries them all).
 DEFAULT_LINGER_SECONDS = 0.04
+#: The forwarder refreshes a stream's ``EXPIRE`` at most this often (the TTL is hours; a refresh with every
+#: transcript line was a third of the commands it sent).
+TTL_REFRESH_SECONDS = 60.0
+#: Streams whose last refresh the forwarder remembers before it forgets the stale ones.
+TTL_MEMO_SIZE = 10_000
 
 # Event kinds. ``transcript`` carries speaker/text/language/translation/final; the others describe legs.
 TRANSCRIPT = "transcript"
@@ -110,9 +116,10 @@ class SessionEventLog:
         """Queue one event on ``pipe`` (a Redis pipeline); leg changes are announced globally as well."""
         self.append_batch_to(pipe, [(session_id, kind, data)])
 
-    def append_batch_to(self, pipe: Any, batch: list[tuple[str, str, Mapping[str, Any]]]) -> None:
+    def append_batch_to(self, pipe: Any, batch: list[tuple[str, str, Mapping[str, Any]]], *,
+                        ttl_due: Callable[[str], bool] | None = None) -> None:
         """Queue ``(session_id, kind, data)`` events on ``pipe``: one ``XADD`` each, then one ``EXPIRE`` per
-        stream written (not per event: a batch holds many lines of the same session)."""
+        stream written (not per event) — only for the streams ``ttl_due`` says need it, when given."""
         touched: set[str] = set()
         changes_key = self._keys.live_changes()
         for session_id, kind, data in batch:
@@ -127,7 +134,8 @@ class SessionEventLog:
                           maxlen=MAX_LIVE_CHANGES, approximate=True)
                 touched.add(changes_key)
         for key in touched:
-            pipe.expire(key, self.ttl_seconds)
+            if ttl_due is None or ttl_due(key):
+                pipe.expire(key, self.ttl_seconds)
 
     def pipeline(self) -> Any:
         """A non-transactional pipeline on the event log's Redis (batch several :meth:`append_to`)."""
@@ -174,6 +182,20 @@ class EventForwarder:
         self.written = 0
         #: Pipelines sent (each carries one batch): with the linger, far fewer than events.
         self.batches = 0
+        self._ttl_refreshed: dict[str, float] = {}  # stream key -> monotonic time its EXPIRE was last sent
+
+    def _ttl_due(self, key: str) -> bool:
+        """True (and remembered) when ``key``'s EXPIRE was not sent within :data:`TTL_REFRESH_SECONDS`."""
+        now = time.monotonic()
+        last = self._ttl_refreshed.get(key)
+        if last is not None and now - last < TTL_REFRESH_SECONDS:
+            return False
+        if len(self._ttl_refreshed) >= TTL_MEMO_SIZE:  # ended sessions' streams: forget what no longer matters
+            self._ttl_refreshed = {k: t for k, t in self._ttl_refreshed.items() if now - t < TTL_REFRESH_SECONDS}
+            if len(self._ttl_refreshed) >= TTL_MEMO_SIZE:  # that many live streams: refresh more often instead
+                self._ttl_refreshed.clear()
+        self._ttl_refreshed[key] = now
+        return True
 
     def publish(self, session_id: str, kind: str, data: dict[str, Any]) -> bool:
         """Hand one event to the writer without waiting; False (and counted) when the queue is full."""
@@ -214,10 +236,11 @@ class EventForwarder:
                     break
             try:
                 with self._events.pipeline() as pipe:
-                    self._events.append_batch_to(pipe, batch)
+                    self._events.append_batch_to(pipe, batch, ttl_due=self._ttl_due)
                     pipe.execute()
                 self.written += len(batch)
             except redis.RedisError as exc:  # the events are lost; the calls go on
+                self._ttl_refreshed.clear()  # an XADD may have landed without its EXPIRE: send it next time
                 self.dropped += len(batch)
                 log.warning("live events: %d not written: %s", len(batch), exc)
             finally:
