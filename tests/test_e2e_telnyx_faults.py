@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import signal
 import threading
 
@@ -13,6 +12,7 @@ import pytest
 from app.devtools.simulator.telnyx import TexmlCallSimulator
 from tests.support.controls import EmulatorControl, FakeCallControl
 from tests.support.controls import finished_call
+from tests.support.relays import relay_pid
 from tests.support.servers import RunningServer
 from tests.support.waiting import only_session, wait_until
 
@@ -86,20 +86,6 @@ def test_call_control_leg_in_a_codec_the_bridge_cannot_decode_gets_the_fallback(
     assert [c["action"] for c in call["commands"]] == ["answer", "streaming_start", "speak", "hangup"]
     assert call["commands"][1]["body"]["stream_codec"] == "PCMU"
     assert call["close_codes"] == [1003] and "not available" in call["spoken"][0]
-
-
-def relay_pid(bridge: RunningServer, call_id: str, timeout: float = 8.0) -> int:
-    """The worker whose relay carries ``call_id`` (from its "relay started" log line)."""
-    def find() -> int | None:
-        for line in bridge.log().splitlines():
-            if call_id in line and "relay started" in line:
-                match = re.search(r'"pid":\s*(\d+)', line)
-                if match:
-                    return int(match.group(1))
-        return None
-    pid = wait_until(find, timeout)
-    assert pid, f"no relay log line for {call_id}"
-    return pid
 
 
 def test_call_control_worker_killed_mid_call_the_stream_is_restored(

@@ -138,6 +138,17 @@ def run_gunicorn(
         proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=own_session)
     server = RunningServer(url=f"http://127.0.0.1:{port}", port=port, process=proc, log_path=log_path)
+    with supervised(server, home, ready_path=ready_path, ready_timeout=ready_timeout,
+                    print_log_on_error=print_log_on_error):
+        yield server
+
+
+@contextlib.contextmanager
+def supervised(server: RunningServer, home: str, *, ready_path: str, ready_timeout: float | None,
+               print_log_on_error: bool = True) -> Iterator[RunningServer]:
+    """Wait until ``server`` answers ``ready_path``, hand it to the block, then stop it (terminate, then kill)
+    and remove its temporary ``home`` however the block ends; its log is printed when starting or the block fails."""
+    proc = server.process
     try:
         wait_for_http(server.url + ready_path, timeout=ready_timeout, proc=proc)
         yield server

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.devtools.localstack import REPO_ROOT, RunningServer, free_port, wait_for_http
+from app.devtools.localstack import REPO_ROOT, RunningServer, free_port, supervised
 
 
 @dataclass(frozen=True)
@@ -39,17 +38,5 @@ def run_reference(env: dict[str, str], *, enabled: bool) -> Iterator[RunningServ
                                  "--log-level", "warning", "--no-access-log"],
                                 cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     server = RunningServer(url=f"http://127.0.0.1:{port}", port=port, process=proc, log_path=log_path)
-    try:
-        wait_for_http(server.url + "/healthz", timeout=60, proc=proc)
+    with supervised(server, home, ready_path="/healthz", ready_timeout=60):
         yield server
-    except BaseException:
-        print(server.log(), file=sys.stderr)
-        raise
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        shutil.rmtree(home, ignore_errors=True)
