@@ -71,6 +71,50 @@ def test_the_forwarder_never_blocks_when_redis_is_gone(namespace: str) -> None:
         assert 100 <= sum(accepted) <= 200 and forwarder.dropped == 1000 - sum(accepted)
 
 
+def test_events_published_within_the_linger_share_one_pipeline(redis_client: redis_lib.Redis,
+                                                               namespace: str) -> None:
+    # A long linger so that every publish below lands inside it even on a loaded machine: the writer takes the
+    # first event, waits, then drains the rest into the same pipeline.
+    keys = RedisKeys(namespace)
+    log = SessionEventLog(redis_client, keys)
+    forwarder = EventForwarder(log, linger_seconds=1.0)
+    for n in range(60):
+        session_id = f"sess_{n % 3}"
+        assert forwarder.publish(session_id, TRANSCRIPT, transcript_event(speaker="customer", text=f"line {n}",
+                                                                          final=True, translation=f"línea {n}"))
+    assert forwarder.publish("sess_0", LEG, leg_event(carrier="twilio", call_id="CA1", speaker="customer",
+                                                       state="ended"))
+    assert forwarder.flush(timeout=10)
+    assert forwarder.batches == 1 and forwarder.written == 61 and forwarder.dropped == 0
+    for n in range(3):  # every line reached its session's stream, in order, with its TTL set
+        texts = [e.data.get("text") for e in log.latest(f"sess_{n}", 100) if e.kind == TRANSCRIPT]
+        assert texts == [f"line {i}" for i in range(n, 60, 3)]
+        assert 0 < redis_client.ttl(keys.session_live_events(f"sess_{n}")) <= log.ttl_seconds
+    assert log.latest("sess_1", 1)[0].data["translation"] == "línea 58"
+    changes = log.wait(keys.live_changes(), "0-0", block_ms=100)
+    assert [(c.session_id, c.data["state"]) for c in changes] == [("sess_0", "ended")]
+    assert 0 < redis_client.ttl(keys.live_changes()) <= log.ttl_seconds
+    # A later batch on the same streams skips the EXPIRE it sent a moment ago: the TTL stays set.
+    redis_client.expire(keys.session_live_events("sess_0"), 100)
+    assert forwarder.publish("sess_0", TRANSCRIPT, {"text": "later"}) and forwarder.flush(timeout=10)
+    assert forwarder.batches == 2 and 0 < redis_client.ttl(keys.session_live_events("sess_0")) <= 100
+    assert log.latest("sess_0", 1)[0].data["text"] == "later"
+
+
+def test_a_full_queue_drops_and_counts_while_the_writer_lingers(redis_client: redis_lib.Redis,
+                                                                namespace: str) -> None:
+    # The writer holds one event and lingers; the queue (10) takes ten more, the rest are refused at once.
+    log = SessionEventLog(redis_client, RedisKeys(namespace))
+    forwarder = EventForwarder(log, queue_size=10, linger_seconds=1.0)
+    accepted = [forwarder.publish("sess_full", TRANSCRIPT, {"text": str(n)}) for n in range(50)]
+    assert 10 <= sum(accepted) <= 11 and not all(accepted[-30:])
+    assert forwarder.dropped == 50 - sum(accepted)
+    assert forwarder.flush(timeout=10)
+    assert forwarder.written == sum(accepted) == log.length("sess_full")
+    kept = [int(e.data["text"]) for e in log.latest("sess_full", 100)]
+    assert kept == [n for n, ok in enumerate(accepted) if ok]
+
+
 def test_transcript_messages_carry_language_and_translation() -> None:
     final = parse_server_message('{"type":"transcript.final","id":"u1","speaker":"customer","language":"en",'
                                  '"text":"Hello","translation":{"language":"es","text":"Hola"}}')

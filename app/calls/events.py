@@ -6,13 +6,20 @@ to ``RedisKeys.session_live_events``; the admin's Server-Sent Events endpoint re
 (``XREAD BLOCK``), so a page served by one instance follows a leg relayed by another.
 
 Both streams are bounded twice: ``XADD MAXLEN ~`` keeps about :data:`MAX_EVENTS_PER_SESSION` entries, and an
-``EXPIRE`` refreshed on every append lets an abandoned stream vanish. The after-call transcript comes from
+``EXPIRE`` lets an abandoned stream vanish (request handlers refresh it with every append; the relay's
+forwarder at most once a minute per stream, :data:`TTL_REFRESH_SECONDS`). The after-call transcript comes from
 Kallglot's REST API, not from here.
 
 The relay must never wait on Redis per frame: :class:`EventForwarder` takes events with a non-blocking
 ``put_nowait`` into a bounded queue, and one background thread (a greenlet under gevent) writes them in
 pipelined batches. When Redis is slow or down the queue fills and further events are dropped and counted —
 the call's audio is never held up for a transcript line.
+
+The writer lingers (:data:`DEFAULT_LINGER_SECONDS`, setting ``LIVE_EVENTS_LINGER_MS``) after the first event
+of a batch before draining the queue: at 200 calls × 1 line/s that is one pipeline per linger instead of one
+per event, and while it sleeps a ``publish`` wakes nobody. Measured on the load benchmark, the per-event
+wake-up and round trip, not the parsing, was most of the forwarding cost (README, Capacity). The linger is
+far inside the live console's 1 s budget.
 """
 from __future__ import annotations
 
@@ -22,10 +29,11 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis
 
 from app.background import spawn
@@ -41,8 +49,15 @@ MAX_LIVE_CHANGES = 1000
 EVENTS_TTL_SECONDS = 6 * 3600
 #: Events waiting for the writer; beyond this they are dropped (Redis is stalled; audio comes first).
 FORWARD_QUEUE_SIZE = 10_000
-#: Events written per pipeline round trip.
-FORWARD_BATCH = 256
+#: Most events written per pipeline round trip.
+FORWARD_BATCH = 1000
+#: How long the writer waits after a batch's first event for more to join it (one pipeline carries them all).
+DEFAULT_LINGER_SECONDS = 0.04
+#: The forwarder refreshes a stream's ``EXPIRE`` at most this often (the TTL is hours; a refresh with every
+#: transcript line was a third of the commands it sent).
+TTL_REFRESH_SECONDS = 60.0
+#: Streams whose last refresh the forwarder remembers before it forgets the stale ones.
+TTL_MEMO_SIZE = 10_000
 
 # Event kinds. ``transcript`` carries speaker/text/language/translation/final; the others describe legs.
 TRANSCRIPT = "transcript"
@@ -99,15 +114,28 @@ class SessionEventLog:
 
     def append_to(self, pipe: Any, session_id: str, kind: str, data: Mapping[str, Any]) -> None:
         """Queue one event on ``pipe`` (a Redis pipeline); leg changes are announced globally as well."""
-        fields = {"kind": kind, "session_id": session_id, "data": json.dumps(dict(data), separators=(",", ":"))}
-        key = self._keys.session_live_events(session_id)
-        pipe.xadd(key, fields, maxlen=self.max_events, approximate=True)
-        pipe.expire(key, self.ttl_seconds)
-        if kind == SESSION or (kind == LEG and data.get("state") in LIVE_LIST_CHANGES):
-            pipe.xadd(self._keys.live_changes(), {"kind": kind, "session_id": session_id,
-                                                   "data": json.dumps({"state": data.get("state", "")})},
-                      maxlen=MAX_LIVE_CHANGES, approximate=True)
-            pipe.expire(self._keys.live_changes(), self.ttl_seconds)
+        self.append_batch_to(pipe, [(session_id, kind, data)])
+
+    def append_batch_to(self, pipe: Any, batch: list[tuple[str, str, Mapping[str, Any]]], *,
+                        ttl_due: Callable[[str], bool] | None = None) -> None:
+        """Queue ``(session_id, kind, data)`` events on ``pipe``: one ``XADD`` each, then one ``EXPIRE`` per
+        stream written (not per event) — only for the streams ``ttl_due`` says need it, when given."""
+        touched: set[str] = set()
+        changes_key = self._keys.live_changes()
+        for session_id, kind, data in batch:
+            key = self._keys.session_live_events(session_id)
+            # orjson: ~5x json.dumps on a transcript line, and the same JSON text (UTF-8, not \u-escaped).
+            pipe.xadd(key, {"kind": kind, "session_id": session_id, "data": orjson.dumps(data if isinstance(data, dict) else dict(data))},
+                      maxlen=self.max_events, approximate=True)
+            touched.add(key)
+            if kind == SESSION or (kind == LEG and data.get("state") in LIVE_LIST_CHANGES):
+                pipe.xadd(changes_key, {"kind": kind, "session_id": session_id,
+                                        "data": orjson.dumps({"state": data.get("state", "")})},
+                          maxlen=MAX_LIVE_CHANGES, approximate=True)
+                touched.add(changes_key)
+        for key in touched:
+            if ttl_due is None or ttl_due(key):
+                pipe.expire(key, self.ttl_seconds)
 
     def pipeline(self) -> Any:
         """A non-transactional pipeline on the event log's Redis (batch several :meth:`append_to`)."""
@@ -142,13 +170,32 @@ class SessionEventLog:
 class EventForwarder:
     """Non-blocking front of :class:`SessionEventLog` for the media relay: a bounded queue and one writer."""
 
-    def __init__(self, events: SessionEventLog, *, queue_size: int = FORWARD_QUEUE_SIZE) -> None:
+    def __init__(self, events: SessionEventLog, *, queue_size: int = FORWARD_QUEUE_SIZE,
+                 linger_seconds: float = DEFAULT_LINGER_SECONDS, batch_size: int = FORWARD_BATCH) -> None:
         self._events = events
+        self._linger = max(0.0, linger_seconds)
+        self._batch_size = max(1, batch_size)
         self._queue: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue(maxsize=queue_size)
         self._started = threading.Lock()
         self._writer: threading.Thread | None = None
         self.dropped = 0
         self.written = 0
+        #: Pipelines sent (each carries one batch): with the linger, far fewer than events.
+        self.batches = 0
+        self._ttl_refreshed: dict[str, float] = {}  # stream key -> monotonic time its EXPIRE was last sent
+
+    def _ttl_due(self, key: str) -> bool:
+        """True (and remembered) when ``key``'s EXPIRE was not sent within :data:`TTL_REFRESH_SECONDS`."""
+        now = time.monotonic()
+        last = self._ttl_refreshed.get(key)
+        if last is not None and now - last < TTL_REFRESH_SECONDS:
+            return False
+        if len(self._ttl_refreshed) >= TTL_MEMO_SIZE:  # ended sessions' streams: forget what no longer matters
+            self._ttl_refreshed = {k: t for k, t in self._ttl_refreshed.items() if now - t < TTL_REFRESH_SECONDS}
+            if len(self._ttl_refreshed) >= TTL_MEMO_SIZE:  # that many live streams: refresh more often instead
+                self._ttl_refreshed.clear()
+        self._ttl_refreshed[key] = now
+        return True
 
     def publish(self, session_id: str, kind: str, data: dict[str, Any]) -> bool:
         """Hand one event to the writer without waiting; False (and counted) when the queue is full."""
@@ -180,21 +227,24 @@ class EventForwarder:
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
-            while len(batch) < FORWARD_BATCH:
+            if self._linger:  # let the other calls' lines join this pipeline (gevent: a cooperative sleep)
+                time.sleep(self._linger)
+            while len(batch) < self._batch_size:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             try:
                 with self._events.pipeline() as pipe:
-                    for session_id, kind, data in batch:
-                        self._events.append_to(pipe, session_id, kind, data)
+                    self._events.append_batch_to(pipe, batch, ttl_due=self._ttl_due)
                     pipe.execute()
                 self.written += len(batch)
             except redis.RedisError as exc:  # the events are lost; the calls go on
+                self._ttl_refreshed.clear()  # an XADD may have landed without its EXPIRE: send it next time
                 self.dropped += len(batch)
                 log.warning("live events: %d not written: %s", len(batch), exc)
             finally:
+                self.batches += 1
                 for _ in batch:
                     self._queue.task_done()
 
@@ -231,7 +281,8 @@ def event_log_for(app: Any) -> tuple[SessionEventLog, EventForwarder]:
     if found is None:
         svc = app.extensions["kallglot_bridge"]
         events = SessionEventLog(svc.redis, svc.keys)
-        found = app.extensions.setdefault(EXTENSION_KEY, (events, EventForwarder(events)))
+        linger = svc.settings.live_events_linger_ms / 1000
+        found = app.extensions.setdefault(EXTENSION_KEY, (events, EventForwarder(events, linger_seconds=linger)))
     return found
 
 
