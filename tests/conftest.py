@@ -15,6 +15,7 @@ from tests.support.bridge_state import BridgeState
 from tests.support.browser import browser, screenshot  # noqa: F401  (fixtures for the browser tests)
 from tests.support.controls import EmulatorControl, FakeCallControl
 from tests.support.numbers import CallNumbers, new_numbers
+from tests.support.redis_server import PersistentRedis
 from tests.support.servers import RunningServer, free_port, run_gunicorn, run_redis
 from tests.support.settings import (
     ADMIN_PASSWORD, E2E_GRACEFUL_TIMEOUT_SECONDS, E2E_HEARTBEAT_TIMEOUT_SECONDS, E2E_RECONNECT_WINDOW_SECONDS,
@@ -231,3 +232,12 @@ def telnyx_bridge_server(redis_url: str, emulator_server: RunningServer, telnyx_
     with run_gunicorn("app:create_app()", env, workers=2, port=telnyx_bridge_port,
                       graceful_timeout=E2E_GRACEFUL_TIMEOUT_SECONDS) as server:
         yield server
+
+
+@pytest.fixture
+def stoppable_redis() -> Iterator[PersistentRedis]:
+    """A private Redis this test takes down and brings back (its data kept, as a managed Redis restarting)."""
+    redis = PersistentRedis()
+    redis.start()
+    yield redis
+    redis.stop()

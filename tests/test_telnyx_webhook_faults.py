@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from urllib.parse import urlencode
 
 import pytest
@@ -33,15 +32,6 @@ def texml_body(call_id: str, **extra: str) -> str:
 @pytest.fixture
 def client(telnyx_app: Flask) -> FlaskClient:
     return telnyx_app.test_client()
-
-
-@pytest.fixture
-def stoppable_redis() -> Iterator[PersistentRedis]:
-    """A private Redis this test takes down and brings back (its data kept, as a managed Redis restarting)."""
-    redis = PersistentRedis()
-    redis.start()
-    yield redis
-    redis.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ session that is over. In-process (Flask test client), real Redis and the Kallglo
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 
 import pytest
 import redis as redis_lib
@@ -38,15 +37,6 @@ def is_goodbye(root: ET.Element, message: str) -> bool:
 def fallback_count(reason: str) -> float:
     """Calls answered with the fallback for ``reason``, as this process's metrics count them."""
     return REGISTRY.get_sample_value("kallglot_bridge_fallbacks_total", {"carrier": "twilio", "reason": reason}) or 0.0
-
-
-@pytest.fixture
-def stoppable_redis() -> Iterator[PersistentRedis]:
-    """A private Redis this test takes down and brings back (its data kept, as a managed Redis restarting)."""
-    redis = PersistentRedis()
-    redis.start()
-    yield redis
-    redis.stop()
 
 
 @pytest.fixture
