@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -131,9 +132,9 @@ def test_admin_configures_a_number_and_watches_its_call(
         find(browser, By.LINK_TEXT, "Live calls").click()
         wait_for(browser, lambda: session["id"] in browser.page_source and "relay ok" in browser.page_source,
                  "the call on the live page with its relay beating", reload=True)
-        row = browser.find_element(By.XPATH, f"//table[@id='live-sessions']//tr[.//code[text()='{session['id']}']]")
-        assert f"{CALLER} → {NUMBER}" in row.text and "twilio" in row.text and "live" in row.text
-        assert "relay ok" in row.text  # the media socket is up and its relay beats
+        row_text = live_row_text(browser, session["id"])
+        assert f"{CALLER} → {NUMBER}" in row_text and "twilio" in row_text and "live" in row_text
+        assert "relay ok" in row_text  # the media socket is up and its relay beats
         screenshot(browser, "live")
     finally:
         release.set()
@@ -163,3 +164,14 @@ def test_admin_configures_a_number_and_watches_its_call(
     assert overflow <= 0, f"the page is {overflow}px wider than a phone screen"
     screenshot(browser, "numbers-phone")
 
+
+def live_row_text(browser: WebDriver, session_id: str) -> str:
+    """The text of the session's row on the live page. The page replaces rows as Server-Sent Events arrive, so a
+    row found a moment ago can be gone when it is read (StaleElementReferenceException): find it again."""
+    xpath = f"//table[@id='live-sessions']//tr[.//code[text()='{session_id}']]"
+    for _ in range(50):
+        try:
+            return browser.find_element(By.XPATH, xpath).text
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"the live row of {session_id} kept being replaced")
