@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 import threading
 import time
 import uuid
@@ -31,7 +30,7 @@ from simple_websocket import ConnectionClosed
 
 from app.devtools.simulator.sip import SipDialer
 from app.devtools.simulator.telnyx_contract import media_frame_errors
-from app.devtools.simulator.websocket import TimedClient, ws_scheme
+from app.devtools.simulator.websocket import TimedClient, drop_connection, ws_scheme
 
 #: Bytes in one 20 ms frame per inbound codec (Telnyx media streaming: PCMU/PCMA 8 kHz, L16 16 kHz).
 #: G722 (64 kbit/s) is here so a leg the bridge cannot decode can be simulated: 160 bytes per 20 ms.
@@ -215,11 +214,7 @@ class TelnyxMediaLeg:
     def close_abruptly(self) -> None:
         """Drop the TCP connection without ``stop`` or a close frame (the carrier lost the call's media)."""
         self._closing = True
-        try:
-            self.ws.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.ws.sock.close()
+        drop_connection(self.ws.sock)
         self._reader.join(timeout=2.0)
 
     def finish(self, listen_seconds: float) -> LegResult:

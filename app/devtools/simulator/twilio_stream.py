@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import socket
 import threading
 import time
 import uuid
@@ -15,6 +14,8 @@ from typing import Any, Literal, Protocol
 
 from simple_websocket import Client, ConnectionClosed
 from wsproto.utilities import LocalProtocolError
+
+from app.devtools.simulator.websocket import drop_connection
 
 FRAME_BYTES = 160  # 20 ms of μ-law at 8 kHz: Twilio's inbound frame size
 BYTES_PER_SECOND = 8000
@@ -136,11 +137,7 @@ class SimulatedStream:
     def close_abruptly(self) -> None:
         """Drop the TCP connection without ``stop`` or a close frame (a carrier-side failure)."""
         self._closing = True
-        try:
-            self.ws.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.ws.sock.close()
+        drop_connection(self.ws.sock)
         self._log("caller side dropped the media socket abruptly")
 
     # ----- Twilio -> server -----

@@ -48,3 +48,12 @@ def ws_scheme(url: str) -> str:
     if url.startswith("http://"):
         return "ws://" + url[len("http://"):]
     return url
+
+
+def drop_connection(sock: socket.socket) -> None:
+    """Drop a media socket's TCP connection without ``stop`` or a close frame, as a carrier losing a call's media."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already gone
+        pass
+    sock.close()
