@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from app.devtools.chaos import Outcome
-from app.devtools.chaos_report import first_audio_lines, left_in_silence, per_carrier_lines, slowest
+from app.devtools.chaos_report import (
+    first_audio_lines, late_call_lines, left_in_silence, per_carrier_lines, slowest,
+)
 from app.devtools.chaos_telnyx import MODES, HeardCall, parse_modes
 from app.devtools.simulator.caller import StreamWait
 from app.devtools.simulator.twilio_stream import CallResult
@@ -36,7 +38,7 @@ def test_tally_counts_each_session_for_the_carrier_of_the_call_it_was_created_fo
 
 
 # ----- the patient caller's dead-air rule (app/devtools/simulator/caller.py, chaos_report.left_in_silence) -----
-T0 = 1_800_000_000.0  # any wall-clock time: the rule only compares times
+T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z: the rule only compares times; the log test uses its date
 
 
 def _wait(first_audio: float | None, ended: float, *, restored: bool = False, patience: float = 5.0) -> StreamWait:
@@ -89,3 +91,14 @@ def test_first_audio_table_counts_late_calls_and_streams_never_answered() -> Non
     # label, streams, p50, p95, p99, max, never, calls, >1.0s, >1.5s
     assert total == ["texml", "4", "0.30", "1.20", "1.20", "1.20", "1", "3", "2", "1"]
     assert [o.results[0].call_sid for o in slowest(outcomes, 2)] == ["v3:c", "v3:b"]
+
+
+def test_late_calls_are_listed_with_the_bridge_log_lines_that_explain_them() -> None:
+    late = HeardCall("v3:late", heard_audio=b"x", waits=[_wait(2.5, 4.0)])
+    quick = HeardCall("v3:quick", heard_audio=b"x", waits=[_wait(0.3, 2.0)])
+    logs = ['{"ts":"2027-01-15T08:00:01.000Z","message":"telnyx call=v3:late session=s relay started (stream x)"}',
+            '{"ts":"2027-01-15T08:00:01.500Z","message":"telnyx call=v3:late kallglot session.error boom"}',
+            '{"ts":"2027-01-15T08:00:00.200Z","message":"telnyx call=v3:quick relay started (stream y)"}']
+    lines = late_call_lines([Outcome("normal", [late, quick], carrier="texml")], logs)
+    assert len(lines) == 1 and "v3:late stream 1: first audio +2.50s" in lines[0]
+    assert "relay started +1.00s" in lines[0] and "kallglot refused +1.50s" in lines[0]

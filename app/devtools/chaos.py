@@ -61,7 +61,8 @@ import requests
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
 from app.devtools.chaos_report import (
-    agent_leg_lines, call_of, call_timeline, first_audio_lines, left_in_silence, load_average, per_carrier_lines,
+    agent_leg_lines, call_of, call_timeline, first_audio_lines, late_call_lines, left_in_silence, load_average,
+    per_carrier_lines,
     pid_of_relay, reaper_work_by_instance, redis_view, session_timeline, slowest, stress, wait_summary,
 )
 from app.devtools.chaos_telnyx import (
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--carriers", type=parse_modes, default=MODES,
                         help=f"carriers each call picks from, comma-separated (default: {','.join(MODES)})")
     parser.add_argument("--verbose", action="store_true", help="also print the Redis view of leaked sessions")
+    parser.add_argument("--keep-logs", metavar="DIR", default="",
+                        help="also write each bridge instance's log to DIR (to trace calls after the run)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     weights = [args.kill_weight if name == "worker-kill" else w for name, w in zip(SCENARIOS, WEIGHTS)]
@@ -342,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)
         sessions = requests.get(emulator.url + "/_emulator/sessions", timeout=60).json()["sessions"]
         instance_logs = [bridge.log() for bridge in bridges]
+        if args.keep_logs:
+            os.makedirs(args.keep_logs, exist_ok=True)
+            for index, text in enumerate(instance_logs, start=1):
+                with open(os.path.join(args.keep_logs, f"instance-{index}.log"), "w", encoding="utf-8") as out:
+                    out.write(text)
         logs = "\n".join(instance_logs).splitlines()
         state = redis_view(redis, [s["id"] for s in sessions if s["status"] != "ended"]) if args.verbose else {}
     duration = time.monotonic() - started
@@ -371,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     for outcome in dead_air + errors:
         print(f"  - {outcome.carrier} {outcome.scenario}: {outcome.error or 'dead air: ' + wait_summary(outcome.results)}")
         print("\n".join(call_timeline(outcome.results, logs)))
+    late = late_call_lines(outcomes, logs)
+    print(f"streams answered later than 1.5 s after talking, or not at all ({len(late)}; times from the end of "
+          "talking, from the bridges' logs):")
+    print("\n".join(late))
     print("slowest calls (longest silence on one stream after talking):")
     for outcome in slowest(outcomes):
         print(f"  - {outcome.carrier} {outcome.scenario}: {wait_summary(outcome.results)}")

@@ -120,6 +120,42 @@ def wait_summary(results: Iterable[Any]) -> str:
     return "; ".join(parts) or "no stream"
 
 
+#: Bridge log lines that explain a slow first answer, and how a late call's summary names them.
+LATENCY_MARKERS = (("relay started", "relay started"), ("session.error", "kallglot refused"),
+                   ("stream reopened", "reopened"), ("not reopened", "NOT reopened"),
+                   ("could not reach the Kallglot stream", "kallglot unreachable"),
+                   ("held for a reconnect", "held"), ("relay ended", "relay ended"))
+
+
+def _log_time(line: str) -> float | None:
+    match = re.search(r'"ts":\s*"([0-9T:.\-]+)Z"', line)
+    if not match:
+        return None
+    return datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
+
+
+def late_call_lines(outcomes: list[Any], logs: list[str], limit: float = 1.5) -> list[str]:
+    """One line per stream answered later than ``limit`` seconds after the caller stopped talking (or not at all
+    while it was up): when, relative to that moment, the bridge's log says its relay started, Kallglot refused
+    the stream, the stream was reopened — the evidence that tells load from a fault from a bug."""
+    lines = []
+    for outcome in outcomes:
+        for result in outcome.results:
+            mine = [(when, line) for line in logs if result.call_sid in line
+                    for when in [_log_time(line)] if when is not None]
+            for number, wait in enumerate(getattr(result, "waits", []), start=1):
+                if not wait.later_than(limit):
+                    continue
+                first = wait.first_audio_seconds
+                marks = [f"{name} {when - wait.talk_ended_at:+.2f}s" for when, line in mine
+                         for marker, name in LATENCY_MARKERS if marker in line]
+                lines.append(f"  - {outcome.carrier} {outcome.scenario} {result.call_sid} stream {number}"
+                             f"{' (restored)' if wait.restored else ''}: "
+                             f"{f'first audio +{first:.2f}s' if first is not None else 'no audio'}; "
+                             f"{', '.join(marks) or 'no relay log line'}")
+    return lines
+
+
 def call_timeline(results: Iterable[Any], logs: list[str]) -> list[str]:
     """One failed call: the simulator's timeline, then every bridge log line naming its call or session."""
     lines = []
