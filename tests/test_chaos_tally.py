@@ -6,7 +6,7 @@ import pytest
 
 from app.devtools.chaos import Outcome
 from app.devtools.chaos_report import (
-    first_audio_lines, late_call_lines, left_in_silence, per_carrier_lines, slowest,
+    first_audio_lines, late_call_lines, left_in_silence, per_carrier_lines, refused_then_reopened_lines, slowest,
 )
 from app.devtools.chaos_telnyx import MODES, HeardCall, parse_modes
 from app.devtools.simulator.caller import StreamWait
@@ -102,3 +102,15 @@ def test_late_calls_are_listed_with_the_bridge_log_lines_that_explain_them() -> 
     lines = late_call_lines([Outcome("normal", [late, quick], carrier="texml")], logs)
     assert len(lines) == 1 and "v3:late stream 1: first audio +2.50s" in lines[0]
     assert "relay started +1.00s" in lines[0] and "kallglot refused +1.50s" in lines[0]
+
+
+def test_refused_then_reopened_streams_are_counted_with_what_their_callers_heard_after_the_reopen() -> None:
+    heard = HeardCall("v3:heard", heard_audio=b"x", waits=[_wait(1.3, 3.0)])
+    silent = HeardCall("v3:silent", waits=[_wait(None, 6.0)])
+    logs = [f'{{"ts":"2027-01-15T08:00:0{s}Z","message":"telnyx call={call} session=s {what}"}}'
+            for call in ("v3:heard", "v3:silent")
+            for s, what in (("0.500", "kallglot session.error service_unavailable: x"),
+                            ("1.000", "kallglot stream reopened (0 chunks dropped meanwhile)"))]
+    [line] = refused_then_reopened_lines([Outcome("connect-fault", [heard, silent], carrier="texml")], logs)
+    assert "2 streams; caller heard audio after the reopen on 1, nothing at all on 1" in line
+    assert "p50 0.30s, max 0.30s" in line

@@ -62,8 +62,8 @@ from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SE
 from app.carriers.registry import carrier_names
 from app.devtools.chaos_report import (
     agent_leg_lines, call_of, call_timeline, first_audio_lines, late_call_lines, left_in_silence, load_average,
-    per_carrier_lines,
-    pid_of_relay, reaper_work_by_instance, redis_view, session_timeline, slowest, stress, wait_summary,
+    per_carrier_lines, pid_of_relay, reaper_work_by_instance, redis_view, refused_then_reopened_lines,
+    session_timeline, slowest, stress, wait_summary,
 )
 from app.devtools.chaos_telnyx import (
     MODES, TEXML, TWILIO, HeardCall, TelnyxChaos, fake_telnyx_env, parse_modes, telnyx_bridge_env,
@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     for outcome in dead_air + errors:
         print(f"  - {outcome.carrier} {outcome.scenario}: {outcome.error or 'dead air: ' + wait_summary(outcome.results)}")
         print("\n".join(call_timeline(outcome.results, logs)))
+    print("\n".join(refused_then_reopened_lines(outcomes, logs)))
     late = late_call_lines(outcomes, logs)
     print(f"streams answered later than 1.5 s after talking, or not at all ({len(late)}; times from the end of "
           "talking, from the bridges' logs):")

@@ -121,7 +121,7 @@ def wait_summary(results: Iterable[Any]) -> str:
 
 
 #: Bridge log lines that explain a slow first answer, and how a late call's summary names them.
-LATENCY_MARKERS = (("relay started", "relay started"), ("session.error", "kallglot refused"),
+LATENCY_MARKERS = (("relay started", "relay started"), ("kallglot session.error", "kallglot refused"),
                    ("stream reopened", "reopened"), ("not reopened", "NOT reopened"),
                    ("could not reach the Kallglot stream", "kallglot unreachable"),
                    ("held for a reconnect", "held"), ("relay ended", "relay ended"))
@@ -134,15 +134,30 @@ def _log_time(line: str) -> float | None:
     return datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
 
 
+def marked_lines_by_call(logs: list[str]) -> dict[str, list[tuple[float, str]]]:
+    """The log lines that name a :data:`LATENCY_MARKERS` event, by the call they name (``call=<id>``), stamped
+    and in time order: one pass over the logs, not one per call."""
+    by_call: dict[str, list[tuple[float, str]]] = {}
+    for line in logs:
+        if not any(marker in line for marker, _ in LATENCY_MARKERS):
+            continue
+        match, when = re.search(r"call=([^\s\"]+)", line), _log_time(line)
+        if match and when is not None:
+            by_call.setdefault(match.group(1), []).append((when, line))
+    for lines in by_call.values():
+        lines.sort()
+    return by_call
+
+
 def late_call_lines(outcomes: list[Any], logs: list[str], limit: float = 1.5) -> list[str]:
     """One line per stream answered later than ``limit`` seconds after the caller stopped talking (or not at all
     while it was up): when, relative to that moment, the bridge's log says its relay started, Kallglot refused
     the stream, the stream was reopened — the evidence that tells load from a fault from a bug."""
     lines = []
+    by_call = marked_lines_by_call(logs)
     for outcome in outcomes:
         for result in outcome.results:
-            mine = [(when, line) for line in logs if result.call_sid in line
-                    for when in [_log_time(line)] if when is not None]
+            mine = by_call.get(result.call_sid, [])
             for number, wait in enumerate(getattr(result, "waits", []), start=1):
                 if not wait.later_than(limit):
                     continue
@@ -154,6 +169,34 @@ def late_call_lines(outcomes: list[Any], logs: list[str], limit: float = 1.5) ->
                              f"{f'first audio +{first:.2f}s' if first is not None else 'no audio'}; "
                              f"{', '.join(marks) or 'no relay log line'}")
     return lines
+
+
+def refused_then_reopened_lines(outcomes: list[Any], logs: list[str]) -> list[str]:
+    """Streams whose Kallglot stream was refused (``session.error``) and then reopened by the relay: did the caller
+    hear anything after the reopen, and how long after it came the first audio? (The audio written before the
+    refusal is sent again on the reopened stream, so its echo is what the caller hears first.)"""
+    gaps: list[float] = []
+    silent: list[str] = []
+    by_call = marked_lines_by_call(logs)
+    for outcome in outcomes:
+        for result in outcome.results:
+            mine = by_call.get(result.call_sid, [])
+            refused = [when for when, line in mine if "kallglot session.error" in line]
+            for wait in getattr(result, "waits", []):
+                end = wait.ended_at if wait.ended_at is not None else float("inf")
+                reopened = [when for when, line in mine if "stream reopened" in line
+                            and any(r <= when for r in refused) and wait.talk_ended_at - 5 <= when <= end]
+                if not reopened:
+                    continue
+                after = wait.first_audio_at is not None and wait.first_audio_at >= reopened[0]
+                if after:
+                    gaps.append(wait.first_audio_at - reopened[0])  # type: ignore[operator]
+                elif wait.first_audio_at is None:
+                    silent.append(f"{outcome.carrier} {outcome.scenario} {result.call_sid}")
+    gaps.sort()
+    spread = f"reopen to first audio p50 {_percentile(gaps, 0.5):.2f}s, max {gaps[-1]:.2f}s" if gaps else ""
+    return [f"refused, then reopened: {len(gaps) + len(silent)} streams; caller heard audio after the reopen on "
+            f"{len(gaps)}, nothing at all on {len(silent)} {silent[:5]}; {spread}"]
 
 
 def call_timeline(results: Iterable[Any], logs: list[str]) -> list[str]:
