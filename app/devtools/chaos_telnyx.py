@@ -101,8 +101,9 @@ class TelnyxChaos:
         if scenario == "callbacks":
             call["callbacks"] = choice
         elif scenario in ("caller-drop", "returning"):
+            # Like every caller: paced, patient, and "hello?" on a stream restored before they dropped.
             first = self._texml_call(to, caller, audio, callbacks="none", listen_seconds=0,
-                                     hold_open=self._vanish, patience_seconds=self.patience_seconds)
+                                     hold_open=self._vanish, **{k: v for k, v in call.items() if k != "listen_seconds"})
             if scenario == "caller-drop":
                 return [first]
             time.sleep(0.5)  # the relay notices the drop and holds the session
@@ -147,8 +148,8 @@ class TelnyxChaos:
         if scenario == "callbacks":
             call["duplicate_webhooks" if choice == "twice" else "reverse_final_webhooks"] = True
         elif scenario in ("caller-drop", "returning"):
-            first = self._call_control_call(to, caller, audio, vanish=True, pace=True,
-                                            patience_seconds=self.patience_seconds)
+            first = self._call_control_call(to, caller, audio, vanish=True,
+                                            **{k: v for k, v in call.items() if k != "listen_seconds"})
             if scenario == "caller-drop":
                 return [first]
             time.sleep(0.5)

@@ -217,9 +217,11 @@ class FakeTelnyx:
         patience, spoken_before = float(scenario.get("patience_seconds") or 0), len(call.spoken)
         wait = leg.await_answer(time.time(), patience, lambda: len(call.spoken) > spoken_before)
         wait.restored = not first
-        if first and scenario.get("vanish"):
+        if first and scenario.get("vanish") and not leg.result.server_closed_first:
             # The caller's side is lost: heard something (or gave up waiting), then the socket drops; Telnyx
-            # never reports anything more about this call.
+            # never reports anything more about this call. (A stream the bridge closed first — its worker was
+            # killed, or it refused the socket — is not the caller vanishing: the caller is still on the line,
+            # and Telnyx reports ``streaming.stopped`` as for any call, below.)
             if not patience:
                 leg.wait_for(lambda r: bool(r.heard) or r.server_closed_first, VANISH_AFTER_SECONDS)
             leg.close_abruptly()
