@@ -6,7 +6,8 @@ import pytest
 
 from app.devtools.chaos import Outcome
 from app.devtools.chaos_report import (
-    first_audio_lines, late_call_lines, left_in_silence, per_carrier_lines, refused_then_reopened_lines, slowest,
+    bridge_closed_lines, first_audio_lines, late_call_lines, left_in_silence, per_carrier_lines,
+    refused_then_reopened_lines, slowest,
 )
 from app.devtools.chaos_telnyx import MODES, HeardCall, parse_modes
 from app.devtools.simulator.caller import StreamWait
@@ -114,3 +115,13 @@ def test_refused_then_reopened_streams_are_counted_with_what_their_callers_heard
     [line] = refused_then_reopened_lines([Outcome("connect-fault", [heard, silent], carrier="texml")], logs)
     assert "2 streams; caller heard audio after the reopen on 1, nothing at all on 1" in line
     assert "p50 0.30s, max 0.30s" in line
+
+
+def test_bridge_closes_for_no_start_are_split_by_whether_the_simulator_had_sent_start() -> None:
+    closed = "server closed the media socket (code 1008"
+    late_sim = HeardCall("v3:a", timeline=[(0.0, f"stream: {closed}, before our start)")])
+    missed = HeardCall("v3:b", timeline=[(0.0, "stream 1: -> connected, start"),
+                                         (2.1, f"stream 1: {closed}, 2.05s after our start)")])
+    [line] = bridge_closed_lines([Outcome("normal", [late_sim], carrier="call-control"),
+                                  Outcome("normal", [missed], carrier="texml")])
+    assert line.endswith("1 before the simulator sent start, 1 after it")

@@ -35,7 +35,8 @@ by itself.
 
 Options for the lifecycle at scale: ``--stress`` keeps one extra process busy on the CPU for the whole run
 (a bounded spin, stopped with the run), so workers are slow rather than dead; ``--listen`` makes callers stay
-on longer after being answered; ``--patience`` how long they wait for the answer; ``--kill-weight`` raises the share of ``worker-kill`` calls. Start-up waits are generous and readiness probes
+on longer after being answered; ``--patience`` how long they wait for the answer; ``--kill-weight`` raises the
+share of ``worker-kill`` calls. Start-up waits are generous and readiness probes
 scale with the load average (:mod:`app.devtools.localstack`). Each run prints the load average at its start
 and end: the machine may be busy with other work, and every figure means little without it.
 """
@@ -61,9 +62,9 @@ import requests
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
 from app.devtools.chaos_report import (
-    agent_leg_lines, call_of, call_timeline, first_audio_lines, late_call_lines, left_in_silence, load_average,
-    per_carrier_lines, pid_of_relay, reaper_work_by_instance, redis_view, refused_then_reopened_lines,
-    session_timeline, slowest, stress, wait_summary,
+    agent_leg_lines, bridge_closed_lines, call_of, call_timeline, first_audio_lines, late_call_lines,
+    left_in_silence, load_average, per_carrier_lines, pid_of_relay, reaper_work_by_instance, redis_view,
+    refused_then_reopened_lines, session_timeline, slowest, stress, wait_summary,
 )
 from app.devtools.chaos_telnyx import (
     MODES, TEXML, TWILIO, HeardCall, TelnyxChaos, fake_telnyx_env, parse_modes, telnyx_bridge_env,
@@ -377,9 +378,11 @@ def main(argv: list[str] | None = None) -> int:
               f"sessions ended, {work['orphans_ended']} orphaned creates ended")
     print("\n".join(first_audio_lines(outcomes, args.carriers)))
     for outcome in dead_air + errors:
-        print(f"  - {outcome.carrier} {outcome.scenario}: {outcome.error or 'dead air: ' + wait_summary(outcome.results)}")
+        why = outcome.error or "dead air: " + wait_summary(outcome.results)
+        print(f"  - {outcome.carrier} {outcome.scenario}: {why}")
         print("\n".join(call_timeline(outcome.results, logs)))
     print("\n".join(refused_then_reopened_lines(outcomes, logs)))
+    print("\n".join(bridge_closed_lines(outcomes)))
     late = late_call_lines(outcomes, logs)
     print(f"streams answered later than 1.5 s after talking, or not at all ({len(late)}; times from the end of "
           "talking, from the bridges' logs):")

@@ -171,6 +171,22 @@ def late_call_lines(outcomes: list[Any], logs: list[str], limit: float = 1.5) ->
     return lines
 
 
+def bridge_closed_lines(outcomes: list[Any]) -> list[str]:
+    """Telnyx media sockets the bridge closed with 1008 (no ``start`` within its limit, or a refused token), split by
+    whether the simulator had sent ``connected``/``start`` before the close: before it, the simulator was late;
+    after it, the bridge did not read a ``start`` that was sent."""
+    before = after = 0
+    for outcome in outcomes:
+        for result in outcome.results:
+            for _, event in result.timeline:
+                if "(code 1008, before our start)" in event:
+                    before += 1
+                elif "(code 1008, " in event and "after our start" in event:
+                    after += 1
+    return [f"telnyx media sockets the bridge closed with 1008: {before} before the simulator sent start, "
+            f"{after} after it"]
+
+
 def refused_then_reopened_lines(outcomes: list[Any], logs: list[str]) -> list[str]:
     """Streams whose Kallglot stream was refused (``session.error``) and then reopened by the relay: did the caller
     hear anything after the reopen, and how long after it came the first audio? (The audio written before the

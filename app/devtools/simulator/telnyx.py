@@ -143,6 +143,7 @@ class TelnyxMediaLeg:
         self._cond = threading.Condition()
         self._closing = False
         self._wait: StreamWait | None = None  # the patient caller's record of this leg (await_answer)
+        self._begun_at: float | None = None  # when connected/start went out (monotonic)
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name="telnyx-sim-reader")
         self._reader.start()
 
@@ -177,6 +178,7 @@ class TelnyxMediaLeg:
             except (ConnectionClosed, OSError):
                 return  # refused or closed already: the reader records how
         self.result.event("-> connected, start")
+        self._begun_at = time.monotonic()
         self.send("start", {"start": {
             "user_id": str(uuid.uuid4()), "call_control_id": self.call_control_id,
             "call_session_id": str(uuid.uuid4()), "from": from_, "to": to, "tags": [],
@@ -285,7 +287,11 @@ class TelnyxMediaLeg:
                         self.result.server_closed_first = True
                         code = self.ws.close_reason
                         self.result.close_code = int(code) if code is not None else None
-                        self._ended(f"server closed the media socket (code {self.result.close_code})")
+                        # How long after our ``start`` the bridge closed (or that it closed before we sent one):
+                        # tells a late simulator from a bridge that did not read a ``start`` sent in time.
+                        began = "before our start" if self._begun_at is None else \
+                            f"{time.monotonic() - self._begun_at:.2f}s after our start"
+                        self._ended(f"server closed the media socket (code {self.result.close_code}, {began})")
                     self._cond.notify_all()
                 return
             if frame is not None:
