@@ -124,4 +124,4 @@ def test_bridge_closes_for_no_start_are_split_by_whether_the_simulator_had_sent_
                                          (2.1, f"stream 1: {closed}, 2.05s after our start)")])
     [line] = bridge_closed_lines([Outcome("normal", [late_sim], carrier="call-control"),
                                   Outcome("normal", [missed], carrier="texml")])
-    assert line.endswith("1 before the simulator sent start, 1 after it")
+    assert line.endswith("1 before the simulator sent start, 1 after it (2.05s after)")

@@ -175,16 +175,16 @@ def bridge_closed_lines(outcomes: list[Any]) -> list[str]:
     """Telnyx media sockets the bridge closed with 1008 (no ``start`` within its limit, or a refused token), split by
     whether the simulator had sent ``connected``/``start`` before the close: before it, the simulator was late;
     after it, the bridge did not read a ``start`` that was sent."""
-    before = after = 0
+    before, after = 0, []
     for outcome in outcomes:
         for result in outcome.results:
             for _, event in result.timeline:
                 if "(code 1008, before our start)" in event:
                     before += 1
-                elif "(code 1008, " in event and "after our start" in event:
-                    after += 1
+                elif match := re.search(r"\(code 1008, ([\d.]+)s after our start\)", event):
+                    after.append(float(match.group(1)))
     return [f"telnyx media sockets the bridge closed with 1008: {before} before the simulator sent start, "
-            f"{after} after it"]
+            f"{len(after)} after it ({', '.join(f'{s:.2f}s' for s in sorted(after))} after)"]
 
 
 def refused_then_reopened_lines(outcomes: list[Any], logs: list[str]) -> list[str]:
