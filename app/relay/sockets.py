@@ -52,6 +52,9 @@ def await_start(ws: CarrierSocket, codec: CarrierCodec, timeout: float = START_T
             log.info("%s media socket closed before start", codec.carrier)
             return None
         if raw is None:
+            # Logged: a carrier sends ``start`` at once, so this close means a stalled peer or a starved worker,
+            # and without a line the stream's loss cannot be traced (no call id is known yet to name it by).
+            log.warning("closing %s media socket: no start within %.1f s of the upgrade", codec.carrier, timeout)
             close_quietly(ws, 1008, "no start event")
             return None
         event = codec.parse(raw)

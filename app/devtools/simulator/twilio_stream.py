@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 from simple_websocket import Client, ConnectionClosed
 from wsproto.utilities import LocalProtocolError
 
+from app.devtools.simulator.caller import StreamWait
 from app.devtools.simulator.websocket import drop_connection
 
 FRAME_BYTES = 160  # 20 ms of μ-law at 8 kHz: Twilio's inbound frame size
@@ -66,6 +67,8 @@ class CallResult:
     webhook_status: int | None = None
     errors: list[str] = field(default_factory=list)
     streams: int = 0
+    #: Each stream as the caller waited on it, in order (a restored stream adds one).
+    waits: list[StreamWait] = field(default_factory=list)
     sip_dials: list[Any] = field(default_factory=list)  # SipDial of each <Dial><Sip> (app.devtools.simulator.sip)
 
     def print_timeline(self) -> None:
@@ -103,6 +106,10 @@ class SimulatedStream:
         self.server_closed = False
         self.close_code: int | None = None
         self._closing = False  # set when we (the caller side) end the socket
+        #: Wall-clock times (``time.time()``) of the first returned audio and of the stream's end, either side's
+        #: (the patient caller's record: :class:`app.devtools.simulator.caller.StreamWait`).
+        self.first_audio_at: float | None = None
+        self.ended_at: float | None = None
         #: TwiML that replaced the call's (a REST ``update(twiml=…)``): the stream stops, the call goes on there.
         self.redirect_twiml: str | None = None
         self._segments: list[tuple[float, bytes]] = []  # (play start, audio) not yet fully played
@@ -137,6 +144,7 @@ class SimulatedStream:
     def close_abruptly(self) -> None:
         """Drop the TCP connection without ``stop`` or a close frame (a carrier-side failure)."""
         self._closing = True
+        self.ended_at = self.ended_at or time.time()
         drop_connection(self.ws.sock)
         self._log("caller side dropped the media socket abruptly")
 
@@ -164,6 +172,7 @@ class SimulatedStream:
     def hang_up(self) -> None:
         """The caller hangs up: send ``stop`` and close the socket, as Twilio does."""
         self._closing = True  # before stop: a server that closes on stop did not close "first"
+        self.ended_at = self.ended_at or time.time()
         self.send_event("stop", {"streamSid": self.stream_sid,
                                  "stop": {"accountSid": self.account_sid, "callSid": self.call_sid}})
         self._log("-> stop")
@@ -204,6 +213,7 @@ class SimulatedStream:
                 with self._cond:
                     if not self._closing:
                         self.server_closed = True
+                        self.ended_at = self.ended_at or time.time()
                         code = self.ws.close_reason
                         self.close_code = int(code) if code is not None else None
                         self._log(f"server closed the media socket (code {self.close_code})")
@@ -242,6 +252,8 @@ class SimulatedStream:
                 audio = None
             if audio is None:
                 return self._error(31951, "media.payload missing or not valid base64")
+            if self.first_audio_at is None:
+                self.first_audio_at = time.time()
             self.heard += audio
             start = max(now, self._tail)
             self._segments.append((start, audio))

@@ -1,0 +1,36 @@
+"""A media socket closed because no ``start`` came in time is logged (a chaos run's Call Control calls lost their
+first stream this way, at load 15, and nothing in the bridge's log said so)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from app.carriers.twilio.codec import TwilioMediaCodec
+from app.relay.sockets import await_start
+
+
+class SilentSocket:
+    """A carrier socket that never sends anything (receive times out) and records how it was closed."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.closed_with: tuple[int | None, str | None] | None = None
+
+    def receive(self, timeout: float | None = None) -> str | bytes | None:
+        return None
+
+    def send(self, data: str | bytes) -> None:  # pragma: no cover - never called before start
+        raise AssertionError("nothing is sent before start")
+
+    def close(self, reason: int | None = None, message: str | None = None) -> None:
+        self.closed_with, self.connected = (reason, message), False
+
+
+def test_a_socket_closed_for_no_start_says_so_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    ws = SilentSocket()
+    with caplog.at_level(logging.INFO, logger="app.relay.sockets"):
+        assert await_start(ws, TwilioMediaCodec(), timeout=0.01) is None
+    assert ws.closed_with == (1008, "no start event")
+    assert any("no start within 0.0 s" in r.getMessage() and "twilio" in r.getMessage() for r in caplog.records)
