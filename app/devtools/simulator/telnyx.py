@@ -111,6 +111,9 @@ class LegResult:
     close_code: int | None = None
     frames_sent: int = 0
     media_messages: int = 0
+    #: Wall-clock time (``time.time()``) the socket was opened and of each returned media message.
+    opened_at: float = field(default_factory=time.time)
+    heard_at: list[float] = field(default_factory=list)
 
 
 class TelnyxMediaLeg:
@@ -269,6 +272,7 @@ class TelnyxMediaLeg:
                 errors.append(f"media message of {len(audio)} bytes is longer than 30 s")
             self.result.media_messages += 1
             self.result.heard += audio
+            self.result.heard_at.append(time.time())
         elif event == "mark" and isinstance(message.get("mark"), dict):
             name = str(message["mark"].get("name"))
             self.result.marks_received.append(name)

@@ -67,13 +67,17 @@ class FakeCall:
     transferred_to: str = ""
     sip_dials: list[dict[str, Any]] = field(default_factory=list)  # a transfer to a SIP URI: how each dial went
     leg: TelnyxMediaLeg | None = None
+    #: Wall-clock times (``time.time()``): each media socket opened, each returned media message heard.
+    stream_opened_at: list[float] = field(default_factory=list)
+    heard_at: list[float] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
         """JSON for the control API (command bodies included: they hold no real secrets here)."""
         return {"call_control_id": self.call_control_id, "commands": self.commands, "webhooks": self.webhooks,
                 "spoken": self.spoken, "heard": base64.b64encode(bytes(self.heard)).decode(),
                 "protocol_errors": self.protocol_errors, "streams": self.streams, "close_codes": self.close_codes,
-                "hung_up": self.hung_up, "transferred_to": self.transferred_to, "sip_dials": self.sip_dials}
+                "hung_up": self.hung_up, "transferred_to": self.transferred_to, "sip_dials": self.sip_dials,
+                "stream_opened_at": self.stream_opened_at, "heard_at": self.heard_at}
 
 
 class FakeTelnyx:
@@ -198,12 +202,14 @@ class FakeTelnyx:
             self.webhook(call, "streaming.failed", client_state=state, failure_reason=repr(exc)[:100])
             return
         call.leg = leg
+        call.stream_opened_at.append(leg.result.opened_at)
         # Telnyx opens the stream with connected/start at once and reports streaming.started on its own
         # schedule: the media never waits for our webhook to be answered (a slow answer would otherwise hold
         # ``start`` back past the relay's 2 s limit and the stream would be refused — a fake's artifact).
         leg.begin(call.from_, call.to)
         _spawn(self.webhook, call, "streaming.started", client_state=state, stream_url=body.get("stream_url"))
-        leg.stream(base64.b64decode(scenario.get("payload", "")) if first else b"", pace=bool(scenario.get("pace")),
+        # ``restore_payload``: what the caller says on a restored stream (a caller who kept talking).
+        leg.stream(base64.b64decode(scenario.get("payload" if first else "restore_payload", "")), pace=bool(scenario.get("pace")),
                    reorder=bool(scenario.get("reorder_media")), duplicate=bool(scenario.get("reorder_media")))
         if first and scenario.get("vanish"):
             # The caller's side is lost: heard something (or gave up waiting), then the socket drops; Telnyx
@@ -212,11 +218,13 @@ class FakeTelnyx:
             leg.close_abruptly()
             call.leg, call.hung_up = None, True
             call.heard += leg.result.heard
+            call.heard_at += leg.result.heard_at
             call.protocol_errors += leg.result.protocol_errors
             return
         result = leg.finish(float(scenario.get("listen_seconds", 0.5)))
         call.leg = None
         call.heard += result.heard
+        call.heard_at += result.heard_at
         call.protocol_errors += result.protocol_errors
         call.close_codes.append(result.close_code)
         caller_hung_up = not result.server_closed_first
