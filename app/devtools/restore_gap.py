@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds after the relay started (the caller talking, the echo flowing)")
     parser.add_argument("--talk", type=float, default=4.0, help="seconds the caller talks on the first stream")
     parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--timeline", action="store_true", help="print the bridge's log lines naming each call")
     args = parser.parse_args(argv)
     started, load_at_start = time.monotonic(), load_average()
     rng = random.Random(args.seed)
@@ -224,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {carrier} {gap.call_id}: silence "
                       f"{'n/a' if gap.silence is None else f'{gap.silence:.2f} s'}, to restore "
                       f"{'n/a' if gap.to_restore is None else f'{gap.to_restore:.2f} s'} {gap.error}", flush=True)
+                if args.timeline:
+                    print(f"    killed at {gap.killed_at:.3f}; streams opened at "
+                          f"{[round(t, 3) for t in gap.streams_opened_at]}")
+                    print("\n".join(f"    {line[:300]}" for line in bridges[0].log().splitlines()
+                                    if gap.call_id in line))
     print(f"restore gap: {args.kills} kills per carrier, 1 instance x 2 workers, kill {args.kill_after:.1f} s after "
           f"the relay started, seed {args.seed}, {time.monotonic() - started:.0f}s in all")
     print(f"load average (1/5/15 min): {load_at_start} at start, {load_average()} at end")
