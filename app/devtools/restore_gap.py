@@ -58,6 +58,8 @@ class Gap:
     heard_at: list[float] = field(default_factory=list)
     streams_opened_at: list[float] = field(default_factory=list)
     error: str = ""
+    #: The simulator's own timeline of the call (Twilio), for ``--timeline``.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def silence(self) -> float | None:
@@ -111,10 +113,30 @@ class RestoreGapRun:
         if caller.is_alive():
             gap.error = gap.error or f"the call was still up after {CALL_TIMEOUT_SECONDS:.0f}s"
         if gap.killed_at:  # the next call needs both workers again (this one carries the restored stream)
-            deadline = time.monotonic() + RESPAWN_TIMEOUT_SECONDS
-            while self.bridge.log().count("Booting worker") <= boots and time.monotonic() < deadline:
-                time.sleep(0.2)
+            self._wait_for_replacement(boots)
         return gap
+
+    def _wait_for_replacement(self, boots: int) -> None:
+        """Until the worker gunicorn forked after the kill serves requests: "Booting worker" is logged at the fork,
+        before the app is imported (seconds on a busy machine), and a call whose restore lands on the one worker
+        left while that is killed next would time out — the harness's fault, not the product's."""
+        deadline = time.monotonic() + RESPAWN_TIMEOUT_SECONDS
+        new_pid = ""
+        while not new_pid and time.monotonic() < deadline:
+            booted = [line for line in self.bridge.log().splitlines() if "Booting worker with pid" in line]
+            if len(booted) > boots:
+                new_pid = booted[-1].rsplit("pid:", 1)[-1].strip().split('"')[0].strip()
+            else:
+                time.sleep(0.2)
+        while new_pid and time.monotonic() < deadline:
+            if any(f'"pid":{new_pid}' in line and "Booting worker" not in line
+                   for line in self.bridge.log().splitlines()):
+                return
+            try:  # an access-log line of the new worker's (its pid) says it is serving
+                requests.get(self.bridge.url + "/healthz", timeout=5)
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
 
     def twilio(self) -> Gap:
         """A Twilio caller: ``<Connect action>`` answers a new ``<Connect><Stream>`` to the same session."""
@@ -129,6 +151,7 @@ class RestoreGapRun:
                                         listen_seconds=1.0, restore_audio=more,
                                         fallback_url=self.bridge.url + "/twilio/fallback")
                 gap.heard_at, gap.streams_opened_at = list(result.heard_at), list(result.stream_opened_at)
+                gap.notes = [f"t+{t:.3f} ({result.started_at + t:.3f}) {event}" for t, event in result.timeline]
             except Exception as exc:  # reported with the figures, never hidden
                 gap.error = f"{type(exc).__name__}: {exc}"
         return self._with_kill(gap, place)
@@ -229,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    killed at {gap.killed_at:.3f}; streams opened at "
                           f"{[round(t, 3) for t in gap.streams_opened_at]}")
                     print("\n".join(f"    {line[:300]}" for line in bridges[0].log().splitlines()
-                                    if gap.call_id in line))
+                                    if gap.call_id in line or "Worker (pid" in line or "Booting worker" in line))
+                    print("\n".join(f"    sim: {note[:200]}" for note in gap.notes))
     print(f"restore gap: {args.kills} kills per carrier, 1 instance x 2 workers, kill {args.kill_after:.1f} s after "
           f"the relay started, seed {args.seed}, {time.monotonic() - started:.0f}s in all")
     print(f"load average (1/5/15 min): {load_at_start} at start, {load_average()} at end")
