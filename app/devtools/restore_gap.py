@@ -8,7 +8,8 @@ talks without pause; once their relay has been up for ``--kill-after`` seconds (
 the worker carrying it gets SIGKILL. The caller keeps talking on the restored stream. Per call it records, from
 the caller's side (wall-clock times of every returned media message and of each media socket opened):
 
-- **silence**: the last audio heard before the kill -> the first audio heard after it (on the restored stream);
+- **silence**: the last audio heard before the restored stream opened (so at or just after the kill: what the
+  dying relay had already sent) -> the first audio heard on the restored stream;
 - **to restore**: the kill -> the restored media stream's socket opened.
 
 It prints p50 and max of both per carrier, the calls that were not restored, and the load average at start and
@@ -63,9 +64,14 @@ class Gap:
 
     @property
     def silence(self) -> float | None:
-        """Last audio heard before the kill -> first audio heard after it (None: nothing heard after)."""
-        before = [t for t in self.heard_at if t <= self.killed_at]
-        after = [t for t in self.heard_at if t > self.killed_at]
+        """Last audio heard before the restored stream opened -> first audio heard on it (None: not restored, or
+        nothing heard on it). Audio the dying relay had already sent still arrives just after the kill: that is
+        not the end of the silence."""
+        restored = [t for t in self.streams_opened_at if t > self.killed_at]
+        if not restored:
+            return None
+        before = [t for t in self.heard_at if t < min(restored)]
+        after = [t for t in self.heard_at if t >= min(restored)]
         return min(after) - max(before) if before and after else None
 
     @property
@@ -253,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{[round(t, 3) for t in gap.streams_opened_at]}")
                     print("\n".join(f"    {line[:300]}" for line in bridges[0].log().splitlines()
                                     if gap.call_id in line or "Worker (pid" in line or "Booting worker" in line))
-                    print("\n".join(f"    sim: {note[:200]}" for note in gap.notes))
+                    for note in gap.notes:
+                        print(f"    sim: {note[:200]}")
     print(f"restore gap: {args.kills} kills per carrier, 1 instance x 2 workers, kill {args.kill_after:.1f} s after "
           f"the relay started, seed {args.seed}, {time.monotonic() - started:.0f}s in all")
     print(f"load average (1/5/15 min): {load_at_start} at start, {load_average()} at end")
