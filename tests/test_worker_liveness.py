@@ -6,9 +6,13 @@ import os
 import threading
 import time
 
+import pytest
 import redis as redis_lib
+from flask import Flask
 
 from app.calls.workers import RELAY_WORKER_FIELD, WorkerLiveness
+from app.carriers.telnyx import streams
+from app.extensions import services
 from app.redis_keys import RedisKeys
 from tests.support.waiting import wait_until
 
@@ -85,3 +89,43 @@ def test_renewal_survives_redis_errors(namespace: str) -> None:
     worker.stop()
     renewing.join(10)  # a renewal in progress finishes first (the client's own retries and backoff)
     assert not renewing.is_alive()
+
+
+# ----- the Call Control settle, against the liveness key (in-process app, real Redis) ------------------------------
+def _settle(app: Flask, worker: str | None, settle_seconds: float,
+            monkeypatch: pytest.MonkeyPatch) -> tuple[str, float]:
+    """Run the stop handler's settle for a live leg whose relay is on ``worker``: why it stopped, and how long."""
+    monkeypatch.setattr(streams, "RELAY_SETTLE_SECONDS", settle_seconds)
+    call = {"session_id": "sess_x", "state": "live", **({RELAY_WORKER_FIELD: worker} if worker else {})}
+    with app.app_context():
+        started = time.monotonic()
+        _record, why = streams._settled(services(), "v3:nothing-recorded", call)
+        return why, time.monotonic() - started
+
+
+def test_the_settle_stops_at_once_when_the_relays_worker_is_gone(telnyx_app: Flask,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    why, took = _settle(telnyx_app, "gone-instance:4242", 5.0, monkeypatch)
+    assert why == "worker gone" and took < 1.0
+
+
+def test_the_settle_waits_in_full_while_the_relays_worker_lives(telnyx_app: Flask,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with telnyx_app.app_context():
+        workers = services().workers
+        workers.beat()
+        renewing = threading.Thread(target=workers.run_forever, daemon=True)
+        renewing.start()
+    try:
+        why, took = _settle(telnyx_app, workers.worker_id, 0.6, monkeypatch)
+    finally:
+        workers.stop()
+        renewing.join(10)
+    assert why == "settle over" and took >= 0.6
+
+
+def test_the_settle_waits_in_full_when_no_worker_is_recorded(telnyx_app: Flask,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore forgot the old stream's worker and the new relay has not recorded its own: nothing is known."""
+    why, took = _settle(telnyx_app, None, 0.6, monkeypatch)
+    assert why == "settle over" and took >= 0.6
