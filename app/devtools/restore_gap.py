@@ -122,6 +122,22 @@ class RestoreGapRun:
             self._wait_for_replacement(boots)
         return gap
 
+    def all_workers_serving(self, workers: int = 2) -> None:
+        """Until each of the instance's workers has served a request (the stack counts as ready when one does)."""
+        deadline = time.monotonic() + RESPAWN_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            log = self.bridge.log().splitlines()
+            pids = [line.rsplit("pid:", 1)[-1].strip().split('"')[0].strip()
+                    for line in log if "Booting worker with pid" in line][-workers:]
+            if len(pids) == workers and all(any(f'"pid":{pid}' in line and "gunicorn.access" in line for line in log)
+                                            for pid in pids):
+                return
+            try:
+                requests.get(self.bridge.url + "/healthz", timeout=5)
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+
     def _wait_for_replacement(self, boots: int) -> None:
         """Until the worker gunicorn forked after the kill serves requests: "Booting worker" is logged at the fork,
         before the app is imported (seconds on a busy machine), and a call whose restore lands on the one worker
@@ -247,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         run = RestoreGapRun(bridges[0], fake_telnyx, signer, kill_after=args.kill_after, talk_seconds=args.talk,
                             seed=args.seed)
         place = {TWILIO: run.twilio, TEXML: run.texml, CALL_CONTROL: run.call_control}
+        run.all_workers_serving()
         for _ in range(args.kills):
             for carrier in args.carriers:
                 gap = place[carrier]()
