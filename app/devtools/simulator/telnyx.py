@@ -112,6 +112,9 @@ class LegResult:
     close_code: int | None = None
     frames_sent: int = 0
     media_messages: int = 0
+    #: Wall-clock time (``time.time()``) the socket was opened and of each returned media message.
+    opened_at: float = field(default_factory=time.time)
+    heard_at: list[float] = field(default_factory=list)
     #: Wall-clock times (``time.time()``): the first returned audio, the stream's end (either side's).
     first_audio_at: float | None = None
     ended_at: float | None = None
@@ -325,6 +328,7 @@ class TelnyxMediaLeg:
                 self.result.first_audio_at = time.time()
                 self.result.event(f"<- first media ({len(audio)} bytes)")
             self.result.heard += audio
+            self.result.heard_at.append(time.time())
         elif event == "mark" and isinstance(message.get("mark"), dict):
             name = str(message["mark"].get("name"))
             self.result.marks_received.append(name)

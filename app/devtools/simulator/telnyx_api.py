@@ -72,6 +72,9 @@ class FakeCall:
     waits: list[dict[str, Any]] = field(default_factory=list)
     #: Every stream's events, wall-clock stamped (the chaos run's timeline of the call).
     events: list[tuple[float, str]] = field(default_factory=list)
+    #: Wall-clock times (``time.time()``): each media socket opened, each returned media message heard.
+    stream_opened_at: list[float] = field(default_factory=list)
+    heard_at: list[float] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
         """JSON for the control API (command bodies included: they hold no real secrets here)."""
@@ -79,7 +82,10 @@ class FakeCall:
                 "spoken": self.spoken, "heard": base64.b64encode(bytes(self.heard)).decode(),
                 "protocol_errors": self.protocol_errors, "streams": self.streams, "close_codes": self.close_codes,
                 "hung_up": self.hung_up, "transferred_to": self.transferred_to, "sip_dials": self.sip_dials,
-                "waits": self.waits, "events": self.events}
+                "waits": self.waits, "events": self.events,
+                "stream_opened_at": self.stream_opened_at,
+                # With the live stream's, so far: a test can wait until the caller hears Kallglot mid-call.
+                "heard_at": self.heard_at + (list(self.leg.result.heard_at) if self.leg is not None else [])}
 
 
 class FakeTelnyx:
@@ -204,6 +210,7 @@ class FakeTelnyx:
             self.webhook(call, "streaming.failed", client_state=state, failure_reason=repr(exc)[:100])
             return
         call.leg = leg
+        call.stream_opened_at.append(leg.result.opened_at)
         # Telnyx opens the stream with connected/start at once and reports streaming.started on its own
         # schedule: the media never waits for our webhook to be answered (a slow answer would otherwise hold
         # ``start`` back past the relay's 2 s limit and the stream would be refused — a fake's artifact).
@@ -227,6 +234,7 @@ class FakeTelnyx:
             leg.close_abruptly()
             call.leg, call.hung_up = None, True
             call.heard += leg.result.heard
+            call.heard_at += leg.result.heard_at
             call.protocol_errors += leg.result.protocol_errors
             call.waits.append(wait.as_dict())
             call.events += leg.result.events
@@ -234,6 +242,7 @@ class FakeTelnyx:
         result = leg.finish(float(scenario.get("listen_seconds", 0.5)))
         call.leg = None
         call.heard += result.heard
+        call.heard_at += result.heard_at
         call.protocol_errors += result.protocol_errors
         call.waits.append(wait.as_dict())
         call.events += result.events

@@ -70,6 +70,10 @@ class CallResult:
     #: Each stream as the caller waited on it, in order (a restored stream adds one).
     waits: list[StreamWait] = field(default_factory=list)
     sip_dials: list[Any] = field(default_factory=list)  # SipDial of each <Dial><Sip> (app.devtools.simulator.sip)
+    #: Wall-clock time (``time.time()``) of every returned media message, on all of the call's streams.
+    heard_at: list[float] = field(default_factory=list)
+    #: Wall-clock time each media stream's socket was opened (a restored stream adds one).
+    stream_opened_at: list[float] = field(default_factory=list)
 
     def print_timeline(self) -> None:
         """Print the call's timeline as ``t+seconds  event`` lines."""
@@ -97,6 +101,8 @@ class SimulatedStream:
         self._seq = 0
         self._received: list[Any] = []
         self.heard = bytearray()
+        #: Wall-clock time (``time.time()``) of each returned media message, for silence-gap measurements.
+        self.heard_at: list[float] = []
         self.played = bytearray()
         self.marks_received: list[str] = []
         self.marks_echoed: list[str] = []
@@ -255,6 +261,7 @@ class SimulatedStream:
             if self.first_audio_at is None:
                 self.first_audio_at = time.time()
             self.heard += audio
+            self.heard_at.append(time.time())
             start = max(now, self._tail)
             self._segments.append((start, audio))
             self._tail = start + len(audio) / BYTES_PER_SECOND

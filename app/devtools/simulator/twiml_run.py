@@ -249,6 +249,7 @@ class CallRun:
         self.log(f"TwiML <Connect><Stream url={url}>; connecting to {sim._real_url(url)}")
         r.streams += 1
         try:
+            r.stream_opened_at.append(time.time())
             ws = TimedClient(sim._real_url(url), headers, sim.timeout)
         except Exception as exc:  # OSError, simple_websocket.ConnectionError(status), wsproto protocol errors
             r.errors.append(f"31920: media stream WebSocket handshake failed: {exc!r}")
@@ -294,6 +295,7 @@ class CallRun:
         self.call_over = not stream.server_closed and self.redirect_twiml is None
         stream.finish()
         r.heard_audio += bytes(stream.heard)
+        r.heard_at += stream.heard_at
         r.played_audio += bytes(stream.played)
         r.marks_received += stream.marks_received
         r.marks_echoed += stream.marks_echoed
