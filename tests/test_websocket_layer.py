@@ -13,7 +13,9 @@ import base64
 import hashlib
 import os
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -231,11 +233,12 @@ def test_a_broken_upgrade_is_refused_with_a_4xx(echo_server: RunningServer, requ
 class RawServer:
     """Accepts one WebSocket upgrade (optionally with bytes in the same segment as the 101), then frames by hand."""
 
-    def __init__(self, *, status: str = "101 Switching Protocols", after_response: bytes = b"") -> None:
+    def __init__(self, *, status: str = "101 Switching Protocols", after_response: bytes = b"",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(5)
-        self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}/v1/connect"
-        self._status, self._after_response = status, after_response
+        self.url = f"{'wss' if tls else 'ws'}://127.0.0.1:{self.listener.getsockname()[1]}/v1/connect"
+        self._status, self._after_response, self._tls = status, after_response, tls
         self.conn: socket.socket | None = None
         self.buffer = b""
         self._accepted = threading.Thread(target=self._accept, daemon=True)
@@ -244,6 +247,8 @@ class RawServer:
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
         conn.settimeout(5)
+        if self._tls is not None:
+            conn = self._tls.wrap_socket(conn, server_side=True)
         request = b""
         while b"\r\n\r\n" not in request:
             request += conn.recv(4096)
@@ -433,6 +438,41 @@ def test_client_close_is_bounded_when_the_server_never_answers(raw_server: RawSe
     assert 0.25 <= time.monotonic() - started < 2
     assert close_code(raw_server.read()) == 1000
     assert raw_server.read() is None
+
+
+@pytest.fixture(scope="module")
+def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts: a self-signed certificate for 127.0.0.1 that only this client trusts."""
+    folder = tmp_path_factory.mktemp("wss")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+def test_client_over_tls_sends_receives_and_closes_with_a_handshake(
+        tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """Kallglot's stream is ``wss://``: a TLS socket cannot be duplicated, so one socket reads and sends."""
+    server_context, client_context = tls_contexts
+    server = RawServer(tls=server_context, after_response=RawServer.frame(TEXT, b"ready"))
+    try:
+        client = SansIoClient.connect(server.url, timeout=5, ssl_context=client_context)
+        assert client.receive(timeout=5) == "ready"
+        client.send("x" * 300)
+        assert server.read() == (TEXT, True, b"x" * 300)
+        server.send(*(server.frame(TEXT, f"audio {n}".encode()) for n in range(50)))
+        assert [client.receive(timeout=5) for _ in range(50)] == [f"audio {n}" for n in range(50)]
+        closer = threading.Thread(target=client.close, kwargs={"timeout": 5}, daemon=True)
+        closer.start()
+        assert close_code(server.read()) == 1000
+        server.send(server.frame(CLOSE, struct.pack("!H", 1000)))
+        closer.join(timeout=5)
+        assert not closer.is_alive() and not client.connected
+    finally:
+        server.close()
 
 
 def test_a_refused_upgrade_is_a_handshake_error() -> None:
