@@ -56,9 +56,6 @@ class SansIoConnection:
     receive's timeout never applies to sends).
     """
 
-    #: First byte of an unfragmented text frame and the mask bit of its length byte (a client's must be set).
-    _MASK_BIT = 0
-
     def __init__(self, sock: socket.socket, protocol: Protocol, reader: socket.socket,
                  receive_bytes: int = RECEIVE_BYTES) -> None:
         self.sock = sock
