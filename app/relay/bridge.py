@@ -14,6 +14,7 @@ from app.background import spawn
 from app.calls import events as live_events
 from app.calls.agent import dial_agent_if_configured
 from app.calls.reasons import EndReason
+from app.calls.states import LEG_ENDED, SESSION_ENDED
 from app.ops.draining import current_drain
 from app.extensions import Services
 from app.kallglot.stream_protocol import SPEAKER_AGENT, SPEAKER_CUSTOMER, Transcript
@@ -21,6 +22,7 @@ from app.kallglot.client import KallglotError
 from app.logging_setup import bind_log_context
 from app.carriers.contract import CarrierCodec
 from app.relay.core import CarrierSocket, MediaRelay, RelayEnd, await_start, close_quietly
+from app.relay.reopen import StreamNotWanted
 from app.kallglot.stream import KallglotStream, KallglotStreamError
 from app.relay.tokens import RELAY_TOKEN_PARAMETER, InvalidRelayToken, RelayGrant
 
@@ -86,11 +88,15 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
     """Relay a leg whose token was verified, consumed and whose lease is held."""
     context = f"{codec.carrier} call={grant.call_id} session={grant.session_id}"
     bind_log_context(carrier=codec.carrier, call_id=grant.call_id, session_id=grant.session_id)
+    reopening: list[bool] = []  # empty until the first open: every later open is a reopen
 
     def open_kallglot() -> KallglotStream:
         """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption 4 in
         :mod:`app.kallglot.stream_protocol`)."""
         stream_url, stream_token = grant.stream_url, grant.stream_token
+        if reopening:
+            _raise_if_leg_over(svc, codec.carrier, grant)
+        reopening.append(True)
         if grant.stream_expires_at and grant.stream_expires_at - time.time() < TOKEN_REFRESH_MARGIN_SECONDS:
             session = svc.kallglot.get_session(grant.session_id)
             if session.stream is None or session.status == "ended":
@@ -161,6 +167,19 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
             return relay.run()
     finally:
         heartbeat.stop()
+
+
+def _raise_if_leg_over(svc: Services, carrier: str, grant: RelayGrant) -> None:
+    """Before a reopen: stop (:class:`StreamNotWanted`) if the session ended or the leg ended for good (a hang-up,
+    a stop — not a heartbeat given up on a slow relay, which its next beat revives). Redis unreachable: reopen."""
+    try:
+        if svc.lifecycle.session_record(grant.session_id).get("status") == SESSION_ENDED:
+            raise StreamNotWanted("the session is over")
+        call = svc.lifecycle.call_record(carrier, grant.call_id)
+    except redis.RedisError:
+        return
+    if call.get("state") == LEG_ENDED and call.get("end_reason") != EndReason.HEARTBEAT_LOST.value:
+        raise StreamNotWanted(f"the leg ended ({call.get('end_reason') or 'no reason'})")
 
 
 class _Heartbeat:

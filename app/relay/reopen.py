@@ -30,6 +30,14 @@ KALLGLOT_RECONNECT_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 4.0)
 KALLGLOT_RECONNECT_BUFFER_MS = 5000
 
 
+class StreamNotWanted(Exception):
+    """Raised by a reopen callable when the leg or its session is over: retrying cannot help, so stop at once.
+
+    (Without it a relay whose session had ended walked the whole backoff — about 8 s of silence before the
+    caller heard goodbye — each attempt refused by Kallglot: seen in chaos-run logs, p99 8 s from refusal
+    to the last reopen.)"""
+
+
 class KallglotLink:
     """One leg's current Kallglot stream; the uplink sends through it, the downlink reads and reopens it."""
 
@@ -131,6 +139,9 @@ class KallglotLink:
                 return False
             try:
                 stream = self._reopen_stream()
+            except StreamNotWanted as exc:
+                log.info("%s kallglot stream not reopened: %s", self._context, exc)
+                return False
             except Exception as exc:  # any failure to reopen is retried, then the leg is lost
                 log.warning("%s kallglot stream reopen failed: %s", self._context, exc)
                 continue
