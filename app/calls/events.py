@@ -175,7 +175,9 @@ class EventForwarder:
         self._events = events
         self._linger = max(0.0, linger_seconds)
         self._batch_size = max(1, batch_size)
-        self._queue: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue(maxsize=queue_size)
+        # (session id, kind, data or what ``build`` makes it from, build or None): see publish_built.
+        self._queue: queue.Queue[tuple[str, str, Any, Callable[[Any], dict[str, Any]] | None]] = \
+            queue.Queue(maxsize=queue_size)
         self._started = threading.Lock()
         self._writer: threading.Thread | None = None
         self.dropped = 0
@@ -199,10 +201,17 @@ class EventForwarder:
 
     def publish(self, session_id: str, kind: str, data: dict[str, Any]) -> bool:
         """Hand one event to the writer without waiting; False (and counted) when the queue is full."""
+        return self.publish_built(session_id, kind, None, data)
+
+    def publish_built(self, session_id: str, kind: str, build: Callable[[Any], dict[str, Any]] | None,
+                      source: Any) -> bool:
+        """Like :meth:`publish`, but the writer makes the event's data with ``build(source)``: the relay's media
+        greenlet does a queue put and nothing else per transcript line. ``build`` must not block; if it raises,
+        the event is dropped and counted."""
         if self._writer is None:
             self._start()
         try:
-            self._queue.put_nowait((session_id, kind, data))
+            self._queue.put_nowait((session_id, kind, source, build))
         except queue.Full:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -236,14 +245,19 @@ class EventForwarder:
                 except queue.Empty:
                     break
             try:
+                events = [(session_id, kind, data if build is None else build(data))
+                          for session_id, kind, data, build in batch]
                 with self._events.pipeline() as pipe:
-                    self._events.append_batch_to(pipe, batch, ttl_due=self._ttl_due)
+                    self._events.append_batch_to(pipe, events, ttl_due=self._ttl_due)
                     pipe.execute()
                 self.written += len(batch)
             except redis.RedisError as exc:  # the events are lost; the calls go on
                 self._ttl_refreshed.clear()  # an XADD may have landed without its EXPIRE: send it next time
                 self.dropped += len(batch)
                 log.warning("live events: %d not written: %s", len(batch), exc)
+            except Exception:  # a bug in a build: lose the batch, keep the writer (else every later event is lost)
+                self.dropped += len(batch)
+                log.exception("live events: %d not written", len(batch))
             finally:
                 self.batches += 1
                 for _ in batch:
@@ -251,9 +265,11 @@ class EventForwarder:
 
 
 def transcript_event(*, speaker: str, text: str, final: bool, language: str = "", translation: str = "",
-                     translation_language: str = "", item_id: str = "") -> dict[str, Any]:
-    """The ``data`` of a transcript event (what was said, and its translation when Kallglot sent one)."""
-    data: dict[str, Any] = {"speaker": speaker, "text": text, "final": final, "at": round(time.time(), 3)}
+                     translation_language: str = "", item_id: str = "", at: float | None = None) -> dict[str, Any]:
+    """The ``data`` of a transcript event (what was said, and its translation when Kallglot sent one); ``at``:
+    when the relay received it (default now)."""
+    data: dict[str, Any] = {"speaker": speaker, "text": text, "final": final,
+                            "at": round(time.time() if at is None else at, 3)}
     if language:
         data["language"] = language
     if translation:

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 from flask import current_app
@@ -161,13 +162,21 @@ def transcript_forwarder(forwarder: live_events.EventForwarder, session_id: str,
     """The relay's ``on_transcript`` hook: each Kallglot transcript line becomes a live-console event, handed to
     ``forwarder`` without waiting (``LIVE_TRANSCRIPTS=off`` passes no hook at all: the line is parsed, not kept).
 
-    Module-level (not a closure in the relay) so :mod:`app.devtools.forward_cost` measures this very code.
+    On the media greenlet it is one queue put of the parsed line and its arrival time; the forwarder's writer
+    builds the event from them (issue 16: nothing per line on the media path beyond the put). Module-level (not a
+    closure in the relay) so :mod:`app.devtools.forward_cost` measures this very code.
     """
-    def forward_transcript(message: Transcript) -> None:
-        forwarder.publish(session_id, live_events.TRANSCRIPT, live_events.transcript_event(
+    def build(line: tuple[Transcript, float]) -> dict[str, Any]:
+        message, at = line
+        return live_events.transcript_event(
             speaker=message.speaker or speaker, text=message.text, final=message.final,
             language=message.language, translation=message.translation,
-            translation_language=message.translation_language, item_id=message.item_id))
+            translation_language=message.translation_language, item_id=message.item_id, at=at)
+
+    publish, kind, now = forwarder.publish_built, live_events.TRANSCRIPT, time.time
+
+    def forward_transcript(message: Transcript) -> None:
+        publish(session_id, kind, build, (message, now()))
     return forward_transcript
 
 
