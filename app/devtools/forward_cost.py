@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +209,7 @@ def run_workload(arm: str, calls: int, seconds: int, redis_url: str) -> Workload
     from app.relay.core import MediaRelay, RelayEnd
 
     client = redis.Redis.from_url(redis_url)
-    keys = RedisKeys(f"forward-cost-{os.getpid()}")
+    keys = RedisKeys(f"forward-cost-{uuid.uuid4().hex[:12]}")  # this run's streams only (the Redis is shared)
     forwarder = EventForwarder(SessionEventLog(client, keys))
     clock = SecondClock(parties=2 * calls)
     relays, carriers, streams = [], [], []
