@@ -18,16 +18,14 @@ emulator's echo of 100 ms chunks — plus, in two arms, a ``transcript.final`` w
 - ``not-forwarded``: the same lines received and parsed, no hook (``LIVE_TRANSCRIPTS=off``);
 - ``none``: Kallglot says no transcript lines.
 
-Each arm runs in a fresh child process (``PYTHONHASHSEED=0``) twice, for ``--warm`` and for ``--warm`` +
-``--seconds`` simulated seconds; the difference is the steady workload's cost without start-up, imports and
-first-use work. ``--callgrind`` runs the children under ``valgrind --tool=callgrind`` and counts instructions
-(Ir, all greenlets of the process, the Redis server not included); without it the figure is CPU time
-(``time.process_time``), which load does move.
+Each arm runs in a fresh child (``PYTHONHASHSEED=0``) for ``--warm`` and for ``--warm`` + ``--seconds`` simulated
+seconds; the difference is the steady cost without start-up, imports and first use. ``--callgrind`` counts the
+child's instructions under ``valgrind --tool=callgrind`` (Ir, all its greenlets, not the Redis server); without
+it the figure is CPU time (``time.process_time``), which load does move.
 
-What the workload leaves out, and why it matters for the percentage: WebSocket framing and socket system calls
-of both connections, and the gevent hub's waits on them, are not in it (they are the same in every arm, and are
-most of a real worker's CPU: README, Capacity), so its percentages are of the relay *core* and overstate the
-share of a whole worker. The per-line cost is the figure to carry over.
+Left out: WebSocket framing and socket system calls of both connections and the gevent hub's waits on them (the
+same in every arm, most of a real worker's CPU: README, Capacity). The percentages are of the relay *core* and
+overstate the share of a whole worker; the per-line cost is the figure to carry over.
 """
 from __future__ import annotations
 
@@ -66,8 +64,7 @@ STEP_TIMEOUT_SECONDS = 600.0
 
 
 class SecondClock:
-    """Every call's two recorded sockets stop here at the end of each simulated second; the driver then lets the
-    forwarder's writer drain what that second produced and starts the next one (a deterministic schedule)."""
+    """Each call's two recorded sockets stop here at each simulated second's end; the driver lets the writer drain."""
 
     def __init__(self, parties: int) -> None:
         self._parties = parties
@@ -133,17 +130,13 @@ class RecordedSocket:
         """Carrier side: the relay's ``media`` frame (counted)."""
         self.sent += 1
 
-    def send_text(self, text: str) -> None:
-        """Kallglot side: the relay's ``audio.input`` (counted)."""
-        self.sent += 1
+    send_text = send  # Kallglot side: the relay's ``audio.input`` (counted)
 
-    def close(self, reason: int | None = None, message: str | None = None) -> None:
-        """Carrier side closed by the relay."""
+    def close(self, reason: int | None = None, message: str | None = None, **_: Any) -> None:
+        """Closed by the relay (the carrier side's ``close``, the Kallglot side's ``close_gracefully``)."""
         self.connected = False
 
-    def close_gracefully(self, code: int = 1000, timeout: float = 1.0) -> None:
-        """Kallglot side closed by the relay."""
-        self.connected = False
+    close_gracefully = close
 
 
 def carrier_script(call: int, seconds: int) -> list[list[str]]:
