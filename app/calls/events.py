@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 import redis
+from redis.cluster import RedisCluster
 
 from app.background import spawn
 from app.redis_keys import RedisKeys, as_text, as_text_map
@@ -69,6 +70,24 @@ SESSION = "session"
 LIVE_LIST_CHANGES = frozenset({"started", "ended", "lost", "reattached", "agent_joined", "fallback"})
 
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+#: The writer's whole batch in one command (standalone Redis and Sentinel): ARGV[1] = entries, then per entry its
+#: MAXLEN, kind, session id and data (KEYS[i] its stream), then the TTL for the remaining KEYS. One command and one
+#: reply per batch instead of an XADD (and its reply, parsed in Python) per event: most of the forwarder's CPU
+#: per transcript line was redis-py's per-command work (issue 16, README Capacity).
+_APPEND_BATCH = """
+local n = tonumber(ARGV[1])
+local a = 2
+for i = 1, n do
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[a], '*', 'kind', ARGV[a + 1], 'session_id', ARGV[a + 2],
+             'data', ARGV[a + 3])
+  a = a + 4
+end
+for i = n + 1, #KEYS do
+  redis.call('EXPIRE', KEYS[i], ARGV[a])
+end
+return n
+"""
 
 
 def valid_stream_id(value: str) -> bool:
@@ -111,31 +130,57 @@ class SessionEventLog:
         self._keys = keys
         self.max_events = max_events
         self.ttl_seconds = ttl_seconds
+        # A cluster spreads the sessions' streams over slots, which one script call cannot span: pipelines there.
+        self._append_script = None if isinstance(client, RedisCluster) else client.register_script(_APPEND_BATCH)
 
     def append_to(self, pipe: Any, session_id: str, kind: str, data: Mapping[str, Any]) -> None:
         """Queue one event on ``pipe`` (a Redis pipeline); leg changes are announced globally as well."""
         self.append_batch_to(pipe, [(session_id, kind, data)])
 
+    def _entries(self, batch: list[tuple[str, str, Mapping[str, Any]]]
+                 ) -> tuple[list[tuple[str, int, str, str, bytes]], set[str]]:
+        """``(stream key, MAXLEN, kind, session id, data JSON)`` per entry to add — an event, and for a live-list
+        change its announcement on the global stream — and the set of streams written."""
+        entries: list[tuple[str, int, str, str, bytes]] = []
+        changes_key = self._keys.live_changes()
+        stream_key = self._keys.session_live_events
+        for session_id, kind, data in batch:
+            # orjson: ~5x json.dumps on a transcript line, and the same JSON text (UTF-8, not \u-escaped).
+            entries.append((stream_key(session_id), self.max_events, kind, session_id,
+                            orjson.dumps(data if isinstance(data, dict) else dict(data))))
+            if kind == SESSION or (kind == LEG and data.get("state") in LIVE_LIST_CHANGES):
+                entries.append((changes_key, MAX_LIVE_CHANGES, kind, session_id,
+                                orjson.dumps({"state": data.get("state", "")})))
+        return entries, {entry[0] for entry in entries}
+
     def append_batch_to(self, pipe: Any, batch: list[tuple[str, str, Mapping[str, Any]]], *,
                         ttl_due: Callable[[str], bool] | None = None) -> None:
         """Queue ``(session_id, kind, data)`` events on ``pipe``: one ``XADD`` each, then one ``EXPIRE`` per
         stream written (not per event) — only for the streams ``ttl_due`` says need it, when given."""
-        touched: set[str] = set()
-        changes_key = self._keys.live_changes()
-        for session_id, kind, data in batch:
-            key = self._keys.session_live_events(session_id)
-            # orjson: ~5x json.dumps on a transcript line, and the same JSON text (UTF-8, not \u-escaped).
-            pipe.xadd(key, {"kind": kind, "session_id": session_id, "data": orjson.dumps(data if isinstance(data, dict) else dict(data))},
-                      maxlen=self.max_events, approximate=True)
-            touched.add(key)
-            if kind == SESSION or (kind == LEG and data.get("state") in LIVE_LIST_CHANGES):
-                pipe.xadd(changes_key, {"kind": kind, "session_id": session_id,
-                                        "data": orjson.dumps({"state": data.get("state", "")})},
-                          maxlen=MAX_LIVE_CHANGES, approximate=True)
-                touched.add(changes_key)
+        entries, touched = self._entries(batch)
+        for key, maxlen, kind, session_id, data in entries:
+            pipe.xadd(key, {"kind": kind, "session_id": session_id, "data": data}, maxlen=maxlen, approximate=True)
         for key in touched:
             if ttl_due is None or ttl_due(key):
                 pipe.expire(key, self.ttl_seconds)
+
+    def append_batch(self, batch: list[tuple[str, str, Mapping[str, Any]]], *,
+                     ttl_due: Callable[[str], bool] | None = None) -> None:
+        """Write ``(session_id, kind, data)`` events now, as :meth:`append_batch_to` would: one script call on a
+        standalone or Sentinel Redis, a pipeline on a cluster."""
+        if self._append_script is None:
+            with self.pipeline() as pipe:
+                self.append_batch_to(pipe, batch, ttl_due=ttl_due)
+                pipe.execute()
+            return
+        entries, touched = self._entries(batch)
+        keys: list[str] = [entry[0] for entry in entries]
+        args: list[Any] = [len(entries)]
+        for _, maxlen, kind, session_id, data in entries:
+            args += (maxlen, kind, session_id, data)
+        keys += [key for key in touched if ttl_due is None or ttl_due(key)]
+        args.append(self.ttl_seconds)
+        self._append_script(keys=keys, args=args)
 
     def pipeline(self) -> Any:
         """A non-transactional pipeline on the event log's Redis (batch several :meth:`append_to`)."""
@@ -247,9 +292,7 @@ class EventForwarder:
             try:
                 events = [(session_id, kind, data if build is None else build(data))
                           for session_id, kind, data, build in batch]
-                with self._events.pipeline() as pipe:
-                    self._events.append_batch_to(pipe, events, ttl_due=self._ttl_due)
-                    pipe.execute()
+                self._events.append_batch(events, ttl_due=self._ttl_due)
                 self.written += len(batch)
             except redis.RedisError as exc:  # the events are lost; the calls go on
                 self._ttl_refreshed.clear()  # an XADD may have landed without its EXPIRE: send it next time
