@@ -1,5 +1,5 @@
-"""``python -m app.devtools.forward_cost [--callgrind]``: what forwarding live transcripts costs the relay, in
-instructions (a figure the machine's load cannot move) or CPU time.
+"""``python -m app.devtools.forward_cost [--callgrind]`` (long: workload, child runner and report run as one file):
+what forwarding live transcripts costs the relay, in instructions (a figure load cannot move) or CPU time.
 
 Issue 16 asks that forwarding Kallglot's transcript lines to the live console cost ≤ 5 % extra relay CPU. The load
 benchmark (``python -m app.devtools.loadtest --transcripts all``) measures that on a real gunicorn worker, but on a
@@ -281,15 +281,16 @@ class ArmFigure:
     long: Workload
 
 
-def measure(calls: int, seconds: int, warm: int, callgrind: bool, rounds: int) -> Iterator[list[ArmFigure]]:
+def measure(calls: int, seconds: int, warm: int, callgrind: bool, rounds: int,
+            arms: tuple[str, ...] = ARMS) -> Iterator[list[ArmFigure]]:
     """Each round: every arm, short and long, in fresh processes; yields the round's figures."""
     from app.devtools.localstack import run_redis
 
     with run_redis() as redis_url, tempfile.TemporaryDirectory(prefix="forward-cost-") as tmp:
         for round_no in range(rounds):
             figures = []
-            shift = round_no % len(ARMS)
-            for arm in ARMS[shift:] + ARMS[:shift]:  # the order rotates: a neighbour's burst hits each arm
+            shift = round_no % len(arms)
+            for arm in arms[shift:] + arms[:shift]:  # the order rotates: a neighbour's burst hits each arm
                 short = run_child(arm, calls, warm, redis_url, callgrind, Path(tmp))
                 long = run_child(arm, calls, warm + seconds, redis_url, callgrind, Path(tmp))
                 if callgrind:
@@ -314,6 +315,8 @@ def report(figures: list[ArmFigure], calls: int, seconds: int, callgrind: bool) 
     call_seconds = calls * seconds
     lines = [f"  {f.arm:>13}: {f.cost * scale / call_seconds:12,.0f} {unit} per call-second "
              f"(writer: {f.long.batches} pipelines for {f.long.written} lines)" for f in figures]
+    if set(by) != set(ARMS):
+        return lines
     fwd, parsed, none = by["forwarded"], by["not-forwarded"], by["none"]
     lines_per_s = fwd.lines
     lines.append(f"  forwarding (forwarded − not-forwarded): {(fwd.cost / parsed.cost - 1) * 100:+.2f} % of the relay "
@@ -333,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=2, help="simulated seconds of the short run subtracted")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the three arms (order rotated)")
     parser.add_argument("--callgrind", action="store_true", help="count instructions under valgrind's callgrind")
+    parser.add_argument("--arms", default=",".join(ARMS), help="arms to run (comma-separated; all three: differences)")
     parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -349,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
           f"in, 2 transcript lines (final + partial) in the arms with lines; "
           f"{'instructions (callgrind)' if args.callgrind else 'CPU time'}; load average {load} at the start",
           flush=True)
-    for n, figures in enumerate(measure(args.calls, args.seconds, args.warm, args.callgrind, args.rounds), 1):
+    arms = tuple(arm for arm in ARMS if arm in args.arms.split(","))
+    for n, figures in enumerate(measure(args.calls, args.seconds, args.warm, args.callgrind, args.rounds, arms), 1):
         print(f"round {n} (load average {Path('/proc/loadavg').read_text().split()[0]}):", flush=True)
         for line in report(figures, args.calls, args.seconds, args.callgrind):
             print(line, flush=True)
