@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simple_websocket import ConnectionClosed
+
 ARMS = ("forwarded", "not-forwarded", "none")
 #: Twilio sends one 20 ms media frame (160 μ-law bytes) at a time; the relay sends 100 ms chunks to Kallglot.
 FRAMES_PER_SECOND, FRAME_BYTES, CHUNK_MS = 50, 160, 100
@@ -110,6 +112,7 @@ class RecordedSocket:
         self._next = 0
         self.connected = True
         self.sent = 0
+        self._closed = threading.Event()
 
     def receive(self, timeout: float | None = None) -> str | None:
         """The next recorded frame; at a second's end, wait for the next second (not ``timeout``)."""
@@ -123,8 +126,11 @@ class RecordedSocket:
         if self._last is not None:
             last, self._last = self._last, None
             return last
-        time.sleep(0.001)  # nothing more: a quiet socket's receive times out (and lets the uplink end the relay)
-        return None
+        # Script done: block until the relay closes us, then report the close as a real socket would. (Not a
+        # timed poll: its count of wake-ups would follow the machine's load, and so would the instructions.)
+        if not self._closed.wait(STEP_TIMEOUT_SECONDS):
+            raise TimeoutError("the relay never closed the socket")
+        raise ConnectionClosed(1000, "closed by the relay")
 
     def send(self, data: str | bytes) -> None:
         """Carrier side: the relay's ``media`` frame (counted)."""
@@ -135,6 +141,7 @@ class RecordedSocket:
     def close(self, reason: int | None = None, message: str | None = None, **_: Any) -> None:
         """Closed by the relay (the carrier side's ``close``, the Kallglot side's ``close_gracefully``)."""
         self.connected = False
+        self._closed.set()
 
     close_gracefully = close
 
