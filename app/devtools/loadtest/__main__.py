@@ -17,17 +17,9 @@ measures for ``--steady`` seconds, hangs up, and prints:
 
 With ``--reference`` every step runs twice in the same run, same machine, same generator and core: against the
 bridge and against a reference relay in the style of Twilio's own sample (FastAPI/uvicorn/websockets,
-:mod:`app.devtools.loadtest.reference_relay`, the ``[loadtest]`` extra). ``--transcripts`` chooses the arms of
-each bridge step (the emulator says one final and one partial per second per call, unless told not to):
-
-- ``forwarded``: the emulator says transcript lines and the bridge forwards them to the live console's Redis Stream;
-- ``not-forwarded``: the same lines, received and parsed by a second bridge started with ``LIVE_TRANSCRIPTS=off``
-  (same code, same core): forwarded minus this is what forwarding itself costs (issue 16's figure);
-- ``none``: the emulator says no transcript lines: forwarded minus this is the whole cost of live transcripts.
-
-``on`` = forwarded, ``off`` = none, ``both`` = forwarded and none, ``all`` = the three. ``--pairs N`` repeats every
-step N times, the arms alternating (their order rotated each round) so a noisy neighbour hits all arms alike; the
-run ends with each round's CPU per call-second and the arms' differences, and their medians.
+:mod:`app.devtools.loadtest.reference_relay`, the ``[loadtest]`` extra). ``--transcripts`` picks the arms of each
+bridge step — forwarded, not-forwarded (a second bridge with ``LIVE_TRANSCRIPTS=off``), none — and ``--pairs N``
+repeats each step with the arms alternating, then summarizes (:mod:`app.devtools.loadtest.arms`).
 
 Loopback only; every phase is bounded and the run ends by itself. Needs ``node`` and ``npm`` (it runs
 ``npm install`` in this directory once, for ``ws``), ``redis-server``, and Linux ``/proc``.
@@ -40,7 +32,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +43,7 @@ from typing import Any
 import requests
 
 from app.devtools.loadtest import profile
+from app.devtools.loadtest.arms import ARM_CHOICES, ARMS, arm_summary
 from app.devtools.loadtest.targets import Target, run_reference
 from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis
 
@@ -139,20 +131,12 @@ def histogram_mean(before: str, after: str, name: str, labels: str) -> float | N
     return (value(after, "sum") - value(before, "sum")) / count if count else None
 
 
-#: Arms of a bridge step: (emulator says transcript lines, the bridge forwards them).
-ARMS = {"forwarded": (True, True), "not-forwarded": (True, False), "none": (False, True)}
-#: ``--transcripts`` → the arms it runs.
-ARM_CHOICES = {"on": ["forwarded"], "off": ["none"], "both": ["forwarded", "none"],
-               "not-forwarded": ["not-forwarded"], "all": ["forwarded", "not-forwarded", "none"]}
-
-
 @contextlib.contextmanager
 def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int, reference: bool,
           layers: list[str], logs: Path | None = None,
           not_forwarded: bool = False) -> Iterator[tuple[list[Target], RunningServer]]:
-    """Redis, the emulator, the bridge and (``reference``) the reference relay, pinned; yields (targets, emulator).
-
-    ``not_forwarded``: beside each layer's bridge, a second one with ``LIVE_TRANSCRIPTS=off``."""
+    """Redis, the emulator, the bridge(s: ``not_forwarded`` adds one with ``LIVE_TRANSCRIPTS=off`` per layer) and
+    (``reference``) the reference relay, pinned; yields (targets, emulator)."""
     with run_redis() as redis_url:
         if not os.environ.get("REDIS_URL"):
             redis_pids = subprocess.run(["pgrep", "-f", f"redis-server.*{redis_url.split(':')[2].split('/')[0]}"],
@@ -175,13 +159,12 @@ def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int, reference: bool,
                 for layer in layers:
                     for live in (True, False) if not_forwarded else (True,):
                         port = free_port()
-                        suffix = "" if live else "-not-forwarded"
                         bridge = servers.enter_context(run_gunicorn("app:create_app()", {
                             **env, "WEBSOCKET_LAYER": layer, "PUBLIC_URL": f"http://127.0.0.1:{port}",
                             "LIVE_TRANSCRIPTS": "on" if live else "off",
-                            "REDIS_NAMESPACE": f"loadtest-{os.getpid()}-{layer}{suffix}",
+                            "REDIS_NAMESPACE": f"loadtest-{os.getpid()}-{layer}{'' if live else '-nf'}",
                             "LOG_LEVEL": "INFO" if logs else "WARNING"},
-                            workers=1, port=port, log_path=logs / f"bridge-{layer}{suffix}.log" if logs else None))
+                            workers=1, port=port, log_path=logs / f"bridge-{layer}{'' if live else '-nf'}.log" if logs else None))
                         pin(bridge.process.pid, bridge_cpu)
                         (worker,) = children(bridge.process.pid)
                         targets.append(Target(f"bridge[{layer}]{'' if live else ' LIVE_TRANSCRIPTS=off'}", bridge.url,
@@ -302,42 +285,6 @@ def print_step(r: dict[str, Any]) -> None:
           f"{r['kallglot_create_mean_ms']:.1f} ms", flush=True)
     if r.get("profile"):
         print(r["profile"], flush=True)
-
-
-def arm_summary(results: list[dict[str, Any]]) -> list[str]:
-    """Per layer and step: each round's CPU ms per call-second by arm, the arms' differences, and the medians."""
-    lines: list[str] = []
-    keys = sorted({(r.get("layer", ""), r["calls"]) for r in results if r.get("arm")})
-    for layer, calls in keys:
-        rounds: dict[int, dict[str, dict[str, Any]]] = {}
-        for r in results:
-            if r.get("arm") and (r.get("layer", ""), r["calls"]) == (layer, calls) and "error" not in r:
-                rounds.setdefault(r["round"], {})[r["arm"]] = r
-        lines.append(f"bridge[{layer}] N={calls}: CPU ms per call-second (µs per caller frame), load average at the end")
-        diffs: dict[str, list[float]] = {"forwarded vs not-forwarded": [], "forwarded vs none": [],
-                                         "not-forwarded vs none": []}
-        per_arm: dict[str, list[float]] = {}
-        for n, arms in sorted(rounds.items()):
-            cells = []
-            for arm in ARMS:
-                if arm in arms and arms[arm]["bridge_cpu_ms_per_call_s"] is not None:
-                    a = arms[arm]
-                    per_arm.setdefault(arm, []).append(a["bridge_cpu_ms_per_call_s"])
-                    cells.append(f"{arm} {a['bridge_cpu_ms_per_call_s']:.2f} ({fmt(a['bridge_cpu_us_per_frame'], 0)})"
-                                 f" @{a.get('loadavg_1m')}")
-            row = f"  round {n}: " + ", ".join(cells)
-            for name in diffs:
-                first, second = name.split(" vs ")
-                if first in arms and second in arms:
-                    x, y = arms[first]["bridge_cpu_ms_per_call_s"], arms[second]["bridge_cpu_ms_per_call_s"]
-                    if x is not None and y:
-                        diffs[name].append((x / y - 1) * 100)
-                        row += f"; {name} {diffs[name][-1]:+.1f} %"
-            lines.append(row)
-        lines.append("  median: " + ", ".join(f"{arm} {statistics.median(v):.2f}" for arm, v in per_arm.items()) + "; "
-                     + ", ".join(f"{name} {statistics.median(v):+.1f} % (of {len(v)} rounds)"
-                                 for name, v in diffs.items() if v))
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
