@@ -12,8 +12,8 @@ Kallglot's REST API, not from here.
 
 The relay must never wait on Redis per frame: :class:`EventForwarder` takes events with a non-blocking
 ``put_nowait`` into a bounded queue, and one background thread (a greenlet under gevent) writes them in
-batches (one Lua script call each; a pipeline on a Redis Cluster). When Redis is slow or down the queue fills and further events are dropped and counted —
-the call's audio is never held up for a transcript line.
+batches (one Lua script call each; a pipeline on a Redis Cluster). When Redis is slow or down the queue fills
+and further events are dropped and counted — the call's audio is never held up for a transcript line.
 
 The writer lingers (:data:`DEFAULT_LINGER_SECONDS`, setting ``LIVE_EVENTS_LINGER_MS``) after the first event
 of a batch before draining the queue: at 200 calls × 1 line/s that is one pipeline per linger instead of one
