@@ -16,6 +16,7 @@ from flask import Flask, current_app
 from app.carriers.contract import CarrierControl
 from app.calls.destinations import DestinationRules
 from app.calls.lifecycle import SessionLifecycle
+from app.calls.workers import WorkerLiveness
 from app.config import Settings
 from app.kallglot.client import KallglotClient
 from app.profiles import NumberProfile, ProfileStore
@@ -47,6 +48,8 @@ class Services:
     relay_guard: RelayGuard
     #: Call control per carrier name (hang up, dial), for the vendor-free lifecycle.
     carrier_controls: Mapping[str, CarrierControl]
+    #: This worker's liveness key, and whether a relay's worker is still alive (app/calls/workers.py).
+    workers: WorkerLiveness
 
 
 def init_services(app: Flask, settings: Settings, controls: Mapping[str, CarrierControl],
@@ -71,6 +74,7 @@ def init_services(app: Flask, settings: Settings, controls: Mapping[str, Carrier
         carrier_controls=controls,
         relay_tokens=RelayTokenSealer(settings.secret_key),
         relay_guard=RelayGuard(client, keys, lease_seconds=settings.heartbeat_timeout_seconds),
+        workers=WorkerLiveness(client, keys),
     )
     app.extensions[EXTENSION_KEY] = built
     return built

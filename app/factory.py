@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.calls.reaper import start_background_reaper
+from app.calls.workers import start_worker_liveness
 from app.carriers.registry import CARRIERS
 from app.config import Settings
 from app.extensions import Services, init_services, init_sock
@@ -60,6 +61,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.extensions["reaper"] = start_background_reaper(
             built.lifecycle, extra_passes=[lambda: expire_agent_waits(built)],
             on_leg_lost=lambda carrier, call_id: browser_leg_lost(built, carrier, call_id))
+        # Beside the reaper: this worker's liveness key, so a leg's relay on a killed worker is known gone.
+        start_worker_liveness(built.workers)
     if settings.demo_mode and command_line is None:
         log.warning("DEMO MODE: Kallglot is the local emulator at %s and the secrets are demo values. "
                     "Set KALLGLOT_API_KEY and REDIS_URL for real calls.", settings.kallglot_api_url)

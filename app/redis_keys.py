@@ -30,6 +30,7 @@ key                                            type    holds
 ``{ns}:api:live:{token_hash}``                 zset    sessions started through the API by one token
 ``{ns}:relay-nonce:{nonce}``                   string  a relay token's nonce, consumed by its one media socket
 ``{ns}:relay-lease:{carrier}:{call_id}``       string  nonce of the one relay serving a leg (TTL, renewed)
+``{ns}:worker-alive:{worker_id}``              string  present while that bridge worker runs (1 s TTL, renewed)
 ``{ns}:{S}:session:{id}:live-events``          stream  the session's live transcript and leg events (capped, TTL)
 ``{ns}:live-changes``                          stream  "a live session appeared, changed or ended" (capped, TTL)
 ``{ns}:{S}:session:{id}:artifacts:{kind}``     string  JSON cache of the session's transcript/recordings (TTL)
@@ -56,10 +57,11 @@ shards on every master. Readers of a global view (the reaper, the live page, the
 shard and merge.
 
 The browser-agent queue (``{A}`` = ``{ns.agents}``) has one tag of its own: its claim script touches the
-waiting set and an offer. Three kinds of key stay outside the shards, because they are found by something other than the session: a
+waiting set and an offer. Four kinds of key stay outside the shards, because they are found by something other than the session: a
 call leg's description ``{ns}:call:…`` (found by the carrier's call id; it names the session, whose shard holds
-the leg's state), the held-caller hint ``{ns}:held:…`` (found by the numbers) and everything keyed by a
-webhook, relay token, API token or admin. Scripts never touch them; :mod:`app.calls.scripts` says how each
+the leg's state), the held-caller hint ``{ns}:held:…`` (found by the numbers), a worker's liveness key
+``{ns}:worker-alive:…`` (found by the worker id a relay records on the leg's description) and everything keyed by
+a webhook, relay token, API token or admin. Scripts never touch them; :mod:`app.calls.scripts` says how each
 invariant holds with those written beside, not inside, a script. Changing this layout means draining live
 calls first: keys of calls in progress under the old layout are not found under the new one. No value stored under these keys is a secret: Kallglot stream tokens travel sealed inside relay tokens
 (:mod:`app.relay.tokens`), never through Redis.
@@ -225,6 +227,10 @@ class RedisKeys:
     def relay_lease(self, carrier: str, call_id: str) -> str:
         """Key naming the one relay (by token nonce) allowed to serve a leg right now."""
         return f"{self.namespace}:relay-lease:{carrier}:{call_id}"
+
+    def worker_alive(self, worker_id: str) -> str:
+        """Key that exists while bridge worker ``worker_id`` runs (:mod:`app.calls.workers`; short TTL, renewed)."""
+        return f"{self.namespace}:worker-alive:{worker_id}"
 
     def pending_create_data(self, shard: int) -> str:
         """Key of one shard's hash of each pending create's idempotency key and arguments (no secrets)."""

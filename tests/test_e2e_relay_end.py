@@ -64,7 +64,7 @@ def simulator(bridge_server: RunningServer) -> TwilioCallSimulator:
 
 def close_codes(emulator: EmulatorControl, session_id: str) -> list[int | None]:
     """The close code the emulator saw on each of the session's stream connections, once all have closed."""
-    assert wait_until(lambda: emulator.session(session_id)["connections_live"] == 0, timeout=5)
+    assert wait_until(lambda: emulator.session(session_id)["connections_live"] == 0, timeout=10)
     return [conn["close_code"] for conn in emulator.session(session_id)["connections"]]
 
 
@@ -92,10 +92,13 @@ def test_kallglot_audio_arriving_at_hang_up_loses_no_caller_byte_and_closes_norm
         for pusher in pushers:
             pusher.__exit__()
     assert result.protocol_errors == [] and result.errors == []
+    # The caller's ``stop`` has gone out, but the relay flushes and closes on its own time (seconds, on a loaded
+    # machine): read what Kallglot received only once the relay's Kallglot socket has closed.
+    session_id = only_session(emulator)["id"]
+    assert close_codes(emulator, session_id) == [1000]
     session = only_session(emulator)
     assert base64.b64decode(session["audio_received"]["customer"]) == audio
     assert session["audio_input_messages"]["customer"] == 6
-    assert close_codes(emulator, session["id"]) == [1000]
 
 
 def test_a_restored_leg_after_a_fatal_frame_is_live_and_a_clean_stop_ends_the_session_at_once(

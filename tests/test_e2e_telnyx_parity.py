@@ -36,7 +36,9 @@ AGENT, FALLBACK = "+14155557770", "+14155550199"
 
 @pytest.fixture
 def texml(telnyx_bridge_server: RunningServer, telnyx_signer) -> TexmlCallSimulator:
-    return TexmlCallSimulator(telnyx_bridge_server.url, telnyx_signer)
+    # A bound, not a timing claim: with a worker killed, the survivor serves every request while its replacement
+    # imports (seconds on a loaded machine); a 10 s read timeout was seen to run out in CI at load 18.
+    return TexmlCallSimulator(telnyx_bridge_server.url, telnyx_signer, timeout=20.0)
 
 
 @pytest.fixture

@@ -19,15 +19,24 @@ seeded, so a run can be repeated):
 ``returning``       the caller drops, then calls back within the window (re-attaches to the held session)
 ``worker-kill``     the worker holding the media socket is killed with SIGKILL mid-call
 
+Callers are patient (:mod:`app.devtools.simulator.caller`): after talking (and after "hello?" on a restored
+stream) each waits until it hears audio or a spoken message, up to ``--patience`` (default 5 s, the rationale is
+there), then listens ``--listen`` more and hangs up. Dead air is a caller who waited a whole patience on a stream
+and heard nothing, a Call Control call left up in silence (stranded), or a caller nothing ever reached
+(:func:`app.devtools.chaos_report.left_in_silence`).
+
 It then waits for every hold window and heartbeat to run out and prints: sessions created, ended, leaked
-(not ended), double-ended (``end`` called more than once), and calls that heard nothing (neither audio nor a
-message), overall and per carrier, each failure with its timeline (the simulator's view, then the bridges' log lines for that call and
-session). Exit status 0 only when leaked, double-ended and dead air are all 0. Loopback only; bounded; stops
+(not ended), double-ended (``end`` called more than once), and dead-air calls, overall and per carrier, each
+failure with its timeline (the simulator's view, then the bridges' log lines for that call and session); then
+the first-audio latency per carrier and scenario (p50/p95/p99/max from the end of talking, and the calls answered
+later than 1.0 s and 1.5 s: the old caller's criterion stays visible), and the five slowest calls with their
+timelines. Exit status 0 only when leaked, double-ended and dead air are all 0. Loopback only; bounded; stops
 by itself.
 
 Options for the lifecycle at scale: ``--stress`` keeps one extra process busy on the CPU for the whole run
 (a bounded spin, stopped with the run), so workers are slow rather than dead; ``--listen`` makes callers stay
-on longer; ``--kill-weight`` raises the share of ``worker-kill`` calls. Start-up waits are generous and readiness probes
+on longer after being answered; ``--patience`` how long they wait for the answer; ``--kill-weight`` raises the
+share of ``worker-kill`` calls. Start-up waits are generous and readiness probes
 scale with the load average (:mod:`app.devtools.localstack`). Each run prints the load average at its start
 and end: the machine may be busy with other work, and every figure means little without it.
 """
@@ -53,12 +62,14 @@ import requests
 from app.calls.lifecycle import END_CLAIM_LEASE_SECONDS, PENDING_CREATE_GRACE_SECONDS, STREAM_START_GRACE_SECONDS
 from app.carriers.registry import carrier_names
 from app.devtools.chaos_report import (
-    agent_leg_lines, call_of, call_timeline, load_average, per_carrier_lines, pid_of_relay, reaper_work_by_instance,
-    redis_view, session_timeline, stress,
+    agent_leg_lines, bridge_closed_lines, call_of, call_timeline, first_audio_lines, late_call_lines,
+    left_in_silence, load_average, per_carrier_lines, pid_of_relay, reaper_work_by_instance, redis_view,
+    refused_then_reopened_lines, session_timeline, slowest, stress, wait_summary,
 )
 from app.devtools.chaos_telnyx import (
     MODES, TEXML, TWILIO, HeardCall, TelnyxChaos, fake_telnyx_env, parse_modes, telnyx_bridge_env,
 )
+from app.devtools.simulator.caller import DEFAULT_PATIENCE_SECONDS
 from app.devtools.simulator.telnyx import TelnyxSigner
 from app.devtools.localstack import RunningServer, free_port, run_gunicorn, startup_timeout
 from app.devtools.redis_topologies import RedisDeployment, run_redis_deployment
@@ -69,8 +80,6 @@ from app.devtools.simulator.twilio import CallResult, SimulatedStream, TwilioCal
 SCENARIOS = ("normal", "callbacks", "caller-drop", "kallglot-drop", "create-fault", "connect-fault", "agent",
              "returning", "worker-kill")
 WEIGHTS = (30, 10, 10, 10, 8, 8, 10, 8, 2)
-#: A caller who heard nothing for this long after talking gives up (and the call counts as dead air).
-FIRST_AUDIO_TIMEOUT_SECONDS = 10.0
 #: Least time between two kills in one bridge instance, so it always keeps a worker serving.
 KILL_SPACING_SECONDS = 45.0
 AUTH_TOKEN = "chaos-twilio-auth-token"
@@ -97,10 +106,8 @@ class Outcome:
 
     @property
     def dead_air(self) -> bool:
-        """Neither audio nor a spoken message reached the caller on any of its calls, or a call was left up
-        in silence with nothing more coming from the bridge."""
-        return not any(r.heard_audio or r.said for r in self.results) or \
-            any(getattr(r, "stranded", False) for r in self.results)
+        """The caller was left in silence (:func:`app.devtools.chaos_report.left_in_silence`)."""
+        return left_in_silence(self.results)
 
 
 class Chaos:
@@ -108,18 +115,18 @@ class Chaos:
 
     def __init__(self, bridges: list[RunningServer], emulator: RunningServer, seed: int, redis: RedisDeployment,
                  listen_seconds: float = 1.0, fake_telnyx: RunningServer | None = None,
-                 signer: TelnyxSigner | None = None) -> None:
+                 signer: TelnyxSigner | None = None, patience_seconds: float = DEFAULT_PATIENCE_SECONDS) -> None:
         self.bridges, self.emulator = bridges, emulator
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.killed = 0
         self.kills_spared = 0
         self.last_kill: dict[int, float] = {}
-        self.listen_seconds = listen_seconds
+        self.listen_seconds, self.patience_seconds = listen_seconds, patience_seconds
         self.redis = redis.client(decode_responses=True)
         self.keys = RedisKeys("chaos")
         self.telnyx = TelnyxChaos([b.url for b in bridges], bridges[0].url, fake_telnyx.url, signer, self._choose,
-                                  self.kill_relay, self.drop_kallglot, listen_seconds) \
+                                  self.kill_relay, self.drop_kallglot, listen_seconds, patience_seconds) \
             if fake_telnyx is not None and signer is not None else None
 
     def _choose(self, options: list[str]) -> str:
@@ -148,9 +155,10 @@ class Chaos:
         caller = f"+1555{self.random.randrange(10**6, 10**7)}"
         to = AGENT_LINE if scenario == "agent" else NUMBER
         # A number configured as README says (VoiceFallbackUrl set); a caller whose line went quiet speaks up.
-        # Callers talk in real time (0.5 s) and listen a second, as people do.
+        # Callers talk in real time (0.5 s), wait for the answer (their patience), then listen a second.
         call = dict(audio=audio, pace=True, listen_seconds=self.listen_seconds,
-                    fallback_url=sim.public_url + "/twilio/fallback", restore_audio=audio[:1600])
+                    fallback_url=sim.public_url + "/twilio/fallback", restore_audio=audio[:1600],
+                    patience_seconds=self.patience_seconds)
         try:
             if scenario == "callbacks":
                 return Outcome(scenario, [sim.place_call(to, caller, **call,
@@ -199,16 +207,15 @@ class Chaos:
         if session_id:
             requests.post(f"{self.emulator.url}/_emulator/sessions/{session_id}/drop", timeout=5)
 
-    @staticmethod
-    def _drop_caller(stream: SimulatedStream) -> None:
-        # The caller drops mid-call: once the call got going (they heard something), or after 10 s of
-        # silence — which then counts as dead air, as it should.
-        stream.wait_for(lambda s: bool(s.heard), FIRST_AUDIO_TIMEOUT_SECONDS)
+    def _drop_caller(self, stream: SimulatedStream) -> None:
+        # The caller drops mid-call: once the call got going (they heard something), or after their whole
+        # patience in silence — which then counts as dead air, as it should. (Hooks run right after the talking.)
+        stream.wait_for(lambda s: bool(s.heard) or s.server_closed, self.patience_seconds)
         time.sleep(0.3)
         stream.close_abruptly()
 
     def _drop_kallglot(self, stream: SimulatedStream) -> None:
-        stream.wait_for(lambda s: bool(s.heard), FIRST_AUDIO_TIMEOUT_SECONDS)
+        stream.wait_for(lambda s: bool(s.heard), self.patience_seconds)
         self.drop_kallglot("twilio", stream.call_sid)
         time.sleep(0.6)
 
@@ -296,12 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", choices=("standalone", "cluster", "sentinel"), default="standalone",
                         help="the Redis deployment: one server, a 3-master cluster, or master+replica under Sentinel")
     parser.add_argument("--stress", action="store_true", help="keep one more CPU busy for the whole run")
-    parser.add_argument("--listen", type=float, default=1.0, help="seconds a caller listens after talking")
+    parser.add_argument("--listen", type=float, default=1.0,
+                        help="seconds a caller listens once answered (or once their patience ran out)")
+    parser.add_argument("--patience", type=float, default=DEFAULT_PATIENCE_SECONDS,
+                        help="seconds a caller waits in silence after talking for an answer; waiting all of it "
+                             "without hearing anything is dead air (app/devtools/simulator/caller.py says why 5)")
     parser.add_argument("--kill-weight", type=int, default=WEIGHTS[SCENARIOS.index("worker-kill")],
                         help="weight of the worker-kill scenario (the others weigh 94 together)")
     parser.add_argument("--carriers", type=parse_modes, default=MODES,
                         help=f"carriers each call picks from, comma-separated (default: {','.join(MODES)})")
     parser.add_argument("--verbose", action="store_true", help="also print the Redis view of leaked sessions")
+    parser.add_argument("--keep-logs", metavar="DIR", default="",
+                        help="also write each bridge instance's log to DIR (to trace calls after the run)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     weights = [args.kill_weight if name == "worker-kill" else w for name, w in zip(SCENARIOS, WEIGHTS)]
@@ -314,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     with stress(args.stress), stack(args.workers, signer, args.instances, args.redis) as (
             bridges, emulator, redis, fake_telnyx):
         chaos = Chaos(bridges, emulator, args.seed, redis, listen_seconds=args.listen, fake_telnyx=fake_telnyx,
-                      signer=signer)
+                      signer=signer, patience_seconds=args.patience)
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
             outcomes = list(pool.map(lambda planned: chaos.run(planned[0], audio, planned[1]), zip(plan, modes)))
         placed = time.monotonic() - started
@@ -333,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)
         sessions = requests.get(emulator.url + "/_emulator/sessions", timeout=60).json()["sessions"]
         instance_logs = [bridge.log() for bridge in bridges]
+        if args.keep_logs:
+            os.makedirs(args.keep_logs, exist_ok=True)
+            for index, text in enumerate(instance_logs, start=1):
+                with open(os.path.join(args.keep_logs, f"instance-{index}.log"), "w", encoding="utf-8") as out:
+                    out.write(text)
         logs = "\n".join(instance_logs).splitlines()
         state = redis_view(redis, [s["id"] for s in sessions if s["status"] != "ended"]) if args.verbose else {}
     duration = time.monotonic() - started
@@ -343,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chaos run: {args.calls} calls ({Counter(o.scenario for o in outcomes).most_common()}; carriers "
           f"{Counter(o.carrier for o in outcomes).most_common()}), concurrency "
           f"{args.concurrency}, {args.instances} instances x {args.workers} workers, Redis {args.redis}, seed {args.seed}, "
-          f"stress {'on' if args.stress else 'off'}, {placed:.1f}s to place, {duration:.0f}s in all, "
+          f"stress {'on' if args.stress else 'off'}, patience {args.patience:g}s, listen {args.listen:g}s, "
+          f"{placed:.1f}s to place, {duration:.0f}s in all, "
           f"{chaos.killed} workers killed ({chaos.kills_spared} kills spared: instance already lost one)")
     print(f"load average (1/5/15 min): {load_at_start} at start, {load_average()} at end")
     print(f"sessions created: {stats.get('created', len(sessions))}")
@@ -357,8 +376,20 @@ def main(argv: list[str] | None = None) -> int:
     for index, work in enumerate(reaper_work_by_instance(instance_logs)):
         print(f"reaper, instance {index + 1}: {work['legs_lost']} lost legs given up, {work['holds_ended']} held "
               f"sessions ended, {work['orphans_ended']} orphaned creates ended")
+    print("\n".join(first_audio_lines(outcomes, args.carriers)))
     for outcome in dead_air + errors:
-        print(f"  - {outcome.scenario}: {outcome.error or 'heard nothing'}")
+        why = outcome.error or "dead air: " + wait_summary(outcome.results)
+        print(f"  - {outcome.carrier} {outcome.scenario}: {why}")
+        print("\n".join(call_timeline(outcome.results, logs)))
+    print("\n".join(refused_then_reopened_lines(outcomes, logs)))
+    print("\n".join(bridge_closed_lines(outcomes)))
+    late = late_call_lines(outcomes, logs)
+    print(f"streams answered later than 1.5 s after talking, or not at all ({len(late)}; times from the end of "
+          "talking, from the bridges' logs):")
+    print("\n".join(late))
+    print("slowest calls (longest silence on one stream after talking):")
+    for outcome in slowest(outcomes):
+        print(f"  - {outcome.carrier} {outcome.scenario}: {wait_summary(outcome.results)}")
         print("\n".join(call_timeline(outcome.results, logs)))
     for kind, found in (("leaked", leaked), ("double-ended", double_ended)):
         for s in found:

@@ -19,6 +19,7 @@ from typing import Any
 
 import requests
 
+from app.devtools.simulator.caller import DEFAULT_PATIENCE_SECONDS, StreamWait
 from app.devtools.simulator.telnyx import TelnyxMediaLeg, TelnyxSigner, TexmlCallSimulator, new_call_control_id
 
 #: The carrier modes a chaos call may use (``--carriers``).
@@ -44,22 +45,37 @@ class HeardCall:
     custom_parameters: dict[str, str] = field(default_factory=dict)
     #: The call was still up, with nothing more coming from the bridge, when the caller gave up waiting.
     stranded: bool = False
+    #: Each stream as the caller waited on it (app.devtools.simulator.caller), in order.
+    waits: list[StreamWait] = field(default_factory=list)
+    #: Wall-clock time of the timeline's t+0 (the report stamps it like the bridge's log lines).
+    started_at: float = 0.0
 
 
-def texml_heard(result: Any, audio: bytes) -> HeardCall:
-    """A :class:`~app.devtools.simulator.telnyx.TexmlCallResult` as a :class:`HeardCall`."""
-    timeline = [(0.0, f"voice webhook -> {result.webhook_status}")]
-    timeline += [(0.0, f"said: {text[:80]}") for text in result.said]
-    timeline += [(0.0, f"dialled: {number}") for number in result.dialled]
+def _timeline(started_at: float, stamped: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """Wall-clock stamped events as ``(seconds since started_at, text)``, in time order."""
+    return [(round(at - started_at, 3), text) for at, text in sorted(stamped, key=lambda item: item[0])]
+
+
+def texml_heard(result: Any, audio: bytes, started_at: float = 0.0) -> HeardCall:
+    """A :class:`~app.devtools.simulator.telnyx.TexmlCallResult` as a :class:`HeardCall` (``started_at``: when the
+    call was placed, wall clock)."""
+    # What the TeXML result keeps without a time (its order is the call's), then the legs' stamped events.
+    timeline = [(0.0, f"(untimed) voice webhook -> {result.webhook_status}")]
+    timeline += [(0.0, f"(untimed) said: {text[:80]}") for text in result.said]
+    timeline += [(0.0, f"(untimed) dialled: {number}") for number in result.dialled]
     for leg in result.legs:
-        timeline.append((0.0, f"stream: heard {len(leg.heard)} bytes, marks {len(leg.marks_received)}, "
+        timeline.append((0.0, f"(untimed) stream: heard {len(leg.heard)} bytes, marks {len(leg.marks_received)}, "
                               f"server closed first {leg.server_closed_first} (code {leg.close_code}), "
                               f"errors {leg.protocol_errors[:3]}"))
-    timeline += [(0.0, f"callback {url.rsplit('/', 1)[-1]} -> {status}") for url, status in result.callbacks]
-    timeline += [(0.0, f"error: {error}") for error in result.errors]
+    timeline += [(0.0, f"(untimed) callback {url.rsplit('/', 1)[-1]} -> {status}") for url, status in result.callbacks]
+    timeline += [(0.0, f"(untimed) error: {error}") for error in result.errors]
+    if started_at:
+        timeline += _timeline(started_at, [(at, f"stream {n + 1}: {text}") for n, leg in enumerate(result.legs)
+                                           for at, text in leg.events])
     return HeardCall(call_sid=result.call_sid, heard_audio=result.heard, said=list(result.said),
                      streams=len(result.legs), sent_audio=audio, timeline=timeline,
-                     custom_parameters=dict(result.custom_parameters), stranded=False)
+                     custom_parameters=dict(result.custom_parameters), stranded=False,
+                     waits=[leg.wait for leg in result.legs if leg.wait is not None], started_at=started_at)
 
 
 class TelnyxChaos:
@@ -71,20 +87,23 @@ class TelnyxChaos:
 
     def __init__(self, bridges: list[str], public_url: str, fake_url: str, signer: TelnyxSigner,
                  choose: Callable[[list[str]], str], kill_relay: Callable[[str, Callable[[], bool]], None],
-                 drop_kallglot: Callable[[str, str], None], listen_seconds: float) -> None:
+                 drop_kallglot: Callable[[str, str], None], listen_seconds: float,
+                 patience_seconds: float = DEFAULT_PATIENCE_SECONDS) -> None:
         self.bridges, self.public_url, self.fake_url, self.signer = bridges, public_url, fake_url, signer
         self.choose, self.kill_relay, self.drop_kallglot = choose, kill_relay, drop_kallglot
-        self.listen_seconds = listen_seconds
+        self.listen_seconds, self.patience_seconds = listen_seconds, patience_seconds
 
     # ----- TeXML -------------------------------------------------------------------------------------------
     def texml(self, scenario: str, to: str, caller: str, audio: bytes, choice: str) -> list[HeardCall]:
         """One TeXML caller under ``scenario`` (``returning``: two calls); ``choice`` picks a callback order."""
-        call: dict[str, Any] = dict(listen_seconds=self.listen_seconds, pace=True, restore_audio=audio[:1600])
+        call: dict[str, Any] = dict(listen_seconds=self.listen_seconds, pace=True, restore_audio=audio[:1600],
+                                    patience_seconds=self.patience_seconds)
         if scenario == "callbacks":
             call["callbacks"] = choice
         elif scenario in ("caller-drop", "returning"):
+            # Like every caller: paced, patient, and "hello?" on a stream restored before they dropped.
             first = self._texml_call(to, caller, audio, callbacks="none", listen_seconds=0,
-                                     hold_open=self._vanish)
+                                     hold_open=self._vanish, **{k: v for k, v in call.items() if k != "listen_seconds"})
             if scenario == "caller-drop":
                 return [first]
             time.sleep(0.5)  # the relay notices the drop and holds the session
@@ -102,30 +121,35 @@ class TelnyxChaos:
         # One simulator per call: calls run concurrently and the simulator keeps per-call options.
         simulator = TexmlCallSimulator(self.choose(self.bridges), self.signer, public_url=self.public_url,
                                        timeout=15)
+        started_at = time.time()
         # The application configured as README says: its failover URL answers when the voice webhook fails.
         return texml_heard(simulator.place_call(to, caller, audio, call_sid=new_call_control_id(),
                                                 fallback_url=self.public_url + "/telnyx/texml/fallback", **options),
-                           audio)
+                           audio, started_at)
 
-    @staticmethod
-    def _vanish(leg: TelnyxMediaLeg) -> None:
-        leg.wait_for(lambda r: bool(r.heard) or r.server_closed_first, 10)
+    def _vanish(self, leg: TelnyxMediaLeg) -> None:
+        # Drops once the call got going (they heard something), or after their whole patience in silence
+        # (then it counts as dead air, as it should); the wait is measured from the end of their talking.
+        leg.await_answer(time.time(), self.patience_seconds)
         time.sleep(0.3)
         leg.close_abruptly()
 
     def _texml_drop_kallglot(self, leg: TelnyxMediaLeg) -> None:
-        leg.wait_for(lambda r: bool(r.heard), 10)
+        leg.wait_for(lambda r: bool(r.heard), self.patience_seconds)
         self.drop_kallglot("telnyx", leg.call_control_id)
         time.sleep(0.6)
 
     # ----- Call Control ------------------------------------------------------------------------------------
     def call_control(self, scenario: str, to: str, caller: str, audio: bytes, choice: str) -> list[HeardCall]:
         """One Call Control caller under ``scenario`` (``returning``: two calls)."""
-        call: dict[str, Any] = {"listen_seconds": self.listen_seconds, "pace": True}
+        call: dict[str, Any] = {"listen_seconds": self.listen_seconds, "pace": True,
+                                "patience_seconds": self.patience_seconds,
+                                "restore_payload": base64.b64encode(audio[:1600]).decode()}
         if scenario == "callbacks":
             call["duplicate_webhooks" if choice == "twice" else "reverse_final_webhooks"] = True
         elif scenario in ("caller-drop", "returning"):
-            first = self._call_control_call(to, caller, audio, vanish=True, pace=True)
+            first = self._call_control_call(to, caller, audio, vanish=True,
+                                            **{k: v for k, v in call.items() if k != "listen_seconds"})
             if scenario == "caller-drop":
                 return [first]
             time.sleep(0.5)
@@ -138,6 +162,7 @@ class TelnyxChaos:
                            **scenario: Any) -> HeardCall:
         body = {"to": to, "from": caller, "payload": base64.b64encode(audio).decode(),
                 "webhook_url": self.choose(self.bridges) + "/telnyx/call-control", **scenario}
+        started_at = time.time()
         call_id = str(requests.post(self.fake_url + "/_fake/calls", json=body, timeout=15).json()["call_control_id"])
         if during == "kallglot-drop":
             time.sleep(0.8)  # answered, streaming and heard back by now (or the drop finds nothing: harmless)
@@ -152,7 +177,7 @@ class TelnyxChaos:
             if vanished or (view.get("hung_up") and any(w["event"] == "call.hangup" for w in view["webhooks"])):
                 break
             time.sleep(0.2)
-        return self._heard(call_id, view, audio, stranded=time.monotonic() >= deadline)
+        return self._heard(call_id, view, audio, stranded=time.monotonic() >= deadline, started_at=started_at)
 
     def _streams_at_least(self, call_id: str, count: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -169,16 +194,21 @@ class TelnyxChaos:
             return {}
 
     @staticmethod
-    def _heard(call_id: str, view: dict[str, Any], audio: bytes, *, stranded: bool) -> HeardCall:
-        timeline = [(0.0, f"webhook {w['event']} -> {w['status']}") for w in view.get("webhooks", [])]
-        timeline += [(0.0, f"command {c['action']}") for c in view.get("commands", [])]
+    def _heard(call_id: str, view: dict[str, Any], audio: bytes, *, stranded: bool,
+               started_at: float = 0.0) -> HeardCall:
+        stamped = [(float(w.get("at") or started_at), f"webhook {w['event']} -> {w['status']}")
+                   for w in view.get("webhooks", [])]
+        stamped += [(float(c.get("at") or started_at), f"command {c['action']}") for c in view.get("commands", [])]
+        stamped += [(float(at), f"stream: {text}") for at, text in view.get("events", [])]
+        timeline = _timeline(started_at, stamped) if started_at else [(0.0, text) for _, text in stamped]
         timeline += [(0.0, f"spoken: {text[:80]}") for text in view.get("spoken", [])]
         timeline += [(0.0, f"protocol error: {e}") for e in view.get("protocol_errors", [])[:3]]
         if stranded:
             timeline.append((0.0, f"still up after {CALL_CONTROL_CALL_SECONDS:.0f}s: the caller gave up"))
         return HeardCall(call_sid=call_id, heard_audio=base64.b64decode(view.get("heard") or ""),
                          said=list(view.get("spoken", [])), streams=int(view.get("streams", 0)), sent_audio=audio,
-                         timeline=timeline, stranded=stranded)
+                         timeline=timeline, stranded=stranded, started_at=started_at,
+                         waits=[StreamWait.from_dict(w) for w in view.get("waits", [])])
 
 
 def telnyx_bridge_env(fake_url: str, signer: TelnyxSigner) -> dict[str, str]:

@@ -70,6 +70,10 @@ def bridge_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services,
                     grant.session_id, refusal)
         close_quietly(ws, 1008, refusal)
         return None
+    try:  # whoever waits on this relay's end can now tell a killed worker from a slow one (app/calls/workers.py)
+        svc.workers.record_relay(codec.carrier, grant.call_id)
+    except redis.RedisError as exc:  # unknown worker: a waiter waits its full settle, as without this record
+        log.warning("%s call=%s relay worker not recorded: %s", codec.carrier, grant.call_id, exc)
     try:
         return _relay_granted_leg(ws, codec, svc, grant, started.stream_id)
     finally:

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 #: How long a carrier may take from socket open to ``start`` (Twilio sends it at once).
 START_TIMEOUT_SECONDS = 10.0
+#: Reads without waiting once the start deadline has passed (a ``connected`` and the ``start`` behind it, and spare).
+LATE_START_READS = 4
 
 
 class CarrierSocket(Protocol):
@@ -44,14 +46,23 @@ def await_start(ws: CarrierSocket, codec: CarrierCodec, timeout: float = START_T
     # The carrier's socket carries 20 ms frames both ways: Nagle would hold each one back for an ACK.
     set_tcp_nodelay(getattr(ws, "sock", None))
     deadline = time.monotonic() + timeout
+    late_reads = 0
     while True:
         remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            # Past the deadline, a few reads that do not wait: a worker starved of CPU can wake after the
+            # deadline with the carrier's ``start`` already received — the carrier was in time, we were not.
+            # Bounded, so a peer sending only ``connected``/unknown frames cannot hold the socket open.
+            late_reads += 1
         try:
-            raw = ws.receive(timeout=max(remaining, 0.0)) if remaining > 0 else None
+            raw = ws.receive(timeout=max(remaining, 0.0)) if late_reads <= LATE_START_READS else None
         except ConnectionClosed:
             log.info("%s media socket closed before start", codec.carrier)
             return None
         if raw is None:
+            # Logged: a carrier sends ``start`` at once, so this close means a stalled peer or a starved worker,
+            # and without a line the stream's loss cannot be traced (no call id is known yet to name it by).
+            log.warning("closing %s media socket: no start within %.1f s of the upgrade", codec.carrier, timeout)
             close_quietly(ws, 1008, "no start event")
             return None
         event = codec.parse(raw)

@@ -7,6 +7,11 @@ same session, at most :data:`MAX_STREAM_RESTARTS` times per call; then the profi
 forward or hang up) — as Twilio's ``<Connect action>`` does. Never silence. A stop or failure of a stream that
 was already replaced (its generation is not the leg's newest: :mod:`app.carriers.telnyx.stream_generations`)
 changes nothing.
+
+Before restoring, a stop's handler lets the relay say why the stream ended (the caller's ``stop``, Kallglot's end)
+for up to :data:`RELAY_SETTLE_SECONDS` — but only while the relay's worker is alive or unknown: a relay whose
+worker's liveness key is gone (killed) will never say anything, and its caller is restored at once
+(:mod:`app.calls.workers`).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import time
 from app.calls.events import announce_fallback
 from app.calls.leg_spec import LegSpec
 from app.calls.lifecycle import LEG_ENDED
+from app.calls.workers import RELAY_WORKER_FIELD
 from app.extensions import Services
 from app.kallglot.client import KallglotError, StreamGrant
 from app.kallglot.stream_protocol import SPEAKER_CUSTOMER
@@ -32,8 +38,11 @@ from app.carriers.telnyx.stream_generations import claim_loss, current_generatio
 
 log = logging.getLogger(__name__)
 
-#: How long a stop's handler waits for the relay to record why the stream ended (normally milliseconds).
+#: How long a stop's handler waits for a live (or unknown) relay to record why the stream ended (normally
+#: milliseconds); a relay whose worker is known gone is not waited for (:func:`_settled`).
 RELAY_SETTLE_SECONDS = 3.0
+#: How often the settle looks again at the leg's record and its relay's worker.
+SETTLE_POLL_SECONDS = 0.05
 
 #: Streams restored per call before the fallback (as Twilio's ``<Connect action>``).
 MAX_STREAM_RESTARTS = 3
@@ -120,23 +129,39 @@ def streaming_failed(svc: Services, control: TelnyxControl, event: CallEvent) ->
     _restore_if_lost(svc, control, event, "streaming failed")
 
 
-def _settled(svc: Services, call_id: str, call: dict[str, str]) -> dict[str, str]:
-    """The leg's record once its relay has had :data:`RELAY_SETTLE_SECONDS` to record an end.
+def _settled(svc: Services, call_id: str, call: dict[str, str]) -> tuple[dict[str, str], str]:
+    """The leg's record once its relay has recorded an end, is known gone, or had :data:`RELAY_SETTLE_SECONDS`;
+    and why the wait stopped (``recorded``, ``worker gone``, ``settle over``).
 
     Telnyx reports the stop as the socket closes, while the relay may still be recording why (the caller's
-    ``stop``, Kallglot's end); a relay that never records anything is gone (its worker was killed).
+    ``stop``, Kallglot's end). The relay recorded its worker on the leg when it took the socket
+    (:mod:`app.calls.workers`): once that worker's liveness key is gone (killed: it renews nothing) the relay will
+    never record anything, and the caller should not sit in silence for the rest of the settle. While the worker
+    lives, or when no worker is recorded, the relay gets the full settle to have its say.
     """
     deadline = time.monotonic() + RELAY_SETTLE_SECONDS
-    while call.get("state") != LEG_ENDED and time.monotonic() < deadline:
-        time.sleep(0.1)
+    worker = call.get(RELAY_WORKER_FIELD, "")
+    while call.get("state") != LEG_ENDED:
+        if worker and not svc.workers.is_alive(worker):
+            # Read once more: the relay may have recorded its end just before its worker went.
+            call = svc.lifecycle.call_record(CARRIER, call_id)
+            return call, "recorded" if call.get("state") == LEG_ENDED else "worker gone"
+        if time.monotonic() >= deadline:
+            return call, "settle over"
+        time.sleep(SETTLE_POLL_SECONDS)
         call = svc.lifecycle.call_record(CARRIER, call_id)
-    return call
+    return call, "recorded"
+
+
+def _hung_up(svc: Services, call_id: str) -> bool:
+    """Telnyx said the call is over (``call.hangup`` recorded)."""
+    return any(e.get("event") == "call.hangup" for e in svc.lifecycle.events(CARRIER, call_id))
 
 
 def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, why: str) -> None:
     call = svc.lifecycle.call_record(CARRIER, event.call_id)
     session_id = call.get("session_id")
-    if not session_id or any(e.get("event") == "call.hangup" for e in svc.lifecycle.events(CARRIER, event.call_id)):
+    if not session_id or _hung_up(svc, event.call_id):
         return  # not ours, or the call is over
     newest = current_generation(svc, session_id, event.call_id)
     generation = generation_of(event)
@@ -147,10 +172,13 @@ def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, wh
                  why, generation, newest)
         return
     transport = call.get("transport") or TRANSPORT_RELAY
+    settled = "recorded"
     if call.get("state") != LEG_ENDED and transport == TRANSPORT_RELAY:  # no relay to settle for a direct stream
-        call = _settled(svc, event.call_id, call)
+        call, settled = _settled(svc, event.call_id, call)
     reason = call.get("end_reason", "") if call.get("state") == LEG_ENDED else ""
     if reason in NOT_RESTORED_ENDS or reason.startswith(("hangup_", "call_")):
+        return
+    if settled != "recorded" and _hung_up(svc, event.call_id):  # the caller's own hang-up came in meanwhile
         return
     speaker = call.get("speaker") or SPEAKER_CUSTOMER
     next_generation = claim_loss(svc, session_id, event.call_id, generation)
@@ -180,7 +208,9 @@ def _restore_if_lost(svc: Services, control: TelnyxControl, event: CallEvent, wh
     # Telnyx reported this (the newest) stream over: a killed worker's relay lease must not refuse the restored
     # stream as "another relay is live" (a stale event never gets here, so a live newer relay keeps its lease).
     svc.relay_guard.forget_leg(CARRIER, event.call_id)
+    # The new stream's relay records its own worker; until then a stop of it waits the full settle.
+    svc.workers.forget_relay(CARRIER, event.call_id)
     log.info("telnyx call=%s session=%s %s while the call is up (%s): restoring the stream", event.call_id,
-             session_id, why, reason or "relay gone")
+             session_id, why, reason or f"relay gone: {settled}")
     _put_on_session(svc, control, event, session_id, stream, speaker, transport, "streaming_start (restore)",
                     next_generation)

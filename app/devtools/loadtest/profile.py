@@ -16,7 +16,7 @@ from pathlib import Path
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("simple-websocket / wsproto framing", ("simple_websocket/", "wsproto/")),
     ("websockets sans-I/O framing", ("websockets/",)),
-    ("sansio layer glue (app/websocket.py)", ("app/websocket.py",)),
+    ("sansio layer glue (app/websocket.py, app/websocket_sansio.py)", ("app/websocket.py", "app/websocket_sansio.py")),
     ("JSON", ("json/", "orjson")),
     ("base64", ("base64.py",)),
     ("event loop and socket calls (gevent hub and greenlets; asyncio's selector)",

@@ -28,6 +28,7 @@ import nacl.signing
 import requests
 from simple_websocket import ConnectionClosed
 
+from app.devtools.simulator.caller import StreamWait
 from app.devtools.simulator.sip import SipDialer
 from app.devtools.simulator.telnyx_contract import media_frame_errors
 from app.devtools.simulator.websocket import TimedClient, drop_connection, ws_scheme
@@ -111,6 +112,20 @@ class LegResult:
     close_code: int | None = None
     frames_sent: int = 0
     media_messages: int = 0
+    #: Wall-clock time (``time.time()``) the socket was opened and of each returned media message.
+    opened_at: float = field(default_factory=time.time)
+    heard_at: list[float] = field(default_factory=list)
+    #: Wall-clock times (``time.time()``): the first returned audio, the stream's end (either side's).
+    first_audio_at: float | None = None
+    ended_at: float | None = None
+    #: What happened on the leg, wall-clock stamped (the chaos run prints it as the call's timeline).
+    events: list[tuple[float, str]] = field(default_factory=list)
+    #: The patient caller's wait on this leg (:meth:`TelnyxMediaLeg.await_answer`; None if they did not wait).
+    wait: StreamWait | None = None
+
+    def event(self, text: str) -> None:
+        """Stamp one event on the leg's timeline."""
+        self.events.append((time.time(), text))
 
 
 class TelnyxMediaLeg:
@@ -130,6 +145,8 @@ class TelnyxMediaLeg:
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._closing = False
+        self._wait: StreamWait | None = None  # the patient caller's record of this leg (await_answer)
+        self._begun_at: float | None = None  # when connected/start went out (monotonic)
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name="telnyx-sim-reader")
         self._reader.start()
 
@@ -163,6 +180,8 @@ class TelnyxMediaLeg:
                 self.ws.send(json.dumps(connected))
             except (ConnectionClosed, OSError):
                 return  # refused or closed already: the reader records how
+        self.result.event("-> connected, start")
+        self._begun_at = time.monotonic()
         self.send("start", {"start": {
             "user_id": str(uuid.uuid4()), "call_control_id": self.call_control_id,
             "call_session_id": str(uuid.uuid4()), "from": from_, "to": to, "tags": [],
@@ -187,8 +206,11 @@ class TelnyxMediaLeg:
                 if self.result.server_closed_first or not self.send("media", {"media": {
                         "track": "inbound", "chunk": str(chunk), "timestamp": str((chunk - 1) * 20),
                         "payload": base64.b64encode(frame).decode("ascii")}}):
+                    self.result.event(f"-> media stopped after {self.result.frames_sent} frames: socket closed")
                     return
                 self.result.frames_sent += 1
+        if frames:
+            self.result.event(f"-> media x{len(frames)} ({'paced' if pace else 'unpaced'})")
 
     def wait_for(self, predicate: Any, timeout: float) -> bool:
         """Block until ``predicate(self.result)`` holds or ``timeout``; return it."""
@@ -201,9 +223,36 @@ class TelnyxMediaLeg:
                 self._cond.wait(min(remaining, 0.05))
             return True
 
+    def await_answer(self, talk_ended_at: float, patience_seconds: float,
+                     answered: Callable[[], bool] = lambda: False) -> StreamWait:
+        """The patient caller (:mod:`app.devtools.simulator.caller`): after talking, wait until audio comes back
+        on this leg, the stream ends for them, or ``answered()`` (e.g. a ``speak`` on the call) — at most
+        ``patience_seconds`` from ``talk_ended_at``. Returns the leg's wait record (its end filled in by
+        :meth:`finish` and the others that end the leg, as it is the same object)."""
+        wait = StreamWait(talk_ended_at, patience_seconds)
+        self._wait = self.result.wait = wait
+        remaining = talk_ended_at + patience_seconds - time.time()
+        if remaining > 0 and not self._closing and not self.wait_for(
+                lambda r: bool(r.heard) or r.server_closed_first or self._closing or answered(), remaining):
+            self.result.event(f"caller waited {patience_seconds:.1f}s in silence (their patience)")
+        self._sync_wait()
+        return wait
+
+    def _sync_wait(self) -> None:
+        if self._wait is not None:
+            self._wait.first_audio_at, self._wait.ended_at = self.result.first_audio_at, self.result.ended_at
+
+    def _ended(self, text: str) -> None:
+        """The leg ended (either side): stamp it, on the timeline and on the caller's wait record."""
+        if self.result.ended_at is None:
+            self.result.ended_at = time.time()
+            self.result.event(text)
+        self._sync_wait()
+
     def hang_up(self) -> None:
         """The call ends: ``stop``, then close the socket."""
         self._closing = True
+        self._ended("-> stop (the caller hung up)")
         self.send("stop", {"stop": {"user_id": str(uuid.uuid4()), "call_control_id": self.call_control_id}})
         try:
             self.ws.close()
@@ -214,6 +263,7 @@ class TelnyxMediaLeg:
     def close_abruptly(self) -> None:
         """Drop the TCP connection without ``stop`` or a close frame (the carrier lost the call's media)."""
         self._closing = True
+        self._ended("caller side dropped the media socket abruptly")
         drop_connection(self.ws.sock)
         self._reader.join(timeout=2.0)
 
@@ -224,6 +274,7 @@ class TelnyxMediaLeg:
         if not self.result.server_closed_first and not self._closing:
             self.hang_up()
         self._reader.join(timeout=2.0)
+        self._sync_wait()
         return self.result
 
     # ----- server -> Telnyx -----
@@ -239,6 +290,11 @@ class TelnyxMediaLeg:
                         self.result.server_closed_first = True
                         code = self.ws.close_reason
                         self.result.close_code = int(code) if code is not None else None
+                        # How long after our ``start`` the bridge closed (or that it closed before we sent one):
+                        # tells a late simulator from a bridge that did not read a ``start`` sent in time.
+                        began = "before our start" if self._begun_at is None else \
+                            f"{time.monotonic() - self._begun_at:.2f}s after our start"
+                        self._ended(f"server closed the media socket (code {self.result.close_code}, {began})")
                     self._cond.notify_all()
                 return
             if frame is not None:
@@ -268,13 +324,19 @@ class TelnyxMediaLeg:
             elif len(audio) > MAX_RETURN_BYTES:
                 errors.append(f"media message of {len(audio)} bytes is longer than 30 s")
             self.result.media_messages += 1
+            if self.result.first_audio_at is None:
+                self.result.first_audio_at = time.time()
+                self.result.event(f"<- first media ({len(audio)} bytes)")
             self.result.heard += audio
+            self.result.heard_at.append(time.time())
         elif event == "mark" and isinstance(message.get("mark"), dict):
             name = str(message["mark"].get("name"))
             self.result.marks_received.append(name)
+            self.result.event(f"<- mark {name!r} ({len(self.result.heard)} bytes heard so far)")
             self.send("mark", {"mark": {"name": name}})  # nothing queued here: echoed at once
         elif event == "clear":
             self.result.clears += 1
+            self.result.event(f"<- clear ({len(self.result.heard)} bytes heard so far)")
         else:
             errors.append(f"100002 unknown event {event!r}")
 
@@ -346,7 +408,8 @@ class TexmlCallSimulator:
                    duplicate: bool = False, pace: bool = False, hangup_cause: str = "normal_clearing",
                    call_sid: str | None = None, parameters_as: str = "object", callbacks: str = "once",
                    hold_open: Callable[[TelnyxMediaLeg], None] | None = None,
-                   restore_audio: bytes = b"", fallback_url: str | None = None) -> TexmlCallResult:
+                   restore_audio: bytes = b"", fallback_url: str | None = None,
+                   patience_seconds: float = 0.0) -> TexmlCallResult:
         """Simulate a whole inbound TeXML call; ``payload`` is the caller's audio in ``encoding``.
 
         ``callbacks``: the stream and call status callbacks are sent ``once``, ``twice`` (each repeated, as an
@@ -356,6 +419,8 @@ class TexmlCallSimulator:
         socket with :meth:`TelnyxMediaLeg.close_abruptly`). A ``<Redirect>`` is followed (signed POST, its TeXML
         run); ``restore_audio`` is what the caller says on a stream connected after the first. ``fallback_url``
         is the application's failover URL, requested as Telnyx does when the voice webhook fails.
+        ``patience_seconds``: on each stream, after talking (and ``hold_open``), the caller first waits up to that
+        long for audio before listening (:mod:`app.devtools.simulator.caller`; each leg's ``wait``).
 
         ``parameters_as``: how ``<Parameter>`` children reach ``start.custom_parameters`` — Telnyx's ``<Stream>``
         page does not say, so ``object``, ``list`` (of name/value) and ``dropped`` (not delivered) are all tried.
@@ -363,7 +428,7 @@ class TexmlCallSimulator:
         self.parameters_as, self.hold_open = parameters_as, hold_open
         result = TexmlCallResult(call_sid=call_sid or new_call_control_id())
         run = _TexmlRun(result, to, from_, payload, restore_audio, encoding, sample_rate, listen_seconds, reorder,
-                        duplicate, pace)
+                        duplicate, pace, patience_seconds)
         status_url = self.public_url + "/telnyx/texml/status"
         params = self.call_params(result.call_sid, to, from_, "ringing")
         try:
@@ -500,8 +565,10 @@ class TexmlCallSimulator:
         leg.begin()
         leg.stream(run.payload if first else run.restore_audio, pace=run.pace, reorder=run.reorder,
                    duplicate=run.duplicate)
+        talk_ended_at = time.time()
         if first and self.hold_open is not None:
             self.hold_open(leg)
+        leg.await_answer(talk_ended_at, run.patience_seconds).restored = not first
         result.leg = leg.finish(run.listen_seconds)
         result.legs.append(result.leg)
         if stream.get("statusCallback"):
@@ -524,4 +591,5 @@ class _TexmlRun:
     reorder: bool
     duplicate: bool
     pace: bool
+    patience_seconds: float
     stream_callbacks: list[tuple[str, str]] = field(default_factory=list)

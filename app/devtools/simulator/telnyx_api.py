@@ -12,7 +12,8 @@ Control API (tests, the CLI and the chaos run): ``POST /_fake/calls`` places an 
 ``duplicate_webhooks``, ``reverse_final_webhooks`` (``call.hangup`` before the ``streaming.stopped`` it follows),
 ``fail_first_stream``, ``vanish`` (after talking, the caller's side drops the media socket without ``stop`` and
 no further webhook comes), ``webhook_url`` (this call's webhooks go there instead of
-``FAKE_TELNYX_WEBHOOK_URL``)), ``GET /_fake/calls/<id>`` reports it (commands, webhooks, what the caller heard),
+``FAKE_TELNYX_WEBHOOK_URL``), ``patience_seconds`` (after talking, the caller waits that long for an answer before
+listening: app.devtools.simulator.caller), ``restore_payload`` (what the caller says on a restored stream)), ``GET /_fake/calls/<id>`` reports it (commands, webhooks, what the caller heard),
 ``GET /_fake/commands``, ``POST /_fake/unanswered`` (``{number: hangup_cause}``: calls dialled to that number
 ring and end with that cause — ``no_answer``, ``user_busy``, ``call_rejected`` — instead of answering),
 ``POST /_fake/reset``.
@@ -67,13 +68,24 @@ class FakeCall:
     transferred_to: str = ""
     sip_dials: list[dict[str, Any]] = field(default_factory=list)  # a transfer to a SIP URI: how each dial went
     leg: TelnyxMediaLeg | None = None
+    #: Each stream as the caller waited on it (StreamWait.as_dict, app.devtools.simulator.caller), in order.
+    waits: list[dict[str, Any]] = field(default_factory=list)
+    #: Every stream's events, wall-clock stamped (the chaos run's timeline of the call).
+    events: list[tuple[float, str]] = field(default_factory=list)
+    #: Wall-clock times (``time.time()``): each media socket opened, each returned media message heard.
+    stream_opened_at: list[float] = field(default_factory=list)
+    heard_at: list[float] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
         """JSON for the control API (command bodies included: they hold no real secrets here)."""
         return {"call_control_id": self.call_control_id, "commands": self.commands, "webhooks": self.webhooks,
                 "spoken": self.spoken, "heard": base64.b64encode(bytes(self.heard)).decode(),
                 "protocol_errors": self.protocol_errors, "streams": self.streams, "close_codes": self.close_codes,
-                "hung_up": self.hung_up, "transferred_to": self.transferred_to, "sip_dials": self.sip_dials}
+                "hung_up": self.hung_up, "transferred_to": self.transferred_to, "sip_dials": self.sip_dials,
+                "waits": self.waits, "events": self.events,
+                "stream_opened_at": self.stream_opened_at,
+                # With the live stream's, so far: a test can wait until the caller hears Kallglot mid-call.
+                "heard_at": self.heard_at + (list(self.leg.result.heard_at) if self.leg is not None else [])}
 
 
 class FakeTelnyx:
@@ -134,7 +146,7 @@ class FakeTelnyx:
             except requests.RequestException as exc:
                 status = f"failed: {exc}"
             with self.lock:
-                call.webhooks.append({"event": event_type, "status": status, "attempt": attempt})
+                call.webhooks.append({"event": event_type, "status": status, "attempt": attempt, "at": time.time()})
             if isinstance(status, int) and status < 500:
                 return
 
@@ -198,26 +210,42 @@ class FakeTelnyx:
             self.webhook(call, "streaming.failed", client_state=state, failure_reason=repr(exc)[:100])
             return
         call.leg = leg
+        call.stream_opened_at.append(leg.result.opened_at)
         # Telnyx opens the stream with connected/start at once and reports streaming.started on its own
         # schedule: the media never waits for our webhook to be answered (a slow answer would otherwise hold
         # ``start`` back past the relay's 2 s limit and the stream would be refused — a fake's artifact).
         leg.begin(call.from_, call.to)
         _spawn(self.webhook, call, "streaming.started", client_state=state, stream_url=body.get("stream_url"))
-        leg.stream(base64.b64decode(scenario.get("payload", "")) if first else b"", pace=bool(scenario.get("pace")),
+        # The caller talks; on a restored stream (the line went quiet) they say "hello?" (``restore_payload``).
+        talk = scenario.get("payload", "") if first else scenario.get("restore_payload", "")
+        leg.stream(base64.b64decode(talk), pace=bool(scenario.get("pace")),
                    reorder=bool(scenario.get("reorder_media")), duplicate=bool(scenario.get("reorder_media")))
-        if first and scenario.get("vanish"):
+        # The patient caller (app.devtools.simulator.caller): audio, a spoken message or the stream's end answers.
+        patience, spoken_before = float(scenario.get("patience_seconds") or 0), len(call.spoken)
+        wait = leg.await_answer(time.time(), patience, lambda: len(call.spoken) > spoken_before)
+        wait.restored = not first
+        if first and scenario.get("vanish") and not leg.result.server_closed_first:
             # The caller's side is lost: heard something (or gave up waiting), then the socket drops; Telnyx
-            # never reports anything more about this call.
-            leg.wait_for(lambda r: bool(r.heard) or r.server_closed_first, VANISH_AFTER_SECONDS)
+            # never reports anything more about this call. (A stream the bridge closed first — its worker was
+            # killed, or it refused the socket — is not the caller vanishing: the caller is still on the line,
+            # and Telnyx reports ``streaming.stopped`` as for any call, below.)
+            if not patience:
+                leg.wait_for(lambda r: bool(r.heard) or r.server_closed_first, VANISH_AFTER_SECONDS)
             leg.close_abruptly()
             call.leg, call.hung_up = None, True
             call.heard += leg.result.heard
+            call.heard_at += leg.result.heard_at
             call.protocol_errors += leg.result.protocol_errors
+            call.waits.append(wait.as_dict())
+            call.events += leg.result.events
             return
         result = leg.finish(float(scenario.get("listen_seconds", 0.5)))
         call.leg = None
         call.heard += result.heard
+        call.heard_at += result.heard_at
         call.protocol_errors += result.protocol_errors
+        call.waits.append(wait.as_dict())
+        call.events += result.events
         call.close_codes.append(result.close_code)
         caller_hung_up = not result.server_closed_first
         if caller_hung_up and scenario.get("reverse_final_webhooks"):  # delivered out of order
@@ -291,7 +319,7 @@ def create_fake_call_control_app(config: dict[str, str] | None = None) -> Flask:
             with fake.lock:
                 fake.refused.append({"call_control_id": call_control_id, "action": action, "errors": errors})
             return jsonify(errors=[{"code": "10015", "title": "Invalid parameter", "detail": e} for e in errors]), 422
-        entry = {"call_control_id": call_control_id, "action": action, "body": body}
+        entry = {"call_control_id": call_control_id, "action": action, "body": body, "at": time.time()}
         with fake.lock:
             fake.commands.append(entry)
             call = fake.calls.get(call_control_id)

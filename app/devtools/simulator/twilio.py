@@ -91,7 +91,7 @@ class TwilioCallSimulator:
                    hold_open: Callable[[SimulatedStream], None] | None = None, fallback_url: str | None = None,
                    restore_audio: bytes = b"",
                    restore_hold_open: Callable[[SimulatedStream], None] | None = None,
-                   hold_sip: Callable[[SipDial], None] | None = None) -> CallResult:
+                   hold_sip: Callable[[SipDial], None] | None = None, patience_seconds: float = 0.0) -> CallResult:
         """Simulate a complete inbound call and return what happened.
 
         ``audio`` (μ-law 8 kHz) is streamed as 20 ms frames, paced in real time unless ``pace`` is
@@ -102,12 +102,15 @@ class TwilioCallSimulator:
         voice webhook fails, as Twilio does. ``restore_audio`` is what the caller says on a restored stream
         (a caller whose line went quiet says "hello?"); ``restore_hold_open`` is called on that restored stream
         after it (e.g. to wait until the caller hears Kallglot again) before the listening and ``stop``.
-        ``hold_sip`` is called while a ``<Dial><Sip>`` leg is up.
+        ``hold_sip`` is called while a ``<Dial><Sip>`` leg is up. ``patience_seconds``: after talking on each
+        stream (and after ``hold_open``), the caller first waits up to that long, counted from the end of their
+        talking, for something to come back, then listens (:mod:`app.devtools.simulator.caller`); each stream's
+        wait is in ``result.waits``.
         """
         run = CallRun(self, to, from_, call_sid or new_sid("CA"), audio, pace=pace,
                        listen_seconds=listen_seconds, dtmf=dtmf, sign=sign, hold_open=hold_open)
         run.fallback_url, run.restore_audio, run.restore_hold_open = fallback_url, restore_audio, restore_hold_open
-        run.hold_sip = hold_sip
+        run.hold_sip, run.patience_seconds = hold_sip, patience_seconds
         run.execute(status_callbacks)
         return run.result
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 from simple_websocket import Client, ConnectionClosed
 from wsproto.utilities import LocalProtocolError
 
+from app.devtools.simulator.caller import StreamWait
 from app.devtools.simulator.websocket import drop_connection
 
 FRAME_BYTES = 160  # 20 ms of μ-law at 8 kHz: Twilio's inbound frame size
@@ -66,7 +67,13 @@ class CallResult:
     webhook_status: int | None = None
     errors: list[str] = field(default_factory=list)
     streams: int = 0
+    #: Each stream as the caller waited on it, in order (a restored stream adds one).
+    waits: list[StreamWait] = field(default_factory=list)
     sip_dials: list[Any] = field(default_factory=list)  # SipDial of each <Dial><Sip> (app.devtools.simulator.sip)
+    #: Wall-clock time (``time.time()``) of every returned media message, on all of the call's streams.
+    heard_at: list[float] = field(default_factory=list)
+    #: Wall-clock time each media stream's socket was opened (a restored stream adds one).
+    stream_opened_at: list[float] = field(default_factory=list)
 
     def print_timeline(self) -> None:
         """Print the call's timeline as ``t+seconds  event`` lines."""
@@ -94,6 +101,8 @@ class SimulatedStream:
         self._seq = 0
         self._received: list[Any] = []
         self.heard = bytearray()
+        #: Wall-clock time (``time.time()``) of each returned media message, for silence-gap measurements.
+        self.heard_at: list[float] = []
         self.played = bytearray()
         self.marks_received: list[str] = []
         self.marks_echoed: list[str] = []
@@ -103,6 +112,10 @@ class SimulatedStream:
         self.server_closed = False
         self.close_code: int | None = None
         self._closing = False  # set when we (the caller side) end the socket
+        #: Wall-clock times (``time.time()``) of the first returned audio and of the stream's end, either side's
+        #: (the patient caller's record: :class:`app.devtools.simulator.caller.StreamWait`).
+        self.first_audio_at: float | None = None
+        self.ended_at: float | None = None
         #: TwiML that replaced the call's (a REST ``update(twiml=…)``): the stream stops, the call goes on there.
         self.redirect_twiml: str | None = None
         self._segments: list[tuple[float, bytes]] = []  # (play start, audio) not yet fully played
@@ -137,6 +150,7 @@ class SimulatedStream:
     def close_abruptly(self) -> None:
         """Drop the TCP connection without ``stop`` or a close frame (a carrier-side failure)."""
         self._closing = True
+        self.ended_at = self.ended_at or time.time()
         drop_connection(self.ws.sock)
         self._log("caller side dropped the media socket abruptly")
 
@@ -164,6 +178,7 @@ class SimulatedStream:
     def hang_up(self) -> None:
         """The caller hangs up: send ``stop`` and close the socket, as Twilio does."""
         self._closing = True  # before stop: a server that closes on stop did not close "first"
+        self.ended_at = self.ended_at or time.time()
         self.send_event("stop", {"streamSid": self.stream_sid,
                                  "stop": {"accountSid": self.account_sid, "callSid": self.call_sid}})
         self._log("-> stop")
@@ -204,6 +219,7 @@ class SimulatedStream:
                 with self._cond:
                     if not self._closing:
                         self.server_closed = True
+                        self.ended_at = self.ended_at or time.time()
                         code = self.ws.close_reason
                         self.close_code = int(code) if code is not None else None
                         self._log(f"server closed the media socket (code {self.close_code})")
@@ -242,7 +258,10 @@ class SimulatedStream:
                 audio = None
             if audio is None:
                 return self._error(31951, "media.payload missing or not valid base64")
+            if self.first_audio_at is None:
+                self.first_audio_at = time.time()
             self.heard += audio
+            self.heard_at.append(time.time())
             start = max(now, self._tail)
             self._segments.append((start, audio))
             self._tail = start + len(audio) / BYTES_PER_SECOND

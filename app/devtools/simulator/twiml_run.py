@@ -25,6 +25,7 @@ from app.devtools.simulator.twilio_stream import (
     StatusCallbackMode,
     new_sid,
 )
+from app.devtools.simulator.caller import StreamWait
 from app.devtools.simulator.sip import SipDial, SipDialer
 from app.devtools.simulator.websocket import TimedClient
 
@@ -74,6 +75,9 @@ class CallRun:
         self.restore_audio = b""
         self.restore_hold_open: Callable[[SimulatedStream], None] | None = None  # see TwilioCallSimulator.place_call
         self.hold_sip: Callable[[SipDial], None] | None = None  # called while a <Dial><Sip> leg is up
+        #: After talking, how long the caller waits in silence for an answer before listening ``listen_seconds``
+        #: more (0: they only listen; the chaos run's patient caller: app.devtools.simulator.caller).
+        self.patience_seconds = 0.0
         self.result = CallResult(call_sid=call_sid, started_at=time.time())
         self.t0 = time.monotonic()
         self._log_lock = threading.Lock()
@@ -245,6 +249,7 @@ class CallRun:
         self.log(f"TwiML <Connect><Stream url={url}>; connecting to {sim._real_url(url)}")
         r.streams += 1
         try:
+            r.stream_opened_at.append(time.time())
             ws = TimedClient(sim._real_url(url), headers, sim.timeout)
         except Exception as exc:  # OSError, simple_websocket.ConnectionError(status), wsproto protocol errors
             r.errors.append(f"31920: media stream WebSocket handshake failed: {exc!r}")
@@ -263,6 +268,7 @@ class CallRun:
         shown = {name: "<redacted>" if "token" in name.lower() else value for name, value in params.items()}
         self.log(f"-> connected, start (streamSid {stream_sid}, customParameters {shown})")
         sent = self.send_audio(stream, self.audio if first else self.restore_audio)
+        talk_ended_at = time.time()
         if first:
             r.sent_audio = sent
         for digit in self.dtmf if first else "":
@@ -275,6 +281,7 @@ class CallRun:
             elif not first and self.restore_hold_open is not None and not stream.server_closed:
                 hook, self.restore_hold_open = self.restore_hold_open, None
                 hook(stream)
+            self.await_answer(stream, talk_ended_at)
             if not stream._closing:
                 stream.wait_for(lambda s: s.server_closed, self.listen_seconds)
         except BaseException:
@@ -288,6 +295,7 @@ class CallRun:
         self.call_over = not stream.server_closed and self.redirect_twiml is None
         stream.finish()
         r.heard_audio += bytes(stream.heard)
+        r.heard_at += stream.heard_at
         r.played_audio += bytes(stream.played)
         r.marks_received += stream.marks_received
         r.marks_echoed += stream.marks_echoed
@@ -295,6 +303,8 @@ class CallRun:
         r.clears += stream.clears
         r.protocol_errors += stream.protocol_errors
         r.server_closed_first, r.close_code = stream.server_closed, stream.close_code
+        r.waits.append(StreamWait(talk_ended_at, self.patience_seconds, stream.first_audio_at, stream.ended_at,
+                                  restored=not first))
         if el.get("statusCallback"):
             cb = {"AccountSid": sim.account_sid, "CallSid": r.call_sid, "StreamSid": stream_sid,
                   "StreamEvent": "stream-stopped", "Timestamp": _rfc2822_now()}
@@ -302,6 +312,15 @@ class CallRun:
                 cb["StreamName"] = el.get("name", "")
             self.stream_callbacks.append((sim.absolute_url(el.get("statusCallback", "")),
                                           el.get("statusCallbackMethod", "POST"), cb))
+
+    def await_answer(self, stream: SimulatedStream, talk_ended_at: float) -> None:
+        """The patient caller: after talking, wait until something comes back on this stream (audio, or the
+        stream ended for them: what comes next is the bridge's to say) or ``patience_seconds`` have passed."""
+        remaining = talk_ended_at + self.patience_seconds - time.time()
+        if remaining <= 0 or stream._closing:
+            return
+        if not stream.wait_for(lambda s: bool(s.heard) or s.server_closed or s._closing, remaining):
+            self.log(f"caller waited {self.patience_seconds:.1f}s in silence (their patience)")
 
     def send_audio(self, stream: SimulatedStream, audio: bytes) -> bytes:
         """Send ``audio`` as 160-byte media frames; returns what was sent (last frame padded with silence)."""
