@@ -123,6 +123,10 @@ class Settings:
     #: Milliseconds the live-event writer waits after an event for others to share its Redis pipeline
     #: (README, Supervisor console); 0 writes each at once, at more relay CPU.
     live_events_linger_ms: int = 40
+    #: Forward Kallglot's transcript lines to the live console (README, Supervisor console). Off: the relay still
+    #: receives and parses them (Kallglot sends them on the stream regardless) but keeps no transcript in Redis;
+    #: leg changes and relay health are still forwarded. Also the load benchmark's "not forwarded" arm.
+    live_transcripts: bool = True
     #: Set by the demo launcher: the emulator and demo secrets are in use, and the log says so loudly.
     demo_mode: bool = False
 

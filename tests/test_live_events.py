@@ -115,6 +115,44 @@ def test_a_full_queue_drops_and_counts_while_the_writer_lingers(redis_client: re
     assert kept == [n for n, ok in enumerate(accepted) if ok]
 
 
+def test_the_relay_hook_only_queues_the_line_and_the_writer_builds_the_event(redis_client: redis_lib.Redis,
+                                                                             namespace: str) -> None:
+    from app.relay.bridge import transcript_forwarder
+
+    log = SessionEventLog(redis_client, RedisKeys(namespace))
+    forwarder = EventForwarder(log, linger_seconds=1.0)
+    forward = transcript_forwarder(forwarder, "sess_hook", "agent")
+    before = time.time()
+    forward(Transcript(final=True, speaker="", text="Hello", language="en", translation="Hola",
+                       translation_language="es", item_id="u1"))
+    deadline = time.monotonic() + 5
+    while forwarder._queue.qsize() and time.monotonic() < deadline:  # the writer takes it, then lingers 1 s
+        time.sleep(0.005)
+    forward(Transcript(final=False, speaker="customer", text="Tha"))
+    session_id, kind, queued, build = forwarder._queue.queue[0]  # what the media path handed over, not built
+    assert (session_id, kind, build is not None) == ("sess_hook", TRANSCRIPT, True)
+    assert isinstance(queued, tuple) and isinstance(queued[0], Transcript) and queued[0].text == "Tha"
+    assert forwarder.flush(timeout=10) and forwarder.written == 2
+    final, partial = [e.data for e in log.latest("sess_hook", 10)]
+    assert before - 0.001 <= final.pop("at") <= time.time()
+    assert final == {"speaker": "agent", "text": "Hello", "final": True, "language": "en", "translation": "Hola",
+                     "translation_language": "es", "item": "u1"}
+    assert (partial["speaker"], partial["text"], partial["final"]) == ("customer", "Tha", False)
+
+
+def test_a_build_that_fails_loses_its_batch_not_the_writer(redis_client: redis_lib.Redis, namespace: str) -> None:
+    log = SessionEventLog(redis_client, RedisKeys(namespace))
+    forwarder = EventForwarder(log, linger_seconds=0)
+
+    def broken(_: object) -> dict[str, object]:
+        raise ValueError("a bug")
+
+    assert forwarder.publish_built("sess_bug", TRANSCRIPT, broken, None) and forwarder.flush(timeout=10)
+    assert forwarder.dropped == 1 and forwarder.written == 0
+    assert forwarder.publish("sess_bug", TRANSCRIPT, {"text": "after"}) and forwarder.flush(timeout=10)
+    assert forwarder.written == 1 and [e.data["text"] for e in log.latest("sess_bug", 10)] == ["after"]
+
+
 def test_transcript_messages_carry_language_and_translation() -> None:
     final = parse_server_message('{"type":"transcript.final","id":"u1","speaker":"customer","language":"en",'
                                  '"text":"Hello","translation":{"language":"es","text":"Hola"}}')

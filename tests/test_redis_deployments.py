@@ -376,3 +376,30 @@ def test_rediss_refuses_a_server_its_ca_did_not_sign(tls_redis: RedisDeployment,
     app = _tls_app(tls_redis, emulator, REDIS_TLS_CA=str(other_ca))
     ready = app.test_client().get("/readyz")
     assert ready.status_code == 503 and "Redis unreachable" in " ".join(ready.json["problems"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("deployment_name", ["cluster", "sentinel"])
+def test_the_live_event_writer_writes_a_batch_on_each_deployment(
+        request: pytest.FixtureRequest, deployment_name: str, emulator: EmulatorControl) -> None:
+    """One script call per batch on Sentinel; a pipeline on the cluster, where the sessions' streams (and the
+    global stream) sit in different slots that one script call could not span."""
+    from app.calls.events import LEG, TRANSCRIPT, SessionEventLog, event_log_for, leg_event, transcript_event
+
+    deployment: RedisDeployment = request.getfixturevalue(deployment_name)
+    app = create_app({**bridge_config(deployment.url, emulator.api_url, "ev-" + uuid.uuid4().hex[:8], PUBLIC_URL),
+                      **deployment.env})
+    with app.app_context():
+        log, forwarder = event_log_for(app)
+        sessions = [f"sess_{n}" for n in range(8)]  # spread over slots on the cluster
+        for n in range(40):
+            assert forwarder.publish(sessions[n % 8], TRANSCRIPT, transcript_event(speaker="customer",
+                                                                                  text=f"line {n}", final=True))
+        assert forwarder.publish("sess_0", LEG, leg_event(carrier="twilio", call_id="CA1", speaker="customer",
+                                                          state="ended"))
+        assert forwarder.flush(timeout=20) and (forwarder.written, forwarder.dropped) == (41, 0)
+        for n, session_id in enumerate(sessions):
+            texts = [e.data["text"] for e in log.latest(session_id, 100) if e.kind == TRANSCRIPT]
+            assert texts == [f"line {i}" for i in range(n, 40, 8)]
+        assert [e.data["state"] for e in log.wait(services().keys.live_changes(), "0-0", block_ms=100)] == ["ended"]
+        assert isinstance(log, SessionEventLog)

@@ -12,8 +12,8 @@ Kallglot's REST API, not from here.
 
 The relay must never wait on Redis per frame: :class:`EventForwarder` takes events with a non-blocking
 ``put_nowait`` into a bounded queue, and one background thread (a greenlet under gevent) writes them in
-pipelined batches. When Redis is slow or down the queue fills and further events are dropped and counted —
-the call's audio is never held up for a transcript line.
+batches (one Lua script call each; a pipeline on a Redis Cluster). When Redis is slow or down the queue fills
+and further events are dropped and counted — the call's audio is never held up for a transcript line.
 
 The writer lingers (:data:`DEFAULT_LINGER_SECONDS`, setting ``LIVE_EVENTS_LINGER_MS``) after the first event
 of a batch before draining the queue: at 200 calls × 1 line/s that is one pipeline per linger instead of one
@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 import redis
+from redis.cluster import RedisCluster
 
 from app.background import spawn
 from app.redis_keys import RedisKeys, as_text, as_text_map
@@ -69,6 +70,24 @@ SESSION = "session"
 LIVE_LIST_CHANGES = frozenset({"started", "ended", "lost", "reattached", "agent_joined", "fallback"})
 
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+#: The writer's whole batch in one command (standalone Redis and Sentinel): ARGV[1] = entries, then per entry its
+#: MAXLEN, kind, session id and data (KEYS[i] its stream), then the TTL for the remaining KEYS. One command and one
+#: reply per batch instead of an XADD (and its reply, parsed in Python) per event: most of the forwarder's CPU
+#: per transcript line was redis-py's per-command work (issue 16, README Capacity).
+_APPEND_BATCH = """
+local n = tonumber(ARGV[1])
+local a = 2
+for i = 1, n do
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[a], '*', 'kind', ARGV[a + 1], 'session_id', ARGV[a + 2],
+             'data', ARGV[a + 3])
+  a = a + 4
+end
+for i = n + 1, #KEYS do
+  redis.call('EXPIRE', KEYS[i], ARGV[a])
+end
+return n
+"""
 
 
 def valid_stream_id(value: str) -> bool:
@@ -111,31 +130,57 @@ class SessionEventLog:
         self._keys = keys
         self.max_events = max_events
         self.ttl_seconds = ttl_seconds
+        # A cluster spreads the sessions' streams over slots, which one script call cannot span: pipelines there.
+        self._append_script = None if isinstance(client, RedisCluster) else client.register_script(_APPEND_BATCH)
 
     def append_to(self, pipe: Any, session_id: str, kind: str, data: Mapping[str, Any]) -> None:
         """Queue one event on ``pipe`` (a Redis pipeline); leg changes are announced globally as well."""
         self.append_batch_to(pipe, [(session_id, kind, data)])
 
+    def _entries(self, batch: list[tuple[str, str, Mapping[str, Any]]]
+                 ) -> tuple[list[tuple[str, int, str, str, bytes]], set[str]]:
+        """``(stream key, MAXLEN, kind, session id, data JSON)`` per entry to add — an event, and for a live-list
+        change its announcement on the global stream — and the set of streams written."""
+        entries: list[tuple[str, int, str, str, bytes]] = []
+        changes_key = self._keys.live_changes()
+        stream_key = self._keys.session_live_events
+        for session_id, kind, data in batch:
+            # orjson: ~5x json.dumps on a transcript line, and the same JSON text (UTF-8, not \u-escaped).
+            entries.append((stream_key(session_id), self.max_events, kind, session_id,
+                            orjson.dumps(data if isinstance(data, dict) else dict(data))))
+            if kind == SESSION or (kind == LEG and data.get("state") in LIVE_LIST_CHANGES):
+                entries.append((changes_key, MAX_LIVE_CHANGES, kind, session_id,
+                                orjson.dumps({"state": data.get("state", "")})))
+        return entries, {entry[0] for entry in entries}
+
     def append_batch_to(self, pipe: Any, batch: list[tuple[str, str, Mapping[str, Any]]], *,
                         ttl_due: Callable[[str], bool] | None = None) -> None:
         """Queue ``(session_id, kind, data)`` events on ``pipe``: one ``XADD`` each, then one ``EXPIRE`` per
         stream written (not per event) — only for the streams ``ttl_due`` says need it, when given."""
-        touched: set[str] = set()
-        changes_key = self._keys.live_changes()
-        for session_id, kind, data in batch:
-            key = self._keys.session_live_events(session_id)
-            # orjson: ~5x json.dumps on a transcript line, and the same JSON text (UTF-8, not \u-escaped).
-            pipe.xadd(key, {"kind": kind, "session_id": session_id, "data": orjson.dumps(data if isinstance(data, dict) else dict(data))},
-                      maxlen=self.max_events, approximate=True)
-            touched.add(key)
-            if kind == SESSION or (kind == LEG and data.get("state") in LIVE_LIST_CHANGES):
-                pipe.xadd(changes_key, {"kind": kind, "session_id": session_id,
-                                        "data": orjson.dumps({"state": data.get("state", "")})},
-                          maxlen=MAX_LIVE_CHANGES, approximate=True)
-                touched.add(changes_key)
+        entries, touched = self._entries(batch)
+        for key, maxlen, kind, session_id, data in entries:
+            pipe.xadd(key, {"kind": kind, "session_id": session_id, "data": data}, maxlen=maxlen, approximate=True)
         for key in touched:
             if ttl_due is None or ttl_due(key):
                 pipe.expire(key, self.ttl_seconds)
+
+    def append_batch(self, batch: list[tuple[str, str, Mapping[str, Any]]], *,
+                     ttl_due: Callable[[str], bool] | None = None) -> None:
+        """Write ``(session_id, kind, data)`` events now, as :meth:`append_batch_to` would: one script call on a
+        standalone or Sentinel Redis, a pipeline on a cluster."""
+        if self._append_script is None:
+            with self.pipeline() as pipe:
+                self.append_batch_to(pipe, batch, ttl_due=ttl_due)
+                pipe.execute()
+            return
+        entries, touched = self._entries(batch)
+        keys: list[str] = [entry[0] for entry in entries]
+        args: list[Any] = [len(entries)]
+        for _, maxlen, kind, session_id, data in entries:
+            args += (maxlen, kind, session_id, data)
+        keys += [key for key in touched if ttl_due is None or ttl_due(key)]
+        args.append(self.ttl_seconds)
+        self._append_script(keys=keys, args=args)
 
     def pipeline(self) -> Any:
         """A non-transactional pipeline on the event log's Redis (batch several :meth:`append_to`)."""
@@ -175,7 +220,9 @@ class EventForwarder:
         self._events = events
         self._linger = max(0.0, linger_seconds)
         self._batch_size = max(1, batch_size)
-        self._queue: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue(maxsize=queue_size)
+        # (session id, kind, data or what ``build`` makes it from, build or None): see publish_built.
+        self._queue: queue.Queue[tuple[str, str, Any, Callable[[Any], dict[str, Any]] | None]] = \
+            queue.Queue(maxsize=queue_size)
         self._started = threading.Lock()
         self._writer: threading.Thread | None = None
         self.dropped = 0
@@ -199,10 +246,17 @@ class EventForwarder:
 
     def publish(self, session_id: str, kind: str, data: dict[str, Any]) -> bool:
         """Hand one event to the writer without waiting; False (and counted) when the queue is full."""
+        return self.publish_built(session_id, kind, None, data)
+
+    def publish_built(self, session_id: str, kind: str, build: Callable[[Any], dict[str, Any]] | None,
+                      source: Any) -> bool:
+        """Like :meth:`publish`, but the writer makes the event's data with ``build(source)``: the relay's media
+        greenlet does a queue put and nothing else per transcript line. ``build`` must not block; if it raises,
+        the event is dropped and counted."""
         if self._writer is None:
             self._start()
         try:
-            self._queue.put_nowait((session_id, kind, data))
+            self._queue.put_nowait((session_id, kind, source, build))
         except queue.Full:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -212,12 +266,13 @@ class EventForwarder:
 
     def flush(self, timeout: float = 2.0) -> bool:
         """Wait until everything published so far is written (tests, shutdown); True when it was."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._queue.unfinished_tasks == 0:
-                return True
-            time.sleep(0.01)
-        return self._queue.unfinished_tasks == 0
+        # Woken by the writer's last task_done, not a poll: a waiting caller costs no wake-ups (the forward-cost
+        # benchmark waits here once per simulated second).
+        done = getattr(self._queue, "all_tasks_done", None)
+        if done is None:  # gevent's queue (the process is monkey-patched): its join takes a timeout
+            return bool(self._queue.join(timeout))  # type: ignore[call-arg]
+        with done:
+            return bool(done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout))
 
     def _start(self) -> None:
         with self._started:
@@ -235,14 +290,17 @@ class EventForwarder:
                 except queue.Empty:
                     break
             try:
-                with self._events.pipeline() as pipe:
-                    self._events.append_batch_to(pipe, batch, ttl_due=self._ttl_due)
-                    pipe.execute()
+                events = [(session_id, kind, data if build is None else build(data))
+                          for session_id, kind, data, build in batch]
+                self._events.append_batch(events, ttl_due=self._ttl_due)
                 self.written += len(batch)
             except redis.RedisError as exc:  # the events are lost; the calls go on
                 self._ttl_refreshed.clear()  # an XADD may have landed without its EXPIRE: send it next time
                 self.dropped += len(batch)
                 log.warning("live events: %d not written: %s", len(batch), exc)
+            except Exception:  # a bug in a build: lose the batch, keep the writer (else every later event is lost)
+                self.dropped += len(batch)
+                log.exception("live events: %d not written", len(batch))
             finally:
                 self.batches += 1
                 for _ in batch:
@@ -250,9 +308,11 @@ class EventForwarder:
 
 
 def transcript_event(*, speaker: str, text: str, final: bool, language: str = "", translation: str = "",
-                     translation_language: str = "", item_id: str = "") -> dict[str, Any]:
-    """The ``data`` of a transcript event (what was said, and its translation when Kallglot sent one)."""
-    data: dict[str, Any] = {"speaker": speaker, "text": text, "final": final, "at": round(time.time(), 3)}
+                     translation_language: str = "", item_id: str = "", at: float | None = None) -> dict[str, Any]:
+    """The ``data`` of a transcript event (what was said, and its translation when Kallglot sent one); ``at``:
+    when the relay received it (default now)."""
+    data: dict[str, Any] = {"speaker": speaker, "text": text, "final": final,
+                            "at": round(time.time() if at is None else at, 3)}
     if language:
         data["language"] = language
     if translation:

@@ -84,9 +84,14 @@ class SessionError:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Transcript:
-    """``transcript.partial`` or ``transcript.final`` (assumption 6); the relay forwards it to the live console."""
+    """``transcript.partial`` or ``transcript.final`` (assumption 6); the relay forwards it to the live console.
+
+    Not frozen, unlike the other messages: a frozen dataclass sets each of its seven fields through
+    ``object.__setattr__``, which made building one cost more than decoding the JSON (issue 16 counts every
+    line's parse). Nothing changes one after parsing.
+    """
 
     final: bool
     speaker: str
@@ -137,6 +142,11 @@ def playback_finished(mark: str) -> str | None:
     return None
 
 
+def _text(value: Any) -> str:
+    """A field as text: a string as it is (the usual case, no copy), missing or empty as "", anything else str()."""
+    return value if type(value) is str else str(value) if value else ""
+
+
 def parse_server_message(raw: str | bytes) -> ServerMessage:
     """Turn one frame from Kallglot into a typed message; never raises."""
     if isinstance(raw, bytes):
@@ -164,16 +174,16 @@ def parse_server_message(raw: str | bytes) -> ServerMessage:
     if kind == "session.error":
         error = message.get("error") if isinstance(message.get("error"), dict) else message
         return SessionError(code=str(error.get("code", "")), message=str(error.get("message", "")))
-    if kind in ("transcript.partial", "transcript.final"):
-        translation = message.get("translation")
-        if isinstance(translation, dict):
-            translated, translated_language = str(translation.get("text", "")), str(translation.get("language", ""))
+    if kind == "transcript.final" or kind == "transcript.partial":
+        get = message.get
+        translation = get("translation")
+        if type(translation) is dict:
+            translated, translated_language = _text(translation.get("text")), _text(translation.get("language"))
         else:
-            translated, translated_language = (str(translation) if translation else ""), ""
-        return Transcript(final=kind.endswith("final"), speaker=str(message.get("speaker", "")),
-                          text=str(message.get("text", "")), language=str(message.get("language") or ""),
-                          translation=translated, translation_language=translated_language,
-                          item_id=str(message.get("id") or ""))
+            translated, translated_language = _text(translation), ""
+        # Positional, in field order: final, speaker, text, language, translation, its language, item id.
+        return Transcript(kind == "transcript.final", _text(get("speaker")), _text(get("text")), _text(get("language")),
+                          translated, translated_language, _text(get("id")))
     if kind in ("session.ready", "pong"):
         return Informational(kind)
     return UnknownMessage(kind or "untyped")

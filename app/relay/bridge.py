@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import redis
 from flask import current_app
@@ -120,12 +122,6 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
         forwarder.publish(grant.session_id, live_events.LEG, live_events.leg_event(
             carrier=codec.carrier, call_id=grant.call_id, speaker=grant.speaker, state=state, detail=detail))
 
-    def forward_transcript(message: Transcript) -> None:
-        forwarder.publish(grant.session_id, live_events.TRANSCRIPT, live_events.transcript_event(
-            speaker=message.speaker or grant.speaker, text=message.text, final=message.final,
-            language=message.language, translation=message.translation,
-            translation_language=message.translation_language, item_id=message.item_id))
-
     def forward_health(health: dict[str, float]) -> None:
         forwarder.publish(grant.session_id, live_events.RELAY_HEALTH,
                           {"call_id": grant.call_id, "speaker": grant.speaker, **health})
@@ -162,7 +158,9 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
                            context=context, on_end=record_end, reopen_kallglot=open_kallglot,
                            reconnect_backoff_seconds=svc.settings.kallglot_reconnect_backoff_seconds,
                            ping_interval_seconds=svc.settings.kallglot_ping_interval_seconds,
-                           on_transcript=forward_transcript, on_health=forward_health)
+                           on_transcript=(transcript_forwarder(forwarder, grant.session_id, grant.speaker)
+                                          if svc.settings.live_transcripts else None),
+                           on_health=forward_health)
         with current_drain().track(relay):  # a deploy's SIGTERM hands the leg over as lost (app/ops/draining.py)
             return relay.run()
     finally:
@@ -180,6 +178,29 @@ def _raise_if_leg_over(svc: Services, carrier: str, grant: RelayGrant) -> None:
         return
     if call.get("state") == LEG_ENDED and call.get("end_reason") != EndReason.HEARTBEAT_LOST.value:
         raise StreamNotWanted(f"the leg ended ({call.get('end_reason') or 'no reason'})")
+
+
+def transcript_forwarder(forwarder: live_events.EventForwarder, session_id: str,
+                         speaker: str) -> Callable[[Transcript], None]:
+    """The relay's ``on_transcript`` hook: each Kallglot transcript line becomes a live-console event, handed to
+    ``forwarder`` without waiting (``LIVE_TRANSCRIPTS=off`` passes no hook at all: the line is parsed, not kept).
+
+    On the media greenlet it is one queue put of the parsed line and its arrival time; the forwarder's writer
+    builds the event from them (issue 16: nothing per line on the media path beyond the put). Module-level (not a
+    closure in the relay) so :mod:`app.devtools.forward_cost` measures this very code.
+    """
+    def build(line: tuple[Transcript, float]) -> dict[str, Any]:
+        message, at = line
+        return live_events.transcript_event(
+            speaker=message.speaker or speaker, text=message.text, final=message.final,
+            language=message.language, translation=message.translation,
+            translation_language=message.translation_language, item_id=message.item_id, at=at)
+
+    publish, kind, now = forwarder.publish_built, live_events.TRANSCRIPT, time.time
+
+    def forward_transcript(message: Transcript) -> None:
+        publish(session_id, kind, build, (message, now()))
+    return forward_transcript
 
 
 class _Heartbeat:

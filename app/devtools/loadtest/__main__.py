@@ -17,9 +17,9 @@ measures for ``--steady`` seconds, hangs up, and prints:
 
 With ``--reference`` every step runs twice in the same run, same machine, same generator and core: against the
 bridge and against a reference relay in the style of Twilio's own sample (FastAPI/uvicorn/websockets,
-:mod:`app.devtools.loadtest.reference_relay`, the ``[loadtest]`` extra). ``--transcripts both`` runs each bridge
-step with and without the emulator's transcript lines (one final and one partial per second per call), which the
-bridge forwards to the live console's Redis Stream: the difference is what that forwarding costs.
+:mod:`app.devtools.loadtest.reference_relay`, the ``[loadtest]`` extra). ``--transcripts`` picks the arms of each
+bridge step — forwarded, not-forwarded (a second bridge with ``LIVE_TRANSCRIPTS=off``), none — and ``--pairs N``
+repeats each step with the arms alternating, then summarizes (:mod:`app.devtools.loadtest.arms`).
 
 Loopback only; every phase is bounded and the run ends by itself. Needs ``node`` and ``npm`` (it runs
 ``npm install`` in this directory once, for ``ws``), ``redis-server``, and Linux ``/proc``.
@@ -43,6 +43,7 @@ from typing import Any
 import requests
 
 from app.devtools.loadtest import profile
+from app.devtools.loadtest.arms import ARM_CHOICES, ARMS, arm_summary
 from app.devtools.loadtest.targets import Target, run_reference
 from app.devtools.localstack import RunningServer, free_port, run_gunicorn, run_redis
 
@@ -132,8 +133,10 @@ def histogram_mean(before: str, after: str, name: str, labels: str) -> float | N
 
 @contextlib.contextmanager
 def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int, reference: bool,
-          layers: list[str], logs: Path | None = None) -> Iterator[tuple[list[Target], RunningServer]]:
-    """Redis, the emulator, the bridge and (``reference``) the reference relay, pinned; yields (targets, emulator)."""
+          layers: list[str], logs: Path | None = None,
+          not_forwarded: bool = False) -> Iterator[tuple[list[Target], RunningServer]]:
+    """Redis, the emulator, the bridge(s: ``not_forwarded`` adds one with ``LIVE_TRANSCRIPTS=off`` per layer) and
+    (``reference``) the reference relay, pinned; yields (targets, emulator)."""
     with run_redis() as redis_url:
         if not os.environ.get("REDIS_URL"):
             redis_pids = subprocess.run(["pgrep", "-f", f"redis-server.*{redis_url.split(':')[2].split('/')[0]}"],
@@ -152,15 +155,20 @@ def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int, reference: bool,
                    "UPLINK_CHUNK_MS": str(chunk_ms), "LOG_LEVEL": "WARNING"}
             with contextlib.ExitStack() as servers:
                 targets = []
-                for layer in layers:  # one bridge per WebSocket layer, each with its own port and namespace
-                    port = free_port()
-                    bridge = servers.enter_context(run_gunicorn("app:create_app()", {
-                        **env, "WEBSOCKET_LAYER": layer, "PUBLIC_URL": f"http://127.0.0.1:{port}",
-                        "REDIS_NAMESPACE": f"loadtest-{os.getpid()}-{layer}", "LOG_LEVEL": "INFO" if logs else "WARNING"},
-                        workers=1, port=port, log_path=logs / f"bridge-{layer}.log" if logs else None))
-                    pin(bridge.process.pid, bridge_cpu)
-                    (worker,) = children(bridge.process.pid)
-                    targets.append(Target(f"bridge[{layer}]", bridge.url, worker))
+                # One bridge per WebSocket layer (and LIVE_TRANSCRIPTS value), each with its own port and namespace.
+                for layer in layers:
+                    for live in (True, False) if not_forwarded else (True,):
+                        port = free_port()
+                        bridge = servers.enter_context(run_gunicorn("app:create_app()", {
+                            **env, "WEBSOCKET_LAYER": layer, "PUBLIC_URL": f"http://127.0.0.1:{port}",
+                            "LIVE_TRANSCRIPTS": "on" if live else "off",
+                            "REDIS_NAMESPACE": f"loadtest-{os.getpid()}-{layer}{'' if live else '-nf'}",
+                            "LOG_LEVEL": "INFO" if logs else "WARNING"},
+                            workers=1, port=port, log_path=logs / f"bridge-{layer}{'' if live else '-nf'}.log" if logs else None))
+                        pin(bridge.process.pid, bridge_cpu)
+                        (worker,) = children(bridge.process.pid)
+                        targets.append(Target(f"bridge[{layer}]{'' if live else ' LIVE_TRANSCRIPTS=off'}", bridge.url,
+                                              worker, live_transcripts=live, layer=layer))
                 reference_server = servers.enter_context(run_reference(env, enabled=reference))
                 if reference_server is not None:
                     pin(reference_server.process.pid, bridge_cpu)
@@ -169,7 +177,7 @@ def stack(bridge_cpu: int, other_cpu: int, chunk_ms: int, reference: bool,
 
 
 def run_step(calls: int, args: argparse.Namespace, target: Target, emulator: RunningServer,
-             transcripts: bool = True) -> dict[str, Any]:
+             transcripts: bool = True, arm: str = "") -> dict[str, Any]:
     """One step: N calls through the generator against ``target``; returns the measured figures."""
     (emulator_worker,) = children(emulator.process.pid)
     requests.post(emulator.url + "/_emulator/behaviour", timeout=10,
@@ -205,7 +213,7 @@ def run_step(calls: int, args: argparse.Namespace, target: Target, emulator: Run
         sampler.wait(timeout=60)
         result["profile"] = profile.format_summary(profile_path)
     metrics_after = requests.get(target.url + "/metrics", timeout=10).text
-    result = {**result, "target": target.name, "transcripts": transcripts}
+    result = {**result, "target": target.name, "transcripts": transcripts, "arm": arm, "layer": target.layer}
     if "STEADY_END" not in marks or "error" in result:
         return {"calls": calls, "error": result.get("error", "generator ended early"), **result}
     (t0, w0, e0, g0), (t1, w1, e1, g1) = marks["STEADY_START"], marks["STEADY_END"]
@@ -249,6 +257,8 @@ def ms(seconds: float | None) -> float | None:
 def print_step(r: dict[str, Any]) -> None:
     """One step's figures as a few readable lines."""
     label = f"{r.get('target', 'bridge')}{'' if r.get('transcripts', True) else ' (no transcripts)'} "
+    if r.get("arm"):
+        label += f"[{r['arm']}] "
     if "error" in r:
         print(f"{label}N={r['calls']}: FAILED: {r['error']}", flush=True)
         return
@@ -296,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", type=Path, help="keep each bridge's log (at INFO) in this folder")
     parser.add_argument("--layers", default="simple-websocket",
                         help="WEBSOCKET_LAYER of the bridge; several (comma-separated) run one bridge each, side by side")
-    parser.add_argument("--transcripts", choices=("on", "off", "both"), default="on",
-                        help="the emulator's transcript lines during the bridge's steps (both: two runs per step)")
+    parser.add_argument("--transcripts", choices=tuple(ARM_CHOICES), default="on",
+                        help="arms of each bridge step: on = forwarded, off = none (no transcript lines), both = "
+                             "forwarded and none, not-forwarded (lines parsed, LIVE_TRANSCRIPTS=off), all = the three")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="rounds of every step, the arms alternating (order rotated each round)")
     args = parser.parse_args(argv)
     if not shutil.which("node") or not shutil.which("taskset"):
         print("needs node (and npm) and taskset on the PATH", file=sys.stderr)
@@ -313,18 +326,31 @@ def main(argv: list[str] | None = None) -> int:
     layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
+    arms = ARM_CHOICES[args.transcripts]
     with stack(args.bridge_cpu, args.other_cpu, args.chunk_ms, args.reference, layers,
-               args.logs) as (targets, emulator):
+               args.logs, not_forwarded="not-forwarded" in arms) as (targets, emulator):
         for target in targets:  # warm-up (imports, caches, connection pools), short and unreported
             run_step(10, argparse.Namespace(**{**vars(args), "steady": 2.0, "settle": 1.0}), target, emulator)
         for calls in steps:
-            for target in targets:
-                modes = {"on": [True], "off": [False], "both": [True, False]}[args.transcripts]
-                for transcripts in modes if target.name.startswith("bridge") else [True]:
-                    result = {**run_step(calls, args, target, emulator, transcripts), "rate": args.rate}
+            for round_no in range(1, max(1, args.pairs) + 1):
+                # Rotate the arms' order each round: a neighbour's burst, or a drift, lands on each arm in turn.
+                shift = (round_no - 1) % len(arms)
+                order = arms[shift:] + arms[:shift]
+                runs: list[tuple[Target, bool, str]] = []
+                for layer in layers:
+                    for arm in order:
+                        says, forwards = ARMS[arm]
+                        (target,) = [t for t in targets if t.layer == layer and t.live_transcripts == forwards]
+                        runs.append((target, says, arm))
+                runs += [(t, True, "") for t in targets if not t.layer]  # the reference relay, once a round
+                for target, says, arm in runs:
+                    result = {**run_step(calls, args, target, emulator, says, arm), "rate": args.rate,
+                              "round": round_no}
                     results.append(result)
                     print_step(result)
                     time.sleep(2)  # the previous step's sessions end
+    for line in arm_summary(results):
+        print(line, flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

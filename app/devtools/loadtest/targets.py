@@ -20,6 +20,10 @@ class Target:
     name: str
     url: str
     worker_pid: int
+    #: ``LIVE_TRANSCRIPTS`` of this bridge: False for the "not forwarded" arm (lines received and parsed only).
+    live_transcripts: bool = True
+    #: The WebSocket layer of a bridge ("" for the reference relay).
+    layer: str = ""
 
 
 @contextlib.contextmanager
