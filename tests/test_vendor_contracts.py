@@ -145,7 +145,7 @@ def test_the_texml_simulator_refuses_verbs_telnyx_does_not_document() -> None:
 
     simulator = TexmlCallSimulator("http://127.0.0.1:9", TelnyxSigner())
     result = TexmlCallResult(call_sid=CALL_ID)
-    run = _TexmlRun(result, "+1", "+2", b"", b"", "PCMU", 8000, 0.0, False, False, False)
+    run = _TexmlRun(result, "+1", "+2", b"", b"", "PCMU", 8000, 0.0, False, False, False, 0.0)
     simulator._run_texml(run, "<Response><Say>hi</Say><Client>x</Client><Hangup/></Response>", depth=0)
     assert result.said == ["hi"] and result.hung_up
     assert result.errors == ["<Client> is not a TeXML verb Telnyx documents"]
