@@ -41,7 +41,36 @@ def echo_server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
         yield server
 
 
-class RawClient:
+class RawPeer:
+    """Byte-level framing shared by the raw test peers: send frames, read exact byte counts and frame lengths."""
+
+    buffer = b""
+
+    def _socket(self) -> socket.socket:
+        raise NotImplementedError
+
+    def send(self, *frames: bytes) -> None:
+        self._socket().sendall(b"".join(frames))
+
+    def _read_exact(self, n: int) -> bytes | None:
+        while len(self.buffer) < n:
+            chunk = self._socket().recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def _read_length(self, second_byte: int) -> int:
+        size = second_byte & 0x7F
+        if size == 126:
+            return struct.unpack("!H", self._read_exact(2) or b"\0\0")[0]
+        if size == 127:
+            return struct.unpack("!Q", self._read_exact(8) or b"\0" * 8)[0]
+        return size
+
+
+class RawClient(RawPeer):
     """A WebSocket client that writes frames byte by byte, so it can also write the broken ones."""
 
     def __init__(self, port: int) -> None:
@@ -75,17 +104,8 @@ class RawClient:
         key = os.urandom(4)
         return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
-    def send(self, *frames: bytes) -> None:
-        self.sock.sendall(b"".join(frames))
-
-    def _read_exact(self, n: int) -> bytes | None:
-        while len(self.buffer) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return None
-            self.buffer += chunk
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
+    def _socket(self) -> socket.socket:
+        return self.sock
 
     def read(self) -> tuple[int, bool, bytes] | None:
         """The next server frame (opcode, fin, payload); None when the server closed TCP."""
@@ -94,11 +114,7 @@ class RawClient:
             return None
         assert not head[1] & 0x80, "a server frame must not be masked"
         assert not head[0] & 0x70, "no extension was negotiated: reserved bits must be 0"
-        size = head[1] & 0x7F
-        if size == 126:
-            size = struct.unpack("!H", self._read_exact(2) or b"\0\0")[0]
-        elif size == 127:
-            size = struct.unpack("!Q", self._read_exact(8) or b"\0" * 8)[0]
+        size = self._read_length(head[1])
         payload = self._read_exact(size) if size else b""
         assert payload is not None
         return head[0] & 0x0F, bool(head[0] & 0x80), payload
@@ -230,7 +246,7 @@ def test_a_broken_upgrade_is_refused_with_a_4xx(echo_server: RunningServer, requ
 # client's refusal) and parses every client frame by hand: a client frame MUST be masked (RFC 6455 5.3).
 
 
-class RawServer:
+class RawServer(RawPeer):
     """Accepts one WebSocket upgrade (optionally with bytes in the same segment as the 101), then frames by hand."""
 
     def __init__(self, *, status: str = "101 Switching Protocols", after_response: bytes = b"",
@@ -269,17 +285,8 @@ class RawServer:
     def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool = False) -> bytes:
         return RawClient.frame(opcode, payload, fin=fin, mask=mask)
 
-    def send(self, *frames: bytes) -> None:
-        self.accepted().sendall(b"".join(frames))
-
-    def _read_exact(self, n: int) -> bytes | None:
-        while len(self.buffer) < n:
-            chunk = self.accepted().recv(65536)
-            if not chunk:
-                return None
-            self.buffer += chunk
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
+    def _socket(self) -> socket.socket:
+        return self.accepted()
 
     def read(self) -> tuple[int, bool, bytes] | None:
         """The next client frame (opcode, fin, unmasked payload); None at EOF. Asserts the client masked it."""
@@ -288,11 +295,7 @@ class RawServer:
             return None
         assert head[1] & 0x80, "a client frame MUST be masked"
         assert not head[0] & 0x70, "no extension was negotiated: reserved bits must be 0"
-        size = head[1] & 0x7F
-        if size == 126:
-            size = struct.unpack("!H", self._read_exact(2) or b"\0\0")[0]
-        elif size == 127:
-            size = struct.unpack("!Q", self._read_exact(8) or b"\0" * 8)[0]
+        size = self._read_length(head[1])
         key = self._read_exact(4)
         payload = self._read_exact(size) if size else b""
         assert key is not None and payload is not None
