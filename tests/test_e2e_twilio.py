@@ -362,3 +362,24 @@ def test_kallglot_stream_drop_is_reopened_and_the_call_goes_on(simulator: Twilio
     assert base64.b64decode(session["audio_received"]["customer"]).endswith(b"\x05" * 1600)
     assert wait_until(lambda: emulator.session(session["id"])["status"] == "ended")
     assert emulator.session(session["id"])["end_calls"] == 1
+
+
+def test_a_dropped_kallglot_stream_of_a_session_already_over_is_not_reopened(
+        simulator: TwilioCallSimulator, emulator: EmulatorControl, bridge_server: RunningServer,
+        redis_url: str, numbers: CallNumbers) -> None:
+    """Kallglot's end reached us (recorded as ended) but its stream dropped before saying ``session.ended`` on it: the
+    relay must not reopen a stream into a session that is over (chaos-run logs: relays walked the whole ~8 s backoff
+    against refusals before the caller heard anything), but end the leg at once."""
+    reporter = create_app(bridge_config(redis_url, emulator.api_url, "e2e", bridge_server.url))
+
+    def end_then_drop(stream: SimulatedStream) -> None:
+        session_id = live_session_id(emulator)
+        with reporter.app_context():
+            assert services().lifecycle.ended_by_kallglot(session_id, "test_ended")
+        requests.post(f"{emulator.url}/_emulator/sessions/{session_id}/drop", timeout=5).raise_for_status()
+        assert stream.wait_for(lambda s: s.server_closed, timeout=5)  # well inside the first 0.2 s backoff + reopen
+
+    result = simulator.place_call(*numbers, b"\xff" * 1600, pace=False, hold_open=end_then_drop, listen_seconds=0)
+    assert result.protocol_errors == []
+    session = only_session(emulator)
+    assert session["connections_total"] == 1  # never reopened
