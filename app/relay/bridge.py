@@ -90,21 +90,22 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
     """Relay a leg whose token was verified, consumed and whose lease is held."""
     context = f"{codec.carrier} call={grant.call_id} session={grant.session_id}"
     bind_log_context(carrier=codec.carrier, call_id=grant.call_id, session_id=grant.session_id)
-    reopening: list[bool] = []  # empty until the first open: every later open is a reopen
 
     def open_kallglot() -> KallglotStream:
         """Open (or reopen) the session's stream; an expired token is refreshed with GET (assumption 4 in
         :mod:`app.kallglot.stream_protocol`)."""
         stream_url, stream_token = grant.stream_url, grant.stream_token
-        if reopening:
-            _raise_if_leg_over(svc, codec.carrier, grant)
-        reopening.append(True)
         if grant.stream_expires_at and grant.stream_expires_at - time.time() < TOKEN_REFRESH_MARGIN_SECONDS:
             session = svc.kallglot.get_session(grant.session_id)
             if session.stream is None or session.status == "ended":
                 raise KallglotStreamError("the Kallglot session has no stream (ended?)")
             stream_url, stream_token = session.stream.url, session.stream.token
         return KallglotStream.open(stream_url, stream_token)
+
+    def reopen_kallglot() -> KallglotStream:
+        """Reopen the dropped stream, unless the leg or its session is over (then retrying cannot help)."""
+        _raise_if_leg_over(svc, codec.carrier, grant)
+        return open_kallglot()
 
     try:
         kallglot = open_kallglot()
@@ -155,7 +156,7 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
     try:
         relay = MediaRelay(ws, codec, kallglot, speaker=grant.speaker, chunk_ms=svc.settings.uplink_chunk_ms,
                            quiet_flush_ms=svc.settings.uplink_quiet_flush_ms,
-                           context=context, on_end=record_end, reopen_kallglot=open_kallglot,
+                           context=context, on_end=record_end, reopen_kallglot=reopen_kallglot,
                            reconnect_backoff_seconds=svc.settings.kallglot_reconnect_backoff_seconds,
                            ping_interval_seconds=svc.settings.kallglot_ping_interval_seconds,
                            on_transcript=(transcript_forwarder(forwarder, grant.session_id, grant.speaker)
