@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import secrets
 import time
+from typing import Any
 
 import redis
 from flask import abort, flash, jsonify, redirect, render_template, url_for
@@ -20,7 +21,7 @@ from flask.typing import ResponseReturnValue
 from app.admin.auth import admin_name, session_owner
 from app.admin.blueprint import bp
 from app.admin.live import valid_session_id
-from app.calls.agent import offer_again
+from app.calls.agent import customer_on_call, offer_again, other_agent_on_call
 from app.calls.agent_queue import BROWSER_LEG, AgentQueue
 from app.calls.leg_spec import LegSpec
 from app.calls.legs import live_session
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 
 def _queue(svc: Services) -> AgentQueue:
     return AgentQueue(svc.redis, svc.keys)
+
+
+def _waiting(svc: Services) -> list[dict[str, Any]]:
+    """The calls agents may take now. A call whose customer hung up stays in the queue until its wait runs out
+    (the reaper's pass then gives it up); it is not shown meanwhile, so no agent reaches for a call that is over."""
+    return [offer for offer in _queue(svc).waiting() if customer_on_call(svc, offer.get("session_id", ""))]
 
 
 def _my_calls(svc: Services) -> list[dict[str, str]]:
@@ -50,14 +57,14 @@ def _my_calls(svc: Services) -> list[dict[str, str]]:
 def agent_page() -> ResponseReturnValue:
     """Calls waiting for an agent (the page refreshes the list by itself; without JavaScript, by reload)."""
     svc = services()
-    return render_template("admin/agent.html", waiting=_queue(svc).waiting(), mine=_my_calls(svc),
+    return render_template("admin/agent.html", waiting=_waiting(svc), mine=_my_calls(svc),
                            agent=admin_name())
 
 
 @bp.get("/agent/waiting.json")
 def agent_waiting() -> ResponseReturnValue:
     """The waiting calls as JSON, for the page's own refresh."""
-    offers = _queue(services()).waiting()
+    offers = _waiting(services())
     return jsonify(waiting=[{k: o.get(k, "") for k in ("session_id", "from", "to", "source_language",
                                                         "target_language", "reason", "seconds_left")}
                             for o in offers])
@@ -70,6 +77,9 @@ def agent_take(session_id: str) -> ResponseReturnValue:
     valid_session_id(session_id)
     leg_id = f"agt_{secrets.token_hex(8)}"
     queue = _queue(svc)
+    if not customer_on_call(svc, session_id):  # a page loaded before the customer hung up
+        flash("That call has just ended.", "error")
+        return redirect(url_for("admin.agent_page")), 303
     if not queue.take(session_id, agent=admin_name(), owner=session_owner(), leg_id=leg_id):
         taken_by = queue.offer_record(session_id).get("agent")
         flash(f"{taken_by} took that call first." if taken_by else "That call is no longer waiting.", "error")
@@ -137,7 +147,10 @@ def agent_give_back(leg_id: str) -> ResponseReturnValue:
 
 def _rejoin(svc: Services, session_id: str, leg_id: str) -> bool:
     """The agent came back to a call whose leg was lost: take it off the agents' list again (unless another
-    agent already took it) and make the leg live again."""
+    agent already took it) and make the leg live again. Not once another agent is on the call (the agent number
+    dialled when the wait ran out): the customer would have two agents."""
+    if other_agent_on_call(svc, session_id, leg_id):
+        return False
     queue = _queue(svc)
     offer = queue.offer_record(session_id)
     if offer.get("state") == "waiting" and not queue.withdraw(session_id, "rejoined"):

@@ -125,9 +125,7 @@ def offer_again(svc: Services, session_id: str, leg_id: str, reason: str = "agen
     call's page); then the agent number or fallback. True when offered."""
     try:
         session = svc.lifecycle.session_record(session_id)
-        customer_live = any(state == "live" and carrier != BROWSER_LEG
-                            for (carrier, _), state in svc.lifecycle.session_legs(session_id).items())
-        if session.get("status") == "ended" or not customer_live:
+        if not customer_on_call(svc, session_id):
             return False
         queue = AgentQueue(svc.redis, svc.keys)
         first = queue.offer_record(session_id)
@@ -144,3 +142,20 @@ def offer_again(svc: Services, session_id: str, leg_id: str, reason: str = "agen
         log.error("session=%s browser agent leg %s %s, not offered again: %s", session_id, leg_id, reason, exc)
         return False
     return True
+
+
+def customer_on_call(svc: Services, session_id: str) -> bool:
+    """Whether the session still runs with its customer on the line (a live phone leg): only such a call is worth
+    an agent. Raises :class:`redis.RedisError`."""
+    if svc.lifecycle.session_record(session_id).get("status") == "ended":
+        return False
+    return any(state == "live" and carrier != BROWSER_LEG
+               for (carrier, _), state in svc.lifecycle.session_legs(session_id).items())
+
+
+def other_agent_on_call(svc: Services, session_id: str, leg_id: str) -> bool:
+    """Whether an agent leg other than the browser leg ``leg_id`` is live in the session (another browser agent,
+    or the agent number dialled when the wait ran out). Raises :class:`redis.RedisError`."""
+    return any(state == "live" and (carrier, call_id) != (BROWSER_LEG, leg_id)
+               and svc.lifecycle.call_record(carrier, call_id).get("speaker") == SPEAKER_AGENT
+               for (carrier, call_id), state in svc.lifecycle.session_legs(session_id).items())
