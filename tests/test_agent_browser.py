@@ -51,6 +51,8 @@ FILE_RATE = 16000
 #: with it, so a high correlation at some lag means the file's own envelope arrived.
 SYLLABLES = (0.5, 0.25, 0, 0.75, 0.25, 0.75, 0.75, 0.25, 0.75, 0.75, 0.25, 0.5, 0.75, 0.75, 0.5, 0.5)
 SYLLABLE_MS = 250
+#: Frames already on their way when Mute takes effect (the relay's uplink batches a few): 0.5 s of μ-law.
+MUTE_SETTLE_BYTES = 4000
 
 
 def speech_file(path: Path) -> list[float]:
@@ -194,6 +196,22 @@ def test_agent_takes_talks_on_and_hangs_up_a_call_in_the_browser(
             assert record["connections_live"] == 2 and record["sequences_increasing"]
             assert state.call(BROWSER_LEG, leg_id)["state"] == "live"
             assert state.has_live_heartbeat(BROWSER_LEG, leg_id)
+
+            # Mute: the page goes on sending frames (the stream keeps its timing) but they are μ-law silence —
+            # nothing of the microphone leaves the page; Unmute brings the speech back.
+            mute = browser.find_element(By.ID, "mute")
+            mute.click()
+            wait_for(browser, lambda: browser.execute_script("return window.kbAgent.muted") is True, "muted")
+            muted_from = len(agent_audio()) + MUTE_SETTLE_BYTES
+            wait_for(browser, lambda: len(agent_audio()) >= muted_from + 8000 * 2, "2 s of frames while muted")
+            assert set(agent_audio()[muted_from:muted_from + 8000 * 2]) == {0xFF}, "microphone audio sent while muted"
+            assert mute.get_attribute("aria-pressed") == "true"
+            mute.click()
+            wait_for(browser, lambda: browser.execute_script("return window.kbAgent.muted") is False, "unmuted")
+            unmuted_from = len(agent_audio()) + MUTE_SETTLE_BYTES
+            wait_for(browser, lambda: len(agent_audio()) >= unmuted_from + 8000 * 2, "2 s of frames after unmute")
+            pcm = audioop.ulaw2lin(agent_audio()[unmuted_from:unmuted_from + 8000 * 2], 2)
+            assert max(envelope_of(struct.unpack(f"<{len(pcm) // 2}h", pcm), 8000)) > 500, "no speech after unmute"
 
             # Kallglot's audio for the agent plays in the page: 40 s of a 440 Hz tone (sent at once, faster than it
             # plays, as speech synthesis may), seen by the analyser after the jitter buffer.
@@ -360,6 +378,41 @@ def test_the_agent_media_socket_refuses_everyone_but_the_tab_that_took_the_call(
         assert _close_of(url, ana, start) == (1008, "relay token already used")
     finally:
         customer.release()
+    client.close()
+
+
+def test_an_agents_hang_up_leaves_the_customer_on_when_the_profile_says_so(
+        agent_bridge: tuple[RunningServer, str], emulator: EmulatorControl, redis_url: str) -> None:
+    """The other side of "by profile": without *When the agent hangs up, end the whole call*, the page's Hang up
+    ends only the agent's leg (cleanly: not offered to agents again); the customer stays on with Kallglot."""
+    bridge, namespace = agent_bridge
+    client = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
+    keys, state = RedisKeys(namespace), BridgeState(client, namespace)
+    profile = NumberProfile(source_language="en", target_language="es", browser_agents=True,
+                            agent_hangup_ends_call=False)
+    client.set(keys.profile(NUMBER), profile.to_json())
+    customer = WaitingCustomer(bridge)
+    try:
+        assert customer.on_call.wait(PAGE_TIMEOUT_SECONDS)
+        (session,) = emulator.sessions()
+        ana = _signed_in(bridge.url, "Ana")
+        wait_until(lambda: session["id"] in ana.get(bridge.url + "/admin/agent", timeout=10).text)
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"',  # type: ignore[union-attr]
+                         ana.get(bridge.url + "/admin/agent", timeout=10).text).group(1)
+        page = ana.post(f"{bridge.url}/admin/agent/take/{session['id']}", data={"csrf_token": csrf}, timeout=10).text
+        leg = re.search(r'data-leg="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        token = re.search(r'data-token="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        start = json.dumps({"event": "start", "leg": leg, "token": token})
+        assert _close_of(bridge.url.replace("http", "ws") + f"/agent/media?leg={leg}", ana, start,
+                         json.dumps({"event": "hangup"}))[0] == 1000
+        assert wait_until(lambda: state.call(BROWSER_LEG, leg).get("state") == "ended")
+        assert state.call(BROWSER_LEG, leg)["end_reason"] == "relay_carrier_stop"
+        assert state.session(session["id"])["status"] == "active"
+        assert emulator.session(session["id"])["end_calls"] == 0
+        assert client.zscore(keys.agents_waiting(), session["id"]) is None  # a hang-up is not a lost leg
+    finally:
+        customer.release()
+    assert wait_until(lambda: state.settled_ended(session["id"]))
     client.close()
 
 
