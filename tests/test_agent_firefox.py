@@ -7,7 +7,9 @@ of a test-only wrapper app (:mod:`tests.support.one_use_login`), and starts Fire
 checked on the server side: the page's AudioWorklet sent μ-law frames over ``/agent/media`` (through the CSP's
 ``connect-src 'self'``, which Firefox applies to ``ws:``) and the emulator received them as ``speaker: agent``
 with the tone's energy; audio the emulator sends for the agent played in the page — its jitter buffer reached the
-relay's mark in real time and echoed it (the page's analyser reading itself is not visible without WebDriver).
+relay's mark in real time and echoed it. Then the page itself, asked through Firefox's own WebDriver BiDi: its
+analyser saw that audio, ``audio.clear`` silences 40 s of it at once, Mute sends μ-law silence, and Hang up ends
+the agent's leg cleanly and, by the profile, the call once.
 """
 from __future__ import annotations
 
@@ -32,12 +34,14 @@ from tests.support.one_use_login import hand_over
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 from tests.support.settings import ADMIN_PASSWORD, bridge_config
 from tests.support.waiting import wait_until
-from tests.test_agent_browser import WaitingCustomer, _signed_in, set_browser_profile
+from tests.test_agent_browser import MUTE_SETTLE_BYTES, WaitingCustomer, _signed_in, set_browser_profile
 
 pytestmark = pytest.mark.e2e
 
 #: Firefox starts slowly on a loaded 2-core machine: bounds for what the page does once it is up.
 FIREFOX_TIMEOUT_SECONDS = 60.0
+#: Silence after ``audio.clear`` must come long before the 40 s of tone queued in the page would end.
+CLEAR_TIMEOUT_SECONDS = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +125,37 @@ def test_firefox_takes_the_call_its_microphone_reaches_kallglot_and_kallglots_au
                               timeout=FIREFOX_TIMEOUT_SECONDS)
             assert lags, f"the page never echoed the mark (Kallglot's audio did not play): {firefox.output()}"
             assert lags[0] >= 1000, f"the mark was echoed {lags[0]} ms after sending: before 1.5 s had played"
+
+            # The page itself, asked through WebDriver BiDi: its analyser (after the jitter buffer) saw the tone.
+            assert firefox.evaluate("window.kbAgent.peakLevel") > 0.05, firefox.output()
+            # Barge-in: 40 s of tone sent at once plays, and Kallglot's audio.clear silences it at once.
+            emulator.send(session_id, *[
+                {"type": "audio.output", "sequence": 100 + n, "audio": {
+                    "encoding": "mulaw", "sample_rate_hz": 8000,
+                    "payload": base64.b64encode((tone[:8000] * 40)[n * 800:(n + 1) * 800]).decode()}}
+                for n in range(400)])
+            assert wait_until(lambda: firefox.evaluate("window.kbAgent.level()") > 0.05,
+                              timeout=FIREFOX_TIMEOUT_SECONDS), "the 40 s of tone did not play"
+            emulator.send(session_id, {"type": "audio.clear"})
+            assert wait_until(lambda: firefox.evaluate("window.kbAgent.clears === 1 && window.kbAgent.level() < 0.005"),
+                              timeout=CLEAR_TIMEOUT_SECONDS), "audio.clear did not stop the playback"
+
+            # Mute: frames go on, as μ-law silence (nothing of the microphone leaves the page).
+            firefox.evaluate("document.getElementById('mute').click()")
+            assert firefox.evaluate("window.kbAgent.muted") is True
+            muted_from = len(_agent_audio(emulator, session_id)) + MUTE_SETTLE_BYTES
+            assert wait_until(lambda: len(_agent_audio(emulator, session_id)) >= muted_from + 8000 * 2,
+                              timeout=FIREFOX_TIMEOUT_SECONDS), "no frames while muted"
+            assert set(_agent_audio(emulator, session_id)[muted_from:muted_from + 8000 * 2]) == {0xFF}
+
+            # Hang up from the page: the agent's leg ends cleanly and, by the profile, the whole call.
+            firefox.evaluate("document.getElementById('hangup').click()")
+            assert wait_until(lambda: state.call(BROWSER_LEG, leg_id).get("state") == "ended",
+                              timeout=FIREFOX_TIMEOUT_SECONDS), "Hang up did not end the agent's leg"
+            assert state.call(BROWSER_LEG, leg_id)["end_reason"] == "relay_carrier_stop"
+            assert wait_until(lambda: state.settled_ended(session_id), timeout=FIREFOX_TIMEOUT_SECONDS)
+            assert wait_until(lambda: firefox.evaluate("window.kbAgent.closeCode") == 1000,
+                              timeout=FIREFOX_TIMEOUT_SECONDS), "the page's socket was not closed after Hang up"
     finally:
         customer.release()  # the customer hangs up: the session ends, once
     assert wait_until(lambda: state.settled_ended(session_id), timeout=FIREFOX_TIMEOUT_SECONDS)

@@ -1,7 +1,9 @@
-"""Debian's firefox-esr, headless, without WebDriver (there is no geckodriver here): a fresh profile whose
-``user.js`` gives a fake microphone (a tone) without a permission prompt and lets audio play without a user
-gesture, started at one URL. Web Audio needs an output device to run at all (without one Firefox's
-AudioContext stays "suspended"), so a private PulseAudio with a null sink runs beside it. Tests observe what the page does from the server side (Redis, the emulator)."""
+"""Debian's firefox-esr, headless, without geckodriver (there is none here): a fresh profile whose ``user.js``
+gives a fake microphone (a tone) without a permission prompt and lets audio play without a user gesture, started
+at one URL. Web Audio needs an output device to run at all (without one Firefox's AudioContext stays "suspended"),
+so a private PulseAudio with a null sink runs beside it. Tests observe what the page does from the server side
+(Redis, the emulator), and ask the page itself through WebDriver BiDi, which Firefox serves by itself on
+``--remote-debugging-port`` (:meth:`RunningFirefox.evaluate`: read ``window.kbAgent``, press a button)."""
 from __future__ import annotations
 
 import os
@@ -9,12 +11,17 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import json
 import time
 from collections.abc import Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import websocket  # websocket-client: selenium's own dependency
+
+from tests.support.servers import free_port
 
 FIREFOX, PULSEAUDIO = "/usr/bin/firefox-esr", "/usr/bin/pulseaudio"
 
@@ -52,15 +59,63 @@ def _pref(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class RunningFirefox:
-    """A started Firefox and where its output (the page's console included) goes."""
+#: Firefox starts slowly on a loaded 2-core machine; each BiDi command answers within this.
+BIDI_TIMEOUT_SECONDS = 60.0
 
-    def __init__(self, process: subprocess.Popen[bytes], log_path: Path) -> None:
-        self.process, self.log_path = process, log_path
+
+class RunningFirefox:
+    """A started Firefox, where its output (the page's console included) goes, and its WebDriver BiDi port."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log_path: Path, bidi_port: int) -> None:
+        self.process, self.log_path, self.bidi_port = process, log_path, bidi_port
+        self._bidi: websocket.WebSocket | None = None
+        self._context = ""
+        self._next_id = 0
 
     def output(self, tail: int = 4000) -> str:
         """The end of Firefox's output so far, for a failing test's message."""
         return self.log_path.read_bytes()[-tail:].decode("utf-8", "replace")
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of the JavaScript ``expression`` in the tab's page (as JSON), through WebDriver BiDi; a
+        thrown exception fails the test with its message."""
+        if self._bidi is None:
+            self._connect()
+        reply = self._command("script.evaluate", {
+            "expression": f"JSON.stringify({expression})", "target": {"context": self._context},
+            "awaitPromise": False})
+        if reply.get("type") == "exception":
+            raise AssertionError(f"{expression} threw in Firefox: {reply.get('exceptionDetails')}")
+        value = reply.get("result", {}).get("value")
+        return None if value is None else json.loads(value)
+
+    def close(self) -> None:
+        """Close the BiDi connection (Firefox itself is stopped by :func:`firefox_at`)."""
+        if self._bidi is not None:
+            self._bidi.close()
+            self._bidi = None
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + BIDI_TIMEOUT_SECONDS
+        while b"WebDriver BiDi listening" not in self.log_path.read_bytes():
+            assert self.process.poll() is None and time.monotonic() < deadline, \
+                f"Firefox's WebDriver BiDi did not start: {self.output()}"
+            time.sleep(0.2)
+        # No Origin header: Firefox refuses BiDi connections from web pages (an Origin) unless allowed.
+        self._bidi = websocket.create_connection(f"ws://127.0.0.1:{self.bidi_port}/session",
+                                                 timeout=BIDI_TIMEOUT_SECONDS, suppress_origin=True)
+        self._command("session.new", {"capabilities": {}})
+        self._context = self._command("browsingContext.getTree", {"maxDepth": 0})["contexts"][0]["context"]
+
+    def _command(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        assert self._bidi is not None
+        self._next_id += 1
+        self._bidi.send(json.dumps({"id": self._next_id, "method": method, "params": params}))
+        while True:  # events (none subscribed) and nothing else may come first
+            message = json.loads(self._bidi.recv())
+            if message.get("id") == self._next_id:
+                assert message.get("type") == "success", f"BiDi {method} failed: {message}"
+                return dict(message["result"])
 
 
 @contextmanager
@@ -103,11 +158,15 @@ def _firefox(profile: Path, url: str, pulse_server: str) -> Iterator[RunningFire
     log = open(profile / "firefox.log", "wb")  # noqa: SIM115 - closed below, after the process
     env = {**os.environ, "HOME": str(profile), "MOZ_HEADLESS": "1", "MOZ_CRASHREPORTER_DISABLE": "1",
            "PULSE_SERVER": pulse_server}
-    process = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile), url],
+    bidi_port = free_port()
+    process = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
+                                f"--remote-debugging-port={bidi_port}", url],
                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    running = RunningFirefox(process, profile / "firefox.log", bidi_port)
     try:
-        yield RunningFirefox(process, profile / "firefox.log")
+        yield running
     finally:
+        running.close()
         _stop(process)
         log.close()
         if os.environ.get("KB_FIREFOX_LOG"):  # keep Firefox's whole output for a look after the test
