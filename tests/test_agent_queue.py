@@ -233,9 +233,11 @@ def _waiting_call(app: Flask, session_id_holder: dict[str, str], emulator: Emula
         return session.id
 
 
-def test_no_browser_agent_in_time_dials_the_agent_number_and_says_so_live(
-        dialling_app: Flask, fake_call_control: FakeCallControl, emulator: EmulatorControl) -> None:
-    _browser_profile(dialling_app, carrier="telnyx", agent_number="+14155550142", browser_agent_wait_seconds=5)
+@pytest.mark.parametrize("field, which", [("agent_number", "agent number"), ("fallback_number", "fallback number")])
+def test_no_browser_agent_in_time_dials_the_agent_number_or_else_the_fallback_and_says_so_live(
+        dialling_app: Flask, fake_call_control: FakeCallControl, emulator: EmulatorControl, field: str,
+        which: str) -> None:
+    _browser_profile(dialling_app, carrier="telnyx", browser_agent_wait_seconds=5, **{field: "+14155550142"})
     session_id = _waiting_call(dialling_app, {}, emulator)
     with dialling_app.app_context():
         svc = services()
@@ -243,7 +245,7 @@ def test_no_browser_agent_in_time_dials_the_agent_number_and_says_so_live(
         assert expire_agent_waits(svc) == 0
         (event,) = [e for e in SessionEventLog(svc.redis, svc.keys).latest(session_id, 10) if e.kind == LEG]
         legs = svc.lifecycle.session_legs(session_id)
-    assert event.data["state"] == "fallback" and "agent number" in event.data["detail"]
+    assert event.data["state"] == "fallback" and event.data["detail"].endswith(which)
     (dial,) = fake_call_control.commands("dial")
     assert dial["body"]["to"] == "+14155550142"
     assert len(legs) == 2  # the customer's and the dialled agent's
