@@ -1,8 +1,9 @@
 """What browser agents see and may do once a waiting call changed under them (real Redis, the app in-process): a
 call whose customer hung up while it waited leaves the Agent page's list at once (not when its wait runs out) and
 cannot be taken; an agent whose leg was lost rejoins while the call waits, but not once it went to another agent
-(the dialled agent number, after the wait ran out) — a customer never ends up with two agents by accident. And a
-profile with only an agent number (no browser agents) declares the session's participants too."""
+(the dialled agent number, after the wait ran out) — a customer never ends up with two agents by accident. And
+sessions that will have an agent declare their participants on every path that creates one: a profile with only an
+agent number (no browser agents), and a call the bridge places (``POST /api/calls``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -128,3 +129,26 @@ def test_a_profile_with_only_an_agent_number_declares_the_sessions_participants(
     answer(app.test_client(), new_call_sid())
     (session,) = emulator.sessions()
     assert session["participants"] == [{"type": "customer", "language": "fr"}, {"type": "agent", "language": "de"}]
+
+
+def test_a_call_the_bridge_places_for_a_number_with_browser_agents_declares_the_sessions_participants(
+        redis_url: str, emulator: EmulatorControl, namespace: str) -> None:
+    """``POST /api/calls`` from a number whose calls go to browser agents: its session is created with both
+    participants too (the API's own create, not the inbound webhooks')."""
+    from app import create_app
+    from app.devtools.localstack import run_gunicorn
+    from tests.support.settings import PUBLIC_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
+
+    fake_env = {"TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT_SID, "TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
+                "FAKE_TWILIO_BRIDGE_URL": "http://127.0.0.1:9", "FAKE_TWILIO_MAX_CALL_SECONDS": "1"}
+    with run_gunicorn("app.devtools.simulator.twilio_rest:create_fake_twilio_rest()", fake_env) as fake_twilio:
+        app = create_app({**bridge_config(redis_url, emulator.api_url, namespace, PUBLIC_URL),
+                          "API_TOKEN": "api-token", "TWILIO_API_URL": fake_twilio.url})
+        with app.app_context():
+            services().profiles.set("+15005550006", NumberProfile(source_language="en", target_language="ja",
+                                                                  browser_agents=True))
+        response = app.test_client().post("/api/calls", json={"to": "+14155550100", "from": "+15005550006"},
+                                          headers={"Authorization": "Bearer api-token"})
+    assert response.status_code in (200, 201), response.json
+    session = emulator.session(response.json["session_id"])
+    assert session["participants"] == [{"type": "customer", "language": "en"}, {"type": "agent", "language": "ja"}]
