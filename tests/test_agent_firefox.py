@@ -1,21 +1,20 @@
-"""The agent's call page in Firefox: Debian's headless firefox-esr (no WebDriver: there is no geckodriver here)
-on a fresh profile with Firefox's fake microphone (a tone) and no permission prompt, the bridge under gunicorn +
-gevent, a simulated Twilio customer, the Kallglot emulator.
+"""The agent's pages in Firefox: Debian's headless firefox-esr (no geckodriver here: the test speaks WebDriver BiDi,
+which Firefox serves by itself) on a fresh profile with Firefox's fake microphone (a tone) and no permission
+prompt, the bridge under gunicorn + gevent, a simulated Twilio customer, the Kallglot emulator.
 
-The test signs in and takes the call over HTTP, hands that admin session to Firefox through a single-use login URL
-of a test-only wrapper app (:mod:`tests.support.one_use_login`), and starts Firefox at it. Everything is then
-checked on the server side: the page's AudioWorklet sent μ-law frames over ``/agent/media`` (through the CSP's
-``connect-src 'self'``, which Firefox applies to ``ws:``) and the emulator received them as ``speaker: agent``
-with the tone's energy; audio the emulator sends for the agent played in the page — its jitter buffer reached the
-relay's mark in real time and echoed it. Then the page itself, asked through Firefox's own WebDriver BiDi: its
-analyser saw that audio, ``audio.clear`` silences 40 s of it at once, Mute sends μ-law silence, and Hang up ends
-the agent's leg cleanly and, by the profile, the call once.
+The test signs in over HTTP and hands that admin session to Firefox through a single-use login URL of a test-only
+wrapper app (:mod:`tests.support.one_use_login`) that lands on the Agent page. The customer calls; the page's own
+refresh lists the call; Take call (pressed through BiDi) opens the call page. Checked on the server side: the
+page's AudioWorklet sent μ-law frames over ``/agent/media`` (through the CSP's ``connect-src 'self'``, which
+Firefox applies to ``ws:``) and the emulator received them as ``speaker: agent`` with the tone's energy; audio the
+emulator sends for the agent played in the page — its jitter buffer reached the relay's mark in real time and
+echoed it. Then the page itself, asked through BiDi: its analyser saw that audio, ``audio.clear`` silences 40 s of
+it at once, Mute sends μ-law silence, and Hang up ends the agent's leg cleanly and, by the profile, the call once.
 """
 from __future__ import annotations
 
 import base64
 import math
-import re
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +28,7 @@ from app.redis_keys import RedisKeys
 from app.relay.audio import audioop
 from tests.support.bridge_state import BridgeState
 from tests.support.controls import EmulatorControl
-from tests.support.firefox import firefox_at
+from tests.support.firefox import RunningFirefox, firefox_at
 from tests.support.one_use_login import hand_over
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 from tests.support.settings import ADMIN_PASSWORD, bridge_config
@@ -72,6 +71,14 @@ def _agent_playback_lags(client: redis_lib.Redis, keys: RedisKeys, session_id: s
             if e.kind == "relay" and e.data.get("speaker") == "agent" and "playback_lag_ms" in e.data]
 
 
+def _ask(firefox: RunningFirefox, expression: str) -> Any:
+    """``expression`` in the page, or None while there is none to ask (the tab is between two pages)."""
+    try:
+        return firefox.evaluate(expression)
+    except AssertionError:
+        return None
+
+
 def test_firefox_takes_the_call_its_microphone_reaches_kallglot_and_kallglots_audio_plays(
         firefox_bridge: tuple[RunningServer, str], emulator: EmulatorControl, redis_url: str) -> None:
     bridge, namespace = firefox_bridge
@@ -79,26 +86,29 @@ def test_firefox_takes_the_call_its_microphone_reaches_kallglot_and_kallglots_au
     state, keys = BridgeState(client, namespace), RedisKeys(namespace)
     set_browser_profile(client, keys)
     emulator.behaviour("silent")  # what plays in the page is only what the test sends for the agent
-    customer = WaitingCustomer(bridge)
-    try:
-        assert customer.on_call.wait(FIREFOX_TIMEOUT_SECONDS), "the customer's call never reached its stream"
-        (session,) = emulator.sessions()
-        session_id = session["id"]
-        ana = _signed_in(bridge.url, "Firefox Ana")
-        assert wait_until(lambda: session_id in ana.get(bridge.url + "/admin/agent", timeout=10).text)
-        csrf = re.search(r'name="csrf_token" value="([^"]+)"',  # type: ignore[union-attr]
-                         ana.get(bridge.url + "/admin/agent", timeout=10).text).group(1)
-        taken = ana.post(f"{bridge.url}/admin/agent/take/{session_id}", data={"csrf_token": csrf}, timeout=10,
-                         allow_redirects=False)
-        assert taken.status_code == 303 and "/admin/agent/call/agt_" in taken.headers["Location"]
-        call_path = "/admin/agent/call/" + taken.headers["Location"].rsplit("/", 1)[1]
-        leg_id = call_path.rsplit("/", 1)[1]
-        # The page is served under the admin's CSP: its socket may only go to this origin.
-        csp = ana.head(bridge.url + "/admin/agent", timeout=10).headers["Content-Security-Policy"]
-        assert "connect-src 'self'" in csp and "default-src 'none'" in csp
+    ana = _signed_in(bridge.url, "Firefox Ana")
+    # The page is served under the admin's CSP: its socket may only go to this origin.
+    csp = ana.head(bridge.url + "/admin/agent", timeout=10).headers["Content-Security-Policy"]
+    assert "connect-src 'self'" in csp and "default-src 'none'" in csp
+    login = hand_over(client, namespace, [(c.name, c.value) for c in ana.cookies], "/admin/agent")
+    with firefox_at(bridge.url + login) as firefox:
+        # Firefox on the Agent page; the customer calls; the page's own refresh lists the call; Take call.
+        assert wait_until(lambda: _ask(firefox, "location.pathname === '/admin/agent' && document.readyState")
+                          == "complete",
+                          timeout=FIREFOX_TIMEOUT_SECONDS), f"Firefox never showed the Agent page: {firefox.output()}"
+        customer = WaitingCustomer(bridge)
+        try:
+            assert customer.on_call.wait(FIREFOX_TIMEOUT_SECONDS), "the customer's call never reached its stream"
+            (session,) = emulator.sessions()
+            session_id = session["id"]
+            take = f"document.querySelector(\"#waiting-calls tr[data-session='{session_id}'] button.take\")"
+            assert wait_until(lambda: firefox.evaluate(f"!!{take}"), timeout=FIREFOX_TIMEOUT_SECONDS), \
+                "the waiting call never appeared on Firefox's Agent page"
+            firefox.evaluate(f"{take}.click()")
+            assert wait_until(lambda: str(_ask(firefox, "location.pathname")).startswith("/admin/agent/call/agt_"),
+                              timeout=FIREFOX_TIMEOUT_SECONDS), "Take call did not open the call page"
+            leg_id = firefox.evaluate("location.pathname").rsplit("/", 1)[1]
 
-        login = hand_over(client, namespace, [(c.name, c.value) for c in ana.cookies], call_path)
-        with firefox_at(bridge.url + login) as firefox:
             # Firefox's fake microphone (a tone) reaches Kallglot as the agent, through the worklet's μ-law frames.
             assert wait_until(lambda: len(_agent_audio(emulator, session_id)) >= 8000 * 3,
                               timeout=FIREFOX_TIMEOUT_SECONDS), \
@@ -156,8 +166,8 @@ def test_firefox_takes_the_call_its_microphone_reaches_kallglot_and_kallglots_au
             assert wait_until(lambda: state.settled_ended(session_id), timeout=FIREFOX_TIMEOUT_SECONDS)
             assert wait_until(lambda: firefox.evaluate("window.kbAgent.closeCode") == 1000,
                               timeout=FIREFOX_TIMEOUT_SECONDS), "the page's socket was not closed after Hang up"
-    finally:
-        customer.release()  # the customer hangs up: the session ends, once
+        finally:
+            customer.release()  # the customer's simulator stops (it was hung up by the agent's Hang up)
     assert wait_until(lambda: state.settled_ended(session_id), timeout=FIREFOX_TIMEOUT_SECONDS)
     assert state.call(BROWSER_LEG, leg_id).get("state") == "ended"
     assert emulator.session(session_id)["end_calls"] == 1
