@@ -3,8 +3,10 @@ the session Kallglot is asked for, and the lifecycle's single end — against th
 Whole calls over real sockets are in ``tests/test_e2e_transports.py``."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 import xml.etree.ElementTree as ET
 from urllib.parse import urlencode
 
@@ -17,6 +19,8 @@ from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
 from app.carriers.telnyx.control import SIP_FOR_KEY, decode_client_state, encode_client_state
 from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
 from app.extensions import services
+from app.kallglot.client import KallglotSession, StreamGrant
+from app.kallglot.telephony import grant_fresh
 from app.profiles import NumberProfile, ProfileError
 from app.profiles.transfer import ProfileImportError, import_profiles
 from tests.support.controls import EmulatorControl, FakeCallControl
@@ -139,7 +143,7 @@ def test_twilio_sip_dials_the_sessions_sip_uri_and_asks_for_sip_routing(client: 
     assert session["routing"] == {"type": "sip"} and session["provider"] == "sip"
 
 
-def test_retried_voice_webhook_of_a_direct_call_reuses_its_session_with_a_fresh_token(
+def test_retried_voice_webhook_of_a_direct_call_reuses_its_session(
         client: FlaskClient, app: Flask, emulator: EmulatorControl) -> None:
     set_transport(app, TO, "direct")
     call_sid = new_call_sid()
@@ -147,6 +151,38 @@ def test_retried_voice_webhook_of_a_direct_call_reuses_its_session_with_a_fresh_
     assert len(emulator.sessions()) == 1
     ids = {root.find("Connect/Stream/Parameter[@name='session_id']").get("value") for root in (first, second)}
     assert len(ids) == 1
+
+
+def test_a_direct_answer_never_hands_the_carrier_a_token_about_to_expire(client: FlaskClient, app: Flask,
+                                                                         emulator: EmulatorControl,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 5-minute stream token is checked when the carrier connects: a create that answers with a token near its
+    expiry (a replayed create, for a retried voice webhook) is followed by a ``GET`` whose fresh token is handed out."""
+    set_transport(app, TO, "direct")
+    with app.app_context():
+        kallglot = services().kallglot
+    real_create, stale_tokens = kallglot.create_session, []
+
+    def create_answering_a_stale_token(**kwargs: object) -> KallglotSession:
+        session = real_create(**kwargs)  # type: ignore[arg-type]
+        assert session.stream is not None
+        stale = dataclasses.replace(session.stream, expires_at=datetime.now(timezone.utc) + timedelta(seconds=10))
+        stale_tokens.append(stale.token)
+        return dataclasses.replace(session, stream=stale)
+
+    monkeypatch.setattr(kallglot, "create_session", create_answering_a_stale_token)
+    token = answer(client, new_call_sid()).find("Connect/Stream/Parameter[@name='token']").get("value")
+    assert len(stale_tokens) == 1 and token.startswith("kst_") and token != stale_tokens[0]
+    assert len(emulator.sessions()) == 1
+
+
+def test_token_freshness_keeps_a_safety_margin() -> None:
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
+    grant = StreamGrant(url="wss://x/v1/sessions/s/connect", token="kst_x", expires_at=now + timedelta(minutes=5))
+    assert grant_fresh(grant, now)
+    assert not grant_fresh(dataclasses.replace(grant, expires_at=now + timedelta(seconds=29)), now)
+    assert grant_fresh(dataclasses.replace(grant, expires_at=None), now)  # no expiry given: trusted
+    assert not grant_fresh(None, now)
 
 
 @pytest.mark.parametrize(("dial_status", "hears"), [("completed", None), ("failed", "fallback"),
