@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 
 from app.calls.lifecycle import CARRIER_WATCHED_LEG_SECONDS
 from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
-from app.carriers.telnyx.control import SIP_FOR_KEY, decode_client_state, encode_client_state
+from app.carriers.telnyx.control import GREETING_KEY, SIP_FOR_KEY, decode_client_state, encode_client_state
 from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
 from app.extensions import services
 from app.kallglot.client import KallglotSession, StreamGrant
@@ -309,6 +309,31 @@ def test_texml_sip_dials_and_its_dial_action_ends_the_session_once(
     assert emulator.session(session["id"])["end_calls"] == 1
 
 
+def on_session(root: ET.Element, session_id: str) -> bool:
+    """Whether a TeXML answer puts the call on ``session_id`` (a relay or direct stream's parameter, or the SIP URI)."""
+    values = [p.get("value") for p in root.iter("Parameter")] + [sip.text for sip in root.iter("Sip")]
+    return any(value and session_id in value for value in values)
+
+
+@pytest.mark.parametrize("transport", ["relay", "direct", "sip"])
+def test_texml_returning_caller_rejoins_the_held_session_without_a_second_greeting(
+        telnyx_client: FlaskClient, telnyx_app: Flask, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        transport: str) -> None:
+    set_transport(telnyx_app, TELNYX_TO, transport, carrier="telnyx", greeting="Welcome", hangup_grace_seconds=60)
+    call_id = new_call_control_id()
+    first = ET.fromstring(post(telnyx_client, "/telnyx/texml", texml_body(call_id), telnyx_signer).data)
+    assert first[0].tag == "Say" and first[0].text == "Welcome"
+    completed = texml_body(call_id, CallStatus="completed", HangupCause="normal_clearing")
+    assert post(telnyx_client, "/telnyx/texml/status", completed, telnyx_signer).status_code == 200
+    (session,) = emulator.sessions()
+    assert session["status"] != "ended"  # held for the returning caller (hang-up grace)
+    again = ET.fromstring(post(telnyx_client, "/telnyx/texml", texml_body(new_call_control_id()),
+                               telnyx_signer).data)
+    assert len(emulator.sessions()) == 1 and on_session(first, session["id"])
+    assert on_session(again, session["id"])  # re-attached to the held session
+    assert "Welcome" not in [say.text for say in again.iter("Say")]  # and not greeted twice
+
+
 # ----- Telnyx Call Control -------------------------------------------------------------------------------------------
 def initiated_and_answered(client: FlaskClient, signer: TelnyxSigner, fake: FakeCallControl, call_id: str) -> dict:
     cc(client, signer, event("call.initiated", call_id, direction="incoming", state="parked"))
@@ -354,6 +379,23 @@ def test_call_control_sip_transfers_to_the_sip_uri_and_a_refused_transfer_is_not
     cc(telnyx_client, telnyx_signer, event("call.hangup", call_id, hangup_cause="normal_clearing"))
     assert emulator.session(session["id"])["status"] == "ended"
     assert emulator.session(session["id"])["end_calls"] == 1
+
+
+@pytest.mark.parametrize("transport", ["relay", "direct", "sip"])
+def test_call_control_returning_caller_rejoins_the_held_session_without_a_second_greeting(
+        telnyx_client: FlaskClient, telnyx_app: Flask, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        fake_call_control: FakeCallControl, transport: str) -> None:
+    set_transport(telnyx_app, TELNYX_TO, transport, carrier="telnyx", greeting="Welcome", hangup_grace_seconds=60)
+    first_call, second_call = new_call_control_id(), new_call_control_id()
+    cc(telnyx_client, telnyx_signer, event("call.initiated", first_call, direction="incoming", state="parked"))
+    cc(telnyx_client, telnyx_signer, event("call.hangup", first_call, hangup_cause="normal_clearing"))
+    (session,) = emulator.sessions()
+    assert session["status"] != "ended"  # held for the returning caller (hang-up grace)
+    cc(telnyx_client, telnyx_signer, event("call.initiated", second_call, direction="incoming", state="parked"))
+    first, again = (decode_client_state(c["body"]["client_state"]) for c in fake_call_control.commands("answer"))
+    assert first[GREETING_KEY] == "1" and first["s"] == session["id"]
+    assert again["s"] == session["id"] and GREETING_KEY not in again  # re-attached, and not greeted twice
+    assert len(emulator.sessions()) == 1
 
 
 # ----- admin form and CLI --------------------------------------------------------------------------------------------

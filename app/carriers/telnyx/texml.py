@@ -174,7 +174,7 @@ def texml_voice() -> Response:
         return xml(connect_direct(svc.settings, stream_url=leg.session.stream.url, profile=greeting,
                                    parameters=direct_parameters(leg.session.id, leg.session.stream)))
     return xml(connect_stream(svc.settings, session_id=leg.session.id, relay_token=relay_token,
-                               profile=leg.profile))
+                               profile=greeting))
 
 
 @bp.post("/texml/dial-action")
