@@ -281,8 +281,34 @@ def test_texml_direct_streams_to_kallglot_with_its_parameters(telnyx_client: Fla
         ("rtp", "PCMU", "inbound_track")
     params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
     assert list(params) == ["token", "session_id"] and params["token"].startswith("kst_")
-    # Kallglot closing the stream is never silence
-    assert [verb.tag for verb in root][-2:] == ["Say", "Hangup"] and root[-2].text == SESSION_OVER_MESSAGE
+    # A stream that ends with the caller still on goes to the restore, as on the relay: never silence
+    assert [verb.tag for verb in root][-1] == "Redirect" and root[-1].text == PUBLIC_URL + "/telnyx/texml/stream-ended"
+
+
+def test_texml_direct_stream_restored_with_a_fresh_token_then_session_over(
+        telnyx_client: FlaskClient, telnyx_app: Flask, telnyx_signer: TelnyxSigner, emulator: EmulatorControl) -> None:
+    """The ``<Redirect>`` after a direct stream: restored straight to Kallglot with a new token while the session runs
+    (a dropped stream does not end the call); once Kallglot has ended it, the caller is told and hung up, and nothing
+    ends it twice."""
+    set_transport(telnyx_app, TELNYX_TO, "direct", carrier="telnyx")
+    call_id = new_call_control_id()
+    root = ET.fromstring(post(telnyx_client, "/telnyx/texml", texml_body(call_id), telnyx_signer).data)
+    first = root.find("Connect/Stream/Parameter[@name='token']").get("value")
+    still_on = texml_body(call_id, CallStatus="in-progress")
+    restored = ET.fromstring(post(telnyx_client, "/telnyx/texml/stream-ended", still_on, telnyx_signer).data)
+    (session,) = emulator.sessions()
+    stream = restored.find("Connect/Stream")
+    assert stream.get("url").endswith(f"/v1/sessions/{session['id']}/connect")  # Kallglot's, not the relay's
+    token = stream.find("Parameter[@name='token']").get("value")
+    assert token.startswith("kst_") and token != first and restored[-1].tag == "Redirect"
+    assert emulator.session(session["id"])["status"] != "ended"
+    with telnyx_app.app_context():
+        services().kallglot.end_session(session["id"])  # Kallglot's side ends it (as its dashboard would)
+    over = ET.fromstring(post(telnyx_client, "/telnyx/texml/stream-ended", still_on, telnyx_signer).data)
+    assert [verb.tag for verb in over] == ["Say", "Hangup"] and over.findtext("Say") == SESSION_OVER_MESSAGE
+    completed = texml_body(call_id, CallStatus="completed", HangupCause="normal_clearing")
+    assert post(telnyx_client, "/telnyx/texml/status", completed, telnyx_signer).status_code == 200
+    assert emulator.session(session["id"])["end_calls"] == 1  # only the test's own end
 
 
 @pytest.mark.parametrize(("dial_status", "ends_with"), [("completed", "Hangup"), ("failed", "Hangup")])
