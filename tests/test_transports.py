@@ -4,6 +4,7 @@ Whole calls over real sockets are in ``tests/test_e2e_transports.py``."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -422,6 +423,39 @@ def test_call_control_returning_caller_rejoins_the_held_session_without_a_second
     assert first[GREETING_KEY] == "1" and first["s"] == session["id"]
     assert again["s"] == session["id"] and GREETING_KEY not in again  # re-attached, and not greeted twice
     assert len(emulator.sessions()) == 1
+
+
+@pytest.mark.parametrize("transport", ["direct", "sip"])
+def test_kallglot_ending_a_direct_or_sip_session_hangs_up_the_call_and_nobody_ends_it_again(
+        redis_url: str, emulator: EmulatorControl, namespace: str, telnyx_signer: TelnyxSigner,
+        fake_call_control: FakeCallControl, transport: str) -> None:
+    """Kallglot's ``session.ended`` webhook is the one end the bridge hears about a call whose audio it never carries
+    (Kallglot ended it: its dashboard, its 30-minute idle rule): the caller is hung up, and neither that nor the
+    carrier's ``call.hangup`` that follows makes the bridge call ``end``."""
+    from app import create_app
+    from app.kallglot.signature import sign
+    from tests.support.settings import bridge_config, telnyx_config
+
+    secret = "whsec_transports"
+    app = create_app({**telnyx_config(bridge_config(redis_url, emulator.api_url, namespace, PUBLIC_URL),
+                                      telnyx_signer.public_key, fake_call_control.api_url),
+                      "KALLGLOT_WEBHOOK_SECRET": secret})
+    client = app.test_client()
+    set_transport(app, TELNYX_TO, transport, carrier="telnyx")
+    call_id = new_call_control_id()
+    initiated_and_answered(client, telnyx_signer, fake_call_control, call_id)
+    (session,) = emulator.sessions()
+    body = json.dumps({"id": f"evt_{uuid.uuid4().hex}", "type": "session.ended", "api_version": "v1",
+                       "created_at": "2026-11-29T10:00:00Z",
+                       "data": {"id": session["id"], "object": "session", "status": "ended", "duration": 4.2}}).encode()
+    response = client.post("/kallglot/webhooks", data=body, content_type="application/json",
+                           headers={"Kallglot-Signature": sign(secret, body, int(time.time()))})
+    assert response.status_code == 200, response.data
+    assert [c["call_control_id"] for c in fake_call_control.commands("hangup")] == [call_id]
+    cc(client, telnyx_signer, event("call.hangup", call_id, hangup_cause="normal_clearing"))
+    with app.app_context():
+        assert services().lifecycle.call_record("telnyx", call_id)["state"] == "ended"
+    assert emulator.session(session["id"])["end_calls"] == 0  # Kallglot ended it; the bridge did not end it again
 
 
 # ----- admin form and CLI --------------------------------------------------------------------------------------------
