@@ -23,7 +23,7 @@ from app.extensions import services
 from app.kallglot.client import KallglotSession, StreamGrant
 from app.kallglot.telephony import grant_fresh
 from app.profiles import NumberProfile, ProfileError
-from app.profiles.transfer import ProfileImportError, import_profiles
+from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 from tests.support.controls import EmulatorControl, FakeCallControl
 from tests.support.settings import PUBLIC_URL
 from tests.support.telnyx_requests import FROM as TELNYX_FROM, TO as TELNYX_TO, cc, event, post
@@ -91,6 +91,12 @@ def test_import_carries_transport_and_refuses_a_broken_combination(app: Flask) -
                                              "+15005550007": {"transport": "direct"}}})
         assert store.for_number("+15005550006").transport == "sip"
         assert store.for_number("+15005550007").transport == "direct"
+        exported = export_profiles(store)  # what ``numbers export`` writes carries it too, and imports back as is
+        assert {n: p["transport"] for n, p in exported["profiles"].items()} == {"+15005550006": "sip",
+                                                                                "+15005550007": "direct"}
+        store.set("+15005550006", NumberProfile())
+        import_profiles(store, json.loads(json.dumps(exported)))
+        assert store.for_number("+15005550006").transport == "sip"
         with pytest.raises(ProfileImportError) as refused:
             import_profiles(store, {"profiles": {"+15005550008": {"transport": "direct",
                                                                   "agent_number": "+14155550100"}}})
