@@ -11,7 +11,8 @@ import pytest
 import redis as redis_lib
 import requests
 
-from app.calls.prompts import SESSION_OVER_MESSAGE
+from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
+from app.carriers.telnyx.streams import MAX_STREAM_RESTARTS
 from app.carriers.registry import carrier_names
 from app.devtools.simulator.sip import SipDial
 from app.devtools.simulator.telnyx import TexmlCallSimulator
@@ -136,12 +137,14 @@ def test_texml_direct_call_streams_to_kallglot_and_ends_once(
 def test_texml_direct_with_an_alaw_leg_kallglot_cannot_take_is_told_not_left_silent(
         texml: TexmlCallSimulator, emulator: EmulatorControl, numbers: CallNumbers, redis_client: redis_lib.Redis,
         profiles: dict[str, ProfileStore]) -> None:
-    """Kallglot takes μ-law only and a direct stream has no bridge to convert: an A-law leg is refused at Kallglot,
-    and the caller hears the TeXML's goodbye, not silence (a PCMA number belongs on the relay)."""
+    """Kallglot takes μ-law only and a direct stream has no bridge to convert: an A-law leg is refused at Kallglot
+    each time the stream is restored, then the caller hears the number's fallback, not silence (a PCMA number
+    belongs on the relay)."""
     profiles["e2e-telnyx"].set(numbers.to, NumberProfile(carrier="telnyx", transport="direct"))
     result = texml.place_call(numbers.to, numbers.from_, b"\xd5" * 1600, encoding="PCMA")
     assert result.leg is not None and result.leg.server_closed_first and result.leg.close_code == 1003
-    assert SESSION_OVER_MESSAGE in result.said and result.hung_up
+    assert len(result.legs) == 1 + MAX_STREAM_RESTARTS  # the first stream and its restores, each refused
+    assert UNAVAILABLE_MESSAGE in result.said and result.hung_up
     session = ended_once(emulator, BridgeState(redis_client, "e2e-telnyx"))
     assert "invalid_audio_format" in session["errors_sent"] and received(session) == b""
 

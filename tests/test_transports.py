@@ -3,8 +3,11 @@ the session Kallglot is asked for, and the lifecycle's single end — against th
 Whole calls over real sockets are in ``tests/test_e2e_transports.py``."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 import xml.etree.ElementTree as ET
 from urllib.parse import urlencode
 
@@ -14,11 +17,13 @@ from flask.testing import FlaskClient
 
 from app.calls.lifecycle import CARRIER_WATCHED_LEG_SECONDS
 from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
-from app.carriers.telnyx.control import SIP_FOR_KEY, decode_client_state, encode_client_state
+from app.carriers.telnyx.control import GREETING_KEY, SIP_FOR_KEY, decode_client_state, encode_client_state
 from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
 from app.extensions import services
+from app.kallglot.client import KallglotSession, StreamGrant
+from app.kallglot.telephony import grant_fresh
 from app.profiles import NumberProfile, ProfileError
-from app.profiles.transfer import ProfileImportError, import_profiles
+from app.profiles.transfer import ProfileImportError, export_profiles, import_profiles
 from tests.support.controls import EmulatorControl, FakeCallControl
 from tests.support.settings import PUBLIC_URL
 from tests.support.telnyx_requests import FROM as TELNYX_FROM, TO as TELNYX_TO, cc, event, post
@@ -86,6 +91,12 @@ def test_import_carries_transport_and_refuses_a_broken_combination(app: Flask) -
                                              "+15005550007": {"transport": "direct"}}})
         assert store.for_number("+15005550006").transport == "sip"
         assert store.for_number("+15005550007").transport == "direct"
+        exported = export_profiles(store)  # what ``numbers export`` writes carries it too, and imports back as is
+        assert {n: p["transport"] for n, p in exported["profiles"].items()} == {"+15005550006": "sip",
+                                                                                "+15005550007": "direct"}
+        store.set("+15005550006", NumberProfile())
+        import_profiles(store, json.loads(json.dumps(exported)))
+        assert store.for_number("+15005550006").transport == "sip"
         with pytest.raises(ProfileImportError) as refused:
             import_profiles(store, {"profiles": {"+15005550008": {"transport": "direct",
                                                                   "agent_number": "+14155550100"}}})
@@ -139,7 +150,7 @@ def test_twilio_sip_dials_the_sessions_sip_uri_and_asks_for_sip_routing(client: 
     assert session["routing"] == {"type": "sip"} and session["provider"] == "sip"
 
 
-def test_retried_voice_webhook_of_a_direct_call_reuses_its_session_with_a_fresh_token(
+def test_retried_voice_webhook_of_a_direct_call_reuses_its_session(
         client: FlaskClient, app: Flask, emulator: EmulatorControl) -> None:
     set_transport(app, TO, "direct")
     call_sid = new_call_sid()
@@ -147,6 +158,38 @@ def test_retried_voice_webhook_of_a_direct_call_reuses_its_session_with_a_fresh_
     assert len(emulator.sessions()) == 1
     ids = {root.find("Connect/Stream/Parameter[@name='session_id']").get("value") for root in (first, second)}
     assert len(ids) == 1
+
+
+def test_a_direct_answer_never_hands_the_carrier_a_token_about_to_expire(client: FlaskClient, app: Flask,
+                                                                         emulator: EmulatorControl,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 5-minute stream token is checked when the carrier connects: a create that answers with a token near its
+    expiry (a replayed create, for a retried voice webhook) is followed by a ``GET`` whose fresh token is handed out."""
+    set_transport(app, TO, "direct")
+    with app.app_context():
+        kallglot = services().kallglot
+    real_create, stale_tokens = kallglot.create_session, []
+
+    def create_answering_a_stale_token(**kwargs: object) -> KallglotSession:
+        session = real_create(**kwargs)  # type: ignore[arg-type]
+        assert session.stream is not None
+        stale = dataclasses.replace(session.stream, expires_at=datetime.now(timezone.utc) + timedelta(seconds=10))
+        stale_tokens.append(stale.token)
+        return dataclasses.replace(session, stream=stale)
+
+    monkeypatch.setattr(kallglot, "create_session", create_answering_a_stale_token)
+    token = answer(client, new_call_sid()).find("Connect/Stream/Parameter[@name='token']").get("value")
+    assert len(stale_tokens) == 1 and token.startswith("kst_") and token != stale_tokens[0]
+    assert len(emulator.sessions()) == 1
+
+
+def test_token_freshness_keeps_a_safety_margin() -> None:
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
+    grant = StreamGrant(url="wss://x/v1/sessions/s/connect", token="kst_x", expires_at=now + timedelta(minutes=5))
+    assert grant_fresh(grant, now)
+    assert not grant_fresh(dataclasses.replace(grant, expires_at=now + timedelta(seconds=29)), now)
+    assert grant_fresh(dataclasses.replace(grant, expires_at=None), now)  # no expiry given: trusted
+    assert not grant_fresh(None, now)
 
 
 @pytest.mark.parametrize(("dial_status", "hears"), [("completed", None), ("failed", "fallback"),
@@ -245,8 +288,34 @@ def test_texml_direct_streams_to_kallglot_with_its_parameters(telnyx_client: Fla
         ("rtp", "PCMU", "inbound_track")
     params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
     assert list(params) == ["token", "session_id"] and params["token"].startswith("kst_")
-    # Kallglot closing the stream is never silence
-    assert [verb.tag for verb in root][-2:] == ["Say", "Hangup"] and root[-2].text == SESSION_OVER_MESSAGE
+    # A stream that ends with the caller still on goes to the restore, as on the relay: never silence
+    assert [verb.tag for verb in root][-1] == "Redirect" and root[-1].text == PUBLIC_URL + "/telnyx/texml/stream-ended"
+
+
+def test_texml_direct_stream_restored_with_a_fresh_token_then_session_over(
+        telnyx_client: FlaskClient, telnyx_app: Flask, telnyx_signer: TelnyxSigner, emulator: EmulatorControl) -> None:
+    """The ``<Redirect>`` after a direct stream: restored straight to Kallglot with a new token while the session runs
+    (a dropped stream does not end the call); once Kallglot has ended it, the caller is told and hung up, and nothing
+    ends it twice."""
+    set_transport(telnyx_app, TELNYX_TO, "direct", carrier="telnyx")
+    call_id = new_call_control_id()
+    root = ET.fromstring(post(telnyx_client, "/telnyx/texml", texml_body(call_id), telnyx_signer).data)
+    first = root.find("Connect/Stream/Parameter[@name='token']").get("value")
+    still_on = texml_body(call_id, CallStatus="in-progress")
+    restored = ET.fromstring(post(telnyx_client, "/telnyx/texml/stream-ended", still_on, telnyx_signer).data)
+    (session,) = emulator.sessions()
+    stream = restored.find("Connect/Stream")
+    assert stream.get("url").endswith(f"/v1/sessions/{session['id']}/connect")  # Kallglot's, not the relay's
+    token = stream.find("Parameter[@name='token']").get("value")
+    assert token.startswith("kst_") and token != first and restored[-1].tag == "Redirect"
+    assert emulator.session(session["id"])["status"] != "ended"
+    with telnyx_app.app_context():
+        services().kallglot.end_session(session["id"])  # Kallglot's side ends it (as its dashboard would)
+    over = ET.fromstring(post(telnyx_client, "/telnyx/texml/stream-ended", still_on, telnyx_signer).data)
+    assert [verb.tag for verb in over] == ["Say", "Hangup"] and over.findtext("Say") == SESSION_OVER_MESSAGE
+    completed = texml_body(call_id, CallStatus="completed", HangupCause="normal_clearing")
+    assert post(telnyx_client, "/telnyx/texml/status", completed, telnyx_signer).status_code == 200
+    assert emulator.session(session["id"])["end_calls"] == 1  # only the test's own end
 
 
 @pytest.mark.parametrize(("dial_status", "ends_with"), [("completed", "Hangup"), ("failed", "Hangup")])
@@ -271,6 +340,31 @@ def test_texml_sip_dials_and_its_dial_action_ends_the_session_once(
     assert post(telnyx_client, "/telnyx/texml/status", completed, telnyx_signer).status_code == 200
     assert emulator.session(session["id"])["status"] == "ended"
     assert emulator.session(session["id"])["end_calls"] == 1
+
+
+def on_session(root: ET.Element, session_id: str) -> bool:
+    """Whether a TeXML answer puts the call on ``session_id`` (a relay or direct stream's parameter, or the SIP URI)."""
+    values = [p.get("value") for p in root.iter("Parameter")] + [sip.text for sip in root.iter("Sip")]
+    return any(value and session_id in value for value in values)
+
+
+@pytest.mark.parametrize("transport", ["relay", "direct", "sip"])
+def test_texml_returning_caller_rejoins_the_held_session_without_a_second_greeting(
+        telnyx_client: FlaskClient, telnyx_app: Flask, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        transport: str) -> None:
+    set_transport(telnyx_app, TELNYX_TO, transport, carrier="telnyx", greeting="Welcome", hangup_grace_seconds=60)
+    call_id = new_call_control_id()
+    first = ET.fromstring(post(telnyx_client, "/telnyx/texml", texml_body(call_id), telnyx_signer).data)
+    assert first[0].tag == "Say" and first[0].text == "Welcome"
+    completed = texml_body(call_id, CallStatus="completed", HangupCause="normal_clearing")
+    assert post(telnyx_client, "/telnyx/texml/status", completed, telnyx_signer).status_code == 200
+    (session,) = emulator.sessions()
+    assert session["status"] != "ended"  # held for the returning caller (hang-up grace)
+    again = ET.fromstring(post(telnyx_client, "/telnyx/texml", texml_body(new_call_control_id()),
+                               telnyx_signer).data)
+    assert len(emulator.sessions()) == 1 and on_session(first, session["id"])
+    assert on_session(again, session["id"])  # re-attached to the held session
+    assert "Welcome" not in [say.text for say in again.iter("Say")]  # and not greeted twice
 
 
 # ----- Telnyx Call Control -------------------------------------------------------------------------------------------
@@ -318,6 +412,56 @@ def test_call_control_sip_transfers_to_the_sip_uri_and_a_refused_transfer_is_not
     cc(telnyx_client, telnyx_signer, event("call.hangup", call_id, hangup_cause="normal_clearing"))
     assert emulator.session(session["id"])["status"] == "ended"
     assert emulator.session(session["id"])["end_calls"] == 1
+
+
+@pytest.mark.parametrize("transport", ["relay", "direct", "sip"])
+def test_call_control_returning_caller_rejoins_the_held_session_without_a_second_greeting(
+        telnyx_client: FlaskClient, telnyx_app: Flask, telnyx_signer: TelnyxSigner, emulator: EmulatorControl,
+        fake_call_control: FakeCallControl, transport: str) -> None:
+    set_transport(telnyx_app, TELNYX_TO, transport, carrier="telnyx", greeting="Welcome", hangup_grace_seconds=60)
+    first_call, second_call = new_call_control_id(), new_call_control_id()
+    cc(telnyx_client, telnyx_signer, event("call.initiated", first_call, direction="incoming", state="parked"))
+    cc(telnyx_client, telnyx_signer, event("call.hangup", first_call, hangup_cause="normal_clearing"))
+    (session,) = emulator.sessions()
+    assert session["status"] != "ended"  # held for the returning caller (hang-up grace)
+    cc(telnyx_client, telnyx_signer, event("call.initiated", second_call, direction="incoming", state="parked"))
+    first, again = (decode_client_state(c["body"]["client_state"]) for c in fake_call_control.commands("answer"))
+    assert first[GREETING_KEY] == "1" and first["s"] == session["id"]
+    assert again["s"] == session["id"] and GREETING_KEY not in again  # re-attached, and not greeted twice
+    assert len(emulator.sessions()) == 1
+
+
+@pytest.mark.parametrize("transport", ["direct", "sip"])
+def test_kallglot_ending_a_direct_or_sip_session_hangs_up_the_call_and_nobody_ends_it_again(
+        redis_url: str, emulator: EmulatorControl, namespace: str, telnyx_signer: TelnyxSigner,
+        fake_call_control: FakeCallControl, transport: str) -> None:
+    """Kallglot's ``session.ended`` webhook is the one end the bridge hears about a call whose audio it never carries
+    (Kallglot ended it: its dashboard, its 30-minute idle rule): the caller is hung up, and neither that nor the
+    carrier's ``call.hangup`` that follows makes the bridge call ``end``."""
+    from app import create_app
+    from app.kallglot.signature import sign
+    from tests.support.settings import bridge_config, telnyx_config
+
+    secret = "whsec_transports"
+    app = create_app({**telnyx_config(bridge_config(redis_url, emulator.api_url, namespace, PUBLIC_URL),
+                                      telnyx_signer.public_key, fake_call_control.api_url),
+                      "KALLGLOT_WEBHOOK_SECRET": secret})
+    client = app.test_client()
+    set_transport(app, TELNYX_TO, transport, carrier="telnyx")
+    call_id = new_call_control_id()
+    initiated_and_answered(client, telnyx_signer, fake_call_control, call_id)
+    (session,) = emulator.sessions()
+    body = json.dumps({"id": f"evt_{uuid.uuid4().hex}", "type": "session.ended", "api_version": "v1",
+                       "created_at": "2026-11-29T10:00:00Z",
+                       "data": {"id": session["id"], "object": "session", "status": "ended", "duration": 4.2}}).encode()
+    response = client.post("/kallglot/webhooks", data=body, content_type="application/json",
+                           headers={"Kallglot-Signature": sign(secret, body, int(time.time()))})
+    assert response.status_code == 200, response.data
+    assert [c["call_control_id"] for c in fake_call_control.commands("hangup")] == [call_id]
+    cc(client, telnyx_signer, event("call.hangup", call_id, hangup_cause="normal_clearing"))
+    with app.app_context():
+        assert services().lifecycle.call_record("telnyx", call_id)["state"] == "ended"
+    assert emulator.session(session["id"])["end_calls"] == 0  # Kallglot ended it; the bridge did not end it again
 
 
 # ----- admin form and CLI --------------------------------------------------------------------------------------------

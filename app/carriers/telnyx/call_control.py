@@ -118,7 +118,8 @@ def _call_initiated(svc: Services, control: TelnyxControl, event: CallEvent) -> 
             event.call_id, GOODBYE_UNAVAILABLE, to_number=to_number, command_id=event.command_id("answer")))
         return
     answered = command(event, "answer", lambda: control.answer_for_session(
-        event.call_id, session_id=leg.session.id, speaker=SPEAKER_CUSTOMER, greeting=bool(leg.profile.greeting),
+        event.call_id, session_id=leg.session.id, speaker=SPEAKER_CUSTOMER,
+        greeting=bool(leg.profile.greeting) and not leg.reattached,  # a returning caller is not greeted twice
         command_id=event.command_id("answer")))
     if answered:
         log.info("telnyx call=%s session=%s to=%s mode=%s answered", event.call_id, leg.session.id, to_number,

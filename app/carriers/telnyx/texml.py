@@ -23,7 +23,7 @@ from app.kallglot.client import KallglotError
 from app.kallglot.telephony import direct_parameters, sip_uri
 from app.profiles import TRANSPORT_DIRECT, TRANSPORT_SIP, NumberProfile
 from app.carriers.contract import TERMINAL_CALL_STATUSES
-from app.calls.prompts import SESSION_OVER_MESSAGE, UNAVAILABLE_MESSAGE
+from app.calls.prompts import UNAVAILABLE_MESSAGE
 from app.relay.tokens import RELAY_TOKEN_PARAMETER, SESSION_PARAMETER
 from app.carriers.telnyx import CARRIER
 from app.carriers.telnyx.blueprint import bp
@@ -74,7 +74,9 @@ def connect_stream(settings: Settings, *, session_id: str, relay_token: str,
 def connect_direct(settings: Settings, *, stream_url: str, parameters: dict[str, str],
                    profile: NumberProfile | None = None) -> ET.Element:
     """``<Connect><Stream>`` straight to Kallglot's ``stream.url`` with Kallglot's own ``<Parameter>`` pair (token,
-    session id) — the ``direct`` transport — then a goodbye and ``<Hangup/>`` for when Kallglot closes the stream.
+    session id) — the ``direct`` transport — then, as on the relay, ``<Redirect>`` to ``/telnyx/texml/stream-ended``
+    for when the stream ends with the caller still on: restored with a fresh token while the session runs, else a
+    goodbye (:mod:`app.carriers.telnyx.texml_restore`) — never dead air, and a dropped stream does not end the call.
 
     As Kallglot's Telnyx example, except ``track``: ``inbound_track`` with ``bidirectionalMode="rtp"`` and PCMU
     both ways, so Kallglot receives the caller alone (its example's ``both_tracks`` would send it its own
@@ -90,7 +92,7 @@ def connect_direct(settings: Settings, *, stream_url: str, parameters: dict[str,
         "statusCallbackMethod": "POST"})
     for name, value in parameters.items():
         ET.SubElement(stream, "Parameter", {"name": name, "value": value})
-    say_and_hang_up(root, SESSION_OVER_MESSAGE)
+    ET.SubElement(root, "Redirect", {"method": "POST"}).text = settings.public("/telnyx/texml/stream-ended")
     return root
 
 
@@ -174,7 +176,7 @@ def texml_voice() -> Response:
         return xml(connect_direct(svc.settings, stream_url=leg.session.stream.url, profile=greeting,
                                    parameters=direct_parameters(leg.session.id, leg.session.stream)))
     return xml(connect_stream(svc.settings, session_id=leg.session.id, relay_token=relay_token,
-                               profile=leg.profile))
+                               profile=greeting))
 
 
 @bp.post("/texml/dial-action")

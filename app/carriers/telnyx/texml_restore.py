@@ -7,7 +7,8 @@ Telnyx's TeXML ``<Connect>`` documents no ``action``, but ``<Redirect>`` is a do
 was killed, a deploy drained it) is connected again to the same session, at most
 :data:`~app.carriers.telnyx.streams.MAX_STREAM_RESTARTS` times; a session Kallglot ended gets the goodbye; a
 Kallglot failure, an undecodable codec or too many restores get the profile's fallback (its message, then
-``<Dial>`` its fallback number or hang up).
+``<Dial>`` its fallback number or hang up). A ``direct`` stream (carrier straight to Kallglot) ends the same way
+and is restored straight to Kallglot with a fresh stream token (5-minute tokens), as Twilio's is.
 """
 from __future__ import annotations
 
@@ -28,10 +29,13 @@ from app.carriers.telnyx.blueprint import bp
 from app.carriers.telnyx.media import UNSUPPORTED_CODEC
 from app.carriers.telnyx.session import seal_relay_token
 from app.carriers.telnyx.streams import MAX_STREAM_RESTARTS
-from app.carriers.telnyx.texml import call_id_of, connect_stream, fallback, say_and_hang_up, texml_form, xml
+from app.carriers.telnyx.texml import (
+    call_id_of, connect_direct, connect_stream, fallback, say_and_hang_up, texml_form, xml,
+)
 from app.extensions import services
 from app.kallglot.client import KallglotError
-from app.profiles import NumberProfile
+from app.kallglot.telephony import direct_parameters
+from app.profiles import TRANSPORT_DIRECT, TRANSPORT_RELAY, NumberProfile
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +67,18 @@ def texml_stream_ended() -> Response:
                               speaker=call.get("speaker", ""), why=reason or EndReason.STREAM_RESTARTS_EXHAUSTED.value)
             return xml(fallback(profile))
         session = live_session(svc, session_id)
+        transport = call.get("transport") or TRANSPORT_RELAY
+        if session is None and transport == TRANSPORT_DIRECT:
+            # Kallglot ended the session under its own stream (no relay saw it go): recorded, so nobody calls end.
+            svc.lifecycle.ended_by_kallglot(session_id, "stream_closed")
         if session is None or session.stream is None or not svc.lifecycle.reattach_leg(CARRIER, call_id):
             svc.lifecycle.leg_ended(CARRIER, call_id, EndReason.STREAM_CLOSED)
             return xml(say_and_hang_up(ET.Element("Response"), SESSION_OVER_MESSAGE))
+        log.info("telnyx texml call=%s session=%s restoring the %s media stream (%s)", call_id, session_id,
+                 transport, reason or ("stream closed" if transport == TRANSPORT_DIRECT else "relay gone"))
+        if transport == TRANSPORT_DIRECT:  # straight to Kallglot again, with the token the GET above just gave
+            return xml(connect_direct(svc.settings, stream_url=session.stream.url,
+                                      parameters=direct_parameters(session_id, session.stream)))
         # The stream is over (Telnyx runs the verbs after <Connect> only then): a killed worker's lease must not
         # refuse the restored stream.
         svc.relay_guard.forget_leg(CARRIER, call_id)
@@ -73,6 +86,4 @@ def texml_stream_ended() -> Response:
     except (KallglotError, redis.RedisError) as exc:
         log.error("telnyx texml call=%s stream could not be restored, fallback: %s", call_id, exc)
         return xml(fallback(NumberProfile()))
-    log.info("telnyx texml call=%s session=%s restoring the media stream (%s)", call_id, session_id,
-             reason or "relay gone")
     return xml(connect_stream(svc.settings, session_id=session_id, relay_token=token))

@@ -362,8 +362,8 @@ class TexmlCallResult:
 
     @property
     def heard(self) -> bytes:
-        """Everything the caller heard on all of its streams."""
-        return b"".join(bytes(leg.heard) for leg in self.legs)
+        """Everything the caller heard: on all of its streams, then on its ``<Dial><Sip>`` legs (a ``sip`` number)."""
+        return b"".join(bytes(leg.heard) for leg in self.legs) + b"".join(bytes(d.heard) for d in self.sip_dials)
 
 
 class TexmlCallSimulator:

@@ -24,6 +24,7 @@ import requests
 from werkzeug.serving import make_server
 
 from app.devtools.simulator.audio import read_wav_as_ulaw, speech_like_tone, write_ulaw_as_wav
+from app.devtools.simulator.number_apis import DEMO_CALL_CONTROL_APP_ID, DEMO_TEXML_APP_ID, demo_telnyx_seed
 from app.devtools.simulator.telnyx import TelnyxSigner, TexmlCallSimulator, new_call_control_id
 from app.devtools.simulator.telnyx_api import EXTENSION_KEY, FakeCall, FakeTelnyx, create_fake_call_control_app
 from app.envfile import environment_with_demo
@@ -48,6 +49,13 @@ def caller_audio(mulaw: bytes, codec: str) -> tuple[bytes, int]:
         return audioop.lin2alaw(pcm, 2), 8000
     wide, _ = audioop.ratecv(pcm, 2, 1, 8000, 16000, None)
     return (audioop.byteswap(wide, 2) if sys.byteorder == "little" else wide), 16000
+
+
+def demo_number(flow: str) -> str:
+    """The demo's number on the flow's Telnyx application (+15005550106 on TeXML, +15005550107 on Call Control):
+    a call's default ``--to``, so switching that number (README "Transports") changes what the call does."""
+    app_id = DEMO_TEXML_APP_ID if flow == "texml" else DEMO_CALL_CONTROL_APP_ID
+    return next(str(n["phone_number"]) for n in demo_telnyx_seed("")["phone_numbers"] if n["connection_id"] == app_id)
 
 
 def _report(commands: list[dict[str, Any]], webhooks: list[dict[str, Any]]) -> bool:
@@ -115,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"call-control: run a fake Telnyx API on this port (default: use the running demo's, "
                         f"else {DEFAULT_API_PORT})")
     p.add_argument("--codec", choices=("PCMU", "PCMA", "L16"), default="PCMU", help="the caller leg's codec")
-    p.add_argument("--to", default="+15005550006")
+    p.add_argument("--to", default=None, help="the number called (default: the demo's number on the flow's "
+                                              "application, texml +15005550106, call-control +15005550107)")
     p.add_argument("--from", dest="from_", default="+15551230000")
     p.add_argument("--wav", default=None, help="caller audio (default: 3 s of a speech-like tone)")
     p.add_argument("--out", default="heard.wav", help="write what the caller heard here as WAV")
@@ -126,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.flow == "public-key":
         print(signer.public_key)
         return 0
+    args.to = args.to or demo_number(args.flow)
     payload, rate = caller_audio(read_wav_as_ulaw(args.wav) if args.wav else speech_like_tone(3.0), args.codec)
     if args.flow == "texml":
         sim = TexmlCallSimulator(args.base_url, signer, public_url=args.public_url, timeout=args.timeout)
