@@ -27,12 +27,13 @@ from app.calls.leg_spec import LegSpec
 from app.calls.states import EndOutcome
 from app.config import ConfigError, Settings
 from app.devtools.redis_topologies import (
-    RedisDeployment, master_port_for_key, run_redis_cluster, run_redis_sentinel, run_redis_tls, sentinel_master_port,
+    RedisDeployment, master_port_for_key, run_redis_cluster, run_redis_sentinel, run_redis_tls,
+    sentinel_master_port,
 )
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from app.extensions import services
 from app.profiles import NumberProfile
-from app.redis_connection import CLUSTER, SENTINEL, STANDALONE, parse_redis_target
+from app.redis_connection import CLUSTER, SENTINEL, STANDALONE, limiter_storage, parse_redis_target
 from app.redis_keys import RedisKeys
 from tests.support.admin import admin_sign_in
 from tests.support.bridge_state import BridgeState
@@ -69,6 +70,9 @@ def test_each_deployment_is_read_from_redis_url(url: str, cluster: bool, kind: s
     ({"REDIS_URL": "redis+sentinel://s1:26379"}, "redis+sentinel://host:port[,host:port]/service[/db]"),
     ({"REDIS_URL": "redis+sentinel://s1:26379/a/b/c"}, "redis+sentinel://host:port[,host:port]/service[/db]"),
     ({"REDIS_URL": "redis+sentinel://s1:26379/svc/x"}, "database must be a number"),
+    ({"REDIS_URL": "rediss+sentinel://s1:26379"}, "rediss+sentinel://host:port[,host:port]/service[/db]"),
+    ({"REDIS_URL": "rediss+sentinel://s:1/m", "REDIS_CLUSTER": "true"}, "cannot be combined"),
+    ({"REDIS_URL": "redis+sentinel://s:1/m", "REDIS_TLS_CA": "/ca.pem"}, "REDIS_TLS_CA is set but REDIS_URL is not"),
     ({"REDIS_URL": "redis://a:1,b:2"}, "set REDIS_CLUSTER=true"),
     ({"REDIS_URL": "redis://a:1/3", "REDIS_CLUSTER": "true"}, "only database 0"),
     ({"REDIS_URL": "redis+sentinel://s:1/m", "REDIS_CLUSTER": "true"}, "cannot be combined"),
@@ -84,6 +88,16 @@ def test_a_malformed_redis_setting_is_a_clear_configuration_error(env: dict[str,
         create_app(config)
     assert says in str(refused.value)
     assert ":pw@" not in str(refused.value)  # credentials never end up in the message
+
+
+def test_sentinel_over_tls_is_rediss_sentinel_for_the_bridge_and_its_throttle() -> None:
+    target = parse_redis_target("rediss+sentinel://:pw@s1:26379,s2:26380/mymaster/1")
+    assert (target.kind, target.tls, target.service, target.db) == (SENTINEL, True, "mymaster", 1)
+    assert not parse_redis_target("redis+sentinel://s1:26379/mymaster").tls
+    uri, options = limiter_storage(target, tls_ca="/ca.pem")
+    assert uri == "redis+sentinel://:pw@s1:26379,s2:26380/mymaster"  # limits' scheme; TLS goes in the options
+    tls = {"ssl": True, "ssl_cert_reqs": "required", "ssl_ca_certs": "/ca.pem"}
+    assert options == {**tls, "use_replicas": False, "sentinel_kwargs": tls}
 
 
 def test_every_settings_reader_knows_the_new_names() -> None:
@@ -331,8 +345,8 @@ def _leg(call_id: str) -> LegSpec:
 # -- managed TLS Redis -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisDeployment]:
-    """redis-server on TLS only, with a certificate for 127.0.0.1 signed by a CA made here."""
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A server certificate for 127.0.0.1, its key, and the CA made here that signed it."""
     folder = tmp_path_factory.mktemp("tls")
     ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
     run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)  # noqa: E731
@@ -343,7 +357,13 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisDeploym
     extensions.write_text("subjectAltName=IP:127.0.0.1\n")
     run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert),
         "-days", "2", "-extfile", str(extensions))
-    with run_redis_tls(cert, key, ca) as deployment:
+    return cert, key, ca
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tls_files: tuple[Path, Path, Path]) -> Iterator[RedisDeployment]:
+    """redis-server on TLS only, with a certificate signed by the test's CA."""
+    with run_redis_tls(*tls_files) as deployment:
         yield deployment
 
 
@@ -376,6 +396,51 @@ def test_rediss_refuses_a_server_its_ca_did_not_sign(tls_redis: RedisDeployment,
     app = _tls_app(tls_redis, emulator, REDIS_TLS_CA=str(other_ca))
     ready = app.test_client().get("/readyz")
     assert ready.status_code == 503 and "Redis unreachable" in " ".join(ready.json["problems"])
+
+
+@pytest.fixture(scope="module")
+def tls_sentinel(tls_files: tuple[Path, Path, Path]) -> Iterator[RedisDeployment]:
+    """Master + replica under three Sentinels, every one of them on TLS only (``rediss+sentinel://``)."""
+    with run_redis_sentinel(tls=tls_files) as deployment:
+        yield deployment
+
+
+@pytest.mark.e2e
+def test_rediss_sentinel_serves_the_lifecycle_and_throttle_and_follows_a_failover(
+        tls_sentinel: RedisDeployment, emulator: EmulatorControl) -> None:
+    """TLS to the Sentinels and to the master they name (nothing listens in plain text), verified against the
+    private CA; the sign-in throttle (Flask-Limiter) counts over the same TLS Sentinel; after the master is killed
+    the app finds the promoted replica through the Sentinels, still over TLS."""
+    assert tls_sentinel.url.startswith("rediss+sentinel://")
+    app = create_app({**bridge_config(tls_sentinel.url, emulator.api_url, "tlss-" + uuid.uuid4().hex[:8],
+                                      PUBLIC_URL), **tls_sentinel.env, "ADMIN_PASSWORD": ADMIN_PASSWORD})
+    app.testing = True
+    assert app.test_client().get("/readyz").status_code == 200, app.test_client().get("/readyz").json
+    attacker = app.test_client()
+    for attempt in range(MAX_FAILURES_PER_CLIENT):
+        assert admin_sign_in(attacker, password="guess", name=f"guesser {attempt}").status_code == 401
+    assert admin_sign_in(attacker).status_code == 429
+    with app.app_context():
+        lifecycle = services().lifecycle
+        first = lifecycle.create_session(carrier="twilio", call_id="CAtlss1", idempotency_key="tlss-1",
+                                         mode="ai_agent")
+        assert lifecycle.register_leg(_leg("CAtlss1"), session_id=first.id)
+        killed = sentinel_master_port(tls_sentinel)
+        tls_sentinel.node_on(killed).kill()
+        assert wait_until(lambda: sentinel_master_port(tls_sentinel) != killed, timeout=30), "no promotion"
+        # The session written before the failover is on the promoted replica; the app reaches it over TLS.
+        assert wait_until(lambda: _answers(lambda: lifecycle.session_record(first.id)), timeout=30)
+        assert lifecycle.end_session(first.id, "admin") is EndOutcome.ENDED
+        assert lifecycle.live_session_ids() == set()
+    assert emulator.session(first.id)["end_calls"] == 1
+
+
+def _answers(read: Any) -> bool:
+    """True once ``read()`` returns something truthy without a Redis error (a failover in progress)."""
+    try:
+        return bool(read())
+    except redis_lib.RedisError:
+        return False
 
 
 @pytest.mark.e2e
