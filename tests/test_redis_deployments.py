@@ -7,6 +7,7 @@ a master is killed mid-call: audio keeps flowing, the session ends exactly once,
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import time
@@ -196,6 +197,15 @@ def _whole_call(bridge: RunningServer, deployment: RedisDeployment, emulator: Em
     assert wait_until(lambda: state.settled_ended(session["id"]))
     _assert_nothing_left(state, session["id"], call_sid)
     assert emulator.session(session["id"])["end_calls"] == 1
+    # The one unsharded stream a call writes: two entries per leg (README Scaling's figure at 10 000 live calls).
+    assert wait_until(lambda: _live_changes_of(state, session["id"]) == ["started", "ended"], timeout=10), \
+        _live_changes_of(state, session["id"])
+
+
+def _live_changes_of(state: BridgeState, session_id: str) -> list[str]:
+    """The leg states one session put on the global live-changes stream, oldest first."""
+    return [json.loads(fields[b"data"])["state"] for _, fields in state.redis.xrange(state.keys.live_changes())
+            if fields[b"session_id"].decode() == session_id]
 
 
 @pytest.mark.e2e
