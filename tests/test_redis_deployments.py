@@ -303,6 +303,24 @@ def test_the_admin_throttle_and_sharded_views_work_on_each_deployment(
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("deployment_name", ["cluster", "sentinel"])
+def test_redis_max_connections_bounds_the_pool_on_each_deployment(
+        request: pytest.FixtureRequest, deployment_name: str, emulator: EmulatorControl) -> None:
+    """Per worker, and on a cluster per node: the setting reaches the pool redis-py keeps for each."""
+    deployment: RedisDeployment = request.getfixturevalue(deployment_name)
+    app = create_app({**bridge_config(deployment.url, emulator.api_url, "pool-" + uuid.uuid4().hex[:8], PUBLIC_URL),
+                      **deployment.env, "REDIS_MAX_CONNECTIONS": "7"})
+    with app.app_context():
+        client = services().redis
+        assert client.ping()
+        if deployment_name == "cluster":
+            pools = [node.redis_connection.connection_pool for node in client.get_primaries()]
+            assert len(pools) == 3 and {pool.max_connections for pool in pools} == {7}
+        else:
+            assert client.connection_pool.max_connections == 7
+
+
+@pytest.mark.e2e
 def test_every_lifecycle_step_runs_on_the_cluster(cluster: RedisDeployment, emulator: EmulatorControl) -> None:
     """Each Lua script and transaction, on a real cluster (a key outside the script's slot is CROSSSLOT there):
     hold, returning caller, heartbeat expiry, a failed end and its retry, an orphaned create, billing, profiles."""
