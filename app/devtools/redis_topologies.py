@@ -243,8 +243,10 @@ def run_redis_sentinel(sentinels: int = 3, tls: tuple[Path, Path, Path] | None =
         nodes.append(_start(server, [*args(replica_port), "--replicaof", "127.0.0.1", str(master_port)],
                             replica_port, workdir))
         _wait(lambda: _replica_in_sync(replica_port, **client_tls), 30, "the replica in sync")
-        listen = (f"port 0\ntls-port {{port}}\ntls-cert-file {tls[0]}\ntls-key-file {tls[1]}\n"
-                  f"tls-ca-cert-file {tls[2]}\ntls-auth-clients no\ntls-replication yes\n") if tls else "port {port}\n"
+        listen = "port {port}\n"
+        if tls is not None:  # TLS only, to clients and (tls-replication) to the servers and other Sentinels
+            listen = (f"port 0\ntls-port {{port}}\ntls-cert-file {tls[0]}\ntls-key-file {tls[1]}\n"
+                      f"tls-ca-cert-file {tls[2]}\ntls-auth-clients no\ntls-replication yes\n")
         for port in sentinel_ports:
             conf = workdir / f"sentinel-{port}.conf"
             conf.write_text(
