@@ -433,33 +433,62 @@ def tls_sentinel(tls_files: tuple[Path, Path, Path]) -> Iterator[RedisDeployment
         yield deployment
 
 
+@pytest.fixture(scope="module")
+def tls_cluster(tls_files: tuple[Path, Path, Path]) -> Iterator[RedisDeployment]:
+    """3 masters + 3 replicas, clients, replication and cluster bus on TLS only (``rediss://`` seeds)."""
+    with run_redis_cluster(masters=3, replicas_per_master=1, tls=tls_files) as deployment:
+        yield deployment
+
+
+def _kill_tls_master(deployment: RedisDeployment, session_id: str) -> Any:
+    """Kill the master that serves the session (a cluster: its slot's); returns a "failed over?" check."""
+    if deployment.kind == CLUSTER:
+        key = RedisKeys("kb").session(session_id)
+        killed = master_port_for_key(deployment, key)
+        deployment.node_on(killed).kill()
+        return lambda: master_port_for_key(deployment, key) != killed
+    killed = sentinel_master_port(deployment)
+    deployment.node_on(killed).kill()
+    return lambda: sentinel_master_port(deployment) != killed
+
+
 @pytest.mark.e2e
-def test_rediss_sentinel_serves_the_lifecycle_and_throttle_and_follows_a_failover(
-        tls_sentinel: RedisDeployment, emulator: EmulatorControl) -> None:
-    """TLS to the Sentinels and to the master they name (nothing listens in plain text), verified against the
-    private CA; the sign-in throttle (Flask-Limiter) counts over the same TLS Sentinel; after the master is killed
-    the app finds the promoted replica through the Sentinels, still over TLS."""
-    assert tls_sentinel.url.startswith("rediss+sentinel://")
-    app = create_app({**bridge_config(tls_sentinel.url, emulator.api_url, "tlss-" + uuid.uuid4().hex[:8],
-                                      PUBLIC_URL), **tls_sentinel.env, "ADMIN_PASSWORD": ADMIN_PASSWORD})
+@pytest.mark.parametrize("deployment_name, scheme", [("tls_sentinel", "rediss+sentinel://"),
+                                                     ("tls_cluster", "rediss://")])
+def test_tls_sentinel_and_cluster_serve_the_lifecycle_and_throttle_and_follow_a_failover(
+        request: pytest.FixtureRequest, deployment_name: str, scheme: str, emulator: EmulatorControl) -> None:
+    """Managed Redis with in-transit encryption, Sentinel or cluster mode: nothing listens in plain text, and the
+    certificate is verified against the private CA. The sign-in throttle (Flask-Limiter) counts over the same
+    TLS deployment; after the master serving the session is killed, the app finds the promoted replica over TLS."""
+    deployment: RedisDeployment = request.getfixturevalue(deployment_name)
+    assert deployment.url.startswith(scheme)
+    app = create_app({**bridge_config(deployment.url, emulator.api_url, "kb", PUBLIC_URL), **deployment.env,
+                      "ADMIN_PASSWORD": ADMIN_PASSWORD})
     app.testing = True
     assert app.test_client().get("/readyz").status_code == 200, app.test_client().get("/readyz").json
     attacker = app.test_client()
     for attempt in range(MAX_FAILURES_PER_CLIENT):
         assert admin_sign_in(attacker, password="guess", name=f"guesser {attempt}").status_code == 401
     assert admin_sign_in(attacker).status_code == 429
+    call_id = "CAtls" + uuid.uuid4().hex[:8]
     with app.app_context():
         lifecycle = services().lifecycle
-        first = lifecycle.create_session(carrier="twilio", call_id="CAtlss1", idempotency_key="tlss-1",
+        first = lifecycle.create_session(carrier="twilio", call_id=call_id, idempotency_key=call_id,
                                          mode="ai_agent")
-        assert lifecycle.register_leg(_leg("CAtlss1"), session_id=first.id)
-        killed = sentinel_master_port(tls_sentinel)
-        tls_sentinel.node_on(killed).kill()
-        assert wait_until(lambda: sentinel_master_port(tls_sentinel) != killed, timeout=30), "no promotion"
+        assert lifecycle.register_leg(_leg(call_id), session_id=first.id)
+        # Replicated before the kill (WAIT): the test is about finding the new master over TLS, not about
+        # Redis' asynchronous replication losing the last write.
+        client = services().redis
+        wait = ("WAIT", 1, 5000)
+        acks = (client.execute_command(*wait, target_nodes=client.get_node_from_key(services().keys.session(first.id)))
+                if deployment.kind == CLUSTER else client.execute_command(*wait))
+        assert acks == 1
+        failed_over = _kill_tls_master(deployment, first.id)
+        assert wait_until(failed_over, timeout=30), "no replica was promoted"
         # The session written before the failover is on the promoted replica; the app reaches it over TLS.
         assert wait_until(lambda: _answers(lambda: lifecycle.session_record(first.id)), timeout=30)
         assert lifecycle.end_session(first.id, "admin") is EndOutcome.ENDED
-        assert lifecycle.live_session_ids() == set()
+        assert first.id not in lifecycle.live_session_ids()
     assert emulator.session(first.id)["end_calls"] == 1
 
 

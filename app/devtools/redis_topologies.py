@@ -160,36 +160,60 @@ def _binary(name: str) -> str:
     return found
 
 
+def _tls_server_args(port: int, tls: tuple[Path, Path, Path]) -> list[str]:
+    """A redis-server speaking TLS only (clients, and replication: ``tls-replication``), no client certificate."""
+    cert, key, ca = tls
+    return ["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+            "--tls-auth-clients", "no", "--tls-replication", "yes"]
+
+
 @contextlib.contextmanager
-def run_redis_cluster(masters: int = 3, replicas_per_master: int = 1) -> Iterator[RedisDeployment]:
-    """A Redis Cluster of ``masters`` masters (each with ``replicas_per_master`` replicas) on loopback."""
+def run_redis_cluster(masters: int = 3, replicas_per_master: int = 1, tls: tuple[Path, Path, Path] | None = None
+                      ) -> Iterator[RedisDeployment]:
+    """A Redis Cluster of ``masters`` masters (each with ``replicas_per_master`` replicas) on loopback. With
+    ``tls`` (the certificate, key and CA files), clients, replication and the cluster bus speak TLS only, as a
+    managed cluster with in-transit encryption does: ``rediss://`` seeds + ``REDIS_CLUSTER=true``."""
     server, cli = _binary("redis-server"), _binary("redis-cli")
     workdir = Path(tempfile.mkdtemp(prefix="kb-redis-cluster-"))
     ports = _pair_ports(masters * (1 + replicas_per_master))
     nodes: list[RedisNode] = []
+    client_tls: dict[str, Any] = {}
+    args: Callable[[int], list[str]] = _server_args
+    cli_tls: list[str] = []
+    if tls is not None:
+        client_tls = {"ssl": True, "ssl_ca_certs": str(tls[2]), "ssl_cert_reqs": "required"}
+        args = partial(_tls_server_args, tls=tls)
+        cli_tls = ["--tls", "--cacert", str(tls[2])]
     try:
         for port in ports:
-            nodes.append(_start(server, [*_server_args(port), "--cluster-enabled", "yes",
+            nodes.append(_start(server, [*args(port), "--cluster-enabled", "yes",
                                          "--cluster-config-file", f"nodes-{port}.conf",
-                                         "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS)], port, workdir))
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                                         "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+                                         *(["--tls-cluster", "yes"] if tls else [])], port, workdir))
+        subprocess.run([cli, *cli_tls, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
                         "--cluster-replicas", str(replicas_per_master), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
 
         def cluster_ok() -> bool:
             for port in ports:
-                if redis_lib.Redis(port=port, socket_timeout=2).cluster("INFO").get("cluster_state") != "ok":
+                node = redis_lib.Redis(host="127.0.0.1", port=port, socket_timeout=2, **client_tls)
+                if node.cluster("INFO").get("cluster_state") != "ok":
                     return False
             return True
 
         _wait(cluster_ok, 60, "cluster_state:ok on every node")
         seeds = ",".join(f"127.0.0.1:{p}" for p in ports[:masters])
+        env = {"REDIS_URL": f"{'rediss' if tls else 'redis'}://{seeds}", "REDIS_CLUSTER": "true"}
+        if tls is not None:
+            env["REDIS_TLS_CA"] = str(tls[2])
         deployment = RedisDeployment(
-            "cluster", {"REDIS_URL": f"redis://{seeds}", "REDIS_CLUSTER": "true"}, nodes,
+            "cluster", env, nodes, tls=client_tls,
             client_factory=lambda **options: RedisCluster(
-                startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports], socket_timeout=5, **options))
+                startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports], socket_timeout=5,
+                **client_tls, **options))
         # Replicas must know their master's data before a test kills it: wait until each is in sync.
-        _wait(lambda: all(_replica_in_sync(port) for port in ports), 60, "replicas in sync")
+        _wait(lambda: all(_replica_in_sync(port, **client_tls) for port in ports), 60, "replicas in sync")
         yield deployment
     finally:
         _stop(nodes)
@@ -207,19 +231,11 @@ def master_port_for_key(deployment: RedisDeployment, key: str) -> int:
     for node in deployment.nodes:
         if not node.alive:
             continue
-        for start, end, *holders in redis_lib.Redis(port=node.port, socket_timeout=2).execute_command(
-                "CLUSTER SLOTS"):
+        for start, end, *holders in redis_lib.Redis(host="127.0.0.1", port=node.port, socket_timeout=2,
+                                                    **deployment.tls).execute_command("CLUSTER SLOTS"):
             if start <= slot <= end:
                 return int(holders[0][1])
     raise RuntimeError(f"no live node serves slot {slot}")
-
-
-def _tls_server_args(port: int, tls: tuple[Path, Path, Path]) -> list[str]:
-    """A redis-server speaking TLS only (clients, and replication: ``tls-replication``), no client certificate."""
-    cert, key, ca = tls
-    return ["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-            "--tls-auth-clients", "no", "--tls-replication", "yes"]
 
 
 @contextlib.contextmanager
