@@ -10,6 +10,7 @@
 ``redis[s]://[user:pass@]h1:p1[,h2:p2…]`` + ``REDIS_CLUSTER=true`` ``redis.cluster.RedisCluster`` (seed nodes;
                                                                 it discovers the rest and follows failovers)
 ``redis+sentinel://[user:pass@]h1:p1[,h2:p2…]/service[/db]``     ``redis.sentinel.Sentinel(...).master_for``
+``rediss+sentinel://…`` (TLS to the Sentinels and the master)    the same over TLS (``REDIS_TLS_*`` as above)
 ==============================================================  ==============================================
 
 A malformed value is a configuration problem listed at start-up (:func:`redis_target_problems`, called from
@@ -25,7 +26,9 @@ from urllib.parse import quote, unquote, urlsplit
 
 STANDALONE, CLUSTER, SENTINEL = "standalone", "cluster", "sentinel"
 _SCHEMES = {"redis": False, "rediss": True}
-SENTINEL_SCHEME = "redis+sentinel"
+#: Sentinel URL schemes → TLS: ``rediss+sentinel`` speaks TLS to the Sentinels and to the master they name
+#: (a TLS-only Sentinel deployment: Redis' ``tls-port`` + ``tls-replication yes`` on servers and Sentinels).
+_SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 
 
 class RedisUrlError(ValueError):
@@ -79,8 +82,9 @@ def parse_redis_target(url: str, *, cluster: bool = False) -> RedisTarget:
     shown = _redacted(url)
     scheme, sep, rest = url.strip().partition("://")
     scheme = scheme.lower()
-    if not sep or (scheme not in _SCHEMES and scheme != SENTINEL_SCHEME):
-        raise RedisUrlError(f"REDIS_URL must start with redis://, rediss:// or redis+sentinel://, got {shown}")
+    if not sep or (scheme not in _SCHEMES and scheme not in _SENTINEL_SCHEMES):
+        raise RedisUrlError(f"REDIS_URL must start with redis://, rediss://, redis+sentinel:// or "
+                            f"rediss+sentinel://, got {shown}")
     userinfo, at, location = rest.rpartition("@")
     username = password = None
     if at:
@@ -96,14 +100,15 @@ def parse_redis_target(url: str, *, cluster: bool = False) -> RedisTarget:
         raise RedisUrlError(f"REDIS_URL names no host, got {shown}")
     nodes = _nodes(hosts, shown)
     segments = [unquote(s) for s in path.split("/") if s]
-    if scheme == SENTINEL_SCHEME:
+    if scheme in _SENTINEL_SCHEMES:
         if cluster:
-            raise RedisUrlError("REDIS_CLUSTER=true cannot be combined with a redis+sentinel:// URL")
+            raise RedisUrlError(f"REDIS_CLUSTER=true cannot be combined with a {scheme}:// URL")
         if not segments or len(segments) > 2:
-            raise RedisUrlError(f"a Sentinel REDIS_URL is redis+sentinel://host:port[,host:port]/service[/db], "
+            raise RedisUrlError(f"a Sentinel REDIS_URL is {scheme}://host:port[,host:port]/service[/db], "
                                 f"got {shown}")
         db = _db(segments[1] if len(segments) == 2 else "0", shown)
-        return RedisTarget(SENTINEL, nodes, db=db, service=segments[0], username=username, password=password)
+        return RedisTarget(SENTINEL, nodes, tls=_SENTINEL_SCHEMES[scheme], db=db, service=segments[0],
+                           username=username, password=password)
     if len(segments) > 1:
         raise RedisUrlError(f"REDIS_URL's path is a database number (/0), got {shown}")
     db = _db(segments[0] if segments else "0", shown)
@@ -133,7 +138,8 @@ def redis_target_problems(url: str, *, cluster: bool, tls_ca: str) -> list[str]:
     except RedisUrlError as exc:
         return [str(exc)]
     if tls_ca and not target.tls:
-        return ["REDIS_TLS_CA is set but REDIS_URL is not rediss:// (the CA is only used over TLS)"]
+        return ["REDIS_TLS_CA is set but REDIS_URL is not rediss:// or rediss+sentinel:// (the CA is only used "
+                "over TLS)"]
     return []
 
 
@@ -171,9 +177,12 @@ def connect(target: RedisTarget, *, max_connections: int, timeout_seconds: float
                             max_connections=max_connections, ssl=target.tls,
                             **_tls_options(target, tls_verify, tls_ca), **common)
     if target.kind == SENTINEL:
+        # Over TLS both hops are encrypted and verified alike: asking a Sentinel where the master is, and the
+        # master itself (SentinelConnectionPool picks its SSL connection class from ``ssl=True``).
+        tls = {"ssl": True, **_tls_options(target, tls_verify, tls_ca)} if target.tls else {}
         sentinel = Sentinel(list(target.nodes), sentinel_kwargs={"socket_timeout": timeout_seconds,
-                                                                 "socket_connect_timeout": timeout_seconds},
-                            **common)
+                                                                 "socket_connect_timeout": timeout_seconds, **tls},
+                            **common, **tls)
         return sentinel.master_for(target.service, db=target.db, max_connections=max_connections,
                                    health_check_interval=30)
     (host, port), = target.nodes
@@ -202,6 +211,9 @@ def limiter_storage(target: RedisTarget, *, tls_verify: bool = False,
     if target.kind == SENTINEL:
         # Counters read from a replica could lag behind the master: read and write the master only.
         options["use_replicas"] = False
+        if target.tls:  # TLS to the Sentinels (sentinel_kwargs) and to the master (the other options)
+            tls = {"ssl": True, **_tls_options(target, tls_verify, tls_ca)}
+            options.update(tls, sentinel_kwargs=tls)
         return f"redis+sentinel://{auth}{hosts}/{quote(target.service, safe='')}", options
     scheme = "rediss" if target.tls else "redis"
     return f"{scheme}://{auth}{hosts}/{target.db}", options

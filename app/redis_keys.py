@@ -56,6 +56,14 @@ evenly between its masters (``redis-cli --cluster create`` does, managed service
 shards on every master. Readers of a global view (the reaper, the live page, the call log, usage) read every
 shard and merge.
 
+One global key takes writes from every call and stays unsharded: the ``{ns}:live-changes`` stream (the live
+console's "a session appeared, changed or ended"). Its readers wait on it with one ``XREAD BLOCK``, which cannot
+span slots on a cluster, and it is written only when a leg changes state — two entries per leg (started,
+ended) and one per Kallglot ``session.ended`` webhook, never per frame, heartbeat or transcript line. At 10 000
+live one-leg calls of three minutes each that is about 110–170 entries a second (computed, not measured), under a tenth
+of the ~2 000 heartbeat scripts a second the shards share; the stream is capped at about 1 000 entries
+(``MAXLEN ~``), so the key stays small.
+
 The browser-agent queue (``{A}`` = ``{ns.agents}``) has one tag of its own: its claim script touches the
 waiting set and an offer. Four kinds of key stay outside the shards, because they are found by something other than the session: a
 call leg's description ``{ns}:call:…`` (found by the carrier's call id; it names the session, whose shard holds

@@ -1,17 +1,23 @@
-"""The chaos run's carrier choice, per-carrier tally and dead-air rule (the run itself is a script: it takes
-minutes)."""
+"""The chaos run's carrier choice, per-carrier tally, dead-air rule and reaper-work count (the run itself is a
+script: it takes minutes)."""
 from __future__ import annotations
 
-import pytest
+import logging
+import time
 
+import pytest
+from flask import Flask
+
+from app.calls.leg_spec import LegSpec
 from app.devtools.chaos import Outcome
 from app.devtools.chaos_report import (
     bridge_closed_lines, first_audio_lines, late_call_lines, left_in_silence, per_carrier_lines,
-    refused_then_reopened_lines, slowest,
+    reaper_work_by_instance, refused_then_reopened_lines, slowest,
 )
 from app.devtools.chaos_telnyx import MODES, HeardCall, parse_modes
 from app.devtools.simulator.caller import StreamWait
 from app.devtools.simulator.twilio_stream import CallResult
+from app.extensions import services
 
 
 def test_carriers_option_accepts_the_three_modes_and_refuses_others() -> None:
@@ -125,3 +131,25 @@ def test_bridge_closes_for_no_start_are_split_by_whether_the_simulator_had_sent_
     [line] = bridge_closed_lines([Outcome("normal", [late_sim], carrier="call-control"),
                                   Outcome("normal", [missed], carrier="texml")])
     assert line.endswith("1 before the simulator sent start, 1 after it (2.05s after)")
+
+
+def test_reaper_work_is_counted_from_the_lines_the_reapers_really_log(
+        app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    """The run's "reaper work per instance" counts log lines (README Scaling shows it spread over instances):
+    each marker must be what the reaper passes log, or a reworded message silently reads as 0 everywhere."""
+    leg = LegSpec(carrier="twilio", call_id="CAreap", speaker="customer", from_number="+15551230000",
+                  to_number="+15551230001", mode="ai_agent", reconnect_window_seconds=30)
+    with app.app_context(), caplog.at_level(logging.INFO):
+        lifecycle, now = services().lifecycle, time.time()
+        held = lifecycle.create_session(carrier="twilio", call_id="CAreap", idempotency_key="reap-1",
+                                        mode="ai_agent")
+        assert lifecycle.register_leg(leg, session_id=held.id)
+        assert lifecycle.stream_started("twilio", "CAreap", "MZreap") and lifecycle.heartbeat("twilio", "CAreap",
+                                                                                               "MZreap")
+        assert lifecycle.expire_lost_legs(now=now + 3600) == 1  # its relay stopped beating: lost, then held
+        assert lifecycle.end_due_sessions(now=now + 7200) == 1  # nobody came back: the hold runs out
+        lifecycle.create_session(carrier="twilio", call_id="CAorphan", idempotency_key="reap-2", mode="ai_agent")
+        assert lifecycle.end_orphaned_creates(now=now + 3600) == 1  # created, never registered
+    log = "\n".join(record.getMessage() for record in caplog.records)
+    assert reaper_work_by_instance([log, ""]) == [{"legs_lost": 1, "holds_ended": 1, "orphans_ended": 1},
+                                                  {"legs_lost": 0, "holds_ended": 0, "orphans_ended": 0}]

@@ -1,9 +1,13 @@
 """docs/deploy/kubernetes.yaml + kustomization.yaml, checked without a cluster (none is reachable here): the
 proxy in front is the same nginx.conf compose uses, it reaches the bridge by the name nginx.conf proxies to, only
-it may reach the bridge, probes and grace periods match the app's drain, and every selector selects something."""
+it may reach the bridge, probes and grace periods match the app's drain, and every selector selects something.
+Where kubectl is installed, what ``kubectl apply -k`` would send (``kubectl kustomize``) is validated too, and
+where a cluster is reachable, the API server checks it (``--dry-run=server``)."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -138,3 +142,61 @@ def test_the_proxy_keeps_media_sockets_open_as_long_as_calls_and_webhooks_short(
     assert hours >= 1 and "proxy_buffering off;" in media
     webhook_timeout = int(re.search(r"proxy_read_timeout\s+(\d+)s;", conf).group(1))
     assert webhook_timeout <= 30  # carriers give up on a webhook after 10-15 s
+
+
+# -- what `kubectl apply -k docs/deploy` sends -------------------------------------------------------------------
+
+def _kubectl() -> str:
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.skip("kubectl is not installed (the raw objects are still validated above)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    """``kubectl kustomize docs/deploy``: the objects as applied, the proxy's ConfigMap generated from nginx.conf
+    under a content-hashed name and the proxy Deployment rewritten to mount that name (no cluster needed)."""
+    done = subprocess.run([_kubectl(), "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_kustomize_output_validates_against_the_kubernetes_schemas(rendered: list[dict[str, Any]],
+                                                                        version: str) -> None:
+    assert {(d["kind"], d["metadata"]["name"]) for d in rendered if d["kind"] != "ConfigMap"} == set(_raw_keys())
+    for obj in rendered:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} as rendered is not a valid Kubernetes {version} "
+                        f"object: {exc.message}")
+
+
+def test_the_proxy_mounts_the_generated_config_map_holding_nginx_conf(rendered: list[dict[str, Any]]) -> None:
+    (config_map,) = [d for d in rendered if d["kind"] == "ConfigMap"]
+    assert config_map["data"] == {"default.conf": (DEPLOY / "nginx.conf").read_text()}
+    # The generated name carries a hash of the content (a changed nginx.conf rolls the proxy pods)...
+    assert config_map["metadata"]["name"].startswith("kallglot-bridge-proxy-")
+    (proxy,) = [d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"] == "proxy"]
+    (volume,) = proxy["spec"]["template"]["spec"]["volumes"]
+    # ...and the proxy mounts that very name, not the bare one that would not exist in the cluster.
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+
+
+def test_a_reachable_cluster_accepts_the_manifests() -> None:
+    """``kubectl apply --dry-run=server -k``: the API server's own admission checks, where a cluster is reachable
+    from the test machine (``kubectl cluster-info`` answers); skipped otherwise."""
+    kubectl = _kubectl()
+    reachable = subprocess.run([kubectl, "cluster-info", "--request-timeout=5s"], capture_output=True, timeout=30)
+    if reachable.returncode != 0:
+        pytest.skip("no Kubernetes cluster is reachable from this machine")
+    done = subprocess.run([kubectl, "apply", "--dry-run=server", "-k", str(DEPLOY)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def _raw_keys() -> list[tuple[str, str]]:
+    return [(d["kind"], d["metadata"]["name"])
+            for d in yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()) if d]

@@ -7,6 +7,7 @@ a master is killed mid-call: audio keeps flowing, the session ends exactly once,
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import time
@@ -27,12 +28,13 @@ from app.calls.leg_spec import LegSpec
 from app.calls.states import EndOutcome
 from app.config import ConfigError, Settings
 from app.devtools.redis_topologies import (
-    RedisDeployment, master_port_for_key, run_redis_cluster, run_redis_sentinel, run_redis_tls, sentinel_master_port,
+    RedisDeployment, master_port_for_key, run_redis_cluster, run_redis_sentinel, run_redis_tls,
+    sentinel_master_port,
 )
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from app.extensions import services
 from app.profiles import NumberProfile
-from app.redis_connection import CLUSTER, SENTINEL, STANDALONE, parse_redis_target
+from app.redis_connection import CLUSTER, SENTINEL, STANDALONE, limiter_storage, parse_redis_target
 from app.redis_keys import RedisKeys
 from tests.support.admin import admin_sign_in
 from tests.support.bridge_state import BridgeState
@@ -69,6 +71,9 @@ def test_each_deployment_is_read_from_redis_url(url: str, cluster: bool, kind: s
     ({"REDIS_URL": "redis+sentinel://s1:26379"}, "redis+sentinel://host:port[,host:port]/service[/db]"),
     ({"REDIS_URL": "redis+sentinel://s1:26379/a/b/c"}, "redis+sentinel://host:port[,host:port]/service[/db]"),
     ({"REDIS_URL": "redis+sentinel://s1:26379/svc/x"}, "database must be a number"),
+    ({"REDIS_URL": "rediss+sentinel://s1:26379"}, "rediss+sentinel://host:port[,host:port]/service[/db]"),
+    ({"REDIS_URL": "rediss+sentinel://s:1/m", "REDIS_CLUSTER": "true"}, "cannot be combined"),
+    ({"REDIS_URL": "redis+sentinel://s:1/m", "REDIS_TLS_CA": "/ca.pem"}, "REDIS_TLS_CA is set but REDIS_URL is not"),
     ({"REDIS_URL": "redis://a:1,b:2"}, "set REDIS_CLUSTER=true"),
     ({"REDIS_URL": "redis://a:1/3", "REDIS_CLUSTER": "true"}, "only database 0"),
     ({"REDIS_URL": "redis+sentinel://s:1/m", "REDIS_CLUSTER": "true"}, "cannot be combined"),
@@ -84,6 +89,16 @@ def test_a_malformed_redis_setting_is_a_clear_configuration_error(env: dict[str,
         create_app(config)
     assert says in str(refused.value)
     assert ":pw@" not in str(refused.value)  # credentials never end up in the message
+
+
+def test_sentinel_over_tls_is_rediss_sentinel_for_the_bridge_and_its_throttle() -> None:
+    target = parse_redis_target("rediss+sentinel://:pw@s1:26379,s2:26380/mymaster/1")
+    assert (target.kind, target.tls, target.service, target.db) == (SENTINEL, True, "mymaster", 1)
+    assert not parse_redis_target("redis+sentinel://s1:26379/mymaster").tls
+    uri, options = limiter_storage(target, tls_ca="/ca.pem")
+    assert uri == "redis+sentinel://:pw@s1:26379,s2:26380/mymaster"  # limits' scheme; TLS goes in the options
+    tls = {"ssl": True, "ssl_cert_reqs": "required", "ssl_ca_certs": "/ca.pem"}
+    assert options == {**tls, "use_replicas": False, "sentinel_kwargs": tls}
 
 
 def test_every_settings_reader_knows_the_new_names() -> None:
@@ -182,6 +197,15 @@ def _whole_call(bridge: RunningServer, deployment: RedisDeployment, emulator: Em
     assert wait_until(lambda: state.settled_ended(session["id"]))
     _assert_nothing_left(state, session["id"], call_sid)
     assert emulator.session(session["id"])["end_calls"] == 1
+    # The one unsharded stream a call writes: two entries per leg (README Scaling's figure at 10 000 live calls).
+    assert wait_until(lambda: _live_changes_of(state, session["id"]) == ["started", "ended"], timeout=10), \
+        _live_changes_of(state, session["id"])
+
+
+def _live_changes_of(state: BridgeState, session_id: str) -> list[str]:
+    """The leg states one session put on the global live-changes stream, oldest first."""
+    return [json.loads(fields[b"data"])["state"] for _, fields in state.redis.xrange(state.keys.live_changes())
+            if fields[b"session_id"].decode() == session_id]
 
 
 @pytest.mark.e2e
@@ -279,6 +303,24 @@ def test_the_admin_throttle_and_sharded_views_work_on_each_deployment(
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("deployment_name", ["cluster", "sentinel"])
+def test_redis_max_connections_bounds_the_pool_on_each_deployment(
+        request: pytest.FixtureRequest, deployment_name: str, emulator: EmulatorControl) -> None:
+    """Per worker, and on a cluster per node: the setting reaches the pool redis-py keeps for each."""
+    deployment: RedisDeployment = request.getfixturevalue(deployment_name)
+    app = create_app({**bridge_config(deployment.url, emulator.api_url, "pool-" + uuid.uuid4().hex[:8], PUBLIC_URL),
+                      **deployment.env, "REDIS_MAX_CONNECTIONS": "7"})
+    with app.app_context():
+        client = services().redis
+        assert client.ping()
+        if deployment_name == "cluster":
+            pools = [node.redis_connection.connection_pool for node in client.get_primaries()]
+            assert len(pools) == 3 and {pool.max_connections for pool in pools} == {7}
+        else:
+            assert client.connection_pool.max_connections == 7
+
+
+@pytest.mark.e2e
 def test_every_lifecycle_step_runs_on_the_cluster(cluster: RedisDeployment, emulator: EmulatorControl) -> None:
     """Each Lua script and transaction, on a real cluster (a key outside the script's slot is CROSSSLOT there):
     hold, returning caller, heartbeat expiry, a failed end and its retry, an orphaned create, billing, profiles."""
@@ -331,8 +373,8 @@ def _leg(call_id: str) -> LegSpec:
 # -- managed TLS Redis -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisDeployment]:
-    """redis-server on TLS only, with a certificate for 127.0.0.1 signed by a CA made here."""
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A server certificate for 127.0.0.1, its key, and the CA made here that signed it."""
     folder = tmp_path_factory.mktemp("tls")
     ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
     run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)  # noqa: E731
@@ -343,7 +385,13 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisDeploym
     extensions.write_text("subjectAltName=IP:127.0.0.1\n")
     run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert),
         "-days", "2", "-extfile", str(extensions))
-    with run_redis_tls(cert, key, ca) as deployment:
+    return cert, key, ca
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tls_files: tuple[Path, Path, Path]) -> Iterator[RedisDeployment]:
+    """redis-server on TLS only, with a certificate signed by the test's CA."""
+    with run_redis_tls(*tls_files) as deployment:
         yield deployment
 
 
@@ -376,6 +424,80 @@ def test_rediss_refuses_a_server_its_ca_did_not_sign(tls_redis: RedisDeployment,
     app = _tls_app(tls_redis, emulator, REDIS_TLS_CA=str(other_ca))
     ready = app.test_client().get("/readyz")
     assert ready.status_code == 503 and "Redis unreachable" in " ".join(ready.json["problems"])
+
+
+@pytest.fixture(scope="module")
+def tls_sentinel(tls_files: tuple[Path, Path, Path]) -> Iterator[RedisDeployment]:
+    """Master + replica under three Sentinels, every one of them on TLS only (``rediss+sentinel://``)."""
+    with run_redis_sentinel(tls=tls_files) as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tls_files: tuple[Path, Path, Path]) -> Iterator[RedisDeployment]:
+    """3 masters + 3 replicas, clients, replication and cluster bus on TLS only (``rediss://`` seeds)."""
+    with run_redis_cluster(masters=3, replicas_per_master=1, tls=tls_files) as deployment:
+        yield deployment
+
+
+def _kill_tls_master(deployment: RedisDeployment, session_id: str) -> Any:
+    """Kill the master that serves the session (a cluster: its slot's); returns a "failed over?" check."""
+    if deployment.kind == CLUSTER:
+        key = RedisKeys("kb").session(session_id)
+        killed = master_port_for_key(deployment, key)
+        deployment.node_on(killed).kill()
+        return lambda: master_port_for_key(deployment, key) != killed
+    killed = sentinel_master_port(deployment)
+    deployment.node_on(killed).kill()
+    return lambda: sentinel_master_port(deployment) != killed
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("deployment_name, scheme", [("tls_sentinel", "rediss+sentinel://"),
+                                                     ("tls_cluster", "rediss://")])
+def test_tls_sentinel_and_cluster_serve_the_lifecycle_and_throttle_and_follow_a_failover(
+        request: pytest.FixtureRequest, deployment_name: str, scheme: str, emulator: EmulatorControl) -> None:
+    """Managed Redis with in-transit encryption, Sentinel or cluster mode: nothing listens in plain text, and the
+    certificate is verified against the private CA. The sign-in throttle (Flask-Limiter) counts over the same
+    TLS deployment; after the master serving the session is killed, the app finds the promoted replica over TLS."""
+    deployment: RedisDeployment = request.getfixturevalue(deployment_name)
+    assert deployment.url.startswith(scheme)
+    app = create_app({**bridge_config(deployment.url, emulator.api_url, "kb", PUBLIC_URL), **deployment.env,
+                      "ADMIN_PASSWORD": ADMIN_PASSWORD})
+    app.testing = True
+    assert app.test_client().get("/readyz").status_code == 200, app.test_client().get("/readyz").json
+    attacker = app.test_client()
+    for attempt in range(MAX_FAILURES_PER_CLIENT):
+        assert admin_sign_in(attacker, password="guess", name=f"guesser {attempt}").status_code == 401
+    assert admin_sign_in(attacker).status_code == 429
+    call_id = "CAtls" + uuid.uuid4().hex[:8]
+    with app.app_context():
+        lifecycle = services().lifecycle
+        first = lifecycle.create_session(carrier="twilio", call_id=call_id, idempotency_key=call_id,
+                                         mode="ai_agent")
+        assert lifecycle.register_leg(_leg(call_id), session_id=first.id)
+        # Replicated before the kill (WAIT): the test is about finding the new master over TLS, not about
+        # Redis' asynchronous replication losing the last write.
+        client = services().redis
+        wait = ("WAIT", 1, 5000)
+        acks = (client.execute_command(*wait, target_nodes=client.get_node_from_key(services().keys.session(first.id)))
+                if deployment.kind == CLUSTER else client.execute_command(*wait))
+        assert acks == 1
+        failed_over = _kill_tls_master(deployment, first.id)
+        assert wait_until(failed_over, timeout=30), "no replica was promoted"
+        # The session written before the failover is on the promoted replica; the app reaches it over TLS.
+        assert wait_until(lambda: _answers(lambda: lifecycle.session_record(first.id)), timeout=30)
+        assert lifecycle.end_session(first.id, "admin") is EndOutcome.ENDED
+        assert first.id not in lifecycle.live_session_ids()
+    assert emulator.session(first.id)["end_calls"] == 1
+
+
+def _answers(read: Any) -> bool:
+    """True once ``read()`` returns something truthy without a Redis error (a failover in progress)."""
+    try:
+        return bool(read())
+    except redis_lib.RedisError:
+        return False
 
 
 @pytest.mark.e2e

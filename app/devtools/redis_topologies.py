@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ class RedisDeployment:
     sentinels: list[RedisNode] = field(default_factory=list)
     #: A fresh client on the deployment (RedisCluster / Sentinel master / plain), for the test's own reads.
     client_factory: Callable[[], Any] | None = None
+    #: redis-py's TLS options for a node of a TLS deployment (empty: plain TCP).
+    tls: dict[str, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -157,44 +160,68 @@ def _binary(name: str) -> str:
     return found
 
 
+def _tls_server_args(port: int, tls: tuple[Path, Path, Path]) -> list[str]:
+    """A redis-server speaking TLS only (clients, and replication: ``tls-replication``), no client certificate."""
+    cert, key, ca = tls
+    return ["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+            "--tls-auth-clients", "no", "--tls-replication", "yes"]
+
+
 @contextlib.contextmanager
-def run_redis_cluster(masters: int = 3, replicas_per_master: int = 1) -> Iterator[RedisDeployment]:
-    """A Redis Cluster of ``masters`` masters (each with ``replicas_per_master`` replicas) on loopback."""
+def run_redis_cluster(masters: int = 3, replicas_per_master: int = 1, tls: tuple[Path, Path, Path] | None = None
+                      ) -> Iterator[RedisDeployment]:
+    """A Redis Cluster of ``masters`` masters (each with ``replicas_per_master`` replicas) on loopback. With
+    ``tls`` (the certificate, key and CA files), clients, replication and the cluster bus speak TLS only, as a
+    managed cluster with in-transit encryption does: ``rediss://`` seeds + ``REDIS_CLUSTER=true``."""
     server, cli = _binary("redis-server"), _binary("redis-cli")
     workdir = Path(tempfile.mkdtemp(prefix="kb-redis-cluster-"))
     ports = _pair_ports(masters * (1 + replicas_per_master))
     nodes: list[RedisNode] = []
+    client_tls: dict[str, Any] = {}
+    args: Callable[[int], list[str]] = _server_args
+    cli_tls: list[str] = []
+    if tls is not None:
+        client_tls = {"ssl": True, "ssl_ca_certs": str(tls[2]), "ssl_cert_reqs": "required"}
+        args = partial(_tls_server_args, tls=tls)
+        cli_tls = ["--tls", "--cacert", str(tls[2])]
     try:
         for port in ports:
-            nodes.append(_start(server, [*_server_args(port), "--cluster-enabled", "yes",
+            nodes.append(_start(server, [*args(port), "--cluster-enabled", "yes",
                                          "--cluster-config-file", f"nodes-{port}.conf",
-                                         "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS)], port, workdir))
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                                         "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+                                         *(["--tls-cluster", "yes"] if tls else [])], port, workdir))
+        subprocess.run([cli, *cli_tls, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
                         "--cluster-replicas", str(replicas_per_master), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
 
         def cluster_ok() -> bool:
             for port in ports:
-                if redis_lib.Redis(port=port, socket_timeout=2).cluster("INFO").get("cluster_state") != "ok":
+                node = redis_lib.Redis(host="127.0.0.1", port=port, socket_timeout=2, **client_tls)
+                if node.cluster("INFO").get("cluster_state") != "ok":
                     return False
             return True
 
         _wait(cluster_ok, 60, "cluster_state:ok on every node")
         seeds = ",".join(f"127.0.0.1:{p}" for p in ports[:masters])
+        env = {"REDIS_URL": f"{'rediss' if tls else 'redis'}://{seeds}", "REDIS_CLUSTER": "true"}
+        if tls is not None:
+            env["REDIS_TLS_CA"] = str(tls[2])
         deployment = RedisDeployment(
-            "cluster", {"REDIS_URL": f"redis://{seeds}", "REDIS_CLUSTER": "true"}, nodes,
+            "cluster", env, nodes, tls=client_tls,
             client_factory=lambda **options: RedisCluster(
-                startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports], socket_timeout=5, **options))
+                startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports], socket_timeout=5,
+                **client_tls, **options))
         # Replicas must know their master's data before a test kills it: wait until each is in sync.
-        _wait(lambda: all(_replica_in_sync(port) for port in ports), 60, "replicas in sync")
+        _wait(lambda: all(_replica_in_sync(port, **client_tls) for port in ports), 60, "replicas in sync")
         yield deployment
     finally:
         _stop(nodes)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _replica_in_sync(port: int) -> bool:
-    info = redis_lib.Redis(port=port, socket_timeout=2).info("replication")
+def _replica_in_sync(port: int, **tls: Any) -> bool:
+    info = redis_lib.Redis(host="127.0.0.1", port=port, socket_timeout=2, **tls).info("replication")
     return info.get("role") != "slave" or info.get("master_link_status") == "up"
 
 
@@ -204,30 +231,42 @@ def master_port_for_key(deployment: RedisDeployment, key: str) -> int:
     for node in deployment.nodes:
         if not node.alive:
             continue
-        for start, end, *holders in redis_lib.Redis(port=node.port, socket_timeout=2).execute_command(
-                "CLUSTER SLOTS"):
+        for start, end, *holders in redis_lib.Redis(host="127.0.0.1", port=node.port, socket_timeout=2,
+                                                    **deployment.tls).execute_command("CLUSTER SLOTS"):
             if start <= slot <= end:
                 return int(holders[0][1])
     raise RuntimeError(f"no live node serves slot {slot}")
 
 
 @contextlib.contextmanager
-def run_redis_sentinel(sentinels: int = 3) -> Iterator[RedisDeployment]:
-    """A master and one replica, watched by ``sentinels`` Sentinels (quorum: a majority)."""
+def run_redis_sentinel(sentinels: int = 3, tls: tuple[Path, Path, Path] | None = None
+                       ) -> Iterator[RedisDeployment]:
+    """A master and one replica, watched by ``sentinels`` Sentinels (quorum: a majority). With ``tls`` (the
+    certificate, key and CA files), every server and Sentinel speaks TLS only: ``rediss+sentinel://``."""
     server, sentinel_binary = _binary("redis-server"), _binary("redis-sentinel")
     workdir = Path(tempfile.mkdtemp(prefix="kb-redis-sentinel-"))
     master_port, replica_port, *sentinel_ports = _free_ports(2 + sentinels)
     nodes: list[RedisNode] = []
     watchers: list[RedisNode] = []
+    # The test's own clients: TLS verified against the deployment's CA, like the bridge with REDIS_TLS_CA.
+    client_tls: dict[str, Any] = {}
+    args: Callable[[int], list[str]] = _server_args
+    if tls is not None:
+        client_tls = {"ssl": True, "ssl_ca_certs": str(tls[2]), "ssl_cert_reqs": "required"}
+        args = partial(_tls_server_args, tls=tls)
     try:
-        nodes.append(_start(server, _server_args(master_port), master_port, workdir))
-        nodes.append(_start(server, [*_server_args(replica_port), "--replicaof", "127.0.0.1", str(master_port)],
+        nodes.append(_start(server, args(master_port), master_port, workdir))
+        nodes.append(_start(server, [*args(replica_port), "--replicaof", "127.0.0.1", str(master_port)],
                             replica_port, workdir))
-        _wait(lambda: _replica_in_sync(replica_port), 30, "the replica in sync")
+        _wait(lambda: _replica_in_sync(replica_port, **client_tls), 30, "the replica in sync")
+        listen = "port {port}\n"
+        if tls is not None:  # TLS only, to clients and (tls-replication) to the servers and other Sentinels
+            listen = (f"port 0\ntls-port {{port}}\ntls-cert-file {tls[0]}\ntls-key-file {tls[1]}\n"
+                      f"tls-ca-cert-file {tls[2]}\ntls-auth-clients no\ntls-replication yes\n")
         for port in sentinel_ports:
             conf = workdir / f"sentinel-{port}.conf"
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                listen.format(port=port) + f"bind 127.0.0.1\ndir {workdir}\n"
                 f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} {sentinels // 2 + 1}\n"
                 f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {SENTINEL_DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {SENTINEL_SERVICE} 10000\n"
@@ -237,14 +276,17 @@ def run_redis_sentinel(sentinels: int = 3) -> Iterator[RedisDeployment]:
         sentinel_nodes = [("127.0.0.1", p) for p in sentinel_ports]
 
         def sentinels_see_replica() -> bool:
-            return all(redis_lib.Redis(port=p, socket_timeout=2).sentinel_slaves(SENTINEL_SERVICE)
-                       for p in sentinel_ports)
+            return all(redis_lib.Redis(host="127.0.0.1", port=p, socket_timeout=2,
+                                       **client_tls).sentinel_slaves(SENTINEL_SERVICE) for p in sentinel_ports)
 
         _wait(sentinels_see_replica, 30, "every Sentinel to know the replica")
+        env = {"REDIS_URL": f"rediss+sentinel://{hosts}/{SENTINEL_SERVICE}", "REDIS_TLS_CA": str(tls[2])} if tls \
+            else {"REDIS_URL": f"redis+sentinel://{hosts}/{SENTINEL_SERVICE}"}
         yield RedisDeployment(
-            "sentinel", {"REDIS_URL": f"redis+sentinel://{hosts}/{SENTINEL_SERVICE}"}, nodes, watchers,
-            client_factory=lambda **options: Sentinel(sentinel_nodes, socket_timeout=5).master_for(
-                SENTINEL_SERVICE, **options))
+            "sentinel", env, nodes, watchers, tls=client_tls,
+            client_factory=lambda **options: Sentinel(
+                sentinel_nodes, socket_timeout=5, sentinel_kwargs={"socket_timeout": 5, **client_tls},
+                **client_tls).master_for(SENTINEL_SERVICE, **options))
     finally:
         _stop(watchers + nodes)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -254,7 +296,8 @@ def sentinel_master_port(deployment: RedisDeployment) -> int:
     """The port the Sentinels currently name as master."""
     for watcher in deployment.sentinels:
         if watcher.alive:
-            _, port = redis_lib.Redis(port=watcher.port, socket_timeout=2).sentinel_get_master_addr_by_name(
+            _, port = redis_lib.Redis(host="127.0.0.1", port=watcher.port, socket_timeout=2,
+                                      **deployment.tls).sentinel_get_master_addr_by_name(
                 SENTINEL_SERVICE)
             return int(port)
     raise RuntimeError("no Sentinel is running")
