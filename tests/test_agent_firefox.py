@@ -32,7 +32,7 @@ from tests.support.one_use_login import hand_over
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 from tests.support.settings import ADMIN_PASSWORD, bridge_config
 from tests.support.waiting import wait_until
-from tests.test_agent_browser import WaitingCustomer, _signed_in, set_browser_profile
+from tests.support.agent_calls import WaitingCustomer, set_browser_profile, signed_in
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +80,7 @@ def test_firefox_takes_the_call_its_microphone_reaches_kallglot_and_kallglots_au
         assert customer.on_call.wait(FIREFOX_TIMEOUT_SECONDS), "the customer's call never reached its stream"
         (session,) = emulator.sessions()
         session_id = session["id"]
-        ana = _signed_in(bridge.url, "Firefox Ana")
+        ana = signed_in(bridge.url, "Firefox Ana")
         assert wait_until(lambda: session_id in ana.get(bridge.url + "/admin/agent", timeout=10).text)
         csrf = re.search(r'name="csrf_token" value="([^"]+)"',  # type: ignore[union-attr]
                          ana.get(bridge.url + "/admin/agent", timeout=10).text).group(1)
