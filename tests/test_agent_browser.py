@@ -19,7 +19,6 @@ import time
 import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis as redis_lib
@@ -31,28 +30,24 @@ from selenium.webdriver.remote.webdriver import WebDriver
 
 from app.calls.agent_queue import BROWSER_LEG
 from app.calls.events import SessionEventLog
-from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from app.profiles import NumberProfile
 from app.redis_keys import RedisKeys
 from app.relay.audio import audioop
+from tests.support.agent_calls import CALLER, MUTE_SETTLE_BYTES, NUMBER, WaitingCustomer, set_browser_profile, signed_in
 from tests.support.bridge_state import BridgeState
 from tests.support.browser import PAGE_TIMEOUT_SECONDS, chromium, fake_microphone_flags, fill, find, wait_for
 from tests.support.controls import EmulatorControl
-from tests.support.settings import ADMIN_PASSWORD, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
+from tests.support.settings import ADMIN_PASSWORD, bridge_config
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
-NUMBER, CALLER = "+14155550177", "+15551239876"
-HOLD_SECONDS = 90.0
 FILE_RATE = 16000
 #: Syllable loudness per 250 ms of the speech file: no rotation of it, nor of it reversed, correlates above 0.27
 #: with it, so a high correlation at some lag means the file's own envelope arrived.
 SYLLABLES = (0.5, 0.25, 0, 0.75, 0.25, 0.75, 0.75, 0.25, 0.75, 0.75, 0.25, 0.5, 0.75, 0.75, 0.5, 0.5)
 SYLLABLE_MS = 250
-#: Frames already on their way when Mute takes effect (the relay's uplink batches a few): 0.5 s of μ-law.
-MUTE_SETTLE_BYTES = 4000
 
 
 def speech_file(path: Path) -> list[float]:
@@ -98,13 +93,6 @@ def best_correlation(samples: tuple[int, ...], reference: list[float]) -> float:
     return best
 
 
-def set_browser_profile(client: redis_lib.Redis, keys: RedisKeys) -> None:
-    profile = NumberProfile(mode="bidirectional_translation", source_language="en", target_language="es",
-                            browser_agents=True, browser_agent_wait_seconds=120, agent_hangup_ends_call=True)
-    client.set(keys.profile(NUMBER), profile.to_json())
-    client.sadd(keys.profiles_index(), NUMBER)
-
-
 @pytest.fixture(scope="module")
 def agent_bridge(redis_url: str, emulator_server: RunningServer,
                  fake_twilio_server: RunningServer) -> Iterator[tuple[RunningServer, str]]:
@@ -116,30 +104,6 @@ def agent_bridge(redis_url: str, emulator_server: RunningServer,
            "ADMIN_PASSWORD": ADMIN_PASSWORD, "TWILIO_API_URL": fake_twilio_server.url}
     with run_gunicorn("app:create_app()", env, workers=2, port=port) as server:
         yield server, f"agent-{port}"
-
-
-class WaitingCustomer:
-    """A simulated Twilio customer calling :data:`NUMBER`, held on the line until :meth:`release`."""
-
-    def __init__(self, bridge: RunningServer) -> None:
-        self.on_call, self._release = threading.Event(), threading.Event()
-        self.result: Any = None
-
-        def hold(stream: SimulatedStream) -> None:
-            self.on_call.set()
-            self._release.wait(HOLD_SECONDS)
-
-        def run() -> None:
-            simulator = TwilioCallSimulator(bridge.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
-            self.result = simulator.place_call(NUMBER, CALLER, b"\xff" * 1600, pace=False, listen_seconds=0.2,
-                                               hold_open=hold)
-
-        self._thread = threading.Thread(target=run, name="waiting-customer", daemon=True)
-        self._thread.start()
-
-    def release(self) -> None:
-        self._release.set()
-        self._thread.join(PAGE_TIMEOUT_SECONDS)
 
 
 def test_agent_takes_talks_on_and_hangs_up_a_call_in_the_browser(
@@ -320,15 +284,6 @@ def offer_record(client: redis_lib.Redis, keys: RedisKeys, session_id: str) -> d
     return {k.decode(): v.decode() for k, v in client.hgetall(keys.agent_offer(session_id)).items()}
 
 
-def _signed_in(base: str, name: str) -> requests.Session:
-    http = requests.Session()
-    page = http.get(base + "/admin/sign-in", timeout=10).text
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
-    assert http.post(base + "/admin/sign-in", timeout=10, allow_redirects=False,
-                     data={"csrf_token": token, "password": ADMIN_PASSWORD, "name": name}).status_code == 302
-    return http
-
-
 def _close_of(url: str, http: requests.Session | None, *frames: str | bytes) -> tuple[int, str]:
     """Open ``/agent/media`` (with ``http``'s cookies), send ``frames``, return how the service closed it."""
     cookie = "; ".join(f"{c.name}={c.value}" for c in http.cookies) if http else ""
@@ -356,7 +311,7 @@ def test_the_agent_media_socket_refuses_everyone_but_the_tab_that_took_the_call(
     try:
         assert customer.on_call.wait(PAGE_TIMEOUT_SECONDS)
         (session,) = emulator.sessions()
-        ana, bo = _signed_in(bridge.url, "Ana"), _signed_in(bridge.url, "Bo")
+        ana, bo = signed_in(bridge.url, "Ana"), signed_in(bridge.url, "Bo")
         wait_until(lambda: session["id"] in ana.get(bridge.url + "/admin/agent", timeout=10).text)
         page = ana.get(bridge.url + "/admin/agent", timeout=10).text
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
@@ -395,7 +350,7 @@ def test_an_agents_hang_up_leaves_the_customer_on_when_the_profile_says_so(
     try:
         assert customer.on_call.wait(PAGE_TIMEOUT_SECONDS)
         (session,) = emulator.sessions()
-        ana = _signed_in(bridge.url, "Ana")
+        ana = signed_in(bridge.url, "Ana")
         wait_until(lambda: session["id"] in ana.get(bridge.url + "/admin/agent", timeout=10).text)
         csrf = re.search(r'name="csrf_token" value="([^"]+)"',  # type: ignore[union-attr]
                          ana.get(bridge.url + "/admin/agent", timeout=10).text).group(1)
@@ -427,7 +382,7 @@ def test_a_customer_hanging_up_frees_the_agent_even_while_the_session_is_held_fo
     try:
         assert customer.on_call.wait(PAGE_TIMEOUT_SECONDS)
         (session,) = emulator.sessions()
-        ana = _signed_in(bridge.url, "Ana")
+        ana = signed_in(bridge.url, "Ana")
         wait_until(lambda: session["id"] in ana.get(bridge.url + "/admin/agent", timeout=10).text)
         csrf = re.search(r'name="csrf_token" value="([^"]+)"',  # type: ignore[union-attr]
                          ana.get(bridge.url + "/admin/agent", timeout=10).text).group(1)

@@ -33,7 +33,7 @@ from tests.support.one_use_login import hand_over
 from tests.support.servers import RunningServer, free_port, run_gunicorn
 from tests.support.settings import ADMIN_PASSWORD, bridge_config
 from tests.support.waiting import wait_until
-from tests.test_agent_browser import MUTE_SETTLE_BYTES, WaitingCustomer, _signed_in, set_browser_profile
+from tests.support.agent_calls import MUTE_SETTLE_BYTES, WaitingCustomer, set_browser_profile, signed_in
 
 pytestmark = pytest.mark.e2e
 
@@ -86,7 +86,7 @@ def test_firefox_takes_the_call_its_microphone_reaches_kallglot_and_kallglots_au
     state, keys = BridgeState(client, namespace), RedisKeys(namespace)
     set_browser_profile(client, keys)
     emulator.behaviour("silent")  # what plays in the page is only what the test sends for the agent
-    ana = _signed_in(bridge.url, "Firefox Ana")
+    ana = signed_in(bridge.url, "Firefox Ana")
     # The page is served under the admin's CSP: its socket may only go to this origin.
     csp = ana.head(bridge.url + "/admin/agent", timeout=10).headers["Content-Security-Policy"]
     assert "connect-src 'self'" in csp and "default-src 'none'" in csp

@@ -131,6 +131,7 @@ def test_demo_telnyx_outbound_call_and_profile_cli_use_the_demo_settings_and_sig
         assert port_is_free(demo.port)
 
 
+@pytest.mark.e2e  # starts the product in a process of its own (seconds each): not in the fast loop
 def test_a_busy_port_is_reported_before_the_banner_with_the_port_hint(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -151,6 +152,7 @@ def _flask(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
 
 
+@pytest.mark.e2e  # starts the product in a process of its own (seconds each): not in the fast loop
 def test_profile_commands_need_only_the_store(tmp_path: Path, redis_url: str, namespace: str) -> None:
     env = {**demo_environment(), "REDIS_URL": redis_url, "REDIS_NAMESPACE": namespace}
     done = _flask(tmp_path, env, "numbers", "set", "+14155550123", "--source", "en", "--target", "fr")
@@ -159,6 +161,7 @@ def test_profile_commands_need_only_the_store(tmp_path: Path, redis_url: str, na
         tmp_path, env, "numbers", "list").stdout
 
 
+@pytest.mark.e2e  # starts the product in a process of its own (seconds each): not in the fast loop
 def test_profile_commands_read_the_demo_settings_file(tmp_path: Path, redis_url: str, namespace: str) -> None:
     write_env_file({"REDIS_URL": redis_url, "REDIS_NAMESPACE": namespace}, tmp_path / ".demo" / "env")
     done = _flask(tmp_path, demo_environment(), "numbers", "set", "+14155550124", "--target", "it")
@@ -166,6 +169,7 @@ def test_profile_commands_read_the_demo_settings_file(tmp_path: Path, redis_url:
     assert "target=it" in _flask(tmp_path, demo_environment(), "numbers", "show", "+14155550124").stdout
 
 
+@pytest.mark.e2e  # starts the product in a process of its own (seconds each): not in the fast loop
 def test_a_configuration_error_in_the_cli_prints_sentences_not_a_traceback(tmp_path: Path) -> None:
     done = _flask(tmp_path, demo_environment(), "numbers", "list")
     assert done.returncode == 1
@@ -243,6 +247,7 @@ def test_simulator_hides_relay_tokens_and_names_the_setting_behind_a_403(
     assert "TWILIO_AUTH_TOKEN" in capsys.readouterr().err
 
 
+@pytest.mark.e2e  # starts the product in a process of its own (seconds each): not in the fast loop
 def test_emulator_access_log_is_json_without_query_strings(tmp_path: Path) -> None:
     port = free_port()
     log_path = tmp_path / "emulator.log"
@@ -279,6 +284,7 @@ def test_an_outbound_call_refused_by_local_configuration_says_so(make_admin_app:
     assert sessions and all(session["status"] == "ended" for session in sessions)
 
 
+@pytest.mark.e2e  # starts the product in a process of its own (seconds each): not in the fast loop
 def test_a_stopped_demos_settings_file_gives_a_sentence_not_a_traceback(tmp_path: Path) -> None:
     write_env_file({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, tmp_path / ".demo" / "env")
     done = _flask(tmp_path, demo_environment(), "numbers", "list")

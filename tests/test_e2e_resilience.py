@@ -13,14 +13,14 @@ import redis as redis_lib
 from app.calls.prompts import UNAVAILABLE_MESSAGE
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.support.bridge_state import BridgeState
-from tests.support.redis_server import PersistentRedis
 from tests.support.controls import EmulatorControl
+from tests.support.numbers import new_numbers
+from tests.support.redis_server import PersistentRedis
+from tests.support.servers import RunningServer, free_port, run_gunicorn
 from tests.support.settings import E2E_GRACEFUL_TIMEOUT_SECONDS, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.waiting import wait_until
-from tests.support.servers import RunningServer, free_port, run_gunicorn
 
 pytestmark = pytest.mark.e2e
-TO, FROM = "+15005550006", "+15551230000"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_redis_restarted_mid_call_the_call_goes_on_and_the_session_ends_once(
         private_redis.start()
 
     sim = TwilioCallSimulator(bridge_on_private_redis.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
-    result = sim.place_call(TO, FROM, b"\xff" * 800, pace=False, hold_open=restart_redis, listen_seconds=0.3)
+    result = sim.place_call(*new_numbers(), b"\xff" * 800, pace=False, hold_open=restart_redis, listen_seconds=0.3)
     assert result.protocol_errors == [] and not result.server_closed_first
     (session,) = emulator.sessions()
     state = BridgeState(redis_lib.Redis.from_url(private_redis.url, socket_timeout=5), "e2e-resilience")
@@ -71,7 +71,7 @@ def test_redis_down_at_call_time_the_caller_hears_the_fallback(
     private_redis.stop()
     try:
         sim = TwilioCallSimulator(bridge_on_private_redis.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
-        response = sim.post_voice_webhook(TO, FROM)
+        response = sim.post_voice_webhook(*new_numbers())
         assert response.status_code == 200
         root = ET.fromstring(response.text)
         assert root.findtext("Say") == UNAVAILABLE_MESSAGE and root.find("Hangup") is not None
@@ -101,7 +101,7 @@ def test_two_instances_share_the_state(redis_url: str, emulator_server: RunningS
     with run_gunicorn("app:create_app()", env, workers=1) as first, run_gunicorn("app:create_app()", env,
                                                                                    workers=1) as second:
         audio = bytes(range(256)) * 5
-        result = SplitSimulator(public, webhooks=first, media=second).place_call(TO, FROM, audio, pace=False,
+        result = SplitSimulator(public, webhooks=first, media=second).place_call(*new_numbers(), audio, pace=False,
                                                                                 listen_seconds=0.8)
         assert result.protocol_errors == [] and result.errors == []
         assert "relay started" in second.log() and "relay started" not in first.log()

@@ -21,6 +21,7 @@ from tests.support.controls import EmulatorControl, FakeCallControl, finished_ca
 from tests.support.bridge_state import BridgeState
 from tests.support.settings import E2E_RECONNECT_BACKOFF_MS, E2E_RECONNECT_WINDOW_SECONDS, EMULATOR_API_KEY
 from tests.support.servers import RunningServer
+from tests.support.numbers import new_numbers
 from tests.support.signals import pcm, samples, snr_db, voiced
 
 with warnings.catch_warnings():
@@ -28,7 +29,6 @@ with warnings.catch_warnings():
     import audioop
 
 pytestmark = pytest.mark.e2e
-TO, FROM = "+15005550006", "+15551230000"
 #: Long enough for a lost leg's hold to expire and the reaper to end the session.
 HOLD_SETTLE_SECONDS = E2E_RECONNECT_WINDOW_SECONDS + 6
 #: The relay's reopen backoff in the bridge under test (seconds).
@@ -64,14 +64,15 @@ def test_texml_call_bridges_audio_both_ways_and_ends_once(texml: TexmlCallSimula
                                                           emulator: EmulatorControl,
                                                           telnyx_state: BridgeState) -> None:
     audio = os.urandom(53 * 160)
-    result = texml.place_call(TO, FROM, audio, listen_seconds=1.5)
+    to, from_ = new_numbers()  # numbers of this test's own
+    result = texml.place_call(to, from_, audio, listen_seconds=1.5)
     assert result.errors == [] and result.leg is not None and result.leg.protocol_errors == []
     assert result.stream_attributes["bidirectionalMode"] == "rtp"
     assert result.stream_attributes["bidirectionalCodec"] == "PCMU"
     assert set(result.custom_parameters) == {"session_id", "relay_token", "telnyx_flow"}
     session = only_session(emulator)
     assert received_audio(emulator) == audio  # PCMU passes through byte-exact, in order
-    assert session["routing"] == {"phone_number": TO}
+    assert session["routing"] == {"phone_number": to}
     assert session["metadata"]["telnyx_call_control_id"] == result.call_sid
     assert session["idempotency_key"] == f"telnyx-call-{result.call_sid}"
     # Kallglot's echo of everything: the remainder went after UPLINK_QUIET_FLUSH_MS of quiet, mid-call.
@@ -88,7 +89,7 @@ def test_texml_pcma_leg_out_of_order_reaches_kallglot_as_the_same_speech(texml: 
                                                                            telnyx_state: BridgeState) -> None:
     speech = pcm(voiced(8000, 1.5))
     alaw = audioop.lin2alaw(speech, 2)
-    result = texml.place_call(TO, FROM, alaw, encoding="PCMA", reorder=True, duplicate=True, listen_seconds=0.3)
+    result = texml.place_call(*new_numbers(), alaw, encoding="PCMA", reorder=True, duplicate=True, listen_seconds=0.3)
     assert result.errors == [] and result.leg.protocol_errors == []
     got = received_audio(emulator)
     assert len(got) == len(alaw)  # reordered, de-duplicated, nothing lost
@@ -99,7 +100,7 @@ def test_texml_pcma_leg_out_of_order_reaches_kallglot_as_the_same_speech(texml: 
 def test_texml_kallglot_down_says_something_and_hangs_up(texml: TexmlCallSimulator,
                                                          emulator: EmulatorControl) -> None:
     emulator.fault(endpoint="create", status=503, code="service_unavailable", times=5)
-    result = texml.place_call(TO, FROM, b"\xff" * 800)
+    result = texml.place_call(*new_numbers(), b"\xff" * 800)
     assert result.webhook_status == 200 and result.leg is None
     assert result.said == [UNAVAILABLE_MESSAGE] and result.hung_up
     assert emulator.sessions() == []
@@ -115,7 +116,7 @@ def test_texml_kallglot_ending_the_session_runs_the_goodbye(texml: TexmlCallSimu
 
     ender = threading.Thread(target=end_at_kallglot, daemon=True)
     ender.start()
-    result = texml.place_call(TO, FROM, b"\xff" * 800, listen_seconds=5)
+    result = texml.place_call(*new_numbers(), b"\xff" * 800, listen_seconds=5)
     ender.join(timeout=5)
     assert result.leg is not None and result.leg.server_closed_first
     assert result.said == [SESSION_OVER_MESSAGE] and result.hung_up  # the verbs after <Connect>: never dead air
@@ -128,7 +129,7 @@ def test_texml_kallglot_ending_the_session_runs_the_goodbye(texml: TexmlCallSimu
 def test_media_socket_refuses_a_forged_relay_token(telnyx_bridge_server: RunningServer, texml: TexmlCallSimulator,
                                                    emulator: EmulatorControl) -> None:
     call_sid = new_call_control_id()
-    answer = texml.post_form(texml.public_url + "/telnyx/texml", texml.call_params(call_sid, TO, FROM, "ringing"))
+    answer = texml.post_form(texml.public_url + "/telnyx/texml", texml.call_params(call_sid, *new_numbers(), "ringing"))
     token = answer.text.split('name="relay_token" value="')[1].split('"')[0]
     url = telnyx_bridge_server.url.replace("http://", "ws://") + "/telnyx/media"
     for forged in (token[:10] + ("x" if token[10] != "x" else "y") + token[11:], ""):
@@ -151,7 +152,7 @@ def test_call_control_l16_leg_with_duplicate_webhooks(fake_call_control: FakeCal
                                                       telnyx_state: BridgeState) -> None:
     wide = voiced(16000, 1.5)
     call_id = fake_call_control.place_call(
-        to=TO, encoding="L16", sample_rate=16000, payload=base64.b64encode(pcm(wide, ">")).decode(),
+        to=new_numbers().to, encoding="L16", sample_rate=16000, payload=base64.b64encode(pcm(wide, ">")).decode(),
         listen_seconds=1.0, duplicate_webhooks=True, reorder_media=True)
     call = finished_call(fake_call_control, call_id)
     assert call["protocol_errors"] == []
@@ -182,7 +183,7 @@ def test_call_control_kallglot_down_answers_speaks_and_hangs_up(fake_call_contro
                                                                 emulator: EmulatorControl,
                                                                 telnyx_bridge_server: RunningServer) -> None:
     emulator.fault(endpoint="create", status=503, code="service_unavailable", times=5)
-    call_id = fake_call_control.place_call(to=TO)
+    call_id = fake_call_control.place_call(to=new_numbers().to)
     call = finished_call(fake_call_control, call_id)
     assert [c["action"] for c in call["commands"]] == ["answer", "speak", "hangup"]
     assert "stream_url" not in call["commands"][0]["body"]
@@ -195,7 +196,8 @@ def test_call_control_streaming_failed_is_retried_once(fake_call_control: FakeCa
                                                        telnyx_bridge_server: RunningServer,
                                                        telnyx_state: BridgeState) -> None:
     audio = os.urandom(1600)
-    call_id = fake_call_control.place_call(to=TO, payload=base64.b64encode(audio).decode(), fail_first_stream=True,
+    call_id = fake_call_control.place_call(to=new_numbers().to, payload=base64.b64encode(audio).decode(),
+                                           fail_first_stream=True,
                                            listen_seconds=0.5)
     call = finished_call(fake_call_control, call_id)
     assert [c["action"] for c in call["commands"]] == ["answer", "streaming_start", "streaming_start"]
@@ -209,7 +211,7 @@ def test_call_control_kallglot_stream_unreachable_is_not_dead_air(fake_call_cont
                                                                   telnyx_bridge_server: RunningServer) -> None:
     # Every attempt fails, the first open and the relay's reopen attempts alike.
     emulator.fault(endpoint="connect", status=503, times=1 + len(BACKOFF))
-    call_id = fake_call_control.place_call(to=TO, payload=base64.b64encode(b"\xff" * 800).decode(),
+    call_id = fake_call_control.place_call(to=new_numbers().to, payload=base64.b64encode(b"\xff" * 800).decode(),
                                            listen_seconds=sum(BACKOFF) + 5)
     call = finished_call(fake_call_control, call_id, timeout=sum(BACKOFF) + 10)
     assert [c["action"] for c in call["commands"]] == ["answer", "streaming_start", "speak", "hangup"]
@@ -232,10 +234,11 @@ def test_call_control_agent_leg_is_dialled_streams_and_is_hung_up_with_the_custo
     agent = "+14155557770"
     client = redis_lib.Redis.from_url(redis_url)
     store = ProfileStore(client, RedisKeys("e2e-telnyx"), NumberProfile(), carriers=carrier_names())
-    store.set(TO, NumberProfile(carrier="telnyx", agent_number=agent))
+    to = new_numbers().to  # a number of this test's own (its profile names the agent)
+    store.set(to, NumberProfile(carrier="telnyx", agent_number=agent))
     try:
         # The customer talks, then listens long enough for the agent to be dialled, answer and talk.
-        call_id = fake_call_control.place_call(to=TO, payload=base64.b64encode(b"\xff" * 1600).decode(),
+        call_id = fake_call_control.place_call(to=to, payload=base64.b64encode(b"\xff" * 1600).decode(),
                                                listen_seconds=3.0)
         session = wait_until(lambda: emulator.sessions() and emulator.sessions()[0], timeout=5)
         assert wait_until(lambda: emulator.session(session["id"])["audio_input_messages"].get("agent", 0) >= 10)
@@ -244,7 +247,7 @@ def test_call_control_agent_leg_is_dialled_streams_and_is_hung_up_with_the_custo
         dials = [c for c in fake_call_control.commands() if c["action"] == "dial"]
         assert len(dials) == 1
         dial = dials[0]
-        assert (dial["body"]["to"], dial["body"]["from"]) == (agent, TO)
+        assert (dial["body"]["to"], dial["body"]["from"]) == (agent, to)
         assert dial["body"]["connection_id"] == "1494404757140276705"
         # The customer hung up (normal_clearing): the bridge hung the agent up, and the session ended once.
         agent_call = wait_until(lambda: (c := fake_call_control.call(dial["call_control_id"]))["hung_up"] and c)
@@ -255,5 +258,5 @@ def test_call_control_agent_leg_is_dialled_streams_and_is_hung_up_with_the_custo
         ended_once(emulator, telnyx_state)
         assert set(only_session(emulator)["audio_received"]) == {"customer", "agent"}
     finally:
-        store.delete(TO)
+        store.delete(to)
         client.close()

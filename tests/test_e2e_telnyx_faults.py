@@ -12,12 +12,12 @@ import pytest
 from app.devtools.simulator.telnyx import TexmlCallSimulator
 from tests.support.controls import EmulatorControl, FakeCallControl
 from tests.support.controls import finished_call
+from tests.support.numbers import new_numbers
 from tests.support.relays import relay_pid
 from tests.support.servers import RunningServer
 from tests.support.waiting import only_session, wait_until
 
 pytestmark = pytest.mark.e2e
-TO, FROM = "+15005550006", "+15551230000"
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_texml_odd_sized_return_audio_plays_without_inserted_silence(texml: Texm
 
     speaker = threading.Thread(target=speak, daemon=True)
     speaker.start()
-    result = texml.place_call(TO, FROM, b"\xff" * 800, listen_seconds=2.0)
+    result = texml.place_call(*new_numbers(), b"\xff" * 800, listen_seconds=2.0)
     speaker.join(timeout=5)
     leg = result.leg
     assert result.errors == [] and leg is not None and leg.protocol_errors == []
@@ -67,7 +67,7 @@ def test_texml_relay_token_arrives_whatever_telnyx_does_with_parameters(texml: T
     """Fault 3: Telnyx's <Stream> page documents no <Parameter>; the token also travels in the documented url,
     and custom parameters are read as an object or as a list of name/value."""
     audio = bytes(range(1, 129)) * 10  # whole 20 ms frames
-    result = texml.place_call(TO, FROM, audio, listen_seconds=1.0, parameters_as=parameters_as)
+    result = texml.place_call(*new_numbers(), audio, listen_seconds=1.0, parameters_as=parameters_as)
     assert result.errors == [] and result.leg is not None and result.leg.protocol_errors == []
     assert result.leg.close_code is None and not result.leg.server_closed_first  # not refused: the caller hung up
     session = only_session(emulator)
@@ -80,7 +80,7 @@ def test_call_control_leg_in_a_codec_the_bridge_cannot_decode_gets_the_fallback(
         fake_call_control: FakeCallControl, emulator: EmulatorControl,
         telnyx_bridge_server: RunningServer) -> None:
     """Fault 5: a G722 leg (Telnyx transcodes PCMU<->PCMA only) is told why and hung up, not left silent."""
-    call_id = fake_call_control.place_call(to=TO, encoding="G722", sample_rate=16000,
+    call_id = fake_call_control.place_call(to=new_numbers().to, encoding="G722", sample_rate=16000,
                                            payload=base64.b64encode(b"\x00" * 640).decode(), listen_seconds=5)
     call = finished_call(fake_call_control, call_id)
     assert [c["action"] for c in call["commands"]] == ["answer", "streaming_start", "speak", "hangup"]
@@ -93,7 +93,7 @@ def test_call_control_worker_killed_mid_call_the_stream_is_restored(
         telnyx_bridge_server: RunningServer) -> None:
     """Item 8: the relay's worker is killed (SIGKILL) while the caller is on: the stream is started again into
     the same session on a live worker, with no speak and no hang-up from our side."""
-    call_id = fake_call_control.place_call(to=TO, payload=base64.b64encode(b"\x11" * 1600).decode(),
+    call_id = fake_call_control.place_call(to=new_numbers().to, payload=base64.b64encode(b"\x11" * 1600).decode(),
                                            listen_seconds=6)
     assert wait_until(lambda: emulator.sessions() and emulator.sessions()[0]["connections_live"] == 1, 15)
     os.kill(relay_pid(telnyx_bridge_server, call_id), signal.SIGKILL)

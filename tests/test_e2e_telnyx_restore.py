@@ -17,13 +17,13 @@ from app.calls.workers import RELAY_WORKER_FIELD, WORKER_ALIVE_TTL_SECONDS
 from app.carriers.telnyx.streams import RELAY_SETTLE_SECONDS
 from app.redis_keys import RedisKeys
 from tests.support.controls import EmulatorControl, FakeCallControl, finished_call
+from tests.support.numbers import new_numbers
 from tests.support.relays import all_workers_serving, relay_pid
 from tests.support.servers import RunningServer
 from tests.support.waiting import only_session, wait_until
 
 pytestmark = pytest.mark.e2e
 NAMESPACE = "e2e-telnyx"  # the session-wide Telnyx bridge's (tests/conftest.py)
-TO, FROM = "+15005550006", "+15551230000"
 #: Kill -> the restored stream's socket opened. Well under the old code's floor (it waited RELAY_SETTLE_SECONDS
 #: after Telnyx's stop before even starting the restore), loose enough for a loaded CI machine: the liveness key
 #: lapses within WORKER_ALIVE_TTL_SECONDS of the kill, the rest is a webhook and two commands on loopback.
@@ -48,7 +48,8 @@ def test_call_control_relay_on_a_killed_worker_is_restored_well_under_the_old_se
     restored into the same session in well under RELAY_SETTLE_SECONDS and the caller hears Kallglot again."""
     assert RESTORE_BOUND_SECONDS < RELAY_SETTLE_SECONDS and WORKER_ALIVE_TTL_SECONDS < RESTORE_BOUND_SECONDS
     all_workers_serving(telnyx_bridge_server)  # the worker left after the kill takes the stop webhook at once
-    call_id = fake_call_control.place_call(to=TO, payload=_talk(4.0, 0x11), restore_payload=_talk(1.0, 0x22),
+    call_id = fake_call_control.place_call(to=new_numbers().to, payload=_talk(4.0, 0x11),
+                                           restore_payload=_talk(1.0, 0x22),
                                            pace=True, listen_seconds=1.0)
     pid = relay_pid(telnyx_bridge_server, call_id)
     assert wait_until(lambda: fake_call_control.call(call_id)["heard_at"], 10)  # Kallglot's echo is flowing
@@ -77,7 +78,7 @@ def test_call_control_slow_relay_whose_worker_lives_records_its_end_and_is_not_r
     worker counts as alive (its key is kept, as a worker whose event loop runs while its relay is held up): the
     stop's handler waits, the relay records the caller's stop when it resumes, and nothing is restored."""
     all_workers_serving(telnyx_bridge_server)  # the stop webhook goes to the worker not stopped
-    call_id = fake_call_control.place_call(to=TO, payload=_talk(0.4, 0x11), pace=True, listen_seconds=1.2)
+    call_id = fake_call_control.place_call(to=new_numbers().to, payload=_talk(0.4, 0x11), pace=True, listen_seconds=1.2)
     pid = relay_pid(telnyx_bridge_server, call_id)
     description = RedisKeys(NAMESPACE).call("telnyx", call_id)
     worker = wait_until(lambda: redis_client.hget(description, RELAY_WORKER_FIELD), 5)

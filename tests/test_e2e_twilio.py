@@ -62,7 +62,15 @@ def test_audio_flows_both_ways_byte_exact_and_the_session_ends_once(
         bridge_state: BridgeState) -> None:
     # 53 frames = 8480 bytes: ten 100 ms chunks plus a 480-byte remainder, flushed after the quiet time.
     audio = os.urandom(53 * 160)
-    result = simulator.place_call(*numbers, audio, pace=False, listen_seconds=1.5)
+
+    def until_the_last_utterance_is_played_and_marked(stream: SimulatedStream) -> None:
+        # An event, not a listening window: the caller stays until a mark came back with every byte played (the
+        # last utterance's), however long a loaded machine takes to get there.
+        assert stream.wait_for(lambda s: len(s.heard) >= len(audio) and len(audio) in s.played_at_mark.values(),
+                               timeout=30)
+
+    result = simulator.place_call(*numbers, audio, pace=False, listen_seconds=0.2,
+                                  hold_open=until_the_last_utterance_is_played_and_marked)
     assert result.protocol_errors == [] and result.errors == []
     session = only_session(emulator)
     received = base64.b64decode(session["audio_received"]["customer"])

@@ -18,13 +18,13 @@ from simple_websocket import Client, ConnectionClosed
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from app.redis_keys import RedisKeys
 from tests.support.controls import EmulatorControl
-from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN
+from tests.support.numbers import new_numbers
 from tests.support.server_log import closed_media_sockets, log_records
 from tests.support.servers import REPO_ROOT, RunningServer, free_port, wait_for_http
+from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
-TO, FROM = "+15005550006", "+14155550166"
 
 
 def test_chunked_body_over_the_limit_is_refused(bridge_server: RunningServer) -> None:
@@ -135,7 +135,7 @@ def test_relay_token_replayed_on_a_second_socket_is_refused(bridge_server: Runni
                                                            emulator: EmulatorControl) -> None:
     sim = TwilioCallSimulator(bridge_server.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
     call_sid = "CA" + uuid.uuid4().hex
-    answer = sim.post_voice_webhook(TO, FROM, call_sid)
+    answer = sim.post_voice_webhook(*new_numbers(), call_sid)
     stream_el = ET.fromstring(answer.text).find("Connect/Stream")
     params = {p.get("name"): p.get("value") for p in stream_el.findall("Parameter")}
     url = stream_el.get("url")

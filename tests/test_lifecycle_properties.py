@@ -135,6 +135,7 @@ def redis_for_properties(redis_url: str) -> Iterator[redis_lib.Redis]:
     client.close()
 
 
+@pytest.mark.e2e  # a search of thousands of steps against a real Redis (~20 s): not in the fast loop
 def test_lifecycle_invariants_hold_under_any_interleaving(redis_for_properties: redis_lib.Redis,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     client = redis_for_properties

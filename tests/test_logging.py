@@ -18,12 +18,12 @@ from app.logging_setup import (
 )
 from app.devtools.simulator.twilio import TwilioCallSimulator
 from tests.support.controls import EmulatorControl
-from tests.support.settings import EMULATOR_API_KEY, SECRET_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
+from tests.support.numbers import new_numbers
 from tests.support.server_log import closed_media_sockets
 from tests.support.servers import RunningServer, free_port, run_gunicorn
+from tests.support.settings import EMULATOR_API_KEY, SECRET_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.waiting import wait_until
 
-TO, FROM = "+15005550006", "+15551230000"
 STREAM_TOKEN = re.compile(r"kst_test_[0-9a-f]{24}")  # the emulator's stream-token shape
 
 
@@ -107,7 +107,8 @@ def logging_bridge(redis_url: str, emulator_server: RunningServer) -> Iterator[R
 def test_a_whole_call_logs_json_with_its_fields_and_no_secret(logging_bridge: RunningServer,
                                                                emulator: EmulatorControl) -> None:
     simulator = TwilioCallSimulator(logging_bridge.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
-    result = simulator.place_call(TO, FROM, os.urandom(30 * 160), pace=False, listen_seconds=1.0)
+    numbers = new_numbers()
+    result = simulator.place_call(*numbers, os.urandom(30 * 160), pace=False, listen_seconds=1.0)
     assert result.errors == []
     requests.get(logging_bridge.url + "/twilio/voice", timeout=5)  # an unsigned request: logged refusal
     # The relay logs its end after the caller's side has closed: read the log once the socket's last line is in.
@@ -123,7 +124,7 @@ def test_a_whole_call_logs_json_with_its_fields_and_no_secret(logging_bridge: Ru
         assert entry["carrier"] == "twilio" and entry.get("request_id"), entry
     relay_lines = [e for e in call_lines if e["logger"].startswith("app.relay")]
     assert relay_lines and all(e["session_id"] == session_id for e in relay_lines)
-    assert all(e.get("number") == TO for e in call_lines if e["logger"] == "app.carriers.twilio.webhooks")
+    assert all(e.get("number") == numbers.to for e in call_lines if e["logger"] == "app.carriers.twilio.webhooks")
     log_text = logging_bridge.log()
     for secret in (TWILIO_AUTH_TOKEN, EMULATOR_API_KEY, SECRET_KEY, relay_token):
         assert secret not in log_text

@@ -20,11 +20,11 @@ from app.relay.core import RelayStats
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
 from tests.support.bridge_state import BridgeState
 from tests.support.controls import EmulatorControl
-from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
+from tests.support.numbers import new_numbers
 from tests.support.servers import RunningServer, free_port, run_gunicorn
+from tests.support.settings import TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config
 from tests.support.twilio_requests import answer, call_params, new_call_sid, post_signed
 
-TO, FROM = "+15005550006", "+15551230000"
 
 
 def sample(name: str, **labels: str) -> float:
@@ -140,7 +140,7 @@ def test_metrics_aggregate_both_workers_after_a_whole_call(bridge_server: Runnin
                                                            emulator: EmulatorControl) -> None:
     before = requests.get(bridge_server.url + "/metrics", timeout=5).text
     simulator = TwilioCallSimulator(bridge_server.url, TWILIO_AUTH_TOKEN, account_sid=TWILIO_ACCOUNT_SID)
-    result = simulator.place_call(TO, FROM, os.urandom(53 * 160), pace=False, listen_seconds=1.0)
+    result = simulator.place_call(*new_numbers(), os.urandom(53 * 160), pace=False, listen_seconds=1.0)
     assert result.errors == []
     deadline = time.monotonic() + 5
     while True:
@@ -186,8 +186,8 @@ def test_sigterm_hands_live_calls_to_the_lifecycle_as_held(draining_bridge: Runn
         assert stream.wait_for(lambda s: s.server_closed, timeout=10)
 
     call_sid = new_call_sid()
-    result = simulator.place_call(TO, FROM, b"\xff" * 1600, pace=False, call_sid=call_sid, hold_open=deploy_mid_call,
-                                  listen_seconds=0, status_callbacks="none")
+    result = simulator.place_call(*new_numbers(), b"\xff" * 1600, pace=False, call_sid=call_sid,
+                                  hold_open=deploy_mid_call, listen_seconds=0, status_callbacks="none")
     assert result.server_closed_first
     keys = RedisKeys(namespace)
     call = BridgeState(redis_client, namespace).call("twilio", call_sid)

@@ -9,6 +9,19 @@ from app.relay.outcome import RelayStats
 from app.relay.reopen import KallglotLink, StreamNotWanted
 
 
+class PlannedWaits(threading.Event):
+    """The relay's ``ending`` event, never set, recording each backoff wait the link plans instead of waiting it:
+    the test asserts on the waits planned, not on how long a loaded machine took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(float(timeout or 0.0))
+        return False
+
+
 class DeadStream:
     """The dropped stream: only closed by the link."""
 
@@ -25,9 +38,10 @@ def test_a_reopen_told_the_leg_is_over_gives_up_after_one_attempt_without_walkin
 
     link = KallglotLink(DeadStream(), reopen=reopen, stats=RelayStats(), context="test", backlog_chunks=5,
                         backoff_seconds=(0.01, 0.5, 5.0))
-    started = time.monotonic()
-    assert link.reopen(threading.Event()) is False
-    assert len(attempts) == 1 and time.monotonic() - started < 0.5
+    ending = PlannedWaits()
+    assert link.reopen(ending) is False
+    # One attempt after the first backoff step, then no further wait: the 0.5 s and 5 s steps are not walked.
+    assert len(attempts) == 1 and ending.waits == [0.01]
 
 
 def test_any_other_reopen_failure_is_still_retried_through_the_backoff() -> None:
@@ -38,6 +52,7 @@ def test_any_other_reopen_failure_is_still_retried_through_the_backoff() -> None
         raise OSError("connection refused")
 
     link = KallglotLink(DeadStream(), reopen=reopen, stats=RelayStats(), context="test", backlog_chunks=5,
-                        backoff_seconds=(0.01, 0.01, 0.01))
-    assert link.reopen(threading.Event()) is False
-    assert len(attempts) == 3
+                        backoff_seconds=(0.01, 0.5, 5.0))
+    ending = PlannedWaits()
+    assert link.reopen(ending) is False
+    assert len(attempts) == 3 and ending.waits == [0.01, 0.5, 5.0]  # every step of the backoff, in order

@@ -34,6 +34,8 @@ TOKEN = "sim-test-auth-token"
 PUBLIC = "https://bridge.example.test"  # what the fake believes its public URL is (as behind a proxy)
 CALLER = "+15551230000"
 ECHO, MARKS, CLEAR, CLOSE_FIRST, RECONNECT, BAD_FRAMES = (f"+1555000000{i}" for i in range(1, 7))
+#: The "clear" scenario's reply: 1 s before its first mark, 10 s after it (20 ms frames).
+CLEAR_FIRST_FRAMES, CLEAR_REST_FRAMES = 50, 500
 SCENARIOS = {ECHO: "echo", MARKS: "marks", CLEAR: "clear", CLOSE_FIRST: "close_first",
              RECONNECT: "reconnect", BAD_FRAMES: "bad_frames"}
 e2e = pytest.mark.e2e
@@ -146,11 +148,15 @@ def create_fake_service() -> Flask:
             out("media", media={"payload": base64.b64encode(b"\x55" * 1600).decode()})  # 0.2 s
             mark("after-audio")
         elif scenario == "clear":
-            for _ in range(100):  # 2 s in 20 ms frames, far faster than real time
+            # 1 s, a mark, then 10 s more (20 ms frames, far faster than real time); the clear goes out when the
+            # first mark's echo says the first second has played (below): an event, not a sleep, so no machine
+            # load decides how much played (only a 10 s stall could let the whole reply play first).
+            for _ in range(CLEAR_FIRST_FRAMES):
                 out("media", media={"payload": base64.b64encode(b"\x33" * 160).decode()})
+            mark("first-second")
+            for _ in range(CLEAR_REST_FRAMES):
+                out("media", media={"payload": base64.b64encode(b"\x34" * 160).decode()})
             mark("end-of-reply")
-            time.sleep(0.3)
-            out("clear")
         elif scenario == "bad_frames":
             ws.send(b"\x00\x01")
             ws.send(json.dumps({"event": "play", "streamSid": sid}))
@@ -189,6 +195,8 @@ def create_fake_service() -> Flask:
                 elif event == "mark":
                     name = msg["mark"]["name"]
                     info["mark_delays"][name] = time.monotonic() - sent_marks.pop(name)
+                    if scenario == "clear" and name == "first-second":
+                        out("clear")
                 elif event == "stop":
                     info["stopped"] = True
                     if msg["stop"] != {"accountSid": body["accountSid"], "callSid": body["callSid"]}:
@@ -294,16 +302,20 @@ def test_marks_are_echoed_when_playback_reaches_them(sim: TwilioCallSimulator, f
 @e2e
 def test_clear_drops_unplayed_audio_and_returns_pending_marks(sim: TwilioCallSimulator, fake: RunningServer) -> None:
     result = sim.place_call(CLEAR, CALLER, listen_seconds=0,
-                            hold_open=lambda s: s.wait_for(lambda st: st.clears == 1, 3))
-    assert result.clears == 1 and result.marks_echoed == ["end-of-reply"] and result.protocol_errors == []
-    assert len(result.heard_audio) == 16000
-    # ~0.3 s (2400 bytes) played before the clear; the rest of the 2 s reply was dropped.
-    assert 800 <= len(result.played_audio) <= 8000
+                            hold_open=lambda s: s.wait_for(lambda st: st.clears == 1, 30))
+    first, rest = CLEAR_FIRST_FRAMES * 160, CLEAR_REST_FRAMES * 160
+    assert result.clears == 1 and result.marks_echoed == ["first-second", "end-of-reply"]
+    assert result.protocol_errors == []
+    assert result.heard_audio == b"\x33" * first + b"\x34" * rest
+    # The first mark came back once its second had played; the clear (sent on that echo) then cut the reply
+    # short: some of the 10 s after it was dropped, and what played is the reply's beginning.
+    assert result.played_at_mark["first-second"] >= first
+    assert first <= len(result.played_audio) < first + rest
     assert result.played_audio == result.heard_audio[: len(result.played_audio)]
-    # The pending mark was returned by the clear, with playback cut short, not after the 2 s reply played.
-    assert result.played_at_mark == {"end-of-reply": len(result.played_audio)}
+    # The pending mark was returned by the clear, with playback cut short, not after the 10 s played.
+    assert result.played_at_mark["end-of-reply"] == len(result.played_audio)
     echoed = fake_log(fake, result.call_sid, until=lambda log: log["streams"][0]["ended"])["streams"][0]["mark_delays"]
-    assert set(echoed) == {"end-of-reply"}
+    assert set(echoed) == {"first-second", "end-of-reply"}
 
 
 @e2e

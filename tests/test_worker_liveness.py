@@ -6,14 +6,19 @@ import os
 import threading
 import time
 
+from types import SimpleNamespace
+
 import pytest
 import redis as redis_lib
 from flask import Flask
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app.calls.workers import RELAY_WORKER_FIELD, WorkerLiveness
 from app.carriers.telnyx import streams
 from app.extensions import services
 from app.redis_keys import RedisKeys
+from tests.support.virtual_time import VirtualClock
 from tests.support.waiting import wait_until
 
 
@@ -42,11 +47,10 @@ def test_a_worker_that_stops_renewing_is_gone_within_its_ttl(redis_client: redis
     keys = RedisKeys(namespace)
     worker = WorkerLiveness(redis_client, keys, ttl_seconds=0.3)
     worker.beat()
-    beaten = time.monotonic()
     assert worker.is_alive(worker.worker_id)
+    # Within its TTL: Redis holds the key for at most 300 ms (no clock of ours is asserted on), then drops it.
     assert 0 < redis_client.pttl(keys.worker_alive(worker.worker_id)) <= 300
-    assert wait_until(lambda: not worker.is_alive(worker.worker_id), 2)
-    assert time.monotonic() - beaten < 0.3 + 0.5  # the TTL, plus slack for a loaded machine
+    assert wait_until(lambda: not worker.is_alive(worker.worker_id), 5)
 
 
 def test_an_unknown_worker_is_not_alive(redis_client: redis_lib.Redis, namespace: str) -> None:
@@ -78,35 +82,40 @@ def test_the_relay_records_its_worker_on_the_leg_and_a_restore_forgets_it(redis_
     assert RELAY_WORKER_FIELD.encode() not in redis_client.hgetall(keys.call("telnyx", "v3:abc"))
 
 
-def test_renewal_survives_redis_errors(namespace: str) -> None:
-    """Redis unreachable: the renewal loop logs and keeps trying, it never dies (bounded: stopped after 0.3 s)."""
-    dead = redis_lib.Redis(host="127.0.0.1", port=1, socket_timeout=0.1, socket_connect_timeout=0.1)
-    worker = WorkerLiveness(dead, RedisKeys(namespace), refresh_seconds=0.05)
+def test_renewal_survives_redis_errors(namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis unreachable: the renewal loop logs and keeps trying, it never dies: it is still renewing after ten
+    failures in a row (its second warning). The client fails at once (no retries of its own), so this is quick."""
+    dead = redis_lib.Redis(host="127.0.0.1", port=1, socket_timeout=0.1, socket_connect_timeout=0.1,
+                           retry=Retry(NoBackoff(), 0))
+    worker = WorkerLiveness(dead, RedisKeys(namespace), refresh_seconds=0.01)
     renewing = threading.Thread(target=worker.run_forever, daemon=True)
-    renewing.start()
-    time.sleep(0.3)
-    assert renewing.is_alive()
-    worker.stop()
-    renewing.join(10)  # a renewal in progress finishes first (the client's own retries and backoff)
+    with caplog.at_level("WARNING", logger="app.calls.workers"):
+        renewing.start()
+        assert wait_until(lambda: any("(10 failures)" in r.getMessage() for r in caplog.records), 10)
+        assert renewing.is_alive()
+        worker.stop()
+        renewing.join(10)
     assert not renewing.is_alive()
 
 
 # ----- the Call Control settle, against the liveness key (in-process app, real Redis) ------------------------------
 def _settle(app: Flask, worker: str | None, settle_seconds: float,
-            monkeypatch: pytest.MonkeyPatch) -> tuple[str, float]:
-    """Run the stop handler's settle for a live leg whose relay is on ``worker``: why it stopped, and how long."""
+            monkeypatch: pytest.MonkeyPatch) -> tuple[str, VirtualClock]:
+    """Run the stop handler's settle for a live leg whose relay is on ``worker``, on a virtual clock: why it
+    stopped, and the clock (its ``slept`` polls say how long the settle waited, however loaded the machine)."""
     monkeypatch.setattr(streams, "RELAY_SETTLE_SECONDS", settle_seconds)
+    clock = VirtualClock()
+    monkeypatch.setattr(streams, "time", SimpleNamespace(monotonic=clock, sleep=clock.sleep))
     call = {"session_id": "sess_x", "state": "live", **({RELAY_WORKER_FIELD: worker} if worker else {})}
     with app.app_context():
-        started = time.monotonic()
         _record, why = streams._settled(services(), "v3:nothing-recorded", call)
-        return why, time.monotonic() - started
+        return why, clock
 
 
 def test_the_settle_stops_at_once_when_the_relays_worker_is_gone(telnyx_app: Flask,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    why, took = _settle(telnyx_app, "gone-instance:4242", 5.0, monkeypatch)
-    assert why == "worker gone" and took < 1.0
+    why, clock = _settle(telnyx_app, "gone-instance:4242", 5.0, monkeypatch)
+    assert why == "worker gone" and clock.slept == []  # not one poll of the 5 s settle
 
 
 def test_the_settle_waits_in_full_while_the_relays_worker_lives(telnyx_app: Flask,
@@ -117,15 +126,15 @@ def test_the_settle_waits_in_full_while_the_relays_worker_lives(telnyx_app: Flas
         renewing = threading.Thread(target=workers.run_forever, daemon=True)
         renewing.start()
     try:
-        why, took = _settle(telnyx_app, workers.worker_id, 0.6, monkeypatch)
+        why, clock = _settle(telnyx_app, workers.worker_id, 0.6, monkeypatch)
     finally:
         workers.stop()
         renewing.join(10)
-    assert why == "settle over" and took >= 0.6
+    assert why == "settle over" and sum(clock.slept) >= 0.6
 
 
 def test_the_settle_waits_in_full_when_no_worker_is_recorded(telnyx_app: Flask,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A restore forgot the old stream's worker and the new relay has not recorded its own: nothing is known."""
-    why, took = _settle(telnyx_app, None, 0.6, monkeypatch)
-    assert why == "settle over" and took >= 0.6
+    why, clock = _settle(telnyx_app, None, 0.6, monkeypatch)
+    assert why == "settle over" and sum(clock.slept) >= 0.6

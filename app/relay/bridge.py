@@ -112,6 +112,9 @@ def _relay_granted_leg(ws: CarrierSocket, codec: CarrierCodec, svc: Services, gr
     except (KallglotStreamError, KallglotError) as exc:
         log.error("%s could not reach the Kallglot stream: %s", context, exc)
         # Record first: the carrier reacts to the close at once (<Connect action>) and must find the reason.
+        # The end is fenced by this stream's id, which only a running relay's first heartbeat binds: bind it
+        # here, or the lifecycle ignores the end as one from a replaced stream and the reason is lost.
+        _bind_stream(svc, codec.carrier, grant.call_id, stream_id, context)
         _leg_over(svc, codec.carrier, grant.call_id, EndReason.RELAY_KALLGLOT_UNREACHABLE, context, clean=False,
                   stream_id=stream_id)
         close_quietly(ws, 1011, "translation service unavailable")
@@ -239,6 +242,14 @@ class _Heartbeat:
             self._guard.renew_leg(self._grant)
         except redis.RedisError as exc:  # Redis down: the call goes on; the beat resumes when it is back
             log.warning("%s heartbeat not recorded: %s", self._context, exc)
+
+
+def _bind_stream(svc: Services, carrier: str, call_id: str, stream_id: str, context: str) -> None:
+    """Make ``stream_id`` the leg's current stream, as a relay's first heartbeat does (see :class:`_Heartbeat`)."""
+    try:
+        svc.lifecycle.stream_started(carrier, call_id, stream_id)
+    except redis.RedisError as exc:  # the end below is then ignored; the heartbeat expiry ends the leg instead
+        log.warning("%s stream not bound: %s", context, exc)
 
 
 def _leg_over(svc: Services, carrier: str, call_id: str, reason: EndReason, context: str, *, clean: bool,
