@@ -40,8 +40,30 @@ STEP_TIMEOUT_SECONDS = 300.0
 
 
 # -- the peers (their own process: their CPU is not the relay's) ------------------------------------------------
-def _kallglot_echo(ws: Any) -> None:
+class _Streams:
+    """How many relays have their Kallglot stream open: callers pace their audio only once all have (a relay
+    still starting, slowed down by valgrind, would otherwise take the first frames in a burst)."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.changed = threading.Condition()
+
+    def opened(self) -> None:
+        """One more stream is open."""
+        with self.changed:
+            self.open += 1
+            self.changed.notify_all()
+
+    def wait_for(self, count: int) -> None:
+        """Block until ``count`` streams are open."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.open >= count, timeout=STEP_TIMEOUT_SECONDS):
+                raise TimeoutError(f"only {self.open} of {count} Kallglot streams opened")
+
+
+def _kallglot_echo(ws: Any, streams: _Streams) -> None:
     """Kallglot as the emulator echoes: each ``audio.input`` back as an ``audio.output`` of the same audio."""
+    streams.opened()
     for raw in ws:
         message = json.loads(raw)
         if message.get("type") == "audio.input":
@@ -51,7 +73,7 @@ def _kallglot_echo(ws: Any) -> None:
             ws.send('{"type":"pong"}')
 
 
-def _caller(relay_port: int, call: int, seconds: float, received: list[int]) -> None:
+def _caller(relay_port: int, call: int, seconds: float, received: list[int], streams: _Streams, calls: int) -> None:
     """One Twilio-like caller: ``connected``, ``start``, paced ``media`` frames, ``stop``; counts what comes back."""
     from websockets.sync.client import connect
 
@@ -65,12 +87,13 @@ def _caller(relay_port: int, call: int, seconds: float, received: list[int]) -> 
             "streamSid": sid, "callSid": call_sid, "tracks": ["inbound"], "customParameters": {},
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
         counter.start()
+        streams.wait_for(calls)
         started = time.monotonic()
         for n in range(int(seconds * FRAMES_PER_SECOND)):
             time.sleep(max(0.0, started + n / FRAMES_PER_SECOND - time.monotonic()))
             ws.send(json.dumps({"event": "media", "sequenceNumber": str(n + 2), "streamSid": sid, "media": {
                 "track": "inbound", "chunk": str(n + 1), "timestamp": str(n * 20), "payload": payload}}))
-        time.sleep(0.3)  # the last chunk's echo comes back before the stop
+        time.sleep(1.0)  # the last chunk's echo comes back before the stop
         ws.send(json.dumps({"event": "stop", "sequenceNumber": "0", "streamSid": sid,
                             "stop": {"callSid": call_sid}}))
         counter.join(STEP_TIMEOUT_SECONDS)
@@ -80,12 +103,13 @@ def run_peers(calls: int, seconds: float) -> None:
     """The peer process: print the Kallglot echo's port, read the relay's port, call, report frames echoed."""
     from websockets.sync.server import serve
 
-    with serve(_kallglot_echo, "127.0.0.1", 0, compression=None) as server:
+    streams = _Streams()
+    with serve(lambda ws: _kallglot_echo(ws, streams), "127.0.0.1", 0, compression=None) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         print(server.socket.getsockname()[1], flush=True)
         relay_port = int(sys.stdin.readline())
         received: list[int] = []
-        callers = [threading.Thread(target=_caller, args=(relay_port, call, seconds, received))
+        callers = [threading.Thread(target=_caller, args=(relay_port, call, seconds, received, streams, calls))
                    for call in range(calls)]
         for thread in callers:
             thread.start()

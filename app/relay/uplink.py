@@ -116,7 +116,8 @@ class Uplink:
                 if len(self._pending) >= self.chunk_bytes:
                     if not self._send_chunk(self.chunk_bytes):
                         return
-                    chunk_sent = self._hold_seconds is not None and len(self._pending) < self.chunk_bytes
+                    # (Not with a part-chunk left and a quiet time: that flush must not wait behind a hold.)
+                    chunk_sent = self._hold_seconds is not None and not (self._pending and quiet)
                     if self._sequence % HOP_SAMPLE_EVERY == 0:
                         metrics.RELAY_HOP_SECONDS.labels("uplink").observe(clock() - received_at)
                 if stats.frames_in % METRICS_FLUSH_FRAMES == 0:
