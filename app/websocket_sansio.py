@@ -225,7 +225,11 @@ class SansIoConnection:
 
     def _sendall(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            # One send() takes a whole media frame unless the socket's send buffer is full: gevent's sendall()
+            # would first ask the kernel for SO_SNDBUF (a system call per frame) and slice a memoryview.
+            sent = self.sock.send(data)
+            if sent < len(data):  # a full buffer took part of it: the rest as sendall does (waits, times out)
+                self.sock.sendall(memoryview(data)[sent:])
         except OSError as exc:
             self.connected = False
             raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE, str(exc)) from exc

@@ -195,7 +195,7 @@ def _own_line(stream: Any) -> str:
 
 
 def run_once(calls: int, seconds: float, callgrind: bool, workdir: Path, profile: str = "",
-             hold: str = "default") -> dict[str, Any]:
+             hold: str = "default", syscalls: bool = False) -> dict[str, Any]:
     """One relay process (under callgrind, or py-spy into ``profile``, when asked) and its peers; its figures."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     me = [sys.executable, "-m", "app.devtools.relay_cost"]
@@ -205,6 +205,8 @@ def run_once(calls: int, seconds: float, callgrind: bool, workdir: Path, profile
     relay_cmd = [*me, "--relays", str(calls), hold]
     if callgrind:
         relay_cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-line=no", *relay_cmd]
+    elif syscalls:  # strace's count of system calls by name (strace -c), written when the relay exits
+        relay_cmd = ["strace", "-f", "-c", "-o", str(workdir / f"strace.{seconds}.txt"), *relay_cmd]
     elif profile:  # collapsed stacks (one line per stack and its sample count), 250 samples a second
         relay_cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw", "--rate", "250", "--nonblocking", "--output", profile,
                      "--", *relay_cmd]
@@ -224,6 +226,10 @@ def run_once(calls: int, seconds: float, callgrind: bool, workdir: Path, profile
         peers.wait()
     if any(end != "carrier_stop" for end in figures["ends"]):
         raise RuntimeError(f"a relay did not end with the carrier's stop: {figures['ends']}")
+    if syscalls:  # strace -c's table: "% time  seconds  usecs/call  calls  [errors]  syscall"
+        table = (workdir / f"strace.{seconds}.txt").read_text()
+        figures["syscalls"] = {m.group(2): int(m.group(1)) for m in re.finditer(
+            r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?([a-z_0-9]+)\s*$", table, re.MULTILINE)}
     if callgrind:
         summary = re.search(r"^(?:summary|totals): (\d+)", out.read_text(errors="replace"), re.MULTILINE)
         if summary is None:
@@ -249,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holds", default="default", help="comma-separated uplink hold margins in ms, each "
                         "measured in every round: 'default' (production's), 0 (no hold), or another margin")
     parser.add_argument("--callgrind", action="store_true", help="count instructions under valgrind's callgrind")
+    parser.add_argument("--syscalls", action="store_true", help="count the relay's system calls (strace -c)")
     parser.add_argument("--profile", default="", help="py-spy the long run's relay process into this file "
                         "(collapsed stacks)")
     args = parser.parse_args(argv)
@@ -261,14 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     call_seconds = args.calls * args.seconds
     for n, hold in ((n, hold) for n in range(1, args.rounds + 1) for hold in args.holds.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            short = run_once(args.calls, args.warm, args.callgrind, Path(tmp), hold=hold)
-            long = run_once(args.calls, args.warm + args.seconds, args.callgrind, Path(tmp), args.profile, hold)
+            short = run_once(args.calls, args.warm, args.callgrind, Path(tmp), hold=hold, syscalls=args.syscalls)
+            long = run_once(args.calls, args.warm + args.seconds, args.callgrind, Path(tmp), args.profile, hold,
+                            args.syscalls)
         cpu_ms = (long["cpu_seconds"] - short["cpu_seconds"]) * 1000 / call_seconds
         line = f"round {n}, hold {hold}: CPU {cpu_ms:.2f} ms per call-second"
         if args.callgrind:
             per = (long["instructions"] - short["instructions"]) / call_seconds
             line += f" (under valgrind); {per:,.0f} instructions per call-second ({per / FRAMES_PER_SECOND:,.0f} " \
                     f"per caller frame)"
+        if args.syscalls:
+            calls = {name: (long["syscalls"].get(name, 0) - short["syscalls"].get(name, 0)) / call_seconds
+                     for name in long["syscalls"]}
+            top = sorted(calls.items(), key=lambda item: -item[1])[:6]
+            line += "; system calls per call-second: " + ", ".join(f"{name} {n:.1f}" for name, n in top)
         print(f"{line}; frames echoed back {short['frames_back']} / {long['frames_back']}, uplink holds "
               f"{short['holds']} / {long['holds']}; "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
