@@ -169,7 +169,7 @@ def run_relays(calls: int, kallglot_port: int, hold: str) -> None:
         relay = MediaRelay(ws, codec, stream, speaker="customer", chunk_ms=CHUNK_MS,
                            context=f"relay-cost call={started.call_id}", **options)
         ends.append(relay.run().value)
-        holds.append(relay.uplink.holds)
+        holds.append(getattr(relay.uplink, "holds", 0))  # 0 on code without the hold (a comparison)
         if len(ends) >= calls:
             done.set()
 
