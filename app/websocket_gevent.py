@@ -66,8 +66,8 @@ class GeventReads:
         timer = hub.loop.timer(timeout) if timeout is not None else None
         watcher.start(waiter.switch, True)
         try:
-            if timer is not None:
-                timer.start(waiter.switch, False)
+            if timer is not None:  # from the clock's time now, not the loop's last (as gevent's Timeout does)
+                timer.start(waiter.switch, False, update=True)
             return bool(waiter.get())
         finally:
             watcher.stop()
