@@ -27,6 +27,8 @@ from websockets.http11 import Response
 from websockets.protocol import OPEN, Protocol, State
 from websockets.uri import parse_uri
 
+from app.websocket_gevent import GeventReads
+
 try:  # the C speedup; websockets falls back to the same pure-Python function when it was built without it
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - only on a build of websockets without its C extension
@@ -71,6 +73,8 @@ class SansIoConnection:
         self._fragmented_text = False
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
+        # Under gevent (the bridge), a plain socket is read without gevent's recv(timeout): app/websocket_gevent.py.
+        self._gevent_reads = GeventReads(reader, self._receive_bytes) if GeventReads.usable(reader) else None
 
     # -- the simple-websocket API ---------------------------------------------------------------------------
     def receive(self, timeout: float | None = None) -> str | bytes | None:
@@ -159,8 +163,14 @@ class SansIoConnection:
                 self.connected = False
                 return False
             try:
-                self._reader.settimeout(timeout)
-                data = self._reader.recv(self._receive_bytes)
+                if self._gevent_reads is not None:
+                    received = self._gevent_reads.recv(timeout)
+                    if received is None:
+                        return False
+                    data = received
+                else:
+                    self._reader.settimeout(timeout)
+                    data = self._reader.recv(self._receive_bytes)
             except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):
                 return False
             except OSError:
@@ -225,7 +235,11 @@ class SansIoConnection:
 
     def _sendall(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            # One send() takes a whole media frame unless the socket's send buffer is full: gevent's sendall()
+            # would first ask the kernel for SO_SNDBUF (a system call per frame) and slice a memoryview.
+            sent = self.sock.send(data)
+            if sent < len(data):  # a full buffer took part of it: the rest as sendall does (waits, times out)
+                self.sock.sendall(memoryview(data)[sent:])
         except OSError as exc:
             self.connected = False
             raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE, str(exc)) from exc

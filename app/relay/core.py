@@ -28,7 +28,7 @@ from app.relay.playback import PlaybackTracker
 from app.relay.reopen import KALLGLOT_RECONNECT_BACKOFF_SECONDS, KALLGLOT_RECONNECT_BUFFER_MS, KallglotLink
 from app.relay.sockets import START_TIMEOUT_SECONDS, CarrierSocket, await_start, close_quietly, set_tcp_nodelay
 from app.relay.uplink import (
-    DEFAULT_QUIET_FLUSH_MS, HOP_SAMPLE_EVERY, MULAW_BYTES_PER_MS, UPLINK_POLL_SECONDS, Uplink,
+    DEFAULT_HOLD_MARGIN_MS, DEFAULT_QUIET_FLUSH_MS, HOP_SAMPLE_EVERY, MULAW_BYTES_PER_MS, UPLINK_POLL_SECONDS, Uplink,
 )
 
 # Re-exported: the carriers' media routes and the bridge import these from here.
@@ -56,7 +56,8 @@ class MediaRelay:
                  reconnect_backoff_seconds: Sequence[float] = KALLGLOT_RECONNECT_BACKOFF_SECONDS,
                  ping_interval_seconds: float = stream_protocol.PING_INTERVAL_SECONDS,
                  on_transcript: Callable[[Transcript], None] | None = None,
-                 on_health: Callable[[dict[str, float]], None] | None = None) -> None:
+                 on_health: Callable[[dict[str, float]], None] | None = None,
+                 hold_margin_ms: int = DEFAULT_HOLD_MARGIN_MS) -> None:
         self.carrier_ws = carrier_ws
         # Live-console hooks; both must return at once (they queue, never touch Redis: app/calls/events.py).
         self.on_transcript = on_transcript
@@ -84,7 +85,7 @@ class MediaRelay:
         self.uplink = Uplink(carrier_ws, codec, self.link, speaker=speaker, chunk_ms=chunk_ms, stats=self.stats,
                              context=context, ending=self._ending, finish=self._finish,
                              protocol_error=self._protocol_error, mark_played=self._mark_played,
-                             quiet_flush_ms=quiet_flush_ms)
+                             quiet_flush_ms=quiet_flush_ms, hold_margin_ms=hold_margin_ms)
 
     @property
     def kallglot(self) -> KallglotStream:
