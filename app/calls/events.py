@@ -7,27 +7,20 @@ to ``RedisKeys.session_live_events``; the admin's Server-Sent Events endpoint re
 
 Both streams are bounded twice: ``XADD MAXLEN ~`` keeps about :data:`MAX_EVENTS_PER_SESSION` entries, and an
 ``EXPIRE`` lets an abandoned stream vanish (request handlers refresh it with every append; the relay's
-forwarder at most once a minute per stream, :data:`TTL_REFRESH_SECONDS`). The after-call transcript comes from
+forwarder at most once a minute per stream, ``app.calls.forwarder.TTL_REFRESH_SECONDS``). The after-call transcript comes from
 Kallglot's REST API, not from here.
 
-The relay must never wait on Redis per frame: :class:`EventForwarder` takes events with a non-blocking
-``put_nowait`` into a bounded queue, and one background thread (a greenlet under gevent) writes them in
-batches (one Lua script call each; a pipeline on a Redis Cluster). When Redis is slow or down the queue fills
-and further events are dropped and counted — the call's audio is never held up for a transcript line.
-
-The writer lingers (:data:`DEFAULT_LINGER_SECONDS`, setting ``LIVE_EVENTS_LINGER_MS``) after the first event
-of a batch before draining the queue: at 200 calls × 1 line/s that is one pipeline per linger instead of one
-per event, and while it sleeps a ``publish`` wakes nobody. Measured on the load benchmark, the per-event
-wake-up and round trip, not the parsing, was most of the forwarding cost (README, Capacity). The linger is
-far inside the live console's 1 s budget.
+The relay must never wait on Redis per frame: it hands events to :class:`~app.calls.forwarder.EventForwarder`
+(a bounded deque and one writer greenlet, :mod:`app.calls.forwarder`), whose writer calls
+:meth:`SessionEventLog.append_batch` once per batch (one Lua script call; a pipeline on a Redis Cluster). When
+Redis is slow or down, events are dropped and counted — never audio. Measured on the load benchmark, the
+per-event wake-up and round trip, not the parsing, was most of the forwarding cost (README, Capacity).
 """
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,7 +30,7 @@ import orjson
 import redis
 from redis.cluster import RedisCluster
 
-from app.background import spawn
+from app.calls.forwarder import TRANSCRIPT, EventForwarder
 from app.redis_keys import RedisKeys, as_text, as_text_map
 
 log = logging.getLogger(__name__)
@@ -48,20 +41,8 @@ MAX_EVENTS_PER_SESSION = 2000
 MAX_LIVE_CHANGES = 1000
 #: A session's live events disappear this long after its last event (the post-call view reads Kallglot).
 EVENTS_TTL_SECONDS = 6 * 3600
-#: Events waiting for the writer; beyond this they are dropped (Redis is stalled; audio comes first).
-FORWARD_QUEUE_SIZE = 10_000
-#: Most events written per pipeline round trip.
-FORWARD_BATCH = 1000
-#: How long the writer waits after a batch's first event for more to join it (one pipeline carries them all).
-DEFAULT_LINGER_SECONDS = 0.04
-#: The forwarder refreshes a stream's ``EXPIRE`` at most this often (the TTL is hours; a refresh with every
-#: transcript line was a third of the commands it sent).
-TTL_REFRESH_SECONDS = 60.0
-#: Streams whose last refresh the forwarder remembers before it forgets the stale ones.
-TTL_MEMO_SIZE = 10_000
 
-# Event kinds. ``transcript`` carries speaker/text/language/translation/final; the others describe legs.
-TRANSCRIPT = "transcript"
+# Event kinds (TRANSCRIPT comes from app.calls.forwarder, which coalesces its partials). ``transcript`` carries speaker/text/language/translation/final; the others describe legs.
 LEG = "leg"
 RELAY_HEALTH = "relay"
 SESSION = "session"
@@ -210,101 +191,6 @@ class SessionEventLog:
         """Events of stream ``key`` after id ``after``, waiting up to ``block_ms`` for the first one."""
         reply = self._redis.xread({key: after}, count=count, block=block_ms)
         return [_decode(i, f) for _, entries in reply or [] for i, f in entries]
-
-
-class EventForwarder:
-    """Non-blocking front of :class:`SessionEventLog` for the media relay: a bounded queue and one writer."""
-
-    def __init__(self, events: SessionEventLog, *, queue_size: int = FORWARD_QUEUE_SIZE,
-                 linger_seconds: float = DEFAULT_LINGER_SECONDS, batch_size: int = FORWARD_BATCH) -> None:
-        self._events = events
-        self._linger = max(0.0, linger_seconds)
-        self._batch_size = max(1, batch_size)
-        # (session id, kind, data or what ``build`` makes it from, build or None): see publish_built.
-        self._queue: queue.Queue[tuple[str, str, Any, Callable[[Any], dict[str, Any]] | None]] = \
-            queue.Queue(maxsize=queue_size)
-        self._started = threading.Lock()
-        self._writer: threading.Thread | None = None
-        self.dropped = 0
-        self.written = 0
-        #: Pipelines sent (each carries one batch): with the linger, far fewer than events.
-        self.batches = 0
-        self._ttl_refreshed: dict[str, float] = {}  # stream key -> monotonic time its EXPIRE was last sent
-
-    def _ttl_due(self, key: str) -> bool:
-        """True (and remembered) when ``key``'s EXPIRE was not sent within :data:`TTL_REFRESH_SECONDS`."""
-        now = time.monotonic()
-        last = self._ttl_refreshed.get(key)
-        if last is not None and now - last < TTL_REFRESH_SECONDS:
-            return False
-        if len(self._ttl_refreshed) >= TTL_MEMO_SIZE:  # ended sessions' streams: forget what no longer matters
-            self._ttl_refreshed = {k: t for k, t in self._ttl_refreshed.items() if now - t < TTL_REFRESH_SECONDS}
-            if len(self._ttl_refreshed) >= TTL_MEMO_SIZE:  # that many live streams: refresh more often instead
-                self._ttl_refreshed.clear()
-        self._ttl_refreshed[key] = now
-        return True
-
-    def publish(self, session_id: str, kind: str, data: dict[str, Any]) -> bool:
-        """Hand one event to the writer without waiting; False (and counted) when the queue is full."""
-        return self.publish_built(session_id, kind, None, data)
-
-    def publish_built(self, session_id: str, kind: str, build: Callable[[Any], dict[str, Any]] | None,
-                      source: Any) -> bool:
-        """Like :meth:`publish`, but the writer makes the event's data with ``build(source)``: the relay's media
-        greenlet does a queue put and nothing else per transcript line. ``build`` must not block; if it raises,
-        the event is dropped and counted."""
-        if self._writer is None:
-            self._start()
-        try:
-            self._queue.put_nowait((session_id, kind, source, build))
-        except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("live events: queue full, %d dropped so far (Redis slow?)", self.dropped)
-            return False
-        return True
-
-    def flush(self, timeout: float = 2.0) -> bool:
-        """Wait until everything published so far is written (tests, shutdown); True when it was."""
-        # Woken by the writer's last task_done, not a poll: a waiting caller costs no wake-ups (the forward-cost
-        # benchmark waits here once per simulated second).
-        done = getattr(self._queue, "all_tasks_done", None)
-        if done is None:  # gevent's queue (the process is monkey-patched): its join takes a timeout
-            return bool(self._queue.join(timeout))  # type: ignore[call-arg]
-        with done:
-            return bool(done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout))
-
-    def _start(self) -> None:
-        with self._started:
-            if self._writer is None:
-                self._writer = spawn(self._run, name="live-events-writer")
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            if self._linger:  # let the other calls' lines join this pipeline (gevent: a cooperative sleep)
-                time.sleep(self._linger)
-            while len(batch) < self._batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                events = [(session_id, kind, data if build is None else build(data))
-                          for session_id, kind, data, build in batch]
-                self._events.append_batch(events, ttl_due=self._ttl_due)
-                self.written += len(batch)
-            except redis.RedisError as exc:  # the events are lost; the calls go on
-                self._ttl_refreshed.clear()  # an XADD may have landed without its EXPIRE: send it next time
-                self.dropped += len(batch)
-                log.warning("live events: %d not written: %s", len(batch), exc)
-            except Exception:  # a bug in a build: lose the batch, keep the writer (else every later event is lost)
-                self.dropped += len(batch)
-                log.exception("live events: %d not written", len(batch))
-            finally:
-                self.batches += 1
-                for _ in batch:
-                    self._queue.task_done()
 
 
 def transcript_event(*, speaker: str, text: str, final: bool, language: str = "", translation: str = "",
