@@ -52,23 +52,27 @@ LIVE_LIST_CHANGES = frozenset({"started", "ended", "lost", "reattached", "agent_
 
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
-#: The writer's whole batch in one command (standalone Redis and Sentinel): ARGV[1] = entries, then per entry its
-#: MAXLEN, kind, session id and data (KEYS[i] its stream), then the TTL for the remaining KEYS. One command and one
-#: reply per batch instead of an XADD (and its reply, parsed in Python) per event: most of the forwarder's CPU
-#: per transcript line was redis-py's per-command work (issue 16, README Capacity).
+#: The writer's whole batch in one command (standalone Redis and Sentinel). ARGV: the number of session-stream
+#: entries n, of global-stream entries m, their two MAXLENs, the TTL, then kind, session id and data per entry
+#: (KEYS[i] its stream; the remaining KEYS get the TTL). One command and one reply per batch instead of an XADD
+#: (and its reply, parsed in Python) per event: most of the forwarder's CPU per transcript line was redis-py's
+#: per-command work; and three arguments per entry, not four (the MAXLEN once), is less to pack per line
+#: (issue 16, README Capacity).
 _APPEND_BATCH = """
-local n = tonumber(ARGV[1])
-local a = 2
-for i = 1, n do
-  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[a], '*', 'kind', ARGV[a + 1], 'session_id', ARGV[a + 2],
-             'data', ARGV[a + 3])
-  a = a + 4
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
+local a = 6
+for i = 1, n + m do
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', i <= n and ARGV[3] or ARGV[4], '*', 'kind', ARGV[a],
+             'session_id', ARGV[a + 1], 'data', ARGV[a + 2])
+  a = a + 3
 end
-for i = n + 1, #KEYS do
-  redis.call('EXPIRE', KEYS[i], ARGV[a])
+for i = n + m + 1, #KEYS do
+  redis.call('EXPIRE', KEYS[i], ARGV[5])
 end
-return n
+return n + m
 """
+#: Session stream keys the log remembers (building one hashes the session id for its shard): beyond, it forgets.
+STREAM_KEY_MEMO_SIZE = 10_000
 
 
 def valid_stream_id(value: str) -> bool:
@@ -113,35 +117,47 @@ class SessionEventLog:
         self.ttl_seconds = ttl_seconds
         # A cluster spreads the sessions' streams over slots, which one script call cannot span: pipelines there.
         self._append_script = None if isinstance(client, RedisCluster) else client.register_script(_APPEND_BATCH)
+        self._stream_keys: dict[str, str] = {}  # session id -> its stream key (see _stream_key)
 
     def append_to(self, pipe: Any, session_id: str, kind: str, data: Mapping[str, Any]) -> None:
         """Queue one event on ``pipe`` (a Redis pipeline); leg changes are announced globally as well."""
         self.append_batch_to(pipe, [(session_id, kind, data)])
 
+    def _stream_key(self, session_id: str) -> str:
+        """The session's stream key, remembered (the writer sends a line per call every second or so)."""
+        key = self._stream_keys.get(session_id)
+        if key is None:
+            if len(self._stream_keys) >= STREAM_KEY_MEMO_SIZE:  # ended sessions: start over
+                self._stream_keys.clear()
+            key = self._stream_keys[session_id] = self._keys.session_live_events(session_id)
+        return key
+
     def _entries(self, batch: list[tuple[str, str, Mapping[str, Any]]]
-                 ) -> tuple[list[tuple[str, int, str, str, bytes]], set[str]]:
-        """``(stream key, MAXLEN, kind, session id, data JSON)`` per entry to add — an event, and for a live-list
-        change its announcement on the global stream — and the set of streams written."""
-        entries: list[tuple[str, int, str, str, bytes]] = []
-        changes_key = self._keys.live_changes()
-        stream_key = self._keys.session_live_events
+                 ) -> tuple[list[tuple[str, str, str, bytes]], list[tuple[str, str, str, bytes]]]:
+        """``(stream key, kind, session id, data JSON)`` per entry to add: the events on their sessions' streams,
+        and for each live-list change its announcement on the global stream."""
+        events: list[tuple[str, str, str, bytes]] = []
+        changes: list[tuple[str, str, str, bytes]] = []
+        stream_key = self._stream_key
         for session_id, kind, data in batch:
             # orjson: ~5x json.dumps on a transcript line, and the same JSON text (UTF-8, not \u-escaped).
-            entries.append((stream_key(session_id), self.max_events, kind, session_id,
-                            orjson.dumps(data if isinstance(data, dict) else dict(data))))
+            events.append((stream_key(session_id), kind, session_id,
+                           orjson.dumps(data if isinstance(data, dict) else dict(data))))
             if kind == SESSION or (kind == LEG and data.get("state") in LIVE_LIST_CHANGES):
-                entries.append((changes_key, MAX_LIVE_CHANGES, kind, session_id,
+                changes.append((self._keys.live_changes(), kind, session_id,
                                 orjson.dumps({"state": data.get("state", "")})))
-        return entries, {entry[0] for entry in entries}
+        return events, changes
 
     def append_batch_to(self, pipe: Any, batch: list[tuple[str, str, Mapping[str, Any]]], *,
                         ttl_due: Callable[[str], bool] | None = None) -> None:
         """Queue ``(session_id, kind, data)`` events on ``pipe``: one ``XADD`` each, then one ``EXPIRE`` per
         stream written (not per event) — only for the streams ``ttl_due`` says need it, when given."""
-        entries, touched = self._entries(batch)
-        for key, maxlen, kind, session_id, data in entries:
-            pipe.xadd(key, {"kind": kind, "session_id": session_id, "data": data}, maxlen=maxlen, approximate=True)
-        for key in touched:
+        events, changes = self._entries(batch)
+        for entries, maxlen in ((events, self.max_events), (changes, MAX_LIVE_CHANGES)):
+            for key, kind, session_id, data in entries:
+                pipe.xadd(key, {"kind": kind, "session_id": session_id, "data": data}, maxlen=maxlen,
+                          approximate=True)
+        for key in {entry[0] for entry in events + changes}:
             if ttl_due is None or ttl_due(key):
                 pipe.expire(key, self.ttl_seconds)
 
@@ -154,13 +170,13 @@ class SessionEventLog:
                 self.append_batch_to(pipe, batch, ttl_due=ttl_due)
                 pipe.execute()
             return
-        entries, touched = self._entries(batch)
+        events, changes = self._entries(batch)
+        entries = events + changes
         keys: list[str] = [entry[0] for entry in entries]
-        args: list[Any] = [len(entries)]
-        for _, maxlen, kind, session_id, data in entries:
-            args += (maxlen, kind, session_id, data)
-        keys += [key for key in touched if ttl_due is None or ttl_due(key)]
-        args.append(self.ttl_seconds)
+        args: list[Any] = [len(events), len(changes), self.max_events, MAX_LIVE_CHANGES, self.ttl_seconds]
+        for _, kind, session_id, data in entries:
+            args += (kind, session_id, data)
+        keys += [key for key in dict.fromkeys(keys) if ttl_due is None or ttl_due(key)]
         self._append_script(keys=keys, args=args)
 
     def pipeline(self) -> Any:
