@@ -56,6 +56,8 @@ from app.devtools.localstack import REPO_ROOT, RunningServer, free_port, run_gun
 LINES_PER_CALL_SECOND = 2
 #: Bound on a step beyond its own seconds, and on a valgrinded bridge's start-up.
 STEP_SLACK_SECONDS, START_TIMEOUT_SECONDS = 120.0, 900.0
+#: How long the worker may take to stop under valgrind: killed (gunicorn's graceful timeout), it writes no count.
+STOP_TIMEOUT_SECONDS = 180.0
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,11 @@ def total_instructions(folder: Path, pid: int) -> int:
 @contextlib.contextmanager
 def bridge_under_callgrind(env: dict[str, str], port: int, folder: Path) -> Iterator[tuple[RunningServer, int]]:
     """gunicorn (one gevent worker) under callgrind; yields the server and its worker's pid, then stops it with
-    SIGTERM and waits for the worker to exit (callgrind writes its count then)."""
+    SIGTERM and waits for the worker to exit (callgrind writes its count then; a worker killed after gunicorn's
+    graceful timeout would write none, hence a long one)."""
     log_path = folder / f"bridge-{port}.log"
     command = [str(callgrind_python(folder)), "-m", "gunicorn", "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{port}",
-               "--timeout", "0", "--graceful-timeout", "5", "app:create_app()"]
+               "--timeout", "0", "--graceful-timeout", str(int(STOP_TIMEOUT_SECONDS)), "app:create_app()"]
     with open(log_path, "wb") as log_file:
         master = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
                                   stdout=log_file, stderr=subprocess.STDOUT)
@@ -120,7 +123,7 @@ def bridge_under_callgrind(env: dict[str, str], port: int, folder: Path) -> Iter
     finally:
         master.terminate()
         try:
-            master.wait(timeout=STEP_SLACK_SECONDS)
+            master.wait(timeout=2 * STOP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
             master.kill()
             master.wait(timeout=10)
