@@ -23,7 +23,10 @@ Arms as in ``forward_cost`` and the load benchmark:
 - ``not-forwarded``: the same lines, received and parsed, not forwarded (``LIVE_TRANSCRIPTS=off``);
 - ``none``: the emulator says no lines.
 
-The count is not bit-exact like ``forward_cost``'s (real sockets: how many frames one wake-up reads, timers that
+The window is small against what it is subtracted from: each bridge runs ≈ 12 G instructions (start-up, warm-up),
+so a start-up 0.3 % different between the short and the long bridge moves an arm by ≈ 1 M per call-second at
+2 calls × 15 s — about what forwarding costs. Hence the default ``--steady 60`` and, for a figure, ``--rounds 3``
+(README, Capacity, "Issue 16"). The count is not bit-exact like ``forward_cost``'s (real sockets: how many frames one wake-up reads, timers that
 fire per wall-clock second), so ``--rounds`` repeats the arms (order rotated) and the spread is printed. At few
 calls the writer's batches are small (about one line each), so the per-line cost here is an upper bound of what it
 is at 200 calls (≈ 16 lines per batch). Needs valgrind (Debian: ``apt-get install valgrind``), node and Linux /proc.
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.devtools.loadtest.worker_cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=3, help="concurrent calls (few: valgrind must keep real time)")
-    parser.add_argument("--steady", type=float, default=20.0, help="seconds counted per arm (long run minus short)")
+    parser.add_argument("--steady", type=float, default=60.0, help="seconds counted per arm (long run minus short)")
     parser.add_argument("--short", type=float, default=2.0, help="seconds of the short run's measured step")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds between placing the calls and counting")
     parser.add_argument("--warm", type=float, default=5.0, help="seconds of the warm-up step (not counted)")
