@@ -81,7 +81,9 @@ class EventForwarder:
         self._events = events
         self._linger = max(0.0, linger_seconds)
         self._batch_size = max(1, batch_size)
-        self._queue_size = max(1, queue_size)
+        # + 1: a queue.Queue writer held its batch's first event while it lingered, outside the bound; the deque
+        # holds it too, so the same burst fits (queue_size events waiting besides the one that woke the writer).
+        self._capacity = max(1, queue_size) + 1
         # (session id, kind, data or what ``build`` makes it from, build or None): see publish_built.
         self._pending: deque[tuple[str, str, Any, Callable[[Any], Mapping[str, Any]] | None]] = deque()
         self._wake = threading.Event()  # set by a publish while the writer may be waiting for work
@@ -123,7 +125,7 @@ class EventForwarder:
         if self._writer is None:
             self._start()
         pending = self._pending
-        if len(pending) >= self._queue_size:
+        if len(pending) >= self._capacity:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("live events: queue full, %d dropped so far (Redis slow?)", self.dropped)
