@@ -126,10 +126,10 @@ def test_the_relay_hook_only_queues_the_line_and_the_writer_builds_the_event(red
     forward(Transcript(final=True, speaker="", text="Hello", language="en", translation="Hola",
                        translation_language="es", item_id="u1"))
     deadline = time.monotonic() + 5
-    while forwarder._queue.qsize() and time.monotonic() < deadline:  # the writer takes it, then lingers 1 s
+    while forwarder._pending and time.monotonic() < deadline:  # the writer takes it, then lingers 1 s
         time.sleep(0.005)
     forward(Transcript(final=False, speaker="customer", text="Tha"))
-    session_id, kind, queued, build = forwarder._queue.queue[0]  # what the media path handed over, not built
+    session_id, kind, queued, build = forwarder._pending[0]  # what the media path handed over, not built
     assert (session_id, kind, build is not None) == ("sess_hook", TRANSCRIPT, True)
     assert isinstance(queued, tuple) and isinstance(queued[0], Transcript) and queued[0].text == "Tha"
     assert forwarder.flush(timeout=10) and forwarder.written == 2

@@ -7,27 +7,20 @@ to ``RedisKeys.session_live_events``; the admin's Server-Sent Events endpoint re
 
 Both streams are bounded twice: ``XADD MAXLEN ~`` keeps about :data:`MAX_EVENTS_PER_SESSION` entries, and an
 ``EXPIRE`` lets an abandoned stream vanish (request handlers refresh it with every append; the relay's
-forwarder at most once a minute per stream, :data:`TTL_REFRESH_SECONDS`). The after-call transcript comes from
+forwarder at most once a minute per stream, ``app.calls.forwarder.TTL_REFRESH_SECONDS``). The after-call transcript comes from
 Kallglot's REST API, not from here.
 
-The relay must never wait on Redis per frame: :class:`EventForwarder` takes events with a non-blocking
-``put_nowait`` into a bounded queue, and one background thread (a greenlet under gevent) writes them in
-batches (one Lua script call each; a pipeline on a Redis Cluster). When Redis is slow or down the queue fills
-and further events are dropped and counted — the call's audio is never held up for a transcript line.
-
-The writer lingers (:data:`DEFAULT_LINGER_SECONDS`, setting ``LIVE_EVENTS_LINGER_MS``) after the first event
-of a batch before draining the queue: at 200 calls × 1 line/s that is one pipeline per linger instead of one
-per event, and while it sleeps a ``publish`` wakes nobody. Measured on the load benchmark, the per-event
-wake-up and round trip, not the parsing, was most of the forwarding cost (README, Capacity). The linger is
-far inside the live console's 1 s budget.
+The relay must never wait on Redis per frame: it hands events to :class:`~app.calls.forwarder.EventForwarder`
+(a bounded deque and one writer greenlet, :mod:`app.calls.forwarder`), whose writer calls
+:meth:`SessionEventLog.append_batch` once per batch (one Lua script call; a pipeline on a Redis Cluster). When
+Redis is slow or down, events are dropped and counted — never audio. Measured on the load benchmark, the
+per-event wake-up and round trip, not the parsing, was most of the forwarding cost (README, Capacity).
 """
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,7 +30,7 @@ import orjson
 import redis
 from redis.cluster import RedisCluster
 
-from app.background import spawn
+from app.calls.forwarder import TRANSCRIPT, EventForwarder
 from app.redis_keys import RedisKeys, as_text, as_text_map
 
 log = logging.getLogger(__name__)
@@ -48,20 +41,8 @@ MAX_EVENTS_PER_SESSION = 2000
 MAX_LIVE_CHANGES = 1000
 #: A session's live events disappear this long after its last event (the post-call view reads Kallglot).
 EVENTS_TTL_SECONDS = 6 * 3600
-#: Events waiting for the writer; beyond this they are dropped (Redis is stalled; audio comes first).
-FORWARD_QUEUE_SIZE = 10_000
-#: Most events written per pipeline round trip.
-FORWARD_BATCH = 1000
-#: How long the writer waits after a batch's first event for more to join it (one pipeline carries them all).
-DEFAULT_LINGER_SECONDS = 0.04
-#: The forwarder refreshes a stream's ``EXPIRE`` at most this often (the TTL is hours; a refresh with every
-#: transcript line was a third of the commands it sent).
-TTL_REFRESH_SECONDS = 60.0
-#: Streams whose last refresh the forwarder remembers before it forgets the stale ones.
-TTL_MEMO_SIZE = 10_000
 
-# Event kinds. ``transcript`` carries speaker/text/language/translation/final; the others describe legs.
-TRANSCRIPT = "transcript"
+# Event kinds (TRANSCRIPT comes from app.calls.forwarder, which coalesces its partials). ``transcript`` carries speaker/text/language/translation/final; the others describe legs.
 LEG = "leg"
 RELAY_HEALTH = "relay"
 SESSION = "session"
@@ -71,23 +52,27 @@ LIVE_LIST_CHANGES = frozenset({"started", "ended", "lost", "reattached", "agent_
 
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
-#: The writer's whole batch in one command (standalone Redis and Sentinel): ARGV[1] = entries, then per entry its
-#: MAXLEN, kind, session id and data (KEYS[i] its stream), then the TTL for the remaining KEYS. One command and one
-#: reply per batch instead of an XADD (and its reply, parsed in Python) per event: most of the forwarder's CPU
-#: per transcript line was redis-py's per-command work (issue 16, README Capacity).
+#: The writer's whole batch in one command (standalone Redis and Sentinel). ARGV: the number of session-stream
+#: entries n, of global-stream entries m, their two MAXLENs, the TTL, then kind, session id and data per entry
+#: (KEYS[i] its stream; the remaining KEYS get the TTL). One command and one reply per batch instead of an XADD
+#: (and its reply, parsed in Python) per event: most of the forwarder's CPU per transcript line was redis-py's
+#: per-command work; and three arguments per entry, not four (the MAXLEN once), is less to pack per line
+#: (issue 16, README Capacity).
 _APPEND_BATCH = """
-local n = tonumber(ARGV[1])
-local a = 2
-for i = 1, n do
-  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[a], '*', 'kind', ARGV[a + 1], 'session_id', ARGV[a + 2],
-             'data', ARGV[a + 3])
-  a = a + 4
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
+local a = 6
+for i = 1, n + m do
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', i <= n and ARGV[3] or ARGV[4], '*', 'kind', ARGV[a],
+             'session_id', ARGV[a + 1], 'data', ARGV[a + 2])
+  a = a + 3
 end
-for i = n + 1, #KEYS do
-  redis.call('EXPIRE', KEYS[i], ARGV[a])
+for i = n + m + 1, #KEYS do
+  redis.call('EXPIRE', KEYS[i], ARGV[5])
 end
-return n
+return n + m
 """
+#: Session stream keys the log remembers (building one hashes the session id for its shard): beyond, it forgets.
+STREAM_KEY_MEMO_SIZE = 10_000
 
 
 def valid_stream_id(value: str) -> bool:
@@ -132,35 +117,47 @@ class SessionEventLog:
         self.ttl_seconds = ttl_seconds
         # A cluster spreads the sessions' streams over slots, which one script call cannot span: pipelines there.
         self._append_script = None if isinstance(client, RedisCluster) else client.register_script(_APPEND_BATCH)
+        self._stream_keys: dict[str, str] = {}  # session id -> its stream key (see _stream_key)
 
     def append_to(self, pipe: Any, session_id: str, kind: str, data: Mapping[str, Any]) -> None:
         """Queue one event on ``pipe`` (a Redis pipeline); leg changes are announced globally as well."""
         self.append_batch_to(pipe, [(session_id, kind, data)])
 
+    def _stream_key(self, session_id: str) -> str:
+        """The session's stream key, remembered (the writer sends a line per call every second or so)."""
+        key = self._stream_keys.get(session_id)
+        if key is None:
+            if len(self._stream_keys) >= STREAM_KEY_MEMO_SIZE:  # ended sessions: start over
+                self._stream_keys.clear()
+            key = self._stream_keys[session_id] = self._keys.session_live_events(session_id)
+        return key
+
     def _entries(self, batch: list[tuple[str, str, Mapping[str, Any]]]
-                 ) -> tuple[list[tuple[str, int, str, str, bytes]], set[str]]:
-        """``(stream key, MAXLEN, kind, session id, data JSON)`` per entry to add — an event, and for a live-list
-        change its announcement on the global stream — and the set of streams written."""
-        entries: list[tuple[str, int, str, str, bytes]] = []
-        changes_key = self._keys.live_changes()
-        stream_key = self._keys.session_live_events
+                 ) -> tuple[list[tuple[str, str, str, bytes]], list[tuple[str, str, str, bytes]]]:
+        """``(stream key, kind, session id, data JSON)`` per entry to add: the events on their sessions' streams,
+        and for each live-list change its announcement on the global stream."""
+        events: list[tuple[str, str, str, bytes]] = []
+        changes: list[tuple[str, str, str, bytes]] = []
+        stream_key = self._stream_key
         for session_id, kind, data in batch:
             # orjson: ~5x json.dumps on a transcript line, and the same JSON text (UTF-8, not \u-escaped).
-            entries.append((stream_key(session_id), self.max_events, kind, session_id,
-                            orjson.dumps(data if isinstance(data, dict) else dict(data))))
+            events.append((stream_key(session_id), kind, session_id,
+                           orjson.dumps(data if isinstance(data, dict) else dict(data))))
             if kind == SESSION or (kind == LEG and data.get("state") in LIVE_LIST_CHANGES):
-                entries.append((changes_key, MAX_LIVE_CHANGES, kind, session_id,
+                changes.append((self._keys.live_changes(), kind, session_id,
                                 orjson.dumps({"state": data.get("state", "")})))
-        return entries, {entry[0] for entry in entries}
+        return events, changes
 
     def append_batch_to(self, pipe: Any, batch: list[tuple[str, str, Mapping[str, Any]]], *,
                         ttl_due: Callable[[str], bool] | None = None) -> None:
         """Queue ``(session_id, kind, data)`` events on ``pipe``: one ``XADD`` each, then one ``EXPIRE`` per
         stream written (not per event) — only for the streams ``ttl_due`` says need it, when given."""
-        entries, touched = self._entries(batch)
-        for key, maxlen, kind, session_id, data in entries:
-            pipe.xadd(key, {"kind": kind, "session_id": session_id, "data": data}, maxlen=maxlen, approximate=True)
-        for key in touched:
+        events, changes = self._entries(batch)
+        for entries, maxlen in ((events, self.max_events), (changes, MAX_LIVE_CHANGES)):
+            for key, kind, session_id, data in entries:
+                pipe.xadd(key, {"kind": kind, "session_id": session_id, "data": data}, maxlen=maxlen,
+                          approximate=True)
+        for key in {entry[0] for entry in events + changes}:
             if ttl_due is None or ttl_due(key):
                 pipe.expire(key, self.ttl_seconds)
 
@@ -173,13 +170,13 @@ class SessionEventLog:
                 self.append_batch_to(pipe, batch, ttl_due=ttl_due)
                 pipe.execute()
             return
-        entries, touched = self._entries(batch)
+        events, changes = self._entries(batch)
+        entries = events + changes
         keys: list[str] = [entry[0] for entry in entries]
-        args: list[Any] = [len(entries)]
-        for _, maxlen, kind, session_id, data in entries:
-            args += (maxlen, kind, session_id, data)
-        keys += [key for key in touched if ttl_due is None or ttl_due(key)]
-        args.append(self.ttl_seconds)
+        args: list[Any] = [len(events), len(changes), self.max_events, MAX_LIVE_CHANGES, self.ttl_seconds]
+        for _, kind, session_id, data in entries:
+            args += (kind, session_id, data)
+        keys += [key for key in dict.fromkeys(keys) if ttl_due is None or ttl_due(key)]
         self._append_script(keys=keys, args=args)
 
     def pipeline(self) -> Any:
@@ -210,101 +207,6 @@ class SessionEventLog:
         """Events of stream ``key`` after id ``after``, waiting up to ``block_ms`` for the first one."""
         reply = self._redis.xread({key: after}, count=count, block=block_ms)
         return [_decode(i, f) for _, entries in reply or [] for i, f in entries]
-
-
-class EventForwarder:
-    """Non-blocking front of :class:`SessionEventLog` for the media relay: a bounded queue and one writer."""
-
-    def __init__(self, events: SessionEventLog, *, queue_size: int = FORWARD_QUEUE_SIZE,
-                 linger_seconds: float = DEFAULT_LINGER_SECONDS, batch_size: int = FORWARD_BATCH) -> None:
-        self._events = events
-        self._linger = max(0.0, linger_seconds)
-        self._batch_size = max(1, batch_size)
-        # (session id, kind, data or what ``build`` makes it from, build or None): see publish_built.
-        self._queue: queue.Queue[tuple[str, str, Any, Callable[[Any], dict[str, Any]] | None]] = \
-            queue.Queue(maxsize=queue_size)
-        self._started = threading.Lock()
-        self._writer: threading.Thread | None = None
-        self.dropped = 0
-        self.written = 0
-        #: Pipelines sent (each carries one batch): with the linger, far fewer than events.
-        self.batches = 0
-        self._ttl_refreshed: dict[str, float] = {}  # stream key -> monotonic time its EXPIRE was last sent
-
-    def _ttl_due(self, key: str) -> bool:
-        """True (and remembered) when ``key``'s EXPIRE was not sent within :data:`TTL_REFRESH_SECONDS`."""
-        now = time.monotonic()
-        last = self._ttl_refreshed.get(key)
-        if last is not None and now - last < TTL_REFRESH_SECONDS:
-            return False
-        if len(self._ttl_refreshed) >= TTL_MEMO_SIZE:  # ended sessions' streams: forget what no longer matters
-            self._ttl_refreshed = {k: t for k, t in self._ttl_refreshed.items() if now - t < TTL_REFRESH_SECONDS}
-            if len(self._ttl_refreshed) >= TTL_MEMO_SIZE:  # that many live streams: refresh more often instead
-                self._ttl_refreshed.clear()
-        self._ttl_refreshed[key] = now
-        return True
-
-    def publish(self, session_id: str, kind: str, data: dict[str, Any]) -> bool:
-        """Hand one event to the writer without waiting; False (and counted) when the queue is full."""
-        return self.publish_built(session_id, kind, None, data)
-
-    def publish_built(self, session_id: str, kind: str, build: Callable[[Any], dict[str, Any]] | None,
-                      source: Any) -> bool:
-        """Like :meth:`publish`, but the writer makes the event's data with ``build(source)``: the relay's media
-        greenlet does a queue put and nothing else per transcript line. ``build`` must not block; if it raises,
-        the event is dropped and counted."""
-        if self._writer is None:
-            self._start()
-        try:
-            self._queue.put_nowait((session_id, kind, source, build))
-        except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("live events: queue full, %d dropped so far (Redis slow?)", self.dropped)
-            return False
-        return True
-
-    def flush(self, timeout: float = 2.0) -> bool:
-        """Wait until everything published so far is written (tests, shutdown); True when it was."""
-        # Woken by the writer's last task_done, not a poll: a waiting caller costs no wake-ups (the forward-cost
-        # benchmark waits here once per simulated second).
-        done = getattr(self._queue, "all_tasks_done", None)
-        if done is None:  # gevent's queue (the process is monkey-patched): its join takes a timeout
-            return bool(self._queue.join(timeout))  # type: ignore[call-arg]
-        with done:
-            return bool(done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout))
-
-    def _start(self) -> None:
-        with self._started:
-            if self._writer is None:
-                self._writer = spawn(self._run, name="live-events-writer")
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            if self._linger:  # let the other calls' lines join this pipeline (gevent: a cooperative sleep)
-                time.sleep(self._linger)
-            while len(batch) < self._batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                events = [(session_id, kind, data if build is None else build(data))
-                          for session_id, kind, data, build in batch]
-                self._events.append_batch(events, ttl_due=self._ttl_due)
-                self.written += len(batch)
-            except redis.RedisError as exc:  # the events are lost; the calls go on
-                self._ttl_refreshed.clear()  # an XADD may have landed without its EXPIRE: send it next time
-                self.dropped += len(batch)
-                log.warning("live events: %d not written: %s", len(batch), exc)
-            except Exception:  # a bug in a build: lose the batch, keep the writer (else every later event is lost)
-                self.dropped += len(batch)
-                log.exception("live events: %d not written", len(batch))
-            finally:
-                self.batches += 1
-                for _ in batch:
-                    self._queue.task_done()
 
 
 def transcript_event(*, speaker: str, text: str, final: bool, language: str = "", translation: str = "",
