@@ -33,7 +33,8 @@ from app.calls.events import SessionEventLog
 from app.profiles import NumberProfile
 from app.redis_keys import RedisKeys
 from app.relay.audio import audioop
-from tests.support.agent_calls import CALLER, MUTE_SETTLE_BYTES, NUMBER, WaitingCustomer, set_browser_profile, signed_in
+from tests.support.agent_calls import (CALLER, MUTE_SETTLE_BYTES, NUMBER, WaitingCustomer, set_browser_profile,
+                                       signed_in, take_over_http)
 from tests.support.bridge_state import BridgeState
 from tests.support.browser import PAGE_TIMEOUT_SECONDS, chromium, fake_microphone_flags, fill, find, wait_for
 from tests.support.controls import EmulatorControl
@@ -350,13 +351,7 @@ def test_an_agents_hang_up_leaves_the_customer_on_when_the_profile_says_so(
     try:
         assert customer.on_call.wait(PAGE_TIMEOUT_SECONDS)
         (session,) = emulator.sessions()
-        ana = signed_in(bridge.url, "Ana")
-        wait_until(lambda: session["id"] in ana.get(bridge.url + "/admin/agent", timeout=10).text)
-        csrf = re.search(r'name="csrf_token" value="([^"]+)"',  # type: ignore[union-attr]
-                         ana.get(bridge.url + "/admin/agent", timeout=10).text).group(1)
-        page = ana.post(f"{bridge.url}/admin/agent/take/{session['id']}", data={"csrf_token": csrf}, timeout=10).text
-        leg = re.search(r'data-leg="([^"]+)"', page).group(1)  # type: ignore[union-attr]
-        token = re.search(r'data-token="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        ana, leg, token = take_over_http(bridge.url, session["id"])
         start = json.dumps({"event": "start", "leg": leg, "token": token})
         assert _close_of(bridge.url.replace("http", "ws") + f"/agent/media?leg={leg}", ana, start,
                          json.dumps({"event": "hangup"}))[0] == 1000
@@ -382,13 +377,7 @@ def test_a_customer_hanging_up_frees_the_agent_even_while_the_session_is_held_fo
     try:
         assert customer.on_call.wait(PAGE_TIMEOUT_SECONDS)
         (session,) = emulator.sessions()
-        ana = signed_in(bridge.url, "Ana")
-        wait_until(lambda: session["id"] in ana.get(bridge.url + "/admin/agent", timeout=10).text)
-        csrf = re.search(r'name="csrf_token" value="([^"]+)"',  # type: ignore[union-attr]
-                         ana.get(bridge.url + "/admin/agent", timeout=10).text).group(1)
-        page = ana.post(f"{bridge.url}/admin/agent/take/{session['id']}", data={"csrf_token": csrf}, timeout=10).text
-        leg = re.search(r'data-leg="([^"]+)"', page).group(1)  # type: ignore[union-attr]
-        token = re.search(r'data-token="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        ana, leg, token = take_over_http(bridge.url, session["id"])
         threading.Timer(2.0, customer.release).start()  # the customer hangs up while the agent talks
         code, reason = _close_of(bridge.url.replace("http", "ws") + f"/agent/media?leg={leg}", ana,
                                  json.dumps({"event": "start", "leg": leg, "token": token}))

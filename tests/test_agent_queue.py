@@ -24,6 +24,7 @@ from app.redis_keys import RedisKeys
 from app import create_app
 from tests.support.admin import admin_sign_in, csrf_token_in
 from tests.support.settings import PUBLIC_URL, TELNYX_CONNECTION_ID, bridge_config, telnyx_config
+from tests.support.agent_offers import offer_a_call
 from tests.support.controls import EmulatorControl, FakeCallControl
 from tests.support.twilio_requests import FROM, TO, answer, new_call_sid
 
@@ -170,21 +171,17 @@ def test_agents_take_from_the_page_and_the_second_is_told_who_was_first(make_adm
                                                                         emulator: EmulatorControl) -> None:
     app = make_admin_app()
     _browser_profile(app)
-    call_sid = new_call_sid()
-    answer(app.test_client(), call_sid)
-    (session,) = emulator.sessions()
-    with app.app_context():
-        dial_agent_if_configured(services(), session["id"], "twilio", call_sid)
+    session_id, call_sid = offer_a_call(app, emulator)
     ana, bo = app.test_client(), app.test_client()
     assert admin_sign_in(ana, name="Ana").status_code == 302 and admin_sign_in(bo, name="Bo").status_code == 302
     page = ana.get("/admin/agent").get_data(as_text=True)
-    assert session["id"] in page and FROM in page
-    assert ana.get("/admin/agent/waiting.json").get_json()["waiting"][0]["session_id"] == session["id"]
+    assert session_id in page and FROM in page
+    assert ana.get("/admin/agent/waiting.json").get_json()["waiting"][0]["session_id"] == session_id
     token = csrf_token_in(page)
-    taken = ana.post(f"/admin/agent/take/{session['id']}", data={"csrf_token": token})
+    taken = ana.post(f"/admin/agent/take/{session_id}", data={"csrf_token": token})
     assert taken.status_code == 303 and "/admin/agent/call/agt_" in taken.location
     leg_id = taken.location.rsplit("/", 1)[1]
-    late = bo.post(f"/admin/agent/take/{session['id']}", data={"csrf_token": csrf_token_in(
+    late = bo.post(f"/admin/agent/take/{session_id}", data={"csrf_token": csrf_token_in(
         bo.get("/admin/agent").get_data(as_text=True))}, follow_redirects=True)
     assert "Ana took that call first." in late.get_data(as_text=True)
 
@@ -193,9 +190,9 @@ def test_agents_take_from_the_page_and_the_second_is_told_who_was_first(make_adm
     assert bo.get(taken.location).status_code == 404  # the leg is bound to the admin session that took it
     with app.app_context():
         svc = services()
-        assert svc.lifecycle.session_legs(session["id"])[(BROWSER_LEG, leg_id)] == "live"
+        assert svc.lifecycle.session_legs(session_id)[(BROWSER_LEG, leg_id)] == "live"
         assert svc.lifecycle.call_record(BROWSER_LEG, leg_id)["speaker"] == "agent"
-    assert ana.post(f"/admin/agent/take/{session['id']}").status_code == 400  # no CSRF token
+    assert ana.post(f"/admin/agent/take/{session_id}").status_code == 400  # no CSRF token
 
 
 def test_the_agent_page_needs_a_signed_in_admin(admin_app: Flask) -> None:
@@ -315,25 +312,21 @@ def test_an_agent_without_a_microphone_gives_the_call_back_and_the_customer_stay
         make_admin_app, emulator: EmulatorControl) -> None:
     app = make_admin_app()
     _browser_profile(app)
-    call_sid = new_call_sid()
-    answer(app.test_client(), call_sid)
-    (session,) = emulator.sessions()
-    with app.app_context():
-        dial_agent_if_configured(services(), session["id"], "twilio", call_sid)
+    session_id, call_sid = offer_a_call(app, emulator)
     ana = app.test_client()
     admin_sign_in(ana, name="Ana")
     token = csrf_token_in(ana.get("/admin/agent").get_data(as_text=True))
-    leg_id = ana.post(f"/admin/agent/take/{session['id']}", data={"csrf_token": token}).location.rsplit("/", 1)[1]
+    leg_id = ana.post(f"/admin/agent/take/{session_id}", data={"csrf_token": token}).location.rsplit("/", 1)[1]
     page = ana.get(f"/admin/agent/call/{leg_id}").get_data(as_text=True)
     back = ana.post(f"/admin/agent/call/{leg_id}/give-back", data={"csrf_token": csrf_token_in(page)},
                     follow_redirects=True)
     assert "The call is back on the waiting list." in back.get_data(as_text=True)
     with app.app_context():
         svc = services()
-        legs = svc.lifecycle.session_legs(session["id"])
+        legs = svc.lifecycle.session_legs(session_id)
         (waiting,) = AgentQueue(svc.redis, svc.keys).waiting()
     assert legs[("twilio", call_sid)] == "live" and legs[(BROWSER_LEG, leg_id)] == "ended"
-    assert (waiting["session_id"], waiting["reason"]) == (session["id"], "agent_gave_back")
+    assert (waiting["session_id"], waiting["reason"]) == (session_id, "agent_gave_back")
     other = app.test_client()
     admin_sign_in(other, name="Bo")
     assert other.post(f"/admin/agent/call/{leg_id}/give-back", data={"csrf_token": csrf_token_in(

@@ -11,13 +11,14 @@ from collections.abc import Callable
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app.calls.agent import dial_agent_if_configured, offer_again
+from app.calls.agent import offer_again
 from app.calls.agent_queue import BROWSER_LEG, AgentQueue
 from app.calls.leg_spec import LegSpec
 from app.extensions import services
 from app.kallglot.stream_protocol import SPEAKER_AGENT
 from app.profiles import NumberProfile
 from tests.support.admin import admin_sign_in, csrf_token_in
+from tests.support.agent_offers import offer_a_call
 from tests.support.controls import EmulatorControl
 from tests.support.twilio_requests import TO, answer, new_call_sid
 
@@ -32,14 +33,10 @@ def _offered_call(make_admin_app: Callable[..., Flask], emulator: EmulatorContro
     with app.app_context():
         services().profiles.set(TO, NumberProfile(source_language="en", target_language="es", browser_agents=True,
                                                   browser_agent_wait_seconds=60, **profile))  # type: ignore[arg-type]
-    call_sid = new_call_sid()
-    answer(app.test_client(), call_sid)
-    (session,) = emulator.sessions()
-    with app.app_context():
-        dial_agent_if_configured(services(), session["id"], "twilio", call_sid)
+    session_id, call_sid = offer_a_call(app, emulator)
     ana = app.test_client()
     assert admin_sign_in(ana, name="Ana").status_code == 302
-    return app, ana, session["id"], call_sid
+    return app, ana, session_id, call_sid
 
 
 def _waiting_ids(agent: FlaskClient) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app.calls.agent import browser_leg_lost, dial_agent_if_configured, expire_agent_waits
+from app.calls.agent import browser_leg_lost, expire_agent_waits
 from app.calls.agent_queue import BROWSER_LEG, AgentQueue
 from app.calls.events import LEG, SessionEventLog
 from app.calls.reaper import Reaper
@@ -20,8 +20,9 @@ from app.config import Settings
 from app.extensions import Services, services
 from app.profiles import NumberProfile
 from tests.support.admin import admin_sign_in, csrf_token_in
+from tests.support.agent_offers import offer_a_call
 from tests.support.controls import EmulatorControl
-from tests.support.twilio_requests import TO, answer, new_call_sid
+from tests.support.twilio_requests import TO
 
 #: The shortest bounds the settings allow, so the reaper's give-up comes within seconds.
 SHORT = {"AGENT_SOCKET_OPEN_SECONDS": "3", "HEARTBEAT_TIMEOUT_SECONDS": "3"}
@@ -41,17 +42,13 @@ def _taken_call(make_admin_app: Callable[..., Flask], emulator: EmulatorControl)
     with app.app_context():
         services().profiles.set(TO, NumberProfile(source_language="en", target_language="es", browser_agents=True,
                                                   browser_agent_wait_seconds=30))
-    call_sid = new_call_sid()
-    answer(app.test_client(), call_sid)
-    (session,) = emulator.sessions()
-    with app.app_context():
-        dial_agent_if_configured(services(), session["id"], "twilio", call_sid)
+    session_id, call_sid = offer_a_call(app, emulator)
     ana = app.test_client()
     assert admin_sign_in(ana, name="Ana").status_code == 302
     token = csrf_token_in(ana.get("/admin/agent").get_data(as_text=True))
-    taken = ana.post(f"/admin/agent/take/{session['id']}", data={"csrf_token": token})
+    taken = ana.post(f"/admin/agent/take/{session_id}", data={"csrf_token": token})
     assert taken.status_code == 303
-    return app, ana, session["id"], call_sid, taken.location.rsplit("/", 1)[1]
+    return app, ana, session_id, call_sid, taken.location.rsplit("/", 1)[1]
 
 
 def _reap_until(svc: Services, done: Callable[[], bool], timeout: float = 15.0) -> None:

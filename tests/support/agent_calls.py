@@ -15,6 +15,7 @@ from app.redis_keys import RedisKeys
 from tests.support.browser import PAGE_TIMEOUT_SECONDS
 from tests.support.servers import RunningServer
 from tests.support.settings import ADMIN_PASSWORD, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN
+from tests.support.waiting import wait_until
 
 #: The number the customer calls (its profile offers calls to browser agents) and the customer's own.
 NUMBER, CALLER = "+14155550177", "+15551239876"
@@ -64,3 +65,16 @@ def signed_in(base: str, name: str) -> requests.Session:
     assert http.post(base + "/admin/sign-in", timeout=10, allow_redirects=False,
                      data={"csrf_token": token, "password": ADMIN_PASSWORD, "name": name}).status_code == 302
     return http
+
+
+def take_over_http(base: str, session_id: str, name: str = "Ana") -> tuple[requests.Session, str, str]:
+    """``name`` signs in, waits until the Agent page lists ``session_id`` and takes it over HTTP, as the page's
+    Take button does; returns the agent's HTTP session, the agent leg's id and its single-use media token."""
+    agent = signed_in(base, name)
+    wait_until(lambda: session_id in agent.get(base + "/admin/agent", timeout=10).text)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"',  # type: ignore[union-attr]
+                     agent.get(base + "/admin/agent", timeout=10).text).group(1)
+    page = agent.post(f"{base}/admin/agent/take/{session_id}", data={"csrf_token": csrf}, timeout=10).text
+    leg = re.search(r'data-leg="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    token = re.search(r'data-token="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    return agent, leg, token
