@@ -73,6 +73,9 @@ class SansIoConnection:
         self._fragmented_text = False
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
+        # Set when a send failed (the peer closed or reset): no more sends, but reads go on, because what the peer
+        # sent before it closed (a carrier's ``stop``) may still sit unread in the socket's input.
+        self._send_failed: str | None = None  # why
         # Under gevent (the bridge), a plain socket is read without gevent's recv(timeout): app/websocket_gevent.py.
         self._gevent_reads = GeventReads(reader, self._receive_bytes) if GeventReads.usable(reader) else None
 
@@ -94,6 +97,8 @@ class SansIoConnection:
     def send(self, data: str | bytes) -> None:
         """Send one text (``str``) or binary message."""
         with self._lock:
+            if self._send_failed is not None:
+                raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE, self._send_failed)
             if not self.connected or self._protocol.state is not OPEN:
                 raise ConnectionClosed(self.close_reason, self.close_message)
             if isinstance(data, str):
@@ -113,7 +118,8 @@ class SansIoConnection:
         Raises ConnectionClosed if the connection was already closed (by the peer or a protocol error).
         """
         with self._lock:
-            if not self.connected:
+            if not self.connected or self._send_failed is not None:
+                self.connected = False
                 self._release()  # the peer closed or broke the protocol: only our side is left to free
                 raise ConnectionClosed(self.close_reason, self.close_message)
             self.connected = False
@@ -181,7 +187,11 @@ class SansIoConnection:
                 else:
                     self._protocol.receive_eof()
                 self._take_events(self._protocol.events_received())
-                self._write_pending()
+                if self._send_failed is None:
+                    try:  # a pong, or the answer to the peer's close
+                        self._write_pending()
+                    except ConnectionClosed:
+                        pass  # the peer is gone for writing: still hand over what it sent before (see __init__)
                 if self._protocol.state is not OPEN:
                     self.connected = False
                     if not closing or self._close_done():
@@ -241,8 +251,9 @@ class SansIoConnection:
             if sent < len(data):  # a full buffer took part of it: the rest as sendall does (waits, times out)
                 self.sock.sendall(memoryview(data)[sent:])
         except OSError as exc:
-            self.connected = False
-            raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE, str(exc)) from exc
+            # Not ``connected = False``: the reader still drains what came before the failure (see __init__).
+            self._send_failed = str(exc)
+            raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE, self._send_failed) from exc
 
     def _close_reader(self) -> None:
         if not self._reader_closed:

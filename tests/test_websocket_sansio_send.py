@@ -45,6 +45,18 @@ class Server(SansIoConnection):
         self.connected = True
 
 
+def _opened_server_protocol() -> ServerProtocol:
+    """A server protocol that went through a client's opening handshake (so it parses frames)."""
+    protocol = ServerProtocol()
+    protocol.receive_data(b"GET / HTTP/1.1\r\nHost: bridge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    (request,) = protocol.events_received()
+    protocol.send_response(protocol.accept(request))
+    protocol.data_to_send()  # the 101 response: not this test's concern
+    assert protocol.state is OPEN
+    return protocol
+
+
 @pytest.fixture
 def reader() -> Iterator[socket.socket]:
     """The connection's reader (unused here: these tests only send)."""
@@ -70,8 +82,30 @@ def test_the_rest_of_a_partly_taken_frame_follows_in_order(accept: int, reader: 
     assert b"".join(data for _, data in sock.calls) == frame
 
 
-def test_a_failing_rest_closes_the_connection(reader: socket.socket) -> None:
+def test_a_failing_rest_closes_the_connection_for_sending(reader: socket.socket) -> None:
     conn = Server(PartialSocket(accept=10, fail_sendall=True), reader)
     with pytest.raises(ConnectionClosed):
         conn.send("y" * 100)
-    assert not conn.connected
+    with pytest.raises(ConnectionClosed):  # and for every later send
+        conn.send("z")
+
+
+def test_after_a_failed_send_the_reader_still_hands_over_what_the_peer_sent_before_it_closed() -> None:
+    """A caller hangs up: the carrier sends ``stop`` and closes, and the relay's next send to it fails before the
+    relay has read the ``stop``. That ``stop`` must still be read (a clean hang-up, not a lost stream, which would
+    hold the session for a reconnect), then the close."""
+    ours, theirs = socket.socketpair()
+    try:
+        conn = Server(PartialSocket(accept=10, fail_sendall=True), ours)
+        conn._protocol = _opened_server_protocol()  # this test reads too: a protocol past a real handshake
+        stop = b'{"event":"stop"}'
+        theirs.sendall(bytes([0x81, 0x80 | len(stop)]) + b"\0\0\0\0" + stop)  # masked (a zero key), as clients must
+        theirs.close()
+        with pytest.raises(ConnectionClosed):
+            conn.send("y" * 100)
+        assert conn.receive(timeout=2) == stop.decode()
+        with pytest.raises(ConnectionClosed):
+            conn.receive(timeout=2)
+        assert not conn.connected
+    finally:
+        ours.close()
