@@ -266,6 +266,17 @@ def test_delay_fault_then_proceeds(app: Flask, client: FlaskClient) -> None:
     assert client.get("/_emulator/faults").json == {"faults": []}
 
 
+def test_a_delayed_request_that_outlives_a_reset_changes_nothing(app: Flask, client: FlaskClient) -> None:
+    # A test's slow create (client timed out, emulator still waiting) must not land in the next test's state.
+    state = state_of(app)
+    state.pause = lambda seconds: state.reset()  # the next test's reset comes while this request waits
+    client.post("/_emulator/faults", json={"faults": [{"endpoint": "create", "delay_seconds": 3}]})
+    late = create(client, {"mode": "ai_agent"}, **{"Idempotency-Key": "slow-create"})
+    assert late.status_code == 503 and late.json["error"]["code"] == "emulator_reset"
+    assert client.get("/_emulator/sessions").json["sessions"] == []
+    assert create(client, {"mode": "ai_agent"}, **{"Idempotency-Key": "slow-create"}).status_code == 201
+
+
 def test_control_api(client: FlaskClient) -> None:
     session_id = create(client, {"mode": "ai_agent", "routing": {"connection_id": "pcon_1"}}).json["id"]
     listed = client.get("/_emulator/sessions").json["sessions"]

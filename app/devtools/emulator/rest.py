@@ -155,7 +155,11 @@ def register_rest_routes(app: Flask, state: EmulatorState, on_ended: Callable[[s
         fault = state.take_fault(endpoint, (request.view_args or {}).get("session_id"), outage_only=outage_only)
         if fault is None:
             return None
+        generation = state.generation
         state.pause(fault["delay_seconds"])  # cooperative under gevent's monkey patching
+        if state.generation != generation:  # reset meanwhile: this request belongs to a state that is gone
+            return ApiError(503, "api_error", "emulator_reset",
+                            "The emulator was reset while this request waited out its injected delay.").response()
         if fault["status"] is None:
             return None  # a pure delay: carry on normally
         return ApiError(fault["status"], fault["type"], fault["code"], fault["message"],

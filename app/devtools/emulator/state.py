@@ -208,6 +208,9 @@ class EmulatorState:
         self.faults: list[dict[str, Any]] = []
         self.analyses: dict[str, dict[str, Any]] = {}
         self.behaviour = "echo"
+        #: Counts resets: a request that waited out an injected delay across a reset must not change the new
+        #: state (a test's slow create would otherwise land in the next test as a stray session).
+        self.generation = 0
 
     # --- sessions and tokens -------------------------------------------------------------------
     def add_session(self, session: Session) -> Session:
@@ -349,6 +352,7 @@ class EmulatorState:
             self.idempotency.clear()
             self.faults.clear()
             self.behaviour = "echo"
+            self.generation += 1
             return live
 
     def stats(self) -> dict[str, int]:
