@@ -10,6 +10,7 @@ client side (the relay's Kallglot stream socket, :mod:`app.kallglot.stream`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -73,9 +74,7 @@ class SansIoConnection:
         self._fragmented_text = False
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
-        # Set when a send failed (the peer closed or reset): no more sends, but reads go on, because what the peer
-        # sent before it closed (a carrier's ``stop``) may still sit unread in the socket's input.
-        self._send_failed: str | None = None  # why
+        self._send_failed: str | None = None  # why: no more sends, but reads go on (a ``stop`` may sit unread)
         # Under gevent (the bridge), a plain socket is read without gevent's recv(timeout): app/websocket_gevent.py.
         self._gevent_reads = GeventReads(reader, self._receive_bytes) if GeventReads.usable(reader) else None
 
@@ -187,11 +186,9 @@ class SansIoConnection:
                 else:
                     self._protocol.receive_eof()
                 self._take_events(self._protocol.events_received())
-                if self._send_failed is None:
-                    try:  # a pong, or the answer to the peer's close
+                if self._send_failed is None:  # a pong or close answer, unless the peer is gone for writing
+                    with contextlib.suppress(ConnectionClosed):
                         self._write_pending()
-                    except ConnectionClosed:
-                        pass  # the peer is gone for writing: still hand over what it sent before (see __init__)
                 if self._protocol.state is not OPEN:
                     self.connected = False
                     if not closing or self._close_done():
@@ -251,8 +248,7 @@ class SansIoConnection:
             if sent < len(data):  # a full buffer took part of it: the rest as sendall does (waits, times out)
                 self.sock.sendall(memoryview(data)[sent:])
         except OSError as exc:
-            # Not ``connected = False``: the reader still drains what came before the failure (see __init__).
-            self._send_failed = str(exc)
+            self._send_failed = str(exc)  # not ``connected = False``: see __init__
             raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE, self._send_failed) from exc
 
     def _close_reader(self) -> None:
