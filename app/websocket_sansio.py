@@ -187,8 +187,10 @@ class SansIoConnection:
                     self._protocol.receive_eof()
                 self._take_events(self._protocol.events_received())
                 if self._send_failed is None:  # a pong or close answer, unless the peer is gone for writing
-                    with contextlib.suppress(ConnectionClosed):
+                    try:  # (not contextlib.suppress: no context-manager object per read on the media path)
                         self._write_pending()
+                    except ConnectionClosed:
+                        pass
                 if self._protocol.state is not OPEN:
                     self.connected = False
                     if not closing or self._close_done():
@@ -235,10 +237,8 @@ class SansIoConnection:
             if data:
                 self._sendall(data)
             else:  # the protocol's end of stream: close our side of the TCP connection
-                try:
+                with contextlib.suppress(OSError):
                     self.sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
 
     def _sendall(self, data: bytes) -> None:
         try:
