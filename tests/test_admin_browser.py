@@ -19,7 +19,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from app.devtools.simulator.twilio import SimulatedStream, TwilioCallSimulator
-from tests.support.browser import PAGE_TIMEOUT_SECONDS, fill, find, wait_for
+from tests.support.browser import PAGE_TIMEOUT_SECONDS, click, fill, find, wait_for
 from tests.support.controls import EmulatorControl
 from tests.support.settings import (
     ADMIN_PASSWORD, TELNYX_API_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, bridge_config,
@@ -145,9 +145,11 @@ def test_admin_configures_a_number_and_watches_its_call(
     # Then in the call log, filtered by the number.
     find(browser, By.LINK_TEXT, "Call log").click()
     fill(browser, "number", NUMBER + Keys.ENTER)
-    wait_for(browser, lambda: "ended cleanly" in browser.page_source, "the ended call in the log", reload=True)
+    # (The filter's GET navigates asynchronously after Enter: wait for the filtered page, not the unfiltered one.)
+    wait_for(browser, lambda: "number=" in browser.current_url and "ended cleanly" in browser.page_source,
+             "the ended call in the filtered log", reload=True)
     assert session["id"] in browser.page_source
-    find(browser, By.CSS_SELECTOR, "#call-log details summary").click()  # show the recorded events
+    click(browser, By.CSS_SELECTOR, "#call-log details summary")  # show the recorded events (the filtered page)
     screenshot(browser, "calls")
 
     find(browser, By.LINK_TEXT, "Audit").click()

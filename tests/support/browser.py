@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
@@ -92,6 +93,19 @@ def wait_for(driver: WebDriver, check: Callable[[], bool], what: str, *, reload:
 def find(driver: WebDriver, by: str, value: str) -> WebElement:
     """The element, waiting (bounded) for it: a click that submits a form returns before the next page loads."""
     return WebDriverWait(driver, PAGE_TIMEOUT_SECONDS).until(lambda d: d.find_element(by, value))
+
+
+def click(driver: WebDriver, by: str, value: str) -> None:
+    """Click the element, finding it again (bounded) if the page was replaced between finding and clicking: a form
+    submitted with Enter navigates asynchronously, so an element of the old page can go stale under the click."""
+    def clicked(d: WebDriver) -> bool:
+        try:
+            d.find_element(by, value).click()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return True
+
+    WebDriverWait(driver, PAGE_TIMEOUT_SECONDS).until(clicked)
 
 
 def fill(driver: WebDriver, field_id: str, value: str) -> None:
